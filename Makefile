@@ -1,0 +1,52 @@
+# The make targets are the interface: install, run, test, lint, proto, bench, soak.
+# Every target installs what it needs and can run by itself on a fresh Debian machine (root).
+
+VENV      := .venv
+PY        := $(VENV)/bin/python
+DEB_PKGS  := busybox-static containerd runc docker-registry libseccomp2 libarchive13 \
+             iproute2 iptables apache2-utils openssl procps util-linux
+STAMP     := $(VENV)/.installed
+
+.PHONY: install deb run test lint proto proto-check bench soak clean
+
+install: deb $(STAMP)
+
+# Debian packages the project and its tests use; apt-get runs only when one is missing.
+deb:
+	@missing=""; for p in $(DEB_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	$(PY) -m runtimed.demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check runtimed shimd ctl tests bench proto
+
+proto: install
+	$(PY) proto/generate.py
+
+proto-check: install
+	$(PY) proto/generate.py --check
+
+bench: install
+	$(PY) -m bench
+
+soak: install
+	$(PY) -m pytest -q -m slow tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC modules. Regenerate with `make proto`; do not edit."""

@@ -1,0 +1,196 @@
+"""The runtimed daemon: open the root, wire the core components, serve gRPC on a unix socket.
+
+`Daemon` holds the core components (plain classes, no gRPC); `create_server` binds the
+service adapters to them; `main` is the `runtimed` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+from runtimed import __version__
+from runtimed.config import Config
+from runtimed.errors import FailedPrecondition, RuntimedError
+from runtimed.events.exchange import Exchange
+from runtimed.metadata.db import Database
+from runtimed.metadata.namespaces import NamespaceStore
+
+log = logging.getLogger("runtimed")
+
+MAX_MESSAGE_SIZE = 16 << 20  # containerd's clients send and accept up to 16 MiB
+
+
+class Daemon:
+    """The core of runtimed: every component a service adapter may call."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.root = config.root_path
+        self.state = config.state_path
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        self.state.mkdir(parents=True, exist_ok=True, mode=0o711)
+        self._lock_fd = _lock_root(self.root)
+        self.uuid = _server_uuid(self.root)
+        self.db = Database(self.root / "meta.db")
+        self.exchange = Exchange()
+        self.namespaces = NamespaceStore(self.db, self.exchange)
+
+    async def start(self) -> None:
+        """Work that needs the event loop (reconnecting shims, background GC)."""
+
+    async def stop(self) -> None:
+        self.db.close()
+        os.close(self._lock_fd)
+
+
+def _lock_root(root: Path) -> int:
+    """Hold an exclusive lock on the root for the daemon's lifetime."""
+    fd = os.open(root / "runtimed.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise FailedPrecondition(
+            f"root {root} is in use by another runtimed (pid {holder}); "
+            "stop it or choose another --root"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _server_uuid(root: Path) -> str:
+    path = root / "uuid"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        value = str(uuid.uuid4())
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(value + "\n")
+        os.replace(tmp, path)
+        return value
+
+
+def create_server(daemon: Daemon) -> "grpc.aio.Server":  # noqa: F821
+    import grpc
+
+    from runtimed.services import registry
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
+            ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
+        ]
+    )
+    registry.register_all(server, daemon)
+    return server
+
+
+def _prepare_socket(address: str, group: str) -> None:
+    path = Path(address)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+    if path.exists() or path.is_symlink():
+        path.unlink()  # stale: the root lock proved no live runtimed owns it
+
+
+def _secure_socket(address: str, group: str) -> None:
+    gid = 0
+    if group:
+        import grp
+
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            gid = int(group) if group.isdigit() else 0
+    os.chown(address, 0, gid)
+    os.chmod(address, 0o660)
+
+
+async def serve(config: Config) -> None:
+    daemon = Daemon(config)
+    _prepare_socket(config.address, config.socket_group)
+    server = create_server(daemon)
+    server.add_insecure_port(f"unix://{config.address}")
+    await daemon.start()
+    await server.start()
+    _secure_socket(config.address, config.socket_group)
+    log.info("runtimed %s serving on %s (root %s)", __version__, config.address, config.root)
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("stopping")
+    await server.stop(grace=2)
+    await daemon.stop()
+    try:
+        os.unlink(config.address)
+    except FileNotFoundError:
+        pass
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    if fmt == "json":
+        import json
+
+        class JsonFormatter(logging.Formatter):
+            def format(self, record):
+                return json.dumps(
+                    {
+                        "time": self.formatTime(record),
+                        "level": record.levelname.lower(),
+                        "logger": record.name,
+                        "msg": record.getMessage(),
+                    }
+                )
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=level.upper(), handlers=[handler])
+    else:
+        logging.basicConfig(
+            level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="runtimed", description="container runtime daemon")
+    parser.add_argument("--config", help="TOML file with the same keys as these flags")
+    parser.add_argument("--address", help="unix socket to serve on")
+    parser.add_argument("--root", help="persistent state (metadata, content, snapshots)")
+    parser.add_argument("--state", help="per-boot state (sockets, bundles)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", choices=["text", "json"])
+    parser.add_argument("--version", action="version", version=f"runtimed {__version__}")
+    args = parser.parse_args(argv)
+    try:
+        config = Config.load(
+            args.config,
+            address=args.address,
+            root=args.root,
+            state=args.state,
+            log_level=args.log_level,
+            log_format=args.log_format,
+        )
+        _setup_logging(config.log_level, config.log_format)
+        asyncio.run(serve(config))
+    except RuntimedError as exc:
+        print(f"runtimed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The event exchange: publish, forward, subscribe with filters."""

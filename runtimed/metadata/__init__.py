@@ -1,0 +1,1 @@
+"""The sqlite metadata store: namespaces, images, containers, leases, labels, GC."""

@@ -1,0 +1,1 @@
+"""Thin gRPC adapters: each module translates proto <-> core objects and nothing more."""

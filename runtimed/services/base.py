@@ -1,0 +1,91 @@
+"""What every gRPC service shares: the one place errors become status codes, and the
+request context (containerd namespace and lease from the call metadata).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import grpc
+
+from runtimed import identifiers
+from runtimed.errors import RuntimedError
+
+log = logging.getLogger("runtimed.services")
+
+NAMESPACE_KEY = "containerd-namespace"
+LEASE_KEY = "containerd-lease"
+DEFAULT_NAMESPACE = "default"
+
+
+def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, RuntimedError):
+        return grpc.StatusCode[exc.code], str(exc)
+    if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"no space left on device: {exc.filename or exc}"
+    if isinstance(exc, OSError) and exc.errno in (23, 24):  # ENFILE, EMFILE
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many open files: {exc}"
+    log.exception("internal error")
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException):
+    code, message = _status(exc)
+    await context.abort(code, message)
+
+
+def _wrap(method):
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except (grpc.aio.AbortError, GeneratorExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a status, never UNKNOWN
+                await _abort(context, exc)
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await _abort(context, exc)
+
+    return unary
+
+
+def service(cls):
+    """Class decorator: every RPC method (CamelCase, defined on the class) maps
+    RuntimedError subclasses to their status codes and anything else to INTERNAL."""
+    for name, member in list(vars(cls).items()):
+        is_rpc = inspect.iscoroutinefunction(member) or inspect.isasyncgenfunction(member)
+        if name[:1].isupper() and is_rpc:
+            setattr(cls, name, _wrap(member))
+    return cls
+
+
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v
+    return None
+
+
+def namespace(context: grpc.aio.ServicerContext) -> str:
+    """The containerd namespace the call acts in (metadata `containerd-namespace`)."""
+    value = _metadata(context, NAMESPACE_KEY) or DEFAULT_NAMESPACE
+    return identifiers.validate(value, "namespace")
+
+
+def lease(context: grpc.aio.ServicerContext) -> str | None:
+    """The lease the call's new objects belong to (metadata `containerd-lease`), if any."""
+    return _metadata(context, LEASE_KEY) or None

@@ -83,7 +83,7 @@ def _server_uuid(root: Path) -> str:
 def create_server(daemon: Daemon) -> "grpc.aio.Server":  # noqa: F821
     import grpc
 
-    from runtimed.services import registry
+    from runtimed.services import catalog
 
     server = grpc.aio.server(
         options=[
@@ -91,7 +91,7 @@ def create_server(daemon: Daemon) -> "grpc.aio.Server":  # noqa: F821
             ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
         ]
     )
-    registry.register_all(server, daemon)
+    catalog.register_all(server, daemon)
     return server
 
 

@@ -76,7 +76,9 @@ def _suffix(tag: str | None, digest: str | None) -> str:
 
 def validate_digest(digest: str) -> str:
     if not _SHA256_RE.match(digest):
-        raise InvalidArgument(f"invalid digest {digest!r}: expected sha256: and 64 lowercase hex digits")
+        raise InvalidArgument(
+            f"invalid digest {digest!r}: expected sha256: and 64 lowercase hex digits"
+        )
     return digest
 
 

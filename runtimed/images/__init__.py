@@ -1,0 +1,1 @@
+"""Images: media types, platforms, manifests, archive import/export, unpack, registry."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -63,11 +64,28 @@ def rewrite_imports(text: str) -> str:
     return IMPORT_RE.sub(repl, text)
 
 
+def googleapis_include() -> Path:
+    """Directory holding google/rpc/status.proto (introspection's init_err).
+
+    googleapis-common-protos ships the .proto next to its `google.rpc.status_pb2`, which
+    generated code imports at run time, so we compile against exactly what we import and
+    never generate a `google` package of our own.
+    """
+    spec = importlib.util.find_spec("google.rpc.status_pb2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("google.rpc.status_pb2 missing: pip install googleapis-common-protos")
+    root = Path(spec.origin).parents[2]
+    if not (root / "google" / "rpc" / "status.proto").exists():
+        raise SystemExit(f"google/rpc/status.proto not shipped under {root}")
+    return root
+
+
 def generate(out_dir: Path) -> None:
     protos = sorted(p.relative_to(PROTO_DIR).as_posix() for p in PROTO_DIR.rglob("*.proto"))
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
             sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_DIR}",
+            f"-I{googleapis_include()}",
             f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", *protos,
         ]
         subprocess.run(cmd, check=True)

@@ -5,7 +5,7 @@ VENV      := .venv
 PY        := $(VENV)/bin/python
 DEB_PKGS  := busybox-static containerd runc docker-registry libseccomp2 libarchive13 \
              iproute2 iptables apache2-utils openssl procps util-linux \
-             golang-github-containerd-containerd-dev
+             golang-github-containerd-containerd-dev golang-github-containerd-cgroups-dev
 STAMP     := $(VENV)/.installed
 
 .PHONY: install deb run test lint proto proto-check bench soak clean

@@ -21,6 +21,7 @@ from runtimed.config import Config
 from runtimed.errors import FailedPrecondition, RuntimedError
 from runtimed.events.exchange import Exchange
 from runtimed.metadata.db import Database
+from runtimed.metadata.containers import ContainerStore
 from runtimed.metadata.namespaces import NamespaceStore
 
 log = logging.getLogger("runtimed")
@@ -41,10 +42,16 @@ class Daemon:
         self.uuid = _server_uuid(self.root)
         self.db = Database(self.root / "meta.db")
         self.exchange = Exchange()
+        # coroutines run once the event loop is up (services that need it, shim reconnects)
+        self.on_start: list = []
         self.namespaces = NamespaceStore(self.db, self.exchange)
+        self.containers = ContainerStore(self.db, self.namespaces, self.exchange)
 
     async def start(self) -> None:
         """Work that needs the event loop (reconnecting shims, background GC)."""
+        self.exchange.bind(asyncio.get_running_loop())
+        for hook in self.on_start:
+            await hook()
 
     async def stop(self) -> None:
         self.db.close()

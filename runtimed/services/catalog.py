@@ -1,4 +1,4 @@
-"""The list of gRPC service modules runtimed serves; each exposes `register(server, daemon)`."""
+"""The gRPC service modules runtimed serves; each exposes `register(server, daemon)`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,18 @@ SERVICE_MODULES = [
     "runtimed.services.introspection",
     "runtimed.services.namespaces",
     "runtimed.services.health",
+    "runtimed.services.events",
+    "runtimed.services.containers",
 ]
+
+# containerd's grpc plugin ids where our module name differs
+_PLUGIN_IDS = {"health": "healthcheck"}
+
+
+def plugin_id(module: str) -> str:
+    """The `io.containerd.grpc.v1` plugin id introspection reports for a service module."""
+    name = module.rsplit(".", 1)[-1]
+    return _PLUGIN_IDS.get(name, name)
 
 
 def register_all(server, daemon) -> None:

@@ -1,0 +1,93 @@
+"""containerd.services.containers.v1.Containers over `daemon.containers`."""
+
+from __future__ import annotations
+
+from google.protobuf import empty_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from runtimed.api.containerd.services.containers.v1 import containers_pb2 as pb
+from runtimed.api.containerd.services.containers.v1 import containers_pb2_grpc
+from runtimed.metadata.containers import AnyValue, Container
+from runtimed.services.base import namespace, service
+
+
+def _timestamp(ns: int) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(ns)
+    return ts
+
+
+def _any(message) -> AnyValue | None:
+    return AnyValue(message.type_url, message.value) if message.type_url else None
+
+
+def from_proto(c: pb.Container) -> Container:
+    return Container(
+        id=c.id,
+        runtime_name=c.runtime.name,
+        spec=_any(c.spec) or AnyValue(),
+        labels=dict(c.labels),
+        image=c.image,
+        runtime_options=_any(c.runtime.options),
+        snapshotter=c.snapshotter,
+        snapshot_key=c.snapshot_key,
+        extensions={k: AnyValue(v.type_url, v.value) for k, v in c.extensions.items()},
+    )
+
+
+def to_proto(c: Container) -> pb.Container:
+    message = pb.Container(
+        id=c.id, labels=c.labels, image=c.image, snapshotter=c.snapshotter,
+        snapshot_key=c.snapshot_key, created_at=_timestamp(c.created_at),
+        updated_at=_timestamp(c.updated_at),
+    )
+    message.runtime.name = c.runtime_name
+    if c.runtime_options:
+        message.runtime.options.type_url = c.runtime_options.type_url
+        message.runtime.options.value = c.runtime_options.value
+    message.spec.type_url = c.spec.type_url
+    message.spec.value = c.spec.value
+    for key, value in c.extensions.items():
+        message.extensions[key].type_url = value.type_url
+        message.extensions[key].value = value.value
+    return message
+
+
+@service
+class ContainersService(containers_pb2_grpc.ContainersServicer):
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.store = daemon.containers
+
+    async def Get(self, request, context):
+        return pb.GetContainerResponse(container=to_proto(self.store.get(namespace(context), request.id)))
+
+    async def List(self, request, context):
+        found = self.store.list(namespace(context), list(request.filters))
+        return pb.ListContainersResponse(containers=[to_proto(c) for c in found])
+
+    async def ListStream(self, request, context):
+        for c in self.store.list(namespace(context), list(request.filters)):
+            yield pb.ListContainerMessage(container=to_proto(c))
+
+    async def Create(self, request, context):
+        created = self.store.create(namespace(context), from_proto(request.container))
+        return pb.CreateContainerResponse(container=to_proto(created))
+
+    async def Update(self, request, context):
+        updated = self.store.update(
+            namespace(context), from_proto(request.container), list(request.update_mask.paths)
+        )
+        return pb.UpdateContainerResponse(container=to_proto(updated))
+
+    async def Delete(self, request, context):
+        ns = namespace(context)
+        tasks = getattr(self.daemon, "tasks", None)
+        if tasks is not None and hasattr(tasks, "refuse_container_delete"):
+            tasks.refuse_container_delete(ns, request.id)
+        self.store.delete(ns, request.id)
+        return empty_pb2.Empty()
+
+
+def register(server, daemon) -> None:
+    containers_pb2_grpc.add_ContainersServicer_to_server(ContainersService(daemon), server)

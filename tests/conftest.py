@@ -1,0 +1,221 @@
+"""Shared fixtures: a real runtimed on temporary dirs, and a leak check after every test.
+
+`daemon` starts `python -m runtimed.daemon` on a fresh root, state dir and socket, and
+stops it afterwards. Whatever a test leaves behind (mounts under those dirs, processes
+started from them, new cgroups) fails the test and is then cleaned up, so one leak does
+not cascade into the next test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+class DaemonProcess:
+    """A runtimed process on its own root/state/socket (paths kept short for AF_UNIX)."""
+
+    def __init__(self, base: Path, extra_args: list[str] | None = None):
+        self.base = base
+        self.root = base / "root"
+        self.state = base / "state"
+        self.address = str(base / "rd.sock")
+        self.log = base / "runtimed.log"
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "runtimed.daemon", "--root", str(self.root),
+            "--state", str(self.state), "--address", self.address, "--log-level", "debug",
+            *self.extra_args,
+        ]
+
+    def start(self, timeout: float = 20) -> None:
+        log = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            self.command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"runtimed exited with {self.proc.returncode}:\n{self.log_text()}")
+            if os.path.exists(self.address) and self._healthy():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"runtimed did not come up in {timeout}s:\n{self.log_text()}")
+
+    def _healthy(self) -> bool:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            with self.channel() as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=2
+                )
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    def stop(self, timeout: float = 15) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-8000:]
+        except FileNotFoundError:
+            return ""
+
+    def channel(self):
+        import grpc
+
+        return grpc.insecure_channel(
+            f"unix://{self.address}",
+            options=[("grpc.max_receive_message_length", 16 << 20)],
+        )
+
+    def ctr(self, *args: str, check: bool = True, input: str | bytes | None = None,
+            namespace: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run the real containerd `ctr` against this daemon."""
+        cmd = ["ctr", "-a", self.address]
+        if namespace:
+            cmd += ["-n", namespace]
+        text = not isinstance(input, bytes)
+        result = subprocess.run(
+            [*cmd, *args], capture_output=True, input=input, text=text, timeout=timeout
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"ctr {' '.join(args)} exited {result.returncode}:\n"
+                f"stdout: {result.stdout}\nstderr: {result.stderr}\n"
+                f"runtimed log:\n{self.log_text()[-3000:]}"
+            )
+        return result
+
+
+# ---- leak checks ----------------------------------------------------------------------
+
+def mounts_under(*paths: Path) -> list[str]:
+    prefixes = tuple(str(p) for p in paths)
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            target = line.split()[4].replace("\\040", " ")
+            if target.startswith(prefixes):
+                found.append(target)
+    return found
+
+
+def processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if text.encode() in cmdline:
+            pids.append(int(entry))
+    return pids
+
+
+def cgroup_dirs(depth: int = 4) -> set[str]:
+    found = set()
+    if not CGROUP_ROOT.is_dir():
+        return found
+    base_depth = len(CGROUP_ROOT.parts)
+    for dirpath, dirnames, _ in os.walk(CGROUP_ROOT):
+        level = len(Path(dirpath).parts) - base_depth
+        if level >= depth:
+            dirnames[:] = []
+        found.add(dirpath)
+    return found
+
+
+def unmount_all(paths: list[str]) -> None:
+    for target in sorted(paths, key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], capture_output=True)
+
+
+def remove_cgroups(dirs: set[str]) -> None:
+    for path in sorted(dirs, key=len, reverse=True):
+        procs = Path(path, "cgroup.procs")
+        try:
+            for pid in procs.read_text().split():
+                os.kill(int(pid), signal.SIGKILL)
+        except OSError:
+            pass
+        for _ in range(50):
+            try:
+                os.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.02)
+
+
+@pytest.fixture
+def leak_check():
+    """Fail the test when it leaves new cgroups behind; cleaned up either way."""
+    before = cgroup_dirs()
+    yield
+    leaked = cgroup_dirs() - before
+    remove_cgroups(leaked)
+    assert not leaked, f"cgroups left behind: {sorted(leaked)}"
+
+
+@pytest.fixture
+def daemon(leak_check):
+    base = Path(tempfile.mkdtemp(prefix="rtd-", dir="/tmp"))
+    proc = DaemonProcess(base)
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+        problems = []
+        mounts = mounts_under(base)
+        if mounts:
+            problems.append(f"mounts left behind: {mounts}")
+            unmount_all(mounts)
+        stray = processes_mentioning(str(base))
+        if stray:
+            problems.append(f"processes left behind: {stray}")
+            for pid in stray:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        shutil.rmtree(base, ignore_errors=True)
+        assert not problems, "; ".join(problems)

@@ -1,0 +1,166 @@
+"""ContentStore on a real temporary root and sqlite database."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+
+import pytest
+
+from runtimed.content.store import ContentInfo, ContentStore, OutOfRange
+from runtimed.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from runtimed.metadata.db import Database
+from runtimed.metadata.leases import LeaseStore
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def stores(tmp_path):
+    db = Database(tmp_path / "meta.db")
+    leases = LeaseStore(db)
+    content = ContentStore(tmp_path, db, leases)
+    yield content, leases, db
+    db.close()
+
+
+def test_write_commit_info_read(stores, tmp_path):
+    content, _, _ = stores
+    data = os.urandom(3 * (1 << 20) + 17)
+    w = content.writer("default", "ref-1", total=len(data))
+    w.write(data[:1000])
+    w.write(data[1000:])
+    info = w.commit(len(data), digest_of(data), {"a": "b"})
+    assert info.digest == digest_of(data) and info.size == len(data)
+    path = tmp_path / "content" / "blobs" / "sha256" / digest_of(data)[7:]
+    assert path.read_bytes() == data
+    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+    assert content.info("default", info.digest).labels == {"a": "b"}
+    assert b"".join(content.read_chunks("default", info.digest)) == data
+    assert b"".join(content.read_chunks("default", info.digest, 10, 20)) == data[10:30]
+    with pytest.raises(OutOfRange):
+        list(content.read_chunks("default", info.digest, len(data) + 1))
+    assert list(os.scandir(tmp_path / "content" / "ingest")) == []
+    with pytest.raises(NotFound):
+        content.status("default", "ref-1")
+
+
+def test_namespaces_see_only_their_commits(stores):
+    content, _, _ = stores
+    info = content.write_blob("a", b"hello")
+    assert content.exists("a", info.digest)
+    with pytest.raises(NotFound):
+        content.info("b", info.digest)
+    with pytest.raises(NotFound):
+        content.blob_path("b", info.digest)
+    # committing in b without sending data: the blob is shared on disk
+    w = content.writer("b", "r", expected=info.digest)
+    assert w.status().offset == 5
+    assert w.commit(5, info.digest).digest == info.digest
+    assert content.info("b", info.digest).size == 5
+
+
+def test_digest_mismatch_refused_nothing_visible(stores, tmp_path):
+    content, _, _ = stores
+    w = content.writer("default", "bad")
+    w.write(b"some data")
+    wrong = digest_of(b"other")
+    with pytest.raises(FailedPrecondition, match="unexpected commit digest"):
+        w.commit(0, wrong)
+    assert content.list("default") == []
+    assert list((tmp_path / "content" / "blobs" / "sha256").iterdir()) == []
+    with pytest.raises(FailedPrecondition, match="size"):
+        w2 = content.writer("default", "bad")
+        w2.commit(3)
+    assert content.list("default") == []
+
+
+def test_one_writer_per_ref(stores):
+    content, _, _ = stores
+    w = content.writer("default", "busy")
+    with pytest.raises(Unavailable, match="ref busy locked"):
+        content.writer("default", "busy")
+    content.writer("other", "busy").close()  # refs are per namespace
+    w.close()
+    content.writer("default", "busy").close()
+
+
+def test_resume_rehashes_existing_data(stores):
+    content, _, _ = stores
+    data = os.urandom(100_000)
+    w = content.writer("default", "resume", total=len(data))
+    w.write(data[:40_000])
+    w.close()  # the client went away
+    st = content.status("default", "resume")
+    assert (st.offset, st.total) == (40_000, len(data))
+    w = content.writer("default", "resume", total=len(data))
+    assert w.status().offset == 40_000
+    w.write(data[40_000:])
+    assert w.commit(len(data), digest_of(data)).digest == digest_of(data)
+
+
+def test_truncate_and_abort(stores):
+    content, _, _ = stores
+    w = content.writer("default", "t")
+    w.write(b"garbage")
+    w.truncate(0)
+    w.write(b"good")
+    assert w.digest() == digest_of(b"good")
+    w.close()
+    assert [s.ref for s in content.list_statuses("default")] == ["t"]
+    assert [s.ref for s in content.list_statuses("default", ['ref=="x"'])] == []
+    content.abort("default", "t")
+    assert content.list_statuses("default") == []
+    with pytest.raises(NotFound):
+        content.abort("default", "t")
+
+
+def test_already_exists(stores):
+    content, _, _ = stores
+    info = content.write_blob("default", b"x", labels={"k": "1"})
+    with pytest.raises(AlreadyExists):
+        content.writer("default", "again", expected=info.digest)
+    w = content.writer("default", "again2")
+    w.write(b"x")
+    with pytest.raises(AlreadyExists):
+        w.commit()
+    again = content.write_blob("default", b"x", expected_digest=info.digest, labels={"j": "2"})
+    assert again.labels == {"k": "1", "j": "2"}
+
+
+def test_update_labels_and_filters(stores):
+    content, _, _ = stores
+    info = content.write_blob("default", b"abc", labels={"a": "1", "b": "2"})
+    got = content.update("default", ContentInfo(info.digest, 0, 0, 0, {"a": "9", "c": "3"}), ["labels.a"])
+    assert got.labels == {"a": "9", "b": "2"}
+    got = content.update("default", ContentInfo(info.digest, 0, 0, 0, {}), ["labels.b"])
+    assert got.labels == {"a": "9"}
+    with pytest.raises(InvalidArgument):
+        content.update("default", ContentInfo(info.digest, 0, 0, 0, {}), ["size"])
+    other = content.write_blob("default", b"def")
+    assert [i.digest for i in content.list("default", ['labels.a==9'])] == [info.digest]
+    assert [i.digest for i in content.list("default", [f"digest=={other.digest}"])] == [other.digest]
+    assert len(content.list("default")) == 2
+
+
+def test_invalid_digest(stores):
+    content, _, _ = stores
+    with pytest.raises(InvalidArgument):
+        content.info("default", "sha256:xyz")
+    with pytest.raises(NotFound):
+        content.info("default", "sha512:" + "a" * 128)
+
+
+def test_lease_records_written_content(stores):
+    content, leases, _ = stores
+    leases.create("default", "L")
+    w = content.writer("default", "leased", lease="L")
+    assert [(r.type, r.id) for r in leases.list_resources("default", "L")] == [("ingests", "leased")]
+    w.write(b"data")
+    info = w.commit()
+    assert [(r.type, r.id) for r in leases.list_resources("default", "L")] == [("content", info.digest)]
+    with pytest.raises(NotFound, match="lease"):
+        content.writer("default", "x", lease="missing")

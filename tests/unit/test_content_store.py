@@ -9,7 +9,13 @@ import stat
 import pytest
 
 from runtimed.content.store import ContentInfo, ContentStore, OutOfRange
-from runtimed.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from runtimed.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from runtimed.metadata.db import Database
 from runtimed.metadata.leases import LeaseStore
 

@@ -1,0 +1,95 @@
+"""The event outbox: every lifecycle event is appended (fsync'd) to a file in the bundle
+and kept until runtimed acknowledges it, so events survive a runtimed restart in order.
+
+File format: JSON lines. The first line may be `{"acked": N}`, the highest sequence
+number runtimed has acknowledged; sequence numbers keep rising past trims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp file, fsync, rename: readers see the old or the new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dirfd)
+    finally:
+        os.close(dirfd)
+
+
+class Outbox:
+    def __init__(self, path: Path):
+        self.path = path
+        self.acked = 0
+        self.events: list[dict] = []
+        self._changed = asyncio.Condition()
+        self._load()
+        self.seq = self.events[-1]["seq"] if self.events else self.acked
+
+    def _load(self) -> None:
+        try:
+            lines = self.path.read_bytes().splitlines()
+        except FileNotFoundError:
+            return
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a torn last line from a crash mid-append: never acknowledged
+            if "acked" in record:
+                self.acked = record["acked"]
+            elif record["seq"] > self.acked:
+                self.events.append(record)
+
+    async def append(self, topic: str, **fields) -> dict:
+        self.seq += 1
+        event = {"seq": self.seq, "topic": topic, "timestamp": _now(), **fields}
+        line = json.dumps(event, separators=(",", ":")).encode() + b"\n"
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.events.append(event)
+        async with self._changed:
+            self._changed.notify_all()
+        return event
+
+    def after(self, seq: int) -> list[dict]:
+        return [e for e in self.events if e["seq"] > seq]
+
+    async def wait(self, seq: int) -> list[dict]:
+        """Events after `seq`, waiting until there is at least one."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.seq > seq)
+        return self.after(seq)
+
+    def ack(self, seq: int) -> None:
+        if seq <= self.acked:
+            return
+        self.acked = min(seq, self.seq)
+        self.events = [e for e in self.events if e["seq"] > self.acked]
+        lines = [json.dumps({"acked": self.acked})] + [
+            json.dumps(e, separators=(",", ":")) for e in self.events
+        ]
+        write_atomic(self.path, ("\n".join(lines) + "\n").encode())
+
+
+def _now() -> float:
+    import time
+
+    return time.time()

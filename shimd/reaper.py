@@ -1,0 +1,73 @@
+"""One reaper owns waitpid for every child of the shim: the OCI runtime commands it runs,
+and, as child subreaper, the container processes reparented to it.
+
+Exits are dispatched by pid. An exit can arrive before anyone asks for it (a container
+init that dies before its pid file is read), so unclaimed exits are kept for a while.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections import OrderedDict
+
+MAX_UNCLAIMED = 4096
+
+
+def exit_code(wait_status: int) -> int:
+    """containerd's convention: the exit code, or 128 + signal for a signalled process."""
+    if os.WIFSIGNALED(wait_status):
+        return 128 + os.WTERMSIG(wait_status)
+    return os.WEXITSTATUS(wait_status)
+
+
+class Reaper:
+    def __init__(self) -> None:
+        self._waiters: dict[int, asyncio.Future] = {}
+        self._unclaimed: OrderedDict[int, tuple[int, float]] = OrderedDict()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def install(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_signal_handler(signal.SIGCHLD, self.reap)
+        self.reap()  # children that exited before the handler existed
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            result = (exit_code(status), time.time())
+            future = self._waiters.pop(pid, None)
+            if future is not None and not future.done():
+                future.set_result(result)
+            else:
+                self._unclaimed[pid] = result
+                while len(self._unclaimed) > MAX_UNCLAIMED:
+                    self._unclaimed.popitem(last=False)
+
+    def wait(self, pid: int) -> asyncio.Future:
+        """A future of (exit code, exit time) for `pid`, which must be our child."""
+        loop = self._loop or asyncio.get_running_loop()
+        future = loop.create_future()
+        if pid in self._unclaimed:
+            future.set_result(self._unclaimed.pop(pid))
+        else:
+            self._waiters[pid] = future
+        return future
+
+    def spawn(
+        self, argv: list[str], stdio: tuple[int, int, int]
+    ) -> tuple[int, asyncio.Future]:
+        """Start `argv` with the given stdio fds; posix_spawn, so no Python runs in the child."""
+        actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)]
+        pid = os.posix_spawnp(
+            argv[0], argv, dict(os.environ), file_actions=actions,
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ), setsigmask=(),
+        )
+        return pid, self.wait(pid)

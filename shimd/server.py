@@ -1,0 +1,130 @@
+"""Run one shim: detach from whoever started it, become child subreaper, serve the shim
+API on a unix socket, and publish the socket's address atomically in the bundle.
+
+`launch` is what the `shimd` command does: it forks before anything heavy is imported
+(so no gRPC thread exists at the fork), the child starts a new session and serves, and
+the parent prints the address once the child is ready and exits, leaving the child to
+init (or the nearest subreaper): the shim is never a child of runtimed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+PR_SET_CHILD_SUBREAPER = 36
+SOCKET_PATH_MAX = 100  # sun_path is 108 bytes including the NUL
+FALLBACK_SOCKET_DIR = Path("/run/runtimed-shim")
+
+
+def socket_path(bundle: Path) -> Path:
+    """`<bundle>/shim.sock`, or a short hashed path when that is too long for AF_UNIX."""
+    path = bundle / "shim.sock"
+    if len(str(path)) <= SOCKET_PATH_MAX:
+        return path
+    digest = hashlib.sha256(str(bundle).encode()).hexdigest()[:24]
+    return FALLBACK_SOCKET_DIR / f"{digest}.sock"
+
+
+def set_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def launch(id: str, namespace: str, bundle: Path) -> int:
+    """Fork the shim; print its address once it serves. Exit status 0 on success."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        code = 1
+        try:
+            os.setsid()
+            code = run(id, namespace, bundle, ready_fd=write_end)
+        except BaseException:  # noqa: BLE001 - the child must never return into the caller
+            logging.getLogger("shimd").exception("shim failed")
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as ready:
+        address = ready.read().decode().strip()
+    if not address:
+        print(f"shimd: shim for {id} failed to start, see {bundle / 'shim.log'}", file=sys.stderr)
+        return 1
+    print(address)
+    return 0
+
+
+def _redirect_stdio(bundle: Path) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    logfd = os.open(bundle / "shim.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(null, 0)
+    os.dup2(logfd, 1)
+    os.dup2(logfd, 2)
+    os.close(null)
+    os.close(logfd)
+
+
+def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None) -> int:
+    import asyncio
+
+    bundle = bundle.resolve()
+    _redirect_stdio(bundle)
+    logging.basicConfig(
+        level=os.environ.get("SHIMD_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s %(levelname)s shimd[{os.getpid()}] {namespace}/{id}: %(message)s",
+    )
+    set_subreaper()
+    os.chdir(bundle)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    return asyncio.run(_serve(id, bundle, ready_fd))
+
+
+async def _serve(id: str, bundle: Path, ready_fd: int | None) -> int:
+    import asyncio
+
+    import grpc
+
+    from shimd import service
+    from shimd.outbox import write_atomic
+    from shimd.reaper import Reaper
+    from shimd.shim import Shim
+
+    log = logging.getLogger("shimd")
+    reaper = Reaper()
+    reaper.install()
+    shim = Shim(id, bundle, reaper)
+    server = grpc.aio.server()
+    service.register(server, shim)
+    sock = socket_path(bundle)
+    sock.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+    if sock.exists():
+        sock.unlink()
+    server.add_insecure_port(f"unix://{sock}")
+    await server.start()
+    os.chmod(sock, 0o600)
+    address = f"unix://{sock}"
+    write_atomic(bundle / "address", address.encode())
+    write_atomic(bundle / "shim.pid", str(os.getpid()).encode())
+    log.info("serving on %s", address)
+    if ready_fd is not None:
+        os.write(ready_fd, address.encode())
+        os.close(ready_fd)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, lambda: shim.shutdown(now=True))
+    await shim.shutdown_requested.wait()
+    log.info("shutting down")
+    await server.stop(grace=1)
+    shim.close()
+    for path in (bundle / "address", sock):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+    return 0

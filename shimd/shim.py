@@ -1,0 +1,330 @@
+"""The shim's core: one container's init and exec processes, driven through the OCI
+runtime, supervised by the reaper, with every event appended to the outbox.
+
+gRPC stays out of here (shimd/service.py translates); this class takes plain values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtimed import identifiers
+from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound
+from shimd import __version__
+from shimd.lifecycle import INIT, Emitted, Lifecycle, ProcessState, Status
+from shimd.outbox import Outbox, write_atomic
+from shimd.reaper import Reaper
+from shimd.runtime import OciRuntime, command_for
+from shimd.stdio import ProcessIO, StdioConfig
+
+log = logging.getLogger("shimd")
+
+FORCE_DELETE_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    pid: int
+    exit_status: int
+    exited_at: float
+
+
+class Shim:
+    def __init__(self, id: str, bundle: Path, reaper: Reaper, outbox: Outbox | None = None):
+        self.id = id
+        self.bundle = bundle
+        self.reaper = reaper
+        self.outbox = outbox or Outbox(bundle / "events.jsonl")
+        self.lifecycle = Lifecycle(id)
+        self.io: dict[str, ProcessIO] = {}
+        self.stdio: dict[str, StdioConfig] = {}
+        self._exited: dict[str, asyncio.Event] = {}
+        self.runtime: OciRuntime | None = None
+        self.has_pid_namespace = True
+        self.shutdown_requested = asyncio.Event()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def create(self, stdio: StdioConfig, runtime: str = "") -> int:
+        if INIT in self.lifecycle.processes:
+            self.lifecycle.created(0)  # raises AlreadyExists
+        try:
+            spec = json.loads((self.bundle / "config.json").read_bytes())
+        except FileNotFoundError:
+            raise InvalidArgument(f"bundle {self.bundle} has no config.json") from None
+        namespaces = spec.get("linux", {}).get("namespaces", [])
+        self.has_pid_namespace = any(
+            ns.get("type") == "pid" and not ns.get("path") for ns in namespaces
+        )
+        state_root = self.bundle / "runtime"
+        state_root.mkdir(mode=0o700, exist_ok=True)
+        (self.bundle / "exits").mkdir(mode=0o700, exist_ok=True)
+        self.runtime = OciRuntime(
+            command_for(runtime), state_root, self.bundle / "runtime.log", self.reaper
+        )
+        pid_file = self.bundle / "init.pid"
+        io = ProcessIO(stdio)
+        pid = await self._run_with_io(
+            io,
+            lambda: self.runtime.create(
+                self.id, str(self.bundle), str(pid_file), io.console_socket, io.child_fds
+            ),
+        )
+        pid = int(pid_file.read_text())
+        self.io[INIT] = io
+        self.stdio[INIT] = stdio
+        self._exited[INIT] = asyncio.Event()
+        events = self.lifecycle.created(pid)
+        self._watch(INIT, pid)
+        await self._emit(events)
+        return pid
+
+    async def _run_with_io(self, io: ProcessIO, command) -> None:
+        receive = asyncio.ensure_future(io.receive_console()) if io.console_socket else None
+        try:
+            await command()
+            if receive is not None:
+                await receive
+        except BaseException:
+            if receive is not None:
+                receive.cancel()
+                with contextlib.suppress(BaseException):
+                    await receive
+            io.close()
+            raise
+        io.spawned()
+
+    async def exec(self, exec_id: str, stdio: StdioConfig, process: bytes) -> None:
+        identifiers.validate(exec_id, "exec id")
+        try:
+            spec = json.loads(process)
+        except ValueError as exc:
+            raise InvalidArgument(f"exec process spec is not valid JSON: {exc}") from None
+        if not spec.get("args"):
+            raise InvalidArgument("exec process spec has no args")
+        if bool(spec.get("terminal")) != stdio.terminal:
+            spec["terminal"] = stdio.terminal
+        events = self.lifecycle.exec_added(exec_id)
+        execs = self.bundle / "execs"
+        execs.mkdir(mode=0o700, exist_ok=True)
+        write_atomic(execs / f"{exec_id}.json", json.dumps(spec).encode())
+        self.stdio[exec_id] = stdio
+        self._exited[exec_id] = asyncio.Event()
+        await self._emit(events)
+
+    async def start(self, exec_id: str = INIT) -> int:
+        process = self.lifecycle.start_begun(exec_id)
+        try:
+            if exec_id == INIT:
+                await self._runtime.run("start", self.id)
+                pid = process.pid
+            else:
+                pid = await self._start_exec(exec_id)
+        except BaseException:
+            await self._emit(self.lifecycle.start_failed(exec_id))
+            raise
+        await self._emit(self.lifecycle.started(exec_id, pid))
+        return pid
+
+    async def _start_exec(self, exec_id: str) -> int:
+        stdio = self.stdio[exec_id]
+        io = ProcessIO(stdio)
+        process_file = self.bundle / "execs" / f"{exec_id}.json"
+        pid_file = self.bundle / "execs" / f"{exec_id}.pid"
+        await self._run_with_io(
+            io,
+            lambda: self._runtime.exec(
+                self.id, str(process_file), str(pid_file), io.console_socket, io.child_fds
+            ),
+        )
+        self.io[exec_id] = io
+        pid = int(pid_file.read_text())
+        self._watch(exec_id, pid)
+        return pid
+
+    def _watch(self, exec_id: str, pid: int) -> None:
+        future = self.reaper.wait(pid)
+        future.add_done_callback(
+            lambda f: asyncio.ensure_future(self._on_exit(exec_id, pid, *f.result()))
+        )
+
+    async def _on_exit(self, exec_id: str, pid: int, code: int, at: float) -> None:
+        """Record the exit durably first, then report it; init's exit ends the container."""
+        name = "init" if exec_id == INIT else f"exec-{exec_id}"
+        record = {"pid": pid, "exit_status": code, "exited_at": at}
+        write_atomic(self.bundle / "exits" / f"{name}.json", json.dumps(record).encode())
+        if exec_id not in self.lifecycle.processes:
+            return
+        events = self.lifecycle.exited(exec_id, code, at)
+        if exec_id == INIT:
+            await self._kill_rest()
+        await self._emit(events)
+
+    async def _kill_rest(self) -> None:
+        """Init exited: every other process of the container goes too. A pid namespace
+        does that in the kernel; without one, kill them through the runtime."""
+        for exec_id, process in self.lifecycle.processes.items():
+            if exec_id != INIT and process.status == Status.CREATED:
+                self.lifecycle.exited(exec_id, 255)
+                self._exited[exec_id].set()
+        if self.has_pid_namespace:
+            return
+        with contextlib.suppress(Exception):
+            await self._runtime.kill(self.id, signal.SIGKILL, all=True)
+
+    async def _emit(self, events: list[Emitted]) -> None:
+        for event in events:
+            await self.outbox.append(
+                event.topic,
+                id=self.id,
+                exec_id=event.exec_id,
+                pid=event.pid,
+                exit_status=event.exit_status,
+                exited_at=event.exited_at,
+            )
+            if event.topic == "/tasks/exit":
+                self._exited[event.exec_id].set()
+
+    async def wait(self, exec_id: str = INIT) -> ExitInfo:
+        self.lifecycle.get(exec_id)
+        await self._exited[exec_id].wait()
+        return self._exit_info(exec_id)
+
+    def _exit_info(self, exec_id: str) -> ExitInfo:
+        process = self.lifecycle.get(exec_id)
+        return ExitInfo(process.pid, process.exit_status, process.exited_at)
+
+    async def kill(self, exec_id: str, sig: int, all: bool = False) -> None:
+        process = self.lifecycle.get(exec_id)
+        if exec_id == INIT or all:
+            if process.status == Status.STOPPED and not all:
+                raise NotFound(f"task {self.id!r}: process already finished")
+            await self._runtime.kill(self.id, sig, all=all)
+            return
+        if process.status == Status.STOPPED:
+            raise NotFound(f"exec process {exec_id!r} of {self.id!r}: process already finished")
+        if process.status == Status.CREATED:
+            raise FailedPrecondition(f"exec process {exec_id!r} of {self.id!r} is not started")
+        try:
+            os.kill(process.pid, sig)
+        except ProcessLookupError:
+            raise NotFound(f"exec process {exec_id!r}: process already finished") from None
+
+    async def delete(self, exec_id: str = INIT, force: bool = False) -> ExitInfo:
+        process = self.lifecycle.get(exec_id)
+        if force and process.status in (Status.RUNNING, Status.PAUSED, Status.PAUSING):
+            if process.status == Status.PAUSED:
+                await self.resume()
+            await self.kill(exec_id, signal.SIGKILL, all=exec_id == INIT)
+            await asyncio.wait_for(self._exited[exec_id].wait(), FORCE_DELETE_TIMEOUT)
+        if exec_id == INIT:
+            await self._delete_init(process)
+        events = self.lifecycle.deleted(exec_id)
+        info = ExitInfo(process.pid, process.exit_status, process.exited_at)
+        io = self.io.pop(exec_id, None)
+        if io is not None:
+            await io.wait_output(timeout=1.0)
+            io.close()
+        self.stdio.pop(exec_id, None)
+        await self._emit(events)
+        return info
+
+    async def _delete_init(self, process: ProcessState) -> None:
+        running = [e for e, p in self.lifecycle.processes.items()
+                   if e and p.status in (Status.RUNNING, Status.PAUSED)]
+        if running:
+            raise FailedPrecondition(
+                f"task {self.id!r} still has running exec processes: {', '.join(running)}"
+            )
+        if process.status == Status.CREATED:
+            await self._runtime.delete(self.id, force=True)
+            await asyncio.wait_for(self._exited[INIT].wait(), FORCE_DELETE_TIMEOUT)
+            return
+        if process.status != Status.STOPPED:
+            self.lifecycle.deleted(INIT)  # raises with the reason
+        with contextlib.suppress(NotFound):
+            await self._runtime.delete(self.id, force=True)
+
+    async def pause(self) -> None:
+        self.lifecycle._require_running("pause")
+        await self._runtime.run("pause", self.id)
+        await self._emit(self.lifecycle.paused())
+
+    async def resume(self) -> None:
+        if self.lifecycle.init.status != Status.PAUSED:
+            self.lifecycle.resumed()  # raises with the reason
+        await self._runtime.run("resume", self.id)
+        await self._emit(self.lifecycle.resumed())
+
+    async def pids(self) -> list[tuple[int, str]]:
+        self.lifecycle.init  # noqa: B018 - NotFound before create
+        pids = await self._runtime.ps(self.id)
+        by_pid = {p.pid: e for e, p in self.lifecycle.processes.items() if e and p.pid}
+        return [(pid, by_pid.get(pid, "")) for pid in pids]
+
+    async def update(self, resources: bytes) -> None:
+        self._require_live()
+        try:
+            json.loads(resources)
+        except ValueError as exc:
+            raise InvalidArgument(f"resources are not valid JSON: {exc}") from None
+        with tempfile.NamedTemporaryFile(dir=self.bundle, prefix=".resources-") as f:
+            f.write(resources)
+            f.flush()
+            await self._runtime.update(self.id, f.name)
+
+    async def stats(self) -> dict:
+        self._require_live()
+        return await self._runtime.stats(self.id)
+
+    def resize_pty(self, exec_id: str, width: int, height: int) -> None:
+        self.lifecycle.get(exec_id)
+        io = self.io.get(exec_id)
+        if io is None:
+            raise FailedPrecondition(f"process {exec_id or 'init'} of {self.id!r} is not started")
+        io.resize(width, height)
+
+    def close_io(self, exec_id: str, stdin: bool) -> None:
+        self.lifecycle.get(exec_id)
+        io = self.io.get(exec_id)
+        if stdin and io is not None:
+            io.close_stdin()
+
+    def state(self, exec_id: str = INIT) -> tuple[ProcessState, StdioConfig]:
+        process = self.lifecycle.get(exec_id)
+        return process, self.stdio.get(exec_id, StdioConfig())
+
+    def connect(self) -> tuple[int, int, str]:
+        init = self.lifecycle.processes.get(INIT)
+        return os.getpid(), init.pid if init else 0, __version__
+
+    def shutdown(self, now: bool = False) -> bool:
+        """Exit once no process is left to supervise (or at once with `now`)."""
+        if self.lifecycle.processes and not now:
+            return False
+        self.shutdown_requested.set()
+        return True
+
+    def close(self) -> None:
+        for io in self.io.values():
+            io.close()
+        self.io.clear()
+
+    @property
+    def _runtime(self) -> OciRuntime:
+        if self.runtime is None:
+            raise NotFound(f"task {self.id!r} not created")
+        return self.runtime
+
+    def _require_live(self) -> None:
+        status = self.lifecycle.init.status
+        if status in (Status.STOPPED, Status.CREATED):
+            raise FailedPrecondition(f"task {self.id!r} is {status.name.lower()}")

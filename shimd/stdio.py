@@ -1,0 +1,293 @@
+"""A process's stdio as containerd clients hand it over: FIFO paths (the client reads and
+writes the other ends), `file://` paths, empty (null), or a terminal.
+
+The container never writes into a client's FIFO directly: it writes into a pipe (or a pty)
+and the shim pumps that into the FIFO, buffering up to a limit and then dropping the
+oldest output, so the container never blocks or breaks when nobody reads. Output FIFOs are
+opened read-write (a detached client leaving does not make writes fail) and closed when
+the process side reaches EOF, so a client waiting for EOF returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import stat
+import struct
+import tempfile
+import termios
+from dataclasses import dataclass
+
+from runtimed.errors import InvalidArgument
+
+BUFFER_LIMIT = 1 << 20
+
+
+@dataclass(frozen=True)
+class StdioConfig:
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    terminal: bool = False
+
+
+class Pump:
+    """Copy bytes from `src` to `dst` without ever blocking the event loop."""
+
+    def __init__(self, src: int, dst: int | None, close_dst: bool = True, drop: bool = True):
+        self.src, self.dst = src, dst
+        self.close_dst = close_dst
+        self.drop = drop
+        self.buffer = bytearray()
+        self.eof = False
+        self.dropped = 0
+        self.done = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._writing = False
+        os.set_blocking(src, False)
+        if dst is not None:
+            with contextlib.suppress(OSError):
+                os.set_blocking(dst, False)
+        self._loop.add_reader(src, self._read)
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.src, 65536)
+        except BlockingIOError:
+            return
+        except OSError as exc:  # EIO: the pty's other side is closed
+            if exc.errno != errno.EIO:
+                raise
+            data = b""
+        if not data:
+            self.eof = True
+            self._loop.remove_reader(self.src)
+            self._flush()
+            return
+        if self.dst is None:
+            return
+        self.buffer += data
+        if len(self.buffer) > BUFFER_LIMIT:
+            if self.drop:
+                excess = len(self.buffer) - BUFFER_LIMIT
+                del self.buffer[:excess]
+                self.dropped += excess
+            else:  # stdin: back-pressure the client instead of losing its input
+                self._loop.remove_reader(self.src)
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.buffer and self.dst is not None:
+            try:
+                written = os.write(self.dst, self.buffer)
+            except BlockingIOError:
+                if not self._writing:
+                    self._loop.add_writer(self.dst, self._flush)
+                    self._writing = True
+                return
+            except OSError:  # EPIPE: the reader is gone for good
+                self.buffer.clear()
+                break
+            del self.buffer[:written]
+            if not self.drop and not self.eof and len(self.buffer) <= BUFFER_LIMIT:
+                self._loop.add_reader(self.src, self._read)
+        if self._writing:
+            self._loop.remove_writer(self.dst)
+            self._writing = False
+        if self.eof:
+            self.close()
+
+    def drain(self) -> None:
+        """Read what is already waiting in `src` (used before closing stdin)."""
+        while not self.eof:
+            before = len(self.buffer)
+            self._read()
+            if len(self.buffer) == before:
+                break
+
+    def close(self) -> None:
+        if self.done.done():
+            return
+        self._loop.remove_reader(self.src)
+        if self._writing:
+            self._loop.remove_writer(self.dst)
+        with contextlib.suppress(OSError):
+            os.close(self.src)
+        if self.dst is not None and self.close_dst:
+            with contextlib.suppress(OSError):
+                os.close(self.dst)
+        self.done.set_result(None)
+
+
+def _is_fifo(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def _file_path(uri: str) -> str | None:
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    if uri.startswith("binary://"):
+        raise InvalidArgument("binary:// stdio (logging binaries) is not supported by shimd")
+    return None
+
+
+class ProcessIO:
+    """Sets up the fds a process gets and the pumps between them and the client's paths.
+
+    `child_fds` goes to the OCI runtime (and through it to the process); call
+    `spawned()` once the runtime command has started so the shim holds no child ends.
+    """
+
+    def __init__(self, config: StdioConfig):
+        self.config = config
+        self.child_fds: tuple[int, int, int] = (-1, -1, -1)
+        self.pumps: list[Pump] = []
+        self.stdin_pump: Pump | None = None
+        self.console: int | None = None
+        self._console_dir: str | None = None
+        self._listener: socket.socket | None = None
+        self._to_close: list[int] = []
+        self._pending: list[tuple[int, int | None, bool]] = []
+        self.console_socket: str | None = None
+        if config.terminal:
+            self._open_console_socket()
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            self._to_close.append(null)
+            self.child_fds = (null, null, null)
+        else:
+            self.child_fds = (self._stdin(), self._output(config.stdout), self._output(config.stderr))
+
+    def _open_console_socket(self) -> None:
+        self._console_dir = tempfile.mkdtemp(prefix="shimd-pty-")
+        self.console_socket = os.path.join(self._console_dir, "pty.sock")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self.console_socket)
+        self._listener.listen(1)
+        self._listener.setblocking(False)
+
+    async def receive_console(self, timeout: float = 30.0) -> None:
+        """Accept the pty master the runtime sends over the console socket (SCM_RIGHTS)."""
+        assert self._listener is not None
+        loop = asyncio.get_running_loop()
+        conn, _ = await asyncio.wait_for(loop.sock_accept(self._listener), timeout)
+        with conn:
+            conn.setblocking(True)
+            conn.settimeout(timeout)
+            _, fds, _, _ = socket.recv_fds(conn, 4096, 1)
+        if not fds:
+            raise InvalidArgument("the OCI runtime sent no terminal over the console socket")
+        self.console = fds[0]
+        self._close_console_socket()
+
+    def _close_console_socket(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._console_dir:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self._console_dir, "pty.sock"))
+                os.rmdir(self._console_dir)
+            self._console_dir = None
+
+    def _stdin(self) -> int:
+        path = self.config.stdin
+        if not path:
+            fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            self._to_close.append(fd)
+            return fd
+        file = _file_path(path)
+        if file is not None:
+            fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+            self._to_close.append(fd)
+            return fd
+        read_end, write_end = os.pipe()
+        self._to_close.append(read_end)
+        fifo = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._pending.append((fifo, write_end, False))
+        return read_end
+
+    def _output(self, path: str) -> int:
+        if not path:
+            fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            self._to_close.append(fd)
+            return fd
+        file = _file_path(path)
+        if file is not None or not _is_fifo(path):
+            fd = os.open(file or path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            self._to_close.append(fd)
+            return fd
+        read_end, write_end = os.pipe()
+        self._to_close.append(write_end)
+        fifo = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._pending.append((read_end, fifo, True))
+        return write_end
+
+    def spawned(self) -> None:
+        """The runtime holds the child ends now: drop ours, start pumping."""
+        for fd in self._to_close:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._to_close.clear()
+        for src, dst, drop in self._pending:
+            pump = Pump(src, dst, drop=drop)
+            self.pumps.append(pump)
+            if not drop:
+                self.stdin_pump = pump
+        self._pending.clear()
+        if self.console is not None:
+            if self.config.stdout:
+                self.pumps.append(Pump(os.dup(self.console), self._console_out()))
+            if self.config.stdin and not _file_path(self.config.stdin):
+                fifo = os.open(self.config.stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                self.stdin_pump = Pump(fifo, os.dup(self.console), drop=False)
+                self.pumps.append(self.stdin_pump)
+
+    def _console_out(self) -> int:
+        path = self.config.stdout
+        file = _file_path(path)
+        if file is not None or not _is_fifo(path):
+            return os.open(file or path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def close_stdin(self) -> None:
+        if self.stdin_pump is not None:
+            self.stdin_pump.drain()
+            self.stdin_pump.eof = True
+            self.stdin_pump._flush()
+            self.stdin_pump.close()
+
+    def resize(self, width: int, height: int) -> None:
+        if self.console is None:
+            raise InvalidArgument("the process has no terminal to resize")
+        fcntl.ioctl(self.console, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+    async def wait_output(self, timeout: float) -> None:
+        """Let buffered output reach the clients (bounded: nobody may be reading)."""
+        outputs = [p.done for p in self.pumps if p is not self.stdin_pump]
+        if outputs:
+            await asyncio.wait(outputs, timeout=timeout)
+
+    def close(self) -> None:
+        for fd in self._to_close:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._to_close.clear()
+        for src, dst, _ in self._pending:
+            for fd in (src, dst):
+                with contextlib.suppress(OSError, TypeError):
+                    os.close(fd)
+        self._pending.clear()
+        for pump in self.pumps:
+            pump.close()
+        if self.console is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.console)
+            self.console = None
+        self._close_console_socket()

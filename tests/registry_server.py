@@ -51,13 +51,14 @@ class Certificate:
 
 
 def make_certificate(directory: Path) -> Certificate:
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-    import ipaddress
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "runtimed test CA")])
     ca_cert = (
@@ -71,9 +72,15 @@ def make_certificate(directory: Path) -> Certificate:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -102,9 +109,7 @@ def make_certificate(directory: Path) -> Certificate:
     paths.ca.write_bytes(ca_cert.public_bytes(pem))
     paths.cert.write_bytes(cert.public_bytes(pem))
     paths.key.write_bytes(
-        key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return paths
 
@@ -133,7 +138,7 @@ class TokenServer:
         self.anonymous_pull = anonymous_pull
         self.requests: list[dict] = []
         self._key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "token signer")])
         cert = (
             x509.CertificateBuilder()
@@ -173,20 +178,25 @@ class TokenServer:
         if header.startswith("Basic "):
             user, _, password = base64.b64decode(header[6:]).decode().partition(":")
             if (user, password) != (USERNAME, PASSWORD):
-                self._reply(request, 401, {"errors": [{"code": "UNAUTHORIZED",
-                                                       "message": "bad credentials"}]})
+                self._reply(
+                    request,
+                    401,
+                    {"errors": [{"code": "UNAUTHORIZED", "message": "bad credentials"}]},
+                )
                 return
         scopes = [s for value in query.get("scope", []) for s in value.split(" ")]
-        self.requests.append({"user": user, "scopes": scopes,
-                              "service": query.get("service", [""])[0]})
+        self.requests.append(
+            {"user": user, "scopes": scopes, "service": query.get("service", [""])[0]}
+        )
         access = []
         for scope in scopes:
             kind, _, rest = scope.partition(":")
             name, _, actions = rest.rpartition(":")
             wanted = actions.split(",")
             granted = wanted if user else (["pull"] if self.anonymous_pull else [])
-            access.append({"type": kind, "name": name,
-                           "actions": [a for a in wanted if a in granted]})
+            access.append(
+                {"type": kind, "name": name, "actions": [a for a in wanted if a in granted]}
+            )
         token = self.sign(access, subject=user or "")
         self._reply(request, 200, {"token": token, "access_token": token, "expires_in": 300})
 
@@ -197,10 +207,19 @@ class TokenServer:
 
         now = int(time.time())
         header = {"typ": "JWT", "alg": "ES256", "x5c": [self._x5c]}
-        claims = {"iss": self.issuer, "sub": subject, "aud": self.service, "exp": now + 300,
-                  "nbf": now - 60, "iat": now, "jti": os.urandom(8).hex(), "access": access}
-        signing_input = (_b64url(json.dumps(header).encode()) + "."
-                         + _b64url(json.dumps(claims).encode()))
+        claims = {
+            "iss": self.issuer,
+            "sub": subject,
+            "aud": self.service,
+            "exp": now + 300,
+            "nbf": now - 60,
+            "iat": now,
+            "jti": os.urandom(8).hex(),
+            "access": access,
+        }
+        signing_input = (
+            _b64url(json.dumps(header).encode()) + "." + _b64url(json.dumps(claims).encode())
+        )
         der = self._key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
         r, s = decode_dss_signature(der)
         return signing_input + "." + _b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
@@ -246,8 +265,7 @@ class RegistryServer:
     def blob_path(self, digest: str) -> Path:
         """Where the registry keeps a blob on disk (tests corrupt it to check verification)."""
         hexdigest = digest.split(":", 1)[1]
-        return (self.storage / "docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest
-                / "data")
+        return self.storage / "docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data"
 
 
 def _wait_ready(server: RegistryServer, timeout: float = 15.0) -> None:
@@ -298,17 +316,22 @@ def start_registry(
             config["http"]["tls"] = {"certificate": str(cert.cert), "key": str(cert.key)}
         if auth == "basic":
             htpasswd = directory / "htpasswd"
-            subprocess.run(["htpasswd", "-Bbc", str(htpasswd), USERNAME, PASSWORD],
-                           check=True, capture_output=True)
+            subprocess.run(
+                ["htpasswd", "-Bbc", str(htpasswd), USERNAME, PASSWORD],
+                check=True,
+                capture_output=True,
+            )
             config["auth"] = {"htpasswd": {"realm": "runtimed-test", "path": str(htpasswd)}}
         elif auth == "token":
             token_server = TokenServer(directory, anonymous_pull=anonymous_pull)
-            config["auth"] = {"token": {
-                "realm": token_server.realm,
-                "service": token_server.service,
-                "issuer": token_server.issuer,
-                "rootcertbundle": str(token_server.bundle),
-            }}
+            config["auth"] = {
+                "token": {
+                    "realm": token_server.realm,
+                    "service": token_server.service,
+                    "issuer": token_server.issuer,
+                    "rootcertbundle": str(token_server.bundle),
+                }
+            }
         elif auth is not None:
             raise ValueError(f"unknown auth {auth!r}")
         config_path = directory / "config.yml"
@@ -317,12 +340,19 @@ def start_registry(
         with open(log, "wb") as out:
             process = subprocess.Popen(
                 [REGISTRY_BIN, "serve", str(config_path)],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         server = RegistryServer(
-            host=f"127.0.0.1:{port}", scheme="https" if tls else "http", directory=directory,
-            process=process, ca=cert.ca if cert else None, auth=auth,
-            token_server=token_server, log=log,
+            host=f"127.0.0.1:{port}",
+            scheme="https" if tls else "http",
+            directory=directory,
+            process=process,
+            ca=cert.ca if cert else None,
+            auth=auth,
+            token_server=token_server,
+            log=log,
         )
         _wait_ready(server)
         yield server
@@ -365,3 +395,133 @@ def registry_token() -> Iterator[RegistryServer]:
     """HTTPS with bearer-token auth issued by a TokenServer for USERNAME/PASSWORD."""
     with start_registry(tls=True, auth="token") as server:
         yield server
+
+
+# Images built in a content store, for push/pull tests
+
+
+def _tar_gz(files: dict[str, bytes]) -> tuple[bytes, str]:
+    """A gzipped tar of `files`; returns (compressed bytes, diff id of the tar)."""
+    import gzip
+    import hashlib
+    import io
+    import tarfile
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    tar_bytes = raw.getvalue()
+    return gzip.compress(tar_bytes, compresslevel=1, mtime=0), "sha256:" + hashlib.sha256(
+        tar_bytes
+    ).hexdigest()
+
+
+@dataclass
+class BuiltImage:
+    target: object  # runtimed.images.manifest.Descriptor
+    manifests: list = field(default_factory=list)
+    layers: list = field(default_factory=list)  # layer Descriptors (all platforms)
+
+
+def build_image(
+    store,
+    ns: str,
+    layer_files: list[dict[str, bytes]],
+    *,
+    platform: tuple[str, str] = ("linux", "amd64"),
+    docker: bool = False,
+) -> BuiltImage:
+    """Write a single-platform image (gzip layers, config, manifest) into `store`."""
+    import hashlib
+
+    from runtimed.images import mediatypes
+    from runtimed.images.manifest import Descriptor, dump_json, gc_labels
+    from runtimed.images.platforms import Platform
+
+    layer_type = mediatypes.DOCKER_LAYER_GZIP if docker else mediatypes.OCI_LAYER_GZIP
+    layers, diff_ids = [], []
+    for files in layer_files:
+        data, diff_id = _tar_gz(files)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        store.write_blob(
+            ns,
+            data,
+            expected_digest=digest,
+            expected_size=len(data),
+            labels={mediatypes.LABEL_UNCOMPRESSED: diff_id},
+        )
+        layers.append(Descriptor(layer_type, digest, len(data)))
+        diff_ids.append(diff_id)
+    config = dump_json(
+        {
+            "architecture": platform[1],
+            "os": platform[0],
+            "config": {"Cmd": ["/bin/sh"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+    )
+    config_desc = Descriptor(
+        mediatypes.DOCKER_CONFIG if docker else mediatypes.OCI_CONFIG,
+        "sha256:" + hashlib.sha256(config).hexdigest(),
+        len(config),
+    )
+    store.write_blob(ns, config, expected_digest=config_desc.digest, expected_size=config_desc.size)
+    manifest_type = mediatypes.DOCKER_MANIFEST if docker else mediatypes.OCI_MANIFEST
+    manifest = dump_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": manifest_type,
+            "config": config_desc.to_json(),
+            "layers": [layer.to_json() for layer in layers],
+        }
+    )
+    desc = Descriptor(
+        manifest_type,
+        "sha256:" + hashlib.sha256(manifest).hexdigest(),
+        len(manifest),
+        platform=Platform(*platform),
+    )
+    store.write_blob(
+        ns,
+        manifest,
+        expected_digest=desc.digest,
+        expected_size=desc.size,
+        labels=gc_labels([config_desc, *layers]),
+    )
+    plain = Descriptor(desc.media_type, desc.digest, desc.size)
+    return BuiltImage(plain, [desc], layers)
+
+
+def build_index(store, ns: str, images: list[BuiltImage], *, docker: bool = False) -> BuiltImage:
+    """An index over single-platform images already in `store`."""
+    import hashlib
+
+    from runtimed.images import mediatypes
+    from runtimed.images.manifest import Descriptor, dump_json, gc_labels
+
+    index_type = mediatypes.DOCKER_MANIFEST_LIST if docker else mediatypes.OCI_INDEX
+    manifests = [m for image in images for m in image.manifests]
+    data = dump_json(
+        {"schemaVersion": 2, "mediaType": index_type, "manifests": [m.to_json() for m in manifests]}
+    )
+    desc = Descriptor(index_type, "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+    store.write_blob(
+        ns, data, expected_digest=desc.digest, expected_size=desc.size, labels=gc_labels(manifests)
+    )
+    return BuiltImage(desc, manifests, [layer for image in images for layer in image.layers])
+
+
+def open_store(root: Path):
+    """A content store on `root` (its own sqlite metadata), as the daemon builds it."""
+    from runtimed.content.store import ContentStore
+    from runtimed.metadata.db import Database
+    from runtimed.metadata.leases import LeaseStore
+
+    root.mkdir(parents=True, exist_ok=True)
+    db = Database(root / "meta.db")
+    return ContentStore(root, db, LeaseStore(db))

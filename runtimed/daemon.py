@@ -20,8 +20,8 @@ from runtimed import __version__
 from runtimed.config import Config
 from runtimed.errors import FailedPrecondition, RuntimedError
 from runtimed.events.exchange import Exchange
-from runtimed.metadata.db import Database
 from runtimed.metadata.containers import ContainerStore
+from runtimed.metadata.db import Database
 from runtimed.metadata.namespaces import NamespaceStore
 
 log = logging.getLogger("runtimed")
@@ -46,6 +46,16 @@ class Daemon:
         self.on_start: list = []
         self.namespaces = NamespaceStore(self.db, self.exchange)
         self.containers = ContainerStore(self.db, self.namespaces, self.exchange)
+        from runtimed.content.store import ContentStore
+        from runtimed.metadata.gc import GarbageCollector
+        from runtimed.metadata.images import ImageStore
+        from runtimed.metadata.leases import LeaseStore
+
+        self.leases = LeaseStore(self.db, self.namespaces)
+        self.content = ContentStore(self.root, self.db, self.leases, self.namespaces, self.exchange)
+        self.images = ImageStore(self.db, self.namespaces, self.exchange)
+        self.gc = GarbageCollector(self.db, self.content)
+        self.leases.gc = self.content.gc = self.images.gc = self.gc
 
     async def start(self) -> None:
         """Work that needs the event loop (reconnecting shims, background GC)."""
@@ -54,6 +64,7 @@ class Daemon:
             await hook()
 
     async def stop(self) -> None:
+        self.gc.close()
         self.db.close()
         os.close(self._lock_fd)
 
@@ -87,7 +98,7 @@ def _server_uuid(root: Path) -> str:
         return value
 
 
-def create_server(daemon: Daemon) -> "grpc.aio.Server":  # noqa: F821
+def create_server(daemon: Daemon) -> grpc.aio.Server:  # noqa: F821
     import grpc
 
     from runtimed.services import catalog

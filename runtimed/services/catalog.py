@@ -11,6 +11,9 @@ SERVICE_MODULES = [
     "runtimed.services.health",
     "runtimed.services.events",
     "runtimed.services.containers",
+    "runtimed.services.content",
+    "runtimed.services.images",
+    "runtimed.services.leases",
 ]
 
 # containerd's grpc plugin ids where our module name differs

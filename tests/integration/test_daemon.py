@@ -1,17 +1,22 @@
 """The daemon process: status codes over gRPC, socket handling, config file, restart."""
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import grpc
 import pytest
+from conftest import DaemonProcess
+from google.protobuf import empty_pb2
 
 from runtimed.api.containerd.services.introspection.v1 import introspection_pb2_grpc
 from runtimed.api.containerd.services.namespaces.v1 import namespace_pb2 as ns_pb
 from runtimed.api.containerd.services.namespaces.v1 import namespace_pb2_grpc
-from google.protobuf import empty_pb2
 
 
 def namespaces(daemon):
@@ -91,3 +96,28 @@ def test_config_file_and_bad_config(tmp_path):
     )
     assert result.returncode == 1
     assert "unknown keys bogus" in result.stderr
+
+
+def test_config_file_sets_the_same_keys_as_flags():
+    base = Path(tempfile.mkdtemp(prefix="rtd-", dir="/tmp"))
+    (base / "runtimed.toml").write_text(
+        f'root = "{base}/croot"\nstate = "{base}/cstate"\naddress = "{base}/c.sock"\n'
+        'log-level = "debug"\nlog_format = "json"\n'
+    )
+    probe = DaemonProcess(base)
+    probe.address = f"{base}/c.sock"
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "runtimed.daemon", "--config", str(base / "runtimed.toml")],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (os.path.exists(probe.address) and probe._healthy()):
+            assert time.monotonic() < deadline, "runtimed did not come up"
+            time.sleep(0.05)
+        assert (base / "croot" / "meta.db").exists()
+    finally:
+        daemon.terminate()
+        _, err = daemon.communicate(timeout=20)
+        shutil.rmtree(base, ignore_errors=True)
+    assert '"msg": "runtimed 0.1.0 serving on' in err

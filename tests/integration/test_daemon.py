@@ -11,12 +11,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import DaemonProcess
 from google.protobuf import empty_pb2
 
 from runtimed.api.containerd.services.introspection.v1 import introspection_pb2_grpc
 from runtimed.api.containerd.services.namespaces.v1 import namespace_pb2 as ns_pb
 from runtimed.api.containerd.services.namespaces.v1 import namespace_pb2_grpc
+from tests.conftest import DaemonProcess
 
 
 def namespaces(daemon):

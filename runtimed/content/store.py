@@ -153,6 +153,10 @@ class ContentStore:
         self._locks: dict[str, float] = {}
         self._locks_guard = threading.Lock()
         db.migrate("content", MIGRATIONS)
+        if namespaces is not None:
+            namespaces.register_usage(
+                "content", "SELECT 1 FROM content_blobs WHERE namespace = ? LIMIT 1"
+            )
 
     # Paths
 

@@ -162,6 +162,27 @@ class ImageKind(ResourceKind):
             yield from label_refs(row["namespace"], json.loads(row["labels"]))
 
 
+class ContainerKind(ResourceKind):
+    """Containers are never collected; each keeps its snapshot and label refs alive."""
+
+    kind = "container"
+
+    def roots(self, tx, now):
+        exists = tx.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'containers'"
+        ).fetchone()
+        if not exists:
+            return
+        rows = tx.execute(
+            "SELECT namespace, id, labels, snapshotter, snapshot_key FROM containers"
+        ).fetchall()
+        for row in rows:
+            ns = row["namespace"]
+            if row["snapshotter"] and row["snapshot_key"]:
+                yield Node("snapshot", ns, f"{row['snapshotter']}/{row['snapshot_key']}")
+            yield from label_refs(ns, json.loads(row["labels"]))
+
+
 class ContentKind(ResourceKind):
     kind = "content"
 
@@ -281,6 +302,7 @@ class GarbageCollector:
         self.last: CollectResult | None = None
         self.register(LeaseKind())
         self.register(ImageKind())
+        self.register(ContainerKind())
         if content is not None:
             self.register(ContentKind(content))
             self.register(IngestKind(content))

@@ -104,6 +104,8 @@ class ImageStore:
         self.exchange = exchange
         self.gc = None  # set by the daemon: deletes schedule a collection
         db.migrate("images", MIGRATIONS)
+        if namespaces is not None:
+            namespaces.register_usage("images", "SELECT 1 FROM images WHERE namespace = ? LIMIT 1")
 
     def get(self, ns: str, name: str) -> Image:
         with self.db.read() as conn:

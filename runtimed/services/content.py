@@ -1,0 +1,174 @@
+"""containerd.services.content.v1.Content over `daemon.content`.
+
+Write follows containerd's server loop message by message, because clients (ctr, the Go
+client's remote writer) depend on its exact replies: one response per request; STAT
+reports the resume offset; an `expected` digest already present ends the stream with
+ALREADY_EXISTS (and drops the ingest); a WRITE or COMMIT at offset 0 on a non-empty ingest
+restarts it, at any other offset it must equal the current one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from google.protobuf import empty_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from runtimed.api.containerd.services.content.v1 import content_pb2 as pb
+from runtimed.api.containerd.services.content.v1 import content_pb2_grpc
+from runtimed.content import digests
+from runtimed.content.store import CHUNK, ContentInfo, OutOfRange, Status
+from runtimed.errors import AlreadyExists, InvalidArgument, NotFound
+from runtimed.services.base import lease, namespace, service
+
+LIST_BATCH = 100
+
+
+def _timestamp(ns: int) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(ns)
+    return ts
+
+
+def info_to_proto(info: ContentInfo) -> pb.Info:
+    return pb.Info(
+        digest=info.digest, size=info.size, created_at=_timestamp(info.created_at),
+        updated_at=_timestamp(info.updated_at), labels=info.labels,
+    )
+
+
+def status_to_proto(st: Status) -> pb.Status:
+    return pb.Status(
+        started_at=_timestamp(st.started_at), updated_at=_timestamp(st.updated_at), ref=st.ref,
+        offset=st.offset, total=st.total, expected=st.expected,
+    )
+
+
+@service
+class ContentService(content_pb2_grpc.ContentServicer):
+    def __init__(self, daemon):
+        self.store = daemon.content
+
+    async def Info(self, request, context):
+        info = await asyncio.to_thread(self.store.info, namespace(context), request.digest)
+        return pb.InfoResponse(info=info_to_proto(info))
+
+    async def Update(self, request, context):
+        info = ContentInfo(request.info.digest, 0, 0, 0, dict(request.info.labels))
+        updated = await asyncio.to_thread(
+            self.store.update, namespace(context), info, list(request.update_mask.paths)
+        )
+        return pb.UpdateResponse(info=info_to_proto(updated))
+
+    async def List(self, request, context):
+        infos = await asyncio.to_thread(self.store.list, namespace(context), list(request.filters))
+        for start in range(0, len(infos), LIST_BATCH):
+            yield pb.ListContentResponse(
+                info=[info_to_proto(i) for i in infos[start:start + LIST_BATCH]]
+            )
+
+    async def Delete(self, request, context):
+        await asyncio.to_thread(
+            self.store.delete, namespace(context), request.digest, lease(context)
+        )
+        return empty_pb2.Empty()
+
+    async def Read(self, request, context):
+        ns = namespace(context)
+        digests.validate(request.digest)
+        info = await asyncio.to_thread(self.store.info, ns, request.digest)
+        offset = max(request.offset, 0)
+        if offset > info.size:
+            raise OutOfRange(f"read past object length {info.size} bytes")
+        size = request.size
+        if size <= 0 or offset + size > info.size:
+            size = info.size - offset
+        f = await asyncio.to_thread(self.store.open_blob, ns, request.digest)
+        try:
+            await asyncio.to_thread(f.seek, offset)
+            while size > 0:
+                data = await asyncio.to_thread(f.read, min(CHUNK, size))
+                if not data:
+                    break
+                yield pb.ReadContentResponse(offset=offset, data=data)
+                offset += len(data)
+                size -= len(data)
+        finally:
+            f.close()
+
+    async def Status(self, request, context):
+        st = await asyncio.to_thread(self.store.status, namespace(context), request.ref)
+        return pb.StatusResponse(status=status_to_proto(st))
+
+    async def ListStatuses(self, request, context):
+        statuses = await asyncio.to_thread(
+            self.store.list_statuses, namespace(context), list(request.filters)
+        )
+        return pb.ListStatusesResponse(statuses=[status_to_proto(s) for s in statuses])
+
+    async def Abort(self, request, context):
+        await asyncio.to_thread(self.store.abort, namespace(context), request.ref, lease(context))
+        return empty_pb2.Empty()
+
+    async def Write(self, request_iterator, context):
+        ns, lease_id = namespace(context), lease(context)
+        requests = request_iterator.__aiter__()
+        try:
+            req = await requests.__anext__()
+        except StopAsyncIteration:
+            return
+        ref = req.ref
+        if not ref:
+            raise InvalidArgument("first message must have a reference")
+        total, expected = req.total, req.expected
+        writer = await asyncio.to_thread(
+            self.store.writer, ns, ref, total=total, expected=expected, lease=lease_id
+        )
+        try:
+            while True:
+                st = writer.status()
+                reply = pb.WriteContentResponse(action=req.action, offset=st.offset)
+                if req.expected:
+                    expected = req.expected
+                    if await asyncio.to_thread(self.store.exists, ns, req.expected):
+                        writer.close()
+                        try:
+                            await asyncio.to_thread(self.store.abort, ns, ref, lease_id)
+                        except NotFound:
+                            pass
+                        raise AlreadyExists(f"blob with expected digest {req.expected} exists")
+                if req.total > 0:
+                    total = req.total
+                if req.action == pb.STAT:
+                    reply.digest = writer.digest()
+                    reply.started_at.CopyFrom(_timestamp(st.started_at))
+                    reply.updated_at.CopyFrom(_timestamp(st.updated_at))
+                    reply.total = total
+                else:
+                    if req.offset > 0 and req.offset != st.offset:
+                        raise OutOfRange(
+                            f"write @{req.offset} must occur at current offset {st.offset}"
+                        )
+                    if req.offset == 0 and st.offset > 0:
+                        await asyncio.to_thread(writer.truncate, 0)
+                        reply.offset = 0
+                    if req.data:
+                        reply.offset = await asyncio.to_thread(writer.write, req.data)
+                    if req.action == pb.COMMIT:
+                        await asyncio.to_thread(
+                            writer.commit, total, expected, dict(req.labels)
+                        )
+                    reply.digest = writer.digest()
+                yield reply
+                if req.action == pb.COMMIT:
+                    return
+                try:
+                    req = await requests.__anext__()
+                except StopAsyncIteration:
+                    return
+        finally:
+            writer.close()
+
+
+def register(server, daemon) -> None:
+    content_pb2_grpc.add_ContentServicer_to_server(ContentService(daemon), server)

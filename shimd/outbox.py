@@ -41,14 +41,18 @@ class Outbox:
 
     def _load(self) -> None:
         try:
-            lines = self.path.read_bytes().splitlines()
+            data = self.path.read_bytes()
         except FileNotFoundError:
             return
-        for line in lines:
+        if data and not data.endswith(b"\n"):  # torn by a crash mid-append: never acknowledged
+            data = data[: data.rfind(b"\n") + 1]
+            with open(self.path, "r+b") as f:
+                f.truncate(len(data))
+        for line in data.splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
-                continue  # a torn last line from a crash mid-append: never acknowledged
+                continue
             if "acked" in record:
                 self.acked = record["acked"]
             elif record["seq"] > self.acked:

@@ -1,0 +1,99 @@
+"""The pure task state machine and the persisted outbox."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from runtimed.errors import AlreadyExists, FailedPrecondition, NotFound
+from shimd.lifecycle import INIT, Lifecycle, Status
+from shimd.outbox import Outbox
+
+
+def topics(events):
+    return [e.topic for e in events]
+
+
+def test_exit_during_start_is_held_until_the_start_event():
+    life = Lifecycle("c")
+    assert topics(life.created(10)) == ["/tasks/create"]
+    life.start_begun(INIT)
+    assert life.exited(INIT, 3) == []  # the process ran before `start` returned
+    events = life.started(INIT, 10)
+    assert topics(events) == ["/tasks/start", "/tasks/exit"]
+    assert events[1].exit_status == 3
+    assert life.init.status == Status.STOPPED
+
+
+def test_exit_is_reported_once_and_delete_needs_a_stopped_process():
+    life = Lifecycle("c")
+    life.created(10)
+    life.start_begun(INIT)
+    life.started(INIT, 10)
+    with pytest.raises(FailedPrecondition):
+        life.deleted(INIT)
+    assert topics(life.exited(INIT, 137)) == ["/tasks/exit"]
+    assert life.exited(INIT, 137) == []
+    deleted = life.deleted(INIT)
+    assert topics(deleted) == ["/tasks/delete"] and deleted[0].exit_status == 137
+    with pytest.raises(NotFound):
+        life.get(INIT)
+
+
+def test_exec_rules():
+    life = Lifecycle("c")
+    life.created(10)
+    assert topics(life.exec_added("e1")) == ["/tasks/exec-added"]
+    with pytest.raises(AlreadyExists):
+        life.exec_added("e1")
+    life.start_begun("e1")
+    assert topics(life.started("e1", 11)) == ["/tasks/exec-started"]
+    life.start_begun(INIT)
+    life.started(INIT, 10)
+    with pytest.raises(FailedPrecondition):
+        life.deleted(INIT)  # exec e1 still runs
+    life.exited("e1", 0)
+    life.exited(INIT, 0)
+    with pytest.raises(FailedPrecondition):
+        life.exec_added("e2")
+
+
+def test_pause_resume_need_the_right_status():
+    life = Lifecycle("c")
+    life.created(10)
+    with pytest.raises(FailedPrecondition):
+        life.paused()
+    life.start_begun(INIT)
+    life.started(INIT, 10)
+    assert topics(life.paused()) == ["/tasks/paused"]
+    assert topics(life.resumed()) == ["/tasks/resumed"]
+    with pytest.raises(FailedPrecondition):
+        life.resumed()
+
+
+def test_outbox_survives_reload_and_keeps_sequence_past_acks(tmp_path):
+    async def scenario():
+        box = Outbox(tmp_path / "events.jsonl")
+        for topic in ("/tasks/create", "/tasks/start", "/tasks/exit"):
+            await box.append(topic, id="c")
+        box.ack(2)
+        return box
+
+    box = asyncio.run(scenario())
+    assert [e["seq"] for e in box.after(0)] == [3]
+    again = Outbox(tmp_path / "events.jsonl")  # a shim reading its bundle back
+    assert again.acked == 2 and again.seq == 3
+    assert [e["topic"] for e in again.after(0)] == ["/tasks/exit"]
+    again.ack(3)
+    third = Outbox(tmp_path / "events.jsonl")
+    assert third.after(0) == [] and third.seq == 3
+
+
+def test_outbox_ignores_a_torn_last_line(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"seq":1,"topic":"/tasks/create"}\n{"seq":2,"top')
+    box = Outbox(path)
+    assert box.seq == 1
+    asyncio.run(box.append("/tasks/start"))
+    assert [e["seq"] for e in Outbox(path).after(0)] == [1, 2]

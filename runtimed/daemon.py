@@ -56,6 +56,15 @@ class Daemon:
         self.images = ImageStore(self.db, self.namespaces, self.exchange)
         self.gc = GarbageCollector(self.db, self.content)
         self.leases.gc = self.content.gc = self.images.gc = self.gc
+        self.gc.schedule()  # repair what a crash left: unreferenced blobs, stale ingests
+        self._open_volumes()
+
+    def _open_volumes(self) -> None:
+        from runtimed.volumes.store import VolumeStore
+
+        self.volumes = VolumeStore(self.root, self.db, self.namespaces, self.containers,
+                                   getattr(self, "snapshotters", None))
+        self.volumes.repair()
 
     async def start(self) -> None:
         """Work that needs the event loop (reconnecting shims, background GC)."""

@@ -503,8 +503,21 @@ class ContentStore:
         return removed
 
 
+def _serialized(method):
+    """Run under the writer's mutex: a cancelled RPC may close the writer while a worker
+    thread is still inside `write`; the close then waits for it instead of racing it."""
+
+    def locked(self, *args, **kwargs):
+        with self._mutex:
+            return method(self, *args, **kwargs)
+
+    locked.__name__ = method.__name__
+    locked.__doc__ = method.__doc__
+    return locked
+
+
 class Writer:
-    """A locked, open ingest. Not thread-safe: one session drives it at a time."""
+    """A locked, open ingest, driven by one session at a time."""
 
     def __init__(self, store: ContentStore, ns: str, ref: str, bref: str, lease: str | None,
                  shared: tuple[str, int] | None = None):
@@ -521,6 +534,7 @@ class Writer:
         self.total = 0
         self.started_at = self.updated_at = now_ns()
         self._closed = False
+        self._mutex = threading.RLock()
 
     def _open(self, total: int) -> None:
         path = self.path
@@ -583,6 +597,7 @@ class Writer:
             self.total = total
             _write_small(self.path / "total", str(total))
 
+    @_serialized
     def write(self, data: bytes) -> int:
         if self._closed:
             raise FailedPrecondition(f"writer for ref {self.ref!r} is closed")
@@ -596,6 +611,7 @@ class Writer:
         self.updated_at = now_ns()
         return self.offset
 
+    @_serialized
     def truncate(self, size: int = 0) -> None:
         if size != 0:
             raise InvalidArgument("an ingest can only be truncated to 0")
@@ -608,6 +624,7 @@ class Writer:
         self.offset = 0
         self.updated_at = now_ns()
 
+    @_serialized
     def commit(self, size: int = 0, expected: str = "", labels: dict[str, str] | None = None) -> ContentInfo:
         """Verify size and digest, make the blob visible, drop the ingest. Mismatches are
         FailedPrecondition and leave the ingest in place (nothing becomes visible)."""
@@ -645,14 +662,6 @@ class Writer:
                 self._fp = None
             target = store._disk_path(actual)
             with store.db.transaction() as tx:
-                if not self._shared:
-                    if target.exists():
-                        shutil.rmtree(self.path, ignore_errors=True)
-                    else:
-                        os.chmod(self.path / "data", 0o444)
-                        os.rename(self.path / "data", target)
-                        _fsync_dir(target.parent)
-                        shutil.rmtree(self.path, ignore_errors=True)
                 tx.execute(
                     "DELETE FROM content_ingests WHERE namespace = ? AND ref = ?", (self.ns, self.ref)
                 )
@@ -668,12 +677,22 @@ class Writer:
                         "VALUES (?, ?, ?, ?, ?, ?)",
                         (self.ns, actual, actual_size, now, now, json.dumps(labels)),
                     )
+                # Last step before COMMIT, so a failing statement above leaves the ingest
+                # whole; a crash between rename and COMMIT leaves an unreferenced verified
+                # blob, which a writer of the same digest adopts or the GC removes.
+                if not self._shared and not target.exists():
+                    os.chmod(self.path / "data", 0o444)
+                    os.rename(self.path / "data", target)
+                    _fsync_dir(target.parent)
         finally:
             self.close()
+        if not self._shared:
+            shutil.rmtree(self.path, ignore_errors=True)  # a crash first: the GC sweeps it
         if exists:
             raise AlreadyExists(f"content {actual} already exists in namespace {self.ns!r}")
         return ContentInfo(actual, actual_size, now, now, labels)
 
+    @_serialized
     def close(self) -> None:
         """Release the ref; the ingest stays on disk for a later resume."""
         if self._closed:

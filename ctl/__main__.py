@@ -1,0 +1,320 @@
+"""`ctl`: the docker-like command line for runtimed.
+
+Start-up is kept short: this module imports only argparse; a command's module (and grpc with
+it) is imported when that command runs, so `ctl --help` never pays for gRPC or pyroute2.
+Exit codes follow docker: 125 for a daemon or usage error, 126 when the command cannot be
+invoked, 127 when it is not found, otherwise the container's own status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXIT_DAEMON = 125
+EXIT_CANNOT_INVOKE = 126
+EXIT_NOT_FOUND = 127
+
+DEFAULT_ADDRESS = "/run/runtimed/runtimed.sock"
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error exits 125 with one line, as docker does."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}\nSee '{self.prog} --help'.")
+
+
+def _add(sub, name: str, handler: str, help: str, aliases: tuple[str, ...] = (),
+         add_help: bool = True) -> Parser:
+    p = sub.add_parser(name, help=help, description=help, aliases=list(aliases), add_help=add_help)
+    p.set_defaults(handler=handler)
+    if not add_help:  # -h is docker's --hostname here
+        p.add_argument("--help", action="help", help="show this help message and exit")
+    return p
+
+
+def _format_flag(p: Parser) -> None:
+    p.add_argument("--format", dest="format", default=None,
+                   help="'json', 'table', or a Go-like template such as '{{.ID}}'")
+
+
+def _run_flags(p: Parser) -> None:
+    """The flags `run` and `create` share (docker's names)."""
+    a = p.add_argument
+    a("-i", "--interactive", action="store_true", help="keep stdin open")
+    a("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
+    a("--name", help="container name (its id)")
+    a("-e", "--env", action="append", default=[], help="set an environment variable")
+    a("--env-file", action="append", default=[], help="read environment variables from a file")
+    a("-v", "--volume", action="append", default=[], help="bind mount SRC:DEST[:ro]")
+    a("--mount", action="append", default=[], help="type=bind|tmpfs,source=,target=[,readonly]")
+    a("--tmpfs", action="append", default=[], help="mount a tmpfs: PATH[:OPTIONS]")
+    a("-p", "--publish", action="append", default=[], help="publish a port [IP:]HOST:CONTAINER[/udp]")
+    a("--network", "--net", default="default", help="default, host, none")
+    a("-h", "--hostname", help="container host name")
+    a("-u", "--user", help="user name or uid[:gid]")
+    a("-w", "--workdir", help="working directory inside the container")
+    a("--entrypoint", help="override the image's entrypoint")
+    a("--read-only", action="store_true", help="mount the root filesystem read-only")
+    a("-m", "--memory", help="memory limit (e.g. 64m)")
+    a("--cpus", type=float, help="number of CPUs")
+    a("--pids-limit", type=int, help="maximum number of processes")
+    a("--cap-add", action="append", default=[], help="add a capability")
+    a("--cap-drop", action="append", default=[], help="drop a capability")
+    a("--privileged", action="store_true", help="all capabilities, no seccomp, no masked paths")
+    a("-l", "--label", action="append", default=[], help="set a label KEY=VALUE")
+    a("--init", action="store_true", help="run an init inside the container (not supported)")
+    a("--restart", default="no", help="restart policy: no (others need a restart manager)")
+    a("--log-opt", action="append", default=[], help="log driver option (path=FILE)")
+    a("--pull", choices=["missing", "always", "never"], default="missing", help="pull the image")
+    a("--platform", help="platform of the image (os/arch[/variant])")
+    a("--runtime", default="io.containerd.runc.v2", help="runtime name")
+    a("--snapshotter", default="overlayfs", help="snapshotter for the root filesystem")
+    a("--stop-signal", help="signal to stop the container")
+    a("--detach-keys", default="ctrl-p,ctrl-q", help="keys that detach from the container")
+    a("image", help="image reference")
+    a("command", nargs=argparse.REMAINDER, help="command and arguments")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="ctl", description="A docker-like command line for runtimed.")
+    parser.add_argument("--address", "-a", default=None,
+                        help=f"runtimed socket (env RUNTIMED_ADDRESS, default {DEFAULT_ADDRESS})")
+    parser.add_argument("--namespace", "-n", default=None,
+                        help="containerd namespace (env RUNTIMED_NAMESPACE, default 'default')")
+    parser.add_argument("--debug", "-D", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    # containers ------------------------------------------------------------------------
+    p = _add(sub, "run", "containers:run", "create and run a container", add_help=False)
+    p.add_argument("-d", "--detach", action="store_true", help="run in the background, print its id")
+    p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    p.add_argument("--sig-proxy", default="true", choices=["true", "false"], help="forward signals")
+    _run_flags(p)
+    p = _add(sub, "create", "containers:create", "create a container without starting it",
+             add_help=False)
+    _run_flags(p)
+    p = _add(sub, "start", "containers:start", "start stopped containers")
+    p.add_argument("-a", "--attach", action="store_true", help="attach stdout/stderr and wait")
+    p.add_argument("-i", "--interactive", action="store_true", help="attach stdin")
+    p.add_argument("containers", nargs="+")
+    for name, help in (("stop", "stop containers (signal, then SIGKILL after a grace period)"),
+                       ("restart", "restart containers")):
+        p = _add(sub, name, f"containers:{name}", help)
+        p.add_argument("-t", "--time", type=int, default=None, help="seconds before SIGKILL (default 10)")
+        p.add_argument("-s", "--signal", help="signal to send first")
+        p.add_argument("containers", nargs="+")
+    p = _add(sub, "kill", "containers:kill", "send a signal to containers")
+    p.add_argument("-s", "--signal", default="KILL")
+    p.add_argument("containers", nargs="+")
+    p = _add(sub, "rm", "containers:rm", "remove containers", aliases=("container-rm",))
+    p.add_argument("-f", "--force", action="store_true", help="kill a running container first")
+    p.add_argument("-v", "--volumes", action="store_true", help="remove anonymous volumes too")
+    p.add_argument("containers", nargs="+")
+    p = _add(sub, "ps", "containers:ps", "list containers")
+    p.add_argument("-a", "--all", action="store_true", help="include stopped containers")
+    p.add_argument("-q", "--quiet", action="store_true", help="only ids")
+    p.add_argument("--filter", action="append", default=[], help="status=, name=, label=, ancestor=, id=")
+    p.add_argument("--no-trunc", action="store_true")
+    p.add_argument("-l", "--latest", action="store_true", help="only the latest created")
+    _format_flag(p)
+    p = _add(sub, "logs", "containers:logs", "show a container's output")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--tail", default="all", help="lines from the end")
+    p.add_argument("-t", "--timestamps", action="store_true")
+    p.add_argument("container")
+    p = _add(sub, "exec", "containers:exec_", "run a command in a running container")
+    for flag, kw in ((("-i", "--interactive"), {"action": "store_true"}),
+                     (("-t", "--tty"), {"action": "store_true"}),
+                     (("-d", "--detach"), {"action": "store_true"}),
+                     (("-e", "--env"), {"action": "append", "default": []}),
+                     (("-u", "--user"), {}), (("-w", "--workdir"), {}),
+                     (("--detach-keys",), {"default": "ctrl-p,ctrl-q"})):
+        p.add_argument(*flag, **kw)
+    p.add_argument("container")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p = _add(sub, "inspect", "containers:inspect", "low-level information on containers or images")
+    p.add_argument("--type", choices=["container", "image"])
+    _format_flag(p)
+    p.add_argument("names", nargs="+")
+    p = _add(sub, "top", "containers:top", "processes of a container")
+    p.add_argument("container")
+    p = _add(sub, "stats", "containers:stats", "live resource usage of containers")
+    p.add_argument("--no-stream", action="store_true")
+    p.add_argument("-a", "--all", action="store_true")
+    _format_flag(p)
+    p.add_argument("containers", nargs="*")
+    for name, help in (("pause", "freeze all processes of containers"),
+                       ("unpause", "thaw paused containers"),
+                       ("wait", "block until containers stop, print their exit codes")):
+        p = _add(sub, name, f"containers:{name}", help)
+        p.add_argument("containers", nargs="+")
+    p = _add(sub, "cp", "containers:cp", "copy files between a container and the host")
+    p.add_argument("source")
+    p.add_argument("destination")
+
+    # images ----------------------------------------------------------------------------
+    p = _add(sub, "images", "images:ls", "list images")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-a", "--all", action="store_true")
+    p.add_argument("--digests", action="store_true")
+    p.add_argument("--no-trunc", action="store_true")
+    p.add_argument("--filter", action="append", default=[], help="reference=, label=")
+    _format_flag(p)
+    p.add_argument("reference", nargs="?")
+    image = _add(sub, "image", "images:group", "manage images")
+    isub = image.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=Parser)
+    p = _add(isub, "ls", "images:ls", "list images", aliases=("list",))
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-a", "--all", action="store_true")
+    p.add_argument("--digests", action="store_true")
+    p.add_argument("--no-trunc", action="store_true")
+    p.add_argument("--filter", action="append", default=[])
+    _format_flag(p)
+    p.add_argument("reference", nargs="?")
+    p = _add(isub, "inspect", "images:inspect", "low-level information on images")
+    _format_flag(p)
+    p.add_argument("names", nargs="+")
+    for parent in (sub, isub):
+        p = _add(parent, "rmi" if parent is sub else "rm", "images:rm", "remove images")
+        p.add_argument("-f", "--force", action="store_true")
+        p.add_argument("images", nargs="+")
+        p = _add(parent, "tag", "images:tag", "give an image another name")
+        p.add_argument("source")
+        p.add_argument("target")
+        p = _add(parent, "history", "images:history", "the layers of an image")
+        p.add_argument("-q", "--quiet", action="store_true")
+        p.add_argument("--no-trunc", action="store_true")
+        _format_flag(p)
+        p.add_argument("image")
+        p = _add(parent, "load", "images:load", "load images from a tar archive")
+        p.add_argument("-i", "--input", help="read from this file instead of stdin")
+        p.add_argument("-q", "--quiet", action="store_true")
+        p.add_argument("--platform")
+        p.add_argument("--all-platforms", action="store_true")
+        p = _add(parent, "import", "images:import_", "import an image archive (OCI or docker-archive)")
+        p.add_argument("file", help="archive path, or - for stdin")
+        p.add_argument("reference", nargs="?", help="name for an archive without one")
+        p.add_argument("-q", "--quiet", action="store_true")
+        p.add_argument("--platform")
+        p.add_argument("--all-platforms", action="store_true")
+        p = _add(parent, "save", "images:save", "write images to a tar archive")
+        p.add_argument("-o", "--output", help="write to this file instead of stdout")
+        p.add_argument("--platform")
+        p.add_argument("--all-platforms", action="store_true")
+        p.add_argument("images", nargs="+")
+        p = _add(parent, "pull", "images:pull", "pull an image from a registry")
+        p.add_argument("--platform")
+        p.add_argument("-a", "--all-platforms", action="store_true")
+        p.add_argument("-q", "--quiet", action="store_true")
+        p.add_argument("--insecure-registry", action="store_true", help="allow plain HTTP")
+        p.add_argument("image")
+        p = _add(parent, "push", "images:push", "push an image to a registry")
+        p.add_argument("--platform")
+        p.add_argument("-q", "--quiet", action="store_true")
+        p.add_argument("--insecure-registry", action="store_true", help="allow plain HTTP")
+        p.add_argument("image")
+    p = _add(sub, "export", "containers:export", "write a container's filesystem as a tar")
+    p.add_argument("-o", "--output")
+    p.add_argument("container")
+    p = _add(sub, "login", "images:login", "store credentials for a registry")
+    p.add_argument("-u", "--username")
+    p.add_argument("-p", "--password")
+    p.add_argument("--password-stdin", action="store_true")
+    p.add_argument("server", nargs="?", default="docker.io")
+    p = _add(sub, "logout", "images:logout", "remove stored credentials for a registry")
+    p.add_argument("server", nargs="?", default="docker.io")
+
+    # system ----------------------------------------------------------------------------
+    p = _add(sub, "version", "system:version", "client and server versions")
+    _format_flag(p)
+    p = _add(sub, "info", "system:info", "daemon-wide information")
+    _format_flag(p)
+    p = _add(sub, "events", "system:events", "stream events from the daemon")
+    p.add_argument("--filter", action="append", default=[],
+                   help="type=, event=, container=, image=, namespace=, or a containerd filter")
+    p.add_argument("--since", help="only events after this time")
+    p.add_argument("--until", help="stop at this time (or after this duration)")
+    _format_flag(p)
+    system = _add(sub, "system", "system:group", "manage the daemon")
+    ssub = system.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=Parser)
+    p = _add(ssub, "info", "system:info", "daemon-wide information")
+    _format_flag(p)
+    p = _add(ssub, "df", "system:df", "disk usage")
+    p.add_argument("-v", "--verbose", action="store_true")
+    _format_flag(p)
+    p = _add(ssub, "prune", "system:prune", "remove stopped containers (and unused images with -a)")
+    p.add_argument("-a", "--all", action="store_true")
+    p.add_argument("-f", "--force", action="store_true", help="do not prompt")
+    p = _add(ssub, "events", "system:events", "stream events from the daemon")
+    p.add_argument("--filter", action="append", default=[])
+    p.add_argument("--since")
+    p.add_argument("--until")
+    _format_flag(p)
+    ns = _add(sub, "namespace", "system:group", "manage containerd namespaces", aliases=("ns",))
+    nsub = ns.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=Parser)
+    p = _add(nsub, "ls", "system:ns_ls", "list namespaces", aliases=("list",))
+    p.add_argument("-q", "--quiet", action="store_true")
+    _format_flag(p)
+    p = _add(nsub, "create", "system:ns_create", "create a namespace")
+    p.add_argument("name")
+    p.add_argument("labels", nargs="*", help="KEY=VALUE")
+    p = _add(nsub, "rm", "system:ns_rm", "remove empty namespaces", aliases=("remove",))
+    p.add_argument("names", nargs="+")
+    p = _add(nsub, "label", "system:ns_label", "set or clear (KEY=) labels of a namespace")
+    p.add_argument("name")
+    p.add_argument("labels", nargs="+", help="KEY=VALUE")
+    p = _add(sub, "completion", "system:completion", "print a shell completion script")
+    p.add_argument("shell", choices=["bash", "zsh"], nargs="?", default="bash")
+    return parser
+
+
+def _load(handler: str):
+    import importlib
+
+    module, func = handler.split(":")
+    return getattr(importlib.import_module(f"ctl.commands.{module}"), func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    debug = "--debug" in argv or "-D" in argv
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_DAEMON
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 0
+    args.address = args.address or os.environ.get("RUNTIMED_ADDRESS") or DEFAULT_ADDRESS
+    args.namespace = (args.namespace or os.environ.get("RUNTIMED_NAMESPACE")
+                      or os.environ.get("CONTAINERD_NAMESPACE") or "default")
+    args.parser = parser
+    try:
+        return _load(args.handler)(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # noqa: BLE001 - one clear line, traceback only with --debug
+        from ctl.commands import describe_error
+
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        message, code = describe_error(exc)
+        print(f"ctl: {message}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

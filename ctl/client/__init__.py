@@ -1,0 +1,8 @@
+"""The Python client library for runtimed (and any containerd v1 API server)."""
+
+from ctl.client.cio import Stdio
+from ctl.client.client import DEFAULT_ADDRESS, Client, RunningContainer
+from ctl.client.containers import CreateOptions
+from ctl.client.spec import Mount, SpecOptions
+
+__all__ = ["Client", "CreateOptions", "DEFAULT_ADDRESS", "Mount", "RunningContainer", "SpecOptions", "Stdio"]

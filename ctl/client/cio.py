@@ -1,0 +1,227 @@
+"""A task's stdio as containerd's clients do it: FIFOs in a private directory.
+
+The daemon's shim opens the FIFOs by path; the client copies between them and its own
+stdin/stdout/stderr. Output FIFOs are opened with a blocking open in the copying thread
+(it returns once the shim opened its end), so an EOF really means the process's output is
+closed. `Stdio.file` sends output to a file instead (`file://` URIs, as `ctr run
+--log-uri`), which is how detached containers keep their logs without a client attached.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+FIFO_ROOT_CANDIDATES = ("/run/ctl/fifo",)
+
+
+@dataclass
+class Stdio:
+    """The stdin/stdout/stderr strings given to Tasks.Create or Tasks.Exec."""
+
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    terminal: bool = False
+
+    @classmethod
+    def null(cls) -> Stdio:
+        return cls()
+
+    @classmethod
+    def file(cls, path: str) -> Stdio:
+        """stdout and stderr appended to one file on the daemon's host."""
+        uri = "file://" + os.path.abspath(path)
+        return cls(stdout=uri, stderr=uri)
+
+
+def _fifo_root() -> str:
+    for candidate in FIFO_ROOT_CANDIDATES:
+        try:
+            os.makedirs(candidate, mode=0o700, exist_ok=True)
+            return candidate
+        except OSError:
+            continue
+    return tempfile.gettempdir()
+
+
+@dataclass
+class FifoSet:
+    """FIFOs for one process: `<dir>/<id>-stdin|-stdout|-stderr` (ctr's names)."""
+
+    directory: str
+    stdio: Stdio
+
+    @classmethod
+    def create(cls, process_id: str, *, stdin: bool, stdout: bool = True, stderr: bool = True,
+               terminal: bool = False) -> FifoSet:
+        directory = tempfile.mkdtemp(prefix="ctl-", dir=_fifo_root())
+        paths = {}
+        for name, wanted in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr and not terminal)):
+            if wanted:
+                path = os.path.join(directory, f"{process_id}-{name}")
+                os.mkfifo(path, 0o600)
+                paths[name] = path
+        return cls(directory, Stdio(terminal=terminal, **paths))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@dataclass
+class Attachment:
+    """Copies between the FIFOs and local files until the process's output ends."""
+
+    fifos: FifoSet
+    stdin: BinaryIO | None = None
+    stdout: BinaryIO | None = None
+    stderr: BinaryIO | None = None
+    tee: BinaryIO | None = None  # a copy of all output (the container's log file)
+    on_stdin_eof: Callable[[], None] | None = None
+    stdin_filter: Callable[[bytes], bytes | None] | None = None  # None → detach
+    on_detach: Callable[[], None] | None = None
+    _outputs: list[threading.Thread] = field(default_factory=list)
+    _stdin_fd: int | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> None:
+        """Open the stdin FIFO now (read-write, so it never blocks) and start the copiers."""
+        s = self.fifos.stdio
+        if s.stdin:
+            self._stdin_fd = os.open(s.stdin, os.O_RDWR | os.O_CLOEXEC)
+            if self.stdin is not None:
+                threading.Thread(target=self._copy_stdin, daemon=True).start()
+        for path, dest in ((s.stdout, self.stdout), (s.stderr, self.stderr)):
+            if path:
+                t = threading.Thread(target=self._copy_output, args=(path, dest), daemon=True)
+                t.start()
+                self._outputs.append(t)
+
+    def _copy_stdin(self) -> None:
+        src = self.stdin.fileno()
+        try:
+            while True:
+                data = os.read(src, 32768)
+                if not data:
+                    break
+                if self.stdin_filter is not None:
+                    data = self.stdin_filter(data)
+                    if data is None:
+                        if self.on_detach:
+                            self.on_detach()
+                        return
+                fd = self._stdin_fd
+                if fd is None:
+                    return
+                os.write(fd, data)
+        except OSError:
+            pass
+        self.close_stdin()
+        if self.on_stdin_eof:
+            try:
+                self.on_stdin_eof()
+            except Exception:  # noqa: BLE001 - the process may be gone already
+                pass
+
+    def close_stdin(self) -> None:
+        with self._lock:
+            fd, self._stdin_fd = self._stdin_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _copy_output(self, path: str, dest: BinaryIO | None) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            out = dest.fileno() if dest is not None else None
+            while True:
+                data = os.read(fd, 32768)
+                if not data:
+                    break
+                if out is not None:
+                    _write_all(out, data)
+                if self.tee is not None:
+                    with self._lock:
+                        self.tee.write(data)
+                        self.tee.flush()
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def wait(self, timeout: float = 5.0) -> None:
+        """Wait for the output copiers to drain (the shim closes its ends at exit)."""
+        for t in self._outputs:
+            t.join(timeout)
+
+    def cancel(self) -> None:
+        """Unblock copiers still waiting for the shim to open a FIFO (creation failed)."""
+        s = self.fifos.stdio
+        for path in (s.stdout, s.stderr):
+            if path:
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.close_stdin()
+
+    def close(self) -> None:
+        self.close_stdin()
+        self.fifos.remove()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class DetachKeys:
+    """Recognises docker's detach sequence (ctrl-p ctrl-q by default) in typed input."""
+
+    def __init__(self, spec: str = "ctrl-p,ctrl-q"):
+        self.sequence = parse_detach_keys(spec)
+        self._matched = b""
+
+    def __call__(self, data: bytes) -> bytes | None:
+        if not self.sequence:
+            return data
+        out = bytearray()
+        for byte in data:
+            b = bytes([byte])
+            if self.sequence.startswith(self._matched + b):
+                self._matched += b
+                if self._matched == self.sequence:
+                    return None
+                continue
+            out += self._matched + b
+            self._matched = b""
+        return bytes(out)
+
+
+def parse_detach_keys(spec: str) -> bytes:
+    """`ctrl-p,ctrl-q` → b'\\x10\\x11'; `a,b` → b'ab'; '' → no detach."""
+    out = bytearray()
+    for key in filter(None, (k.strip() for k in spec.split(","))):
+        if key.lower().startswith("ctrl-") and len(key) == 6:
+            ch = key[5].lower()
+            if "a" <= ch <= "z":
+                out.append(ord(ch) - ord("a") + 1)
+            else:
+                out.append({"@": 0, "[": 27, "\\": 28, "]": 29, "^": 30, "_": 31}.get(ch, 0))
+        elif len(key) == 1:
+            out.append(ord(key))
+        else:
+            from runtimed.errors import InvalidArgument
+
+            raise InvalidArgument(f"invalid detach key {key!r}: use ctrl-<letter> or a single character")
+    return bytes(out)

@@ -1,0 +1,367 @@
+"""Containers and tasks, in the RPC order containerd's client uses.
+
+create: resolve the image → make sure its snapshot chain exists → Snapshots.Prepare(key =
+container id, parent = chain ID) → Containers.Create (spec as JSON in an Any).
+run: create → Tasks.Create (rootfs mounts from Snapshots.Mounts, stdio) → Wait (before
+Start, so the exit is never missed) → Start. remove: Tasks.Delete if a task is left →
+Containers.Delete → Snapshots.Remove.
+"""
+
+from __future__ import annotations
+
+import json
+import signal as signals
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ctl.client.cio import Stdio
+from ctl.client.spec import SpecOptions, build_spec, exec_process, resolve_user
+from ctl.client.types import Container, ExitStatus, Process, Stats, timestamp
+from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound
+
+SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
+PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+DEFAULT_RUNTIME = "io.containerd.runc.v2"
+DEFAULT_SNAPSHOTTER = "overlayfs"
+
+
+def _any(type_url: str, value: dict):
+    from google.protobuf import any_pb2
+
+    return any_pb2.Any(type_url=type_url, value=json.dumps(value).encode())
+
+
+def parse_signal(value: str | int) -> int:
+    """`9`, `KILL`, `SIGKILL`, `sigterm` → the signal number."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().upper()
+    if text.isdigit():
+        return int(text)
+    name = text if text.startswith("SIG") else "SIG" + text
+    try:
+        return int(signals.Signals[name])
+    except KeyError:
+        raise InvalidArgument(f"invalid signal: {value}") from None
+
+
+@dataclass
+class CreateOptions:
+    """What `containers.create` needs beyond the image and the spec options."""
+
+    labels: dict[str, str] = field(default_factory=dict)
+    snapshotter: str = DEFAULT_SNAPSHOTTER
+    runtime: str = DEFAULT_RUNTIME
+    platform: str | None = None
+
+
+class ContainersAPI:
+    def __init__(self, client):
+        self._client = client
+
+    @property
+    def _stub(self):
+        return self._client._stub("containers")
+
+    def get(self, container_id: str) -> Container:
+        pb = self._stub.pb
+        try:
+            return Container.from_pb(self._stub.Get(pb.GetContainerRequest(id=container_id)).container)
+        except NotFound:
+            raise NotFound(f"no such container: {container_id}") from None
+
+    def list(self, filters: list[str] | None = None) -> list[Container]:
+        pb = self._stub.pb
+        response = self._stub.List(pb.ListContainersRequest(filters=filters or []))
+        return [Container.from_pb(c) for c in response.containers]
+
+    def resolve_id(self, name_or_prefix: str) -> str:
+        """A full id from an id, or a unique prefix of one (as docker accepts)."""
+        try:
+            return self.get(name_or_prefix).id
+        except NotFound:
+            pass
+        matches = [c.id for c in self.list() if c.id.startswith(name_or_prefix)]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise InvalidArgument(f"{name_or_prefix!r} matches several containers: {', '.join(matches)}")
+        raise NotFound(f"no such container: {name_or_prefix}")
+
+    def create(
+        self, container_id: str, image: str, spec_options: SpecOptions | None = None,
+        options: CreateOptions | None = None,
+    ) -> Container:
+        """Create the container record and its writable snapshot; nothing runs yet."""
+        from runtimed import identifiers
+
+        identifiers.validate(container_id, "container")
+        spec_options = spec_options or SpecOptions()
+        options = options or CreateOptions()
+        images = self._client.images
+        resolved = images.resolve(image, options.platform)
+        if not images.is_unpacked(resolved, options.snapshotter):
+            images.unpack(resolved, options.snapshotter)
+        image_config = resolved.runtime_config
+        wants_lookup = _needs_passwd(spec_options.user if spec_options.user is not None else image_config.user)
+        reader = (lambda path: images.read_file(resolved, path)) if wants_lookup else None
+        spec = build_spec(container_id, self._client.namespace, image_config, spec_options, reader)
+
+        snaps = self._client._stub("snapshots")
+        pb = self._stub.pb
+        with self._client.lease():
+            snaps.Prepare(
+                snaps.pb.PrepareSnapshotRequest(
+                    snapshotter=options.snapshotter, key=container_id, parent=resolved.chain_id
+                )
+            )
+            try:
+                record = pb.Container(
+                    id=container_id,
+                    image=resolved.image.name,
+                    labels=options.labels,
+                    spec=_any(SPEC_TYPE_URL, spec),
+                    snapshotter=options.snapshotter,
+                    snapshot_key=container_id,
+                )
+                record.runtime.name = options.runtime
+                created = self._stub.Create(pb.CreateContainerRequest(container=record)).container
+            except BaseException:
+                try:
+                    snaps.Remove(snaps.pb.RemoveSnapshotRequest(snapshotter=options.snapshotter, key=container_id))
+                except NotFound:
+                    pass
+                raise
+        return Container.from_pb(created)
+
+    def update_labels(self, container_id: str, labels: dict[str, str]) -> Container:
+        pb = self._stub.pb
+        record = pb.Container(id=container_id, labels=labels)
+        request = pb.UpdateContainerRequest(container=record)
+        request.update_mask.paths.extend(f"labels.{k}" for k in labels)
+        return Container.from_pb(self._stub.Update(request).container)
+
+    def remove(self, container_id: str, force: bool = False) -> None:
+        """Delete the container and its snapshot; with `force`, kill and delete its task."""
+        container = self.get(container_id)
+        tasks = self._client.tasks
+        try:
+            task = tasks.get(container_id)
+        except NotFound:
+            task = None
+        if task is not None:
+            if task.status not in ("STOPPED", "CREATED") and not force:
+                raise FailedPrecondition(
+                    f"container {container_id} is {task.status.lower()}: stop it first or use force"
+                )
+            if task.status != "STOPPED":
+                if task.status == "PAUSED":
+                    tasks.resume(container_id)
+                waiter = tasks.wait_async(container_id)
+                try:
+                    tasks.kill(container_id, signals.SIGKILL, all=True)
+                except NotFound:
+                    pass
+                waiter.result(timeout=30)
+            try:
+                tasks.delete(container_id)
+            except NotFound:
+                pass
+        pb = self._stub.pb
+        self._stub.Delete(pb.DeleteContainerRequest(id=container_id))
+        if container.snapshot_key:
+            snaps = self._client._stub("snapshots")
+            try:
+                snaps.Remove(
+                    snaps.pb.RemoveSnapshotRequest(
+                        snapshotter=container.snapshotter or DEFAULT_SNAPSHOTTER, key=container.snapshot_key
+                    )
+                )
+            except NotFound:
+                pass
+
+
+def _needs_passwd(user: str) -> bool:
+    """Numeric `uid:gid` needs no lookup; a name, or a bare uid (its gid), does."""
+    if not user:
+        return False
+    name, _, group = user.partition(":")
+    return not (name.isdigit() and group.isdigit())
+
+
+class TasksAPI:
+    def __init__(self, client):
+        self._client = client
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def _stub(self):
+        return self._client._stub("tasks")
+
+    def create(self, container_id: str, stdio: Stdio | None = None) -> Process:
+        """Mount the container's snapshot and start its shim; the process waits for start."""
+        stdio = stdio or Stdio.null()
+        container = self._client.containers.get(container_id)
+        pb = self._stub.pb
+        request = pb.CreateTaskRequest(
+            container_id=container_id, stdin=stdio.stdin, stdout=stdio.stdout,
+            stderr=stdio.stderr, terminal=stdio.terminal,
+        )
+        if container.snapshot_key:
+            snaps = self._client._stub("snapshots")
+            mounts = snaps.Mounts(
+                snaps.pb.MountsRequest(snapshotter=container.snapshotter, key=container.snapshot_key)
+            ).mounts
+            request.rootfs.extend(mounts)
+        response = self._stub.Create(request)
+        return Process(container_id, container_id, response.pid, "CREATED", terminal=stdio.terminal)
+
+    def start(self, container_id: str, exec_id: str = "") -> int:
+        pb = self._stub.pb
+        return self._stub.Start(pb.StartRequest(container_id=container_id, exec_id=exec_id)).pid
+
+    def wait(self, container_id: str, exec_id: str = "", timeout: float | None = None) -> ExitStatus:
+        pb = self._stub.pb
+        response = self._stub.Wait(pb.WaitRequest(container_id=container_id, exec_id=exec_id), timeout=timeout)
+        return ExitStatus(response.exit_status, timestamp(response.exited_at))
+
+    def wait_async(self, container_id: str, exec_id: str = "") -> Future:
+        """Wait in the background: call before `start` so a fast exit is never missed."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ctl-wait")
+        return self._pool.submit(self.wait, container_id, exec_id)
+
+    def kill(self, container_id: str, signal: int | str = signals.SIGTERM, *, all: bool = False,
+             exec_id: str = "") -> None:
+        pb = self._stub.pb
+        self._stub.Kill(pb.KillRequest(
+            container_id=container_id, exec_id=exec_id, signal=parse_signal(signal), all=all,
+        ))
+
+    def delete(self, container_id: str) -> ExitStatus:
+        pb = self._stub.pb
+        response = self._stub.Delete(pb.DeleteTaskRequest(container_id=container_id))
+        return ExitStatus(response.exit_status, timestamp(response.exited_at))
+
+    def delete_process(self, container_id: str, exec_id: str) -> ExitStatus:
+        pb = self._stub.pb
+        response = self._stub.DeleteProcess(pb.DeleteProcessRequest(container_id=container_id, exec_id=exec_id))
+        return ExitStatus(response.exit_status, timestamp(response.exited_at))
+
+    def get(self, container_id: str, exec_id: str = "") -> Process:
+        pb = self._stub.pb
+        return Process.from_pb(self._stub.Get(pb.GetRequest(container_id=container_id, exec_id=exec_id)).process)
+
+    def list(self) -> list[Process]:
+        pb = self._stub.pb
+        return [Process.from_pb(p) for p in self._stub.List(pb.ListTasksRequest()).tasks]
+
+    def exec(
+        self, container_id: str, exec_id: str, args: list[str], *, stdio: Stdio | None = None,
+        env: list[str] = (), cwd: str | None = None, user: str | None = None,
+    ) -> None:
+        """Add a process to a running task (started by `start(container_id, exec_id)`)."""
+        stdio = stdio or Stdio.null()
+        container = self._client.containers.get(container_id)
+        resolved_user = None
+        if user:
+            reader = None
+            if _needs_passwd(user) and container.image:
+                images = self._client.images
+                resolved = images.resolve(container.image)
+                reader = lambda path: images.read_file(resolved, path)  # noqa: E731
+            resolved_user = resolve_user(user, reader)
+        process = exec_process(
+            container.spec.get("process") or {}, args, env=env, cwd=cwd,
+            user=resolved_user, terminal=stdio.terminal,
+        )
+        pb = self._stub.pb
+        self._stub.Exec(pb.ExecProcessRequest(
+            container_id=container_id, exec_id=exec_id, stdin=stdio.stdin, stdout=stdio.stdout,
+            stderr=stdio.stderr, terminal=stdio.terminal, spec=_any(PROCESS_TYPE_URL, process),
+        ))
+
+    def pause(self, container_id: str) -> None:
+        pb = self._stub.pb
+        self._stub.Pause(pb.PauseTaskRequest(container_id=container_id))
+
+    def resume(self, container_id: str) -> None:
+        pb = self._stub.pb
+        self._stub.Resume(pb.ResumeTaskRequest(container_id=container_id))
+
+    def resize(self, container_id: str, width: int, height: int, exec_id: str = "") -> None:
+        pb = self._stub.pb
+        self._stub.ResizePty(pb.ResizePtyRequest(
+            container_id=container_id, exec_id=exec_id, width=width, height=height,
+        ))
+
+    def close_stdin(self, container_id: str, exec_id: str = "") -> None:
+        pb = self._stub.pb
+        self._stub.CloseIO(pb.CloseIORequest(container_id=container_id, exec_id=exec_id, stdin=True))
+
+    def pids(self, container_id: str) -> list[int]:
+        pb = self._stub.pb
+        return [p.pid for p in self._stub.ListPids(pb.ListPidsRequest(container_id=container_id)).processes]
+
+    def metrics(self, container_ids: list[str] | None = None) -> list[Stats]:
+        """Memory, CPU and pids from the task's cgroup (v1 or v2 metrics, decoded)."""
+        pb = self._stub.pb
+        filters = [f"id=={i}" for i in container_ids] if container_ids else []
+        response = self._stub.Metrics(pb.MetricsRequest(filters=filters))
+        return [_stats(m) for m in response.metrics]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+def _stats(metric) -> Stats:
+    from ctl.client.decode import decode_any
+
+    data = decode_any(metric.data)
+    stats = Stats(container_id=metric.id, type_url=metric.data.type_url)
+    if "cgroups.v1" in metric.data.type_url:
+        cpu = (data.get("cpu") or {}).get("usage") or {}
+        memory = data.get("memory") or {}
+        usage = memory.get("usage") or {}
+        stats.cpu_usage_ns = int(cpu.get("total") or 0)
+        stats.memory_usage = int(usage.get("usage") or 0) - int(memory.get("total_inactive_file") or memory.get("totalInactiveFile") or 0)
+        stats.memory_limit = int(usage.get("limit") or 0)
+        pids = data.get("pids") or {}
+    else:
+        cpu = data.get("cpu") or {}
+        memory = data.get("memory") or {}
+        stats.cpu_usage_ns = int(cpu.get("usage_usec") or cpu.get("usageUsec") or 0) * 1000
+        stats.memory_usage = int(memory.get("usage") or 0) - int(memory.get("inactive_file") or memory.get("inactiveFile") or 0)
+        stats.memory_limit = int(memory.get("usage_limit") or memory.get("usageLimit") or 0)
+        pids = data.get("pids") or {}
+    stats.memory_usage = max(stats.memory_usage, 0)
+    stats.pids = int(pids.get("current") or 0)
+    stats.pids_limit = int(pids.get("limit") or 0)
+    return stats
+
+
+class EventStream:
+    """Events as they arrive; `cancel()` (from any thread) ends the iteration."""
+
+    def __init__(self, client, filters: list[str] | None):
+        stub = client._stub("events")
+        self._call = stub.Subscribe(stub.pb.SubscribeRequest(filters=filters or []))
+
+    def __iter__(self) -> Iterator:
+        from ctl.client.decode import decode_any
+        from ctl.client.types import Event
+
+        for envelope in self._call:
+            yield Event(
+                timestamp=timestamp(envelope.timestamp),
+                namespace=envelope.namespace,
+                topic=envelope.topic,
+                type_url=envelope.event.type_url,
+                payload=decode_any(envelope.event),
+            )
+
+    def cancel(self) -> None:
+        self._call.cancel()

@@ -1,0 +1,144 @@
+"""Plain records the client library returns: no protobuf objects leak to callers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+
+def timestamp(ts) -> datetime | None:
+    """A protobuf Timestamp as an aware datetime; None when unset."""
+    if ts is None or (ts.seconds == 0 and ts.nanos == 0):
+        return None
+    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, UTC)
+
+
+@dataclass
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_pb(cls, pb) -> Descriptor:
+        return cls(pb.media_type, pb.digest, pb.size, dict(pb.annotations))
+
+    def to_json(self) -> dict:
+        out = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        return out
+
+
+@dataclass
+class Image:
+    name: str
+    target: Descriptor
+    labels: dict[str, str] = field(default_factory=dict)
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @classmethod
+    def from_pb(cls, pb) -> Image:
+        return cls(
+            name=pb.name,
+            target=Descriptor.from_pb(pb.target),
+            labels=dict(pb.labels),
+            created_at=timestamp(pb.created_at),
+            updated_at=timestamp(pb.updated_at),
+        )
+
+
+@dataclass
+class Container:
+    id: str
+    image: str
+    spec: dict
+    labels: dict[str, str] = field(default_factory=dict)
+    runtime: str = ""
+    snapshotter: str = ""
+    snapshot_key: str = ""
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @classmethod
+    def from_pb(cls, pb) -> Container:
+        import json
+
+        spec = {}
+        if pb.spec.value:
+            try:
+                spec = json.loads(pb.spec.value)
+            except ValueError:
+                spec = {}
+        return cls(
+            id=pb.id,
+            image=pb.image,
+            spec=spec,
+            labels=dict(pb.labels),
+            runtime=pb.runtime.name,
+            snapshotter=pb.snapshotter,
+            snapshot_key=pb.snapshot_key,
+            created_at=timestamp(pb.created_at),
+            updated_at=timestamp(pb.updated_at),
+        )
+
+
+@dataclass
+class Process:
+    """A task (the init process, `id` == container id) or an exec'd process."""
+
+    container_id: str
+    id: str
+    pid: int
+    status: str  # UNKNOWN, CREATED, RUNNING, STOPPED, PAUSED, PAUSING
+    exit_status: int = 0
+    exited_at: datetime | None = None
+    terminal: bool = False
+
+    @classmethod
+    def from_pb(cls, pb) -> Process:
+        enum = pb.DESCRIPTOR.fields_by_name["status"].enum_type
+        value = enum.values_by_number.get(pb.status)
+        return cls(
+            container_id=pb.container_id,
+            id=pb.id,
+            pid=pb.pid,
+            status=value.name if value else "UNKNOWN",
+            exit_status=pb.exit_status,
+            exited_at=timestamp(pb.exited_at),
+            terminal=pb.terminal,
+        )
+
+
+@dataclass
+class ExitStatus:
+    code: int
+    exited_at: datetime | None = None
+
+
+@dataclass
+class Event:
+    timestamp: datetime | None
+    namespace: str
+    topic: str
+    type_url: str
+    payload: dict
+
+    def __str__(self) -> str:
+        import json
+
+        when = self.timestamp.isoformat() if self.timestamp else "-"
+        return f"{when} {self.namespace} {self.topic} {json.dumps(self.payload, sort_keys=True)}"
+
+
+@dataclass
+class Stats:
+    container_id: str
+    cpu_usage_ns: int = 0
+    memory_usage: int = 0
+    memory_limit: int = 0
+    pids: int = 0
+    pids_limit: int = 0
+    type_url: str = ""

@@ -1,0 +1,1081 @@
+"""run, create, start, stop, restart, kill, rm, ps, logs, exec, inspect, top, stats, pause,
+unpause, wait, cp, export.
+
+With containerd's model the client owns a task's stdio. A detached container writes to a
+log file that the shim appends to (`file://` stdio); a container in the foreground is
+copied to the terminal through FIFOs and, unless `--rm`, also into that log file, so
+`ctl logs` works for both. The file's path is kept in the container's labels.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import sys
+import time
+from datetime import UTC, datetime
+
+from ctl.commands import EXIT_DAEMON, client, describe_error, err, out, parse_labels
+from ctl.format import ago, binary_size, document, emit, human_duration
+from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound, RuntimedError
+
+LABEL_PREFIX = "io.runtimed.ctl."
+LABEL_LOG = LABEL_PREFIX + "log-path"
+LABEL_EXIT = LABEL_PREFIX + "exit-code"
+LABEL_EXITED = LABEL_PREFIX + "exited-at"
+LABEL_STARTED = LABEL_PREFIX + "started-at"
+LABEL_NAME = LABEL_PREFIX + "name"
+LABEL_RESTART = LABEL_PREFIX + "restart"
+LABEL_STOP_SIGNAL = "io.containerd.image.config.stop-signal"
+
+EXIT_CANNOT_INVOKE = 126
+EXIT_NOT_FOUND = 127
+
+
+class ExitCode(Exception):
+    """A container (or exec) result that becomes ctl's own exit status."""
+
+    def __init__(self, code: int, message: str = ""):
+        super().__init__(message)
+        self.code = code
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_ts(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def log_dir(args) -> str:
+    """`<state>/logs`: beside the daemon's socket, which lives in its state dir."""
+    base = os.environ.get("RUNTIMED_LOG_DIR")
+    if base:
+        return base
+    return os.path.join(os.path.dirname(os.path.abspath(args.address)), "logs")
+
+
+def _start_error(exc: RuntimedError) -> ExitCode:
+    """docker's 126/127 for a command that cannot be run or is not there."""
+    text = str(exc)
+    lowered = text.lower()
+    if "not found" in lowered or "no such file" in lowered or "executable file" in lowered:
+        return ExitCode(EXIT_NOT_FOUND, text)
+    if "permission denied" in lowered or "is a directory" in lowered or "exec format" in lowered:
+        return ExitCode(EXIT_CANNOT_INVOKE, text)
+    return ExitCode(EXIT_DAEMON, text)
+
+
+# building a container from flags --------------------------------------------------------
+
+def spec_options(args, image_config=None):
+    from ctl.client.spec import (
+        SpecOptions,
+        parse_env_file,
+        parse_memory,
+        parse_mount,
+        parse_tmpfs,
+        parse_volume,
+    )
+
+    if args.init:
+        raise InvalidArgument("--init is not supported yet: there is no init binary to inject")
+    if args.publish:
+        raise InvalidArgument("-p/--publish needs a bridge network, which runtimed does not offer yet")
+    if args.network not in ("default", "bridge", "host", "none"):
+        raise InvalidArgument(f"network {args.network!r} not found: use default, host or none")
+    env = []
+    for path in args.env_file:
+        with open(path) as f:
+            env += parse_env_file(f.read())
+    for item in args.env:
+        if "=" in item:
+            env.append(item)
+        elif item in os.environ:
+            env.append(f"{item}={os.environ[item]}")
+    mounts = [parse_volume(v) for v in args.volume]
+    mounts += [parse_mount(m) for m in args.mount]
+    mounts += [parse_tmpfs(t) for t in args.tmpfs]
+    for m in mounts:
+        if m.type == "volume" or (m.type == "bind" and not m.source.startswith("/")):
+            raise InvalidArgument(
+                f"named volume {m.source or '(anonymous)'} for {m.destination}: volumes are not "
+                "supported yet; use an absolute host path to bind mount"
+            )
+        if m.type == "bind" and not os.path.exists(m.source):
+            raise InvalidArgument(f"bind source path does not exist: {m.source}")
+    entrypoint = None
+    if args.entrypoint is not None:
+        entrypoint = [args.entrypoint] if args.entrypoint else []
+    return SpecOptions(
+        args=list(args.command) or None,
+        entrypoint=entrypoint,
+        env=env,
+        cwd=args.workdir,
+        user=args.user,
+        hostname=args.hostname,
+        terminal=args.tty,
+        mounts=mounts,
+        read_only=args.read_only,
+        memory=parse_memory(args.memory) if args.memory else None,
+        cpus=args.cpus,
+        pids_limit=args.pids_limit,
+        cap_add=args.cap_add,
+        cap_drop=args.cap_drop,
+        privileged=args.privileged,
+        network="host" if args.network == "host" else "",
+    )
+
+
+def _ensure_image(c, args) -> str:
+    from ctl.client.images import normalize
+
+    name = args.image
+    if args.pull == "always":
+        return c.images.pull(name, platform=args.platform).name
+    try:
+        return c.images.get(name).name
+    except NotFound:
+        if args.pull == "never":
+            raise NotFound(f"no such image: {name} (and --pull never)") from None
+    err(f"Unable to find image '{name}' locally")
+    from ctl.progress import LayerBoard
+
+    board = LayerBoard()
+    try:
+        image = c.images.pull(normalize(name), platform=args.platform, progress=board.update)
+    finally:
+        board.close()
+    return image.name
+
+
+def _create(args) -> tuple[str, str]:
+    from ctl.client.containers import CreateOptions
+
+    if args.restart not in ("no", ""):
+        raise InvalidArgument(f"--restart {args.restart}: runtimed has no restart manager yet; only 'no'")
+    c = client(args)
+    image = _ensure_image(c, args)
+    container_id = args.name or secrets.token_hex(32)
+    labels = parse_labels(args.label)
+    log_path = None
+    for opt in args.log_opt:
+        key, _, value = opt.partition("=")
+        if key != "path":
+            raise InvalidArgument(f"unknown log option {key!r}: only path=FILE is supported")
+        log_path = os.path.abspath(value)
+    if log_path is None:
+        log_path = os.path.join(log_dir(args), args.namespace, f"{container_id}.log")
+    labels[LABEL_LOG] = log_path
+    if args.name:
+        labels[LABEL_NAME] = args.name
+    image_config = c.images.config(image, args.platform)
+    stop_signal = args.stop_signal or image_config.stop_signal
+    if stop_signal:
+        labels[LABEL_STOP_SIGNAL] = stop_signal
+    opts = spec_options(args, image_config)
+    c.containers.create(
+        container_id, image, opts,
+        CreateOptions(labels=labels, snapshotter=args.snapshotter, runtime=args.runtime,
+                      platform=args.platform),
+    )
+    return container_id, log_path
+
+
+def create(args) -> int:
+    container_id, _ = _create(args)
+    out(container_id)
+    return 0
+
+
+def _open_log(path: str):
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    return open(path, "ab")
+
+
+def _start_detached(c, container_id: str) -> None:
+    from ctl.client.cio import Stdio
+
+    container = c.containers.get(container_id)
+    log_path = container.labels.get(LABEL_LOG)
+    stdio = Stdio.null()
+    if log_path:
+        os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
+        stdio = Stdio.file(log_path)
+    try:
+        c.tasks.create(container_id, stdio)
+        c.tasks.start(container_id)
+    except RuntimedError as exc:
+        _delete_task_quietly(c, container_id)
+        raise _start_error(exc) from None
+    _mark_started(c, container_id)
+
+
+def _mark_started(c, container_id: str) -> None:
+    c.containers.update_labels(container_id, {LABEL_STARTED: _now(), LABEL_EXIT: "", LABEL_EXITED: ""})
+
+
+def _record_exit(c, container_id: str, code: int) -> None:
+    try:
+        c.containers.update_labels(container_id, {LABEL_EXIT: str(code), LABEL_EXITED: _now()})
+    except NotFound:
+        pass
+
+
+def _delete_task_quietly(c, container_id: str) -> int | None:
+    try:
+        return c.tasks.delete(container_id).code
+    except NotFound:
+        return None
+    except RuntimedError:
+        return None
+
+
+class Terminal:
+    """The local terminal in raw mode while attached; restored on exit."""
+
+    def __init__(self, fd: int):
+        import termios
+
+        self.fd = fd
+        self.saved = termios.tcgetattr(fd)
+
+    def raw(self) -> None:
+        import tty
+
+        tty.setraw(self.fd)
+
+    def restore(self) -> None:
+        import termios
+
+        termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+
+    def size(self) -> tuple[int, int]:
+        size = os.get_terminal_size(self.fd)
+        return size.columns, size.lines
+
+
+def attach_and_wait(c, container_id: str, *, exec_args: list[str] | None = None,
+                    exec_kwargs: dict | None = None, stdin: bool, tty: bool,
+                    log_path: str | None, detach_keys: str, sig_proxy: bool = True) -> int | None:
+    """Create the process with FIFOs, copy its stdio, wait for it; its exit code, or None
+    when the user detached."""
+    import threading
+
+    from ctl.client.cio import Attachment, DetachKeys, FifoSet
+
+    exec_id = ""
+    if exec_args is not None:
+        exec_id = "exec-" + secrets.token_hex(6)
+    fifos = FifoSet.create(exec_id or container_id, stdin=stdin, terminal=tty)
+    terminal = None
+    if tty and stdin and sys.stdin.isatty():
+        terminal = Terminal(sys.stdin.fileno())
+    detached = threading.Event()
+    tee = _open_log(log_path) if log_path else None
+    attachment = Attachment(
+        fifos,
+        stdin=sys.stdin.buffer if stdin else None,
+        stdout=sys.stdout.buffer,
+        stderr=sys.stderr.buffer,
+        tee=tee,
+        on_stdin_eof=lambda: c.tasks.close_stdin(container_id, exec_id),
+        stdin_filter=DetachKeys(detach_keys) if (tty and stdin) else None,
+        on_detach=detached.set,
+    )
+    sys.stdout.flush()
+    attachment.start()
+    previous_handlers = {}
+    try:
+        try:
+            if exec_args is None:
+                c.tasks.create(container_id, fifos.stdio)
+            else:
+                c.tasks.exec(container_id, exec_id, exec_args, stdio=fifos.stdio, **(exec_kwargs or {}))
+        except RuntimedError as exc:
+            attachment.cancel()
+            raise _start_error(exc) from None
+        waiter = c.tasks.wait_async(container_id, exec_id)
+        if terminal is not None:
+            def resize(*_):
+                try:
+                    cols, rows = terminal.size()
+                    c.tasks.resize(container_id, cols, rows, exec_id)
+                except (OSError, RuntimedError):
+                    pass
+
+            previous_handlers[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, resize)
+            resize()
+            terminal.raw()
+        elif sig_proxy and not tty:
+            def forward(signum, _frame):
+                try:
+                    c.tasks.kill(container_id, signum, exec_id=exec_id)
+                except RuntimedError:
+                    pass
+
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                        signal.SIGUSR1, signal.SIGUSR2):
+                previous_handlers[sig] = signal.signal(sig, forward)
+        try:
+            c.tasks.start(container_id, exec_id)
+        except RuntimedError as exc:
+            attachment.cancel()
+            if exec_id:
+                try:
+                    c.tasks.delete_process(container_id, exec_id)
+                except RuntimedError:
+                    pass
+            raise _start_error(exc) from None
+        if exec_args is None:
+            _mark_started(c, container_id)
+        while True:
+            if detached.is_set():
+                return None
+            try:
+                status = waiter.result(timeout=0.2)
+                break
+            except TimeoutError:
+                continue
+        attachment.wait()
+        if exec_id:
+            try:
+                c.tasks.delete_process(container_id, exec_id)
+            except RuntimedError:
+                pass
+        return status.code
+    finally:
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        if terminal is not None:
+            terminal.restore()
+        attachment.close()
+        if tee is not None:
+            tee.close()
+
+
+def run(args) -> int:
+    container_id, log_path = _create(args)
+    c = client(args)
+    if args.detach:
+        if args.rm:
+            err("ctl: warning: --rm with -d removes the container on the next `ctl rm` or `ctl system prune` only")
+        _start_detached(c, container_id)
+        out(container_id)
+        return 0
+    try:
+        code = attach_and_wait(
+            c, container_id, stdin=args.interactive, tty=args.tty,
+            log_path=None if args.rm else log_path, detach_keys=args.detach_keys,
+            sig_proxy=args.sig_proxy == "true",
+        )
+    except ExitCode as exc:
+        if args.rm:
+            _remove_quietly(c, container_id)
+        err(f"ctl: {exc}")
+        return exc.code
+    except BaseException:
+        if args.rm:
+            _remove_quietly(c, container_id)
+        raise
+    if code is None:
+        sys.stderr.write("\r\nread escape sequence\r\n")
+        return 0
+    if args.rm:
+        _remove_quietly(c, container_id)
+    else:
+        _delete_task_quietly(c, container_id)
+        _record_exit(c, container_id, code)
+    return code
+
+
+def _remove_quietly(c, container_id: str) -> None:
+    try:
+        container = c.containers.get(container_id)
+        c.containers.remove(container_id, force=True)
+        _remove_log(container)
+    except NotFound:
+        pass
+
+
+def _remove_log(container) -> None:
+    path = container.labels.get(LABEL_LOG)
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _each(args, names, action) -> int:
+    """Apply `action` to each container, print its name; errors reported, others go on."""
+    c = client(args)
+    code = 0
+    for name in names:
+        try:
+            container_id = c.containers.resolve_id(name)
+            result = action(c, container_id)
+            out(str(result) if result is not None else name)
+        except Exception as exc:  # noqa: BLE001
+            err(f"ctl: {describe_error(exc)[0]}")
+            code = 1
+    return code
+
+
+def start(args) -> int:
+    if args.attach:
+        if len(args.containers) != 1:
+            raise InvalidArgument("you cannot start and attach multiple containers at once")
+        c = client(args)
+        container_id = c.containers.resolve_id(args.containers[0])
+        _clear_stopped_task(c, container_id)
+        container = c.containers.get(container_id)
+        tty = bool((container.spec.get("process") or {}).get("terminal"))
+        try:
+            code = attach_and_wait(c, container_id, stdin=args.interactive, tty=tty,
+                                   log_path=container.labels.get(LABEL_LOG), detach_keys="ctrl-p,ctrl-q")
+        except ExitCode as exc:
+            err(f"ctl: {exc}")
+            return exc.code
+        if code is None:
+            return 0
+        _delete_task_quietly(c, container_id)
+        _record_exit(c, container_id, code)
+        return code
+
+    def action(c, container_id):
+        try:
+            task = c.tasks.get(container_id)
+        except NotFound:
+            task = None
+        if task is not None and task.status in ("RUNNING", "PAUSED"):
+            return None
+        _clear_stopped_task(c, container_id)
+        _start_detached(c, container_id)
+        return None
+
+    return _each(args, args.containers, action)
+
+
+def _clear_stopped_task(c, container_id: str) -> None:
+    try:
+        task = c.tasks.get(container_id)
+    except NotFound:
+        return
+    if task.status in ("RUNNING", "PAUSED", "PAUSING"):
+        raise FailedPrecondition(f"container {container_id} is already running")
+    code = _delete_task_quietly(c, container_id)
+    if code is not None and task.status == "STOPPED":
+        _record_exit(c, container_id, code)
+
+
+def stop_container(c, container_id: str, timeout: int | None, sig: str | None) -> None:
+    try:
+        task = c.tasks.get(container_id)
+    except NotFound:
+        return
+    if task.status in ("RUNNING", "PAUSED", "PAUSING", "CREATED"):
+        container = c.containers.get(container_id)
+        first = sig or container.labels.get(LABEL_STOP_SIGNAL) or "SIGTERM"
+        waiter = c.tasks.wait_async(container_id)
+        if task.status == "PAUSED":
+            c.tasks.resume(container_id)
+        grace = 10 if timeout is None else timeout
+        try:
+            if grace != 0:
+                c.tasks.kill(container_id, first)
+            waiter.result(timeout=grace if grace > 0 else None) if grace != 0 else None
+        except TimeoutError:
+            pass
+        except NotFound:
+            return
+        if not waiter.done():
+            try:
+                c.tasks.kill(container_id, signal.SIGKILL, all=True)
+            except NotFound:
+                pass
+            waiter.result(timeout=30)
+    code = _delete_task_quietly(c, container_id)
+    if code is not None:
+        _record_exit(c, container_id, code)
+
+
+def stop(args) -> int:
+    return _each(args, args.containers, lambda c, i: stop_container(c, i, args.time, args.signal))
+
+
+def restart(args) -> int:
+    def action(c, container_id):
+        stop_container(c, container_id, args.time, args.signal)
+        _start_detached(c, container_id)
+
+    return _each(args, args.containers, action)
+
+
+def kill(args) -> int:
+    def action(c, container_id):
+        try:
+            task = c.tasks.get(container_id)
+        except NotFound:
+            raise FailedPrecondition(f"container {container_id} is not running") from None
+        if task.status not in ("RUNNING", "PAUSED", "CREATED"):
+            raise FailedPrecondition(f"container {container_id} is not running")
+        c.tasks.kill(container_id, args.signal)
+
+    return _each(args, args.containers, action)
+
+
+def rm(args) -> int:
+    def action(c, container_id):
+        container = c.containers.get(container_id)
+        try:
+            task = c.tasks.get(container_id)
+        except NotFound:
+            task = None
+        if task is not None and task.status in ("RUNNING", "PAUSED", "PAUSING") and not args.force:
+            raise FailedPrecondition(
+                f"cannot remove container {container_id}: it is {task.status.lower()}; "
+                "stop it first or use rm -f"
+            )
+        c.containers.remove(container_id, force=True)
+        _remove_log(container)
+
+    return _each(args, args.containers, action)
+
+
+# ps / inspect -----------------------------------------------------------------------------
+
+def _status(container, task) -> tuple[str, str]:
+    """(docker state, STATUS column text)."""
+    labels = container.labels
+    started = _parse_ts(labels.get(LABEL_STARTED))
+    if task is not None and task.status in ("RUNNING", "PAUSED", "PAUSING"):
+        up = f"Up {human_duration((datetime.now(UTC) - started).total_seconds())}" if started else "Up"
+        if task.status != "RUNNING":
+            return "paused", up + " (Paused)"
+        return "running", up
+    if task is not None and task.status == "STOPPED":
+        return "exited", f"Exited ({task.exit_status}) {ago(task.exited_at)}".rstrip()
+    if task is not None and task.status == "CREATED":
+        return "created", "Created"
+    if labels.get(LABEL_EXIT):
+        return "exited", f"Exited ({labels[LABEL_EXIT]}) {ago(_parse_ts(labels.get(LABEL_EXITED)))}".rstrip()
+    return "created", "Created"
+
+
+def _container_filters(items: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    server, local = [], {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise InvalidArgument(f"invalid filter {item!r}: use KEY=VALUE")
+        if key == "label":
+            k, _, v = value.partition("=")
+            server.append(f'labels."{k}"=="{v}"' if v else f'labels."{k}"')
+        elif key in ("status", "name", "id", "ancestor", "exited"):
+            local.setdefault(key, []).append(value)
+        else:
+            raise InvalidArgument(f"invalid filter {key!r}: use status, name, id, label, ancestor or exited")
+    return server, local
+
+
+def container_rows(c, filters: list[str], include_all: bool, no_trunc: bool = False) -> list[dict]:
+    from ctl.client.images import familiar
+    from ctl.client.spec import command_line
+
+    server, local = _container_filters(filters)
+    containers = c.containers.list(server)
+    tasks = {t.id: t for t in c.tasks.list()}
+    rows = []
+    for ct in containers:
+        state, status = _status(ct, tasks.get(ct.id))
+        if "status" in local:
+            if state not in local["status"]:
+                continue
+        elif not include_all and state not in ("running", "paused"):
+            continue
+        name = ct.labels.get(LABEL_NAME, ct.id)
+        if "name" in local and not any(n in name for n in local["name"]):
+            continue
+        if "id" in local and not any(ct.id.startswith(i) for i in local["id"]):
+            continue
+        if "ancestor" in local and not any(
+            familiar(ct.image) in (a, familiar(a)) or ct.image == a for a in local["ancestor"]
+        ):
+            continue
+        command = command_line(ct.spec)
+        if not no_trunc and len(command) > 20:
+            command = command[:19] + "…"
+        task = tasks.get(ct.id)
+        exit_code = ct.labels.get(LABEL_EXIT, "")
+        if task is not None and task.status == "STOPPED":
+            exit_code = str(task.exit_status)
+        if "exited" in local and exit_code not in local["exited"]:
+            continue
+        rows.append({
+            "ID": ct.id if no_trunc else ct.id[:12],
+            "Image": familiar(ct.image),
+            "Command": f'"{command}"',
+            "CreatedAt": ct.created_at.isoformat() if ct.created_at else "",
+            "RunningFor": ago(ct.created_at),
+            "Status": status,
+            "State": state,
+            "Ports": "",
+            "Names": name,
+            "Labels": ct.labels,
+            "Pid": task.pid if task else 0,
+            "_created": ct.created_at.timestamp() if ct.created_at else 0,
+        })
+    rows.sort(key=lambda r: r["_created"], reverse=True)
+    for r in rows:
+        del r["_created"]
+    return rows
+
+
+def ps(args) -> int:
+    rows = container_rows(client(args), args.filter, args.all or args.latest, args.no_trunc)
+    if args.latest:
+        rows = rows[:1]
+    out(emit(rows, [("CONTAINER ID", "ID"), ("IMAGE", "Image"), ("COMMAND", "Command"),
+                    ("CREATED", "RunningFor"), ("STATUS", "Status"), ("PORTS", "Ports"),
+                    ("NAMES", "Names")], args.format, "ID", args.quiet))
+    return 0
+
+
+def inspect_container(c, container_id: str) -> dict:
+    container = c.containers.get(container_id)
+    try:
+        task = c.tasks.get(container_id)
+    except NotFound:
+        task = None
+    state, _ = _status(container, task)
+    process = container.spec.get("process") or {}
+    exit_code = int(container.labels.get(LABEL_EXIT) or 0)
+    if task is not None and task.status == "STOPPED":
+        exit_code = task.exit_status
+    return {
+        "Id": container.id,
+        "Name": "/" + container.labels.get(LABEL_NAME, container.id),
+        "Created": container.created_at.isoformat() if container.created_at else "",
+        "Path": (process.get("args") or [""])[0],
+        "Args": (process.get("args") or [])[1:],
+        "State": {
+            "Status": state,
+            "Running": state in ("running", "paused"),
+            "Paused": state == "paused",
+            "Pid": task.pid if task and state in ("running", "paused") else 0,
+            "ExitCode": exit_code,
+            "StartedAt": container.labels.get(LABEL_STARTED, ""),
+            "FinishedAt": container.labels.get(LABEL_EXITED, ""),
+        },
+        "Image": container.image,
+        "LogPath": container.labels.get(LABEL_LOG, ""),
+        "Runtime": container.runtime,
+        "Snapshotter": container.snapshotter,
+        "SnapshotKey": container.snapshot_key,
+        "Config": {
+            "Hostname": container.spec.get("hostname", ""),
+            "User": f"{(process.get('user') or {}).get('uid', 0)}:{(process.get('user') or {}).get('gid', 0)}",
+            "Tty": bool(process.get("terminal")),
+            "Env": process.get("env") or [],
+            "Cmd": process.get("args") or [],
+            "WorkingDir": process.get("cwd", "/"),
+            "Image": container.image,
+            "Labels": container.labels,
+        },
+        "Mounts": [
+            {"Type": m.get("type"), "Source": m.get("source"), "Destination": m.get("destination"),
+             "RW": "ro" not in (m.get("options") or [])}
+            for m in container.spec.get("mounts") or [] if m.get("type") in ("bind", "tmpfs")
+            and m.get("destination") not in ("/dev", "/dev/shm")
+        ],
+        "Spec": container.spec,
+    }
+
+
+def inspect(args) -> int:
+    from ctl.commands.images import inspect_image
+
+    c = client(args)
+    docs, code = [], 0
+    for name in args.names:
+        try:
+            if args.type == "image":
+                docs.append(inspect_image(c, name))
+                continue
+            try:
+                docs.append(inspect_container(c, c.containers.resolve_id(name)))
+            except NotFound:
+                if args.type == "container":
+                    raise
+                docs.append(inspect_image(c, name))
+        except Exception as exc:  # noqa: BLE001
+            message = describe_error(exc)[0]
+            if isinstance(exc, NotFound):
+                message = f"no such object: {name}"
+            err(f"ctl: {message}")
+            code = 1
+    if args.format and args.format != "json":
+        for d in docs:
+            out(document(d, args.format))
+    else:
+        out(document(docs, None))
+    return code
+
+
+# logs -------------------------------------------------------------------------------------
+
+def logs(args) -> int:
+    if args.timestamps:
+        raise InvalidArgument(
+            "--timestamps: runtimed's log files hold the raw output, without timestamps"
+        )
+    c = client(args)
+    container_id = c.containers.resolve_id(args.container)
+    container = c.containers.get(container_id)
+    path = container.labels.get(LABEL_LOG)
+    if not path:
+        raise FailedPrecondition(f"container {container_id} has no log: it was not created by ctl")
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return 0
+    with f:
+        data = f.read()
+        if args.tail != "all":
+            try:
+                n = int(args.tail)
+            except ValueError:
+                raise InvalidArgument(f"invalid --tail {args.tail!r}: a number or 'all'") from None
+            lines = data.splitlines(keepends=True)
+            data = b"".join(lines[-n:]) if n > 0 else b""
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        if not args.follow:
+            return 0
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+                continue
+            try:
+                running = c.tasks.get(container_id).status in ("RUNNING", "PAUSED", "PAUSING", "CREATED")
+            except NotFound:
+                running = False
+            if not running:
+                rest = f.read()
+                sys.stdout.buffer.write(rest)
+                sys.stdout.buffer.flush()
+                return 0
+            time.sleep(0.2)
+
+
+# exec ---------------------------------------------------------------------------------------
+
+def exec_(args) -> int:
+    if not args.command:
+        raise InvalidArgument("exec needs a command to run")
+    c = client(args)
+    container_id = c.containers.resolve_id(args.container)
+    try:
+        task = c.tasks.get(container_id)
+    except NotFound:
+        task = None
+    if task is None or task.status != "RUNNING":
+        state = "paused" if task is not None and task.status == "PAUSED" else "not running"
+        raise FailedPrecondition(f"container {container_id} is {state}")
+    env = []
+    for item in args.env:
+        if "=" in item:
+            env.append(item)
+        elif item in os.environ:
+            env.append(f"{item}={os.environ[item]}")
+    kwargs = {"env": env, "cwd": args.workdir, "user": args.user}
+    if args.detach:
+        from ctl.client.cio import Stdio
+
+        exec_id = "exec-" + secrets.token_hex(6)
+        try:
+            c.tasks.exec(container_id, exec_id, list(args.command), stdio=Stdio.null(), **kwargs)
+            c.tasks.start(container_id, exec_id)
+        except RuntimedError as exc:
+            raise _start_error(exc) from None
+        return 0
+    try:
+        code = attach_and_wait(
+            c, container_id, exec_args=list(args.command), exec_kwargs=kwargs,
+            stdin=args.interactive, tty=args.tty, log_path=None, detach_keys=args.detach_keys,
+        )
+    except ExitCode as exc:
+        err(f"ctl: {exc}")
+        return exc.code
+    return 0 if code is None else code
+
+
+# top / stats / pause / wait ---------------------------------------------------------------
+
+def _proc_row(pid: int, boot: float, hz: int) -> list[str] | None:
+    import pwd
+
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+        status = open(f"/proc/{pid}/status").read()
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").strip().decode(errors="replace")
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    ppid = fields[1]
+    cpu_seconds = (int(fields[11]) + int(fields[12])) // hz
+    start = boot + int(fields[19]) / hz
+    uid = next((line.split()[1] for line in status.splitlines() if line.startswith("Uid:")), "0")
+    try:
+        user = pwd.getpwuid(int(uid)).pw_name
+    except KeyError:
+        user = uid
+    if not cmdline:
+        cmdline = "[" + stat[stat.index("(") + 1:stat.rindex(")")] + "]"
+    stime = time.strftime("%H:%M", time.localtime(start))
+    cpu = f"{cpu_seconds // 3600:02d}:{cpu_seconds // 60 % 60:02d}:{cpu_seconds % 60:02d}"
+    return [user, str(pid), ppid, "0", stime, "?", cpu, cmdline]
+
+
+def top(args) -> int:
+    from ctl.format import table
+
+    c = client(args)
+    container_id = c.containers.resolve_id(args.container)
+    try:
+        pids = c.tasks.pids(container_id)
+    except NotFound:
+        raise FailedPrecondition(f"container {container_id} is not running") from None
+    hz = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+    rows = [r for r in (_proc_row(p, boot, hz) for p in sorted(pids)) if r]
+    out(table(["UID", "PID", "PPID", "C", "STIME", "TTY", "TIME", "CMD"], rows))
+    return 0
+
+
+def _stats_rows(c, ids: list[str], names: dict[str, str], previous: dict, interval: float) -> list[dict]:
+    stats = {s.container_id: s for s in c.tasks.metrics(ids)} if ids else {}
+    rows = []
+    for container_id in ids:
+        s = stats.get(container_id)
+        if s is None:
+            continue
+        prev = previous.get(container_id)
+        cpu = 0.0
+        if prev is not None and interval > 0:
+            cpu = (s.cpu_usage_ns - prev.cpu_usage_ns) / (interval * 1e9) * 100
+        previous[container_id] = s
+        limit = s.memory_limit if 0 < s.memory_limit < (1 << 62) else _host_memory()
+        rows.append({
+            "ID": container_id[:12], "Container": container_id, "Name": names.get(container_id, container_id),
+            "CPUPerc": f"{max(cpu, 0):.2f}%",
+            "MemUsage": f"{binary_size(s.memory_usage)} / {binary_size(limit)}",
+            "MemPerc": f"{(s.memory_usage / limit * 100) if limit else 0:.2f}%",
+            "PIDs": str(s.pids),
+        })
+    return rows
+
+
+def _host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            return int(f.readline().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def stats(args) -> int:
+    c = client(args)
+    tasks = {t.id: t for t in c.tasks.list()}
+    if args.containers:
+        ids = [c.containers.resolve_id(n) for n in args.containers]
+    else:
+        ids = [t for t, p in tasks.items() if p.status in ("RUNNING", "PAUSED") or args.all]
+    names = {}
+    for ct in c.containers.list():
+        names[ct.id] = ct.labels.get(LABEL_NAME, ct.id[:12])
+    columns = [("CONTAINER ID", "ID"), ("NAME", "Name"), ("CPU %", "CPUPerc"),
+               ("MEM USAGE / LIMIT", "MemUsage"), ("MEM %", "MemPerc"), ("PIDS", "PIDs")]
+    live = [i for i in ids if i in tasks]
+    previous: dict = {}
+    _stats_rows(c, live, names, previous, 0)
+    interval = 0.5 if args.no_stream else 1.0
+    while True:
+        time.sleep(interval)
+        rows = _stats_rows(c, live, names, previous, interval)
+        text = emit(rows, columns, args.format)
+        if args.no_stream:
+            out(text)
+            return 0
+        if sys.stdout.isatty():
+            sys.stdout.write("\x1b[2J\x1b[H")
+        out(text)
+
+
+def pause(args) -> int:
+    return _each(args, args.containers, lambda c, i: c.tasks.pause(i))
+
+
+def unpause(args) -> int:
+    return _each(args, args.containers, lambda c, i: c.tasks.resume(i))
+
+
+def wait(args) -> int:
+    def action(c, container_id):
+        try:
+            return c.tasks.wait(container_id).code
+        except NotFound:
+            label = c.containers.get(container_id).labels.get(LABEL_EXIT)
+            if label:
+                return int(label)
+            raise FailedPrecondition(f"container {container_id} has not been started") from None
+
+    return _each(args, args.containers, action)
+
+
+# cp / export ------------------------------------------------------------------------------
+
+def _split_target(text: str) -> tuple[str | None, str]:
+    if ":" in text and not text.startswith(("/", ".")):
+        name, _, path = text.partition(":")
+        return name, path
+    return None, text
+
+
+def _exec_capture(c, container_id: str, argv: list[str], stdin_data: bytes | None = None) -> tuple[int, bytes, bytes]:
+    """Run a command in the container, feeding `stdin_data`, collecting its output."""
+    import tempfile
+
+    from ctl.client.cio import Attachment, FifoSet
+
+    exec_id = "cp-" + secrets.token_hex(6)
+    fifos = FifoSet.create(exec_id, stdin=stdin_data is not None)
+    with tempfile.TemporaryFile() as o, tempfile.TemporaryFile() as e:
+        attachment = Attachment(fifos, stdout=o, stderr=e)
+        attachment.start()
+        try:
+            c.tasks.exec(container_id, exec_id, argv, stdio=fifos.stdio)
+            waiter = c.tasks.wait_async(container_id, exec_id)
+            c.tasks.start(container_id, exec_id)
+            if stdin_data is not None:
+                import threading
+
+                def feed():
+                    fd = attachment._stdin_fd
+                    view = memoryview(stdin_data)
+                    try:
+                        while view:
+                            n = os.write(fd, view[:65536])
+                            view = view[n:]
+                    except OSError:
+                        pass
+                    attachment.close_stdin()
+                    try:
+                        c.tasks.close_stdin(container_id, exec_id)
+                    except RuntimedError:
+                        pass
+
+                threading.Thread(target=feed, daemon=True).start()
+            status = waiter.result(timeout=300)
+            attachment.wait()
+            try:
+                c.tasks.delete_process(container_id, exec_id)
+            except RuntimedError:
+                pass
+        except BaseException:
+            attachment.cancel()
+            raise
+        finally:
+            attachment.close()
+        o.seek(0)
+        e.seek(0)
+        return status.code, o.read(), e.read()
+
+
+def _running(c, container_id: str) -> None:
+    try:
+        task = c.tasks.get(container_id)
+    except NotFound:
+        task = None
+    if task is None or task.status != "RUNNING":
+        raise FailedPrecondition(f"container {container_id} is not running: cp and export need a running container")
+
+
+def cp(args) -> int:
+    import io
+    import shutil
+    import tarfile
+    import tempfile
+
+    src_ctr, src = _split_target(args.source)
+    dst_ctr, dst = _split_target(args.destination)
+    if (src_ctr is None) == (dst_ctr is None):
+        raise InvalidArgument("copying between containers or between host paths is not supported: "
+                              "one side must be CONTAINER:PATH")
+    c = client(args)
+    if src_ctr is not None:
+        container_id = c.containers.resolve_id(src_ctr)
+        _running(c, container_id)
+        parent, base = os.path.split(src.rstrip("/") or "/")
+        code, data, errors = _exec_capture(c, container_id, ["tar", "cf", "-", "-C", parent or "/", base or "."])
+        if code != 0:
+            raise NotFound(f"could not copy {src} from {container_id}: {errors.decode(errors='replace').strip()}")
+        with tempfile.TemporaryDirectory() as tmp:
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                tar.extractall(tmp, filter="tar")
+            produced = os.path.join(tmp, base)
+            target = dst
+            if os.path.isdir(dst):
+                target = os.path.join(dst, base)
+            if os.path.isdir(produced) and not os.path.islink(produced):
+                shutil.copytree(produced, target, symlinks=True, dirs_exist_ok=True)
+            else:
+                shutil.copy2(produced, target, follow_symlinks=False)
+        return 0
+    container_id = c.containers.resolve_id(dst_ctr)
+    _running(c, container_id)
+    if not os.path.lexists(src):
+        raise NotFound(f"could not find the file {src} on the host")
+    code, _, _ = _exec_capture(c, container_id, ["test", "-d", dst])
+    if code == 0:
+        directory, name = dst, os.path.basename(os.path.normpath(src))
+    else:
+        directory, name = os.path.split(dst.rstrip("/"))
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add(src, arcname=name)
+    code, _, errors = _exec_capture(c, container_id, ["tar", "xf", "-", "-C", directory or "/"], buffer.getvalue())
+    if code != 0:
+        raise FailedPrecondition(f"could not copy to {container_id}:{dst}: {errors.decode(errors='replace').strip()}")
+    return 0
+
+
+def export(args) -> int:
+    if args.output is None and sys.stdout.isatty():
+        raise InvalidArgument("cowardly refusing to write an archive to a terminal: use -o FILE or redirect")
+    c = client(args)
+    container_id = c.containers.resolve_id(args.container)
+    _running(c, container_id)
+    code, data, errors = _exec_capture(
+        c, container_id, ["tar", "cf", "-", "-C", "/", "--exclude=./proc", "--exclude=./sys", "--exclude=./dev", "."]
+    )
+    if code != 0:
+        raise FailedPrecondition(f"export of {container_id} failed: {errors.decode(errors='replace').strip()}")
+    if args.output:
+        with open(args.output, "wb") as f:
+            f.write(data)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    return 0

@@ -46,6 +46,10 @@ class Daemon:
         self.on_start: list = []
         self.namespaces = NamespaceStore(self.db, self.exchange)
         self.containers = ContainerStore(self.db, self.namespaces, self.exchange)
+        from runtimed.runtime.tasks import TaskManager
+
+        self.tasks = TaskManager(self.state, self.containers, self.exchange)
+        self.on_start.append(self.tasks.load)
         from runtimed.content.store import ContentStore
         from runtimed.metadata.gc import GarbageCollector
         from runtimed.metadata.images import ImageStore
@@ -63,7 +67,7 @@ class Daemon:
         from runtimed.volumes.store import VolumeStore
 
         self.volumes = VolumeStore(self.root, self.db, self.namespaces, self.containers,
-                                   getattr(self, "snapshotters", None))
+                                   lambda: getattr(self, "snapshotters", {}))
         self.volumes.repair()
 
     async def start(self) -> None:

@@ -1,0 +1,1 @@
+"""Named volumes: directories whose lifecycle is independent of any container."""

@@ -14,6 +14,9 @@ SERVICE_MODULES = [
     "runtimed.services.content",
     "runtimed.services.images",
     "runtimed.services.leases",
+    "runtimed.services.tasks",
+    "runtimed.services.archives",
+    "runtimed.services.volumes",
 ]
 
 # containerd's grpc plugin ids where our module name differs

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
@@ -20,9 +19,7 @@ from runtimed.metadata.db import Database
 from runtimed.metadata.gc import GarbageCollector
 from runtimed.metadata.images import ImageStore
 from runtimed.metadata.leases import LeaseStore
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import testimages  # noqa: E402
+from tests import testimages
 
 NS = "default"
 

@@ -1,0 +1,140 @@
+"""runtimed.images.v1.Archives over gRPC on a real runtimed: streamed import with progress,
+refusals that leave nothing behind, streamed export that imports back identically."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import grpc
+import pytest
+
+from runtimed.api.containerd.services.content.v1 import content_pb2, content_pb2_grpc
+from runtimed.api.containerd.services.images.v1 import images_pb2, images_pb2_grpc
+from runtimed.api.images.v1 import archive_pb2, archive_pb2_grpc
+from tests import testimages
+
+MD = [("containerd-namespace", "default")]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return testimages.build(tmp_path_factory.mktemp("images"))
+
+
+def requests(data: bytes, chunk: int = 64 << 10, **options):
+    yield archive_pb2.ImportRequest(options=archive_pb2.ImportOptions(**options))
+    for i in range(0, len(data), chunk):
+        yield archive_pb2.ImportRequest(data=data[i:i + chunk])
+
+
+def run_import(channel, data: bytes, metadata=MD, **options):
+    replies = list(archive_pb2_grpc.ArchivesStub(channel).Import(
+        requests(data, **options), metadata=metadata, timeout=60))
+    assert replies[-1].WhichOneof("response") == "result"
+    return [r.progress for r in replies[:-1]], replies[-1].result
+
+
+def stored(channel, metadata=MD) -> set[str]:
+    stub = content_pb2_grpc.ContentStub(channel)
+    return {i.digest for r in stub.List(content_pb2.ListContentRequest(), metadata=metadata)
+            for i in r.info}
+
+
+def image_names(channel, metadata=MD) -> list[str]:
+    stub = images_pb2_grpc.ImagesStub(channel)
+    return sorted(i.name for i in stub.List(images_pb2.ListImagesRequest(), metadata=metadata).images)
+
+
+def test_import_streams_progress_and_creates_images(daemon, images):
+    bb = images["busybox"]
+    data = bb.path.read_bytes()
+    with daemon.channel() as channel:
+        progress, result = run_import(channel, data)
+        assert [(i.name, i.target.digest) for i in result.images] == [(bb.name, bb.target["digest"])]
+        assert result.images[0].target.media_type == "application/vnd.oci.image.manifest.v1+json"
+        assert {p.ref for p in progress if p.action == "blob"} >= set(bb.blobs)
+        assert [p.ref for p in progress if p.action == "image"] == [bb.name]
+        assert max(p.offset for p in progress if p.action == "read") == len(data)
+        assert image_names(channel) == [bb.name]
+        assert set(bb.blobs) <= stored(channel)
+    # ctr sees it like any other image
+    assert bb.target["digest"] in daemon.ctr("images", "ls").stdout
+
+
+def test_import_all_platforms_into_named_namespace(daemon, images):
+    mp = images["multiplatform"]
+    md = [("containerd-namespace", "tenant")]
+    with daemon.channel() as channel:
+        _, result = run_import(channel, mp.path.read_bytes(), metadata=md, all_platforms=True,
+                               index_name="example.com/keep/index:1", labels={"origin": "test"})
+        assert {i.name for i in result.images} == {mp.name, "example.com/keep/index:1"}
+        assert set(mp.blobs) <= stored(channel, md)
+        assert image_names(channel) == []  # nothing in the default namespace
+        got = images_pb2_grpc.ImagesStub(channel).Get(
+            images_pb2.GetImageRequest(name=mp.name), metadata=md).image
+        assert got.labels["origin"] == "test"
+
+
+def test_malformed_archive_invalid_argument_and_nothing_left(daemon, images):
+    bb = images["busybox"]
+    with tarfile.open(bb.path) as tf:
+        members = [(m, tf.extractfile(m).read() if m.isreg() else None) for m in tf.getmembers()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for m, d in members:
+            if m.name.endswith(bb.layers[0].split(":")[1]):
+                d = d[:1000] + b"X" + d[1001:]  # same size, wrong digest
+            tf.addfile(m, io.BytesIO(d) if d is not None else None)
+    with daemon.channel() as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            run_import(channel, buf.getvalue())
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bb.layers[0].split(":")[1] in err.value.details()
+        assert "does not match" in err.value.details()
+        assert stored(channel) == set() and image_names(channel) == []
+    assert not any((daemon.root / "content" / "blobs" / "sha256").iterdir())
+    assert not any((daemon.root / "content" / "ingest").iterdir())
+    assert daemon.ctr("leases", "ls", "-q").stdout.strip() == ""
+
+
+def test_path_traversal_refused(daemon, images):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("../../etc/evil")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"x"))
+    with daemon.channel() as channel, pytest.raises(grpc.RpcError) as err:
+        run_import(channel, buf.getvalue())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "path traversal" in err.value.details()
+
+
+def test_export_streams_archive_that_imports_back(daemon, images):
+    names = [images[k].name for k in ("busybox", "multilayer", "multiplatform")]
+    with daemon.channel() as channel:
+        for k in ("busybox", "multilayer", "multiplatform"):
+            run_import(channel, images[k].path.read_bytes(), all_platforms=True)
+        stub = archive_pb2_grpc.ArchivesStub(channel)
+        chunks = [r.data for r in stub.Export(
+            archive_pb2.ExportRequest(names=names, all_platforms=True), metadata=MD, timeout=60)]
+        assert max(len(c) for c in chunks) <= 1 << 20
+        out = b"".join(chunks)
+        md = [("containerd-namespace", "copy")]
+        _, result = run_import(channel, out, metadata=md, all_platforms=True)
+        assert {(i.name, i.target.digest) for i in result.images} == {
+            (images[k].name, images[k].target["digest"]) for k in ("busybox", "multilayer", "multiplatform")}
+        want = set().union(*(images[k].blobs for k in ("busybox", "multilayer", "multiplatform")))
+        assert want <= stored(channel, md)
+
+        docker = b"".join(r.data for r in stub.Export(
+            archive_pb2.ExportRequest(names=[names[0]], format=archive_pb2.ExportRequest.DOCKER),
+            metadata=MD))
+        with tarfile.open(fileobj=io.BytesIO(docker)) as tf:
+            manifest = json.loads(tf.extractfile("manifest.json").read())
+        assert manifest[0]["RepoTags"] == ["busybox:latest"]
+
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Export(archive_pb2.ExportRequest(names=["docker.io/library/nope:1"]), metadata=MD))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -22,8 +22,8 @@ class Status(IntEnum):
     CREATED = 1
     RUNNING = 2
     STOPPED = 3
-    PAUSING = 4
-    PAUSED = 5
+    PAUSED = 4
+    PAUSING = 5
 
 
 INIT = ""  # exec id of the init process

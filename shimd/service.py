@@ -84,7 +84,8 @@ class ShimService(shim_pb2_grpc.ShimServicer):
         self._check(request.id)
         info = await self.shim.delete(request.exec_id, request.force)
         return shim_pb2.DeleteResponse(
-            pid=info.pid, exit_status=info.exit_status, exited_at=_timestamp(info.exited_at)
+            pid=info.pid, exit_status=info.exit_status, exited_at=_timestamp(info.exited_at),
+            event_seq=self.shim.outbox.seq,
         )
 
     async def Pids(self, request, context):

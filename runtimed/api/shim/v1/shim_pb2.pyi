@@ -18,14 +18,14 @@ class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CREATED: _ClassVar[Status]
     RUNNING: _ClassVar[Status]
     STOPPED: _ClassVar[Status]
-    PAUSING: _ClassVar[Status]
     PAUSED: _ClassVar[Status]
+    PAUSING: _ClassVar[Status]
 UNKNOWN: Status
 CREATED: Status
 RUNNING: Status
 STOPPED: Status
-PAUSING: Status
 PAUSED: Status
+PAUSING: Status
 
 class Stdio(_message.Message):
     __slots__ = ("stdin", "stdout", "stderr", "terminal")
@@ -154,14 +154,16 @@ class DeleteRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., exec_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
-    __slots__ = ("pid", "exit_status", "exited_at")
+    __slots__ = ("pid", "exit_status", "exited_at", "event_seq")
     PID_FIELD_NUMBER: _ClassVar[int]
     EXIT_STATUS_FIELD_NUMBER: _ClassVar[int]
     EXITED_AT_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SEQ_FIELD_NUMBER: _ClassVar[int]
     pid: int
     exit_status: int
     exited_at: _timestamp_pb2.Timestamp
-    def __init__(self, pid: _Optional[int] = ..., exit_status: _Optional[int] = ..., exited_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    event_seq: int
+    def __init__(self, pid: _Optional[int] = ..., exit_status: _Optional[int] = ..., exited_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event_seq: _Optional[int] = ...) -> None: ...
 
 class PidsRequest(_message.Message):
     __slots__ = ("id",)

@@ -1,0 +1,178 @@
+"""Starting, finding and talking to shims.
+
+A shim is launched with `python -m shimd` (which forks, detaches and prints the address);
+its address is also in `<bundle>/address`, so after a runtimed restart `ShimManager.load`
+finds every shim again by scanning `<state>/tasks/<namespace>/<id>/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from runtimed.api.shim.v1 import shim_pb2, shim_pb2_grpc
+from runtimed.errors import RuntimedError, Unavailable, from_code
+from runtimed.snapshots import mount as mounts
+
+log = logging.getLogger("runtimed.runtime")
+
+LAUNCH_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 5.0
+
+
+class ShimClient:
+    """The shim's gRPC API with typed errors: every call raises RuntimedError subclasses."""
+
+    def __init__(self, id: str, address: str, bundle: Path):
+        self.id = id
+        self.address = address
+        self.bundle = bundle
+        self.channel = grpc.aio.insecure_channel(address)
+        self._stub = shim_pb2_grpc.ShimStub(self.channel)
+
+    async def call(self, method: str, request, timeout: float | None = None):
+        try:
+            return await getattr(self._stub, method)(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _typed(exc, self.id) from None
+
+    def events(self, after: int):
+        return self._stub.Events(shim_pb2.EventsRequest(after=after))
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def _typed(exc: grpc.aio.AioRpcError, id: str) -> RuntimedError:
+    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return Unavailable(f"shim of task {id!r} is not reachable: {exc.details()}")
+    return from_code(exc.code().name, exc.details() or exc.code().name)
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """What runtimed itself keeps in a bundle (besides what the shim writes there)."""
+
+    namespace: str
+    id: str
+    runtime: str  # OCI runtime binary name; empty for the built-in one
+    rootfs_mounted: bool
+
+
+class ShimManager:
+    def __init__(self, state: Path):
+        self.tasks_dir = state / "tasks"
+
+    def bundle_path(self, namespace: str, id: str) -> Path:
+        return self.tasks_dir / namespace / id
+
+    async def start(self, namespace: str, id: str, bundle: Path) -> ShimClient:
+        """Launch a detached shim for `bundle` and connect to it."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shimd", "--id", id, "--namespace", namespace,
+            "--bundle", str(bundle),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            start_new_session=True, env=_shim_env(),
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), LAUNCH_TIMEOUT)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise Unavailable(
+                f"shim for {namespace}/{id} did not start in {LAUNCH_TIMEOUT}s"
+            ) from None
+        if proc.returncode != 0:
+            raise Unavailable(
+                f"shim for {namespace}/{id} failed to start: {err.decode(errors='replace').strip()}"
+            )
+        return await self.connect(id, out.decode().strip(), bundle)
+
+    async def connect(self, id: str, address: str, bundle: Path) -> ShimClient:
+        client = ShimClient(id, address, bundle)
+        try:
+            await client.call("Connect", shim_pb2.ConnectRequest(id=id), timeout=CONNECT_TIMEOUT)
+        except BaseException:
+            await client.close()
+            raise
+        return client
+
+    def scan(self) -> list[tuple[str, str, Path]]:
+        """Every bundle on disk: (namespace, id, path)."""
+        found = []
+        if not self.tasks_dir.is_dir():
+            return found
+        for ns_dir in sorted(self.tasks_dir.iterdir()):
+            if ns_dir.is_dir():
+                found += [(ns_dir.name, b.name, b) for b in sorted(ns_dir.iterdir()) if b.is_dir()]
+        return found
+
+    async def cleanup(self, info: BundleInfo, bundle: Path) -> None:
+        """After a dead (or never started) shim: make the runtime forget the container
+        (killing what is left of it), unmount its rootfs, remove the bundle."""
+        runtime_root = bundle / "runtime"
+        if runtime_root.is_dir():
+            from shimd.runtime import command_for
+
+            argv = [*command_for(info.runtime), "--root", str(runtime_root), "delete",
+                    "--force", info.id]
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+                )
+                _, err = await proc.communicate()
+                if proc.returncode != 0 and b"not exist" not in err:
+                    log.warning("%s/%s: runtime delete: %s", info.namespace, info.id,
+                                err.decode(errors="replace").strip())
+            except OSError as exc:
+                log.warning("%s/%s: runtime delete: %s", info.namespace, info.id, exc)
+        await asyncio.to_thread(remove_bundle, bundle)
+
+
+def remove_bundle(bundle: Path) -> None:
+    """Unmount the rootfs, then remove the bundle; never deletes through a mount."""
+    rootfs = bundle / "rootfs"
+    if rootfs.exists():
+        mounts.unmount_all(rootfs, detach=True)
+        if mounts.is_mountpoint(rootfs):
+            raise Unavailable(f"{rootfs} is still mounted: bundle kept")
+        try:
+            rootfs.rmdir()
+        except OSError as exc:
+            log.warning("%s not removed (%s): the bundle is kept", rootfs, exc)
+            return
+    shutil.rmtree(bundle, ignore_errors=True)
+    try:
+        bundle.parent.rmdir()  # the namespace dir, once empty
+    except OSError:
+        pass
+
+
+def read_info(bundle: Path) -> BundleInfo | None:
+    try:
+        data = json.loads((bundle / "runtimed.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return BundleInfo(data["namespace"], data["id"], data.get("runtime", ""),
+                      data.get("rootfs_mounted", False))
+
+
+def write_info(bundle: Path, info: BundleInfo) -> None:
+    from shimd.outbox import write_atomic
+
+    write_atomic(bundle / "runtimed.json", json.dumps(info.__dict__).encode())
+
+
+def _shim_env() -> dict[str, str]:
+    env = dict(os.environ)
+    repo = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env

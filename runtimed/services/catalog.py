@@ -14,6 +14,7 @@ SERVICE_MODULES = [
     "runtimed.services.content",
     "runtimed.services.images",
     "runtimed.services.leases",
+    "runtimed.services.volumes",
     "runtimed.services.tasks",
     "runtimed.services.archives",
     "runtimed.services.volumes",

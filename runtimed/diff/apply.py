@@ -1,0 +1,391 @@
+"""Apply a layer (an OCI changeset tar, possibly compressed) onto a directory.
+
+The archive is read as a stream (decompression in C, see `compression`), hashed on the fly
+to give the diff ID, and each entry is written with *at() system calls relative to a
+directory fd opened with openat2(RESOLVE_BENEATH) (see `safepath`): an entry whose name is
+absolute or climbs out with `..`, a write through a symlink pointing outside the root, or a
+hard link to something outside, is refused with InvalidArgument before anything is written
+there. The standard library's extraction is not used: its filters strip setuid bits and
+refuse device nodes, which container layers legitimately carry.
+
+Whiteouts follow the OCI layer spec. `overlay=True` (applying straight into an overlayfs
+upper directory) turns `.wh.name` into a 0/0 character device and `.wh..wh..opq` into the
+`trusted.overlay.opaque=y` xattr, as the kernel expects; otherwise (a mounted or a native
+snapshot) they delete what they name. In overlay mode missing parent directories take
+their owner, mode and xattrs from the first lower layer that has them, so creating a file
+in a lower directory does not change the directory's attributes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import tarfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from runtimed.diff import compression
+from runtimed.diff.safepath import clean, open_dir, openat2
+from runtimed.errors import InvalidArgument
+
+WHITEOUT_PREFIX = ".wh."
+WHITEOUT_OPAQUE = ".wh..wh..opq"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+XATTR_PAX_PREFIX = "SCHILY.xattr."
+MAX_HEADER_SIZE = 1 << 20  # a pax or GNU long-name header larger than this is hostile
+CHUNK = 1 << 20
+_FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOMEM}
+
+
+@dataclass
+class ApplyResult:
+    digest: str  # sha256 of the uncompressed tar: the layer's diff ID
+    size: int  # bytes of the uncompressed tar
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """Refuses oversized extended headers before tarfile reads them into memory."""
+
+    def _proc_member(self, tarfile_):
+        if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK,
+                         tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE):
+            if self.size > MAX_HEADER_SIZE:
+                raise InvalidArgument(
+                    f"layer has a {self.size}-byte extended header (limit {MAX_HEADER_SIZE})"
+                )
+        return super()._proc_member(tarfile_)
+
+
+def apply_layer(source: BinaryIO, root: str | os.PathLike, *, overlay: bool = False,
+                parents: list[str] | None = None, media_type: str | None = None) -> ApplyResult:
+    """Apply the (compressed or plain) layer read from `source` onto directory `root`."""
+    try:
+        raw = compression.decompressed(source, media_type)
+    except OSError as exc:
+        raise InvalidArgument(f"layer is not readable as {media_type or 'a tar'}: {exc}") from exc
+    reader = compression.DigestReader(raw)
+    rootfd = os.open(os.fspath(root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    writer = _Writer(rootfd, overlay, [os.fspath(p) for p in parents or []])
+    try:
+        try:
+            tf = tarfile.open(fileobj=reader, mode="r|", tarinfo=_BoundedTarInfo,
+                              bufsize=CHUNK, errorlevel=2)
+        except tarfile.ReadError as exc:
+            if reader.size == 0:
+                return ApplyResult(digest=reader.digest, size=0)  # an empty layer
+            raise InvalidArgument(f"layer is not a valid tar archive: {exc}") from exc
+        while True:
+            member = tf.next()
+            if member is None:
+                break
+            tf.members.clear()  # a stream: do not keep every header in memory
+            writer.entry(tf, member)
+        writer.finish()
+        reader.drain()
+    except (tarfile.TarError, EOFError, *_decompress_errors()) as exc:
+        raise InvalidArgument(f"layer is truncated or corrupt: {exc}") from exc
+    finally:
+        writer.close()
+        os.close(rootfd)
+    return ApplyResult(digest=reader.digest, size=reader.size)
+
+
+def _decompress_errors() -> tuple[type[BaseException], ...]:
+    import zlib
+
+    import zstandard
+    from isal import igzip, isal_zlib
+
+    return (zlib.error, isal_zlib.error, igzip.BadGzipFile, zstandard.ZstdError)
+
+
+def _mtime_ns(member: tarfile.TarInfo, key: str = "mtime") -> int:
+    text = member.pax_headers.get(key)
+    if text:
+        whole, _, frac = text.partition(".")
+        try:
+            return int(whole) * 1_000_000_000 + int((frac + "000000000")[:9] or 0) * (
+                -1 if whole.startswith("-") else 1)
+        except ValueError:
+            pass
+    return int(member.mtime) * 1_000_000_000
+
+
+class _Writer:
+    def __init__(self, rootfd: int, overlay: bool, parents: list[str]):
+        self.rootfd = rootfd
+        self.overlay = overlay
+        self.parents = parents
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._dirs: list[tuple[str, int, int]] = []
+        self._unpacked: set[str] = set()
+        self._opaque: list[str] = []
+
+    # -- directory fds ------------------------------------------------------------------
+
+    def dirfd(self, rel: str, create: bool = True) -> int:
+        fd = self._fds.get(rel)
+        if fd is not None:
+            self._fds.move_to_end(rel)
+            return fd
+        try:
+            fd = open_dir(self.rootfd, rel)
+        except FileNotFoundError:
+            if not create:
+                raise
+            self._mkparents(rel)
+            fd = open_dir(self.rootfd, rel)
+        except NotADirectoryError:
+            raise InvalidArgument(f"{rel!r} is not a directory in the layer's target") from None
+        self._fds[rel] = fd
+        if len(self._fds) > 128:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def _forget(self) -> None:
+        """Drop every cached fd: a directory or symlink was removed, and cached fds may
+        have been resolved through it under other names."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _mkparents(self, rel: str) -> None:
+        parts = rel.split("/")
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            try:
+                os.close(open_dir(self.rootfd, sub))
+                continue
+            except FileNotFoundError:
+                pass
+            pfd = self.dirfd("/".join(parts[:i - 1]), create=False)
+            name = parts[i - 1]
+            try:
+                os.mkdir(name, 0o755, dir_fd=pfd)
+            except FileExistsError:
+                continue
+            if self.overlay:
+                self._copy_dir_info(sub, pfd, name)
+
+    def _copy_dir_info(self, rel: str, pfd: int, name: str) -> None:
+        for lower in self.parents:
+            try:
+                lfd = os.open(lower, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                try:
+                    fd = openat2(lfd, rel, os.O_RDONLY | os.O_NOFOLLOW)
+                except (FileNotFoundError, InvalidArgument):
+                    continue
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        return  # replaced by a non-directory in that lower: keep defaults
+                    raise
+                try:
+                    st = os.fstat(fd)
+                    if not stat.S_ISDIR(st.st_mode):
+                        return
+                    os.chown(name, st.st_uid, st.st_gid, dir_fd=pfd, follow_symlinks=False)
+                    os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=pfd)
+                    for key in os.listxattr(fd):
+                        if key.startswith("trusted.overlay."):
+                            continue
+                        os.setxattr(self._proc(pfd, name), key, os.getxattr(fd, key),
+                                    follow_symlinks=False)
+                    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=pfd,
+                             follow_symlinks=False)
+                    return
+                finally:
+                    os.close(fd)
+            finally:
+                os.close(lfd)
+
+    @staticmethod
+    def _proc(pfd: int, name: str) -> str:
+        return f"/proc/self/fd/{pfd}/{name}"
+
+    # -- entries ------------------------------------------------------------------------
+
+    def entry(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        name = clean(member.name)
+        if not name:
+            return  # the root itself: left as the snapshotter made it
+        parent, _, base = name.rpartition("/")
+        try:
+            pfd = self.dirfd(parent)
+            if base.startswith(WHITEOUT_PREFIX):
+                self._whiteout(parent, pfd, base, member)
+                return
+            self._write(tf, member, name, parent, pfd, base)
+        except OSError as exc:
+            if exc.errno in _FATAL_ERRNOS:
+                raise
+            raise InvalidArgument(f"layer entry {member.name!r}: {exc.strerror or exc}") from exc
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"layer entry {member.name!r}: {exc}") from exc
+
+    def _whiteout(self, parent: str, pfd: int, base: str, member: tarfile.TarInfo) -> None:
+        if base == WHITEOUT_OPAQUE:
+            if self.overlay:
+                os.setxattr(self._proc(pfd, "."), OPAQUE_XATTR, b"y")
+            else:
+                self._opaque.append(parent)
+            return
+        target = base[len(WHITEOUT_PREFIX):]
+        if target in ("", ".", "..") or "/" in target:
+            raise InvalidArgument(f"invalid whiteout name {base!r}")
+        rel = f"{parent}/{target}" if parent else target
+        self._remove(pfd, target, rel)
+        pfd = self.dirfd(parent)
+        if self.overlay:
+            os.mknod(target, stat.S_IFCHR | 0o000, 0, dir_fd=pfd)
+            os.chown(target, member.uid, member.gid, dir_fd=pfd, follow_symlinks=False)
+
+    def _remove(self, pfd: int, base: str, rel: str) -> None:
+        try:
+            st = os.lstat(base, dir_fd=pfd)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(base, dir_fd=pfd)
+            self._forget()
+        else:
+            os.unlink(base, dir_fd=pfd)
+            if stat.S_ISLNK(st.st_mode):
+                self._forget()
+
+    def _write(self, tf: tarfile.TarFile, member: tarfile.TarInfo, name: str, parent: str,
+               pfd: int, base: str) -> None:
+        try:
+            st = os.lstat(base, dir_fd=pfd)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not (stat.S_ISDIR(st.st_mode) and member.isdir()):
+            self._remove(pfd, base, name)
+            pfd = self.dirfd(parent)
+            st = None
+        mode = member.mode & 0o7777
+        if member.isdir():
+            if st is None:
+                os.mkdir(base, 0o700, dir_fd=pfd)
+            self._dirs.append((name, _mtime_ns(member, "atime") if "atime" in member.pax_headers
+                               else _mtime_ns(member), _mtime_ns(member)))
+            self._meta(pfd, base, member, mode)
+        elif member.isreg():
+            self._regular(tf, member, pfd, base, mode)
+        elif member.issym():
+            os.symlink(member.linkname, base, dir_fd=pfd)
+            self._meta(pfd, base, member, None)
+        elif member.islnk():
+            target = clean(member.linkname, "hard link target")
+            if not target:
+                raise InvalidArgument(f"hard link to the root ({member.linkname!r})")
+            tparent, _, tbase = target.rpartition("/")
+            tfd = self.dirfd(tparent, create=False)
+            os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+        elif member.ischr() or member.isblk():
+            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+            os.mknod(base, kind | 0o600, os.makedev(member.devmajor, member.devminor), dir_fd=pfd)
+            self._meta(pfd, base, member, mode)
+        elif member.isfifo():
+            os.mkfifo(base, 0o600, dir_fd=pfd)
+            self._meta(pfd, base, member, mode)
+        else:
+            raise InvalidArgument(f"unsupported tar entry type {member.type!r}")
+        self._unpacked.add(name)
+
+    def _regular(self, tf, member, pfd: int, base: str, mode: int) -> None:
+        fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=pfd)
+        try:
+            if member.size:
+                data = tf.extractfile(member)
+                remaining = member.size
+                while remaining > 0:
+                    chunk = data.read(min(CHUNK, remaining))
+                    if not chunk:
+                        raise InvalidArgument("file data ends early: truncated layer")
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    remaining -= len(chunk)
+            os.fchown(fd, member.uid, member.gid)
+            self._xattrs(member, fd=fd)
+            os.fchmod(fd, mode)
+            mtime = _mtime_ns(member)
+            atime = _mtime_ns(member, "atime") if "atime" in member.pax_headers else mtime
+            os.utime(fd, ns=(atime, mtime))
+        finally:
+            os.close(fd)
+
+    def _meta(self, pfd: int, base: str, member: tarfile.TarInfo, mode: int | None) -> None:
+        os.chown(base, member.uid, member.gid, dir_fd=pfd, follow_symlinks=False)
+        self._xattrs(member, path=self._proc(pfd, base))
+        if mode is not None:
+            os.chmod(base, mode, dir_fd=pfd)
+        if not member.isdir():
+            mtime = _mtime_ns(member)
+            os.utime(base, ns=(mtime, mtime), dir_fd=pfd, follow_symlinks=False)
+
+    def _xattrs(self, member: tarfile.TarInfo, fd: int | None = None,
+                path: str | None = None) -> None:
+        for key, value in member.pax_headers.items():
+            if not key.startswith(XATTR_PAX_PREFIX):
+                continue
+            attr = key[len(XATTR_PAX_PREFIX):]
+            data = value.encode("utf-8", "surrogateescape")
+            try:
+                if fd is not None:
+                    os.setxattr(fd, attr, data)
+                else:
+                    os.setxattr(path, attr, data, follow_symlinks=False)
+            except OSError as exc:
+                # user.* xattrs exist only on files and directories; some filesystems
+                # lack xattrs altogether: containerd skips these as well
+                if exc.errno in (errno.ENOTSUP, errno.EPERM):
+                    continue
+                raise
+
+    # -- end of archive -----------------------------------------------------------------
+
+    def finish(self) -> None:
+        for rel in self._opaque:
+            self._clear_opaque(rel)
+        for rel, atime, mtime in reversed(self._dirs):
+            parent, _, base = rel.rpartition("/")
+            try:
+                pfd = self.dirfd(parent, create=False)
+                os.utime(base, ns=(atime, mtime), dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # removed by a later whiteout
+
+    def _clear_opaque(self, rel: str) -> None:
+        """Delete what an opaque directory hid: everything this layer did not write."""
+        try:
+            fd = openat2(self.rootfd, rel or ".", os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return
+        try:
+            names = os.listdir(fd)
+        finally:
+            os.close(fd)
+        pfd = self.dirfd(rel, create=False)
+        for name in names:
+            child = f"{rel}/{name}" if rel else name
+            if child not in self._unpacked:
+                self._remove(pfd, name, child)
+                pfd = self.dirfd(rel, create=False)
+            else:
+                try:
+                    is_dir = stat.S_ISDIR(os.lstat(name, dir_fd=pfd).st_mode)
+                except FileNotFoundError:
+                    continue
+                if is_dir:
+                    self._clear_opaque(child)
+
+    def close(self) -> None:
+        self._forget()

@@ -15,7 +15,7 @@ from isal import igzip
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from layers import E, d, tar  # noqa: E402
+from test_layer_builder import E, d, tar  # noqa: E402
 
 from runtimed.diff.apply import apply_layer  # noqa: E402
 from runtimed.errors import InvalidArgument  # noqa: E402

@@ -1,4 +1,4 @@
-"""Build layer tars in memory for the diff tests (entries given as small records)."""
+"""Build layer tars in memory for the diff tests (no tests here: a helper module)."""
 
 from __future__ import annotations
 

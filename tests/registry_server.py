@@ -400,8 +400,8 @@ def registry_token() -> Iterator[RegistryServer]:
 # Images built in a content store, for push/pull tests
 
 
-def _tar_gz(files: dict[str, bytes]) -> tuple[bytes, str]:
-    """A gzipped tar of `files`; returns (compressed bytes, diff id of the tar)."""
+def _tar_gz(files: dict[str, bytes], compress: bool = True) -> tuple[bytes, str]:
+    """A (gzipped) tar of `files`; returns (layer bytes, diff id of the tar)."""
     import gzip
     import hashlib
     import io
@@ -416,6 +416,8 @@ def _tar_gz(files: dict[str, bytes]) -> tuple[bytes, str]:
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(data))
     tar_bytes = raw.getvalue()
+    if not compress:
+        return tar_bytes, "sha256:" + hashlib.sha256(tar_bytes).hexdigest()
     return gzip.compress(tar_bytes, compresslevel=1, mtime=0), "sha256:" + hashlib.sha256(
         tar_bytes
     ).hexdigest()
@@ -435,6 +437,7 @@ def build_image(
     *,
     platform: tuple[str, str] = ("linux", "amd64"),
     docker: bool = False,
+    compress: bool = True,
 ) -> BuiltImage:
     """Write a single-platform image (gzip layers, config, manifest) into `store`."""
     import hashlib
@@ -443,10 +446,13 @@ def build_image(
     from runtimed.images.manifest import Descriptor, dump_json, gc_labels
     from runtimed.images.platforms import Platform
 
-    layer_type = mediatypes.DOCKER_LAYER_GZIP if docker else mediatypes.OCI_LAYER_GZIP
+    if compress:
+        layer_type = mediatypes.DOCKER_LAYER_GZIP if docker else mediatypes.OCI_LAYER_GZIP
+    else:
+        layer_type = mediatypes.DOCKER_LAYER if docker else mediatypes.OCI_LAYER
     layers, diff_ids = [], []
     for files in layer_files:
-        data, diff_id = _tar_gz(files)
+        data, diff_id = _tar_gz(files, compress)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         store.write_blob(
             ns,
@@ -525,3 +531,96 @@ def open_store(root: Path):
     root.mkdir(parents=True, exist_ok=True)
     db = Database(root / "meta.db")
     return ContentStore(root, db, LeaseStore(db))
+
+
+class CuttingProxy:
+    """A loopback TCP proxy to `target` that cuts the first `cuts` connections once they
+    have carried `after` bytes towards the client (a network failure mid-download).
+
+    `requests` keeps the first line and Range header of each client request it saw.
+    """
+
+    def __init__(self, target: str, *, after: int, cuts: int = 1):
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.after = after
+        self.cuts_left = cuts
+        self.cuts = 0
+        self.requests: list[str] = []
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.host = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._threads: list[threading.Thread] = []
+        self._sockets: list[socket.socket] = []
+        self._closed = False
+        self._accept_thread = threading.Thread(target=self._accept, daemon=True)
+        self._accept_thread.start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            with self._lock:
+                self._sockets += [client, upstream]
+            for args in ((client, upstream, False), (upstream, client, True)):
+                thread = threading.Thread(target=self._pipe, args=args, daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
+        carried = 0
+        cut_here = False
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if not downstream:
+                    self._record(data)
+                if downstream and not cut_here:
+                    with self._lock:
+                        if self.cuts_left and carried + len(data) > self.after:
+                            self.cuts_left -= 1
+                            self.cuts += 1
+                            cut_here = True
+                    if cut_here:
+                        dst.sendall(data[: max(self.after - carried, 0)])
+                        break
+                dst.sendall(data)
+                carried += len(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _record(self, data: bytes) -> None:
+        text = data.decode("latin-1")
+        if text[:8].split(" ")[0] in ("GET", "HEAD", "PUT", "POST", "PATCH", "DELETE"):
+            head = text.split("\r\n\r\n", 1)[0].split("\r\n")
+            ranges = [h for h in head[1:] if h.lower().startswith("range:")]
+            self.requests.append(" ".join([head[0], *ranges]))
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        self._listener.close()
+        with self._lock:
+            for s in self._sockets:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv
+                except OSError:
+                    pass
+                s.close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._accept_thread.join(timeout=5)

@@ -21,9 +21,9 @@ import urllib3
 
 from runtimed.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     NotFound,
     PermissionDenied,
-    RuntimedError,
     Unavailable,
 )
 from runtimed.images.registry.auth import Authorizer
@@ -141,7 +141,8 @@ class Transport:
         raise AssertionError("unreachable")
 
     def _send(self, method, path, headers, body, stream) -> urllib3.BaseHTTPResponse:
-        url = path if "://" in path else self.base_url + path
+        scheme = self.scheme
+        url = path if "://" in path else f"{scheme}://{self.endpoint.host}{path}"
         try:
             return self._pool.request(
                 method,
@@ -153,35 +154,36 @@ class Transport:
                 timeout=self._timeout(),
                 redirect=True,
             )
-        except urllib3.exceptions.SSLError as exc:
-            if self.scheme == "https" and self.endpoint.fallback_http and "://" not in path:
-                log.info("%s: TLS failed (%s); using plain HTTP", self.endpoint.host, _reason(exc))
+        except (urllib3.exceptions.SSLError, urllib3.exceptions.MaxRetryError) as exc:
+            tls_error = exc if isinstance(exc, urllib3.exceptions.SSLError) else exc.reason
+            if not isinstance(tls_error, urllib3.exceptions.SSLError):
+                raise Unavailable(f"cannot reach {self.endpoint.host}: {_reason(exc)}") from None
+            if (
+                scheme == "https"
+                and self.endpoint.fallback_http
+                and "://" not in path
+                and _speaks_plain_http(tls_error)
+            ):
+                if self.scheme == "https":
+                    log.info(
+                        "%s: TLS failed (%s); using plain HTTP",
+                        self.endpoint.host,
+                        _reason(tls_error),
+                    )
                 self.scheme = "http"
+                if hasattr(body, "seek"):
+                    body.seek(0)
                 return self._send(method, path, headers, body, stream)
             raise Unavailable(
-                f"TLS with {self.endpoint.host} failed: {_reason(exc)}; give the registry's CA "
-                "(registries.<host>.ca) or mark the host insecure"
+                f"TLS with {self.endpoint.host} failed: {_reason(tls_error)}; give the "
+                "registry's CA (registries.<host>.ca) or mark the host insecure"
             ) from None
-        except urllib3.exceptions.MaxRetryError as exc:
-            if isinstance(exc.reason, urllib3.exceptions.SSLError):
-                return self._send_after_ssl_error(method, path, headers, body, stream, exc.reason)
-            raise Unavailable(f"cannot reach {self.endpoint.host}: {_reason(exc)}") from None
         except (urllib3.exceptions.TimeoutError, TimeoutError):
             raise DeadlineExceeded(
                 f"{self.endpoint.host}: no response within {self.timeouts.progress:g}s"
             ) from None
         except urllib3.exceptions.HTTPError as exc:
             raise Unavailable(f"cannot reach {self.endpoint.host}: {_reason(exc)}") from None
-
-    def _send_after_ssl_error(self, method, path, headers, body, stream, error):
-        if self.scheme == "https" and self.endpoint.fallback_http and "://" not in path:
-            log.info("%s: TLS failed (%s); using plain HTTP", self.endpoint.host, _reason(error))
-            self.scheme = "http"
-            return self._send(method, path, headers, body, stream)
-        raise Unavailable(
-            f"TLS with {self.endpoint.host} failed: {_reason(error)}; give the registry's CA "
-            "(registries.<host>.ca) or mark the host insecure"
-        )
 
 
 def check(
@@ -201,7 +203,7 @@ def check(
         raise Unavailable(f"{what}: {host} is rate limiting requests (HTTP 429){detail}")
     if status >= 500:
         raise Unavailable(f"{what}: {host} failed with HTTP {status}{detail}")
-    raise RuntimedError(f"{what}: unexpected HTTP {status} from {host}{detail}")
+    raise FailedPrecondition(f"{what}: unexpected HTTP {status} from {host}{detail}")
 
 
 def _error_detail(response: urllib3.BaseHTTPResponse) -> str:
@@ -216,6 +218,17 @@ def _error_detail(response: urllib3.BaseHTTPResponse) -> str:
         return " (" + "; ".join(p for p in parts if p) + ")" if parts else ""
     except (ValueError, AttributeError, TypeError):
         return ""
+
+
+def _speaks_plain_http(error: BaseException) -> bool:
+    """The TLS handshake failed because the server answered in plain HTTP (the only case
+    where falling back to HTTP is safe: a certificate error is never downgraded)."""
+    text = str(error)
+    return (
+        "WRONG_VERSION_NUMBER" in text
+        or "record layer failure" in text
+        or ("http request" in text.lower())
+    )
 
 
 def _reason(exc: BaseException) -> str:

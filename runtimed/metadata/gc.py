@@ -6,10 +6,13 @@ unexpired leases and what they hold, unexpired ingests, objects labelled
 snapshot and label references). From a node, references are followed through labels
 (`containerd.io/gc.ref.content[.<x>|/<x>]` → content digest,
 `containerd.io/gc.ref.snapshot.<snapshotter>[/<x>]` → snapshot key) and, for content,
-through the descriptors inside index and manifest JSON. containerd itself follows only the
-labels, which its clients set; reading the JSON as well means content written by clients
-that set no labels (an import with --no-unpack, a plain `ctr content ingest` of a
-manifest) is still collected as a whole when its image goes, and kept while it stays.
+through the descriptors inside index and manifest JSON when the blob carries no content
+ref labels. containerd follows only the labels, which its clients set (ctr import and
+pull label every child); when a client set any, its labels rule, so removing them (`ctr
+content prune references` drops the layer labels) lets those children go as in
+containerd. Reading the JSON of unlabelled blobs means content written by clients that
+set no labels (a plain `ctr content ingest` of a manifest, label-less importers) is still
+kept while its image stays and collected as a whole when it goes.
 
 Plugging in another kind (the snapshots and containers stores do this):
 
@@ -205,7 +208,10 @@ class ContentKind(ResourceKind):
         ).fetchone()
         if row is None:
             return
-        yield from label_refs(node.namespace, json.loads(row["labels"]))
+        refs = list(label_refs(node.namespace, json.loads(row["labels"])))
+        yield from refs
+        if any(ref.kind == "content" for ref in refs):
+            return  # the client labelled the children: its labels rule, as in containerd
         for digest in self._json_children(node.key, row["size"]):
             yield Node("content", node.namespace, digest)
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from runtimed.content.store import ContentStore
+from runtimed.content.store import ContentInfo, ContentStore
 from runtimed.errors import NotFound
 from runtimed.metadata.db import Database
 from runtimed.metadata.gc import GarbageCollector, Node, ResourceKind
@@ -207,3 +207,15 @@ def test_lease_resources_api(env):
     assert [x.id for x in leases.list("default", ["labels.x==y"])] == [lease.id]
     with pytest.raises(NotFound):
         leases.add_resource("default", "nope", Resource("k", "ingests"))
+
+
+def test_client_labels_rule_over_json(env):
+    """`ctr content prune references` drops the layer labels of a labelled manifest: the
+    layers then go even though the manifest JSON still names them, as in containerd."""
+    content, images, _, gc, _ = env
+    m, config, layers = make_image(content, "default", [b"l0", b"l1"], "img", images, labels_refs=True)
+    assert gc.collect().removed == []
+    content.update("default", ContentInfo(m.digest, 0, 0, 0, {}),
+                   [f"labels.containerd.io/gc.ref.content.l.{i}" for i in range(2)])
+    assert {n.key for n in gc.collect().removed} == set(layers)
+    assert content.exists("default", config.digest) and content.exists("default", m.digest)

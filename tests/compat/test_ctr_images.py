@@ -4,6 +4,8 @@ blobs stay."""
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from runtimed.api.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc
@@ -87,3 +89,28 @@ def test_leases_create_ls_rm(daemon):
     assert missing.returncode != 0 and "not found" in missing.stderr
     bad = daemon.ctr("leases", "create", "--id", "bad/id", check=False)
     assert bad.returncode != 0 and "lease id" in bad.stderr
+
+
+def test_same_image_in_two_namespaces(daemon, archives):
+    busybox = archives["busybox"]
+    daemon.ctr("images", "import", "--no-unpack", busybox.archive, namespace="a")
+    daemon.ctr("images", "import", "--no-unpack", busybox.archive, namespace="b")
+    assert set(busybox.blobs) <= content_digests(daemon, "b")
+    daemon.ctr("images", "rm", "--sync", busybox.name, namespace="a")
+    assert content_digests(daemon, "a") == set()
+    assert set(busybox.blobs) <= content_digests(daemon, "b")
+    assert all(blob_exists(daemon, d) for d in busybox.blobs)
+    layer = busybox.layers[0]
+    got = daemon.ctr("content", "get", layer, namespace="b", input=b"").stdout
+    assert "sha256:" + hashlib.sha256(got).hexdigest() == layer
+
+
+def test_prune_references_frees_layers(daemon, archives):
+    """As in containerd: with the layer labels gone the layers are collectable (an unpacked
+    image keeps its files in snapshots)."""
+    busybox = archives["busybox"]
+    daemon.ctr("images", "import", "--no-unpack", busybox.archive)
+    daemon.ctr("content", "prune", "references")
+    left = content_digests(daemon)
+    assert busybox.manifests[0] in left and busybox.configs[0] in left
+    assert not set(busybox.layers) & left

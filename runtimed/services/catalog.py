@@ -18,6 +18,7 @@ SERVICE_MODULES = [
     "runtimed.services.tasks",
     "runtimed.services.archives",
     "runtimed.services.volumes",
+    "runtimed.services.registry_transfer",
 ]
 
 # containerd's grpc plugin ids where our module name differs

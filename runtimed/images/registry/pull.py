@@ -19,7 +19,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,12 +27,12 @@ import urllib3
 
 from runtimed.errors import (
     AlreadyExists,
+    Canceled,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    RuntimedError,
     Unavailable,
 )
 from runtimed.images import mediatypes, platforms
@@ -177,7 +176,7 @@ class _Pull:
         self.pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=max(options.concurrency, 1), thread_name_prefix="pull"
         )
-        self.cancelled = threading.Event()
+        self.cancelled = options.cancelled
 
     def run(self, target: Descriptor) -> PullResult:
         result = PullResult(str(self.remote.ref), target)
@@ -260,11 +259,11 @@ class _Pull:
                     self.report(
                         Progress(layer.digest, layer.media_type, "unpacked", layer.size, layer.size)
                     )
-        except BaseException:
+        except BaseException as exc:
             self.cancelled.set()
             for future in futures:
                 future.cancel()
-            raise
+            raise _first_cause(futures, exc) from None
         self._store_json(manifest.config, config_data, {})
         result.layers[manifest_desc.digest] = layers
 
@@ -329,7 +328,7 @@ class _Pull:
     def _fetch_layer(self, desc: Descriptor, diff_id: str) -> str:
         """Stream one layer into the store; returns its diff ID."""
         if self.cancelled.is_set():
-            raise RuntimedError("pull cancelled")
+            raise Canceled("pull cancelled")
         compression = mediatypes.layer_compression(desc.media_type)
         if self.store.exists(self.ns, desc.digest):
             info = self.store.info(self.ns, desc.digest)
@@ -399,7 +398,7 @@ class _Pull:
                 return None
             except Unavailable:  # another pull is writing this blob: wait for it
                 if self.cancelled.is_set():
-                    raise RuntimedError("pull cancelled") from None
+                    raise Canceled("pull cancelled") from None
                 wait_with_deadline(self.options, f"pull {self.remote.ref}", 0.2)
 
     def _abort(self, writer) -> None:
@@ -416,7 +415,7 @@ class _Pull:
         while writer.offset < desc.size or desc.size == 0:
             self.options.check_deadline(f"pull {self.remote.ref}")
             if self.cancelled.is_set():
-                raise RuntimedError("pull cancelled")
+                raise Canceled("pull cancelled")
             start = writer.offset
             headers = {"Range": f"bytes={start}-"} if start else {}
             self.report(Progress(desc.digest, desc.media_type, "downloading", start, desc.size))
@@ -462,7 +461,7 @@ class _Pull:
                             )
                         )
                     if self.cancelled.is_set():
-                        raise RuntimedError("pull cancelled")
+                        raise Canceled("pull cancelled")
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 failures += 1
                 if isinstance(exc, urllib3.exceptions.ReadTimeoutError):
@@ -494,6 +493,17 @@ class _Pull:
                         f"{what}: {host} ended the body at byte {writer.offset} of {desc.size}"
                     )
                 log.info("%s: body ended at %d/%d bytes; resuming", what, writer.offset, desc.size)
+
+
+def _first_cause(futures, exc: BaseException) -> BaseException:
+    """The error that stopped a batch, not the cancellations it caused in the others."""
+    if not isinstance(exc, Canceled):
+        return exc
+    concurrent.futures.wait(futures)
+    for future in futures:
+        if not future.cancelled() and not isinstance(future.exception(), Canceled | None):
+            return future.exception()
+    return exc
 
 
 class _DiffHasher:

@@ -13,16 +13,16 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urljoin
 
-from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound, RuntimedError
+from runtimed.errors import Canceled, FailedPrecondition, InvalidArgument, NotFound, RuntimedError
 from runtimed.images import mediatypes, platforms
 from runtimed.images import reference as references
 from runtimed.images.manifest import Descriptor, children, parse_index, walk
 from runtimed.images.registry.hosts import RegistryHosts
+from runtimed.images.registry.pull import _first_cause
 from runtimed.images.registry.remote import (
     Progress,
     ProgressFn,
@@ -77,7 +77,7 @@ class _Push:
         self.report = report
         self.scopes = remote.scopes(push=True)
         self.host = remote.endpoint.host
-        self.cancelled = threading.Event()
+        self.cancelled = options.cancelled
 
     def _read(self, desc: Descriptor) -> bytes:
         try:
@@ -108,9 +108,9 @@ class _Push:
             futures = [pool.submit(self._push_blob, desc) for desc in blobs.values()]
             for future in futures:
                 future.result()
-        except BaseException:
+        except BaseException as exc:
             self.cancelled.set()
-            raise
+            raise _first_cause(futures, exc) from None
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         # walk() yields parents first: push in reverse so children land first
@@ -143,7 +143,7 @@ class _Push:
 
     def _push_blob(self, desc: Descriptor) -> None:
         if self.cancelled.is_set():
-            raise RuntimedError("push cancelled")
+            raise Canceled("push cancelled")
         self.options.check_deadline(f"push {self.remote.ref}")
         what = f"blob {desc.digest} to {self.remote.ref}"
         transport = self.remote.transport
@@ -228,7 +228,7 @@ class _Push:
             while offset < desc.size:
                 self.options.check_deadline(f"push {self.remote.ref}")
                 if self.cancelled.is_set():
-                    raise RuntimedError("push cancelled")
+                    raise Canceled("push cancelled")
                 chunk = f.read(self.options.chunk_size)
                 if not chunk:
                     raise FailedPrecondition(f"{what}: blob shorter than its {desc.size} bytes")

@@ -3,12 +3,13 @@ endpoint's transport, and the distribution-source labels containerd keeps on blo
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtimed.errors import DeadlineExceeded
+from runtimed.errors import Canceled, DeadlineExceeded
 from runtimed.images import mediatypes
 from runtimed.images.reference import Reference
 from runtimed.images.registry import credentials as credstore
@@ -62,8 +63,12 @@ class TransferOptions:
     resume_attempts: int = 8  # reconnects (with Range) per blob after a broken connection
     lease: str | None = None
     started: float = field(default_factory=time.monotonic)
+    # set by the caller (a client went away) to stop the transfer at the next chunk
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
     def check_deadline(self, what: str) -> None:
+        if self.cancelled.is_set():
+            raise Canceled(f"{what}: cancelled")
         if self.timeout and time.monotonic() - self.started > self.timeout:
             raise DeadlineExceeded(f"{what}: gave up after the {self.timeout:g}s deadline")
 

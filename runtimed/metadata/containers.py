@@ -148,6 +148,14 @@ class ContainerStore:
         found = (_row_to_container(r) for r in rows)
         return [c for c in found if selected.match(_lookup(c))]
 
+    def stamps(self, namespace: str) -> list[tuple[str, int]]:
+        """(id, updated_at) of every container in a namespace, in List order: enough to
+        tell whether a cached encoding is current without reading whole records."""
+        with self.db.read() as conn:
+            return conn.execute(
+                "SELECT id, updated_at FROM containers WHERE namespace = ? ORDER BY id", (namespace,)
+            ).fetchall()
+
     def references(self, namespace: str) -> list[tuple[str, str]]:
         """(snapshotter, snapshot key) of every container in a namespace: GC roots."""
         with self.db.read() as conn:

@@ -1,4 +1,11 @@
-"""containerd.services.containers.v1.Containers over `daemon.containers`."""
+"""containerd.services.containers.v1.Containers over `daemon.containers`.
+
+List is the one call whose cost grows with the number of containers, and orchestrators
+call it often. Building 10,000 protobuf messages per call costs a third of a second in
+Python, so the service keeps each container's wire encoding, keyed by its update time,
+and an unfiltered List concatenates those encodings (a repeated message field is just
+`tag, length, bytes` per element) instead of building messages at all.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,44 @@ from runtimed.api.containerd.services.containers.v1 import containers_pb2 as pb
 from runtimed.api.containerd.services.containers.v1 import containers_pb2_grpc
 from runtimed.metadata.containers import AnyValue, Container
 from runtimed.services.base import namespace, service
+
+_CONTAINERS_FIELD = b"\x0a"  # ListContainersResponse.containers: field 1, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+class WireCache:
+    """Serialized Container messages by (namespace, id), valid while updated_at matches."""
+
+    def __init__(self, store):
+        self.store = store
+        self._entries: dict[tuple[str, str], tuple[int, bytes]] = {}
+
+    def list_response(self, ns: str) -> bytes:
+        stamps = self.store.stamps(ns)
+        entries = self._entries
+        if any(entries.get((ns, cid), (None,))[0] != stamp for cid, stamp in stamps):
+            for c in self.store.list(ns):
+                entries[(ns, c.id)] = (c.updated_at, to_proto(c).SerializeToString())
+        parts = []
+        for cid, _ in stamps:
+            encoded = entries[(ns, cid)][1]
+            parts += (_CONTAINERS_FIELD, _varint(len(encoded)), encoded)
+        return b"".join(parts)
+
+    def forget(self, ns: str, cid: str) -> None:
+        self._entries.pop((ns, cid), None)
+
+
+def _serialize_list(response) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
 
 
 def _timestamp(ns: int) -> Timestamp:
@@ -58,11 +103,14 @@ class ContainersService(containers_pb2_grpc.ContainersServicer):
     def __init__(self, daemon):
         self.daemon = daemon
         self.store = daemon.containers
+        self.wire = WireCache(self.store)
 
     async def Get(self, request, context):
         return pb.GetContainerResponse(container=to_proto(self.store.get(namespace(context), request.id)))
 
     async def List(self, request, context):
+        if not request.filters:
+            return self.wire.list_response(namespace(context))
         found = self.store.list(namespace(context), list(request.filters))
         return pb.ListContainersResponse(containers=[to_proto(c) for c in found])
 
@@ -86,8 +134,28 @@ class ContainersService(containers_pb2_grpc.ContainersServicer):
         if tasks is not None and hasattr(tasks, "refuse_container_delete"):
             tasks.refuse_container_delete(ns, request.id)
         self.store.delete(ns, request.id)
+        self.wire.forget(ns, request.id)
         return empty_pb2.Empty()
 
 
+class _FastListServer:
+    """Registers the generated handlers, with List's serializer taking ready bytes too
+    (the generated code hands over the handler table in its second call)."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers):
+        pass
+
+    def add_registered_method_handlers(self, name, handlers):
+        import grpc
+
+        handlers = dict(handlers)
+        handlers["List"] = handlers["List"]._replace(response_serializer=_serialize_list)
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+        self.server.add_registered_method_handlers(name, handlers)
+
+
 def register(server, daemon) -> None:
-    containers_pb2_grpc.add_ContainersServicer_to_server(ContainersService(daemon), server)
+    containers_pb2_grpc.add_ContainersServicer_to_server(ContainersService(daemon), _FastListServer(server))

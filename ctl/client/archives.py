@@ -34,7 +34,8 @@ def import_archive(client, source, *, name: str | None = None,
                    platform: str | None = None, all_platforms: bool = False) -> list[Image]:
     stub = _stub(client)
     pb = stub.pb
-    options = pb.ImportOptions(unpack=True, snapshotter=snapshotter, platform=platform or "",
+    # unpacked below, by the client: works whether or not the daemon has an unpacker
+    options = pb.ImportOptions(unpack=False, snapshotter=snapshotter, platform=platform or "",
                                all_platforms=all_platforms)
     opened = None
     total = 0
@@ -55,6 +56,8 @@ def import_archive(client, source, *, name: str | None = None,
     finally:
         if opened is not None:
             opened.close()
+    for image in imported:
+        _unpack(client, image, snapshotter, platform)
     if name:
         if len(imported) != 1:
             raise InvalidArgument(
@@ -76,3 +79,19 @@ def export(client, names: list[str], destination, *, progress: Callable[[int, in
         if progress:
             progress(written, 0)
     return written
+
+
+def _unpack(client, image: Image, snapshotter: str, platform: str | None) -> None:
+    """Unpack for this host's platform; an image without one (or a daemon without
+    snapshots) is left packed, and `containers.create` tries again."""
+    from runtimed.errors import NotFound, Unimplemented
+
+    try:
+        resolved = client.images.resolve(image, platform)
+    except NotFound:
+        return
+    try:
+        if not client.images.is_unpacked(resolved, snapshotter):
+            client.images.unpack(resolved, snapshotter)
+    except Unimplemented:
+        pass

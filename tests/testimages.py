@@ -317,8 +317,8 @@ def build_multiplatform(layout: Layout, busybox_tar: bytes) -> dict:
 
 
 def build_large(layout: Layout, workdir: Path, arch: str, layers: int = 4,
-                layer_size: int = 50 << 20) -> dict:
-    """Layers of seeded pseudo-random data (3/4) and text (1/4): large, and barely
+                layer_size: int = 55 << 20) -> dict:
+    """Layers of seeded pseudo-random data (7/8) and text (1/8): large, and barely
     compressible, so import measures moving bytes rather than compressing them."""
     built = []
     for n in range(layers):
@@ -342,8 +342,8 @@ def build_large(layout: Layout, workdir: Path, arch: str, layers: int = 4,
                 left = per_file
                 while left:
                     size = min(left, 1 << 20)
-                    chunk = rng.randbytes(size * 3 // 4) + b"runtimed large test image\n" * (
-                        (size - size * 3 // 4) // 26 + 1)
+                    chunk = rng.randbytes(size * 7 // 8) + b"runtimed large test image\n" * (
+                        (size - size * 7 // 8) // 26 + 1)
                     emit(chunk[:size])
                     left -= size
                 pad = -per_file % tarfile.BLOCKSIZE
@@ -469,6 +469,9 @@ def _cached(large: bool) -> Path:
                 tmp.rename(final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+            for stale in root.iterdir():  # builds of older inputs are never used again
+                if stale.is_dir() and not stale.name.startswith((cache_key(), ".")):
+                    shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

@@ -510,7 +510,7 @@ class _Import:
     def _verify(self, index: Descriptor) -> None:
         """Every blob under the index (for the platforms asked for) is present, of the
         size its descriptor says, and every JSON document in it parses; parents get the
-        gc.ref labels containerd's clients expect."""
+        gc.ref labels containerd's clients expect, for all their children."""
 
         def read(desc: Descriptor) -> bytes:
             try:
@@ -528,8 +528,10 @@ class _Import:
                     self.a._present(self.ns, desc)
                 except NotFound as exc:
                     raise InvalidArgument(f"{exc}: missing from the archive") from None
-            if node.children:
-                labels = gc_labels(node.children)
+            if node.all_children:
+                # every platform's content the archive brought stays with the index, so a
+                # later unpack or export can pick another platform
+                labels = gc_labels(node.all_children)
                 self.content.update(
                     self.ns, ContentInfo(desc.digest, 0, 0, 0, labels),
                     [f"labels.{key}" for key in labels],

@@ -229,10 +229,12 @@ def gc_labels(children_: list[Descriptor]) -> dict[str, str]:
 
 @dataclass
 class Node:
-    """One blob reached by `walk`, with the children kept after platform filtering."""
+    """One blob reached by `walk`: `children` are those walked into (after platform
+    filtering), `all_children` every descriptor the document names."""
 
     descriptor: Descriptor
     children: list[Descriptor]
+    all_children: list[Descriptor] = field(default_factory=list)
 
 
 def walk(
@@ -252,12 +254,13 @@ def walk(
         if desc.digest in seen:
             continue
         seen.add(desc.digest)
-        kids: list[Descriptor] = []
+        everything: list[Descriptor] = []
         if mediatypes.is_manifest(desc.media_type) or mediatypes.is_index(desc.media_type):
-            kids = children(desc, read(desc))
-            if matcher is not None and mediatypes.is_index(desc.media_type):
-                kids = [k for k in kids if k.platform is None or matcher.match(k.platform)]
+            everything = children(desc, read(desc))
         elif mediatypes.is_config(desc.media_type):
             parse_config(read(desc), f"config {desc.digest}")
-        yield Node(desc, kids)
+        kids = everything
+        if matcher is not None and mediatypes.is_index(desc.media_type):
+            kids = [k for k in kids if k.platform is None or matcher.match(k.platform)]
+        yield Node(desc, kids, everything)
         stack.extend(reversed(kids))

@@ -60,6 +60,15 @@ class Daemon:
         self.images = ImageStore(self.db, self.namespaces, self.exchange)
         self.gc = GarbageCollector(self.db, self.content)
         self.leases.gc = self.content.gc = self.images.gc = self.gc
+        from runtimed.diff.differ import Differ
+        from runtimed.images.unpack import Unpacker
+        from runtimed.snapshots import open_snapshotters
+
+        self.snapshotters = open_snapshotters(self.root, self.db, self.exchange, self.leases,
+                                              self.namespaces, self.gc)
+        self.differ = Differ(self.content, self.root / "tmpmounts")
+        self.unpacker = Unpacker(self.content, self.images, self.snapshotters, self.differ,
+                                 self.leases)
         self.gc.schedule()  # repair what a crash left: unreferenced blobs, stale ingests
         self._open_volumes()
 

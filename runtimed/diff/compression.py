@@ -25,6 +25,7 @@ MEDIA_TYPES: dict[str, str] = {
     "application/vnd.docker.image.rootfs.diff.tar": NONE,
     "application/vnd.docker.image.rootfs.diff.tar.gzip": GZIP,
     "application/vnd.docker.image.rootfs.diff.tar.zstd": ZSTD,
+    "application/vnd.docker.image.rootfs.foreign.diff.tar": NONE,
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip": GZIP,
 }
 

@@ -19,6 +19,8 @@ SERVICE_MODULES = [
     "runtimed.services.archives",
     "runtimed.services.volumes",
     "runtimed.services.registry_transfer",
+    "runtimed.services.snapshots",
+    "runtimed.services.diff",
 ]
 
 # containerd's grpc plugin ids where our module name differs

@@ -122,10 +122,16 @@ class Snapshotter(ABC):
     name: str = ""
 
     def __init__(self, root: str | os.PathLike, db: Database,
-                 publish: EventPublisher | None = None):
+                 publish: EventPublisher | None = None, leases=None, namespaces=None):
+        """`leases` (a LeaseStore) records snapshots made under a lease; `namespaces`
+        (a NamespaceStore) creates the namespace implicitly; `gc` (set later by the daemon)
+        is scheduled after removals, as containerd collects after deletes."""
         self.root = Path(root)
         self.db = db
         self.publish = publish
+        self.leases = leases
+        self.namespaces = namespaces
+        self.gc = None
         self.snapshots_dir = self.root / "snapshots"
         self.snapshots_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         db.migrate("snapshots", MIGRATIONS)
@@ -152,12 +158,12 @@ class Snapshotter(ABC):
     # -- the interface ------------------------------------------------------------------
 
     def prepare(self, ns: str, key: str, parent: str = "",
-                labels: dict[str, str] | None = None) -> list[Mount]:
-        return self._create(ns, key, parent, labels or {}, Kind.ACTIVE)
+                labels: dict[str, str] | None = None, lease: str | None = None) -> list[Mount]:
+        return self._create(ns, key, parent, labels or {}, Kind.ACTIVE, lease)
 
     def view(self, ns: str, key: str, parent: str = "",
-             labels: dict[str, str] | None = None) -> list[Mount]:
-        return self._create(ns, key, parent, labels or {}, Kind.VIEW)
+             labels: dict[str, str] | None = None, lease: str | None = None) -> list[Mount]:
+        return self._create(ns, key, parent, labels or {}, Kind.VIEW, lease)
 
     def mounts(self, ns: str, key: str) -> list[Mount]:
         with self.db.read() as conn:
@@ -171,7 +177,7 @@ class Snapshotter(ABC):
         return self._mounts(row.id, parents, row.info.kind)
 
     def commit(self, ns: str, name: str, key: str,
-               labels: dict[str, str] | None = None) -> Info:
+               labels: dict[str, str] | None = None, lease: str | None = None) -> Info:
         _check_key(name, "snapshot name")
         with self.db.read() as conn:
             row = self._get(conn, ns, key)
@@ -195,6 +201,7 @@ class Snapshotter(ABC):
                 (name, int(Kind.COMMITTED), json.dumps(new_labels), now, now,
                  usage.size, usage.inodes, row.id),
             )
+            self._lease(tx, ns, lease, name)
         self._event(ns, "/snapshot/commit", key=key, name=name)
         return Info(name=name, kind=Kind.COMMITTED, parent=row.info.parent,
                     labels=new_labels, created_at=now, updated_at=now)
@@ -212,6 +219,8 @@ class Snapshotter(ABC):
             tx.execute("DELETE FROM snapshots WHERE id = ?", (row.id,))
         self._discard(self.path(row.id))
         self._event(ns, "/snapshot/remove", key=key)
+        if self.gc is not None:
+            self.gc.schedule()
 
     def stat(self, ns: str, key: str) -> Info:
         with self.db.read() as conn:
@@ -263,6 +272,13 @@ class Snapshotter(ABC):
 
     def cleanup(self) -> list[str]:
         """Remove trees that no snapshot record names (left by crashes or removals)."""
+        removed = self.detach_orphans()
+        self.purge()
+        return removed
+
+    def detach_orphans(self) -> list[str]:
+        """Rename trees without a record to `rm-*` (quick: the garbage collector calls
+        this under the metadata lock); `purge` deletes them afterwards."""
         # the database lock is held across a create's rename and commit, so a listing
         # taken under it never sees a tree whose record is not yet visible
         with self.db.read() as conn:
@@ -273,11 +289,20 @@ class Snapshotter(ABC):
                 busy = set(self._building)
         removed = []
         for entry in entries:
-            if entry not in ids and entry not in busy:
-                path = self.snapshots_dir / entry
-                self._discard(path)
-                removed.append(str(path))
+            if entry in ids or entry in busy or entry.startswith("rm-"):
+                continue
+            path = self.snapshots_dir / entry
+            try:
+                os.rename(path, self.snapshots_dir / f"rm-{entry}")
+            except FileNotFoundError:
+                continue
+            removed.append(str(path))
         return removed
+
+    def purge(self) -> None:
+        for entry in os.listdir(self.snapshots_dir):
+            if entry.startswith("rm-"):
+                self._discard(self.snapshots_dir / entry)
 
     def namespaces_keys(self) -> list[tuple[str, str, int]]:
         """(namespace, key, id) of every snapshot: for the garbage collector."""
@@ -288,7 +313,7 @@ class Snapshotter(ABC):
     # -- internals ----------------------------------------------------------------------
 
     def _create(self, ns: str, key: str, parent: str, labels: dict[str, str],
-                kind: Kind) -> list[Mount]:
+                kind: Kind, lease: str | None = None) -> list[Mount]:
         _check_key(key, "snapshot key")
         labelutil.validate(labels)
         with self.db.read() as conn:
@@ -323,6 +348,9 @@ class Snapshotter(ABC):
                      json.dumps(labels), now, now),
                 )
                 id = cur.lastrowid
+                self._lease(tx, ns, lease, key)
+                if self.namespaces is not None:
+                    self.namespaces.ensure(tx, ns)
                 os.rename(tmp, self.path(id))
         except BaseException:
             self._discard(tmp)
@@ -332,6 +360,10 @@ class Snapshotter(ABC):
                 self._building.discard(tmp.name)
         self._event(ns, "/snapshot/prepare", key=key, parent=parent)
         return self._mounts(id, parent_ids, kind)
+
+    def _lease(self, tx: sqlite3.Connection, ns: str, lease: str | None, key: str) -> None:
+        if lease and self.leases is not None:
+            self.leases.add_resource_tx(tx, ns, lease, f"snapshots/{self.name}", key)
 
     def _find(self, conn: sqlite3.Connection, ns: str, key: str) -> _Row | None:
         r = conn.execute(

@@ -34,11 +34,11 @@ def supported() -> str | None:
 class OverlaySnapshotter(Snapshotter):
     name = "overlayfs"
 
-    def __init__(self, root, db, publish=None):
+    def __init__(self, root, db, *args, **kwargs):
         reason = supported()
         if reason:
             raise FailedPrecondition(f"overlayfs snapshotter unavailable: {reason}")
-        super().__init__(root, db, publish)
+        super().__init__(root, db, *args, **kwargs)
         # containerd sets index=off where the kernel knows the option: with the index on,
         # mounting the same lower directories in a second overlay can fail
         self._options = ["index=off"] if INDEX_PARAMETER.exists() else []

@@ -189,6 +189,8 @@ def _is_leak(path: str) -> bool:
     """A container's cgroup (`<controller>/<namespace>/<id>` as containerd clients name
     them, or deeper), or any new cgroup that still holds processes. An empty parent such
     as `<controller>/default` stays behind by design, as it does with containerd."""
+    if "/process_api" in path:  # the machine's job runner, not ours: never kill those
+        return False
     depth = len(Path(path).parts) - len(CGROUP_ROOT.parts)
     if depth >= 3:
         return True

@@ -579,7 +579,7 @@ class _Import:
         for image in created:
             unpacker.unpack(
                 self.ns, image.name, platform=self.options.platform or None,
-                snapshotter=self.options.snapshotter or None,
+                snapshotter=self.options.snapshotter or None, lease=self.lease,
             )
             self.report(Progress("unpack", ref=image.name))
 

@@ -160,12 +160,9 @@ def _progress(p: Progress) -> archive_pb2.ImportResponse:
 
 
 def _unpacker_factory(daemon):
-    """The snapshots engineer's Unpacker, when it exists and the daemon has what it needs."""
-    try:
-        from runtimed.images.unpack import Unpacker  # noqa: F401
-    except ImportError:
-        return None
-    return getattr(daemon, "unpacker", None) and (lambda: daemon.unpacker)
+    """The daemon's Unpacker (runtimed.images.unpack), when this daemon has one."""
+    unpacker = getattr(daemon, "unpacker", None)
+    return (lambda: unpacker) if unpacker is not None else None
 
 
 def register(server: grpc.aio.Server, daemon) -> None:

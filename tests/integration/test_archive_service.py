@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 
 import grpc
 import pytest
@@ -138,3 +139,39 @@ def test_export_streams_archive_that_imports_back(daemon, images):
         with pytest.raises(grpc.RpcError) as err:
             list(stub.Export(archive_pb2.ExportRequest(names=["docker.io/library/nope:1"]), metadata=MD))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_import_with_unpack(daemon, images):
+    ml = images["multilayer"]
+    with daemon.channel() as channel:
+        progress, result = run_import(channel, ml.path.read_bytes(), unpack=True)
+    assert [p.ref for p in progress if p.action == "unpack"] == [ml.name]
+    snapshots = daemon.ctr("snapshots", "ls").stdout
+    assert ml.diff_ids[0] in snapshots  # the first chain ID is the first diff ID
+    assert len([line for line in snapshots.splitlines()[1:] if "Committed" in line]) == 3
+    config = daemon.ctr("content", "ls").stdout
+    assert "containerd.io/gc.ref.snapshot.overlayfs" in config
+    daemon.ctr("images", "rm", "--sync", ml.name)
+
+
+def test_cancelled_import_leaves_nothing(daemon, images):
+    data = images["multilayer"].path.read_bytes()
+    with daemon.channel() as channel:
+        stub = archive_pb2_grpc.ArchivesStub(channel)
+
+        def half():
+            yield archive_pb2.ImportRequest(options=archive_pb2.ImportOptions())
+            yield archive_pb2.ImportRequest(data=data[: len(data) // 2])
+            time.sleep(0.5)
+
+        call = stub.Import(half(), metadata=MD)
+        next(call)  # progress has started
+        call.cancel()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if daemon.ctr("leases", "ls", "-q").stdout.strip() == "" and not stored(channel):
+                break
+            time.sleep(0.1)
+        assert daemon.ctr("leases", "ls", "-q").stdout.strip() == ""
+        assert stored(channel) == set() and image_names(channel) == []
+        assert not any((daemon.root / "content" / "ingest").iterdir())

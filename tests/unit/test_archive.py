@@ -364,3 +364,26 @@ def test_export_docker_archive_imports_as_docker(env, images):
 def test_export_unknown_image(env):
     with pytest.raises(NotFound, match="nope"):
         env.export_chunks(NS, ["docker.io/library/nope:latest"])
+
+
+def test_import_gzip_compressed_archive(env, images):
+    import gzip
+
+    bb = images["busybox"]
+    (result,) = do_import(env, gzip.compress(bb.path.read_bytes(), mtime=0))
+    assert (result.name, result.target.digest) == (bb.name, bb.target["digest"])
+
+
+def test_docker_archive_with_several_images(env, images):
+    members = read_members(images["busybox-docker"].path)
+    entries = json.loads(dict((i.name, d) for i, d in members)["manifest.json"])
+    entries[0]["RepoTags"] = ["busybox:latest", "example.com/team/busybox:1.0"]
+    entries.append({**entries[0], "RepoTags": None})  # untagged: imported, but unnamed
+    data = write_tar([(i, json.dumps(entries).encode() if i.name == "manifest.json" else d)
+                      for i, d in members])
+    result = do_import(env, data, digests=True, base_name="example.com/team/busybox")
+    names = {i.name for i in result}
+    digest = result[0].target.digest
+    assert names == {"docker.io/library/busybox:latest", "example.com/team/busybox:1.0",
+                     f"example.com/team/busybox@{digest}"}
+    assert {i.target.digest for i in result} == {digest}

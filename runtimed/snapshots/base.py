@@ -227,20 +227,15 @@ class Snapshotter(ABC):
             return self._get(conn, ns, key).info
 
     def update(self, ns: str, info: Info, fieldpaths: list[str] | None = None) -> Info:
-        """Update labels (the only mutable field); `labels.<key>` paths merge one key."""
+        """Update labels (the only mutable field); `labels.<key>` paths merge one key.
+        The kind and parent in `info` are ignored, as containerd does: its Go client sends
+        an unset kind as "committed"."""
         paths = list(fieldpaths or [])
         for p in paths:
             if p != "labels" and not p.startswith("labels."):
                 raise InvalidArgument(f"cannot update {p!r} of snapshot {info.name!r}: only labels")
         with self.db.transaction() as tx:
             row = self._get(tx, ns, info.name)
-            if info.kind not in (Kind.UNKNOWN, row.info.kind):
-                raise InvalidArgument(
-                    f"snapshot {info.name!r} is {row.info.kind.name.lower()}, not "
-                    f"{info.kind.name.lower()}"
-                )
-            if info.parent and info.parent != row.info.parent:
-                raise InvalidArgument(f"snapshot {info.name!r}: parent cannot be changed")
             new = labelutil.apply_update(row.info.labels, dict(info.labels), paths)
             now = now_ns()
             tx.execute(

@@ -108,8 +108,19 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
             all_platforms=request.all_platforms,
             lease=lease(context),
         )
+        first = request.platforms[0] if request.platforms else None
+        platform = (
+            "/".join(p for p in (first.os or "linux", first.architecture, first.variant) if p)
+            if first
+            else ""
+        )
         pull = PullRequest(
-            request.reference, options, dict(request.labels), request.unpack, request.snapshotter
+            request.reference,
+            options,
+            dict(request.labels),
+            request.unpack,
+            request.snapshotter,
+            platform,
         )
         async for item in _relay(
             lambda progress: self.transfers.pull(ns, pull, progress),

@@ -35,6 +35,7 @@ class PullRequest:
     labels: dict[str, str] = field(default_factory=dict)
     unpack: bool = False
     snapshotter: str = ""
+    platform: str = ""  # the platform to unpack ("linux/arm64"); empty: this host's
 
 
 class RegistryTransfers:
@@ -87,7 +88,13 @@ class RegistryTransfers:
             result = Puller(self.content, self.hosts).pull(ns, name, options, report)
             self._record(ns, result, request.labels)
             if unpacker is not None and not hasattr(unpacker, "unpack_layer"):
-                unpacker.unpack(ns, result.name, snapshotter=request.snapshotter or None)
+                unpacker.unpack(
+                    ns,
+                    result.name,
+                    snapshotter=request.snapshotter or None,
+                    platform=request.platform or None,
+                    lease=options.lease,
+                )
                 for manifest in result.manifests:
                     report(
                         Progress(

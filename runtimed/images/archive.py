@@ -301,6 +301,7 @@ class _Import:
         self.symlinks: dict[str, str] = {}
 
     def run(self, reader: BinaryIO) -> list[ImportedImage]:
+        matcher = self._matcher()  # a bad platform fails before any byte is read
         counting = _CountingReader(reader, self.report)
         try:
             with tarfile.open(fileobj=counting, mode="r|*", bufsize=CHUNK) as tf:
@@ -322,7 +323,7 @@ class _Import:
                 "unrecognized image archive: neither an OCI image layout (oci-layout, "
                 "index.json) nor a docker save archive (manifest.json)"
             )
-        self._verify(index)
+        self._verify(index, matcher)
         images = self._names(index)
         created = []
         for name, target in images:
@@ -507,7 +508,7 @@ class _Import:
             return platforms.only_strict(platforms.parse(self.options.platform))
         return platforms.default()
 
-    def _verify(self, index: Descriptor) -> None:
+    def _verify(self, index: Descriptor, matcher: platforms.Matcher) -> None:
         """Every blob under the index (for the platforms asked for) is present, of the
         size its descriptor says, and every JSON document in it parses; parents get the
         gc.ref labels containerd's clients expect, for all their children."""
@@ -518,7 +519,7 @@ class _Import:
             except NotFound as exc:
                 raise InvalidArgument(f"{exc}: missing from the archive") from None
 
-        for node in walk(read, index, self._matcher()):
+        for node in walk(read, index, matcher):
             desc = node.descriptor
             if not (mediatypes.is_index(desc.media_type) or mediatypes.is_manifest(desc.media_type)
                     or mediatypes.is_config(desc.media_type)):

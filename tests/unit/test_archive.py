@@ -387,3 +387,13 @@ def test_docker_archive_with_several_images(env, images):
     assert names == {"docker.io/library/busybox:latest", "example.com/team/busybox:1.0",
                      f"example.com/team/busybox@{digest}"}
     assert {i.target.digest for i in result} == {digest}
+
+
+def test_bad_platform_refused_before_reading(env):
+    class Untouchable(io.RawIOBase):
+        def readinto(self, buffer):
+            raise AssertionError("the archive was read")
+
+    with pytest.raises(InvalidArgument, match="platform"):
+        env.import_archive(NS, Untouchable(), ImportOptions(platform="linux/*"))
+    assert env.leases.list(NS) == []

@@ -16,7 +16,6 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 
-from runtimed import identifiers
 from runtimed.content import digests
 from runtimed.errors import AlreadyExists, InvalidArgument, NotFound, Unimplemented
 from runtimed.filters import labels_lookup, parse
@@ -97,8 +96,10 @@ class LeaseStore:
         db.migrate("leases", MIGRATIONS)
 
     def create(self, ns: str, lease_id: str | None = None, labels: dict[str, str] | None = None) -> Lease:
+        # containerd takes any non-empty lease id (its clients generate ids like
+        # "123-_Xv7" that identifier rules would refuse), so only emptiness is replaced.
         lease = Lease(
-            identifiers.validate(lease_id, "lease id") if lease_id else random_id(),
+            lease_id or random_id(),
             now_ns(),
             labelutil.validate(dict(labels or {})),
         )

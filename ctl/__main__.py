@@ -68,6 +68,8 @@ def _run_flags(p: Parser) -> None:
     a("--cap-add", action="append", default=[], help="add a capability")
     a("--cap-drop", action="append", default=[], help="drop a capability")
     a("--privileged", action="store_true", help="all capabilities, no seccomp, no masked paths")
+    a("--security-opt", action="append", default=[],
+      help="seccomp=unconfined|PROFILE.json, no-new-privileges[=false]")
     a("-l", "--label", action="append", default=[], help="set a label KEY=VALUE")
     a("--init", action="store_true", help="run an init inside the container (not supported)")
     a("--restart", default="no", help="restart policy: no (others need a restart manager)")

@@ -36,6 +36,19 @@ ALL_CAPS = [
     "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
 ]
 
+# capability numbers, as in linux/capability.h
+_CAP_ORDER = [
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT", "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE", "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE", "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE", "CAP_MAC_ADMIN", "CAP_SYSLOG",
+    "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ", "CAP_PERFMON", "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+]
+
 MASKED_PATHS = [
     "/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
     "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
@@ -99,6 +112,9 @@ class SpecOptions:
     cap_drop: list[str] = field(default_factory=list)
     privileged: bool = False
     network: str = ""  # "" (own namespace), "host", "none", or a path to join
+    seccomp: dict | None = None  # a profile replacing Docker's default
+    seccomp_unconfined: bool = False
+    no_new_privileges: bool = True
     annotations: dict[str, str] = field(default_factory=dict)
 
 
@@ -158,13 +174,24 @@ def capabilities(add: list[str], drop: list[str], privileged: bool = False) -> l
     add = [normalize_capability(c) for c in add]
     drop = [normalize_capability(c) for c in drop]
     if privileged:
-        return list(ALL_CAPS)
+        return current_capabilities()
     if "ALL" in add:
         return [c for c in ALL_CAPS if c not in drop]
     added = [c for c in add if c != "ALL"]
     if "ALL" in drop:
         return [c for c in ALL_CAPS if c in added]
     return [c for c in ALL_CAPS if (c in DEFAULT_CAPS or c in added) and c not in drop]
+
+
+def current_capabilities() -> list[str]:
+    """The capabilities in this process's bounding set (containerd's
+    WithAllCurrentCapabilities): `--privileged` cannot grant what the host withholds."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("CapBnd:"))
+    except (OSError, StopIteration, ValueError):
+        return list(ALL_CAPS)
+    return [cap for bit, cap in enumerate(_CAP_ORDER) if mask >> bit & 1]
 
 
 def merge_env(base: list[str], overrides: list[str]) -> list[str]:
@@ -302,8 +329,11 @@ def build_spec(
         for m in spec["mounts"]:
             if m["type"] == "sysfs":
                 m["options"] = [o for o in m["options"] if o != "ro"] + ["rw"]
+    elif opts.seccomp_unconfined:
+        linux.pop("seccomp", None)
     else:
-        linux["seccomp"] = default_profile(caps)
+        linux["seccomp"] = opts.seccomp if opts.seccomp is not None else default_profile(caps)
+    proc["noNewPrivileges"] = opts.no_new_privileges
 
     if opts.hostname:
         spec["hostname"] = opts.hostname
@@ -425,6 +455,28 @@ def parse_tmpfs(spec: str) -> Mount:
     if not dest.startswith("/"):
         raise InvalidArgument(f"invalid tmpfs {spec!r}: destination must be absolute")
     return Mount(destination=dest, type="tmpfs", options=[o for o in opts.split(",") if o])
+
+
+def apply_security_opts(opts: SpecOptions, items: list[str]) -> None:
+    """docker's `--security-opt`: seccomp=unconfined|FILE, no-new-privileges[=true|false]."""
+    import json
+
+    for item in items:
+        key, sep, value = item.partition("=" if "=" in item else ":")
+        if key == "seccomp" and value == "unconfined":
+            opts.seccomp_unconfined = True
+        elif key == "seccomp" and value:
+            try:
+                with open(value) as f:
+                    opts.seccomp = json.load(f)
+            except (OSError, ValueError) as exc:
+                raise InvalidArgument(f"seccomp profile {value}: {exc}") from None
+        elif key == "no-new-privileges":
+            opts.no_new_privileges = value in ("", "true")
+        else:
+            raise InvalidArgument(
+                f"unsupported security option {item!r}: use seccomp=unconfined|FILE or no-new-privileges"
+            )
 
 
 def parse_env_file(text: str) -> list[str]:

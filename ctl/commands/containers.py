@@ -78,6 +78,7 @@ def _start_error(exc: RuntimedError) -> ExitCode:
 def spec_options(args, image_config=None):
     from ctl.client.spec import (
         SpecOptions,
+        apply_security_opts,
         parse_env_file,
         parse_memory,
         parse_mount,
@@ -114,7 +115,7 @@ def spec_options(args, image_config=None):
     entrypoint = None
     if args.entrypoint is not None:
         entrypoint = [args.entrypoint] if args.entrypoint else []
-    return SpecOptions(
+    opts = SpecOptions(
         args=list(args.command) or None,
         entrypoint=entrypoint,
         env=env,
@@ -132,6 +133,8 @@ def spec_options(args, image_config=None):
         privileged=args.privileged,
         network="host" if args.network == "host" else "",
     )
+    apply_security_opts(opts, args.security_opt)
+    return opts
 
 
 def _ensure_image(c, args) -> str:

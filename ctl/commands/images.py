@@ -277,7 +277,7 @@ def pull(args) -> int:
     if not args.quiet:
         out(f"Digest: {image.target.digest}")
         out(f"Status: Downloaded image for {familiar(image.name)}")
-    out(normalize(args.image) if args.quiet else normalize(args.image))
+    out(normalize(args.image))
     return 0
 
 

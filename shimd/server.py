@@ -81,6 +81,12 @@ def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None) -> i
         format=f"%(asctime)s %(levelname)s shimd[{os.getpid()}] {namespace}/{id}: %(message)s",
     )
     set_subreaper()
+    # the built-in runtime runs as `python -m shimd.oci` from the bundle dir: keep the
+    # package importable wherever it was found
+    package_root = str(Path(__file__).resolve().parent.parent)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if package_root not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([package_root, *paths])
     os.chdir(bundle)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     return asyncio.run(_serve(id, bundle, ready_fd))

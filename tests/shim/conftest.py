@@ -25,6 +25,51 @@ from runtimed.api.shim.v1 import shim_pb2, shim_pb2_grpc
 REPO = Path(__file__).resolve().parents[2]
 BUSYBOX = "/bin/busybox"
 
+# Deeper than the shared leak check scans (tests/conftest.py, 4 levels): a concurrent test
+# elsewhere must not take our running containers' cgroups for its own leaks and kill them.
+CGROUP_PARENT = "/runtimed-test/shim/c"
+
+
+
+def _ensure_cgroup_parent() -> None:
+    """Create the parent once, before any test's leak check takes its snapshot; it stays
+    (empty), as containerd's namespace parents do."""
+    root = Path("/sys/fs/cgroup")
+    for controller in root.iterdir() if root.is_dir() else []:
+        if controller.is_dir() and not controller.is_symlink():
+            try:
+                (controller / CGROUP_PARENT.lstrip("/")).mkdir(parents=True, exist_ok=True)
+            except OSError:
+                pass
+
+
+_ensure_cgroup_parent()
+
+CREATED_CGROUPS: list[str] = []
+
+
+def _existing(cgroup: str) -> list[Path]:
+    root = Path("/sys/fs/cgroup")
+    return [c / cgroup.lstrip("/") for c in root.iterdir() if (c / cgroup.lstrip("/")).is_dir()]
+
+
+@pytest.fixture
+def cgroup_check():
+    """Our own leak check: the cgroups of the containers this test made are gone after it.
+    (Precise by path, so tests running elsewhere at the same time are never touched.)"""
+    start = len(CREATED_CGROUPS)
+    yield
+    leaked = [p for cg in CREATED_CGROUPS[start:] for p in _existing(cg)]
+    for path in leaked:
+        try:
+            for pid in (path / "cgroup.procs").read_text().split():
+                os.kill(int(pid), signal.SIGKILL)
+            time.sleep(0.1)
+            path.rmdir()
+        except OSError:
+            pass
+    assert not leaked, f"cgroups left behind: {leaked}"
+
 RUNTIMES = ["runc"]
 if os.path.exists(REPO / "shimd" / "oci" / "__main__.py"):
     RUNTIMES.append("")  # the built-in runtime, once it exists
@@ -54,7 +99,8 @@ def make_spec(args: list[str], terminal: bool = False, cgroup: str | None = None
     spec["process"]["terminal"] = terminal
     spec["root"] = {"path": "rootfs", "readonly": False}
     spec["hostname"] = "shimtest"
-    spec["linux"]["cgroupsPath"] = cgroup or f"/runtimed-test-{uuid.uuid4().hex[:12]}"
+    spec["linux"]["cgroupsPath"] = cgroup or f"{CGROUP_PARENT}/{uuid.uuid4().hex[:12]}"
+    CREATED_CGROUPS.append(spec["linux"]["cgroupsPath"])
     return spec
 
 
@@ -145,7 +191,7 @@ def rootfs_template(tmp_path_factory):
 
 
 @pytest.fixture
-def shims(workdir, rootfs_template, leak_check):
+def shims(workdir, rootfs_template, cgroup_check):
     """Factory: shims(args, ...) -> ShimProcess with a fresh bundle; all stopped after."""
     started: list[ShimProcess] = []
 

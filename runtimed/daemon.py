@@ -71,6 +71,11 @@ class Daemon:
                                  self.leases)
         self.gc.schedule()  # repair what a crash left: unreferenced blobs, stale ingests
         self._open_volumes()
+        from runtimed.network.manager import NetworkManager
+
+        self.networks = NetworkManager(self.state, self.db, self.namespaces, self.containers,
+                                       self.exchange)
+        self.on_start.append(self.networks.start)
 
     def _open_volumes(self) -> None:
         from runtimed.volumes.store import VolumeStore

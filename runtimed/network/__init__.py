@@ -1,0 +1,1 @@
+"""Container networks: bridge/host/none/container drivers, IPAM, name files, published ports."""

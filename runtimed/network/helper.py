@@ -1,0 +1,281 @@
+"""The network helper: a single-threaded process that does all netlink and netns work.
+
+runtimed is multithreaded (gRPC, asyncio, worker threads), and entering a network
+namespace (setns/unshare) acts on one thread only, while pyroute2 costs ~300 ms to
+import. So runtimed execs `python3 -m runtimed.network.helper` once, lazily, and sends it
+one JSON request per line on stdin; each answer is one JSON line on stdout:
+`{"ok": true, "result": ...}` or `{"ok": false, "error": "...", "kind": "NotFound"}`.
+
+Namespaces are entered only here: unshare(CLONE_NEWNET) to create one (bind-mounted on
+a file so it outlives this process), setns into one just long enough to open a netlink
+socket there (the socket stays bound to that namespace), setns back at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+
+CLONE_NEWNET = 0x40000000
+MS_BIND = 4096
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class HelperError(Exception):
+    kind = "Unavailable"
+
+
+class NotFoundError(HelperError):
+    kind = "NotFound"
+
+
+class ConflictError(HelperError):
+    kind = "FailedPrecondition"
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _host_fd() -> int:
+    return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+
+@contextmanager
+def _entered(path: str):
+    """Run the body inside the netns bind-mounted at `path`, then return to ours."""
+    home = _host_fd()
+    try:
+        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        os.close(home)
+        raise NotFoundError(f"network namespace {path} does not exist") from None
+    try:
+        _check(_libc.setns(target, CLONE_NEWNET), f"setns {path}")
+        try:
+            yield
+        finally:
+            _check(_libc.setns(home, CLONE_NEWNET), "setns back to the host")
+    finally:
+        os.close(target)
+        os.close(home)
+
+
+def _iproute(netns: str | None = None):
+    from pyroute2 import IPRoute
+
+    if not netns:
+        return IPRoute()
+    with _entered(netns):
+        return IPRoute()
+
+
+def _index(ipr, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def _iptables(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["iptables", "-w", "5", *args], capture_output=True, text=True)
+
+
+def _masquerade_rule(bridge: str, subnet: str) -> list[str]:
+    return ["-t", "nat", "POSTROUTING", "-s", subnet, "!", "-o", bridge, "-j", "MASQUERADE",
+            "-m", "comment", "--comment", f"runtimed:{bridge}"]
+
+
+def _rule(action: str, rule: list[str]) -> list[str]:
+    return [rule[0], rule[1], action, *rule[2:]]
+
+
+# ---- operations ------------------------------------------------------------------------
+
+def host_prefixes() -> list[str]:
+    """Every IPv4 prefix the host routes or holds an address in (to pick free subnets)."""
+    with _iproute() as ipr:
+        found = set()
+        for route in ipr.get_routes(family=2, table=254) + ipr.get_routes(family=2, table=255):
+            dst = route.get("dst") or route.get_attr("RTA_DST")
+            if dst and route["dst_len"]:
+                found.add(f"{dst}/{route['dst_len']}")
+        for addr in ipr.get_addr(family=2):
+            found.add(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}")
+        return sorted(found)
+
+
+def links() -> list[dict]:
+    with _iproute() as ipr:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        out = []
+        for link in ipr.get_links():
+            info = link.get_attr("IFLA_LINKINFO")
+            kind = info.get_attr("IFLA_INFO_KIND") if info else None
+            master = link.get_attr("IFLA_MASTER")
+            out.append({"name": link.get_attr("IFLA_IFNAME"), "kind": kind,
+                        "master": names.get(master) if master else None})
+        return out
+
+
+def bridge_up(name: str, address: str, subnet: str, masquerade: bool = True) -> dict:
+    """Create (or repair) the bridge with its gateway address; outbound NAT if possible."""
+    with _iproute() as ipr:
+        index = _index(ipr, name)
+        if index is None:
+            ipr.link("add", ifname=name, kind="bridge")
+            index = _index(ipr, name)
+        ip, prefix = address.split("/")
+        have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index, family=2)}
+        if ip not in have:
+            ipr.addr("add", index=index, address=ip, prefixlen=int(prefix))
+        ipr.link("set", index=index, state="up")
+    nat = False
+    if masquerade:
+        try:
+            with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+                f.write("1")
+            rule = _masquerade_rule(name, subnet)
+            if _iptables(*_rule("-C", rule)).returncode != 0:
+                nat = _iptables(*_rule("-A", rule)).returncode == 0
+            else:
+                nat = True
+        except OSError:
+            nat = False
+    return {"nat": nat}
+
+
+def bridge_down(name: str, subnet: str) -> None:
+    rule = _masquerade_rule(name, subnet)
+    try:
+        while _iptables(*_rule("-C", rule)).returncode == 0:
+            if _iptables(*_rule("-D", rule)).returncode != 0:
+                break
+    except OSError:
+        pass
+    with _iproute() as ipr:
+        index = _index(ipr, name)
+        if index is not None:
+            ipr.link("del", index=index)
+
+
+def netns_create(path: str) -> None:
+    """A new network namespace, kept alive by a bind mount of its nsfs file on `path`."""
+    os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
+    os.close(fd)
+    home = _host_fd()
+    try:
+        _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+        try:
+            _check(_libc.mount(b"/proc/thread-self/ns/net", path.encode(), None, MS_BIND, None),
+                   f"bind mount netns on {path}")
+        finally:
+            _check(_libc.setns(home, CLONE_NEWNET), "setns back to the host")
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(home)
+    with _iproute(path) as ipr:
+        ipr.link("set", index=_index(ipr, "lo"), state="up")
+
+
+def netns_delete(path: str) -> None:
+    """Unmount and remove; the namespace (and veth ends in it) goes when unused."""
+    if _libc.umount2(path.encode(), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):
+            raise OSError(err, f"umount {path}: {os.strerror(err)}")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def endpoint_add(netns: str, bridge: str, host_if: str, ifname: str, address: str,
+                 gateway: str, default_route: bool) -> dict:
+    """A veth pair: `host_if` on the bridge, its peer renamed `ifname` inside `netns`."""
+    peer = "rp" + host_if[2:]
+    with _iproute() as ipr, _iproute(netns) as inner:
+        if _index(inner, ifname) is not None:
+            raise ConflictError(f"interface {ifname} already exists in {netns}")
+        for stale in (host_if, peer):
+            if _index(ipr, stale) is not None:
+                ipr.link("del", index=_index(ipr, stale))
+        bridge_index = _index(ipr, bridge)
+        if bridge_index is None:
+            raise NotFoundError(f"bridge {bridge} does not exist")
+        ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": peer})
+        try:
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                ipr.link("set", index=_index(ipr, peer), net_ns_fd=fd)
+            finally:
+                os.close(fd)
+            host_index = _index(ipr, host_if)
+            ipr.link("set", index=host_index, master=bridge_index)
+            ipr.link("set", index=host_index, state="up")
+            index = _index(inner, peer)
+            inner.link("set", index=index, ifname=ifname)
+            ip, prefix = address.split("/")
+            inner.addr("add", index=index, address=ip, prefixlen=int(prefix))
+            inner.link("set", index=index, state="up")
+            if default_route:
+                inner.route("add", dst="0.0.0.0/0", gateway=gateway)
+            mac = inner.get_links(index)[0].get_attr("IFLA_ADDRESS")
+        except BaseException:
+            if _index(ipr, host_if) is not None:
+                ipr.link("del", index=_index(ipr, host_if))
+            raise
+    return {"mac": mac}
+
+
+def endpoint_del(host_if: str) -> None:
+    """Deleting the host end of a veth pair deletes both ends."""
+    with _iproute() as ipr:
+        index = _index(ipr, host_if)
+        if index is not None:
+            ipr.link("del", index=index)
+
+
+OPERATIONS = {
+    f.__name__: f
+    for f in (host_prefixes, links, bridge_up, bridge_down, netns_create, netns_delete,
+              endpoint_add, endpoint_del)
+}
+
+
+def handle(request: dict) -> dict:
+    op = OPERATIONS.get(request.get("op", ""))
+    if op is None:
+        return {"ok": False, "kind": "InvalidArgument", "error": f"unknown op {request.get('op')!r}"}
+    try:
+        return {"ok": True, "result": op(**request.get("args", {}))}
+    except HelperError as exc:
+        return {"ok": False, "kind": exc.kind, "error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - reported to runtimed, which maps it
+        return {"ok": False, "kind": "Unavailable", "error": f"{request['op']}: {type(exc).__name__}: {exc}"}
+
+
+def main() -> int:
+    import pyroute2  # noqa: F401 - pay the import once, before the first request
+
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        reply = handle(json.loads(line))
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

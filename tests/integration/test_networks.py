@@ -1,0 +1,357 @@
+"""Networks over the wire, on the real kernel: bridge, veths, netns, hosts files, published
+ports, host/none/container modes, leak-free cycles and crash reconciliation.
+
+"Containers" here are network namespaces that runtimed made for an id; processes join them
+with `nsenter --net=PATH` (busybox from busybox-static). Traffic goes only to 127.0.0.1 and
+to addresses inside those namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+from runtimed.api.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
+from runtimed.api.networks.v1 import networks_pb2 as pb
+from runtimed.api.networks.v1 import networks_pb2_grpc
+
+NS = [("containerd-namespace", "default")]
+BUSYBOX = "/bin/busybox"
+UDP_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+data, peer = s.recvfrom(100)
+s.sendto(b"echo: " + data, peer)
+"""
+
+
+def links() -> dict[str, str]:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True, check=True).stdout
+    found = {}
+    for line in out.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        found[name] = line
+    return found
+
+
+def addresses() -> set[str]:
+    out = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True, check=True).stdout
+    return {" ".join(line.split()[1:4]) for line in out.splitlines()}
+
+
+def nat_rules() -> set[str]:
+    out = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True).stdout
+    return {line for line in out.splitlines() if line.startswith("-A")}
+
+
+def netns_mounts() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if " nsfs " in line]
+
+
+@pytest.fixture
+def host_before():
+    return links(), addresses(), nat_rules(), netns_mounts()
+
+
+@pytest.fixture
+def net(daemon, host_before):
+    """The Networks stub; afterwards every attachment and network goes, and nothing the
+    test made may stay on the host."""
+    stub = networks_pb2_grpc.NetworksStub(daemon.channel())
+    yield stub
+    for ns in ("default", "other"):
+        md = [("containerd-namespace", ns)]
+        for a in stub.ListAttachments(pb.ListAttachmentsRequest(), metadata=md).attachments:
+            try:
+                stub.Detach(pb.DetachRequest(container_id=a.container_id), metadata=md)
+            except grpc.RpcError:
+                pass
+    for n in stub.List(pb.ListNetworksRequest()).networks:
+        if n.driver == "bridge":
+            stub.Remove(pb.RemoveNetworkRequest(name=n.name))
+    links_before, addrs_before, rules_before, mounts_before = host_before
+    assert set(links()) - set(links_before) == set()
+    assert addresses() - addrs_before == set()
+    assert nat_rules() - rules_before == set()
+    assert netns_mounts() == mounts_before
+
+
+def attach(stub, cid, network="", ns=NS, **kw) -> pb.Attachment:
+    return stub.Attach(pb.AttachRequest(container_id=cid, network=network, **kw), metadata=ns).attachment
+
+
+def in_netns(att: pb.Attachment, *cmd: str, hosts: bool = False, **kw) -> subprocess.CompletedProcess:
+    """Run a command in the attachment's netns (with its hosts file on /etc/hosts)."""
+    if hosts:
+        script = f'mount --bind "{att.hosts_path}" /etc/hosts && exec "$@"'
+        cmd = ("unshare", "--mount", "sh", "-c", script, "sh", *cmd)
+    return subprocess.run(["nsenter", f"--net={att.netns_path}", *cmd],
+                          capture_output=True, text=True, timeout=kw.pop("timeout", 20), **kw)
+
+
+def spawn_in_netns(att: pb.Attachment, *cmd: str) -> subprocess.Popen:
+    return subprocess.Popen(["nsenter", f"--net={att.netns_path}", *cmd],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_listening(att: pb.Attachment, port: int, timeout: float = 10, udp: bool = False) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = in_netns(att, BUSYBOX, "netstat", "-lun" if udp else "-ltn").stdout
+        if f":{port} " in out:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port} in {att.container_id}")
+
+
+def stop(proc: subprocess.Popen) -> str:
+    """Kill if still running; what it printed."""
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        return proc.communicate()[0] or ""
+    except ValueError:  # already collected
+        return ""
+
+
+
+def test_two_containers_exchange_data_by_ip_and_by_name(net):
+    a = attach(net, "alpha")
+    b = attach(net, "beta", aliases=["db"])
+    assert a.mode == "bridge" and a.netns_path and a.interfaces[0].ifname == "eth0"
+    ip_a, ip_b = a.interfaces[0].ip, b.interfaces[0].ip
+    assert ip_a != ip_b and a.interfaces[0].network == "bridge"
+    network = net.Get(pb.GetNetworkRequest(name="bridge")).network
+    assert network.bridge in links()
+    assert sorted(network.containers) == ["default/alpha", "default/beta"]
+    # each knows the other by name, kept current as containers come and go
+    hosts_a = open(a.hosts_path).read()
+    assert f"{ip_b}\tbeta db\n" in hosts_a and f"{ip_a}\talpha\n" in hosts_a
+    assert open(a.hostname_path).read() == "alpha\n"
+    for target in (ip_a, "alpha"):
+        listener = spawn_in_netns(a, BUSYBOX, "nc", "-l", "-p", "5000")
+        try:
+            wait_listening(a, 5000)
+            sent = in_netns(b, "sh", "-c", f"echo hello-{target} | {BUSYBOX} nc {target} 5000",
+                            hosts=True)
+            assert sent.returncode == 0, sent.stderr
+            out, _ = listener.communicate(timeout=10)
+            assert out.strip() == f"hello-{target}"
+        finally:
+            stop(listener)
+
+
+def test_http_by_name_and_hosts_updates_keep_the_inode(net, tmp_path):
+    net.Create(pb.CreateNetworkRequest(name="appnet", subnet="10.231.7.0/24"))
+    web = attach(net, "web", "appnet")
+    assert web.interfaces[0].ip == "10.231.7.2" and web.interfaces[0].gateway == "10.231.7.1"
+    (tmp_path / "index.html").write_text("served from web\n")
+    httpd = spawn_in_netns(web, BUSYBOX, "httpd", "-f", "-p", "8080", "-h", str(tmp_path))
+    try:
+        wait_listening(web, 8080)
+        inode = os.stat(web.hosts_path).st_ino
+        client = attach(net, "client", "appnet")
+        assert f"{client.interfaces[0].ip}\tclient" in open(web.hosts_path).read()
+        assert os.stat(web.hosts_path).st_ino == inode
+        got = in_netns(client, BUSYBOX, "wget", "-q", "-O", "-", "http://web:8080/", hosts=True)
+        assert got.returncode == 0, got.stderr
+        assert got.stdout == "served from web\n"
+        net.Detach(pb.DetachRequest(container_id="client"), metadata=NS)
+        assert "client" not in open(web.hosts_path).read()
+        assert os.stat(web.hosts_path).st_ino == inode
+    finally:
+        stop(httpd)
+
+
+def test_published_port_answers_on_loopback(net, tmp_path):
+    (tmp_path / "index.html").write_text("published\n")
+    att = attach(net, "pub", ports=[
+        pb.PortMapping(host_ip="127.0.0.1", host_port=0, container_port=8080),
+        pb.PortMapping(host_port=0, container_port=8080),
+        pb.PortMapping(host_ip="127.0.0.1", host_port=0, container_port=5353, protocol="udp"),
+    ])
+    tcp_local, tcp_any, udp = att.ports
+    assert tcp_local.host_port and tcp_any.host_port and udp.host_port
+    httpd = spawn_in_netns(att, BUSYBOX, "httpd", "-f", "-p", "8080", "-h", str(tmp_path))
+    echo = spawn_in_netns(att, sys.executable, "-c", UDP_ECHO, "5353")
+    try:
+        wait_listening(att, 8080)
+        for port in (tcp_local.host_port, tcp_any.host_port):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as reply:
+                assert reply.read() == b"published\n"
+        wait_listening(att, 5353, udp=True)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(10)
+            s.sendto(b"ping over udp", ("127.0.0.1", udp.host_port))
+            assert s.recv(100) == b"echo: ping over udp"
+        # a second container cannot take a port that is published already
+        with pytest.raises(grpc.RpcError) as err:
+            attach(net, "clash", ports=[pb.PortMapping(host_ip="127.0.0.1",
+                                                       host_port=tcp_local.host_port,
+                                                       container_port=80)])
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        stop(httpd)
+        stop(echo)
+    net.Detach(pb.DetachRequest(container_id="pub"), metadata=NS)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", tcp_local.host_port), timeout=2).close()
+
+
+def test_none_has_only_loopback(net):
+    att = attach(net, "lonely", "none")
+    assert att.mode == "none" and not att.interfaces
+    out = in_netns(att, "ip", "-o", "link").stdout
+    assert [line.split(":")[1].strip() for line in out.splitlines()] == ["lo"]
+    assert "state UNKNOWN" in out or "LOWER_UP" in out  # lo is up
+    assert "127.0.0.1\tlocalhost" in open(att.hosts_path).read()
+
+
+def test_host_sees_the_hosts_interfaces(net):
+    att = attach(net, "hosty", "host", hostname="hosty-name")
+    assert att.mode == "host" and att.netns_path == "" and not att.interfaces
+    assert open(att.hostname_path).read() == "hosty-name\n"
+    assert open(att.hosts_path).read() == open("/etc/hosts").read()
+    # no netns in the spec means the host's: the same interfaces as the test process
+    mine = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert "eth0" in mine or len(mine.splitlines()) > 1
+
+
+def test_container_mode_shares_the_netns(net):
+    first = attach(net, "first")
+    second = attach(net, "second", "container:first")
+    assert second.mode == "container" and second.shared_with == "first"
+    assert second.netns_path == first.netns_path and second.hosts_path == first.hosts_path
+    # removing the sharer leaves the owner's namespace alone
+    net.Detach(pb.DetachRequest(container_id="second"), metadata=NS)
+    assert os.path.exists(first.netns_path)
+    with pytest.raises(grpc.RpcError) as err:
+        attach(net, "third", "container:nobody")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_network_lifecycle_connect_disconnect_and_refusals(net):
+    created = net.Create(pb.CreateNetworkRequest(name="front", labels={"tier": "web"})).network
+    assert created.driver == "bridge" and created.subnet and created.bridge.startswith("rtd-")
+    with pytest.raises(grpc.RpcError) as err:
+        net.Create(pb.CreateNetworkRequest(name="front"))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.RpcError) as err:
+        net.Create(pb.CreateNetworkRequest(name="clash", subnet=created.subnet))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as err:
+        net.Create(pb.CreateNetworkRequest(name="mine", driver="overlay"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    names = [n.name for n in net.List(pb.ListNetworksRequest(filters=['labels.tier==web'])).networks]
+    assert names == ["front"]
+    assert {"host", "none"} <= {n.name for n in net.List(pb.ListNetworksRequest()).networks}
+    assert net.Get(pb.GetNetworkRequest(name=created.id[:12])).network.name == "front"
+
+    att = attach(net, "multi")  # default network first, then connect to front
+    att = attach(net, "multi", "front")
+    assert [(i.network, i.ifname) for i in att.interfaces] == [("bridge", "eth0"), ("front", "eth1")]
+    out = in_netns(att, "ip", "-o", "-4", "addr").stdout
+    assert att.interfaces[1].ip in out and att.interfaces[0].ip in out
+    with pytest.raises(grpc.RpcError) as err:
+        net.Remove(pb.RemoveNetworkRequest(name="front"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "default/multi" in err.value.details()
+    net.Detach(pb.DetachRequest(container_id="multi", network="front"), metadata=NS)
+    out = in_netns(att, "ip", "-o", "link").stdout
+    assert "eth1" not in out and "eth0" in out
+    net.Remove(pb.RemoveNetworkRequest(name="front"))
+    assert created.bridge not in links()
+    with pytest.raises(grpc.RpcError) as err:
+        net.Remove(pb.RemoveNetworkRequest(name="host"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_default_subnet_avoids_host_routes(net):
+    att = attach(net, "probe")
+    network = net.Get(pb.GetNetworkRequest(name="bridge")).network
+    import ipaddress
+
+    subnet = ipaddress.ip_network(network.subnet)
+    out = subprocess.run(["ip", "-o", "-4", "route"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        dst = line.split()[0]
+        if dst == "default" or network.bridge in line.split():
+            continue
+        assert not subnet.overlaps(ipaddress.ip_network(dst, strict=False)), line
+    assert ipaddress.ip_address(att.interfaces[0].ip) in subnet
+
+
+def test_fifty_cycles_leave_nothing_behind(net, host_before):
+    attach(net, "keeper")  # holds the default network (and its bridge) in place
+    before_links, before_addrs = links(), addresses()
+    seen = set()
+    for n in range(50):
+        att = attach(net, f"cycle{n}", ports=[pb.PortMapping(host_ip="127.0.0.1", container_port=80)])
+        seen.add(att.interfaces[0].ip)
+        assert len(links()) == len(before_links) + 1
+        net.Detach(pb.DetachRequest(container_id=f"cycle{n}"), metadata=NS)
+    assert len(seen) == 50  # addresses rotate rather than being reused at once
+    assert set(links()) == set(before_links)
+    assert addresses() == before_addrs
+    assert os.listdir(os.path.dirname(att.netns_path)) == ["keeper"]
+    assert os.listdir(os.path.dirname(os.path.dirname(att.hosts_path))) == ["keeper"]
+
+
+def create_container(daemon, cid, ns="default"):
+    c = containers_pb2.Container(id=cid)
+    c.runtime.name = "io.containerd.runc.v2"
+    c.spec.type_url = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
+    c.spec.value = json.dumps({"ociVersion": "1.0.2"}).encode()
+    containers_pb2_grpc.ContainersStub(daemon.channel()).Create(
+        containers_pb2.CreateContainerRequest(container=c), metadata=[("containerd-namespace", ns)])
+
+
+def test_kill9_restart_keeps_allocations_and_drops_leftovers(daemon, net):
+    for cid in ("kept1", "kept2"):
+        create_container(daemon, cid)
+    kept = {cid: attach(net, cid, ports=[pb.PortMapping(host_ip="127.0.0.1", container_port=80)])
+            for cid in ("kept1", "kept2")}
+    gone = attach(net, "gone")  # no container record: a client that crashed mid-run
+    gone_veth = [n for n in links() if n not in links_without(gone)]
+    daemon.kill9()
+    daemon.start()
+    stub = networks_pb2_grpc.NetworksStub(daemon.channel())
+    for cid, before in kept.items():
+        after = stub.Inspect(pb.InspectAttachmentRequest(container_id=cid), metadata=NS).attachment
+        assert after.interfaces[0].ip == before.interfaces[0].ip
+        assert after.netns_path == before.netns_path and os.path.exists(after.netns_path)
+        assert after.ports[0].host_port == before.ports[0].host_port
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Inspect(pb.InspectAttachmentRequest(container_id="gone"), metadata=NS)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not os.path.exists(gone.netns_path)
+    assert not set(gone_veth) & set(links())
+    taken = {a.interfaces[0].ip for a in kept.values()}
+    fresh = [attach(stub, f"new{n}").interfaces[0].ip for n in range(3)]
+    assert not taken & set(fresh) and len(set(fresh)) == 3
+    # deleting a container through the Containers service removes its attachment too
+    containers_pb2_grpc.ContainersStub(daemon.channel()).Delete(
+        containers_pb2.DeleteContainerRequest(id="kept1"), metadata=NS)
+    deadline = time.monotonic() + 10
+    while os.path.exists(kept["kept1"].netns_path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(kept["kept1"].netns_path)
+    containers_pb2_grpc.ContainersStub(daemon.channel()).Delete(
+        containers_pb2.DeleteContainerRequest(id="kept2"), metadata=NS)
+
+
+def links_without(att: pb.Attachment) -> dict[str, str]:
+    """The host's links minus the veth of this attachment (found by its peer's index)."""
+    out = in_netns(att, "ip", "-o", "link", "show", "eth0").stdout
+    peer_index = out.split("@if")[1].split(":")[0]
+    return {k: v for k, v in links().items() if not v.startswith(f"{peer_index}:")}

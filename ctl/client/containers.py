@@ -23,6 +23,7 @@ from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound
 SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
 PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 DEFAULT_RUNTIME = "io.containerd.runc.v2"
+RUNC_OPTIONS_TYPE_URL = "containerd.runc.v1.Options"
 DEFAULT_SNAPSHOTTER = "overlayfs"
 
 
@@ -53,6 +54,8 @@ class CreateOptions:
     labels: dict[str, str] = field(default_factory=dict)
     snapshotter: str = DEFAULT_SNAPSHOTTER
     runtime: str = DEFAULT_RUNTIME
+    # the OCI runtime command (runc, crun); empty: the daemon's default
+    runtime_binary: str = ""
     platform: str | None = None
 
 
@@ -126,6 +129,13 @@ class ContainersAPI:
                     snapshot_key=container_id,
                 )
                 record.runtime.name = options.runtime
+                if options.runtime_binary:
+                    from runtimed.api.containerd.runtime.v2.runc.options import oci_pb2
+
+                    record.runtime.options.type_url = RUNC_OPTIONS_TYPE_URL
+                    record.runtime.options.value = oci_pb2.Options(
+                        binary_name=options.runtime_binary
+                    ).SerializeToString()
                 created = self._stub.Create(pb.CreateContainerRequest(container=record)).container
             except BaseException:
                 try:

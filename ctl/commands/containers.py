@@ -186,10 +186,17 @@ def _create(args) -> tuple[str, str]:
     opts = spec_options(args, image_config)
     c.containers.create(
         container_id, image, opts,
-        CreateOptions(labels=labels, snapshotter=args.snapshotter, runtime=args.runtime,
-                      platform=args.platform),
+        CreateOptions(labels=labels, snapshotter=args.snapshotter, platform=args.platform,
+                      **_runtime(args.runtime)),
     )
     return container_id, log_path
+
+
+def _runtime(value: str) -> dict:
+    """docker's `--runtime runc|crun` names a binary; containerd's names have dots."""
+    if "." in value:
+        return {"runtime": value}
+    return {"runtime_binary": value}
 
 
 def create(args) -> int:

@@ -599,17 +599,19 @@ class Writer:
 
     @_serialized
     def write(self, data: bytes) -> int:
+        """Append `data`; returns its length, as a file's write does (`offset` is the new
+        end)."""
         if self._closed:
             raise FailedPrecondition(f"writer for ref {self.ref!r} is closed")
         if not data:
-            return self.offset
+            return 0
         if self._shared:
             self._materialize(self._shared[1])
         self._fp.write(data)
         self._hash.update(data)
         self.offset += len(data)
         self.updated_at = now_ns()
-        return self.offset
+        return len(data)
 
     @_serialized
     def truncate(self, size: int = 0) -> None:

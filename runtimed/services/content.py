@@ -153,7 +153,8 @@ class ContentService(content_pb2_grpc.ContentServicer):
                         await asyncio.to_thread(writer.truncate, 0)
                         reply.offset = 0
                     if req.data:
-                        reply.offset = await asyncio.to_thread(writer.write, req.data)
+                        await asyncio.to_thread(writer.write, req.data)
+                        reply.offset = writer.offset
                     if req.action == pb.COMMIT:
                         await asyncio.to_thread(
                             writer.commit, total, expected, dict(req.labels)

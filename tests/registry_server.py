@@ -537,13 +537,16 @@ class CuttingProxy:
     """A loopback TCP proxy to `target` that cuts the first `cuts` connections once they
     have carried `after` bytes towards the client (a network failure mid-download).
 
+    With `stall=True` such a connection goes silent instead (a hung server): it stays open
+    and carries nothing more until the proxy closes.
     `requests` keeps the first line and Range header of each client request it saw.
     """
 
-    def __init__(self, target: str, *, after: int, cuts: int = 1):
+    def __init__(self, target: str, *, after: int, cuts: int = 1, stall: bool = False):
         host, port = target.rsplit(":", 1)
         self.target = (host, int(port))
         self.after = after
+        self.stall = stall
         self.cuts_left = cuts
         self.cuts = 0
         self.requests: list[str] = []
@@ -588,6 +591,8 @@ class CuttingProxy:
                             cut_here = True
                     if cut_here:
                         dst.sendall(data[: max(self.after - carried, 0)])
+                        while self.stall and not self._closed:
+                            time.sleep(0.05)
                         break
                 dst.sendall(data)
                 carried += len(data)

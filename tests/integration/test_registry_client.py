@@ -7,7 +7,13 @@ import os
 
 import pytest
 
-from runtimed.errors import FailedPrecondition, NotFound, PermissionDenied, Unavailable
+from runtimed.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from runtimed.images import mediatypes, platforms
 from runtimed.images.platforms import Platform
 from runtimed.images.registry import credentials
@@ -309,3 +315,43 @@ def test_concurrent_pulls_of_one_image_share_blobs(registry, stores):
         )
     assert {r.target.digest for r in results} == {image.target.digest}
     assert _blob(dst, image.layers[1].digest) == _blob(src, image.layers[1].digest)
+
+
+def test_stalled_download_resumes_after_the_progress_timeout(registry, stores):
+    src, dst = stores
+    image = _image(src, size=4 << 20, compress=False)
+    Pusher(src).push(NS, f"{registry.host}/team/app:v1", image.target)
+    proxy = CuttingProxy(registry.host, after=1 << 20, cuts=1, stall=True)
+    try:
+        result = Puller(dst).pull(NS, f"{proxy.host}/team/app:v1", PullOptions(progress_timeout=1))
+    finally:
+        proxy.close()
+    assert proxy.cuts == 1
+    assert any("Range: bytes=" in r for r in proxy.requests), proxy.requests
+    assert result.target.digest == image.target.digest
+
+
+def test_progress_and_overall_deadlines(registry, stores):
+    src, dst = stores
+    image = _image(src, size=8 << 20, compress=False)
+    Pusher(src).push(NS, f"{registry.host}/team/app:v1", image.target)
+    proxy = CuttingProxy(registry.host, after=1 << 20, cuts=100, stall=True)
+    try:
+        with pytest.raises(DeadlineExceeded, match="no data for 0.5s"):
+            Puller(dst).pull(
+                NS,
+                f"{proxy.host}/team/app:v1",
+                PullOptions(progress_timeout=0.5, resume_attempts=1),
+            )
+        # a fresh store: the first attempt's ingest would let this one resume
+        fresh = open_store(dst.root.parent.parent / "fresh")
+        with pytest.raises(DeadlineExceeded, match="1.5s deadline"):
+            Puller(fresh).pull(
+                NS,
+                f"{proxy.host}/team/app:v1",
+                PullOptions(progress_timeout=0.5, timeout=1.5, resume_attempts=100),
+            )
+    finally:
+        proxy.close()
+    assert not dst.exists(NS, image.layers[1].digest)
+    assert not dst.exists(NS, image.target.digest)

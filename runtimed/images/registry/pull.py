@@ -440,7 +440,7 @@ class _Pull:
                 elif start:
                     _check_content_range(response, start, what)
                 last_report = time.monotonic()
-                for chunk in response.stream(CHUNK, decode_content=False):
+                while chunk := response.read1(CHUNK):  # what arrived: a stall loses nothing
                     if writer.offset + len(chunk) > desc.size:
                         raise FailedPrecondition(
                             f"{what}: the registry sent more than the {desc.size} bytes the "

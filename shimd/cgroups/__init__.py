@@ -1,0 +1,105 @@
+"""Cgroup managers for v1 and v2 behind one interface, as a library for the shim and runtime.
+
+`open(path)` picks the hierarchy this machine uses: v2 when /sys/fs/cgroup is a cgroup2
+mount, v1 otherwise (a hybrid machine's hugetlb-only unified tree is ignored, as runc does).
+Resources are the OCI spec's `linux.resources` object (camelCase JSON as in config.json);
+`stats()` returns runc's `events --stats` data shape, the same for both versions, so the
+shim builds io.containerd.cgroups.v1/v2 Metrics from one dict.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+from typing import Protocol
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+class OOMWatcher(Protocol):
+    def fileno(self) -> int: ...
+
+    def read(self) -> int:
+        """New OOM kills since the last read (0 when the wake-up was not an OOM)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Cgroup(Protocol):
+    path: str
+
+    def create(self) -> None: ...
+
+    def update(self, resources: dict) -> None: ...
+
+    def procs_files(self) -> list[str]:
+        """The cgroup.procs files a process writes "0" to, to join (late) by itself."""
+        ...
+
+    def add(self, pid: int) -> None: ...
+
+    def pids(self) -> list[int]: ...
+
+    def freeze(self) -> None: ...
+
+    def thaw(self) -> None: ...
+
+    def frozen(self) -> bool: ...
+
+    def stats(self) -> dict: ...
+
+    def oom_events(self) -> OOMWatcher: ...
+
+    def exists(self) -> bool: ...
+
+    def delete(self) -> None: ...
+
+
+def is_v2(root: str = CGROUP_ROOT) -> bool:
+    with builtins.open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == root:
+                return fields[2] == "cgroup2"
+    return False
+
+
+def v1_mounts() -> dict[str, str]:
+    """Controller (or name=...) → mount point of each cgroup v1 hierarchy."""
+    mounts: dict[str, str] = {}
+    with builtins.open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if fields[2] != "cgroup":
+                continue
+            for opt in fields[3].split(","):
+                if opt in V1_CONTROLLERS or opt.startswith("name="):
+                    mounts.setdefault(opt, fields[1])
+    return mounts
+
+
+V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids",
+                  "hugetlb", "net_cls", "net_prio", "perf_event", "rdma", "misc")
+
+
+def normalize(path: str) -> str:
+    """Spec cgroupsPath → absolute path inside the hierarchy ("a/b" is taken as "/a/b")."""
+    if ":" in path and not path.startswith("/"):
+        raise ValueError(f"cgroupsPath {path!r} is a systemd slice path; systemd cgroups are not supported")
+    path = os.path.normpath("/" + path.lstrip("/"))
+    if path == "/":
+        raise ValueError("cgroupsPath must name a cgroup below the root")
+    return path
+
+
+def open(path: str) -> Cgroup:  # noqa: A001 - the name the shim contract agreed on
+    """The manager for spec cgroupsPath `path` on this machine's hierarchy."""
+    path = normalize(path)
+    if is_v2():
+        from shimd.cgroups.v2 import V2
+
+        return V2(path)
+    from shimd.cgroups.v1 import V1
+
+    return V1(path, v1_mounts())

@@ -1,0 +1,87 @@
+"""Reading and writing cgroupfs control files, with errors that name the file."""
+
+from __future__ import annotations
+
+import os
+
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def read_int(path: str) -> int:
+    """Integer content; "max" (v2) and absent files read as -1 (no limit / unknown)."""
+    try:
+        value = read(path).strip()
+    except FileNotFoundError:
+        return -1
+    return -1 if value in ("max", "") else int(value)
+
+
+def read_kv(path: str) -> dict[str, int]:
+    """A "key value" per line file (memory.stat, cpu.stat, memory.events)."""
+    out: dict[str, int] = {}
+    try:
+        text = read(path)
+    except FileNotFoundError:
+        return out
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            continue
+    return out
+
+
+def write(path: str, value: str | int) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    except FileNotFoundError:
+        raise OSError(2, f"cgroup control file {path} does not exist (controller missing?)") from None
+    try:
+        os.write(fd, str(value).encode())
+    except OSError as e:
+        raise OSError(e.errno, f"write {value!r} to {path}: {os.strerror(e.errno)}") from None
+    finally:
+        os.close(fd)
+
+
+def procs(path: str, recursive: bool = True) -> list[int]:
+    """Pids in cgroup.procs of path and, if recursive, of every cgroup below it."""
+    pids: list[int] = []
+    for dirpath, _dirs, _files in os.walk(path) if recursive else [(path, [], [])]:
+        try:
+            pids.extend(int(x) for x in read(os.path.join(dirpath, "cgroup.procs")).split())
+        except FileNotFoundError:
+            continue
+    return pids
+
+
+def rmdir_tree(path: str) -> None:
+    """Remove a cgroup and its children, deepest first; a missing one is already gone."""
+    if not os.path.isdir(path):
+        return
+    for dirpath, dirs, _files in os.walk(path, topdown=False):
+        for d in dirs:
+            _rmdir(os.path.join(dirpath, d))
+    _rmdir(path)
+
+
+def _rmdir(path: str) -> None:
+    import time
+
+    for attempt in range(50):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            # EBUSY right after the last task exited: the kernel is still tearing it down.
+            if e.errno != 16 or attempt == 49:
+                raise OSError(e.errno, f"remove cgroup {path}: {os.strerror(e.errno)}") from None
+            time.sleep(0.01)
+
+

@@ -1,0 +1,393 @@
+"""The runtime's operations, one function per runc command (create, start, state, ...)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound
+from shimd import cgroups
+from shimd.oci import init, linux
+from shimd.oci.state import OCI_VERSION, State, Store, init_alive, now_rfc3339, proc_start_time
+
+
+def _cgroup(state: State):
+    return cgroups.open(state.cgroup_path)
+
+
+def status(state: State, store: Store) -> str:
+    if not init_alive(state):
+        return "stopped"
+    if os.path.exists(store.fifo(state.id)):
+        return "created"
+    try:
+        if _cgroup(state).frozen():
+            return "paused"
+    except (OSError, ValueError):
+        pass
+    return "running"
+
+
+def _write_pid_file(path: str | None, pid: int) -> None:
+    if not path:
+        return
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w") as f:
+        f.write(str(pid))
+    os.rename(tmp, path)
+
+
+def _connect_console(path: str | None):
+    if not path:
+        return None
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError as e:
+        sock.close()
+        raise InvalidArgument(f"connect to console socket {path}: {e.strerror}") from None
+    return sock
+
+
+def _read_sync(fd: int) -> tuple[int, str | None]:
+    """Messages from the forked children: ("pid N" then "ready") or "error ..."; EOF ends."""
+    pid, buf = 0, b""
+    while True:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return pid, None
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            text = line.decode(errors="replace")
+            if text.startswith("pid "):
+                pid = int(text[4:])
+            elif text == "ready":
+                return pid, "ready"
+            elif text.startswith("error "):
+                return pid, text
+
+
+def _load_spec(bundle: str) -> dict:
+    path = os.path.join(bundle, "config.json")
+    try:
+        with open(path) as f:
+            spec = json.load(f)
+    except FileNotFoundError:
+        raise InvalidArgument(f"bundle {bundle} has no config.json") from None
+    except ValueError as e:
+        raise InvalidArgument(f"{path} is not valid JSON: {e}") from None
+    if not (spec.get("process") or {}).get("args"):
+        raise InvalidArgument(f"{path}: process.args must not be empty")
+    if not (spec.get("root") or {}).get("path"):
+        raise InvalidArgument(f"{path}: root.path is required")
+    return spec
+
+
+def create(store: Store, container_id: str, bundle: str, pid_file: str | None = None,
+           console_socket: str | None = None, no_pivot: bool = False, preserve_fds: int = 0) -> State:
+    bundle = os.path.abspath(bundle)
+    spec = _load_spec(bundle)
+    root = os.path.join(bundle, spec["root"]["path"])
+    if spec["process"].get("terminal") and not console_socket:
+        raise InvalidArgument("process.terminal is set but no --console-socket was given")
+    lin = spec.get("linux") or {}
+    cgroup_path = cgroups.normalize(lin.get("cgroupsPath") or f"/{container_id}")
+    store.reserve(container_id)
+    cgroup = None
+    pid = 0
+    try:
+        os.mkfifo(store.fifo(container_id), 0o600)
+        cgroup = cgroups.open(cgroup_path)
+        cgroup.create()
+        cgroup.update(lin.get("resources") or {})
+        console = _connect_console(console_socket)
+        linux.cloexec_from(3, range(3, 3 + preserve_fds))
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.close(r)
+            init.child_main(_intermediate, w, spec, root, store.fifo(container_id), cgroup, console, no_pivot)
+        os.close(w)
+        if console is not None:
+            console.close()
+        try:
+            pid, result = _read_sync(r)
+        finally:
+            os.close(r)
+            os.waitpid(child, 0)
+        if result != "ready":
+            raise FailedPrecondition(
+                f"container init failed: {result[6:]}" if result else "container init exited during setup")
+        info = proc_start_time(pid)
+        state = State(id=container_id, bundle=bundle, rootfs=root, pid=pid,
+                      start_time=info[0] if info else 0, created=now_rfc3339(),
+                      cgroup_path=cgroup_path, config=spec)
+        store.save(state)
+        _write_pid_file(pid_file, pid)
+        return state
+    except BaseException:
+        if pid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if cgroup is not None:
+            _destroy_cgroup(cgroup)
+        store.remove(container_id)
+        raise
+
+
+def _intermediate(sync_w: int, spec: dict, root: str, fifo: str, cgroup, console, no_pivot: bool) -> None:
+    """The first child: enter namespaces, fork the init (pid 1 of a new pid namespace),
+    report its host pid, and exit so the init is reparented to the caller's subreaper."""
+    init.enter_namespaces((spec.get("linux") or {}).get("namespaces") or [])
+    pid = os.fork()
+    if pid == 0:
+        init.child_main(init.container_init, sync_w, spec, root, fifo, cgroup, console, no_pivot)
+    init.send(sync_w, f"pid {pid}")
+
+
+def start(store: Store, container_id: str) -> None:
+    state = store.load(container_id)
+    current = status(state, store)
+    if current != "created":
+        raise FailedPrecondition(f"cannot start a container in the {current} state")
+    try:
+        fd = os.open(store.fifo(container_id), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise FailedPrecondition(f"container init is not waiting to start: {e.strerror}") from None
+    try:
+        os.write(fd, b"0")
+    finally:
+        os.close(fd)
+    os.unlink(store.fifo(container_id))
+
+
+def state_json(store: Store, container_id: str) -> dict:
+    state = store.load(container_id)
+    current = status(state, store)
+    return {
+        "ociVersion": OCI_VERSION,
+        "id": state.id,
+        "pid": state.pid if current != "stopped" else 0,
+        "status": current,
+        "bundle": state.bundle,
+        "rootfs": state.rootfs,
+        "created": state.created,
+        "owner": state.owner,
+        "annotations": state.config.get("annotations") or {},
+    }
+
+
+def parse_signal(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    name = text.upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise InvalidArgument(f"unknown signal {text!r}") from None
+
+
+def kill(store: Store, container_id: str, sig: int, all_processes: bool = False) -> None:
+    state = store.load(container_id)
+    current = status(state, store)
+    if not all_processes:
+        if current == "stopped":
+            raise FailedPrecondition("container not running")
+        os.kill(state.pid, sig)
+        return
+    _signal_all(state, sig, current == "paused")
+
+
+def _signal_all(state: State, sig: int, paused: bool) -> None:
+    """Freeze, signal every process in the cgroup, thaw: no fork escapes the signal."""
+    cgroup = _cgroup(state)
+    if not cgroup.exists():
+        return
+    frozen = False
+    if not paused:
+        try:
+            cgroup.freeze()
+            frozen = True
+        except OSError:
+            pass
+    try:
+        for pid in cgroup.pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+    finally:
+        if frozen or (paused and sig == signal.SIGKILL):
+            cgroup.thaw()
+
+
+def _destroy_cgroup(cgroup) -> None:
+    for pid in cgroup.pids():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            cgroup.delete()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def delete(store: Store, container_id: str, force: bool = False) -> None:
+    try:
+        state = store.load(container_id)
+    except NotFound:
+        if force:
+            return
+        raise
+    current = status(state, store)
+    if current in ("running", "paused"):
+        if not force:
+            raise FailedPrecondition(f"cannot delete container {container_id} that is not stopped: {current}")
+        _signal_all(state, signal.SIGKILL, current == "paused")
+    elif current == "created":
+        os.kill(state.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while init_alive(state) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    _destroy_cgroup(_cgroup(state))
+    store.remove(container_id)
+
+
+def pause(store: Store, container_id: str) -> None:
+    state = store.load(container_id)
+    current = status(state, store)
+    if current not in ("running", "created"):
+        raise FailedPrecondition(f"cannot pause a container in the {current} state")
+    _cgroup(state).freeze()
+
+
+def resume(store: Store, container_id: str) -> None:
+    state = store.load(container_id)
+    if status(state, store) != "paused":
+        raise FailedPrecondition("container not paused")
+    _cgroup(state).thaw()
+
+
+def ps(store: Store, container_id: str) -> list[int]:
+    return sorted(_cgroup(store.load(container_id)).pids())
+
+
+def update(store: Store, container_id: str, resources: dict) -> None:
+    state = store.load(container_id)
+    if status(state, store) == "stopped":
+        raise FailedPrecondition("cannot update a stopped container")
+    _cgroup(state).update(resources)
+
+
+def stats(store: Store, container_id: str) -> dict:
+    state = store.load(container_id)
+    if status(state, store) == "stopped":
+        raise FailedPrecondition("container not running")
+    return {"type": "stats", "id": container_id, "data": _cgroup(state).stats()}
+
+
+def exec_process(store: Store, container_id: str, proc: dict, pid_file: str | None = None,
+                 console_socket: str | None = None, detach: bool = False, preserve_fds: int = 0) -> int:
+    """Start proc inside the container's namespaces and cgroup; returns its exit code when
+    not detached (128+signal if signalled), else 0 once it has exec'd."""
+    state = store.load(container_id)
+    current = status(state, store)
+    if current not in ("running", "created"):
+        raise FailedPrecondition(f"cannot exec in a {current} container")
+    if proc.get("terminal") and not console_socket:
+        raise InvalidArgument("process.terminal is set but no --console-socket was given")
+    if not proc.get("args"):
+        raise InvalidArgument("process.args must not be empty")
+    spec = state.config
+    ns_fds: list[tuple[int, int, str]] = []
+    procs_fds: list[int] = []
+    console = None
+    try:
+        for ns in (spec.get("linux") or {}).get("namespaces") or ():
+            flag, name = linux.NAMESPACES[ns["type"]]
+            if name == "user":
+                continue
+            fd = os.open(f"/proc/{state.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            ns_fds.append((fd, flag, name))
+        ns_fds.sort(key=lambda x: x[2] == "mnt")
+        cgroup = _cgroup(state)
+        procs_fds = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_files()]
+        console = _connect_console(console_socket)
+        linux.cloexec_from(3, range(3, 3 + preserve_fds))
+        r, w = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.close(r)
+            init.child_main(_exec_intermediate, w, spec, proc, ns_fds, procs_fds, console, detach)
+        os.close(w)
+    finally:
+        for fd, _, _ in ns_fds:
+            os.close(fd)
+        for fd in procs_fds:
+            os.close(fd)
+        if console is not None:
+            console.close()
+    try:
+        pid, result = _read_sync(r)
+    finally:
+        os.close(r)
+    if result is not None:
+        os.waitpid(child, 0)
+        raise FailedPrecondition(f"exec failed: {result[6:]}")
+    _write_pid_file(pid_file, pid)
+    _, status_ = os.waitpid(child, 0)
+    return 0 if detach else os.waitstatus_to_exitcode(status_)
+
+
+def _exec_intermediate(sync_w: int, spec: dict, proc: dict, ns_fds, procs_fds, console, detach: bool) -> None:
+    for fd, flag, name in ns_fds:
+        linux.setns(fd, flag, f"{name} namespace")
+    pid = os.fork()
+    if pid == 0:
+        init.child_main(init.exec_init, sync_w, spec, proc, procs_fds, console)
+    init.send(sync_w, f"pid {pid}")
+    if detach:
+        return
+    os.close(sync_w)
+    _, st = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(st)
+    os._exit(code if code >= 0 else 128 - code)
+
+
+def run(store: Store, container_id: str, bundle: str, **create_args) -> int:
+    """create + start + wait (the runtime is the subreaper of its container) + delete."""
+    linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
+    state = create(store, container_id, bundle, **create_args)
+    try:
+        start(store, container_id)
+        while True:
+            pid, st = os.waitpid(-1, 0)
+            if pid == state.pid:
+                code = os.waitstatus_to_exitcode(st)
+                return code if code >= 0 else 128 - code
+    finally:
+        delete(store, container_id, force=True)
+
+
+def list_states(store: Store) -> list[dict]:
+    out = []
+    for cid in store.ids():
+        try:
+            out.append(state_json(store, cid))
+        except (NotFound, OSError, ValueError):
+            continue
+    return out

@@ -1,0 +1,119 @@
+"""The spec's linux.seccomp translated into a filter through libseccomp (ctypes).
+
+Matches runc: unknown syscall names are skipped, rules whose action equals the default are
+skipped (libseccomp refuses them), several conditions on one argument become one rule per
+condition (libseccomp cannot AND two conditions on the same argument), and libseccomp's own
+no_new_privs is turned off so the spec's noNewPrivileges alone decides it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import os
+
+SCMP_ACT_KILL_PROCESS = 0x80000000
+SCMP_ACT_KILL_THREAD = 0x00000000
+SCMP_ACT_TRAP = 0x00030000
+SCMP_ACT_NOTIFY = 0x7FC00000
+SCMP_ACT_LOG = 0x7FFC0000
+SCMP_ACT_ALLOW = 0x7FFF0000
+_FLTATR_CTL_NNP = 3
+
+_OPS = {"SCMP_CMP_NE": 1, "SCMP_CMP_LT": 2, "SCMP_CMP_LE": 3, "SCMP_CMP_EQ": 4,
+        "SCMP_CMP_GE": 5, "SCMP_CMP_GT": 6, "SCMP_CMP_MASKED_EQ": 7}
+
+
+class _ArgCmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+
+
+_lib = None
+
+
+def _libseccomp():
+    global _lib
+    if _lib is None:
+        try:
+            lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+        except OSError as e:
+            raise OSError(_errno.ENOSYS, f"seccomp requested but libseccomp.so.2 is missing: {e}") from None
+        lib.seccomp_init.restype = ctypes.c_void_p
+        lib.seccomp_init.argtypes = [ctypes.c_uint32]
+        lib.seccomp_release.argtypes = [ctypes.c_void_p]
+        lib.seccomp_load.argtypes = [ctypes.c_void_p]
+        lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
+        lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+        lib.seccomp_arch_resolve_name.restype = ctypes.c_uint32
+        lib.seccomp_arch_resolve_name.argtypes = [ctypes.c_char_p]
+        lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+        lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                               ctypes.c_uint, ctypes.POINTER(_ArgCmp)]
+        _lib = lib
+    return _lib
+
+
+def prepare() -> None:
+    """Load libseccomp now, so its pages are not first touched inside the container's cgroup."""
+    _libseccomp()
+
+
+def action(name: str, errno_ret: int | None, default_errno: int | None = None) -> int:
+    """The libseccomp action value for a spec action name."""
+    if name == "SCMP_ACT_ERRNO":
+        code = errno_ret if errno_ret is not None else (default_errno if default_errno is not None else _errno.EPERM)
+        return 0x00050000 | (code & 0xFFFF)
+    if name == "SCMP_ACT_TRACE":
+        code = errno_ret if errno_ret is not None else (default_errno if default_errno is not None else _errno.EPERM)
+        return 0x7FF00000 | (code & 0xFFFF)
+    fixed = {"SCMP_ACT_KILL": SCMP_ACT_KILL_THREAD, "SCMP_ACT_KILL_THREAD": SCMP_ACT_KILL_THREAD,
+             "SCMP_ACT_KILL_PROCESS": SCMP_ACT_KILL_PROCESS, "SCMP_ACT_TRAP": SCMP_ACT_TRAP,
+             "SCMP_ACT_ALLOW": SCMP_ACT_ALLOW, "SCMP_ACT_LOG": SCMP_ACT_LOG,
+             "SCMP_ACT_NOTIFY": SCMP_ACT_NOTIFY}
+    if name not in fixed:
+        raise ValueError(f"seccomp: unknown action {name!r}")
+    return fixed[name]
+
+
+def _check(ret: int, what: str) -> None:
+    if ret < 0:
+        raise OSError(-ret, f"seccomp {what}: {os.strerror(-ret)}")
+
+
+def load(profile: dict) -> None:
+    """Build the filter for `profile` (the spec's linux.seccomp) and load it into this process."""
+    lib = _libseccomp()
+    default_errno = profile.get("defaultErrnoRet")
+    default = action(profile.get("defaultAction", "SCMP_ACT_ALLOW"), None, default_errno)
+    ctx = lib.seccomp_init(default)
+    if not ctx:
+        raise OSError(_errno.EINVAL, "seccomp_init failed")
+    try:
+        _check(lib.seccomp_attr_set(ctx, _FLTATR_CTL_NNP, 0), "disable no_new_privs")
+        for arch in profile.get("architectures") or ():
+            token = lib.seccomp_arch_resolve_name(arch.removeprefix("SCMP_ARCH_").lower().encode())
+            if token == 0:
+                continue
+            ret = lib.seccomp_arch_add(ctx, token)
+            if ret < 0 and ret != -_errno.EEXIST:
+                _check(ret, f"add architecture {arch}")
+        for rule in profile.get("syscalls") or ():
+            act = action(rule.get("action", ""), rule.get("errnoRet"), default_errno)
+            if act == default:
+                continue
+            args = rule.get("args") or []
+            cmps = [_ArgCmp(a["index"], _OPS[a["op"]], a.get("value", 0), a.get("valueTwo", 0))
+                    for a in args]
+            indices = [c.arg for c in cmps]
+            groups = [[c] for c in cmps] if len(set(indices)) != len(indices) else [cmps]
+            for name in rule.get("names") or ():
+                nr = lib.seccomp_syscall_resolve_name(name.encode())
+                if nr == -1:
+                    continue  # unknown to this libseccomp/arch: runc skips it too
+                for group in groups:
+                    arr = (_ArgCmp * len(group))(*group) if group else None
+                    _check(lib.seccomp_rule_add_array(ctx, act, nr, len(group), arr), f"rule {name}")
+        _check(lib.seccomp_load(ctx), "load")
+    finally:
+        lib.seccomp_release(ctx)

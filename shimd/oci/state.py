@@ -1,0 +1,113 @@
+"""Per-container state under --root: state.json (atomic) and the exec fifo.
+
+The status is derived, never stored: a live init with the fifo still present is "created",
+a frozen cgroup is "paused", a dead (or zombie, or recycled) pid is "stopped".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+from runtimed.errors import AlreadyExists, InvalidArgument, NotFound
+
+DEFAULT_ROOT = "/run/shimd-oci"
+OCI_VERSION = "1.0.2"
+
+
+@dataclass
+class State:
+    id: str
+    bundle: str
+    rootfs: str
+    pid: int = 0
+    start_time: int = 0  # /proc/PID/stat field 22: tells our init from a recycled pid
+    created: str = ""
+    cgroup_path: str = ""
+    config: dict = field(default_factory=dict)
+    owner: str = ""
+
+
+def validate_id(container_id: str) -> None:
+    if not container_id or container_id in (".", "..") or "/" in container_id or len(container_id) > 1024:
+        raise InvalidArgument(f"invalid container id {container_id!r}")
+
+
+class Store:
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def dir(self, container_id: str) -> str:
+        validate_id(container_id)
+        return os.path.join(self.root, container_id)
+
+    def fifo(self, container_id: str) -> str:
+        return os.path.join(self.dir(container_id), "exec.fifo")
+
+    def reserve(self, container_id: str) -> str:
+        os.makedirs(self.root, 0o711, exist_ok=True)
+        d = self.dir(container_id)
+        try:
+            os.mkdir(d, 0o711)
+        except FileExistsError:
+            raise AlreadyExists(f"container with id {container_id!r} already exists") from None
+        return d
+
+    def save(self, state: State) -> None:
+        path = os.path.join(self.dir(state.id), "state.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(asdict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+
+    def load(self, container_id: str) -> State:
+        try:
+            with open(os.path.join(self.dir(container_id), "state.json")) as f:
+                return State(**json.load(f))
+        except FileNotFoundError:
+            raise NotFound(f"container {container_id!r} does not exist") from None
+
+    def ids(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self.root))
+        except FileNotFoundError:
+            return []
+
+    def remove(self, container_id: str) -> None:
+        d = self.dir(container_id)
+        for name in ("exec.fifo", "state.json", "state.json.tmp"):
+            try:
+                os.unlink(os.path.join(d, name))
+            except FileNotFoundError:
+                pass
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            pass
+
+
+def proc_start_time(pid: int) -> tuple[int, str] | None:
+    """(start time, state letter) of pid, or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = raw[raw.rindex(b")") + 2:].split()
+    return int(fields[19]), fields[0].decode()
+
+
+def init_alive(state: State) -> bool:
+    if state.pid <= 0:
+        return False
+    info = proc_start_time(state.pid)
+    return info is not None and info[0] == state.start_time and info[1] not in ("Z", "X")
+
+
+def now_rfc3339() -> str:
+    t = time.time_ns()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t // 1_000_000_000)) + f".{t % 1_000_000_000:09d}Z"

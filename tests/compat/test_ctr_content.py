@@ -13,6 +13,8 @@ import pytest
 
 from runtimed.api.containerd.services.content.v1 import content_pb2 as pb
 from runtimed.api.containerd.services.content.v1 import content_pb2_grpc
+from tests import testimages
+from tests.registry_server import registry  # noqa: F401 - fixture
 
 
 def digest_of(data: bytes) -> str:
@@ -258,3 +260,27 @@ def test_kill9_during_large_write_then_resume(daemon):
         stop.set()
         watcher.join()
     assert visible and set(visible) == {dgst.split(":")[1]}
+
+
+def test_push_then_fetch_resumes_partial_ingest(daemon, registry, tmp_path):  # noqa: F811
+    """`ctr images push` reads through Content.Info/Read; `ctr content fetch` writes through
+    Content.Write with containerd's ref keys (`layer-<digest>`). A partial ingest already
+    under the layer's ref (an earlier fetch cut off) is resumed, and the blob ends correct."""
+    images = testimages.build(tmp_path / "img")
+    busybox = images["busybox"]
+    remote = f"{registry.host}/test/busybox:latest"
+    daemon.ctr("images", "import", "--no-unpack", busybox.archive, namespace="src")
+    daemon.ctr("images", "push", "--plain-http", remote, busybox.name, namespace="src")
+    layer = busybox.layers[0]
+    data = daemon.ctr("content", "get", layer, namespace="src", input=b"").stdout
+    with daemon.channel() as channel:
+        s = WriteStream(channel, "dst")
+        s.send(action=pb.STAT, ref=f"layer-{layer}", total=len(data), expected=layer)
+        s.send(action=pb.WRITE, ref=f"layer-{layer}", data=data[: len(data) // 2])
+        s.close()
+    assert f"layer-{layer}" in daemon.ctr("content", "active", namespace="dst").stdout
+    daemon.ctr("content", "fetch", "--plain-http", remote, namespace="dst")
+    fetched = set(daemon.ctr("content", "ls", "-q", namespace="dst").stdout.split())
+    assert {busybox.manifests[0], busybox.configs[0], layer} <= fetched
+    assert daemon.ctr("content", "get", layer, namespace="dst", input=b"").stdout == data
+    assert daemon.ctr("content", "active", namespace="dst").stdout.strip().count("\n") == 0

@@ -185,27 +185,36 @@ def remove_cgroups(dirs: set[str]) -> None:
                 time.sleep(0.02)
 
 
-def _is_leak(path: str) -> bool:
-    """A container's cgroup (`<controller>/<namespace>/<id>` as containerd clients name
-    them, or deeper), or any new cgroup that still holds processes. An empty parent such
-    as `<controller>/default` stays behind by design, as it does with containerd."""
-    if "/process_api" in path:  # the machine's job runner, not ours: never kill those
-        return False
-    depth = len(Path(path).parts) - len(CGROUP_ROOT.parts)
-    if depth >= 3:
-        return True
+def daemon_namespaces(root: Path) -> set[str]:
+    import sqlite3
+
     try:
-        return bool(Path(path, "cgroup.procs").read_text().strip())
-    except OSError:
-        return False
+        with sqlite3.connect(f"file:{root / 'meta.db'}?mode=ro", uri=True) as conn:
+            return {row[0] for row in conn.execute("SELECT name FROM namespaces")}
+    except sqlite3.Error:
+        return set()
+
+
+def container_cgroups(new: set[str], namespaces: set[str]) -> set[str]:
+    """New cgroups named as containerd clients name a container's (`<controller>/<namespace>/
+    <id>`) in one of the daemon's namespaces. The empty `<controller>/<namespace>` parent
+    stays by design, as with containerd; cgroups of tests running elsewhere are not ours."""
+    found = set()
+    for path in new:
+        parts = Path(path).parts[len(CGROUP_ROOT.parts):]
+        if len(parts) >= 3 and parts[1] in namespaces:
+            found.add(path)
+    return found
 
 
 @pytest.fixture
 def leak_check():
-    """Fail the test when it leaves container cgroups behind; cleaned up either way."""
+    """Yields a function the daemon fixture calls with its namespaces after stopping:
+    container cgroups in them that are still there fail the test (and are removed)."""
     before = cgroup_dirs()
-    yield
-    leaked = {p for p in cgroup_dirs() - before if _is_leak(p)}
+    namespaces: set[str] = set()
+    yield namespaces.update
+    leaked = container_cgroups(cgroup_dirs() - before, namespaces)
     remove_cgroups(leaked)
     assert not leaked, f"cgroups left behind: {sorted(leaked)}"
 
@@ -219,6 +228,8 @@ def daemon(leak_check):
         yield proc
     finally:
         proc.stop()
+        if callable(leak_check):
+            leak_check(daemon_namespaces(proc.root))
         problems = []
         mounts = mounts_under(base)
         if mounts:

@@ -1,0 +1,192 @@
+"""`ctr run` and `ctr tasks ...` (the real containerd client) against a real runtimed with
+the busybox test image: output, exit codes, detached tasks, exec, pause/resume, metrics,
+kill, a pty, events, and kill -9 of runtimed with containers running."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import select
+import signal
+import struct
+import subprocess
+import termios
+import time
+import uuid
+
+import pytest
+
+from runtimed.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
+from tests import testimages
+from tests.shim.conftest import CGROUP_PARENT, CREATED_CGROUPS, cgroup_check  # noqa: F401
+
+IMAGE = testimages.BUSYBOX_NAME
+NS = (("containerd-namespace", "default"),)
+RUNTIMES = ["runc"] + (["builtin"] if os.environ.get("RUNTIMED_TEST_BUILTIN") == "1" else [])
+
+
+@pytest.fixture
+def leak_check(cgroup_check):  # noqa: F811
+    """Replaces the shared cgroup leak check: precise by path (see tests/shim/conftest.py)."""
+    yield
+
+
+@pytest.fixture(scope="module")
+def busybox_archive(tmp_path_factory):
+    return testimages.build(tmp_path_factory.mktemp("images"))["busybox"].archive
+
+
+@pytest.fixture(params=RUNTIMES)
+def rd(request, daemon, busybox_archive):
+    """The daemon with busybox imported (and unpacked); `rd.run_flags()` per container."""
+    daemon.ctr("images", "import", busybox_archive)
+    runtime = request.param
+
+    def run_flags() -> list[str]:
+        cgroup = f"{CGROUP_PARENT}/{uuid.uuid4().hex[:12]}"
+        CREATED_CGROUPS.append(cgroup)
+        flags = ["--cgroup", cgroup]
+        if runtime == "runc":
+            flags += ["--runc-binary", "runc"]
+        return flags
+
+    daemon.run_flags = run_flags
+    started: list[str] = []
+    daemon.started = started
+    yield daemon
+    for id in started:
+        daemon.ctr("tasks", "kill", "-s", "SIGKILL", id, check=False)
+        for _ in range(50):
+            if daemon.ctr("tasks", "rm", id, check=False).returncode == 0:
+                break
+            if "not found" in daemon.ctr("tasks", "rm", id, check=False).stderr:
+                break
+            time.sleep(0.1)
+        daemon.ctr("containers", "rm", id, check=False)
+
+
+def run_detached(rd, id: str, *args: str) -> None:
+    rd.ctr("run", "-d", *rd.run_flags(), IMAGE, id, *args)
+    rd.started.append(id)
+
+
+def task_rows(rd) -> dict[str, list[str]]:
+    lines = rd.ctr("tasks", "ls").stdout.splitlines()[1:]
+    return {line.split()[0]: line.split() for line in lines}
+
+
+def test_run_prints_and_passes_the_exit_code(rd):
+    result = rd.ctr("run", "--rm", *rd.run_flags(), IMAGE, "t1", "echo", "hi")
+    assert result.stdout == "hi\n"
+    failed = rd.ctr("run", "--rm", *rd.run_flags(), IMAGE, "t2", "sh", "-c", "exit 3",
+                    check=False)
+    assert failed.returncode == 3
+    assert rd.ctr("containers", "ls", "-q").stdout.split() == []  # --rm removed both
+    assert task_rows(rd) == {}
+
+
+def test_detached_task_lifecycle(rd):
+    run_detached(rd, "d1", "sleep", "1000")
+    rows = task_rows(rd)
+    assert rows["d1"][2] == "RUNNING"
+    pid = int(rows["d1"][1])
+    ps = rd.ctr("tasks", "ps", "d1").stdout
+    assert str(pid) in ps
+    out = rd.ctr("tasks", "exec", "--exec-id", "e1", "d1", "sh", "-c", "echo hi from exec")
+    assert out.stdout == "hi from exec\n"
+    code = rd.ctr("tasks", "exec", "--exec-id", "e2", "d1", "sh", "-c", "exit 4", check=False)
+    assert code.returncode == 4
+    rd.ctr("tasks", "pause", "d1")
+    assert task_rows(rd)["d1"][2] == "PAUSED"
+    rd.ctr("tasks", "resume", "d1")
+    assert task_rows(rd)["d1"][2] == "RUNNING"
+    metrics = rd.ctr("tasks", "metrics", "--format", "json", "d1").stdout
+    assert json.loads(metrics)["memory"]["usage"]["usage"] > 0
+    info = json.loads(rd.ctr("containers", "info", "d1").stdout)
+    assert info["Spec"]["process"]["args"] == ["sleep", "1000"]
+    rd.ctr("tasks", "kill", "-s", "SIGKILL", "d1")
+    for _ in range(100):
+        if task_rows(rd)["d1"][2] == "STOPPED":
+            break
+        time.sleep(0.05)
+    assert task_rows(rd)["d1"][2] == "STOPPED"
+    rd.ctr("tasks", "rm", "d1")
+    rd.ctr("containers", "rm", "d1")
+    assert task_rows(rd) == {}
+    assert not (rd.state / "tasks" / "default" / "d1").exists()
+
+
+def test_run_with_a_terminal(rd):
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 97, 0, 0))
+    proc = subprocess.Popen(
+        ["ctr", "-a", rd.address, "run", "-t", "--rm", *rd.run_flags(), IMAGE, "tty1",
+         "sh", "-c", "tty; sleep 1; stty size; exit 6"],  # ctr resizes after Start
+        stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+    )
+    os.close(slave)
+    output = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    assert proc.wait(30) == 6
+    text = output.decode(errors="replace")
+    assert "/dev/pts/" in text and "33 97" in text
+
+
+def test_events_show_the_lifecycle(rd):
+    events = subprocess.Popen(["ctr", "-a", rd.address, "events"], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        time.sleep(0.5)
+        rd.ctr("run", "--rm", *rd.run_flags(), IMAGE, "ev1", "true")
+        time.sleep(0.5)
+    finally:
+        events.send_signal(signal.SIGINT)
+        out, _ = events.communicate(timeout=10)
+    # each line: DATE TIME +0000 UTC NAMESPACE TOPIC EVENT-JSON
+    topics = [line.split()[5] for line in out.splitlines() if len(line.split()) > 5]
+    lifecycle = [t for t in topics if t.startswith("/tasks/")]
+    assert lifecycle == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
+    assert "/containers/create" in topics and "/containers/delete" in topics
+
+
+def test_kill9_runtimed_with_containers_running(rd):
+    for i in range(4):
+        run_detached(rd, f"k{i}", "sleep", "1000")
+    for i in range(2):
+        run_detached(rd, f"x{i}", "sh", "-c", f"sleep 2; exit {10 + i}")
+    rd.kill9()
+    time.sleep(3)  # x0 and x1 exit while runtimed is down
+    rd.start()
+    rows = task_rows(rd)
+    assert {id: row[2] for id, row in rows.items()} == {
+        "k0": "RUNNING", "k1": "RUNNING", "k2": "RUNNING", "k3": "RUNNING",
+        "x0": "STOPPED", "x1": "STOPPED",
+    }
+    with rd.channel() as channel:
+        tasks = tasks_pb2_grpc.TasksStub(channel)
+        for i in range(2):
+            request = tasks_pb2.GetRequest(container_id=f"x{i}")
+            process = tasks.Get(request, metadata=NS, timeout=10).process
+            assert process.exit_status == 10 + i
+            waited = tasks.Wait(tasks_pb2.WaitRequest(container_id=f"x{i}"), metadata=NS,
+                                timeout=10)
+            assert waited.exit_status == 10 + i
+    for i in range(2):
+        rd.ctr("tasks", "rm", f"x{i}")
+    out = rd.ctr("tasks", "exec", "--exec-id", "after", "k2", "echo", "still here")
+    assert out.stdout == "still here\n"

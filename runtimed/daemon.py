@@ -69,7 +69,7 @@ class Daemon:
         self.differ = Differ(self.content, self.root / "tmpmounts")
         self.unpacker = Unpacker(self.content, self.images, self.snapshotters, self.differ,
                                  self.leases)
-        self.gc.schedule()  # repair what a crash left: unreferenced blobs, stale ingests
+        self.on_start.append(self.gc.start)  # once every store has registered with it
         self._open_volumes()
         from runtimed.network.manager import NetworkManager
 

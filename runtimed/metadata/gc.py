@@ -384,6 +384,11 @@ class GarbageCollector:
 
         return await asyncio.to_thread(self.collect)
 
+    async def start(self) -> None:
+        """A first collection once the daemon is up: repairs what a crash left behind
+        (unreferenced blob files, ingest directories, expired leases)."""
+        self.schedule()
+
     def schedule(self) -> None:
         """Ask for a collection soon (after a short delay that coalesces bursts of
         deletes); returns at once. Safe from any thread."""

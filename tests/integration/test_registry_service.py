@@ -185,3 +185,35 @@ def test_https_registry_with_ca_from_daemon_config(daemon_trusting, registry_tls
     with channel:
         _, result = _pull(stub, f"{registry_tls.host}/team/app:v1")
     assert result.target.digest == image.target.digest
+
+
+def test_pull_unpacks_each_layer_while_later_layers_download(daemon, registry, tmp_path):
+    import hashlib
+
+    from runtimed.images.unpack import chain_ids
+
+    store = open_store(tmp_path / "source")
+    image = build_image(
+        store, NS, [{"etc/motd": b"first\n"}, {"bin/big": os.urandom(48 << 20)}], compress=False
+    )
+    Pusher(store).push(NS, f"{registry.host}/team/unpack:v1", image.target)
+    channel, stub = _stub(daemon)
+    with channel:
+        progress, result = _pull(
+            stub,
+            f"{registry.host}/team/unpack:v1",
+            unpack=True,
+            options=registry_pb2.TransferOptions(concurrency=2),
+        )
+    first, big = image.layers
+    order = [(p.digest, p.state) for p in progress]
+    assert order.index((first.digest, "unpacked")) < order.index((big.digest, "done"))
+    assert (big.digest, "unpacked") in order
+    diff_ids = []
+    for layer in image.layers:
+        data = b"".join(store.read_chunks(NS, layer.digest))
+        diff_ids.append("sha256:" + hashlib.sha256(data).hexdigest())
+    snapshots = daemon.ctr("snapshots", "ls").stdout
+    for chain_id in chain_ids(diff_ids):
+        assert chain_id in snapshots
+    assert "complete" in daemon.ctr("images", "check").stdout

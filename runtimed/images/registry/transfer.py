@@ -18,6 +18,7 @@ from runtimed.errors import AlreadyExists, FailedPrecondition, NotFound
 from runtimed.images import reference as references
 from runtimed.images.manifest import Descriptor
 from runtimed.images.registry.hosts import RegistryHosts
+from runtimed.images.registry.layers import LayerPipeline
 from runtimed.images.registry.pull import Puller, PullOptions, PullResult
 from runtimed.images.registry.push import Pusher, PushOptions
 from runtimed.images.registry.remote import Progress, ProgressFn
@@ -62,21 +63,6 @@ class RegistryTransfers:
         unpacker = self._unpacker() if request.unpack else None
         if request.unpack and unpacker is None:
             raise FailedPrecondition("unpack requested but this daemon has no unpacker yet")
-        if unpacker is not None and hasattr(unpacker, "unpack_layer"):
-            snapshotter = request.snapshotter or None
-
-            def on_layer(manifest: Descriptor, index: int, layer: Descriptor, diff_id: str):
-                unpacker.unpack_layer(
-                    ns,
-                    manifest,
-                    index,
-                    layer,
-                    diff_id,
-                    snapshotter=snapshotter,
-                    lease=options.lease,
-                )
-
-            options.on_layer = on_layer
         temporary = None
         if options.lease is None:
             expires = datetime.datetime.now(datetime.UTC) + LEASE_EXPIRY
@@ -85,9 +71,13 @@ class RegistryTransfers:
             ).id
             options.lease = temporary
         try:
+            pipeline = None
+            if unpacker is not None and not options.all_platforms:
+                pipeline = self._pipeline(unpacker, ns, request.snapshotter, options.lease)
+                options.on_layer = pipeline.on_layer
             result = Puller(self.content, self.hosts).pull(ns, name, options, report)
             self._record(ns, result, request.labels)
-            if unpacker is not None and not hasattr(unpacker, "unpack_layer"):
+            if unpacker is not None:
                 unpacker.unpack(
                     ns,
                     result.name,
@@ -112,6 +102,19 @@ class RegistryTransfers:
                 except NotFound:
                     pass
         return result
+
+    @staticmethod
+    def _pipeline(unpacker, ns: str, snapshotter: str, lease: str | None) -> LayerPipeline:
+        from runtimed.snapshots import DEFAULT
+
+        name = snapshotter or DEFAULT
+        sn = unpacker.snapshotters.get(name)
+        if sn is None:
+            raise NotFound(
+                f"snapshotter {name!r} is not available "
+                f"(have: {', '.join(sorted(unpacker.snapshotters)) or 'none'})"
+            )
+        return LayerPipeline(unpacker.content, sn, unpacker.differ, ns, lease)
 
     def _record(self, ns: str, result: PullResult, labels: dict[str, str]) -> None:
         target = image_records.Descriptor(

@@ -138,6 +138,7 @@ def test_token_auth(registry_token, stores):
     requests = registry_token.token_server.requests
     assert any("repository:team/app:pull,push" in r["scopes"] for r in requests)
     assert all(r["user"] == USERNAME for r in requests)
+    assert len(requests) == 2  # one token per operation, shared by the concurrent requests
 
 
 def test_token_auth_wrong_password(registry_token, stores):

@@ -83,6 +83,7 @@ class Authorizer:
         self._fetch_token = fetch_token
         self._challenges: dict[str, Challenge] = {}
         self._tokens: dict[tuple[str, str], _Token] = {}
+        self._fetching: dict[tuple[str, str], threading.Lock] = {}
         self._lock = threading.Lock()
 
     def header(self, host: str, scopes: tuple[str, ...]) -> str | None:
@@ -120,9 +121,15 @@ class Authorizer:
     def _token(self, host: str, challenge: Challenge, scopes: tuple[str, ...]) -> str:
         key = (host, _scope_key(challenge, scopes))
         with self._lock:
-            cached = self._tokens.get(key)
-            if cached and cached.expires > time.monotonic():
-                return cached.value
+            fetching = self._fetching.setdefault(key, threading.Lock())
+        with fetching:  # concurrent requests for one scope share one token fetch
+            with self._lock:
+                cached = self._tokens.get(key)
+                if cached and cached.expires > time.monotonic():
+                    return cached.value
+            return self._fetch(host, challenge, scopes, key)
+
+    def _fetch(self, host: str, challenge: Challenge, scopes: tuple[str, ...], key) -> str:
         realm = challenge.params.get("realm")
         if not realm:
             raise PermissionDenied(f"registry {host} sent a bearer challenge without a realm")

@@ -19,6 +19,7 @@ in a lower directory does not change the directory's attributes.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import shutil
 import stat
@@ -71,8 +72,8 @@ def apply_layer(source: BinaryIO, root: str | os.PathLike, *, overlay: bool = Fa
     writer = _Writer(rootfd, overlay, [os.fspath(p) for p in parents or []])
     try:
         try:
-            tf = tarfile.open(fileobj=reader, mode="r|", tarinfo=_BoundedTarInfo,
-                              bufsize=CHUNK, errorlevel=2)
+            tf = tarfile.open(fileobj=_ForwardReader(reader), mode="r:", tarinfo=_BoundedTarInfo,
+                              errorlevel=2)
         except tarfile.ReadError as exc:
             if reader.size == 0:
                 return ApplyResult(digest=reader.digest, size=0)  # an empty layer
@@ -91,6 +92,43 @@ def apply_layer(source: BinaryIO, root: str | os.PathLike, *, overlay: bool = Fa
         writer.close()
         os.close(rootfd)
     return ApplyResult(digest=reader.digest, size=reader.size)
+
+
+class _ForwardReader:
+    """A stream that tarfile may treat as seekable, as long as it only seeks forward.
+
+    tarfile's own stream mode ("r|") re-slices its whole read buffer on every header read,
+    which dominates the cost of layers with many small files; "r:" on this wrapper reads
+    through a BufferedReader instead and skips unread data by reading it (it must be hashed
+    for the diff ID anyway).
+    """
+
+    def __init__(self, raw):
+        self._f = io.BufferedReader(raw, buffer_size=256 << 10)
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        self._pos += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 1:
+            offset += self._pos
+        elif whence != 0:
+            raise io.UnsupportedOperation("a layer stream cannot seek from its end")
+        if offset < self._pos:
+            raise io.UnsupportedOperation("a layer stream cannot seek backwards")
+        while self._pos < offset:
+            if not self.read(min(CHUNK, offset - self._pos)):
+                break
+        return self._pos
 
 
 def _decompress_errors() -> tuple[type[BaseException], ...]:

@@ -22,7 +22,7 @@ from runtimed.diff import compression
 from runtimed.diff.apply import apply_layer
 from runtimed.diff.compute import write_overlay_diff, write_tree_diff
 from runtimed.errors import AlreadyExists, InvalidArgument
-from runtimed.snapshots.mount import Mount, temp_mount
+from runtimed.snapshots.mount import Mount, temp_mount, unmount_all
 
 UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
 DEFAULT_DIFF_MEDIA_TYPE = compression.OUTPUT_MEDIA_TYPES[compression.GZIP]
@@ -56,6 +56,15 @@ class Differ:
         self.content = content
         self.tmp_dir = Path(tmp_dir)
         self.tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._repair()
+
+    def _repair(self) -> None:
+        """Unmount and remove temporary mount points a crash left behind."""
+        for entry in os.listdir(self.tmp_dir):
+            path = self.tmp_dir / entry
+            unmount_all(path, detach=True)
+            if path.is_dir() and not os.listdir(path):
+                os.rmdir(path)
 
     # -- apply --------------------------------------------------------------------------
 

@@ -385,9 +385,13 @@ class GarbageCollector:
         return await asyncio.to_thread(self.collect)
 
     async def start(self) -> None:
-        """A first collection once the daemon is up: repairs what a crash left behind
-        (unreferenced blob files, ingest directories, expired leases)."""
-        self.schedule()
+        """A first collection before the daemon serves: repairs what a crash left behind
+        (unreferenced blob files, ingest directories, expired leases). Done before serving
+        so it cannot race a client's first unleased write."""
+        try:
+            await self.collect_async()
+        except Exception:  # noqa: BLE001 - a failed repair must not keep the daemon down
+            log.exception("gc: collection at start failed")
 
     def schedule(self) -> None:
         """Ask for a collection soon (after a short delay that coalesces bursts of

@@ -131,3 +131,15 @@ def test_view_and_namespaces_and_native(daemon, images, tmp_path):
     (m,) = json.loads(out)
     assert m["Type"] == "bind" and (daemon.root / "snapshots" / "native").as_posix() in m["Source"]
     daemon.ctr("snapshots", "--snapshotter", "native", "rm", "n1")
+
+
+def test_ctr_run_uses_the_unpacked_chain(daemon, images):
+    """`ctr run` finds the image unpacked (no second extraction), runs on an active
+    snapshot over the chain, and `--rm` removes that snapshot again."""
+    busybox = images["busybox"]
+    daemon.ctr("images", "import", str(busybox.path))
+    before = snapshots(daemon)
+    out = daemon.ctr("run", "--rm", busybox.name, "run1", "sh", "-c",
+                     "echo written > /tmp/f && cat /tmp/f && ls /bin | grep -c .").stdout.split()
+    assert out[0] == "written" and int(out[1]) > 50
+    assert snapshots(daemon) == before

@@ -91,6 +91,7 @@ class Daemon:
             await hook()
 
     async def stop(self) -> None:
+        await self.tasks.close()
         self.gc.close()
         self.db.close()
         os.close(self._lock_fd)

@@ -37,6 +37,15 @@ def set_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
+def _one_malloc_arena() -> None:
+    """gRPC's threads would each get a glibc malloc arena; an idle shim needs one."""
+    M_ARENA_MAX = -8
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
+    except (OSError, AttributeError):
+        pass
+
+
 def launch(id: str, namespace: str, bundle: Path) -> int:
     """Fork the shim; print its address once it serves. Exit status 0 on success."""
     read_end, write_end = os.pipe()
@@ -81,6 +90,7 @@ def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None) -> i
         format=f"%(asctime)s %(levelname)s shimd[{os.getpid()}] {namespace}/{id}: %(message)s",
     )
     set_subreaper()
+    _one_malloc_arena()
     # the built-in runtime runs as `python -m shimd.oci` from the bundle dir: keep the
     # package importable wherever it was found
     package_root = str(Path(__file__).resolve().parent.parent)

@@ -68,14 +68,70 @@ class BundleInfo:
 
 
 class ShimManager:
+    """Shims come from the zygote (`shimd.zygote`, started on first use, forks a shim per
+    container from pre-imported, shared memory); `python -m shimd` is the fallback, and
+    the only way with RUNTIMED_SHIM_ZYGOTE=0."""
+
     def __init__(self, state: Path):
         self.tasks_dir = state / "tasks"
+        self.zygote_socket = state / "shim-zygote.sock"
+        self.use_zygote = os.environ.get("RUNTIMED_SHIM_ZYGOTE", "1") != "0"
+        self._zygote_lock = asyncio.Lock()
 
     def bundle_path(self, namespace: str, id: str) -> Path:
         return self.tasks_dir / namespace / id
 
     async def start(self, namespace: str, id: str, bundle: Path) -> ShimClient:
-        """Launch a detached shim for `bundle` and connect to it."""
+        """Start a detached shim for `bundle` and connect to it."""
+        if self.use_zygote:
+            try:
+                address = await self._fork_from_zygote(namespace, id, bundle)
+                return await self.connect(id, address, bundle)
+            except (OSError, ValueError, TimeoutError) as exc:
+                log.warning("shim zygote unusable (%s); launching the shim directly", exc)
+        return await self._launch(namespace, id, bundle)
+
+    async def _fork_from_zygote(self, namespace: str, id: str, bundle: Path) -> str:
+        request = json.dumps({"id": id, "namespace": namespace, "bundle": str(bundle)})
+        try:
+            reply = await self._zygote_call(request)
+        except (FileNotFoundError, ConnectionRefusedError):
+            async with self._zygote_lock:
+                try:
+                    reply = await self._zygote_call(request)
+                except (FileNotFoundError, ConnectionRefusedError):
+                    await self._start_zygote()
+                    reply = await self._zygote_call(request)
+        if "error" in reply:
+            raise Unavailable(f"shim for {namespace}/{id} failed to start: {reply['error']}")
+        return reply["address"]
+
+    async def _zygote_call(self, line: str) -> dict:
+        reader, writer = await asyncio.open_unix_connection(str(self.zygote_socket))
+        try:
+            writer.write(line.encode() + b"\n")
+            await writer.drain()
+            return json.loads(await asyncio.wait_for(reader.readline(), LAUNCH_TIMEOUT) or b"{}")
+        finally:
+            writer.close()
+
+    async def _start_zygote(self) -> None:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shimd.zygote", "--socket", str(self.zygote_socket),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            start_new_session=True, env=_shim_env(),
+        )
+        if await asyncio.wait_for(proc.wait(), LAUNCH_TIMEOUT) != 0:
+            raise OSError(f"shim zygote did not start (see {self.zygote_socket}.log)")
+
+    async def stop_zygote(self) -> None:
+        """Stop the zygote (shims it forked are on their own and keep running)."""
+        try:
+            await asyncio.wait_for(self._zygote_call('{"op": "exit"}'), 5)
+        except (OSError, ValueError, TimeoutError):
+            pass
+
+    async def _launch(self, namespace: str, id: str, bundle: Path) -> ShimClient:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "shimd", "--id", id, "--namespace", namespace,
             "--bundle", str(bundle),

@@ -392,10 +392,12 @@ class TaskManager:
             log.info("%s/%s: reconnected to shim at %s", namespace, id, address)
 
     async def close(self) -> None:
+        """runtimed stops: the shims (and their containers) keep running; the zygote goes."""
         for task in list(self.tasks.values()):
             if task.forwarder is not None:
                 task.forwarder.cancel()
             await task.shim.close()
+        await self.shims.stop_zygote()
 
 
 def _containerd_event(task: Task, e: shim_pb2.Event):

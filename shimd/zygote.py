@@ -1,0 +1,155 @@
+"""The shim zygote: one long-lived process that has imported everything a shim needs
+(grpc, protobuf, the shim API, shimd) before any thread exists, froze those objects out
+of the garbage collector, and forks one shim per container on request. The forked shims
+share those pages copy-on-write, so an idle shim costs a few MB of its own instead of a
+whole Python + grpcio (see docs/shim.md for the measurements).
+
+    python -m shimd.zygote --socket PATH
+
+Protocol on the unix socket: one JSON line in, `{"id", "namespace", "bundle"}`, one
+JSON line out, `{"address": ...}` or `{"error": ...}`; `{"op": "exit"}` stops the zygote.
+Each shim is double-forked (new session, the intermediate exits), so it is neither the
+zygote's nor runtimed's child; it creates its gRPC threads only after the fork.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import select
+import signal
+import socket
+import sys
+from pathlib import Path
+
+READY_TIMEOUT = 30.0
+
+
+def preload() -> None:
+    """Import what every shim uses, in the zygote, while it is single-threaded."""
+    import asyncio  # noqa: F401
+
+    import grpc  # noqa: F401
+    import grpc.aio  # noqa: F401
+
+    import runtimed.api.cgroups.stats.v1.metrics_pb2  # noqa: F401
+    import shimd.lifecycle  # noqa: F401
+    import shimd.metrics  # noqa: F401
+    import shimd.outbox  # noqa: F401
+    import shimd.reaper  # noqa: F401
+    import shimd.runtime  # noqa: F401
+    import shimd.server  # noqa: F401
+    import shimd.service  # noqa: F401
+    import shimd.shim  # noqa: F401
+    import shimd.stdio  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
+
+
+def spawn_shim(id: str, namespace: str, bundle: Path, listener: socket.socket,
+               conn: socket.socket) -> str:
+    """Double-fork a shim; its address once it serves (or raise)."""
+    from shimd.server import run
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            listener.close()
+            conn.close()
+            os.close(read_end)
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            code = run(id, namespace, bundle, ready_fd=write_end)
+        except BaseException:  # noqa: BLE001 - a forked child must never return
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    chunks = []
+    try:
+        while True:
+            ready, _, _ = select.select([read_end], [], [], READY_TIMEOUT)
+            if not ready:
+                raise TimeoutError(f"shim for {namespace}/{id} not ready in {READY_TIMEOUT}s")
+            chunk = os.read(read_end, 4096)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+    address = b"".join(chunks).decode().strip()
+    if not address:
+        raise RuntimeError(f"shim for {namespace}/{id} failed to start, see {bundle}/shim.log")
+    return address
+
+
+def serve(listener: socket.socket) -> None:
+    while True:
+        conn, _ = listener.accept()
+        with conn:
+            try:
+                request = json.loads(conn.makefile("rb").readline() or b"{}")
+                if request.get("op") == "exit":
+                    conn.sendall(b'{"ok": true}\n')
+                    return
+                address = spawn_shim(request["id"], request.get("namespace", "default"),
+                                     Path(request["bundle"]), listener, conn)
+                reply = {"address": address}
+            except Exception as exc:  # noqa: BLE001 - reported to the caller
+                reply = {"error": f"{type(exc).__name__}: {exc}"}
+            try:
+                conn.sendall(json.dumps(reply).encode() + b"\n")
+            except OSError:
+                pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="shimd.zygote")
+    parser.add_argument("--socket", required=True, type=Path)
+    args = parser.parse_args(argv)
+    read_end, write_end = os.pipe()
+    if os.fork() != 0:  # the caller waits only until the zygote listens
+        os.close(write_end)
+        ok = os.read(read_end, 1) == b"1"
+        return 0 if ok else 1
+    os.close(read_end)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    log = os.open(f"{args.socket}.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.dup2(log, 2)
+    os.close(null)
+    os.close(log)
+    preload()
+    if args.socket.exists():
+        args.socket.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(args.socket))
+    os.chmod(args.socket, 0o600)
+    listener.listen(64)
+    os.write(write_end, b"1")
+    os.close(write_end)
+    try:
+        serve(listener)
+    finally:
+        listener.close()
+        try:
+            args.socket.unlink()
+        except FileNotFoundError:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

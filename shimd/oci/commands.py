@@ -9,7 +9,7 @@ import time
 
 from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound
 from shimd import cgroups
-from shimd.oci import init, linux
+from shimd.oci import init, linux, seccomp
 from shimd.oci.state import OCI_VERSION, State, Store, init_alive, now_rfc3339, proc_start_time
 
 
@@ -97,6 +97,8 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
         raise InvalidArgument("process.terminal is set but no --console-socket was given")
     lin = spec.get("linux") or {}
     cgroup_path = cgroups.normalize(lin.get("cgroupsPath") or f"/{container_id}")
+    if lin.get("seccomp"):
+        seccomp.prepare()  # dlopen before pivot_root hides the host's libraries
     store.reserve(container_id)
     cgroup = None
     pid = 0
@@ -313,6 +315,8 @@ def exec_process(store: Store, container_id: str, proc: dict, pid_file: str | No
     if not proc.get("args"):
         raise InvalidArgument("process.args must not be empty")
     spec = state.config
+    if (spec.get("linux") or {}).get("seccomp"):
+        seccomp.prepare()
     ns_fds: list[tuple[int, int, str]] = []
     procs_fds: list[int] = []
     console = None

@@ -51,17 +51,16 @@ def child_main(fn, sync_w: int, *args) -> None:
 def set_oom_score_adj(value: int) -> None:
     """Lowering needs CAP_SYS_RESOURCE; without it keep the current value (containerd's
     restrict_oom_score_adj does the same) instead of failing the container."""
-    with open("/proc/self/oom_score_adj", "r+") as f:
-        current = int(f.read())
+    fd = os.open("/proc/self/oom_score_adj", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        current = int(os.read(fd, 32))
         try:
-            f.seek(0)
-            f.write(str(value))
-            f.flush()
+            os.pwrite(fd, str(value).encode(), 0)
         except PermissionError:
             if value >= current:
                 raise
-            f.seek(0)
-            f.write(str(current))
+    finally:
+        os.close(fd)
 
 
 def enter_namespaces(namespaces: list[dict]) -> bool:
@@ -281,8 +280,6 @@ def container_init(sync_w: int, spec: dict, root: str, fifo: str, cgroup, consol
     env = environment(proc)
     exe = find_executable(proc.get("args") or [], env, proc.get("cwd") or "/")
     profile = lin.get("seccomp")
-    if profile:
-        seccomp.prepare()
     send(sync_w, "ready")
     os.close(sync_w)
     while True:
@@ -309,8 +306,6 @@ def exec_init(sync_w: int, spec: dict, proc: dict, procs_fds: list[int], console
     env = environment(proc)
     exe = find_executable(proc.get("args") or [], env, proc.get("cwd") or "/")
     profile = (spec.get("linux") or {}).get("seccomp")
-    if profile:
-        seccomp.prepare()
     join_cgroup(procs_fds)
     finalize(proc, profile, exe, env)
 

@@ -144,6 +144,7 @@ def mount_one(rootfs: str, m: dict, cgroup: object | None, cgroupns: bool) -> No
     elif kind == "cgroup":
         _mount_cgroup(dest, flags, cgroup, cgroupns)
     else:
+        existing = os.stat(dest).st_mode if kind == "tmpfs" and os.path.isdir(dest) else None
         _make_target(dest, True)
         if kind == "mqueue" or kind == "sysfs":
             data = data or None
@@ -155,6 +156,9 @@ def mount_one(rootfs: str, m: dict, cgroup: object | None, cgroupns: bool) -> No
             # sysfs refuses a mount from a network namespace we do not own: bind the host's.
             linux.mount("/sys", dest, None, MS_BIND | MS_REC)
             bind_remount(dest, flags)
+        if existing is not None:
+            # runc gives a tmpfs the mode of the directory it covers: match it.
+            os.chmod(dest, stat.S_IMODE(existing))
     for p in propagation:
         linux.mount(None, dest, None, p)
 

@@ -356,3 +356,19 @@ def test_progress_and_overall_deadlines(registry, stores):
         proxy.close()
     assert not dst.exists(NS, image.layers[1].digest)
     assert not dst.exists(NS, image.target.digest)
+
+
+def test_push_of_a_partly_pulled_index_names_the_fix(registry, stores):
+    src, dst = stores
+    amd = _image(src, platform=("linux", "amd64"))
+    arm = _image(src, platform=("linux", "arm64"))
+    index = build_index(src, NS, [amd, arm])
+    Pusher(src).push(NS, f"{registry.host}/multi:1", index.target)
+    arm_only = platforms.only(Platform("linux", "arm64"))
+    Puller(dst).pull(NS, f"{registry.host}/multi:1", PullOptions(platforms=arm_only))
+    with pytest.raises(FailedPrecondition, match="--platform"):
+        Pusher(dst).push(NS, f"{registry.host}/copy:1", index.target)
+    pushed = Pusher(dst).push(
+        NS, f"{registry.host}/copy:1", index.target, PushOptions(platforms=arm_only)
+    )
+    assert pushed.digest == arm.manifests[0].digest

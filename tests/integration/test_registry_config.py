@@ -94,6 +94,7 @@ def test_endpoints_https_default_loopback_fallback_insecure_and_mirrors():
     assert (insecure.verify, insecure.fallback_http) == (False, True)
     assert hosts.endpoints("localhost:5000")[0].fallback_http
     assert hosts.endpoints("127.0.0.1:5000")[0].fallback_http
+    assert hosts.endpoints("[::1]:5000")[0].fallback_http
     assert not hosts.endpoints("registry.example:5000")[0].fallback_http
     assert hosts.endpoints("registry.example", plain_http=True)[0].scheme == "http"
 

@@ -69,9 +69,15 @@ class HostConfig:
         )
 
 
+def host_name(host: str) -> str:
+    """`host[:port]` or `[v6]:port` without the port."""
+    if host.startswith("["):
+        return host[: host.index("]") + 1] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def is_loopback(host: str) -> bool:
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") and host.count(":") == 1 else host
-    return name in _LOOPBACK or host in _LOOPBACK
+    return host_name(host) in _LOOPBACK
 
 
 class RegistryHosts:

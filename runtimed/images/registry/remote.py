@@ -14,7 +14,7 @@ from runtimed.images import mediatypes
 from runtimed.images.reference import Reference
 from runtimed.images.registry import credentials as credstore
 from runtimed.images.registry.credentials import Credentials
-from runtimed.images.registry.hosts import Endpoint, RegistryHosts
+from runtimed.images.registry.hosts import Endpoint, RegistryHosts, host_name
 from runtimed.images.registry.transport import Timeouts, Transport
 
 MANIFEST_ACCEPT = ", ".join(
@@ -116,9 +116,11 @@ def remotes(
         ca=options.ca,
         insecure=options.insecure,
     ):
-        # credentials belong to the registry named in the reference, even on a mirror
-        def creds(_host: str, _domain: str = ref.domain) -> Credentials | None:
-            return options.credentials_for(_domain)
+        # a mirror gets only its own stored credentials, never the registry's
+        def creds(_host: str, _mirror: Endpoint = endpoint) -> Credentials | None:
+            if _mirror.mirror:
+                return credstore.load(_mirror.host, options.credentials_file)
+            return options.credentials_for(ref.domain)
 
         transport = Transport(
             endpoint,
@@ -132,8 +134,7 @@ def remotes(
 
 def source_key(domain: str) -> str:
     """containerd keys the label by host name without the port."""
-    host = domain.rsplit(":", 1)[0] if domain.count(":") == 1 else domain
-    return SOURCE_LABEL + host
+    return SOURCE_LABEL + host_name(domain).strip("[]")
 
 
 def append_source(current: str | None, repository: str) -> str:

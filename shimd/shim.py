@@ -50,6 +50,8 @@ class Shim:
         self.runtime: OciRuntime | None = None
         self.has_pid_namespace = True
         self.shutdown_requested = asyncio.Event()
+        self._cgroup_path = ""
+        self._oom = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -64,6 +66,7 @@ class Shim:
         self.has_pid_namespace = any(
             ns.get("type") == "pid" and not ns.get("path") for ns in namespaces
         )
+        self._cgroup_path = spec.get("linux", {}).get("cgroupsPath", "")
         state_root = self.bundle / "runtime"
         state_root.mkdir(mode=0o700, exist_ok=True)
         (self.bundle / "exits").mkdir(mode=0o700, exist_ok=True)
@@ -84,8 +87,38 @@ class Shim:
         self._exited[INIT] = asyncio.Event()
         events = self.lifecycle.created(pid)
         self._watch(INIT, pid)
+        self._watch_oom()
         await self._emit(events)
         return pid
+
+    def _watch_oom(self) -> None:
+        """Report OOM kills in the container's cgroup as /tasks/oom (containerd's topic)."""
+        if not self._cgroup_path:
+            return
+        try:
+            from shimd import cgroups
+
+            self._oom = cgroups.open(self._cgroup_path).oom_events()
+        except Exception as exc:  # noqa: BLE001 - no OOM events is not worth failing Create
+            log.warning("OOM events unavailable for %s: %s", self._cgroup_path, exc)
+            return
+        asyncio.get_running_loop().add_reader(self._oom.fileno(), self._on_oom)
+
+    def _on_oom(self) -> None:
+        try:
+            kills = self._oom.read()
+        except OSError:
+            kills = 0
+            self._stop_oom()
+        if kills:
+            asyncio.ensure_future(self._emit([Emitted("/tasks/oom")]))
+
+    def _stop_oom(self) -> None:
+        if self._oom is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._oom.fileno())
+            self._oom.close()
+            self._oom = None
 
     async def _run_with_io(self, io: ProcessIO, command) -> None:
         receive = asyncio.ensure_future(io.receive_console()) if io.console_socket else None
@@ -227,6 +260,7 @@ class Shim:
             await asyncio.wait_for(self._exited[exec_id].wait(), FORCE_DELETE_TIMEOUT)
         if exec_id == INIT:
             await self._delete_init(process)
+            self._stop_oom()
         events = self.lifecycle.deleted(exec_id)
         info = ExitInfo(process.pid, process.exit_status, process.exited_at)
         io = self.io.pop(exec_id, None)
@@ -314,6 +348,7 @@ class Shim:
         return True
 
     def close(self) -> None:
+        self._stop_oom()
         for io in self.io.values():
             io.close()
         self.io.clear()

@@ -203,3 +203,17 @@ def test_container_and_shim_outlive_the_launcher_and_events_resume(shims, runtim
     assert again[0].exit_status == 128 + signal.SIGKILL
     connect = shim.stub.Connect(pb.ConnectRequest(id=shim.id))
     assert connect.shim_pid == shim.pid
+
+
+def test_memory_limit_oom_kill_is_reported(shims, runtime):
+    def limit(spec):
+        spec["linux"]["resources"]["memory"] = {"limit": 8 << 20, "swap": 8 << 20}
+
+    shim = shims(["sh", "-c", 'x=$(head -c 50000000 /dev/zero | tr "\\0" a); echo survived'],
+                 spec_edit=limit)
+    create(shim, runtime)
+    shim.stub.Start(pb.StartRequest(id=shim.id))
+    status = shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=60).exit_status
+    assert status == 137
+    topics = [e.topic for e in shim.events(count=4)]
+    assert "/tasks/oom" in topics

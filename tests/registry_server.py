@@ -400,7 +400,7 @@ def registry_token() -> Iterator[RegistryServer]:
 # Images built in a content store, for push/pull tests
 
 
-def _tar_gz(files: dict[str, bytes], compress: bool = True) -> tuple[bytes, str]:
+def _tar_gz(files: dict[str, bytes], compress: bool | str = True) -> tuple[bytes, str]:
     """A (gzipped) tar of `files`; returns (layer bytes, diff id of the tar)."""
     import gzip
     import hashlib
@@ -416,8 +416,13 @@ def _tar_gz(files: dict[str, bytes], compress: bool = True) -> tuple[bytes, str]
             info.mode = 0o644
             tar.addfile(info, io.BytesIO(data))
     tar_bytes = raw.getvalue()
+    diff_id = "sha256:" + hashlib.sha256(tar_bytes).hexdigest()
     if not compress:
-        return tar_bytes, "sha256:" + hashlib.sha256(tar_bytes).hexdigest()
+        return tar_bytes, diff_id
+    if compress == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor().compress(tar_bytes), diff_id
     return gzip.compress(tar_bytes, compresslevel=1, mtime=0), "sha256:" + hashlib.sha256(
         tar_bytes
     ).hexdigest()
@@ -437,20 +442,24 @@ def build_image(
     *,
     platform: tuple[str, str] = ("linux", "amd64"),
     docker: bool = False,
-    compress: bool = True,
+    compress: bool | str = True,  # False, True (gzip) or "zstd"
+    diff_ids: list[str] | None = None,
 ) -> BuiltImage:
-    """Write a single-platform image (gzip layers, config, manifest) into `store`."""
+    """Write a single-platform image (gzip layers, config, manifest) into `store`;
+    `diff_ids` overrides the config's (to build a lying image)."""
     import hashlib
 
     from runtimed.images import mediatypes
     from runtimed.images.manifest import Descriptor, dump_json, gc_labels
     from runtimed.images.platforms import Platform
 
-    if compress:
+    if compress == "zstd":
+        layer_type = mediatypes.DOCKER_LAYER_ZSTD if docker else mediatypes.OCI_LAYER_ZSTD
+    elif compress:
         layer_type = mediatypes.DOCKER_LAYER_GZIP if docker else mediatypes.OCI_LAYER_GZIP
     else:
         layer_type = mediatypes.DOCKER_LAYER if docker else mediatypes.OCI_LAYER
-    layers, diff_ids = [], []
+    layers, computed = [], []
     for files in layer_files:
         data, diff_id = _tar_gz(files, compress)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -462,13 +471,13 @@ def build_image(
             labels={mediatypes.LABEL_UNCOMPRESSED: diff_id},
         )
         layers.append(Descriptor(layer_type, digest, len(data)))
-        diff_ids.append(diff_id)
+        computed.append(diff_id)
     config = dump_json(
         {
             "architecture": platform[1],
             "os": platform[0],
             "config": {"Cmd": ["/bin/sh"]},
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids or computed},
         }
     )
     config_desc = Descriptor(

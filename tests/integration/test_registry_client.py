@@ -55,9 +55,9 @@ def _blob(store, digest) -> bytes:
     return b"".join(store.read_chunks(NS, digest))
 
 
-def _roundtrip(stores, host, options_kw, *, docker=False, push_kw=None):
+def _roundtrip(stores, host, options_kw, *, docker=False, push_kw=None, image=None):
     src, dst = stores
-    image = _image(src, docker=docker)
+    image = image or _image(src, docker=docker)
     events = []
     pushed = Pusher(src).push(
         NS,
@@ -372,3 +372,64 @@ def test_push_of_a_partly_pulled_index_names_the_fix(registry, stores):
         NS, f"{registry.host}/copy:1", index.target, PushOptions(platforms=arm_only)
     )
     assert pushed.digest == arm.manifests[0].digest
+
+
+def test_layer_not_matching_the_config_diff_id_is_refused(registry, stores):
+    src, dst = stores
+    lie = "sha256:" + "0" * 64
+    image = build_image(src, NS, [{"a": b"x"}, {"b": b"y"}], diff_ids=[lie, lie])
+    Pusher(src).push(NS, f"{registry.host}/liar:1", image.target)
+    with pytest.raises(FailedPrecondition, match="image config lists " + lie):
+        Puller(dst).pull(NS, f"{registry.host}/liar:1")
+    assert not any(dst.exists(NS, layer.digest) for layer in image.layers)
+    assert dst.list_statuses(NS) == []
+
+
+def test_endless_manifest_body_is_refused(stores):
+    """A hostile registry that promises 100 bytes and never stops sending."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    digest = "sha256:" + "ab" * 32
+
+    class Hostile(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            self.send_response(200)
+            self.send_header("Content-Type", mediatypes.OCI_MANIFEST)
+            self.send_header("Docker-Content-Digest", digest)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", mediatypes.OCI_MANIFEST)
+            self.end_headers()
+            try:
+                for _ in range(10_000):
+                    self.wfile.write(b" " * 65536)
+            except OSError:
+                pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(FailedPrecondition, match="more than 100 bytes"):
+            Puller(stores[1]).pull(NS, f"127.0.0.1:{server.server_address[1]}/evil:1")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    assert stores[1].list(NS) == []
+
+
+def test_zstd_layers_get_their_diff_id_while_streaming(registry, stores):
+    src, dst = stores
+    image = _image(src, size=100_000, compress="zstd")
+    assert image.layers[0].media_type == mediatypes.OCI_LAYER_ZSTD
+    _, pulled, _ = _roundtrip(stores, registry.host, {}, image=image)
+    assert pulled.target.digest == image.target.digest

@@ -302,6 +302,10 @@ class _Writer:
             st = os.lstat(base, dir_fd=pfd)
         except FileNotFoundError:
             st = None
+        # in an overlay upper, a directory replacing a whiteout must hide the lower one's
+        # contents: it becomes opaque
+        opaque = (self.overlay and st is not None and stat.S_ISCHR(st.st_mode)
+                  and st.st_rdev == 0 and member.isdir())
         if st is not None and not (stat.S_ISDIR(st.st_mode) and member.isdir()):
             self._remove(pfd, base, name)
             pfd = self.dirfd(parent)
@@ -310,6 +314,8 @@ class _Writer:
         if member.isdir():
             if st is None:
                 os.mkdir(base, 0o700, dir_fd=pfd)
+                if opaque:
+                    os.setxattr(self._proc(pfd, base), OPAQUE_XATTR, b"y", follow_symlinks=False)
             self._dirs.append((name, _mtime_ns(member, "atime") if "atime" in member.pax_headers
                                else _mtime_ns(member), _mtime_ns(member)))
             self._meta(pfd, base, member, mode)

@@ -182,3 +182,21 @@ def test_apply_through_a_temporary_mount_and_hostile_layers(daemon, tmp_path):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert os.listdir(sentinel) == []
     assert os.listdir(tmpmounts) == []
+
+
+def test_cleanup_rpc_and_namespace_in_use(daemon):
+    ch = daemon.channel()
+    sn = snapshots_pb2_grpc.SnapshotsStub(ch)
+    other = [("containerd-namespace", "team")]
+    sn.Prepare(pb.PrepareSnapshotRequest(key="held"), metadata=other)
+    # a snapshot keeps its namespace (created implicitly) from being deleted
+    refused = daemon.ctr("namespaces", "rm", "team", check=False)
+    assert refused.returncode != 0
+    assert "team" in daemon.ctr("namespaces", "ls", "-q").stdout.split()
+    sn.Remove(pb.RemoveSnapshotRequest(key="held"), metadata=other)
+    daemon.ctr("namespaces", "rm", "team")
+    # Cleanup removes trees no record names (as a crash between steps would leave)
+    orphan = daemon.root / "snapshots" / "overlayfs" / "snapshots" / "new-orphan"
+    (orphan / "fs").mkdir(parents=True)
+    sn.Cleanup(pb.CleanupRequest(snapshotter="overlayfs"), metadata=MD)
+    assert not orphan.exists()

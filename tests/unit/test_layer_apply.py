@@ -142,3 +142,19 @@ def test_replacing_entries(tmp_path):
 def test_empty_stream_is_an_empty_layer(tmp_path):
     assert apply_layer(io.BytesIO(b""), tmp_path).size == 0
     assert os.listdir(tmp_path) == []
+
+
+def test_overlay_directory_replacing_a_whiteout_is_opaque(tmp_path):
+    lower, upper, work, merged = (tmp_path / n for n in ("lower", "upper", "work", "merged"))
+    for p in (lower, upper, work, merged):
+        p.mkdir()
+    apply_layer(io.BytesIO(tar(d("a"), E("a/old", data=b"o"))), lower)
+    apply_layer(io.BytesIO(tar(E(".wh.a"), d("a"), E("a/new", data=b"n"))), upper,
+                overlay=True, parents=[str(lower)])
+    assert os.getxattr(upper / "a", "trusted.overlay.opaque") == b"y"
+    mountlib.mount(mountlib.Mount("overlay", "overlay", [
+        f"lowerdir={lower}", f"upperdir={upper}", f"workdir={work}"]), merged)
+    try:
+        assert os.listdir(merged / "a") == ["new"]
+    finally:
+        mountlib.unmount_all(merged)

@@ -9,7 +9,6 @@ import time
 
 from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound
 from shimd import cgroups
-from shimd.oci import init, linux, seccomp
 from shimd.oci.state import OCI_VERSION, State, Store, init_alive, now_rfc3339, proc_start_time
 
 
@@ -90,6 +89,8 @@ def _load_spec(bundle: str) -> dict:
 
 def create(store: Store, container_id: str, bundle: str, pid_file: str | None = None,
            console_socket: str | None = None, no_pivot: bool = False, preserve_fds: int = 0) -> State:
+    from shimd.oci import init, linux, seccomp
+
     bundle = os.path.abspath(bundle)
     spec = _load_spec(bundle)
     root = os.path.join(bundle, spec["root"]["path"])
@@ -147,6 +148,8 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
 def _intermediate(sync_w: int, spec: dict, root: str, fifo: str, cgroup, console, no_pivot: bool) -> None:
     """The first child: enter namespaces, fork the init (pid 1 of a new pid namespace),
     report its host pid, and exit so the init is reparented to the caller's subreaper."""
+    from shimd.oci import init
+
     init.enter_namespaces((spec.get("linux") or {}).get("namespaces") or [])
     pid = os.fork()
     if pid == 0:
@@ -306,6 +309,8 @@ def exec_process(store: Store, container_id: str, proc: dict, pid_file: str | No
                  console_socket: str | None = None, detach: bool = False, preserve_fds: int = 0) -> int:
     """Start proc inside the container's namespaces and cgroup; returns its exit code when
     not detached (128+signal if signalled), else 0 once it has exec'd."""
+    from shimd.oci import init, linux, seccomp
+
     state = store.load(container_id)
     current = status(state, store)
     if current not in ("running", "created"):
@@ -358,6 +363,8 @@ def exec_process(store: Store, container_id: str, proc: dict, pid_file: str | No
 
 
 def _exec_intermediate(sync_w: int, spec: dict, proc: dict, ns_fds, procs_fds, console, detach: bool) -> None:
+    from shimd.oci import init, linux
+
     for fd, flag, name in ns_fds:
         linux.setns(fd, flag, f"{name} namespace")
     pid = os.fork()
@@ -374,6 +381,8 @@ def _exec_intermediate(sync_w: int, spec: dict, proc: dict, ns_fds, procs_fds, c
 
 def run(store: Store, container_id: str, bundle: str, **create_args) -> int:
     """create + start + wait (the runtime is the subreaper of its container) + delete."""
+    from shimd.oci import linux
+
     linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
     state = create(store, container_id, bundle, **create_args)
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
 
 from runtimed.errors import AlreadyExists, InvalidArgument, NotFound
 
@@ -17,17 +16,28 @@ DEFAULT_ROOT = "/run/shimd-oci"
 OCI_VERSION = "1.0.2"
 
 
-@dataclass
 class State:
-    id: str
-    bundle: str
-    rootfs: str
-    pid: int = 0
-    start_time: int = 0  # /proc/PID/stat field 22: tells our init from a recycled pid
-    created: str = ""
-    cgroup_path: str = ""
-    config: dict = field(default_factory=dict)
-    owner: str = ""
+    """What `create` recorded about a container (a plain class: `dataclasses` pulls in
+    `inspect`, and every runtime command pays its import time)."""
+
+    __slots__ = ("id", "bundle", "rootfs", "pid", "start_time", "created", "cgroup_path",
+                 "config", "owner")
+
+    def __init__(self, id: str, bundle: str, rootfs: str, pid: int = 0, start_time: int = 0,
+                 created: str = "", cgroup_path: str = "", config: dict | None = None,
+                 owner: str = "") -> None:
+        self.id = id
+        self.bundle = bundle
+        self.rootfs = rootfs
+        self.pid = pid
+        self.start_time = start_time  # /proc/PID/stat field 22: tells our init from a recycled pid
+        self.created = created
+        self.cgroup_path = cgroup_path
+        self.config = config or {}
+        self.owner = owner
+
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 def validate_id(container_id: str) -> None:
@@ -59,7 +69,7 @@ class Store:
         path = os.path.join(self.dir(state.id), "state.json")
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(asdict(state), f)
+            json.dump(state.to_dict(), f)
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, path)

@@ -20,11 +20,16 @@ import pytest
 
 from runtimed.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from tests import testimages
-from tests.shim.conftest import CGROUP_PARENT, CREATED_CGROUPS, cgroup_check  # noqa: F401
+from tests.shim.conftest import (  # noqa: F401 - cgroup_check is a fixture
+    BUILTIN,
+    CGROUP_PARENT,
+    CREATED_CGROUPS,
+    cgroup_check,
+)
 
 IMAGE = testimages.BUSYBOX_NAME
 NS = (("containerd-namespace", "default"),)
-RUNTIMES = ["runc"] + (["builtin"] if os.environ.get("RUNTIMED_TEST_BUILTIN") == "1" else [])
+RUNTIMES = ["runc"] + (["builtin"] if BUILTIN else [])  # builtin: runtimed's default
 
 
 @pytest.fixture

@@ -294,3 +294,29 @@ def test_dead_shim_is_cleaned_up_with_exit_255(client, daemon):
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{init_pid}")  # the container went with it
     events.close()
+
+
+def test_many_waits_and_subscribers_do_not_slow_other_calls(client):
+    client.run("busy", ["sleep", "1000"])
+
+    def get_latency() -> float:
+        samples = []
+        for _ in range(10):
+            start = time.monotonic()
+            client.tasks.Get(tasks_pb2.GetRequest(container_id="busy"), metadata=MD, timeout=10)
+            samples.append(time.monotonic() - start)
+        return sorted(samples)[len(samples) // 2]
+
+    idle = get_latency()
+    waits = [client.tasks.Wait.future(tasks_pb2.WaitRequest(container_id="busy"), metadata=MD,
+                                      timeout=120) for _ in range(100)]
+    subscribers = [Collector(client) for _ in range(10)]
+    loaded = get_latency()
+    assert loaded < max(5 * idle, 0.05), (idle, loaded)
+    assert not any(w.done() for w in waits)
+    client.tasks.Kill(tasks_pb2.KillRequest(container_id="busy", signal=9), metadata=MD)
+    assert {w.result().exit_status for w in waits} == {137}
+    for subscriber in subscribers:
+        subscriber.wait_for("busy", "/tasks/exit")
+        assert subscriber.topics("busy", exec_id="busy").count("/tasks/exit") == 1
+        subscriber.close()

@@ -320,3 +320,44 @@ def test_many_waits_and_subscribers_do_not_slow_other_calls(client):
         subscriber.wait_for("busy", "/tasks/exit")
         assert subscriber.topics("busy", exec_id="busy").count("/tasks/exit") == 1
         subscriber.close()
+
+
+def _zygote_pids(daemon) -> list[int]:
+    """The zygote: runs `shimd.zygote` for this daemon and is not one of its shims."""
+    marker = str(daemon.state / "shim-zygote.sock").encode()
+    shims = {int(p.read_text()) for p in daemon.state.glob("tasks/*/*/shim.pid")}
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in shims:
+            try:
+                cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if b"shimd.zygote" in cmdline and marker in cmdline:
+                found.append(int(entry))
+    return found
+
+
+def test_kill9_of_the_shim_starter_leaves_container_and_shim_working(client, daemon):
+    client.run("z1", ["sleep", "1000"])
+    starters = _zygote_pids(daemon)
+    assert len(starters) == 1
+    os.kill(starters[0], signal.SIGKILL)
+    time.sleep(0.3)
+    got = client.tasks.Get(tasks_pb2.GetRequest(container_id="z1"), metadata=MD).process
+    assert got.status == task_pb2.RUNNING  # the shim answers; the container runs
+    request = tasks_pb2.UpdateTaskRequest(container_id="z1")
+    request.resources.type_url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+    request.resources.value = json.dumps({"memory": {"limit": 64 << 20}}).encode()
+    client.tasks.Update(request, metadata=MD)
+    cgroup = [line.split(":", 2)[2].strip() for line in open(f"/proc/{got.pid}/cgroup")
+              if ":memory:" in line][0]
+    limit = open(f"/sys/fs/cgroup/memory{cgroup}/memory.limit_in_bytes").read()
+    assert int(limit) == 64 << 20
+    client.tasks.Kill(tasks_pb2.KillRequest(container_id="z1", signal=15), metadata=MD)
+    client.tasks.Kill(tasks_pb2.KillRequest(container_id="z1", signal=9), metadata=MD)
+    waited = client.tasks.Wait(tasks_pb2.WaitRequest(container_id="z1"), metadata=MD, timeout=30)
+    assert waited.exit_status == 137
+    client.run("z2", ["true"])  # a new zygote comes up for the next container
+    assert client.tasks.Wait(tasks_pb2.WaitRequest(container_id="z2"), metadata=MD,
+                             timeout=30).exit_status == 0

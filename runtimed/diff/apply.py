@@ -23,6 +23,7 @@ import io
 import os
 import shutil
 import stat
+import struct
 import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -47,8 +48,56 @@ class ApplyResult:
     size: int  # bytes of the uncompressed tar
 
 
+_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8x32s32s8s8s155s")
+_PLAIN_TYPES = frozenset((tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
+                          tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE, tarfile.XHDTYPE,
+                          tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK))
+
+
+def _octal(field: bytes) -> int:
+    """An octal header number; ValueError for anything else (base-256 included)."""
+    if field[:1] in (b"\x80", b"\xff"):
+        raise ValueError("base-256 number")
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _text(field: bytes, encoding: str, errors: str) -> str:
+    return field.split(b"\0", 1)[0].decode(encoding, errors)
+
+
 class _BoundedTarInfo(tarfile.TarInfo):
-    """Refuses oversized extended headers before tarfile reads them into memory."""
+    """Refuses oversized extended headers before tarfile reads them into memory, and
+    parses plain headers in one struct call (tarfile's generic parser is most of the
+    per-file cost of a layer of small files); anything unusual goes to tarfile's."""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        if len(buf) != tarfile.BLOCKSIZE or buf[156:157] not in _PLAIN_TYPES:
+            return super().frombuf(buf, encoding, errors)
+        (name, mode, uid, gid, size, mtime, chksum, type_, linkname, uname, gname,
+         devmajor, devminor, prefix) = _HEADER.unpack_from(buf)
+        try:
+            checksum = _octal(chksum)
+            if checksum != sum(buf) - sum(buf[148:156]) + 256:
+                return super().frombuf(buf, encoding, errors)
+            obj = cls()
+            obj.mode, obj.uid, obj.gid = _octal(mode), _octal(uid), _octal(gid)
+            obj.size, obj.mtime = _octal(size), _octal(mtime)
+            if type_ in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+                obj.devmajor, obj.devminor = _octal(devmajor), _octal(devminor)
+        except ValueError:
+            return super().frombuf(buf, encoding, errors)
+        obj.chksum = checksum
+        obj.type = type_
+        obj.name = _text(name, encoding, errors)
+        obj.linkname = _text(linkname, encoding, errors)
+        obj.uname = _text(uname, encoding, errors)
+        obj.gname = _text(gname, encoding, errors)
+        if obj.type == tarfile.DIRTYPE:
+            obj.name = obj.name.rstrip("/")
+        if prefix[:1] not in (b"", b"\0") and obj.type not in tarfile.GNU_TYPES:
+            obj.name = _text(prefix, encoding, errors) + "/" + obj.name
+        return obj
 
     def _proc_member(self, tarfile_):
         if self.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK,

@@ -68,9 +68,12 @@ def test_v1_resources_stats_pids(v1_group):
     v1_group.update({"memory": {"limit": 200 * MiB, "swap": 300 * MiB}})
     assert int((mem / "memory.limit_in_bytes").read_text()) == 200 * MiB
     assert (Path(v1_group.dirs["cpuset"]) / "cpuset.cpus").read_text().strip() == "0"
-    proc = _spawn_in(v1_group, "sleep", "30")
+    proc = _spawn_in(v1_group, "sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; exec sleep 30")
     try:
         assert v1_group.pids() == [proc.pid]
+        deadline = time.monotonic() + 10
+        while v1_group.stats()["cpu"]["usage"]["total"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
         s = v1_group.stats()
         assert s["pids"] == {"current": 1, "limit": 20}
         assert s["memory"]["usage"]["limit"] == 200 * MiB

@@ -158,3 +158,31 @@ def test_overlay_directory_replacing_a_whiteout_is_opaque(tmp_path):
         assert os.listdir(merged / "a") == ["new"]
     finally:
         mountlib.unmount_all(merged)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_fast_header_parser_matches_tarfile(fmt):
+    from runtimed.diff.apply import _BoundedTarInfo
+
+    kinds = {"sym": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE, "dev": tarfile.CHRTYPE,
+             "blk": tarfile.BLKTYPE, "fifo": tarfile.FIFOTYPE}
+    names = ["a", "dir/", "x" * 99, "p/" * 60 + "long", "ünï", *kinds]
+    if fmt != tarfile.USTAR_FORMAT:
+        names.append("q/" * 80 + "longer-than-ustar")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        for n in names:
+            ti = tarfile.TarInfo(n)
+            ti.type = kinds.get(n, tarfile.DIRTYPE if n.endswith("/") else tarfile.REGTYPE)
+            ti.linkname = "target" if n in ("sym", "hard") else ""
+            ti.devmajor, ti.devminor = (1, 3) if n in ("dev", "blk") else (0, 0)
+            ti.uid = 2**22 if fmt != tarfile.USTAR_FORMAT and n == "a" else 5  # base-256
+            ti.mode, ti.mtime = 0o4755, 1_600_000_000
+            tf.addfile(ti, io.BytesIO(b"") if ti.type == tarfile.REGTYPE else None)
+
+    def fields(tarinfo):
+        tf = tarfile.open(fileobj=io.BytesIO(buf.getvalue()), mode="r:", tarinfo=tarinfo)
+        return [(m.name, m.type, m.mode, m.uid, m.gid, m.size, m.mtime, m.linkname,
+                 m.devmajor, m.devminor, m.pax_headers) for m in tf]
+
+    assert fields(_BoundedTarInfo) == fields(tarfile.TarInfo)

@@ -1,0 +1,88 @@
+"""Pure pieces of the built-in runtime: option tables, path resolution, seccomp and
+capability translation, the command line."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from runtimed.errors import AlreadyExists, InvalidArgument, NotFound
+from shimd.oci import caps, linux, rootfs, seccomp
+from shimd.oci.__main__ import UsageError, parse
+from shimd.oci.commands import parse_signal
+from shimd.oci.state import State, Store
+
+
+def test_mount_options_split_into_flags_propagation_and_data():
+    flags, prop, data = rootfs.parse_options(["nosuid", "ro", "rw", "noexec", "rbind", "rslave",
+                                              "mode=755", "size=64k", "tmpcopyup"])
+    assert flags == linux.MS_NOSUID | linux.MS_NOEXEC | linux.MS_BIND | linux.MS_REC
+    assert prop == [linux.MS_SLAVE | linux.MS_REC]
+    assert data == "mode=755,size=64k"
+
+
+def test_secure_join_never_leaves_the_root(tmp_path):
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    os.symlink("/etc", root / "abs")
+    os.symlink("../../../../etc", root / "up")
+    os.symlink("loop2", root / "loop1")
+    os.symlink("loop1", root / "loop2")
+    assert rootfs.secure_join(str(root), "/abs/passwd") == str(root / "etc" / "passwd")
+    assert rootfs.secure_join(str(root), "/up/x") == str(root / "etc" / "x")
+    assert rootfs.secure_join(str(root), "/../../x") == str(root / "x")
+    with pytest.raises(OSError):
+        rootfs.secure_join(str(root), "/loop1/x")
+
+
+def test_seccomp_actions():
+    assert seccomp.action("SCMP_ACT_ERRNO", None) == 0x00050000 | errno.EPERM
+    assert seccomp.action("SCMP_ACT_ERRNO", 38) == 0x00050000 | 38
+    assert seccomp.action("SCMP_ACT_ERRNO", None, default_errno=13) == 0x00050000 | 13
+    assert seccomp.action("SCMP_ACT_ALLOW", None) == seccomp.SCMP_ACT_ALLOW
+    assert seccomp.action("SCMP_ACT_KILL_PROCESS", None) == seccomp.SCMP_ACT_KILL_PROCESS
+    with pytest.raises(ValueError):
+        seccomp.action("SCMP_ACT_BOGUS", None)
+
+
+def test_capability_masks_ignore_unknown_and_too_new():
+    assert caps.mask(["CAP_CHOWN", "CAP_KILL", "kill", "CAP_NOT_A_CAP"], 40) == (1 << 0) | (1 << 5)
+    assert caps.mask(["CAP_CHECKPOINT_RESTORE"], 39) == 0
+    assert caps.NAMES.index("SYS_ADMIN") == 21 and len(caps.NAMES) == 41
+
+
+def test_command_line_parsing():
+    glob, cmd, opts, pos = parse(["--root", "/r", "--log=/l", "--log-format", "json", "--systemd-cgroup",
+                                  "create", "--bundle", "/b", "--pid-file=/p", "--no-pivot", "id1"])
+    assert glob == {"root": "/r", "log": "/l", "log-format": "json", "systemd-cgroup": True}
+    assert (cmd, pos) == ("create", ["id1"])
+    assert opts == {"bundle": "/b", "pid_file": "/p", "no_pivot": True}
+    _, cmd, opts, pos = parse(["kill", "--all", "id1", "KILL"])
+    assert opts == {"all": True} and pos == ["id1", "KILL"]
+    _, _, opts, pos = parse(["exec", "-e", "A=1", "-e", "B=2", "id", "sh", "-c", "echo -n x"])
+    assert opts == {"env": ["A=1", "B=2"]} and pos == ["id", "sh", "-c", "echo -n x"]
+    with pytest.raises(UsageError):
+        parse(["create", "--bogus", "id"])
+    with pytest.raises(UsageError):
+        parse(["--root"])
+    assert parse_signal("KILL") == parse_signal("SIGKILL") == parse_signal("9") == 9
+    with pytest.raises(InvalidArgument):
+        parse_signal("NOPE")
+
+
+def test_store_roundtrip_and_errors(tmp_path):
+    store = Store(str(tmp_path / "root"))
+    store.reserve("c1")
+    with pytest.raises(AlreadyExists):
+        store.reserve("c1")
+    store.save(State(id="c1", bundle="/b", rootfs="/b/rootfs", pid=42, config={"a": 1}))
+    loaded = store.load("c1")
+    assert (loaded.pid, loaded.config, loaded.rootfs) == (42, {"a": 1}, "/b/rootfs")
+    store.remove("c1")
+    with pytest.raises(NotFound):
+        store.load("c1")
+    for bad in ("", "..", "a/b"):
+        with pytest.raises(InvalidArgument):
+            store.dir(bad)

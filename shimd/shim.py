@@ -75,7 +75,7 @@ class Shim:
         )
         pid_file = self.bundle / "init.pid"
         io = ProcessIO(stdio)
-        pid = await self._run_with_io(
+        await self._run_with_io(
             io,
             lambda: self.runtime.create(
                 self.id, str(self.bundle), str(pid_file), io.console_socket, io.child_fds

@@ -24,6 +24,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from runtimed import identifiers
 from runtimed.api.containerd.events import task_pb2 as events
+from runtimed.api.containerd.types import mount_pb2
 from runtimed.api.shim.v1 import shim_pb2
 from runtimed.errors import (
     AlreadyExists,
@@ -35,6 +36,7 @@ from runtimed.errors import (
 )
 from runtimed.events.exchange import Event
 from runtimed.runtime.shim import (
+    CONNECT_TIMEOUT,
     BundleInfo,
     ShimClient,
     ShimManager,
@@ -89,6 +91,9 @@ class Task:
     init_exit_published: bool = False
     forwarder: asyncio.Task | None = None
     progress: asyncio.Condition = field(default_factory=asyncio.Condition)
+    # what the /tasks/create event reports besides the pid (known to this runtimed only)
+    created_io: Stdio = Stdio()
+    rootfs: list[mounts.Mount] = field(default_factory=list)
 
 
 def default_runtime() -> str:
@@ -183,7 +188,7 @@ class TaskManager:
             raise
         finally:
             self._creating.discard(key)
-        task = Task(namespace, id, bundle, shim, info)
+        task = Task(namespace, id, bundle, shim, info, created_io=stdio, rootfs=list(rootfs))
         self.tasks[key] = task
         task.forwarder = asyncio.ensure_future(self._forward(task))
         return response.pid
@@ -387,6 +392,19 @@ class TaskManager:
                 await self._shim_died(task)
                 continue
             task = Task(namespace, id, bundle, shim, info, published, init_exit)
+            try:
+                await shim.call("State", shim_pb2.StateRequest(id=id), CONNECT_TIMEOUT)
+            except NotFound:
+                # deleted, but runtimed went down before it shut the shim down: finish that
+                log.info("%s/%s: task was deleted; removing its shim and bundle", namespace, id)
+                from shimd.outbox import Outbox
+
+                task.forwarder = asyncio.ensure_future(self._forward(task))
+                await self._wait_published(task, Outbox(bundle / "events.jsonl").seq)
+                await self._remove(task)
+                continue
+            except RuntimedError as exc:
+                log.warning("%s/%s: shim state: %s", namespace, id, exc)
             self.tasks[(namespace, id)] = task
             task.forwarder = asyncio.ensure_future(self._forward(task))
             log.info("%s/%s: reconnected to shim at %s", namespace, id, address)
@@ -404,7 +422,13 @@ def _containerd_event(task: Task, e: shim_pb2.Event):
     cid = task.id
     match e.topic:
         case "/tasks/create":
-            return events.TaskCreate(container_id=cid, bundle=str(task.bundle), pid=e.pid)
+            io = task.created_io
+            return events.TaskCreate(
+                container_id=cid, bundle=str(task.bundle), pid=e.pid,
+                rootfs=[m.to_proto(mount_pb2.Mount) for m in task.rootfs],
+                io=events.TaskIO(stdin=io.stdin, stdout=io.stdout, stderr=io.stderr,
+                                 terminal=io.terminal),
+            )
         case "/tasks/start":
             return events.TaskStart(container_id=cid, pid=e.pid)
         case "/tasks/exit":

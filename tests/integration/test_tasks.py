@@ -361,3 +361,30 @@ def test_kill9_of_the_shim_starter_leaves_container_and_shim_working(client, dae
     client.run("z2", ["true"])  # a new zygote comes up for the next container
     assert client.tasks.Wait(tasks_pb2.WaitRequest(container_id="z2"), metadata=MD,
                              timeout=30).exit_status == 0
+
+
+def test_a_delete_interrupted_by_a_crash_is_finished_on_restart(client, daemon):
+    client.run("gone", ["true"])
+    client.tasks.Wait(tasks_pb2.WaitRequest(container_id="gone"), metadata=MD, timeout=30)
+    bundle = daemon.state / "tasks" / "tt" / "gone"
+    address = (bundle / "address").read_text()
+    shim_pid = int((bundle / "shim.pid").read_text())
+    client.channel.close()
+    daemon.kill9()
+    # what runtimed's Delete does first, then it "crashes" before Shutdown and cleanup
+    channel = grpc.insecure_channel(address)
+    from runtimed.api.shim.v1 import shim_pb2, shim_pb2_grpc
+
+    shim_pb2_grpc.ShimStub(channel).Delete(shim_pb2.DeleteRequest(id="gone"), timeout=30)
+    channel.close()
+    daemon.start()
+    client.connect()
+    with pytest.raises(grpc.RpcError) as info:
+        client.tasks.Get(tasks_pb2.GetRequest(container_id="gone"), metadata=MD)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not bundle.exists()
+    for _ in range(100):
+        if not os.path.exists(f"/proc/{shim_pid}"):
+            break
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{shim_pid}")

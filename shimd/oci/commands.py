@@ -43,6 +43,10 @@ def _connect_console(path: str | None):
         return None
     import socket
 
+    from shimd.oci import init
+
+    init.preload_console()
+
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)

@@ -95,10 +95,18 @@ def join_cgroup(procs_fds: list[int]) -> None:
         os.close(fd)
 
 
+def preload_console() -> None:
+    """Import what setup_console needs while the host's filesystem is still visible: an
+    exec'd process has already entered the container's mount namespace when it runs it."""
+    import fcntl  # noqa: F401
+    import socket  # noqa: F401
+    import struct  # noqa: F401
+
+
 def setup_console(ptmx_path: str, pts_dir: str, console_sock, size: dict | None) -> str:
     """Make a pty inside the container, hand the master to the caller over the console
     socket (SCM_RIGHTS, as runc does), and make the slave our stdio and controlling tty."""
-    import fcntl
+    import fcntl  # imported by the parent already (preload_console): no files needed here
     import socket
     import struct
 

@@ -479,3 +479,60 @@ def _wait_for(predicate, timeout: float = 10) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.01)
+
+
+def test_exec_with_terminal(runtime, tmp_path):
+    import array
+    import socket
+
+    c = runtime.create(runtime.spec(["sleep", "100"]))
+    c.start()
+    path = str(tmp_path / f"exec-console-{runtime.name}.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+    proc = dict(runtime.last_spec["process"], args=["sh", "-c", "tty; echo $$; exit 4"], terminal=True)
+    pfile = tmp_path / f"p-{runtime.name}.json"
+    pfile.write_text(json.dumps(proc))
+    pid_file = tmp_path / f"p-{runtime.name}.pid"
+    r = runtime.run("exec", "--process", str(pfile), "--detach", "--console-socket", path,
+                    "--pid-file", str(pid_file), c.id)
+    assert r.returncode == 0, r.stderr
+    conn, _ = server.accept()
+    fds = array.array("i")
+    _msg, ancdata, _f, _a = conn.recvmsg(1024, socket.CMSG_LEN(fds.itemsize))
+    fds.frombytes(ancdata[0][2][: fds.itemsize])
+    conn.close()
+    server.close()
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fds[0], 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(fds[0])
+    status = os.waitpid(int(pid_file.read_text()), 0)[1]
+    assert os.waitstatus_to_exitcode(status) == 4
+    lines = out.decode().replace("\r", "").split()
+    assert lines[0].startswith("/dev/pts/") and lines[1] != "1"
+    runtime.check("kill", c.id, "KILL")
+    c.wait()
+
+
+def test_run_command(runtime):
+    """`run` = create + start + wait + delete, the runtime being its container's subreaper."""
+    spec = runtime.spec(sh("echo ran; exit 9"))
+    bundle = runtime.base / "run-bundle"
+    bundle.mkdir()
+    spec["root"]["path"] = str(make_rootfs(bundle / "rootfs"))
+    spec["linux"]["cgroupsPath"] = f"/{runtime.cgroup_parent}/run-{runtime.name}"
+    (bundle / "config.json").write_text(json.dumps(spec))
+    with open(bundle / "out", "w+") as out:
+        r = runtime.run("run", "--bundle", str(bundle), f"run-{runtime.name}", stdout=out, stderr=out)
+        out.seek(0)
+        assert out.read() == "ran\n"
+    assert r.returncode == 9
+    assert runtime.run("state", f"run-{runtime.name}").returncode != 0

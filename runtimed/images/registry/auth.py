@@ -110,8 +110,12 @@ class Authorizer:
             return False
         with self._lock:
             self._challenges[host] = chosen
-            if chosen.scheme == "bearer":
-                self._tokens.pop((host, _scope_key(chosen, scopes)), None)
+            key = (host, _scope_key(chosen, scopes))
+            cached = self._tokens.get(key)
+            # drop the token only if it is the one refused (not a newer one another thread
+            # fetched meanwhile)
+            if chosen.scheme == "bearer" and cached and sent == "Bearer " + cached.value:
+                del self._tokens[key]
         if sent is None:
             return True
         # refused basic credentials will not improve; a bearer token may have been for a
@@ -181,7 +185,9 @@ def _scopes(challenge: Challenge, scopes: tuple[str, ...]) -> list[str]:
 
 
 def _scope_key(challenge: Challenge, scopes: tuple[str, ...]) -> str:
-    return " ".join(sorted(_scopes(challenge, scopes)))
+    """Tokens are cached by the scopes the request needs; a challenge naming more makes
+    the next fetch ask for those too (after a 401 drops the cached token)."""
+    return " ".join(sorted(scopes))
 
 
 def _detail(body: bytes) -> str:

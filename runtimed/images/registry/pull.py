@@ -32,7 +32,7 @@ from runtimed.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
+    RuntimedError,
     Unavailable,
 )
 from runtimed.images import mediatypes, platforms
@@ -78,9 +78,8 @@ class PullResult:
     name: str  # the normalised reference
     target: Descriptor  # what the image record points at (the index or manifest)
     manifests: list[Descriptor] = field(default_factory=list)  # platform manifests fetched
-    layers: dict[str, list[tuple[Descriptor, str]]] = field(
-        default_factory=dict
-    )  # per manifest: (layer, diff id)
+    # per manifest digest: its layers with their diff IDs
+    layers: dict[str, list[tuple[Descriptor, str]]] = field(default_factory=dict)
 
 
 class Puller:
@@ -104,8 +103,8 @@ class Puller:
         try:
             for remote in candidates:
                 try:
-                    target = self._resolve(remote, options)
-                except (NotFound, Unavailable, PermissionDenied) as exc:
+                    target = self._resolve(remote)
+                except RuntimedError as exc:
                     if not remote.endpoint.mirror:
                         if isinstance(exc, NotFound):
                             raise NotFound(f"image {ref} not found: {exc}") from None
@@ -119,7 +118,8 @@ class Puller:
             for remote in candidates:
                 remote.close()
 
-    def _resolve(self, remote: Remote, options: PullOptions) -> Descriptor:
+    def _resolve(self, remote: Remote) -> Descriptor:
+        """The descriptor the reference names (a tag resolves to a digest)."""
         ref = remote.ref
         what = f"manifest {ref}"
         headers = {"Accept": MANIFEST_ACCEPT}
@@ -129,7 +129,7 @@ class Puller:
         )
         response.release_conn()
         if response.status == 404:
-            raise NotFound(f"{what}: the registry {remote.endpoint.host} has no such manifest")
+            raise NotFound(f"the registry {remote.endpoint.host} has no manifest {ref.object!r}")
         if response.status in (200,):
             media_type = _content_type(response)
             digest = ref.digest or response.headers.get("Docker-Content-Digest", "")

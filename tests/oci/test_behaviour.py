@@ -536,3 +536,20 @@ def test_run_command(runtime):
         assert out.read() == "ran\n"
     assert r.returncode == 9
     assert runtime.run("state", f"run-{runtime.name}").returncode != 0
+
+
+def test_default_seccomp_profile(runtime):
+    """The process holds CAP_SYS_ADMIN but the profile was made for a process without it:
+    unshare is refused by the filter alone, while ordinary work goes on."""
+    from shimd.oci.seccomp import default_profile
+
+    spec = runtime.spec(sh("ls / >/dev/null && echo ok; unshare -u true; echo unshare=$?; sleep 0 && echo slept"))
+    admin = ["CAP_SYS_ADMIN", "CAP_KILL"]
+    spec["process"]["capabilities"] = {k: admin for k in ("bounding", "effective", "permitted")}
+    spec["linux"]["seccomp"] = default_profile(["CAP_KILL"])
+    c = runtime.run_to_exit(spec)
+    assert c.stdout.split() == ["ok", "unshare=1", "slept"], c.stderr
+    assert "Operation not permitted" in c.stderr
+    spec["linux"]["seccomp"] = default_profile(admin)
+    allowed = runtime.run_to_exit(spec)
+    assert allowed.stdout.split() == ["ok", "unshare=0", "slept"], allowed.stderr

@@ -123,12 +123,12 @@ def test_detached_task_lifecycle(rd):
     assert not (rd.state / "tasks" / "default" / "d1").exists()
 
 
-def test_run_with_a_terminal(rd):
+def ctr_in_pty(rd, *args: str) -> tuple[int, str]:
+    """Run ctr on a 33x97 pty as a person would; its exit code and what it printed."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 97, 0, 0))
     proc = subprocess.Popen(
-        ["ctr", "-a", rd.address, "run", "-t", "--rm", *rd.run_flags(), IMAGE, "tty1",
-         "sh", "-c", "tty; sleep 1; stty size; exit 6"],  # ctr resizes after Start
+        ["ctr", "-a", rd.address, *args],
         stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
     )
     os.close(slave)
@@ -147,9 +147,18 @@ def test_run_with_a_terminal(rd):
         elif proc.poll() is not None:
             break
     os.close(master)
-    assert proc.wait(30) == 6
-    text = output.decode(errors="replace")
+    return proc.wait(30), output.decode(errors="replace")
+
+
+def test_run_and_exec_with_a_terminal(rd):
+    code, text = ctr_in_pty(rd, "run", "-t", "--rm", *rd.run_flags(), IMAGE, "tty1",
+                            "sh", "-c", "tty; sleep 1; stty size; exit 6")  # resize follows Start
+    assert code == 6
     assert "/dev/pts/" in text and "33 97" in text
+    run_detached(rd, "tty2", "sleep", "1000")
+    code, text = ctr_in_pty(rd, "tasks", "exec", "-t", "--exec-id", "sh1", "tty2",
+                            "sh", "-c", "tty; exit 2")
+    assert code == 2 and "/dev/pts/" in text
 
 
 def test_events_show_the_lifecycle(rd):

@@ -243,3 +243,11 @@ def test_v2_real_procs_freeze_thaw_delete(unified_group):
 def _ticks(pid: int) -> int:
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])
+
+
+def test_python_interpreter_does_not_fit_in_6m(v1_group):
+    """Why the runtime joins the cgroup late: a Python process started inside a 6 MiB cgroup
+    is OOM-killed, while `busybox true` under the runtime runs (test_busybox_true_under_6m)."""
+    v1_group.update({"memory": {"limit": 6 * MiB, "swap": 6 * MiB}})
+    proc = _spawn_in(v1_group, sys.executable, "-c", "import json, ctypes")
+    assert proc.wait(30) == -signal.SIGKILL

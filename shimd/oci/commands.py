@@ -144,7 +144,10 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
             except ProcessLookupError:
                 pass
         if cgroup is not None:
-            _destroy_cgroup(cgroup)
+            try:
+                _destroy_cgroup(cgroup, timeout=1)
+            except OSError:
+                pass  # the setup error is the one to report
         store.remove(container_id)
         raise
 
@@ -238,13 +241,13 @@ def _signal_all(state: State, sig: int, paused: bool) -> None:
             cgroup.thaw()
 
 
-def _destroy_cgroup(cgroup) -> None:
+def _destroy_cgroup(cgroup, timeout: float = 5) -> None:
     for pid in cgroup.pids():
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + timeout
     while True:
         try:
             cgroup.delete()

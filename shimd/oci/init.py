@@ -226,6 +226,20 @@ def _write_sysctls(sysctl: dict | None) -> None:
             raise ContainerError(f"write sysctl {key}={value}: {e.strerror}") from None
 
 
+def _exit_on_signals() -> None:
+    """A pid-namespace init only receives signals it handles: while held before start, let
+    the usual termination signals end it (runc's Go init behaves the same way); execve
+    resets the handlers."""
+    import signal
+
+    def handler(signum, _frame):
+        os._exit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+                signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, handler)
+
+
 def container_init(sync_w: int, spec: dict, root: str, fifo: str, cgroup, console_sock,
                    no_pivot: bool) -> None:
     """The container's init before execve (pid 1 of a new pid namespace)."""
@@ -288,6 +302,7 @@ def container_init(sync_w: int, spec: dict, root: str, fifo: str, cgroup, consol
     env = environment(proc)
     exe = find_executable(proc.get("args") or [], env, proc.get("cwd") or "/")
     profile = lin.get("seccomp")
+    _exit_on_signals()
     send(sync_w, "ready")
     os.close(sync_w)
     while True:

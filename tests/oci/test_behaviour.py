@@ -553,3 +553,19 @@ def test_default_seccomp_profile(runtime):
     spec["linux"]["seccomp"] = default_profile(admin)
     allowed = runtime.run_to_exit(spec)
     assert allowed.stdout.split() == ["ok", "unshare=0", "slept"], allowed.stderr
+
+
+def test_term_ends_a_created_container(runtime):
+    c = runtime.create(runtime.spec(["sleep", "100"]))
+    runtime.check("kill", c.id, "TERM")
+    # Ours exits 128+15; runc's Go init dies with Go's status 2 for an unhandled SIGTERM.
+    assert c.wait() == (128 + signal.SIGTERM if runtime.name == "builtin" else 2)
+    assert c.state()["status"] == "stopped"
+
+
+def test_setup_failure_reports_and_cleans_up(runtime):
+    spec = runtime.spec(["true"])
+    spec["mounts"].append({"destination": "/mnt", "type": "bind", "source": "/no/such/source", "options": ["rbind"]})
+    c = runtime.create(spec, expect_fail=True)
+    assert "/no/such/source" in c.stderr
+    assert runtime.run("state", c.id).returncode != 0

@@ -179,28 +179,31 @@ def test_events_show_the_lifecycle(rd):
 
 
 def test_kill9_runtimed_with_containers_running(rd):
-    for i in range(4):
+    for i in range(7):
         run_detached(rd, f"k{i}", "sleep", "1000")
-    for i in range(2):
-        run_detached(rd, f"x{i}", "sh", "-c", f"sleep 2; exit {10 + i}")
+    started = time.monotonic()
+    for i in range(3):
+        run_detached(rd, f"x{i}", "sh", "-c", f"sleep 3; exit {10 + i}")
     rd.kill9()
-    time.sleep(3)  # x0 and x1 exit while runtimed is down
+    assert time.monotonic() - started < 3, "too slow to kill runtimed before x0 exits"
+    time.sleep(3.5)  # x0..x2 exit while runtimed is down
     rd.start()
     rows = task_rows(rd)
-    assert {id: row[2] for id, row in rows.items()} == {
-        "k0": "RUNNING", "k1": "RUNNING", "k2": "RUNNING", "k3": "RUNNING",
-        "x0": "STOPPED", "x1": "STOPPED",
-    }
+    expected = {f"k{i}": "RUNNING" for i in range(7)} | {f"x{i}": "STOPPED" for i in range(3)}
+    assert {id: row[2] for id, row in rows.items()} == expected
+    for i in range(3):  # each exit published exactly once (runtimed's own record)
+        record = json.loads((rd.state / "tasks" / "default" / f"x{i}" / "published").read_text())
+        assert record["init_exit"] is True
     with rd.channel() as channel:
         tasks = tasks_pb2_grpc.TasksStub(channel)
-        for i in range(2):
+        for i in range(3):
             request = tasks_pb2.GetRequest(container_id=f"x{i}")
             process = tasks.Get(request, metadata=NS, timeout=10).process
             assert process.exit_status == 10 + i
             waited = tasks.Wait(tasks_pb2.WaitRequest(container_id=f"x{i}"), metadata=NS,
                                 timeout=10)
             assert waited.exit_status == 10 + i
-    for i in range(2):
+    for i in range(3):
         rd.ctr("tasks", "rm", f"x{i}")
     out = rd.ctr("tasks", "exec", "--exec-id", "after", "k2", "echo", "still here")
     assert out.stdout == "still here\n"

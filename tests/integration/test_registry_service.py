@@ -217,3 +217,43 @@ def test_pull_unpacks_each_layer_while_later_layers_download(daemon, registry, t
     for chain_id in chain_ids(diff_ids):
         assert chain_id in snapshots
     assert "complete" in daemon.ctr("images", "check").stdout
+
+
+def test_pull_resumes_after_daemon_kill9(daemon, registry, tmp_path):
+    import time
+
+    from tests.registry_server import CuttingProxy
+
+    store = open_store(tmp_path / "source")
+    image = build_image(store, NS, [{"a": b"x"}, {"big": os.urandom(32 << 20)}], compress=False)
+    Pusher(store).push(NS, f"{registry.host}/team/app:v1", image.target)
+    big = image.layers[1]
+    proxy = CuttingProxy(registry.host, after=8 << 20, cuts=1, stall=True)
+    try:
+        channel, stub = _stub(daemon)
+        with channel:
+            stream = stub.Pull(
+                registry_pb2.PullRequest(reference=f"{proxy.host}/team/app:v1"),
+                metadata=META,
+                timeout=60,
+            )
+            for response in stream:
+                p = response.progress
+                if p.digest == big.digest and p.state == "downloading" and p.offset > 0:
+                    break
+            time.sleep(0.5)  # let the bytes before the stall land in the ingest
+            daemon.kill9()
+            stream.cancel()
+        daemon.start()
+        channel, stub = _stub(daemon)
+        with channel:
+            _, result = _pull(stub, f"{proxy.host}/team/app:v1")
+    finally:
+        proxy.close()
+    resumed = [r for r in proxy.requests if big.digest in r and "Range: bytes=" in r]
+    assert resumed, proxy.requests
+    offset = int(resumed[-1].split("Range: bytes=")[1].split("-")[0])
+    assert offset > 1 << 20  # most of the first 8 MiB was not fetched again
+    assert result.target.digest == image.target.digest
+    blobs = daemon.ctr("content", "ls", "-q").stdout.split()
+    assert big.digest in blobs

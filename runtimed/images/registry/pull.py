@@ -439,7 +439,7 @@ class _Pull:
                     hasher.reset()
                 elif start:
                     _check_content_range(response, start, what)
-                last_report = time.monotonic()
+                last_report = 0.0  # the first bytes are reported at once
                 while chunk := response.read1(CHUNK):  # what arrived: a stall loses nothing
                     if writer.offset + len(chunk) > desc.size:
                         raise FailedPrecondition(

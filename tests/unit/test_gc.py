@@ -219,3 +219,13 @@ def test_client_labels_rule_over_json(env):
                    [f"labels.containerd.io/gc.ref.content.l.{i}" for i in range(2)])
     assert {n.key for n in gc.collect().removed} == set(layers)
     assert content.exists("default", config.digest) and content.exists("default", m.digest)
+
+
+def test_flat_lease_keeps_only_its_own_objects(env):
+    content, _, leases, gc, _ = env
+    leases.create("default", "flat", {"containerd.io/gc.flat": "1"})
+    m, config, layers = make_image(content, "default", [b"f0"])
+    leases.add_resource("default", "flat", Resource(m.digest, "content"))
+    removed = {n.key for n in gc.collect().removed}
+    assert removed == {config.digest, *layers}
+    assert content.exists("default", m.digest)

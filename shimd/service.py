@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from runtimed.api.shim.v1 import shim_pb2, shim_pb2_grpc
 from runtimed.errors import InvalidArgument
 from runtimed.services.base import service
+from shimd import cgroups
 from shimd.metrics import stats_to_any
 from shimd.shim import Shim
 from shimd.stdio import StdioConfig
@@ -114,7 +115,8 @@ class ShimService(shim_pb2_grpc.ShimServicer):
 
     async def Stats(self, request, context):
         self._check(request.id)
-        return shim_pb2.StatsResponse(stats=stats_to_any(await self.shim.stats()))
+        stats = await self.shim.stats()
+        return shim_pb2.StatsResponse(stats=stats_to_any(stats, v2=cgroups.is_v2()))
 
     async def ResizePty(self, request, context):
         self._check(request.id)

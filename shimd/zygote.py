@@ -35,6 +35,7 @@ def preload() -> None:
     import grpc.aio  # noqa: F401
 
     import runtimed.api.cgroups.stats.v1.metrics_pb2  # noqa: F401
+    import runtimed.api.cgroups.v2.stats.metrics_pb2  # noqa: F401
     import shimd.cgroups  # noqa: F401
     import shimd.lifecycle  # noqa: F401
     import shimd.metrics  # noqa: F401

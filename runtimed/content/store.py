@@ -155,7 +155,7 @@ class ContentStore:
         db.migrate("content", MIGRATIONS)
         if namespaces is not None:
             namespaces.register_usage(
-                "content", "SELECT 1 FROM content_blobs WHERE namespace = ? LIMIT 1"
+                "blobs", "SELECT 1 FROM content_blobs WHERE namespace = ? LIMIT 1"
             )
 
     # Paths

@@ -170,7 +170,7 @@ def test_namespace_with_images_or_content_is_not_deleted(daemon):
         with pytest.raises(grpc.RpcError) as err:
             ns.Delete(namespace_pb2.DeleteNamespaceRequest(name="busy"))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "content" in err.value.details()
+        assert "blobs" in err.value.details()
         content_pb2_grpc.ContentStub(channel).Delete(content_pb2.DeleteContentRequest(digest=d), metadata=md)
         ns.Delete(namespace_pb2.DeleteNamespaceRequest(name="busy"))
 

@@ -323,7 +323,7 @@ class GarbageCollector:
             started = time.monotonic()
             result = CollectResult()
             with self.db.transaction() as tx:
-                live = self._mark(tx, result)
+                live = self._mark(tx)
                 for kind in list(self.kinds.values()):
                     self._sweep_kind(tx, kind, live, result)
                 for kind in list(self.kinds.values()):
@@ -341,7 +341,7 @@ class GarbageCollector:
             self.last = result
             return result
 
-    def _mark(self, tx: sqlite3.Connection, result: CollectResult) -> set[Node]:
+    def _mark(self, tx: sqlite3.Connection) -> set[Node]:
         now = now_ns()
         pending: list[Node] = []
         for kind in list(self.kinds.values()):

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 from google.protobuf import any_pb2
 
-V1_MEMORY_RAW = (
-    "cache", "rss", "rss_huge", "mapped_file", "dirty", "writeback", "pgpgin", "pgpgout",
-    "pgfault", "pgmajfault", "inactive_anon", "active_anon", "inactive_file", "active_file",
-    "unevictable", "hierarchical_memory_limit", "hierarchical_swap_limit", "total_cache",
-    "total_rss", "total_rss_huge", "total_mapped_file", "total_dirty", "total_writeback",
-    "total_pgpgin", "total_pgpgout", "total_pgfault", "total_pgmajfault",
-    "total_inactive_anon", "total_active_anon", "total_inactive_file", "total_active_file",
-    "total_unevictable",
-)
+# memory.stat keys whose protobuf field is spelled differently
+V1_RENAMED = {
+    "pgpgin": "pg_pg_in", "pgpgout": "pg_pg_out", "total_pgpgin": "total_pg_pg_in",
+    "total_pgpgout": "total_pg_pg_out", "pgfault": "pg_fault", "pgmajfault": "pg_maj_fault",
+    "total_pgfault": "total_pg_fault", "total_pgmajfault": "total_pg_maj_fault",
+}
 
 
 def _u64(value) -> int:
@@ -46,9 +43,11 @@ def v1_metrics(stats: dict):
     m.cpu.throttling.throttled_time = _u64(throttling.get("throttledTime"))
     memory = data.get("memory") or {}
     raw = memory.get("raw") or {}
-    for name in V1_MEMORY_RAW:
-        if name in raw:
-            setattr(m.memory, name, _u64(raw[name]))
+    fields = m.memory.DESCRIPTOR.fields_by_name
+    for name, value in raw.items():
+        field = V1_RENAMED.get(name, name)
+        if field in fields and fields[field].type == fields[field].TYPE_UINT64:
+            setattr(m.memory, field, _u64(value))
     m.memory.cache = _u64(memory.get("cache", raw.get("cache")))
     for field, key in (("usage", "usage"), ("swap", "swap"), ("kernel", "kernel"),
                        ("kernel_tcp", "kernelTCP")):

@@ -15,7 +15,7 @@ STATS = {
                 "throttling": {"periods": 7, "throttledPeriods": 2, "throttledTime": 9000}},
         "memory": {"usage": {"usage": 1 << 20, "max": 2 << 20, "limit": 64 << 20, "failcnt": 1},
                    "swap": {"usage": 0, "limit": -1},
-                   "raw": {"rss": 4096, "cache": 8192, "anon": 4096, "file": 8192},
+                   "raw": {"rss": 4096, "cache": 8192, "anon": 4096, "file": 8192, "pgpgin": 5},
                    "events": {"oom_kill": 1}},
         "pids": {"current": 3, "limit": 100},
     },
@@ -30,7 +30,7 @@ def test_v1_metrics():
     assert m.cpu.usage.total == 5_000_000 and list(m.cpu.usage.per_cpu) == [4_000_000, 1_000_000]
     assert m.cpu.throttling.throttled_periods == 2
     assert m.memory.usage.usage == 1 << 20 and m.memory.usage.limit == 64 << 20
-    assert m.memory.rss == 4096 and m.memory.cache == 8192
+    assert m.memory.rss == 4096 and m.memory.cache == 8192 and m.memory.pg_pg_in == 5
     assert m.memory.swap.limit == 0  # "max" (-1) is no number
 
 

@@ -22,6 +22,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
+# registry fixtures (a real docker-registry on loopback), shared by the registry tests
+pytest_plugins = ["tests.registry_server"]
+
 
 class DaemonProcess:
     """A runtimed process on its own root/state/socket (paths kept short for AF_UNIX)."""

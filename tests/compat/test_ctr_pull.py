@@ -10,8 +10,6 @@ from runtimed.images.registry.pull import Puller, PullOptions
 from runtimed.images.registry.push import Pusher, PushOptions
 from tests.registry_server import PASSWORD, USERNAME, build_image, open_store
 
-pytest_plugins = ["tests.registry_server"]  # registry fixtures
-
 NS = "default"
 
 

@@ -30,8 +30,6 @@ from tests.registry_server import (
     open_store,
 )
 
-pytest_plugins = ["tests.registry_server"]  # registry fixtures
-
 NS = "default"
 
 

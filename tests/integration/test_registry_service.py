@@ -17,8 +17,6 @@ from runtimed.images.registry.push import Pusher
 from tests.conftest import DaemonProcess
 from tests.registry_server import PASSWORD, USERNAME, build_image, build_index, open_store
 
-pytest_plugins = ["tests.registry_server"]  # registry fixtures
-
 NS = "default"
 META = (("containerd-namespace", NS),)
 

@@ -8,10 +8,12 @@ appears in references):
     insecure = true                               # allow plain HTTP, skip TLS verification
     mirrors = ["mirror.local:5000", "https://m2.example"]   # tried first for pulls
 
-HTTPS with the system CAs is the default. Plain HTTP is used only for hosts marked
-`insecure` (HTTPS first, then HTTP), `plain_http = true` (HTTP only), and loopback names
-(`localhost`, `127.0.0.1`, `::1`), which try HTTPS and fall back to HTTP as docker does.
-`docker.io` is served by `registry-1.docker.io`.
+HTTPS with the system CAs is the default. Plain HTTP is used only for `plain_http = true`
+hosts (HTTP only, as `ctr --plain-http`), and for hosts marked `insecure` and loopback
+names (`localhost`, `127.0.0.1`, `[::1]`) when their server answers the TLS handshake in
+plain HTTP; a certificate that fails verification is never downgraded to HTTP. `insecure`
+also skips certificate verification. `docker.io` is served by `registry-1.docker.io`.
+A pull or push request may add `plain_http`, `insecure` or a CA for its own registry.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class Endpoint:
     ca: str | None = None  # PEM file to trust instead of the system store
     verify: bool = True  # False: TLS without certificate verification (insecure hosts)
     mirror: bool = False  # a mirror: used for pulls only
-    fallback_http: bool = False  # retry as plain HTTP when the TLS handshake fails
+    fallback_http: bool = False  # use plain HTTP when the server answers TLS in HTTP
 
     @property
     def base_url(self) -> str:

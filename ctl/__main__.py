@@ -56,7 +56,7 @@ def _run_flags(p: Parser) -> None:
     a("--mount", action="append", default=[], help="type=bind|tmpfs,source=,target=[,readonly]")
     a("--tmpfs", action="append", default=[], help="mount a tmpfs: PATH[:OPTIONS]")
     a("-p", "--publish", action="append", default=[], help="publish a port [IP:]HOST:CONTAINER[/udp]")
-    a("--network", "--net", default="default", help="default, host, none")
+    a("--network", "--net", default="default", help="default, host, none, container:ID or a network name")
     a("-h", "--hostname", help="container host name")
     a("-u", "--user", help="user name or uid[:gid]")
     a("-w", "--workdir", help="working directory inside the container")
@@ -234,6 +234,8 @@ def build_parser() -> Parser:
     p = _add(sub, "logout", "images:logout", "remove stored credentials for a registry")
     p.add_argument("server", nargs="?", default="docker.io")
 
+    _network_commands(sub)
+
     # system ----------------------------------------------------------------------------
     p = _add(sub, "version", "system:version", "client and server versions")
     _format_flag(p)
@@ -276,6 +278,38 @@ def build_parser() -> Parser:
     p = _add(sub, "completion", "system:completion", "print a shell completion script")
     p.add_argument("shell", choices=["bash", "zsh"], nargs="?", default="bash")
     return parser
+
+
+def _network_commands(sub) -> None:
+    net = _add(sub, "network", "system:group", "manage networks")
+    nsub = net.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=Parser)
+    p = _add(nsub, "ls", "network:ls", "list networks", aliases=("list",))
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--no-trunc", action="store_true")
+    p.add_argument("-f", "--filter", action="append", default=[], help="name==, driver==, labels.KEY==")
+    _format_flag(p)
+    p = _add(nsub, "create", "network:create", "create a bridge network")
+    p.add_argument("-d", "--driver", default="bridge")
+    p.add_argument("--subnet", help="e.g. 10.10.0.0/24 (default: one free on this host)")
+    p.add_argument("--gateway", help="default: the subnet's first address")
+    p.add_argument("--label", action="append", default=[], help="KEY=VALUE")
+    p.add_argument("name")
+    p = _add(nsub, "inspect", "network:inspect", "low-level information on networks")
+    _format_flag(p)
+    p.add_argument("names", nargs="+")
+    p = _add(nsub, "rm", "network:rm", "remove networks", aliases=("remove",))
+    p.add_argument("names", nargs="+")
+    p = _add(nsub, "connect", "network:connect", "connect a container to a network")
+    p.add_argument("--alias", action="append", default=[], help="another name on this network")
+    p.add_argument("--ip", help="a fixed IPv4 address")
+    p.add_argument("network")
+    p.add_argument("container")
+    p = _add(nsub, "disconnect", "network:disconnect", "disconnect a container from a network")
+    p.add_argument("network")
+    p.add_argument("container")
+    p = _add(nsub, "attachment", "network:attachment", "a container's netns, interfaces and ports")
+    _format_flag(p)
+    p.add_argument("container")
 
 
 def _load(handler: str):

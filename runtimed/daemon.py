@@ -92,6 +92,7 @@ class Daemon:
 
     async def stop(self) -> None:
         await self.tasks.close()
+        await asyncio.to_thread(self.networks.close)
         self.gc.close()
         self.db.close()
         os.close(self._lock_fd)

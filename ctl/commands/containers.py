@@ -88,10 +88,6 @@ def spec_options(args, image_config=None):
 
     if args.init:
         raise InvalidArgument("--init is not supported yet: there is no init binary to inject")
-    if args.publish:
-        raise InvalidArgument("-p/--publish needs a bridge network, which runtimed does not offer yet")
-    if args.network not in ("default", "bridge", "host", "none"):
-        raise InvalidArgument(f"network {args.network!r} not found: use default, host or none")
     env = []
     for path in args.env_file:
         with open(path) as f:
@@ -184,11 +180,21 @@ def _create(args) -> tuple[str, str]:
     if stop_signal:
         labels[LABEL_STOP_SIGNAL] = stop_signal
     opts = spec_options(args, image_config)
-    c.containers.create(
-        container_id, image, opts,
-        CreateOptions(labels=labels, snapshotter=args.snapshotter, platform=args.platform,
-                      **_runtime(args.runtime)),
-    )
+    from ctl.commands.network import attach_for_run
+
+    attached = attach_for_run(c, args, container_id, opts)
+    try:
+        c.containers.create(
+            container_id, image, opts,
+            CreateOptions(labels=labels, snapshotter=args.snapshotter, platform=args.platform,
+                          **_runtime(args.runtime)),
+        )
+    except BaseException:
+        if attached is not None:
+            from ctl.client import networks
+
+            networks.detach(c, container_id)
+        raise
     return container_id, log_path
 
 

@@ -125,10 +125,30 @@ def links() -> list[dict]:
         return out
 
 
-def bridge_up(name: str, address: str, subnet: str, masquerade: bool = True) -> dict:
-    """Create (or repair) the bridge with its gateway address; outbound NAT if possible."""
+def _routed_elsewhere(ipr, subnet: str, bridge: str) -> bool:
+    import ipaddress
+
+    net = ipaddress.ip_network(subnet)
+    for route in ipr.get_routes(family=2, table=254):
+        dst = route.get_attr("RTA_DST")
+        if not dst or not route["dst_len"]:
+            continue
+        links = ipr.get_links(route.get_attr("RTA_OIF")) if route.get_attr("RTA_OIF") else []
+        dev = links[0].get_attr("IFLA_IFNAME") if links else None
+        if dev != bridge and net.overlaps(ipaddress.ip_network(f"{dst}/{route['dst_len']}")):
+            return True
+    return False
+
+
+def bridge_up(name: str, address: str, subnet: str, masquerade: bool = True,
+              exclusive: bool = False) -> dict:
+    """Create (or repair) the bridge with its gateway address; outbound NAT if possible.
+    `exclusive` (a new network): fail if the device exists or the subnet is routed
+    elsewhere, which another daemon may have done since the subnet was chosen."""
     with _iproute() as ipr:
         index = _index(ipr, name)
+        if exclusive and (index is not None or _routed_elsewhere(ipr, subnet, name)):
+            raise ConflictError(f"bridge {name} or subnet {subnet} was taken meanwhile")
         if index is None:
             ipr.link("add", ifname=name, kind="bridge")
             index = _index(ipr, name)

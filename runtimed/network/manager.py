@@ -129,7 +129,7 @@ class Attachment:
     ports: list[PortMapping] = field(default_factory=list)
 
 
-def _host_if(state: Path, namespace: str, container_id: str, network: str) -> str:
+def veth_name(state: Path, namespace: str, container_id: str, network: str) -> str:
     """A veth name unique per daemon state dir, container and network (IFNAMSIZ: 15)."""
     digest = hashlib.sha256(f"{state}\0{namespace}\0{container_id}\0{network}".encode())
     return VETH_PREFIX + digest.hexdigest()[:11]
@@ -262,45 +262,55 @@ class NetworkManager:
             with self.db.read() as conn:
                 if conn.execute("SELECT 1 FROM net_networks WHERE name = ?", (name,)).fetchone():
                     raise AlreadyExists(f"network {name!r} already exists")
-            taken = self._taken_subnets()
-            if subnet:
-                net = ipam.parse_subnet(subnet)
-                with self.db.read() as conn:
-                    for row in conn.execute("SELECT name, subnet FROM net_networks"):
-                        if net.overlaps(ipam.parse_subnet(row["subnet"])):
-                            raise FailedPrecondition(
-                                f"subnet {net} overlaps network {row['name']!r} ({row['subnet']})"
-                            )
-                host = [ipaddress.ip_network(t, strict=False) for t in taken]
-                if ipam.overlaps(net, [h for h in host if h.version == 4 and h.prefixlen]):
-                    raise FailedPrecondition(
-                        f"subnet {net} overlaps a route or address of this host; choose another"
-                    )
-            else:
-                net = ipam.choose_subnet(taken)
-            gw = ipam.parse_gateway(net, gateway)
-            bridge = self._free_bridge_name("rtd") if _default else "rtd-" + secrets.token_hex(5)
-            network = Network(name=name, id=secrets.token_hex(32), driver=driver,
-                              subnet=str(net), gateway=str(gw), bridge=bridge, labels=labels,
-                              created_at=now_ns())
-            with self.db.transaction() as tx:
-                tx.execute(
-                    "INSERT INTO net_networks (name, id, driver, subnet, gateway, bridge, labels, "
-                    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (name, network.id, driver, network.subnet, network.gateway, bridge,
-                     json.dumps(labels), network.created_at),
+            for attempt in range(5):
+                try:
+                    return self._create(name, driver, subnet, gateway, labels, _default)
+                except FailedPrecondition as exc:
+                    if subnet or "taken meanwhile" not in str(exc) or attempt == 4:
+                        raise
+
+    def _create(self, name, driver, subnet, gateway, labels, _default) -> Network:
+        """One try: choose subnet and device, record, bring up (exclusively)."""
+        taken = self._taken_subnets()
+        if subnet:
+            net = ipam.parse_subnet(subnet)
+            with self.db.read() as conn:
+                for row in conn.execute("SELECT name, subnet FROM net_networks"):
+                    if net.overlaps(ipam.parse_subnet(row["subnet"])):
+                        raise FailedPrecondition(
+                            f"subnet {net} overlaps network {row['name']!r} ({row['subnet']})"
+                        )
+            host = [ipaddress.ip_network(t, strict=False) for t in taken]
+            if ipam.overlaps(net, [h for h in host if h.version == 4 and h.prefixlen]):
+                raise FailedPrecondition(
+                    f"subnet {net} overlaps a route or address of this host; choose another"
                 )
-            try:
-                self._bridge_up(network)
-            except BaseException:
-                self._drop_network(network)
-                raise
+        else:
+            net = ipam.choose_subnet(taken)
+        gw = ipam.parse_gateway(net, gateway)
+        bridge = self._free_bridge_name("rtd") if _default else "rtd-" + secrets.token_hex(5)
+        network = Network(name=name, id=secrets.token_hex(32), driver=driver,
+                          subnet=str(net), gateway=str(gw), bridge=bridge, labels=labels,
+                          created_at=now_ns())
+        with self.db.transaction() as tx:
+            tx.execute(
+                "INSERT INTO net_networks (name, id, driver, subnet, gateway, bridge, labels, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, network.id, driver, network.subnet, network.gateway, bridge,
+                 json.dumps(labels), network.created_at),
+            )
+        try:
+            self._bridge_up(network, exclusive=True)
+        except BaseException:
+            with self.db.transaction() as tx:
+                tx.execute("DELETE FROM net_networks WHERE name = ?", (network.name,))
+            raise
         return network
 
-    def _bridge_up(self, network: Network) -> None:
+    def _bridge_up(self, network: Network, exclusive: bool = False) -> None:
         prefix = network.subnet.split("/")[1]
         self.helper.call("bridge_up", name=network.bridge, address=f"{network.gateway}/{prefix}",
-                         subnet=network.subnet)
+                         subnet=network.subnet, exclusive=exclusive)
 
     def _drop_network(self, network: Network) -> None:
         self.helper.call("bridge_down", name=network.bridge, subnet=network.subnet)
@@ -573,7 +583,7 @@ class NetworkManager:
         return self.inspect(namespace, container_id)
 
     def _add_endpoint(self, namespace, container_id, network: Network, netns, aliases, ip) -> None:
-        host_if = _host_if(self.state, namespace, container_id, network.name)
+        host_if = veth_name(self.state, namespace, container_id, network.name)
         subnet = ipam.parse_subnet(network.subnet)
         gateway = ipam.parse_gateway(subnet, network.gateway)
         with self.db.transaction() as tx:
@@ -632,7 +642,7 @@ class NetworkManager:
                     raise NotFound(f"container {container_id!r} is not on network {network!r}")
                 if len(att.interfaces) > 1:
                     self._drop_endpoint(namespace, container_id, name,
-                                        _host_if(self.state, namespace, container_id, name))
+                                        veth_name(self.state, namespace, container_id, name))
                     self._write_hosts(namespace, container_id)
                     self._refresh_peers([name])
                     return
@@ -846,8 +856,21 @@ class NetworkManager:
                         namespace, container_id, exc)
 
     def close(self) -> None:
+        """At daemon stop: close published ports and remove the bridges no container
+        uses (their records stay; the next attach brings them back), so a stopped
+        runtimed leaves no idle device or NAT rule on the host."""
         for key in list(self._proxies):
             for proxy in self._proxies.pop(key):
                 proxy.sock.close()
-        self.helper.close()
+        try:
+            with self._lock, self.db.read() as conn:
+                idle = [self._network(r) for r in conn.execute(
+                    "SELECT * FROM net_networks WHERE name NOT IN (SELECT network FROM net_endpoints)")]
+            if idle and self.helper.started:
+                for network in idle:
+                    self.helper.call("bridge_down", name=network.bridge, subnet=network.subnet)
+        except RuntimedError as exc:
+            log.warning("cannot remove idle bridges: %s", exc)
+        finally:
+            self.helper.close()
 

@@ -18,8 +18,15 @@ class NetlinkHelper:
     def __init__(self):
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
+        self._ever_started = False
+
+    @property
+    def started(self) -> bool:
+        """Whether network work happened in this process's lifetime."""
+        return self._ever_started
 
     def _start(self) -> subprocess.Popen:
+        self._ever_started = True
         return subprocess.Popen(
             [sys.executable, "-m", "runtimed.network.helper"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,

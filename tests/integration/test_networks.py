@@ -8,8 +8,10 @@ to addresses inside those namespaces.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import pytest
 from runtimed.api.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
 from runtimed.api.networks.v1 import networks_pb2 as pb
 from runtimed.api.networks.v1 import networks_pb2_grpc
+from runtimed.network.manager import veth_name
 
 NS = [("containerd-namespace", "default")]
 BUSYBOX = "/bin/busybox"
@@ -43,51 +46,83 @@ def links() -> dict[str, str]:
     return found
 
 
-def addresses() -> set[str]:
-    out = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True, check=True).stdout
-    return {" ".join(line.split()[1:4]) for line in out.splitlines()}
-
-
 def nat_rules() -> set[str]:
     out = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True).stdout
     return {line for line in out.splitlines() if line.startswith("-A")}
 
 
-def netns_mounts() -> list[str]:
+def mounts_under(path) -> list[str]:
     with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if " nsfs " in line]
+        return [line.split()[4] for line in f if line.split()[4].startswith(str(path))]
+
+
+def free_subnet() -> str:
+    """A random 10.x.y.0/24 no route uses (other test runs may share this host)."""
+    out = subprocess.run(["ip", "-o", "-4", "route"], capture_output=True, text=True).stdout
+    routed = [ipaddress.ip_network(line.split()[0], strict=False)
+              for line in out.splitlines() if not line.startswith("default")]
+    while True:
+        candidate = ipaddress.ip_network(f"10.{random.randrange(100, 250)}.{random.randrange(256)}.0/24")
+        if not any(candidate.overlaps(r) for r in routed):
+            return str(candidate)
+
+
+class Tracker:
+    """What this test's daemon made: container veths (named from the state dir, the
+    container and the network) and bridges, to check they are all gone afterwards while
+    other test runs use the same host."""
+
+    def __init__(self, state):
+        self.state = state
+        self.veths: set[str] = set()
+        self.bridges: set[str] = set()
+        self.indexes: set[str] = set()
+
+    def saw(self, ns: str, att: pb.Attachment) -> None:
+        for i in att.interfaces:
+            self.veths.add(veth_name(self.state, ns, att.container_id, i.network))
+
+
+TRACK: list[Tracker] = []
 
 
 @pytest.fixture
-def host_before():
-    return links(), addresses(), nat_rules(), netns_mounts()
-
-
-@pytest.fixture
-def net(daemon, host_before):
+def net(daemon):
     """The Networks stub; afterwards every attachment and network goes, and nothing the
-    test made may stay on the host."""
+    test's daemon made may stay on the host."""
     stub = networks_pb2_grpc.NetworksStub(daemon.channel())
+    tracker = Tracker(daemon.state)
+    TRACK.append(tracker)
     yield stub
+    TRACK.remove(tracker)
     for ns in ("default", "other"):
         md = [("containerd-namespace", ns)]
         for a in stub.ListAttachments(pb.ListAttachmentsRequest(), metadata=md).attachments:
+            tracker.saw(ns, a)
             try:
                 stub.Detach(pb.DetachRequest(container_id=a.container_id), metadata=md)
             except grpc.RpcError:
                 pass
+    present = links()
     for n in stub.List(pb.ListNetworksRequest()).networks:
         if n.driver == "bridge":
+            tracker.bridges.add(n.bridge)
+            if n.bridge in present:  # by index: another daemon may reuse the name at once
+                tracker.indexes.add(present[n.bridge].split(":")[0])
             stub.Remove(pb.RemoveNetworkRequest(name=n.name))
-    links_before, addrs_before, rules_before, mounts_before = host_before
-    assert set(links()) - set(links_before) == set()
-    assert addresses() - addrs_before == set()
-    assert nat_rules() - rules_before == set()
-    assert netns_mounts() == mounts_before
+    left = links()
+    assert not tracker.veths & set(left)
+    assert not tracker.indexes & {line.split(":")[0] for line in left.values()}
+    assert not [r for r in nat_rules() if any(f"runtimed:{b}" in r for b in tracker.bridges
+                                               if b not in left)]
+    assert mounts_under(daemon.state) == []
 
 
 def attach(stub, cid, network="", ns=NS, **kw) -> pb.Attachment:
-    return stub.Attach(pb.AttachRequest(container_id=cid, network=network, **kw), metadata=ns).attachment
+    att = stub.Attach(pb.AttachRequest(container_id=cid, network=network, **kw), metadata=ns).attachment
+    for tracker in TRACK:
+        tracker.saw(ns[0][1], att)
+    return att
 
 
 def in_netns(att: pb.Attachment, *cmd: str, hosts: bool = False, **kw) -> subprocess.CompletedProcess:
@@ -100,7 +135,8 @@ def in_netns(att: pb.Attachment, *cmd: str, hosts: bool = False, **kw) -> subpro
 
 
 def spawn_in_netns(att: pb.Attachment, *cmd: str) -> subprocess.Popen:
-    return subprocess.Popen(["nsenter", f"--net={att.netns_path}", *cmd],
+    # stdin stays open: busybox nc may end a connection when its stdin reaches EOF
+    return subprocess.Popen(["nsenter", f"--net={att.netns_path}", *cmd], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -152,9 +188,11 @@ def test_two_containers_exchange_data_by_ip_and_by_name(net):
 
 
 def test_http_by_name_and_hosts_updates_keep_the_inode(net, tmp_path):
-    net.Create(pb.CreateNetworkRequest(name="appnet", subnet="10.231.7.0/24"))
+    subnet = free_subnet()
+    net.Create(pb.CreateNetworkRequest(name="appnet", subnet=subnet))
     web = attach(net, "web", "appnet")
-    assert web.interfaces[0].ip == "10.231.7.2" and web.interfaces[0].gateway == "10.231.7.1"
+    prefix = subnet.rsplit(".", 1)[0]
+    assert web.interfaces[0].ip == f"{prefix}.2" and web.interfaces[0].gateway == f"{prefix}.1"
     (tmp_path / "index.html").write_text("served from web\n")
     httpd = spawn_in_netns(web, BUSYBOX, "httpd", "-f", "-p", "8080", "-h", str(tmp_path))
     try:
@@ -291,18 +329,28 @@ def test_default_subnet_avoids_host_routes(net):
     assert ipaddress.ip_address(att.interfaces[0].ip) in subnet
 
 
-def test_fifty_cycles_leave_nothing_behind(net, host_before):
+def test_fifty_cycles_leave_nothing_behind(daemon, net):
     attach(net, "keeper")  # holds the default network (and its bridge) in place
-    before_links, before_addrs = links(), addresses()
+    bridge = net.Get(pb.GetNetworkRequest(name="bridge")).network.bridge
+    bridge_addrs = subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", bridge],
+                                  capture_output=True, text=True).stdout
     seen = set()
     for n in range(50):
-        att = attach(net, f"cycle{n}", ports=[pb.PortMapping(host_ip="127.0.0.1", container_port=80)])
+        cid = f"cycle{n}"
+        att = attach(net, cid, ports=[pb.PortMapping(host_ip="127.0.0.1", container_port=80)])
         seen.add(att.interfaces[0].ip)
-        assert len(links()) == len(before_links) + 1
-        net.Detach(pb.DetachRequest(container_id=f"cycle{n}"), metadata=NS)
+        veth = veth_name(daemon.state, "default", cid, "bridge")
+        assert f"master {bridge}" in links()[veth]
+        net.Detach(pb.DetachRequest(container_id=cid), metadata=NS)
+        assert veth not in links()
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", att.ports[0].host_port), timeout=2).close()
     assert len(seen) == 50  # addresses rotate rather than being reused at once
-    assert set(links()) == set(before_links)
-    assert addresses() == before_addrs
+    members = [n for n, line in links().items() if f"master {bridge} " in line]
+    assert members == [veth_name(daemon.state, "default", "keeper", "bridge")]
+    assert subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", bridge],
+                          capture_output=True, text=True).stdout == bridge_addrs
+    assert mounts_under(daemon.state) == [att.netns_path.replace("cycle49", "keeper")]
     assert os.listdir(os.path.dirname(att.netns_path)) == ["keeper"]
     assert os.listdir(os.path.dirname(os.path.dirname(att.hosts_path))) == ["keeper"]
 
@@ -322,7 +370,8 @@ def test_kill9_restart_keeps_allocations_and_drops_leftovers(daemon, net):
     kept = {cid: attach(net, cid, ports=[pb.PortMapping(host_ip="127.0.0.1", container_port=80)])
             for cid in ("kept1", "kept2")}
     gone = attach(net, "gone")  # no container record: a client that crashed mid-run
-    gone_veth = [n for n in links() if n not in links_without(gone)]
+    gone_veth = veth_name(daemon.state, "default", "gone", "bridge")
+    assert gone_veth in links()
     daemon.kill9()
     daemon.start()
     stub = networks_pb2_grpc.NetworksStub(daemon.channel())
@@ -335,7 +384,7 @@ def test_kill9_restart_keeps_allocations_and_drops_leftovers(daemon, net):
         stub.Inspect(pb.InspectAttachmentRequest(container_id="gone"), metadata=NS)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert not os.path.exists(gone.netns_path)
-    assert not set(gone_veth) & set(links())
+    assert gone_veth not in links()
     taken = {a.interfaces[0].ip for a in kept.values()}
     fresh = [attach(stub, f"new{n}").interfaces[0].ip for n in range(3)]
     assert not taken & set(fresh) and len(set(fresh)) == 3
@@ -349,9 +398,3 @@ def test_kill9_restart_keeps_allocations_and_drops_leftovers(daemon, net):
     containers_pb2_grpc.ContainersStub(daemon.channel()).Delete(
         containers_pb2.DeleteContainerRequest(id="kept2"), metadata=NS)
 
-
-def links_without(att: pb.Attachment) -> dict[str, str]:
-    """The host's links minus the veth of this attachment (found by its peer's index)."""
-    out = in_netns(att, "ip", "-o", "link", "show", "eth0").stdout
-    peer_index = out.split("@if")[1].split(":")[0]
-    return {k: v for k, v in links().items() if not v.startswith(f"{peer_index}:")}

@@ -1,0 +1,106 @@
+"""End to end: busybox containers started by `ctl run --network/-p/--hostname` (runc as the
+OCI runtime) talk over a bridge network by IP and by name, publish a port on 127.0.0.1,
+and see only lo on `none` and the host's interfaces on `host`."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from runtimed.network.manager import veth_name
+from tests import testimages
+from tests.cli.conftest import Ctl
+
+RUN = ("run", "--runtime", "runc")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict:
+    return testimages.build(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture
+def ctl(daemon, images):
+    ctl = Ctl(daemon.address)
+    ctl("load", "-q", "-i", images["busybox"].archive)
+    yield ctl
+    ctl("rm", "-f", "srv", check=False)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the attachment goes right after the container
+        result = ctl("network", "rm", "e2e", check=False)
+        if result.returncode == 0 or "not found" in result.stderr:
+            break
+        time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def host_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
+def test_two_busybox_containers_by_ip_and_name_with_a_published_port(daemon, ctl, images):
+    busybox = images["busybox"].name
+    ctl("network", "create", "e2e")
+    network = json.loads(ctl("network", "inspect", "e2e").stdout)[0]
+    subnet = ipaddress.ip_network(network["IPAM"]["Config"][0]["Subnet"])
+    port = free_port()
+    ctl(*RUN, "-d", "--name", "srv", "--network", "e2e", "--hostname", "server",
+        "-p", f"127.0.0.1:{port}:8080", busybox, "sh", "-c",
+        "(echo served-by-name | nc -l -p 7000 &); (echo served-by-ip | nc -l -p 7001 &); "
+        "httpd -f -p 8080 -h /etc")
+    att = json.loads(ctl("network", "attachment", "srv", "--format", "json").stdout)
+    ip = att["interfaces"][0]["ip"]
+    assert ipaddress.ip_address(ip) in subnet and att["hostname"] == "server"
+    assert att["ports"][0]["host_port"] == port
+    # published port: the container's httpd answers on the host's loopback
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/hostname", timeout=5) as r:
+                assert r.read() == b"server\n"
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    # a second container reaches the first by name and by IP (TCP, busybox nc and wget)
+    result = ctl(*RUN, "--rm", "--network", "e2e", "--name", "cli", busybox, "sh", "-c",
+                 f"nc srv 7000; nc {ip} 7001; wget -qO- http://server:8080/hostname; "
+                 "hostname; grep -w srv /etc/hosts")
+    out = result.stdout
+    assert out.splitlines()[:4] == ["served-by-name", "served-by-ip", "server", "cli"], result.stderr
+    assert f"{ip}\tserver srv" in out
+    # the --rm container's attachment went with it; the server's goes with `rm -f`
+    assert json.loads(ctl("network", "inspect", "e2e").stdout)[0]["Containers"] == ["default/srv"]
+    ctl("rm", "-f", "srv")
+    deadline = time.monotonic() + 10
+    while json.loads(ctl("network", "inspect", "e2e").stdout)[0]["Containers"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    ctl("network", "rm", "e2e")
+    links = host_links()
+    assert veth_name(daemon.state, "default", "srv", "e2e") not in links
+    assert network["Bridge"] not in links
+
+
+def test_none_has_only_lo_and_host_sees_the_host(ctl, images):
+    busybox = images["busybox"].name
+    out = ctl(*RUN, "--rm", "--network", "none", busybox, "ip", "-o", "link").stdout
+    assert [line.split(":")[1].strip() for line in out.splitlines()] == ["lo"]
+    out = ctl(*RUN, "--rm", "--network", "host", busybox, "ip", "-o", "link").stdout
+    inside = {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+    assert "eth0" in inside and inside <= host_links() | inside and "eth0" in host_links()
+    network_ls = ctl("network", "ls", "--format", "{{.Name}}").stdout.split()
+    assert {"host", "none"} <= set(network_ls)

@@ -438,6 +438,9 @@ class ContentStore:
         except AlreadyExists:
             return self._merge_labels(ns, expected_digest, labels)
         try:
+            if w.status().offset and w.status().offset == w.status().total:
+                # committed in another namespace already: no bytes to send, as with Write
+                return w.commit(expected_size or 0, expected_digest or "", labels)
             if isinstance(data, bytes):
                 w.write(data)
             elif hasattr(data, "read"):

@@ -170,3 +170,16 @@ def test_lease_records_written_content(stores):
     assert [(r.type, r.id) for r in leases.list_resources("default", "L")] == [("content", info.digest)]
     with pytest.raises(NotFound, match="lease"):
         content.writer("default", "x", lease="missing")
+
+
+def test_write_blob_of_content_another_namespace_holds(stores):
+    """The bytes are on disk already: the blob is committed in the second namespace
+    without being written twice (a shared writer must not be appended to)."""
+    content = stores[0]
+    data = b"layer" * 1000
+    digest = digest_of(data)
+    assert content.write_blob("a", data, expected_digest=digest, expected_size=len(data)).size == len(data)
+    info = content.write_blob("b", data, expected_digest=digest, expected_size=len(data), labels={"k": "v"})
+    assert (info.size, info.labels) == (len(data), {"k": "v"})
+    with content.open_blob("b", digest) as f:
+        assert f.read() == data

@@ -154,6 +154,12 @@ def _parse_mode(network: str) -> tuple[str, str]:
     return "bridge", network
 
 
+def _owners(sandboxes) -> set[tuple[str, str]]:
+    """(namespace, id) of every container whose netns dir and name files are in use."""
+    known = {(s["namespace"], s["container_id"]) for s in sandboxes}
+    return known | {(s["namespace"], s["shared_with"]) for s in sandboxes if s["shared_with"]}
+
+
 class NetworkManager:
     def __init__(self, state: Path, db: Database, namespaces, containers, exchange=None,
                  helper=None):
@@ -650,28 +656,31 @@ class NetworkManager:
 
     def _teardown(self, namespace: str, container_id: str) -> None:
         """Best effort through every step, so one failure does not strand the rest; the
-        records go last, so what is left is retried by the next detach or start."""
+        records go last, so what is left is retried by the next detach or start. The
+        netns and name files go with the last of their owner and its `container:` sharers."""
         self._stop_proxies(namespace, container_id)
         with self.db.read() as conn:
             row = self._sandbox_row(conn, namespace, container_id)
+            if row is None:
+                return
+            owner = row["shared_with"] if row["mode"] == "container" else container_id
             endpoints = conn.execute(
                 "SELECT network, host_if FROM net_endpoints WHERE namespace = ? AND container_id = ?",
                 (namespace, container_id),
             ).fetchall()
-            sharers = conn.execute(
-                "SELECT container_id FROM net_sandboxes WHERE namespace = ? AND shared_with = ?",
-                (namespace, container_id),
-            ).fetchall()
-        if row is None:
-            return
+            others = conn.execute(
+                "SELECT 1 FROM net_sandboxes WHERE namespace = ? AND container_id != ? "
+                "AND (container_id = ? OR shared_with = ?) LIMIT 1",
+                (namespace, container_id, owner, owner),
+            ).fetchone()
         failures: list[str] = []
         for e in endpoints:
             try:
                 self.helper.call("endpoint_del", host_if=e["host_if"])
             except RuntimedError as exc:
                 failures.append(str(exc))
-        netns_path, fdir = self.paths(namespace, container_id)
-        if row["mode"] in ("bridge", "none") and not sharers:
+        netns_path, fdir = self.paths(namespace, owner)
+        if not others and row["mode"] != "host" and os.path.lexists(netns_path):
             try:
                 self.helper.call("netns_delete", path=str(netns_path))
             except RuntimedError as exc:
@@ -680,7 +689,7 @@ class NetworkManager:
             raise FailedPrecondition(
                 f"network teardown of {namespace}/{container_id} incomplete: {'; '.join(failures)}"
             )
-        if not sharers:
+        if not others:
             shutil.rmtree(fdir, ignore_errors=True)
         with self.db.transaction() as tx:
             tx.execute("DELETE FROM net_endpoints WHERE namespace = ? AND container_id = ?",
@@ -720,7 +729,7 @@ class NetworkManager:
         with self.db.read() as conn:
             sandboxes = conn.execute("SELECT * FROM net_sandboxes").fetchall()
             networks = [self._network(r) for r in conn.execute("SELECT * FROM net_networks")]
-        stray_dirs = self._stray_paths({(s["namespace"], s["container_id"]) for s in sandboxes})
+        stray_dirs = self._stray_paths(_owners(sandboxes))
         if not sandboxes and not networks and not stray_dirs:
             return done
         with self._lock:
@@ -750,7 +759,7 @@ class NetworkManager:
                         and name not in known_ifs):
                     self.helper.call("endpoint_del", host_if=name)
                     done["leftovers"] += 1
-            for path, is_netns in self._stray_paths({(s["namespace"], s["container_id"]) for s in survivors}):
+            for path, is_netns in self._stray_paths(_owners(survivors)):
                 if is_netns:
                     self.helper.call("netns_delete", path=str(path))
                 else:

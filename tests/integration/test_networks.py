@@ -273,6 +273,13 @@ def test_container_mode_shares_the_netns(net):
     # removing the sharer leaves the owner's namespace alone
     net.Detach(pb.DetachRequest(container_id="second"), metadata=NS)
     assert os.path.exists(first.netns_path)
+    # removing the owner first keeps the namespace for its sharer, until that goes too
+    attach(net, "second", "container:first")
+    net.Detach(pb.DetachRequest(container_id="first"), metadata=NS)
+    assert first.netns_path in mounts_under(first.netns_path)
+    assert os.path.exists(first.hosts_path)
+    net.Detach(pb.DetachRequest(container_id="second"), metadata=NS)
+    assert not os.path.exists(first.netns_path) and not os.path.exists(first.hosts_path)
     with pytest.raises(grpc.RpcError) as err:
         attach(net, "third", "container:nobody")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -380,6 +387,8 @@ def test_kill9_restart_keeps_allocations_and_drops_leftovers(daemon, net):
         assert after.interfaces[0].ip == before.interfaces[0].ip
         assert after.netns_path == before.netns_path and os.path.exists(after.netns_path)
         assert after.ports[0].host_port == before.ports[0].host_port
+        # listening again (the proxy accepts; nothing serves behind it here)
+        socket.create_connection(("127.0.0.1", after.ports[0].host_port), timeout=5).close()
     with pytest.raises(grpc.RpcError) as err:
         stub.Inspect(pb.InspectAttachmentRequest(container_id="gone"), metadata=NS)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND

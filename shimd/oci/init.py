@@ -261,7 +261,8 @@ def container_init(sync_w: int, spec: dict, root: str, fifo: str, cgroup, consol
     propagation = rootfs.PROPAGATION.get(lin.get("rootfsPropagation") or "rprivate")
     if propagation is None:
         raise ContainerError(f"invalid rootfsPropagation {lin.get('rootfsPropagation')!r}")
-    linux.mount(None, "/", None, linux.MS_PRIVATE | linux.MS_REC)
+    linux.mount(None, "/", None, propagation)
+    rootfs.make_parent_mount_private(root)
     linux.mount(root, root, None, linux.MS_BIND | linux.MS_REC)
     mounts = spec.get("mounts") or []
     for m in mounts:
@@ -287,8 +288,6 @@ def container_init(sync_w: int, spec: dict, root: str, fifo: str, cgroup, consol
         rootfs.move_root(root)
     else:
         rootfs.pivot(root)
-    if propagation != linux.MS_PRIVATE | linux.MS_REC:
-        linux.mount(None, "/", None, propagation)
     _write_sysctls(lin.get("sysctl"))
     for path in lin.get("readonlyPaths") or ():
         rootfs.readonly_path(path)

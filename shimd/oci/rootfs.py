@@ -229,6 +229,21 @@ def dev_symlinks(rootfs: str) -> None:
     os.symlink("pts/ptmx", ptmx)
 
 
+def make_parent_mount_private(path: str) -> None:
+    """pivot_root refuses a new root whose parent mount is shared (rootfsPropagation
+    "shared"/"rshared"): make just that mount private, as runc does."""
+    best, shared = "", False
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            target = fields[4].replace("\\040", " ")
+            if (path == target or path.startswith(target.rstrip("/") + "/")) and len(target) >= len(best):
+                best = target
+                shared = any(opt.startswith("shared:") for opt in fields[6:fields.index("-")])
+    if best and shared:
+        linux.mount(None, best, None, MS_PRIVATE)
+
+
 def pivot(rootfs: str) -> None:
     """pivot_root(".", ".") then detach the old root: no put_old directory needed."""
     old = os.open("/", os.O_DIRECTORY | os.O_RDONLY | os.O_CLOEXEC)

@@ -569,3 +569,30 @@ def test_setup_failure_reports_and_cleans_up(runtime):
     c = runtime.create(spec, expect_fail=True)
     assert "/no/such/source" in c.stderr
     assert runtime.run("state", c.id).returncode != 0
+
+
+@pytest.mark.parametrize("propagation", ["rshared", None])
+def test_mount_propagation_to_host(runtime, tmp_path, propagation):
+    """rootfsPropagation rshared + an rshared bind: a mount made in the container shows up
+    on the host; with the default (private) it does not."""
+    import subprocess
+
+    src = tmp_path / f"shared-{runtime.name}"
+    (src / "sub").mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(src), str(src)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(src)], check=True)
+        spec = runtime.spec(sh("mount -t tmpfs -o size=1m none /shared/sub && echo mounted"))
+        spec["mounts"].append({"destination": "/shared", "type": "bind", "source": str(src),
+                               "options": ["rbind", "rshared"] if propagation else ["rbind"]})
+        if propagation:
+            spec["linux"]["rootfsPropagation"] = propagation
+        admin = ["CAP_SYS_ADMIN"]
+        spec["process"]["capabilities"] = {k: admin for k in ("bounding", "effective", "permitted")}
+        c = runtime.run_to_exit(spec)
+        assert c.stdout == "mounted\n", c.stderr
+        with open("/proc/self/mountinfo") as f:
+            on_host = any(line.split()[4] == str(src / "sub") for line in f)
+        assert on_host == bool(propagation)
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(src)], check=False)

@@ -31,7 +31,7 @@ from typing import BinaryIO
 
 from runtimed.diff import compression
 from runtimed.diff.safepath import clean, open_dir, openat2
-from runtimed.errors import InvalidArgument
+from runtimed.errors import FailedPrecondition, InvalidArgument
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_OPAQUE = ".wh..wh..opq"
@@ -137,6 +137,12 @@ def apply_layer(source: BinaryIO, root: str | os.PathLike, *, overlay: bool = Fa
         reader.drain()
     except (tarfile.TarError, EOFError, *_decompress_errors()) as exc:
         raise InvalidArgument(f"layer is truncated or corrupt: {exc}") from exc
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            raise FailedPrecondition(
+                f"cannot apply a layer onto {os.fspath(root)}: it is read-only (a view?)"
+            ) from exc
+        raise
     finally:
         writer.close()
         os.close(rootfd)

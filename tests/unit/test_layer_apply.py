@@ -186,3 +186,18 @@ def test_fast_header_parser_matches_tarfile(fmt):
                  m.devmajor, m.devminor, m.pax_headers) for m in tf]
 
     assert fields(_BoundedTarInfo) == fields(tarfile.TarInfo)
+
+
+def test_read_only_target_is_a_failed_precondition(tmp_path):
+    from runtimed.errors import FailedPrecondition
+
+    src, target = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    target.mkdir()
+    mountlib.mount(mountlib.Mount("bind", str(src), ["ro", "rbind"]), target)
+    try:
+        with pytest.raises(FailedPrecondition):
+            apply_layer(io.BytesIO(tar(E("f", data=b"x"))), target)
+    finally:
+        mountlib.unmount_all(target)
+    assert os.listdir(src) == []

@@ -407,3 +407,35 @@ def test_kill9_restart_keeps_allocations_and_drops_leftovers(daemon, net):
     containers_pb2_grpc.ContainersStub(daemon.channel()).Delete(
         containers_pb2.DeleteContainerRequest(id="kept2"), metadata=NS)
 
+
+
+def test_restart_recreates_a_lost_netns_with_the_same_address(daemon, net):
+    """As after a reboot (the state dir is tmpfs): the netns mount and veth are gone, the
+    container record is not; the attachment comes back with the address it had."""
+    create_container(daemon, "survivor")
+    try:
+        before = attach(net, "survivor", aliases=["svc"])
+        daemon.kill9()
+        subprocess.run(["umount", before.netns_path], check=True)
+        os.unlink(before.netns_path)
+        os.unlink(before.hosts_path)
+        veth = veth_name(daemon.state, "default", "survivor", "bridge")
+        deadline = time.monotonic() + 10
+        while veth in links():  # the kernel frees the netns (and its veth) asynchronously
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        daemon.start()
+        stub = networks_pb2_grpc.NetworksStub(daemon.channel())
+        after = stub.Inspect(pb.InspectAttachmentRequest(container_id="survivor"), metadata=NS).attachment
+        assert after.interfaces[0].ip == before.interfaces[0].ip
+        assert before.netns_path in mounts_under(before.netns_path) and veth in links()
+        out = in_netns(after, "ip", "-o", "-4", "addr", "show", "eth0").stdout
+        assert f"{before.interfaces[0].ip}/" in out
+        assert "svc" in open(after.hosts_path).read()
+        route = in_netns(after, "ip", "route").stdout
+        assert f"default via {before.interfaces[0].gateway}" in route
+    finally:
+        if daemon.proc.poll() is not None:
+            daemon.start()
+        containers_pb2_grpc.ContainersStub(daemon.channel()).Delete(
+            containers_pb2.DeleteContainerRequest(id="survivor"), metadata=NS)

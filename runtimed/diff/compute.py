@@ -24,6 +24,13 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from runtimed.diff.apply import OPAQUE_XATTR, WHITEOUT_OPAQUE, WHITEOUT_PREFIX, XATTR_PAX_PREFIX
+from runtimed.diff.safepath import (
+    RESOLVE_BENEATH,
+    RESOLVE_NO_MAGICLINKS,
+    RESOLVE_NO_SYMLINKS,
+    openat2,
+)
+from runtimed.errors import FailedPrecondition, InvalidArgument
 
 CHUNK = 1 << 20
 
@@ -96,6 +103,7 @@ class _TarWriter:
         self.tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT,
                                 bufsize=CHUNK)
         self.root = root
+        self.rootfd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.links: dict[tuple[int, int], str] = {}
         self.written: set[str] = set()
 
@@ -129,7 +137,11 @@ class _TarWriter:
             info.type = tarfile.DIRTYPE
         elif stat.S_ISLNK(mode):
             info.type = tarfile.SYMTYPE
-            info.linkname = os.readlink(path)
+            fd = self._open(rel, os.O_PATH | os.O_NOFOLLOW, st)
+            try:
+                info.linkname = os.readlink("", dir_fd=fd)
+            finally:
+                os.close(fd)
         elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             info.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
             info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
@@ -141,8 +153,24 @@ class _TarWriter:
         if data is None:
             self.tar.addfile(info)
         else:
-            with open(data, "rb") as f:
+            with os.fdopen(self._open(rel, os.O_RDONLY | os.O_NOFOLLOW, st), "rb") as f:
                 self.tar.addfile(info, f)
+
+    def _open(self, rel: str, flags: int, st: os.stat_result) -> int:
+        """Open `rel` with no symlink anywhere on its path, and check it is still the
+        inode that was compared: a running container may swap a file for a symlink to a
+        host file between the walk and the read, and that must not end up in the layer."""
+        try:
+            fd = openat2(self.rootfd, rel, flags,
+                         resolve=RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS)
+        except (OSError, InvalidArgument) as exc:
+            raise FailedPrecondition(f"{rel!r} changed while the diff was being computed: "
+                                     f"{exc}") from exc
+        now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            os.close(fd)
+            raise FailedPrecondition(f"{rel!r} changed while the diff was being computed")
+        return fd
 
     def whiteout(self, rel: str) -> None:
         parent, _, base = rel.rpartition("/")
@@ -161,7 +189,10 @@ class _TarWriter:
         self.tar.addfile(info)
 
     def close(self) -> None:
-        self.tar.close()
+        try:
+            self.tar.close()
+        finally:
+            os.close(self.rootfd)
 
 
 def _add_parents(w: _TarWriter, upper: str, rel: str) -> None:

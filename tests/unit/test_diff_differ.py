@@ -39,3 +39,34 @@ def test_readonly_turns_an_upperdir_into_the_top_lower():
     assert m.options == ["index=off", "lowerdir=/u:/a:/b", "ro"]
     (b,) = _readonly([Mount("bind", "/x", ["rw", "rbind"])])
     assert b.options == ["rbind", "ro"]
+
+
+def test_diff_never_reads_through_a_symlink_swapped_in(tmp_path, monkeypatch):
+    """A running container swapping a file for a symlink to a host file between the walk
+    and the read must not get the host file into the layer."""
+    import io
+
+    import pytest
+
+    from runtimed.diff import compute
+    from runtimed.errors import FailedPrecondition
+
+    secret = tmp_path / "host-secret"
+    secret.write_text("host only")
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
+    upper.mkdir()
+    (upper / "f").write_text("container file")
+    real_add = compute._TarWriter.add
+
+    def add_after_swap(self, rel, path, st):
+        if rel == "f":
+            os.unlink(path)
+            os.symlink(str(secret), path)
+        return real_add(self, rel, path, st)
+
+    monkeypatch.setattr(compute._TarWriter, "add", add_after_swap)
+    out = io.BytesIO()
+    with pytest.raises(FailedPrecondition):
+        compute.write_tree_diff(lower, upper, out)
+    assert b"host only" not in out.getvalue()

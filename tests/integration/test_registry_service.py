@@ -255,3 +255,37 @@ def test_pull_resumes_after_daemon_kill9(daemon, registry, tmp_path):
     assert result.target.digest == image.target.digest
     blobs = daemon.ctr("content", "ls", "-q").stdout.split()
     assert big.digest in blobs
+
+
+def test_client_cancel_stops_the_pull_and_a_retry_resumes(daemon, registry, tmp_path):
+    import time
+
+    from tests.registry_server import CuttingProxy
+
+    store = open_store(tmp_path / "source")
+    image = build_image(store, NS, [{"a": b"x"}, {"big": os.urandom(16 << 20)}], compress=False)
+    Pusher(store).push(NS, f"{registry.host}/team/app:v1", image.target)
+    big = image.layers[1]
+    proxy = CuttingProxy(registry.host, after=4 << 20, cuts=1, stall=True)
+    try:
+        channel, stub = _stub(daemon)
+        with channel:
+            stream = stub.Pull(
+                registry_pb2.PullRequest(reference=f"{proxy.host}/team/app:v1"),
+                metadata=META,
+                timeout=60,
+            )
+            for response in stream:
+                p = response.progress
+                if p.digest == big.digest and p.state == "downloading" and p.offset > 0:
+                    break
+            stream.cancel()
+            time.sleep(0.5)
+            # the daemon stopped the transfer: the ingest stays for a resume, no image
+            assert f"pull-{big.digest}" in daemon.ctr("content", "active").stdout
+            assert daemon.ctr("images", "ls", "-q").stdout.split() == []
+            _, result = _pull(stub, f"{proxy.host}/team/app:v1")
+    finally:
+        proxy.close()
+    assert result.target.digest == image.target.digest
+    assert any(big.digest in r and "Range: bytes=" in r for r in proxy.requests)

@@ -433,6 +433,8 @@ class _Pull:
                 hasher.reset()
                 continue
             check(response, (200, 206), what, host)
+            interrupt = response.shutdown
+            self.cancelled.register(interrupt)
             try:
                 if start and response.status == 200:  # Range ignored: start over
                     writer.truncate(0)
@@ -483,6 +485,7 @@ class _Pull:
                 )
                 continue
             finally:
+                self.cancelled.unregister(interrupt)
                 response.release_conn()
             if desc.size == 0:
                 break

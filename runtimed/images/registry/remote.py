@@ -48,6 +48,39 @@ class Progress:
 ProgressFn = Callable[[Progress], None]
 
 
+class Cancellation:
+    """A flag the transfer threads poll, plus hooks that interrupt blocking reads (a
+    stalled connection would otherwise hold a thread until the progress deadline)."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._hooks: set[Callable[[], None]] = set()
+        self._lock = threading.Lock()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        self._event.set()
+        with self._lock:
+            hooks = list(self._hooks)
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - interrupting is best effort
+                pass
+
+    def register(self, hook: Callable[[], None]) -> None:
+        with self._lock:
+            self._hooks.add(hook)
+        if self._event.is_set():
+            hook()
+
+    def unregister(self, hook: Callable[[], None]) -> None:
+        with self._lock:
+            self._hooks.discard(hook)
+
+
 @dataclass
 class TransferOptions:
     """Per-call settings; host settings from the daemon config apply underneath."""
@@ -64,7 +97,7 @@ class TransferOptions:
     lease: str | None = None
     started: float = field(default_factory=time.monotonic)
     # set by the caller (a client went away) to stop the transfer at the next chunk
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: Cancellation = field(default_factory=Cancellation)
 
     def check_deadline(self, what: str) -> None:
         if self.cancelled.is_set():

@@ -4,7 +4,8 @@ and the layers unpacked.
 A pull holds a temporary lease (unless the caller gave one) so the garbage collector
 cannot take blobs between their commit and the image record that roots them; the record
 is created, or its target updated when the name exists (as `ctr pull` does), and only
-then is the lease dropped.
+then is the lease dropped. A pull that fails or is cancelled leaves its lease to expire
+(an hour): until then its partial downloads stay, and a retry resumes them.
 """
 
 from __future__ import annotations
@@ -70,37 +71,36 @@ class RegistryTransfers:
                 ns, labels={"containerd.io/gc.expire": expires.strftime("%Y-%m-%dT%H:%M:%SZ")}
             ).id
             options.lease = temporary
-        try:
-            pipeline = None
-            if unpacker is not None and not options.all_platforms:
-                pipeline = self._pipeline(unpacker, ns, request.snapshotter, options.lease)
-                options.on_layer = pipeline.on_layer
-            result = Puller(self.content, self.hosts).pull(ns, name, options, report)
-            self._record(ns, result, request.labels)
-            if unpacker is not None:
-                unpacker.unpack(
-                    ns,
-                    result.name,
-                    snapshotter=request.snapshotter or None,
-                    platform=request.platform or None,
-                    lease=options.lease,
-                )
-                for manifest in result.manifests:
-                    report(
-                        Progress(
-                            manifest.digest,
-                            manifest.media_type,
-                            "unpacked",
-                            manifest.size,
-                            manifest.size,
-                        )
+        # on failure or cancellation the temporary lease is left to expire (an hour): it
+        # keeps the partial downloads (ingests) so that a retry resumes them
+        if unpacker is not None and not options.all_platforms:
+            pipeline = self._pipeline(unpacker, ns, request.snapshotter, options.lease)
+            options.on_layer = pipeline.on_layer
+        result = Puller(self.content, self.hosts).pull(ns, name, options, report)
+        self._record(ns, result, request.labels)
+        if unpacker is not None:
+            unpacker.unpack(
+                ns,
+                result.name,
+                snapshotter=request.snapshotter or None,
+                platform=request.platform or None,
+                lease=options.lease,
+            )
+            for manifest in result.manifests:
+                report(
+                    Progress(
+                        manifest.digest,
+                        manifest.media_type,
+                        "unpacked",
+                        manifest.size,
+                        manifest.size,
                     )
-        finally:
-            if temporary is not None:
-                try:
-                    self.leases.delete(ns, temporary)
-                except NotFound:
-                    pass
+                )
+        if temporary is not None:
+            try:
+                self.leases.delete(ns, temporary)
+            except NotFound:
+                pass
         return result
 
     @staticmethod

@@ -207,3 +207,16 @@ def test_kill9_runtimed_with_containers_running(rd):
         rd.ctr("tasks", "rm", f"x{i}")
     out = rd.ctr("tasks", "exec", "--exec-id", "after", "k2", "echo", "still here")
     assert out.stdout == "still here\n"
+
+
+def test_runtime_names_map_to_shimd(daemon, busybox_archive):
+    daemon.ctr("images", "import", busybox_archive)
+    cgroup = f"{CGROUP_PARENT}/{uuid.uuid4().hex[:12]}"
+    CREATED_CGROUPS.append(cgroup)
+    old_name = daemon.ctr("run", "--rm", "--cgroup", cgroup, "--runtime",
+                          "io.containerd.runtime.v1.linux", IMAGE, "v1", "echo", "v1 linux")
+    assert old_name.stdout == "v1 linux\n"
+    unknown = daemon.ctr("run", "--rm", "--runtime", "io.containerd.kata.v2", IMAGE, "k1",
+                         "true", check=False)
+    assert unknown.returncode != 0 and "not supported" in unknown.stderr
+    daemon.ctr("containers", "rm", "k1", check=False)

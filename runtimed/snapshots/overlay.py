@@ -11,23 +11,42 @@ directory with overlay whiteouts (see runtimed.diff.apply), so no mount is neede
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from runtimed.errors import FailedPrecondition
+from runtimed.snapshots import mount as mountlib
 from runtimed.snapshots.base import Kind, Snapshotter, Usage, disk_usage
 from runtimed.snapshots.mount import Mount
 
 INDEX_PARAMETER = Path("/sys/module/overlay/parameters/index")
 
 
-def supported() -> str | None:
-    """None when overlayfs can be used, else the reason it cannot."""
+def supported(root: Path) -> str | None:
+    """None when overlayfs can be used under `root`, else the reason it cannot.
+
+    Like containerd, this mounts a two-layer overlay once: the kernel may know overlayfs
+    while the filesystem under `root` cannot hold upper directories (overlay on overlay,
+    no d_type, no trusted xattrs)."""
     try:
         with open("/proc/filesystems") as f:
             if not any(line.split()[-1] == "overlay" for line in f if line.strip()):
                 return "the kernel has no overlay filesystem (modprobe overlay?)"
     except OSError as exc:
         return f"cannot read /proc/filesystems: {exc}"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with tempfile.TemporaryDirectory(prefix="check-", dir=root) as tmp:
+        dirs = [Path(tmp) / n for n in ("l1", "l2", "upper", "work", "merged")]
+        for d in dirs:
+            d.mkdir()
+        l1, l2, upper, work, merged = dirs
+        probe = Mount("overlay", "overlay", [f"lowerdir={l1}:{l2}", f"upperdir={upper}",
+                                             f"workdir={work}"])
+        try:
+            mountlib.mount(probe, merged)
+        except OSError as exc:
+            return f"overlay cannot be mounted on the filesystem of {root}: {exc}"
+        mountlib.unmount(merged)
     return None
 
 
@@ -35,7 +54,7 @@ class OverlaySnapshotter(Snapshotter):
     name = "overlayfs"
 
     def __init__(self, root, db, *args, **kwargs):
-        reason = supported()
+        reason = supported(Path(root))
         if reason:
             raise FailedPrecondition(f"overlayfs snapshotter unavailable: {reason}")
         super().__init__(root, db, *args, **kwargs)

@@ -70,3 +70,27 @@ def test_native_copies_parent(tmp_path, mnt):
     assert child.read_bytes() == b"1"
     assert child.stat().st_ino != (s.snapshots_dir / "1" / "fs" / "f").stat().st_ino
     db.close()
+
+
+def test_overlay_is_refused_where_the_filesystem_cannot_hold_it(tmp_path):
+    """An overlay upper directory cannot live on overlayfs itself: the probe mount says so
+    and the snapshotter is not offered (containerd falls back the same way)."""
+    from runtimed.errors import FailedPrecondition
+    from runtimed.snapshots import mount as mountlib
+    from runtimed.snapshots.overlay import supported
+
+    assert supported(tmp_path / "ok") is None
+    parts = [tmp_path / n for n in ("lo", "up", "wk", "merged")]
+    for p in parts:
+        p.mkdir()
+    mountlib.mount(mountlib.Mount("overlay", "overlay", [
+        f"lowerdir={parts[0]}", f"upperdir={parts[1]}", f"workdir={parts[2]}"]), parts[3])
+    try:
+        nested = parts[3] / "root"
+        reason = supported(nested)
+        assert reason is not None and "cannot be mounted" in reason
+        with pytest.raises(FailedPrecondition):
+            OverlaySnapshotter(nested, Database(tmp_path / "meta.db"))
+    finally:
+        mountlib.unmount_all(parts[3])
+    assert not [p for p in mountlib.mountpoints() if p.startswith(str(tmp_path))]

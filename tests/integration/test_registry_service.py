@@ -114,6 +114,7 @@ def test_unknown_image_is_not_found_with_the_reference(daemon, registry):
         _pull(stub, f"{registry.host}/no/such:image")
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert f"{registry.host}/no/such:image" in info.value.details()
+    assert daemon.ctr("leases", "ls", "-q").stdout.split() == []  # nothing to resume
 
 
 def test_invalid_reference_is_invalid_argument(daemon):

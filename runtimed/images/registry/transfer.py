@@ -4,8 +4,9 @@ and the layers unpacked.
 A pull holds a temporary lease (unless the caller gave one) so the garbage collector
 cannot take blobs between their commit and the image record that roots them; the record
 is created, or its target updated when the name exists (as `ctr pull` does), and only
-then is the lease dropped. A pull that fails or is cancelled leaves its lease to expire
-(an hour): until then its partial downloads stay, and a retry resumes them.
+then is the lease dropped. A pull that fails for a transient reason (connection, deadline,
+cancellation) leaves its lease to expire (an hour): until then its partial downloads
+stay, and a retry resumes them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from runtimed.errors import AlreadyExists, FailedPrecondition, NotFound
+from runtimed.errors import (
+    AlreadyExists,
+    Canceled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    NotFound,
+    Unavailable,
+)
 from runtimed.images import reference as references
 from runtimed.images.manifest import Descriptor
 from runtimed.images.registry.hosts import RegistryHosts
@@ -71,37 +79,46 @@ class RegistryTransfers:
                 ns, labels={"containerd.io/gc.expire": expires.strftime("%Y-%m-%dT%H:%M:%SZ")}
             ).id
             options.lease = temporary
-        # on failure or cancellation the temporary lease is left to expire (an hour): it
-        # keeps the partial downloads (ingests) so that a retry resumes them
-        if unpacker is not None and not options.all_platforms:
-            pipeline = self._pipeline(unpacker, ns, request.snapshotter, options.lease)
-            options.on_layer = pipeline.on_layer
-        result = Puller(self.content, self.hosts).pull(ns, name, options, report)
-        self._record(ns, result, request.labels)
-        if unpacker is not None:
-            unpacker.unpack(
-                ns,
-                result.name,
-                snapshotter=request.snapshotter or None,
-                platform=request.platform or None,
-                lease=options.lease,
-            )
-            for manifest in result.manifests:
-                report(
-                    Progress(
-                        manifest.digest,
-                        manifest.media_type,
-                        "unpacked",
-                        manifest.size,
-                        manifest.size,
-                    )
+        try:
+            if unpacker is not None and not options.all_platforms:
+                pipeline = self._pipeline(unpacker, ns, request.snapshotter, options.lease)
+                options.on_layer = pipeline.on_layer
+            result = Puller(self.content, self.hosts).pull(ns, name, options, report)
+            self._record(ns, result, request.labels)
+            if unpacker is not None:
+                unpacker.unpack(
+                    ns,
+                    result.name,
+                    snapshotter=request.snapshotter or None,
+                    platform=request.platform or None,
+                    lease=options.lease,
                 )
-        if temporary is not None:
+                for manifest in result.manifests:
+                    report(
+                        Progress(
+                            manifest.digest,
+                            manifest.media_type,
+                            "unpacked",
+                            manifest.size,
+                            manifest.size,
+                        )
+                    )
+        except (Unavailable, DeadlineExceeded, Canceled):
+            # transient: the temporary lease is left to expire (an hour) and keeps the
+            # partial downloads, so a retry resumes them
+            raise
+        except BaseException:
+            self._drop(ns, temporary)
+            raise
+        self._drop(ns, temporary)
+        return result
+
+    def _drop(self, ns: str, lease_id: str | None) -> None:
+        if lease_id is not None:
             try:
-                self.leases.delete(ns, temporary)
+                self.leases.delete(ns, lease_id)
             except NotFound:
                 pass
-        return result
 
     @staticmethod
     def _pipeline(unpacker, ns: str, snapshotter: str, lease: str | None) -> LayerPipeline:

@@ -151,6 +151,16 @@ def test_apply_then_diff_round_trip(daemon, snapshotter):
     assert info.labels["containerd.io/uncompressed"] == "sha256:" + hashlib.sha256(raw).hexdigest()
     names = tarfile.open(fileobj=io.BytesIO(raw)).getnames()
     assert "new" in names and "bin/.wh.tool" in names and "etc/hostname" not in names
+    # against nothing (no left mounts) the right side is mounted read-only and walked whole:
+    # for overlay, its upperdir becomes the top lowerdir of a read-only overlay
+    whole = diff_pb2_grpc.DiffStub(ch).Diff(diff_pb2.DiffRequest(
+        right=top, media_type="application/vnd.oci.image.layer.v1.tar"), metadata=MD).diff
+    reader = content_pb2_grpc.ContentStub(ch).Read(content_pb2.ReadContentRequest(
+        digest=whole.digest), metadata=MD)
+    flat = tarfile.open(fileobj=io.BytesIO(b"".join(r.data for r in reader)))
+    assert sorted(n for n in flat.getnames() if not n.endswith("/")) == [
+        "bin", "etc", "etc/hostname", "new"]
+    assert not [p for p in mountlib.mountpoints() if p.startswith(str(daemon.base))]
 
 
 def test_apply_through_a_temporary_mount_and_hostile_layers(daemon, tmp_path):

@@ -37,6 +37,8 @@ def preload() -> None:
     import runtimed.api.cgroups.stats.v1.metrics_pb2  # noqa: F401
     import runtimed.api.cgroups.v2.stats.metrics_pb2  # noqa: F401
     import shimd.cgroups  # noqa: F401
+    import shimd.cgroups.v1  # noqa: F401
+    import shimd.cgroups.v2  # noqa: F401
     import shimd.lifecycle  # noqa: F401
     import shimd.metrics  # noqa: F401
     import shimd.outbox  # noqa: F401

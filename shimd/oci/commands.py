@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 
 from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -56,9 +57,10 @@ def _connect_console(path: str | None):
     return sock
 
 
-def _read_sync(fd: int) -> tuple[int, str | None]:
-    """Messages from the forked children: ("pid N" then "ready") or "error ..."; EOF ends."""
-    pid, buf = 0, b""
+def _read_sync(fd: int, on_hooks=None) -> tuple[int, str | None]:
+    """Messages from the forked children: "pid N", maybe "hooks" (the init waits for
+    on_hooks(pid) to run the runtime's hooks), then "ready", or "error ..."; EOF ends."""
+    pid, buf, hooks_pending = 0, b"", False
     while True:
         chunk = os.read(fd, 4096)
         if not chunk:
@@ -71,8 +73,14 @@ def _read_sync(fd: int) -> tuple[int, str | None]:
                 pid = int(text[4:])
             elif text == "ready":
                 return pid, "ready"
+            elif text == "hooks" and on_hooks is not None:
+                hooks_pending = True
             elif text.startswith("error "):
                 return pid, text
+            if hooks_pending and pid:
+                # The init can ask before its parent has reported the init's pid.
+                hooks_pending = False
+                on_hooks(pid)
 
 
 def _load_spec(bundle: str) -> dict:
@@ -115,17 +123,35 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
         console = _connect_console(console_socket)
         linux.cloexec_from(3, range(3, 3 + preserve_fds))
         r, w = os.pipe()
+        hook_r, hook_w = os.pipe()
         child = os.fork()
         if child == 0:
             os.close(r)
-            init.child_main(_intermediate, w, spec, root, store.fifo(container_id), cgroup, console, no_pivot)
+            os.close(hook_w)
+            init.child_main(_intermediate, w, spec, root, store.fifo(container_id), cgroup, console,
+                            no_pivot, hook_r, container_id, bundle)
         os.close(w)
+        os.close(hook_r)
         if console is not None:
             console.close()
+
+        def on_hooks(init_pid: int) -> None:
+            from shimd.oci import hooks
+
+            state = hooks.state_json(spec, container_id, "created", init_pid, bundle)
+            try:
+                hooks.run(spec, "prestart", state)
+                hooks.run(spec, "createRuntime", state)
+            except hooks.HookError as e:
+                os.write(hook_w, str(e).encode())
+                raise
+            os.write(hook_w, b"go")
+
         try:
-            pid, result = _read_sync(r)
+            pid, result = _read_sync(r, on_hooks)
         finally:
             os.close(r)
+            os.close(hook_w)
             os.waitpid(child, 0)
         if result != "ready":
             raise FailedPrecondition(
@@ -152,7 +178,8 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
         raise
 
 
-def _intermediate(sync_w: int, spec: dict, root: str, fifo: str, cgroup, console, no_pivot: bool) -> None:
+def _intermediate(sync_w: int, spec: dict, root: str, fifo: str, cgroup, console, no_pivot: bool,
+                  hook_r: int, container_id: str, bundle: str) -> None:
     """The first child: enter namespaces, fork the init (pid 1 of a new pid namespace),
     report its host pid, and exit so the init is reparented to the caller's subreaper."""
     from shimd.oci import init
@@ -160,7 +187,8 @@ def _intermediate(sync_w: int, spec: dict, root: str, fifo: str, cgroup, console
     init.enter_namespaces((spec.get("linux") or {}).get("namespaces") or [])
     pid = os.fork()
     if pid == 0:
-        init.child_main(init.container_init, sync_w, spec, root, fifo, cgroup, console, no_pivot)
+        init.child_main(init.container_init, sync_w, spec, root, fifo, cgroup, console, no_pivot,
+                        hook_r, container_id, bundle)
     init.send(sync_w, f"pid {pid}")
 
 
@@ -178,6 +206,12 @@ def start(store: Store, container_id: str) -> None:
     finally:
         os.close(fd)
     os.unlink(store.fifo(container_id))
+    if state.config.get("hooks"):
+        from shimd.oci import hooks
+
+        for warning in hooks.run_quietly(state.config, "poststart", hooks.state_json(
+                state.config, state.id, "running", state.pid, state.bundle)):
+            sys.stderr.write(f"shimd.oci: warning: {warning}\n")
 
 
 def state_json(store: Store, container_id: str) -> dict:
@@ -277,6 +311,12 @@ def delete(store: Store, container_id: str, force: bool = False) -> None:
         time.sleep(0.005)
     _destroy_cgroup(_cgroup(state))
     store.remove(container_id)
+    if state.config.get("hooks"):
+        from shimd.oci import hooks
+
+        for warning in hooks.run_quietly(state.config, "poststop", hooks.state_json(
+                state.config, state.id, "stopped", 0, state.bundle)):
+            sys.stderr.write(f"shimd.oci: warning: {warning}\n")
 
 
 def pause(store: Store, container_id: str) -> None:

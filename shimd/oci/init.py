@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import resource
 
-from shimd.oci import caps, linux, rootfs, seccomp
+from shimd.oci import caps, hooks, linux, rootfs, seccomp
 
 _TIOCSCTTY = 0x540E
 _TIOCGPTN = 0x80045430
@@ -226,6 +226,18 @@ def _write_sysctls(sysctl: dict | None) -> None:
             raise ContainerError(f"write sysctl {key}={value}: {e.strerror}") from None
 
 
+def _creation_hooks(sync_w: int, hook_r: int, spec: dict, container_id: str, bundle: str) -> None:
+    """createRuntime/prestart run by the runtime command (in its namespaces) while we wait,
+    then createContainer here, in the container's namespaces, before pivot_root."""
+    send(sync_w, "hooks")
+    reply = os.read(hook_r, 4096).decode()
+    if reply != "go":
+        raise ContainerError(reply or "the runtime command went away during hooks")
+    os.close(hook_r)
+    # The pid as this (container) namespace sees it, which is what runc reports here too.
+    hooks.run(spec, "createContainer", hooks.state_json(spec, container_id, "created", os.getpid(), bundle))
+
+
 def _exit_on_signals() -> None:
     """A pid-namespace init only receives signals it handles: while held before start, let
     the usual termination signals end it (runc's Go init behaves the same way); execve
@@ -241,7 +253,7 @@ def _exit_on_signals() -> None:
 
 
 def container_init(sync_w: int, spec: dict, root: str, fifo: str, cgroup, console_sock,
-                   no_pivot: bool) -> None:
+                   no_pivot: bool, hook_r: int, container_id: str, bundle: str) -> None:
     """The container's init before execve (pid 1 of a new pid namespace)."""
     proc = spec["process"]
     lin = spec.get("linux") or {}
@@ -278,6 +290,8 @@ def container_init(sync_w: int, spec: dict, root: str, fifo: str, cgroup, consol
         if not os.path.lexists(console):
             os.close(os.open(console, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
         linux.mount(slave, console, None, linux.MS_BIND)
+    if spec.get("hooks"):
+        _creation_hooks(sync_w, hook_r, spec, container_id, bundle)
     if spec.get("hostname"):
         linux.sethostname(spec["hostname"])
     if spec.get("domainname"):
@@ -312,6 +326,9 @@ def container_init(sync_w: int, spec: dict, root: str, fifo: str, cgroup, consol
             continue
     os.close(fifo_fd)
     try:
+        if spec.get("hooks"):
+            hooks.run(spec, "startContainer",
+                      hooks.state_json(spec, container_id, "running", os.getpid(), bundle))
         finalize(proc, profile, exe, env)
     except BaseException as e:
         os.write(2, f"shimd.oci: container init: {e}\n".encode())

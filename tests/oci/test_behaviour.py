@@ -596,3 +596,47 @@ def test_mount_propagation_to_host(runtime, tmp_path, propagation):
         assert on_host == bool(propagation)
     finally:
         subprocess.run(["umount", "-R", "-l", str(src)], check=False)
+
+
+def test_hooks(runtime, tmp_path):
+    """Every hook kind runs once, in order, with the state on stdin (pid = the init's host pid)."""
+    out = tmp_path / f"hooks-{runtime.name}"
+    out.mkdir()
+
+    def hook(kind: str, inside: bool = False) -> dict:
+        target = f"/hooks/{kind}.json" if inside else str(out / f"{kind}.json")
+        return {"path": "/bin/sh", "args": ["sh", "-c", f"cat > {target}; date +%s%N >> {target}"]}
+
+    spec = runtime.spec(["true"])
+    spec["mounts"].append({"destination": "/hooks", "type": "bind", "source": str(out), "options": ["rbind"]})
+    spec["hooks"] = {"prestart": [hook("prestart")], "createRuntime": [hook("createRuntime")],
+                     "createContainer": [hook("createContainer")],
+                     "startContainer": [hook("startContainer", inside=True)],
+                     "poststart": [hook("poststart")], "poststop": [hook("poststop")]}
+    spec["annotations"] = {"org.example/x": "y"}
+    c = runtime.create(spec)
+    created = {p.stem for p in out.iterdir()}
+    # runc 1.1 runs poststart hooks at the end of `create`; the spec (and ours) at `start`.
+    assert created - {"poststart"} == {"prestart", "createRuntime", "createContainer"}
+    assert "poststart" not in created or runtime.name == "runc"
+    c.start()
+    assert c.wait() == 0
+    runtime.check("delete", c.id)
+    states = {}
+    for p in out.iterdir():
+        text, _stamp = p.read_text().rsplit("}", 1)
+        states[p.stem] = json.loads(text + "}")
+    assert set(states) == {"prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop"}
+    for kind in ("prestart", "createRuntime", "createContainer", "startContainer", "poststart"):
+        assert states[kind]["id"] == c.id and states[kind]["bundle"] == str(c.bundle), kind
+        assert states[kind]["annotations"] == {"org.example/x": "y"}
+    for kind in ("prestart", "createRuntime", "poststart"):
+        assert states[kind]["pid"] == c.pid, kind
+    assert states["createContainer"]["pid"] == 1  # seen from the container's pid namespace
+    assert states["poststop"]["status"] == "stopped"
+
+
+def test_failing_create_hook_fails_create(runtime, tmp_path):
+    spec = runtime.spec(["true"])
+    spec["hooks"] = {"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "exit 3"]}]}
+    runtime.create(spec, expect_fail=True)

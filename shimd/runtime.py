@@ -27,6 +27,7 @@ class RuntimeError_(FailedPrecondition):
 class OciRuntime:
     def __init__(self, command: list[str], root: Path, log: Path, reaper: Reaper):
         self.command = command
+        self.name = "shimd.oci" if command == BUILTIN else os.path.basename(command[0])
         self.root = root
         self.log = log
         self.reaper = reaper
@@ -63,8 +64,8 @@ class OciRuntime:
                 message = _error_text(err, self.log, log_start) or f"exit status {code}"
                 verb = args[0] if args else ""
                 if "does not exist" in message or "not exist" in message:
-                    raise NotFound(f"{self.command[0]} {verb}: {message}")
-                raise RuntimeError_(f"{self.command[0]} {verb}: {message}")
+                    raise NotFound(f"{self.name} {verb}: {message}")
+                raise RuntimeError_(f"{self.name} {verb}: {message}")
             os.lseek(out, 0, os.SEEK_SET)
             return _read_all(out)
         finally:

@@ -69,6 +69,11 @@ class Daemon:
         self.differ = Differ(self.content, self.root / "tmpmounts")
         self.unpacker = Unpacker(self.content, self.images, self.snapshotters, self.differ,
                                  self.leases)
+        from runtimed.images.registry.hosts import RegistryHosts
+        from runtimed.images.registry.transfer import RegistryTransfers
+
+        self.registry = RegistryTransfers(self.content, self.images, self.leases,
+                                          RegistryHosts(config.registries), lambda: self.unpacker)
         self.on_start.append(self.gc.start)  # once every store has registered with it
         self._open_volumes()
         from runtimed.network.manager import NetworkManager

@@ -15,7 +15,6 @@ from runtimed.api.registry.v1 import registry_pb2, registry_pb2_grpc
 from runtimed.errors import InvalidArgument
 from runtimed.images import platforms
 from runtimed.images.registry.credentials import Credentials
-from runtimed.images.registry.hosts import RegistryHosts
 from runtimed.images.registry.pull import PullOptions
 from runtimed.images.registry.push import PushOptions
 from runtimed.images.registry.remote import Progress, TransferOptions
@@ -160,12 +159,4 @@ class RegistryService(registry_pb2_grpc.RegistryServicer):
 
 
 def register(server: grpc.aio.Server, daemon) -> None:
-    transfers = RegistryTransfers(
-        daemon.content,
-        daemon.images,
-        daemon.leases,
-        RegistryHosts(getattr(daemon.config, "registries", None) or {}),
-        lambda: getattr(daemon, "unpacker", None),
-    )
-    daemon.registry = transfers
-    registry_pb2_grpc.add_RegistryServicer_to_server(RegistryService(transfers), server)
+    registry_pb2_grpc.add_RegistryServicer_to_server(RegistryService(daemon.registry), server)

@@ -97,7 +97,8 @@ class _Push:
             desc = node.descriptor
             if mediatypes.is_manifest(desc.media_type) or mediatypes.is_index(desc.media_type):
                 manifests.append((desc, self._read(desc)))
-            else:
+            elif not mediatypes.is_non_distributable(desc.media_type):
+                # foreign layers live at their URLs, not in registries (as containerd skips)
                 blobs.setdefault(desc.digest, desc)
         for desc in blobs.values():
             self.report(Progress(desc.digest, desc.media_type, "waiting", 0, desc.size))

@@ -85,6 +85,13 @@ def parse_publish(text: str) -> Port:
         raise InvalidArgument(
             f"invalid port mapping {text!r}: use [HOSTIP:]HOSTPORT:CONTAINERPORT[/udp]"
         ) from None
+    if host_ip:
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(host_ip)
+        except ValueError:
+            raise InvalidArgument(f"invalid host IP {host_ip!r} in port mapping {text!r}") from None
     if protocol not in ("tcp", "udp"):
         raise InvalidArgument(f"invalid protocol in {text!r}: tcp or udp")
     return Port(container_port=container_port, host_port=host_port, host_ip=host_ip,

@@ -288,6 +288,9 @@ def test_container_mode_shares_the_netns(net):
 def test_network_lifecycle_connect_disconnect_and_refusals(net):
     created = net.Create(pb.CreateNetworkRequest(name="front", labels={"tier": "web"})).network
     assert created.driver == "bridge" and created.subnet and created.bridge.startswith("rtd-")
+    # outbound NAT for the subnet (checked as a rule: tests send nothing off the machine)
+    masquerade = [r for r in nat_rules() if f"runtimed:{created.bridge}" in r]
+    assert masquerade and f"-s {created.subnet}" in masquerade[0] and "MASQUERADE" in masquerade[0]
     with pytest.raises(grpc.RpcError) as err:
         net.Create(pb.CreateNetworkRequest(name="front"))
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
@@ -316,6 +319,7 @@ def test_network_lifecycle_connect_disconnect_and_refusals(net):
     assert "eth1" not in out and "eth0" in out
     net.Remove(pb.RemoveNetworkRequest(name="front"))
     assert created.bridge not in links()
+    assert not [r for r in nat_rules() if f"runtimed:{created.bridge}" in r]
     with pytest.raises(grpc.RpcError) as err:
         net.Remove(pb.RemoveNetworkRequest(name="host"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -33,3 +33,18 @@ def test_write_in_place_keeps_the_inode(tmp_path):
     files.write_in_place(path, "short\n")
     assert path.read_text() == "short\n"
     assert os.stat(path).st_ino == inode
+
+
+def test_publish_specs_parse_like_docker():
+    import pytest
+
+    from ctl.client.networks import Port, parse_publish
+    from runtimed.errors import InvalidArgument
+
+    assert parse_publish("8080:80") == Port(container_port=80, host_port=8080)
+    assert parse_publish("127.0.0.1:8080:80/udp") == Port(80, 8080, "127.0.0.1", "udp")
+    assert parse_publish("127.0.0.1::80") == Port(80, 0, "127.0.0.1")
+    assert parse_publish("80") == Port(80)
+    for bad in ("x:80", "80/sctp", "1:2:3:4"):
+        with pytest.raises(InvalidArgument):
+            parse_publish(bad)

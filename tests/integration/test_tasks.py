@@ -388,3 +388,30 @@ def test_a_delete_interrupted_by_a_crash_is_finished_on_restart(client, daemon):
             break
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{shim_pid}")
+
+
+def test_shim_that_died_while_runtimed_was_down_is_cleaned_up_on_restart(client, daemon):
+    client.run("lost", ["sleep", "1000"])
+    bundle = daemon.state / "tasks" / "tt" / "lost"
+    init_pid = int((bundle / "init.pid").read_text())
+    shim_pid = int((bundle / "shim.pid").read_text())
+    client.channel.close()
+    daemon.kill9()
+    os.kill(shim_pid, signal.SIGKILL)
+    time.sleep(0.3)
+    daemon.start()
+    client.connect()
+    with pytest.raises(grpc.RpcError) as info:
+        client.tasks.Get(tasks_pb2.GetRequest(container_id="lost"), metadata=MD)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert not bundle.exists()
+    for _ in range(100):
+        if not os.path.exists(f"/proc/{init_pid}"):
+            break
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{init_pid}")  # the orphaned container was removed
+    client.create_task("lost")  # the container record is intact: it runs again
+    client.tasks.Start(tasks_pb2.StartRequest(container_id="lost"), metadata=MD)
+    client.tasks.Kill(tasks_pb2.KillRequest(container_id="lost", signal=9), metadata=MD)
+    assert client.tasks.Wait(tasks_pb2.WaitRequest(container_id="lost"), metadata=MD,
+                             timeout=30).exit_status == 137

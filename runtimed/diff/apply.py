@@ -146,6 +146,7 @@ def apply_layer(source: BinaryIO, root: str | os.PathLike, *, overlay: bool = Fa
     finally:
         writer.close()
         os.close(rootfd)
+        raw.close()
     return ApplyResult(digest=reader.digest, size=reader.size)
 
 

@@ -131,7 +131,7 @@ class Lifecycle:
         return [Emitted("/tasks/exit", exec_id, process.pid, exit_status, at)]
 
     def paused(self) -> list[Emitted]:
-        self._require_running("pause")
+        self.require_running("pause")
         self.init.status = Status.PAUSED
         return [Emitted("/tasks/paused")]
 
@@ -158,7 +158,7 @@ class Lifecycle:
             return []
         return [Emitted("/tasks/delete", INIT, process.pid, process.exit_status, process.exited_at)]
 
-    def _require_running(self, action: str) -> None:
+    def require_running(self, action: str) -> None:
         init = self.init
         if init.status != Status.RUNNING:
             raise FailedPrecondition(

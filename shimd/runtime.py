@@ -20,7 +20,7 @@ def command_for(binary_name: str) -> list[str]:
     return [binary_name] if binary_name else list(BUILTIN)
 
 
-class RuntimeError_(FailedPrecondition):
+class OciRuntimeError(FailedPrecondition):
     """The OCI runtime command failed; the message carries its own error text."""
 
 
@@ -65,7 +65,7 @@ class OciRuntime:
                 verb = args[0] if args else ""
                 if "does not exist" in message or "not exist" in message:
                     raise NotFound(f"{self.name} {verb}: {message}")
-                raise RuntimeError_(f"{self.name} {verb}: {message}")
+                raise OciRuntimeError(f"{self.name} {verb}: {message}")
             os.lseek(out, 0, os.SEEK_SET)
             return _read_all(out)
         finally:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from google.protobuf import empty_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -166,5 +164,3 @@ def _event(event: dict) -> shim_pb2.Event:
 def register(server, shim: Shim) -> None:
     shim_pb2_grpc.add_ShimServicer_to_server(ShimService(shim), server)
 
-
-__all__ = ["register", "ShimService", "asyncio"]

@@ -288,7 +288,7 @@ class Shim:
             await self._runtime.delete(self.id, force=True)
 
     async def pause(self) -> None:
-        self.lifecycle._require_running("pause")
+        self.lifecycle.require_running("pause")
         await self._runtime.run("pause", self.id)
         await self._emit(self.lifecycle.paused())
 

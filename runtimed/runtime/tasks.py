@@ -28,11 +28,9 @@ from runtimed.api.containerd.types import mount_pb2
 from runtimed.api.shim.v1 import shim_pb2
 from runtimed.errors import (
     AlreadyExists,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     RuntimedError,
-    Unavailable,
 )
 from runtimed.events.exchange import Event
 from runtimed.runtime.shim import (
@@ -501,6 +499,3 @@ def _shim_alive(bundle: Path) -> bool:
         return False
     return state != "Z"
 
-
-__all__ = ["TaskManager", "Task", "Stdio", "ProcessStatus", "ExitStatus", "FailedPrecondition",
-           "Unavailable"]

@@ -182,8 +182,8 @@ def apply_to_spec(attachment: Attachment, opts) -> None:
     """Join the attachment's netns and mount its name files (a `SpecOptions`)."""
     from ctl.client.spec import Mount
 
-    if attachment.mode == "host":
-        opts.network = "host"
+    if not attachment.netns_path and attachment.mode in ("host", "container"):
+        opts.network = "host"  # host mode, or sharing with a host-mode container
         return
     opts.network = attachment.netns_path
     opts.hostname = attachment.hostname

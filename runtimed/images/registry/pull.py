@@ -53,6 +53,7 @@ from runtimed.images.registry.remote import (
     Remote,
     TransferOptions,
     append_source,
+    first_cause,
     remotes,
     source_key,
     wait_with_deadline,
@@ -263,7 +264,7 @@ class _Pull:
             self.cancelled.set()
             for future in futures:
                 future.cancel()
-            raise _first_cause(futures, exc) from None
+            raise first_cause(futures, exc) from None
         self._store_json(manifest.config, config_data, {})
         result.layers[manifest_desc.digest] = layers
 
@@ -496,17 +497,6 @@ class _Pull:
                         f"{what}: {host} ended the body at byte {writer.offset} of {desc.size}"
                     )
                 log.info("%s: body ended at %d/%d bytes; resuming", what, writer.offset, desc.size)
-
-
-def _first_cause(futures, exc: BaseException) -> BaseException:
-    """The error that stopped a batch, not the cancellations it caused in the others."""
-    if not isinstance(exc, Canceled):
-        return exc
-    concurrent.futures.wait(futures)
-    for future in futures:
-        if not future.cancelled() and not isinstance(future.exception(), Canceled | None):
-            return future.exception()
-    return exc
 
 
 class _DiffHasher:

@@ -22,12 +22,12 @@ from runtimed.images import mediatypes, platforms
 from runtimed.images import reference as references
 from runtimed.images.manifest import Descriptor, children, parse_index, walk
 from runtimed.images.registry.hosts import RegistryHosts
-from runtimed.images.registry.pull import _first_cause
 from runtimed.images.registry.remote import (
     Progress,
     ProgressFn,
     Remote,
     TransferOptions,
+    first_cause,
     remotes,
     source_key,
 )
@@ -111,7 +111,7 @@ class _Push:
                 future.result()
         except BaseException as exc:
             self.cancelled.set()
-            raise _first_cause(futures, exc) from None
+            raise first_cause(futures, exc) from None
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         # walk() yields parents first: push in reverse so children land first

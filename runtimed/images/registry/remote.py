@@ -3,6 +3,7 @@ endpoint's transport, and the distribution-source labels containerd keeps on blo
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 from collections.abc import Callable
@@ -179,3 +180,14 @@ def append_source(current: str | None, repository: str) -> str:
 def wait_with_deadline(options: TransferOptions, what: str, delay: float = 0.1) -> None:
     options.check_deadline(what)
     time.sleep(delay)
+
+
+def first_cause(futures, exc: BaseException) -> BaseException:
+    """The error that stopped a batch, not the cancellations it caused in the others."""
+    if not isinstance(exc, Canceled):
+        return exc
+    concurrent.futures.wait(futures)
+    for future in futures:
+        if not future.cancelled() and not isinstance(future.exception(), Canceled | None):
+            return future.exception()
+    return exc

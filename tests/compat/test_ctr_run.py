@@ -220,3 +220,9 @@ def test_runtime_names_map_to_shimd(daemon, busybox_archive):
                          "true", check=False)
     assert unknown.returncode != 0 and "not supported" in unknown.stderr
     daemon.ctr("containers", "rm", "k1", check=False)
+
+
+def test_stdin_reaches_the_container_and_its_eof_too(rd):
+    result = rd.ctr("run", "--rm", *rd.run_flags(), IMAGE, "in1", "sh", "-c",
+                    "cat; echo end", input="line one\nline two\n")
+    assert result.stdout == "line one\nline two\nend\n"

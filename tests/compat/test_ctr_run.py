@@ -226,3 +226,15 @@ def test_stdin_reaches_the_container_and_its_eof_too(rd):
     result = rd.ctr("run", "--rm", *rd.run_flags(), IMAGE, "in1", "sh", "-c",
                     "cat; echo end", input="line one\nline two\n")
     assert result.stdout == "line one\nline two\nend\n"
+
+
+def test_concurrent_runs(rd):
+    procs = [
+        subprocess.Popen(["ctr", "-a", rd.address, "run", "--rm", *rd.run_flags(), IMAGE,
+                          f"par{i}", "sh", "-c", f"echo {i}; exit {i}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(8)
+    ]
+    results = [(p.wait(120), p.stdout.read(), p.stderr.read()) for p in procs]
+    assert [(code, out) for code, out, _ in results] == [(i, f"{i}\n") for i in range(8)], results
+    assert task_rows(rd) == {}

@@ -73,6 +73,10 @@ class Transport:
             headers={"User-Agent": USER_AGENT},
         )
         self.authorizer = authorizer or Authorizer(credentials, self._fetch_token)
+        if endpoint.scheme == "https" and not endpoint.verify:
+            # the host is marked insecure on purpose: say so once, not on every request
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+            log.info("%s: TLS certificate verification is off (insecure host)", endpoint.host)
 
     @property
     def host(self) -> str:

@@ -31,6 +31,7 @@ from runtimed.errors import (
     InvalidArgument,
     NotFound,
     RuntimedError,
+    Unavailable,
 )
 from runtimed.events.exchange import Event
 from runtimed.runtime.shim import (
@@ -253,7 +254,13 @@ class TaskManager:
 
     async def wait(self, namespace: str, id: str, exec_id: str = "") -> ExitStatus:
         task = self.get(namespace, id)
-        r = await task.shim.call("Wait", shim_pb2.WaitRequest(id=id, exec_id=exec_id))
+        try:
+            r = await task.shim.call("Wait", shim_pb2.WaitRequest(id=id, exec_id=exec_id))
+        except Unavailable:
+            if exec_id or _shim_alive(task.bundle):
+                raise
+            # the shim died under the wait: report what its TaskExit event says
+            return ExitStatus(_init_pid(task.bundle), DEAD_SHIM_EXIT, _ts(time.time()))
         return ExitStatus(r.pid, r.exit_status, r.exited_at)
 
     async def kill(self, namespace: str, id: str, exec_id: str, signal: int, all: bool) -> None:

@@ -1,0 +1,305 @@
+"""Crash safety: runtimed killed with SIGKILL at random moments of content writes, image
+import (unpack), container create, task start, delete and garbage collection; after each
+restart the metadata is consistent, no blob is corrupt, nothing is orphaned, the
+containers that ran still run and every exit status is known. A shim killed with SIGKILL:
+its task is reported exited with 255 and cleaned up.
+
+The CI variant injects one crash per operation; the `slow` variant 100 at random.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import time
+
+import grpc
+import pytest
+
+from runtimed.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
+from runtimed.api.containerd.types.task import task_pb2
+from tests import testimages
+from tests.torture import stats
+from tests.torture.helpers import (
+    corrupt_blobs,
+    list_tasks,
+    md,
+    metadata_problems,
+    orphan_problems,
+    version,
+)
+
+IMAGE = testimages.BUSYBOX_NAME
+# how long after starting an operation the crash may come (seconds): about its duration
+WINDOWS = {"content": 0.6, "import": 1.2, "gc": 0.6, "create": 0.6, "start": 0.9,
+           "delete": 0.9}
+OPERATIONS = list(WINDOWS)
+
+
+def daemon_log(daemon, lines: int = 40) -> str:
+    """The end of runtimed's log without grpc's per-call debug chatter."""
+    text = [line for line in daemon.log_text().splitlines() if "grpc._cython" not in line]
+    return "\n".join(text[-lines:])
+
+
+class Crasher:
+    """Runs one operation through the real `ctr`, kills runtimed during it, restarts it and
+    checks everything a crash must not break."""
+
+    def __init__(self, daemon, ns: str, archive: str, rng: random.Random):
+        self.daemon = daemon
+        self.ns = ns
+        self.archive = archive
+        self.rng = rng
+        self.serial = 0
+        self.keep_pid = 0
+        self.log: list[str] = []
+
+    def ctr(self, *args: str, check: bool = True, input: bytes | None = None):
+        return self.daemon.ctr(*args, namespace=self.ns, check=check, input=input)
+
+    def spawn(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(["ctr", "-a", self.daemon.address, "-n", self.ns, *args],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+
+    def spawn_sh(self, script: str) -> subprocess.Popen:
+        ctr = f"ctr -a {self.daemon.address} -n {self.ns}"
+        return subprocess.Popen(["sh", "-c", script.replace("CTR", ctr)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    # ---- setup ---------------------------------------------------------------------
+
+    def setup(self) -> None:
+        self.ctr("images", "import", self.archive)
+        self.ctr("run", "-d", IMAGE, "keep", "sleep", "100000")
+        self.ctr("run", "-d", IMAGE, "exit7", "sh", "-c", "exit 7")
+        self.keep_pid = self._task("keep").pid
+        for _ in range(100):
+            if self._task("exit7").status == task_pb2.STOPPED:
+                break
+            time.sleep(0.05)
+
+    def _task(self, id: str):
+        with self.daemon.channel() as channel:
+            return list_tasks(channel, [self.ns])[(self.ns, id)]
+
+    def _has_image(self) -> bool:
+        return IMAGE in self.ctr("images", "ls", "-q").stdout.split()
+
+    def _ensure_image(self) -> None:
+        if not self._has_image():
+            self.ctr("images", "import", self.archive)
+
+    # ---- one crash -----------------------------------------------------------------
+
+    def inject(self, op: str) -> None:
+        self.serial += 1
+        n = self.serial
+        proc, finish = getattr(self, f"_op_{op}")(n)
+        delay = self.rng.uniform(0, WINDOWS[op])
+        time.sleep(delay)
+        self.daemon.kill9()
+        stats.record("crashes")
+        self.daemon.start()
+        try:  # containerd's client waits for the daemon to come back, then carries on
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"ctr hung after the crash in {op} #{n}") from None
+        self.log.append(f"{op}#{n} killed after {delay:.3f}s (ctr exit {proc.returncode})")
+        self.verify(f"after crash in {op} #{n} at {delay:.3f}s")
+        finish()
+        self.verify(f"after finishing {op} #{n}")
+
+    def _op_content(self, n: int):
+        data = random.Random(n).randbytes(12 << 20)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        args = ("content", "ingest", "--expected-size", str(len(data)),
+                "--expected-digest", digest, f"blob-{n}")
+        proc = subprocess.Popen(["ctr", "-a", self.daemon.address, "-n", self.ns, *args],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+
+        def feed():
+            try:
+                proc.stdin.write(data)
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+
+        import threading
+
+        threading.Thread(target=feed, daemon=True).start()
+
+        def finish():
+            self.ctr("content", "ingest", *args[2:], input=data)  # resumes or starts over
+            assert digest in self.ctr("content", "ls", "-q").stdout.split()
+            self.ctr("content", "rm", digest)
+
+        return proc, finish
+
+    def _op_import(self, n: int):
+        def finish():
+            self.ctr("images", "import", self.archive)
+            self.ctr("run", "--rm", IMAGE, f"check-{n}", "true")  # unpacked and usable
+
+        return self.spawn("images", "import", self.archive), finish
+
+    def _op_gc(self, n: int):
+        self._ensure_image()
+
+        def finish():
+            self.ctr("images", "rm", "--sync", IMAGE, check=False)
+            assert not self._has_image()
+            self.ctr("images", "import", self.archive)
+
+        return self.spawn("images", "rm", "--sync", IMAGE), finish
+
+    def _op_create(self, n: int):
+        self._ensure_image()
+        id = f"c{n}"
+        return self.spawn("containers", "create", IMAGE, id, "sleep", "100000"), \
+            lambda: self._remove(id)
+
+    def _op_start(self, n: int):
+        self._ensure_image()
+        id = f"s{n}"
+        self.ctr("containers", "create", IMAGE, id, "sleep", "100000")
+
+        def finish():
+            with self.daemon.channel() as channel:
+                task = list_tasks(channel, [self.ns]).get((self.ns, id))
+            if task is None:
+                self.ctr("tasks", "start", "-d", id)
+            elif task.status == task_pb2.CREATED:
+                self.ctr("tasks", "start", "-d", id, check=False)  # ctr makes a new one
+                self.ctr("tasks", "rm", "-f", id, check=False)
+                self.ctr("tasks", "start", "-d", id)
+            assert self._task(id).status == task_pb2.RUNNING
+            self._remove(id)
+
+        return self.spawn("tasks", "start", "-d", id), finish
+
+    def _op_delete(self, n: int):
+        self._ensure_image()
+        id = f"d{n}"
+        self.ctr("run", "-d", IMAGE, id, "sleep", "100000")
+        proc = self.spawn_sh(f"CTR tasks rm -f {id} && CTR containers rm {id}")
+        return proc, lambda: self._remove(id)
+
+    def _remove(self, id: str) -> None:
+        """Remove a container whatever state the crash left it in; that must work."""
+        for _ in range(50):
+            result = self.ctr("tasks", "rm", "-f", id, check=False)
+            if result.returncode == 0 or "not found" in result.stderr:
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"task {id} cannot be removed: {result.stderr}")
+        result = self.ctr("containers", "rm", id, check=False)
+        assert result.returncode == 0 or "not found" in result.stderr, result.stderr
+        assert id not in self.ctr("containers", "ls", "-q").stdout.split()
+        assert not (self.daemon.state / "tasks" / self.ns / id).exists()
+
+    # ---- what must hold after every restart ----------------------------------------
+
+    def verify(self, when: str, keepers: bool = True) -> None:
+        root, state = self.daemon.root, self.daemon.state
+        with self.daemon.channel() as channel:
+            assert version(channel)
+            problems = metadata_problems(channel, root)
+            problems += [f"corrupt blob {d}" for d in corrupt_blobs(root)]
+            tasks = list_tasks(channel, [self.ns])
+            problems += orphan_problems(self.daemon.base, state, tasks)
+            if keepers:
+                problems += self._keeper_problems(tasks)
+            stub = tasks_pb2_grpc.TasksStub(channel)
+            for (_, id), task in tasks.items():
+                if task.status != task_pb2.STOPPED:
+                    continue
+                waited = stub.Wait(tasks_pb2.WaitRequest(container_id=id), metadata=md(self.ns),
+                                   timeout=10)
+                if waited.exit_status != task.exit_status:
+                    problems.append(f"{id}: Wait says {waited.exit_status}, "
+                                    f"Get says {task.exit_status}")
+        if problems:
+            stats.record("leaks", len(problems))
+        assert not problems, f"{when}: {problems}\n{self.log}\n{daemon_log(self.daemon)}"
+
+    def _keeper_problems(self, tasks) -> list[str]:
+        problems = []
+        keep = tasks.get((self.ns, "keep"))
+        if keep is None or keep.status != task_pb2.RUNNING or keep.pid != self.keep_pid:
+            problems.append(f"container 'keep' no longer runs as before: {keep}")
+        exit7 = tasks.get((self.ns, "exit7"))
+        if exit7 is None or exit7.status != task_pb2.STOPPED or exit7.exit_status != 7:
+            problems.append(f"exit status of 'exit7' lost: {exit7}")
+        return problems
+
+    def teardown(self) -> None:
+        ids = self.ctr("containers", "ls", "-q", check=False).stdout.split()
+        for id in ids:
+            self._remove(id)
+
+
+def run_crashes(daemon, ns, archive, operations: list[str], seed: int) -> None:
+    crasher = Crasher(daemon, ns, archive, random.Random(seed))
+    crasher.setup()
+    try:
+        for op in operations:
+            crasher.inject(op)
+    finally:
+        crasher.teardown()
+    crasher.verify("at the end", keepers=False)
+
+
+def test_kill9_during_each_operation(daemon, ns, busybox_archive):
+    rng = random.Random()
+    operations = list(OPERATIONS)
+    rng.shuffle(operations)
+    run_crashes(daemon, ns, busybox_archive, operations, seed=rng.randrange(1 << 30))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_kill9_soak(daemon, ns, busybox_archive):
+    rng = random.Random()
+    operations = [rng.choice(OPERATIONS) for _ in range(100)]
+    run_crashes(daemon, ns, busybox_archive, operations, seed=rng.randrange(1 << 30))
+
+
+def test_kill9_of_a_shim_reports_255_and_cleans_up(daemon, ns, busybox_archive):
+    daemon.ctr("images", "import", busybox_archive, namespace=ns)
+    daemon.ctr("run", "-d", IMAGE, "victim", "sleep", "100000", namespace=ns)
+    daemon.ctr("run", "-d", IMAGE, "bystander", "sleep", "100000", namespace=ns)
+    bundle = daemon.state / "tasks" / ns / "victim"
+    shim_pid = int((bundle / "shim.pid").read_text())
+    init_pid = int((bundle / "init.pid").read_text())
+    with daemon.channel() as channel:
+        tasks = tasks_pb2_grpc.TasksStub(channel)
+        waiter = tasks.Wait.future(tasks_pb2.WaitRequest(container_id="victim"),
+                                   metadata=md(ns), timeout=60)
+        time.sleep(0.2)
+        os.kill(shim_pid, signal.SIGKILL)
+        stats.record("crashes")
+        assert waiter.result().exit_status == 255
+        for _ in range(100):
+            if not bundle.exists() and not os.path.exists(f"/proc/{init_pid}"):
+                break
+            time.sleep(0.05)
+        assert not bundle.exists()
+        assert not os.path.exists(f"/proc/{init_pid}")  # the container went with its shim
+        with pytest.raises(grpc.RpcError) as info:
+            tasks.Get(tasks_pb2.GetRequest(container_id="victim"), metadata=md(ns))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        listed = list_tasks(channel, [ns])
+        assert listed[(ns, "bystander")].status == task_pb2.RUNNING
+        assert orphan_problems(daemon.base, daemon.state, listed) == []
+    daemon.ctr("containers", "rm", "victim", namespace=ns)
+    daemon.ctr("tasks", "rm", "-f", "bystander", namespace=ns)
+    daemon.ctr("containers", "rm", "bystander", namespace=ns)

@@ -217,3 +217,22 @@ def test_memory_limit_oom_kill_is_reported(shims, runtime):
     assert status == 137
     topics = [e.topic for e in shim.events(count=4)]
     assert "/tasks/oom" in topics
+
+
+def test_init_exit_kills_the_rest_without_a_pid_namespace(shims, runtime):
+    def host_pid_namespace(spec):
+        spec["linux"]["namespaces"] = [
+            ns for ns in spec["linux"]["namespaces"] if ns["type"] != "pid"
+        ]
+
+    shim = shims(["sh", "-c", "sleep 1000 & echo $! > /tmp/bg.pid; sleep 0.5; exit 0"],
+                 spec_edit=host_pid_namespace)
+    create(shim, runtime)
+    shim.stub.Start(pb.StartRequest(id=shim.id))
+    assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 0
+    background = int((shim.bundle / "rootfs" / "tmp" / "bg.pid").read_text())
+    for _ in range(100):
+        if not os.path.exists(f"/proc/{background}"):
+            break
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{background}")  # killed and reaped, no zombie left

@@ -437,3 +437,15 @@ def test_zstd_layers_get_their_diff_id_while_streaming(registry, stores):
     assert image.layers[0].media_type == mediatypes.OCI_LAYER_ZSTD
     _, pulled, _ = _roundtrip(stores, registry.host, {}, image=image)
     assert pulled.target.digest == image.target.digest
+
+
+def test_pull_by_digest_and_a_mismatching_pin(registry, stores):
+    src, dst = stores
+    image = _image(src)
+    Pusher(src).push(NS, f"{registry.host}/team/app:v1", image.target)
+    pinned = Puller(dst).pull(NS, f"{registry.host}/team/app@{image.target.digest}")
+    assert pinned.target.digest == image.target.digest
+    assert pinned.name == f"{registry.host}/team/app@{image.target.digest}"
+    other = "sha256:" + "12" * 32
+    with pytest.raises(NotFound, match=f"team/app:v1@{other}"):
+        Puller(dst).pull(NS, f"{registry.host}/team/app:v1@{other}")

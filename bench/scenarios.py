@@ -19,6 +19,9 @@ from runtimed.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from runtimed.api.containerd.services.version.v1 import version_pb2_grpc
 
 SPEC_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
+# the `ctl` console script of this environment (make bench installs it), else the module
+_CTL_SCRIPT = Path(sys.executable).parent / "ctl"
+CTL = [str(_CTL_SCRIPT)] if _CTL_SCRIPT.exists() else [sys.executable, "-m", "ctl"]
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -98,7 +101,7 @@ def tasks_list(t: Target) -> float:
 
 def cli_cold_start(t: Target, *args: str) -> float:
     if t.name == "runtimed":
-        cmd = [str(Path(sys.executable).parent / "ctl"), "--address", t.address, *args]
+        cmd = [*CTL, "--address", t.address, *args]
     else:
         cmd = ["ctr", "-a", t.address, *args]
     return timed(lambda: subprocess.run(cmd, check=True, capture_output=True))
@@ -124,5 +127,196 @@ def scenarios(quick: bool) -> list[Scenario]:
                  teardown=lambda t: delete_containers(t, "listbig")),
         Scenario("CLI cold start: version", "ms", "<= 1.0",
                  lambda t: cli_cold_start(t, "version") * 1e3, tags={"cli"}),
-        Scenario("daemon RSS (idle)", "MB", "<= 1.0", daemon_rss, runs=1),
+        *container_scenarios(quick),
+        Scenario("daemon RSS (after the runs above)", "MB", "<= 1.0", daemon_rss, runs=1),
+    ]
+
+
+# ---- containers ------------------------------------------------------------------------
+
+BUSYBOX = "docker.io/library/busybox:latest"
+_counter = iter(range(10**9))
+
+
+def next_id(prefix: str) -> str:
+    return f"{prefix}{next(_counter)}"
+
+
+def ensure_busybox(t: Target) -> None:
+    """Import (and unpack) the busybox test image with `ctr`, the same way on both daemons."""
+    from tests.testimages import build
+
+    if getattr(t, "has_busybox", False):
+        return
+    archive = build(REPO / ".cache" / "bench-images")["busybox"].archive
+    subprocess.run(["ctr", "-a", t.address, "-n", "bench", "images", "import", archive],
+                   check=True, capture_output=True)
+    t.has_busybox = True
+
+
+def client(t: Target):
+    from ctl.client import Client
+
+    if not hasattr(t, "client"):
+        t.client = Client(t.address, "bench")
+    return t.client
+
+
+def lifecycle(t: Target) -> float:
+    """create -> start -> wait -> delete of `busybox true` from a warm client."""
+    from ctl.client import SpecOptions
+
+    cid = next_id("lc")
+
+    def once():
+        with client(t).run(cid, BUSYBOX, SpecOptions(args=["true"])) as running:
+            assert running.wait(timeout=30).code == 0
+
+    return timed(once)
+
+
+def cli_run(t: Target) -> float:
+    if t.name == "runtimed":
+        cmd = [*CTL, "--address", t.address, "--namespace",
+               "bench", "run", "--rm", "--pull", "never", "busybox", "true"]
+    else:
+        cmd = ["ctr", "-a", t.address, "-n", "bench", "run", "--rm", BUSYBOX, next_id("cr"), "true"]
+    return timed(lambda: subprocess.run(cmd, check=True, capture_output=True))
+
+
+class Sleepers:
+    """N `sleep` containers kept running for exec and memory scenarios."""
+
+    def __init__(self, t: Target, count: int):
+        from ctl.client import SpecOptions
+
+        self.t = t
+        self.running = []
+        for _ in range(count):
+            cm = client(t).run(next_id("sl"), BUSYBOX, SpecOptions(args=["sleep", "100000"]))
+            self.running.append((cm, cm.__enter__()))
+
+    def ids(self) -> list[str]:
+        return [r.id for _, r in self.running]
+
+    def close(self) -> None:
+        for cm, running in self.running:
+            client(self.t).tasks.kill(running.id, 9)
+            cm.__exit__(None, None, None)
+        self.running = []
+
+
+def start_sleepers(t: Target, count: int) -> None:
+    t.sleepers = Sleepers(t, count)
+
+
+def stop_sleepers(t: Target) -> None:
+    t.sleepers.close()
+
+
+def exec_api(t: Target) -> float:
+    c = client(t)
+    cid = t.sleepers.ids()[0]
+    eid = next_id("ex")
+
+    def once():
+        c.tasks.exec(cid, eid, ["true"])
+        waiter = c.tasks.wait_async(cid, eid)
+        c.tasks.start(cid, eid)
+        assert waiter.result(timeout=30).code == 0
+        c.tasks.delete_process(cid, eid)
+
+    return timed(once)
+
+
+def exec_cli(t: Target) -> float:
+    cid = t.sleepers.ids()[0]
+    if t.name == "runtimed":
+        cmd = [*CTL, "--address", t.address, "--namespace",
+               "bench", "exec", cid, "true"]
+    else:
+        cmd = ["ctr", "-a", t.address, "-n", "bench", "tasks", "exec", "--exec-id",
+               next_id("ce"), cid, "true"]
+    return timed(lambda: subprocess.run(cmd, check=True, capture_output=True))
+
+
+def shim_pids(t: Target) -> list[int]:
+    """Shim processes serving this daemon's containers (found by the bundle path they hold)."""
+    marker = str(t.daemon.base)
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline and "shim" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def idle_memory(t: Target, kind: str, count: int = 20) -> float:
+    """Per idle container: mean shim memory, or the machine's used memory delta."""
+    from bench.measure import machine_used_memory
+
+    before = machine_used_memory()
+    sleepers = Sleepers(t, count)
+    try:
+        import time as _time
+
+        _time.sleep(1)
+        if kind == "machine":
+            return (machine_used_memory() - before) / count / 1e6
+        pids = shim_pids(t)
+        values = [memory(p)[kind] for p in pids]
+        return sum(values) / max(1, count) / 1e6
+    finally:
+        sleepers.close()
+
+
+def many_containers(t: Target, count: int, parallel: bool) -> float:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ctl.client import SpecOptions
+
+    def one(_):
+        with client(t).run(next_id("mc"), BUSYBOX, SpecOptions(args=["true"])) as running:
+            assert running.wait(timeout=60).code == 0
+
+    def all_of_them():
+        if parallel:
+            with ThreadPoolExecutor(count) as pool:
+                list(pool.map(one, range(count)))
+        else:
+            for i in range(count):
+                one(i)
+
+    return timed(all_of_them)
+
+
+def container_scenarios(quick: bool) -> list[Scenario]:
+    return [
+        Scenario("lifecycle create→start→wait→delete (API)", "s", "<= 0.5", lifecycle,
+                 setup=ensure_busybox, tags={"containers"}),
+        Scenario("run --rm true (CLI: ctl vs ctr)", "s", "<= 1.0", cli_run, runs=10,
+                 setup=ensure_busybox, tags={"containers", "cli"}),
+        Scenario("exec true (API)", "s", "<= 0.5", exec_api,
+                 setup=lambda t: (ensure_busybox(t), start_sleepers(t, 1)),
+                 teardown=stop_sleepers, tags={"containers"}),
+        Scenario("exec true (CLI: ctl vs ctr)", "s", "<= 1.0", exec_cli, runs=10,
+                 setup=lambda t: (ensure_busybox(t), start_sleepers(t, 1)),
+                 teardown=stop_sleepers, tags={"containers", "cli"}),
+        Scenario("20 containers one after another", "s", "<= 0.5",
+                 lambda t: many_containers(t, 20, False), runs=3, setup=ensure_busybox),
+        Scenario("20 containers at once", "s", "<= 0.5",
+                 lambda t: many_containers(t, 20, True), runs=3, setup=ensure_busybox),
+        Scenario("idle shim private memory / container", "MB", "<= 1.0",
+                 lambda t: idle_memory(t, "private"), runs=1, setup=ensure_busybox),
+        Scenario("idle shim PSS / container", "MB", "(info)",
+                 lambda t: idle_memory(t, "pss"), runs=1, setup=ensure_busybox),
+        Scenario("idle shim RSS / container", "MB", "(info)",
+                 lambda t: idle_memory(t, "rss"), runs=1, setup=ensure_busybox),
+        Scenario("machine memory / idle container", "MB", "<= 1.0",
+                 lambda t: idle_memory(t, "machine"), runs=1, setup=ensure_busybox),
     ]

@@ -57,7 +57,7 @@ def _connect_console(path: str | None):
     return sock
 
 
-def _read_sync(fd: int, on_hooks=None) -> tuple[int, str | None]:
+def _read_sync(fd: int, on_hooks=None, on_userns=None) -> tuple[int, str | None]:
     """Messages from the forked children: "pid N", maybe "hooks" (the init waits for
     on_hooks(pid) to run the runtime's hooks), then "ready", or "error ..."; EOF ends."""
     pid, buf, hooks_pending = 0, b"", False
@@ -75,6 +75,8 @@ def _read_sync(fd: int, on_hooks=None) -> tuple[int, str | None]:
                 return pid, "ready"
             elif text == "hooks" and on_hooks is not None:
                 hooks_pending = True
+            elif text.startswith("userns ") and on_userns is not None:
+                on_userns(int(text[7:]))
             elif text.startswith("error "):
                 return pid, text
             if hooks_pending and pid:
@@ -122,18 +124,32 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
         cgroup.update(lin.get("resources") or {})
         console = _connect_console(console_socket)
         linux.cloexec_from(3, range(3, 3 + preserve_fds))
+        # Opened here, by root in the host's namespaces: a user-namespaced init could not.
+        fifo_fd = os.open(store.fifo(container_id), os.O_RDWR | os.O_CLOEXEC)
+        procs_fds = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_files()]
         r, w = os.pipe()
         hook_r, hook_w = os.pipe()
         child = os.fork()
         if child == 0:
             os.close(r)
             os.close(hook_w)
-            init.child_main(_intermediate, w, spec, root, store.fifo(container_id), cgroup, console,
+            init.child_main(_intermediate, w, spec, root, fifo_fd, procs_fds, cgroup, console,
                             no_pivot, hook_r, container_id, bundle)
         os.close(w)
         os.close(hook_r)
+        os.close(fifo_fd)
+        for fd in procs_fds:
+            os.close(fd)
         if console is not None:
             console.close()
+
+        def on_userns(pid: int) -> None:
+            try:
+                _write_id_maps(pid, lin)
+            except OSError as e:
+                os.write(hook_w, f"write uid/gid maps: {e}".encode())
+                raise
+            os.write(hook_w, b"mapped")
 
         def on_hooks(init_pid: int) -> None:
             from shimd.oci import hooks
@@ -148,7 +164,7 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
             os.write(hook_w, b"go")
 
         try:
-            pid, result = _read_sync(r, on_hooks)
+            pid, result = _read_sync(r, on_hooks, on_userns)
         finally:
             os.close(r)
             os.close(hook_w)
@@ -178,17 +194,26 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
         raise
 
 
-def _intermediate(sync_w: int, spec: dict, root: str, fifo: str, cgroup, console, no_pivot: bool,
-                  hook_r: int, container_id: str, bundle: str) -> None:
+def _write_id_maps(pid: int, lin: dict) -> None:
+    for name, key in (("uid_map", "uidMappings"), ("gid_map", "gidMappings")):
+        lines = "".join(f"{m['containerID']} {m['hostID']} {m['size']}\n" for m in lin.get(key) or ())
+        if not lines:
+            raise OSError(22, f"a new user namespace needs linux.{key}")
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(lines)
+
+
+def _intermediate(sync_w: int, spec: dict, root: str, fifo_fd: int, procs_fds: list[int], cgroup,
+                  console, no_pivot: bool, hook_r: int, container_id: str, bundle: str) -> None:
     """The first child: enter namespaces, fork the init (pid 1 of a new pid namespace),
     report its host pid, and exit so the init is reparented to the caller's subreaper."""
     from shimd.oci import init
 
-    init.enter_namespaces((spec.get("linux") or {}).get("namespaces") or [])
+    init.enter_namespaces((spec.get("linux") or {}).get("namespaces") or [], sync_w, hook_r)
     pid = os.fork()
     if pid == 0:
-        init.child_main(init.container_init, sync_w, spec, root, fifo, cgroup, console, no_pivot,
-                        hook_r, container_id, bundle)
+        init.child_main(init.container_init, sync_w, spec, root, fifo_fd, procs_fds, cgroup, console,
+                        no_pivot, hook_r, container_id, bundle)
     init.send(sync_w, f"pid {pid}")
 
 
@@ -375,11 +400,10 @@ def exec_process(store: Store, container_id: str, proc: dict, pid_file: str | No
     try:
         for ns in (spec.get("linux") or {}).get("namespaces") or ():
             flag, name = linux.NAMESPACES[ns["type"]]
-            if name == "user":
-                continue
             fd = os.open(f"/proc/{state.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
             ns_fds.append((fd, flag, name))
-        ns_fds.sort(key=lambda x: x[2] == "mnt")
+        # The user namespace first (it owns the others), the mount namespace last.
+        ns_fds.sort(key=lambda x: (x[2] != "user", x[2] == "mnt"))
         cgroup = _cgroup(state)
         procs_fds = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_files()]
         console = _connect_console(console_socket)

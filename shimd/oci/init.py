@@ -63,9 +63,11 @@ def set_oom_score_adj(value: int) -> None:
         os.close(fd)
 
 
-def enter_namespaces(namespaces: list[dict]) -> bool:
-    """setns into the spec's paths (user first), unshare the rest; True if a new cgroup
-    namespace is still to be made (after the cgroup join)."""
+def enter_namespaces(namespaces: list[dict], sync_w: int = -1, reply_r: int = -1) -> bool:
+    """setns into the spec's paths (user first), then a new user namespace if asked (the
+    runtime command writes its uid/gid maps while we wait), then unshare the rest (owned by
+    that user namespace). True if a new cgroup namespace is still to be made (it comes after
+    the cgroup join)."""
     new_flags, joins = 0, []
     for ns in namespaces or ():
         if ns["type"] not in linux.NAMESPACES:
@@ -75,17 +77,23 @@ def enter_namespaces(namespaces: list[dict]) -> bool:
             joins.append((flag != linux.CLONE_NEWUSER, flag, ns["path"], ns["type"]))
         else:
             new_flags |= flag
-    if new_flags & linux.CLONE_NEWUSER:
-        raise ContainerError("creating a user namespace (uid/gid mappings) is not supported; "
-                             "join an existing one with a path")
     for _, flag, path, kind in sorted(joins):
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             linux.setns(fd, flag, f"{kind} namespace {path}")
         finally:
             os.close(fd)
-    if new_flags & ~linux.CLONE_NEWCGROUP:
-        linux.unshare(new_flags & ~linux.CLONE_NEWCGROUP)
+    if new_flags & linux.CLONE_NEWUSER:
+        linux.unshare(linux.CLONE_NEWUSER)
+        send(sync_w, f"userns {os.getpid()}")
+        reply = os.read(reply_r, 4096).decode()
+        if reply != "mapped":
+            raise ContainerError(reply or "the runtime command went away before mapping ids")
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+    rest = new_flags & ~(linux.CLONE_NEWCGROUP | linux.CLONE_NEWUSER)
+    if rest:
+        linux.unshare(rest)
     return bool(new_flags & linux.CLONE_NEWCGROUP)
 
 
@@ -252,8 +260,8 @@ def _exit_on_signals() -> None:
         signal.signal(sig, handler)
 
 
-def container_init(sync_w: int, spec: dict, root: str, fifo: str, cgroup, console_sock,
-                   no_pivot: bool, hook_r: int, container_id: str, bundle: str) -> None:
+def container_init(sync_w: int, spec: dict, root: str, fifo_fd: int, procs_fds: list[int], cgroup,
+                   console_sock, no_pivot: bool, hook_r: int, container_id: str, bundle: str) -> None:
     """The container's init before execve (pid 1 of a new pid namespace)."""
     proc = spec["process"]
     lin = spec.get("linux") or {}
@@ -261,8 +269,6 @@ def container_init(sync_w: int, spec: dict, root: str, fifo: str, cgroup, consol
     os.umask(0)
     if proc.get("oomScoreAdj") is not None:
         set_oom_score_adj(proc["oomScoreAdj"])
-    fifo_fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
-    procs_fds = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_files()]
     new_cgroupns = any(ns["type"] == "cgroup" and not ns.get("path") for ns in lin.get("namespaces") or ())
     if new_cgroupns:
         join_cgroup(procs_fds)
@@ -279,8 +285,9 @@ def container_init(sync_w: int, spec: dict, root: str, fifo: str, cgroup, consol
     mounts = spec.get("mounts") or []
     for m in mounts:
         rootfs.mount_one(root, m, cgroup, new_cgroupns)
+    userns = any(ns["type"] == "user" for ns in lin.get("namespaces") or ())
     if rootfs.needs_dev(mounts):
-        rootfs.create_devices(root, lin.get("devices"))
+        rootfs.create_devices(root, lin.get("devices"), bind=userns)
         rootfs.dev_symlinks(root)
     os.makedirs(rootfs.secure_join(root, proc.get("cwd") or "/"), 0o755, exist_ok=True)
     if proc.get("terminal"):

@@ -196,7 +196,9 @@ def needs_dev(spec_mounts: list[dict]) -> bool:
     return True
 
 
-def create_devices(rootfs: str, extra: list[dict] | None) -> None:
+def create_devices(rootfs: str, extra: list[dict] | None, bind: bool = False) -> None:
+    """mknod the default and spec devices; in a user namespace (no mknod) bind-mount the
+    host's nodes instead, as runc does."""
     devices = [{"path": f"/dev/{n}", "type": "c", "major": ma, "minor": mi, "fileMode": 0o666}
                for n, ma, mi in DEFAULT_DEVICES]
     seen = {d["path"] for d in extra or ()}
@@ -208,6 +210,10 @@ def create_devices(rootfs: str, extra: list[dict] | None) -> None:
         mode = dev.get("fileMode", 0o666) & 0o7777
         if os.path.lexists(path):
             os.unlink(path)
+        if bind:
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+            linux.mount(dev["path"], path, None, MS_BIND)
+            continue
         os.mknod(path, kind | mode, os.makedev(dev.get("major", 0), dev.get("minor", 0)))
         os.chown(path, dev.get("uid", 0), dev.get("gid", 0))
 

@@ -640,3 +640,38 @@ def test_failing_create_hook_fails_create(runtime, tmp_path):
     spec = runtime.spec(["true"])
     spec["hooks"] = {"createRuntime": [{"path": "/bin/sh", "args": ["sh", "-c", "exit 3"]}]}
     runtime.create(spec, expect_fail=True)
+
+
+def test_user_namespace(runtime):
+    """Root in the container is uid 100000 on the host; host-owned files look unmapped."""
+    spec = runtime.spec(sh("cat /proc/self/uid_map /proc/self/gid_map; id -u; stat -c %u /bin/busybox;"
+                           " head -c 3 /dev/zero | wc -c; hostname; echo $$; sleep 2"))
+    spec["linux"]["namespaces"].append({"type": "user"})
+    spec["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    spec["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+    # pytest's tmp dirs are 0700: the mapped root must be able to reach the rootfs.
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    base = Path(tempfile.mkdtemp(prefix="runtimed-userns-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        c = runtime.create(spec, rootfs=make_rootfs(base / "rootfs"))
+        _check_user_namespace(c)
+    finally:
+        shutil.rmtree(base)
+
+
+def _check_user_namespace(c) -> None:
+    c.start()
+    def host_uid() -> int:
+        return int(open(f"/proc/{c.pid}/status").read().split("Uid:")[1].split()[0])
+
+    _wait_for(lambda: host_uid() != 0)
+    assert host_uid() == 100000
+    r = c.exec(["sh", "-c", "id -u; cat /proc/self/uid_map"])
+    assert r.returncode == 0 and " ".join(r.stdout.split()) == "0 0 100000 65536", r.stdout
+    assert c.wait() == 0, c.stderr
+    lines = [" ".join(line.split()) for line in c.stdout.splitlines()]
+    assert lines == ["0 100000 65536", "0 100000 65536", "0", "65534", "3", "box", "1"]

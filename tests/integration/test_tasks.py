@@ -415,3 +415,24 @@ def test_shim_that_died_while_runtimed_was_down_is_cleaned_up_on_restart(client,
     client.tasks.Kill(tasks_pb2.KillRequest(container_id="lost", signal=9), metadata=MD)
     assert client.tasks.Wait(tasks_pb2.WaitRequest(container_id="lost"), metadata=MD,
                              timeout=30).exit_status == 137
+
+
+def _private_mb(pid: int) -> float:
+    kb = 0
+    for line in open(f"/proc/{pid}/smaps_rollup"):
+        if line.startswith(("Private_Clean:", "Private_Dirty:")):
+            kb += int(line.split()[1])
+    return kb / 1024
+
+
+def test_idle_shims_from_the_zygote_stay_small(client, daemon):
+    """Guards the zygote's saving (docs/shim.md: ~5.7 MB private per idle shim, against
+    ~19 MB for a shim started as its own Python process)."""
+    for i in range(3):
+        client.run(f"idle{i}", ["sleep", "1000"])
+    time.sleep(1)
+    sizes = [
+        _private_mb(int((daemon.state / "tasks" / "tt" / f"idle{i}" / "shim.pid").read_text()))
+        for i in range(3)
+    ]
+    assert max(sizes) < 10, sizes

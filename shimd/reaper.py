@@ -14,6 +14,9 @@ import time
 from collections import OrderedDict
 
 MAX_UNCLAIMED = 4096
+# An exit reaped before anyone asked is claimed within moments (the runtime's pid file is
+# read right after it returns); older ones belong to earlier holders of the pid.
+UNCLAIMED_TTL = 10.0
 
 
 def exit_code(wait_status: int) -> int:
@@ -55,9 +58,10 @@ class Reaper:
         """A future of (exit code, exit time) for `pid`, which must be our child."""
         loop = self._loop or asyncio.get_running_loop()
         future = loop.create_future()
-        if pid in self._unclaimed:
-            future.set_result(self._unclaimed.pop(pid))
-        else:
+        result = self._unclaimed.pop(pid, None)
+        if result is not None and time.time() - result[1] < UNCLAIMED_TTL:
+            future.set_result(result)
+        else:  # none, or an old exit of a process that had this pid before (pid reuse)
             self._waiters[pid] = future
         return future
 

@@ -97,3 +97,29 @@ def test_outbox_ignores_a_torn_last_line(tmp_path):
     assert box.seq == 1
     asyncio.run(box.append("/tasks/start"))
     assert [e["seq"] for e in Outbox(path).after(0)] == [1, 2]
+
+
+def test_reaper_keeps_early_exits_but_not_stale_ones():
+    import os
+    import time
+
+    from shimd import reaper as reaper_module
+    from shimd.reaper import Reaper
+
+    async def scenario():
+        reaper = Reaper()
+        reaper.install()
+        pid, done = reaper.spawn(["sh", "-c", "exit 7"], (0, 1, 2))
+        assert await done == (7, pytest.approx(time.time(), abs=5))
+        # a grandchild-like exit nobody waited for yet is kept for the claimer
+        child = os.fork()
+        if child == 0:
+            os._exit(3)
+        while child not in reaper._unclaimed:
+            await asyncio.sleep(0.01)
+        assert (await reaper.wait(child))[0] == 3
+        # ... unless it is old: then it was an earlier process with that pid
+        reaper._unclaimed[4242] = (1, time.time() - reaper_module.UNCLAIMED_TTL - 1)
+        assert not reaper.wait(4242).done()
+
+    asyncio.run(scenario())

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.oci.conftest import make_rootfs
+from tests.oci.conftest import REPO, make_rootfs
 
 MiB = 1024 * 1024
 
@@ -675,3 +675,44 @@ def _check_user_namespace(c) -> None:
     assert c.wait() == 0, c.stderr
     lines = [" ".join(line.split()) for line in c.stdout.splitlines()]
     assert lines == ["0 100000 65536", "0 100000 65536", "0", "65534", "3", "box", "1"]
+
+
+def test_preserve_fds(runtime, tmp_path):
+    """--preserve-fds 1: fd 3 of the caller reaches the container process; fd 4 does not."""
+    import fcntl
+    import subprocess
+
+    r, w = os.pipe()
+    other_r, other_w = os.pipe()
+    high_w, high_other = fcntl.fcntl(w, fcntl.F_DUPFD, 20), fcntl.fcntl(other_w, fcntl.F_DUPFD, 20)
+    os.close(w)
+    os.close(other_w)
+    spec = runtime.spec(sh("echo through-fd3 >&3; for n in 3 4; do [ -e /proc/$$/fd/$n ] && echo has$n; done; true"))
+    bundle = runtime.base / "pfds"
+    bundle.mkdir()
+    spec["root"]["path"] = str(make_rootfs(bundle / "rootfs"))
+    spec["linux"]["cgroupsPath"] = f"/{runtime.cgroup_parent}/pfds-{runtime.name}"
+    (bundle / "config.json").write_text(json.dumps(spec))
+    cid = f"pfds-{runtime.name}"
+    argv = [*runtime.argv, "create", "--preserve-fds", "1", "--bundle", str(bundle),
+            "--pid-file", str(bundle / "pid"), cid]
+    # The caller's fds 3 and 4 are what the runtime sees; only 3 is to be preserved.
+    wrapper = f'exec "$@" 3>&{high_w} 4>&{high_other} {high_w}>&- {high_other}>&-'
+    try:
+        with open(bundle / "out", "w+") as out:
+            p = subprocess.run(["bash", "-c", wrapper, "bash", *argv], stdout=out, stderr=out,
+                               pass_fds=(high_w, high_other), cwd=str(REPO))
+            os.close(high_w)
+            os.close(high_other)
+            assert p.returncode == 0, (bundle / "out").read_text()
+            pid = int((bundle / "pid").read_text())
+            runtime.check("start", cid)
+            status = os.waitpid(pid, 0)[1]
+            assert os.waitstatus_to_exitcode(status) == 0
+            assert os.read(r, 100) == b"through-fd3\n"
+            out.seek(0)
+            assert out.read().split() == ["has3"]
+    finally:
+        runtime.run("delete", "--force", cid)
+        os.close(r)
+        os.close(other_r)

@@ -716,3 +716,14 @@ def test_preserve_fds(runtime, tmp_path):
         runtime.run("delete", "--force", cid)
         os.close(r)
         os.close(other_r)
+
+
+def test_environment_like_runc(builtin, runc):
+    outs = []
+    for rt in (builtin, runc):
+        spec = rt.spec(sh("env | sort"))
+        spec["process"]["env"] = ["PATH=/bin", "A=1", "EMPTY="]
+        c = rt.run_to_exit(spec)
+        outs.append(c.stdout)
+    assert outs[0] == outs[1]
+    assert "HOME=/\n" in outs[0] and "A=1\n" in outs[0]

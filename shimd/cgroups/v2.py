@@ -126,6 +126,12 @@ class V2:
         weight = (resources.get("blockIO") or {}).get("weight")
         if weight:
             files.write(self._file("io.weight"), f"default {1 + (weight - 10) * 9999 // 990}")
+        if "devices" in resources:
+            from shimd.cgroups import devices_bpf
+            from shimd.cgroups.v1 import DEFAULT_DEVICE_RULES
+
+            rules = list(resources["devices"] or []) + [devices_bpf.parse_rule(r) for r in DEFAULT_DEVICE_RULES]
+            devices_bpf.attach(self.dir, rules)
         for key, value in (resources.get("unified") or {}).items():
             if "/" in key or key.startswith("."):
                 raise ValueError(f"unified resource key {key!r} is not a cgroup file name")

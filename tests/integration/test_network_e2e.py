@@ -104,3 +104,32 @@ def test_none_has_only_lo_and_host_sees_the_host(ctl, images):
     assert "eth0" in inside and inside <= host_links() | inside and "eth0" in host_links()
     network_ls = ctl("network", "ls", "--format", "{{.Name}}").stdout.split()
     assert {"host", "none"} <= set(network_ls)
+
+
+def get_until(url: str, timeout: float = 20) -> bytes:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.read()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_a_running_container_keeps_its_network_across_kill9(daemon, ctl, images):
+    busybox = images["busybox"].name
+    port = free_port()
+    ctl(*RUN, "-d", "--name", "srv", "-p", f"127.0.0.1:{port}:8080", busybox,
+        "sh", "-c", "httpd -f -p 8080 -h /etc")
+    before = json.loads(ctl("network", "attachment", "srv", "--format", "json").stdout)
+    assert get_until(f"http://127.0.0.1:{port}/hostname") == b"srv\n"
+    daemon.kill9()
+    daemon.start()
+    after = json.loads(ctl("network", "attachment", "srv", "--format", "json").stdout)
+    assert after["interfaces"] == before["interfaces"] and after["ports"] == before["ports"]
+    # the published port is served again, by the same container at the same address
+    assert get_until(f"http://127.0.0.1:{port}/hostname") == b"srv\n"
+    out = ctl(*RUN, "--rm", busybox, "sh", "-c", "wget -qO- http://srv:8080/hostname").stdout
+    assert out == "srv\n"

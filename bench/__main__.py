@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench.daemons import Containerd, Runtimed
 from bench.measure import Series
-from bench.scenarios import Target, scenarios
+from bench.scenarios import Target, close_registry, scenarios
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,6 +68,7 @@ def run(selected: list[str] | None, quick: bool) -> list[dict]:
             results.append(row)
             print_row(row)
     finally:
+        close_registry()
         for t in targets:
             t.close()
         ours.stop()

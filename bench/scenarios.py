@@ -128,6 +128,7 @@ def scenarios(quick: bool) -> list[Scenario]:
         Scenario("CLI cold start: version", "ms", "<= 1.0",
                  lambda t: cli_cold_start(t, "version") * 1e3, tags={"cli"}),
         *container_scenarios(quick),
+        *image_scenarios(),
         Scenario("daemon RSS (after the runs above)", "MB", "<= 1.0", daemon_rss, runs=1),
     ]
 
@@ -319,4 +320,111 @@ def container_scenarios(quick: bool) -> list[Scenario]:
                  lambda t: idle_memory(t, "rss"), runs=1, setup=ensure_busybox),
         Scenario("machine memory / idle container", "MB", "<= 1.0",
                  lambda t: idle_memory(t, "machine"), runs=1, setup=ensure_busybox),
+    ]
+
+
+# ---- images ----------------------------------------------------------------------------
+
+def _images():
+    from tests.testimages import build
+
+    return build(REPO / ".cache" / "bench-images", large=True)
+
+
+def _ctr(t: Target, namespace: str, *args: str) -> None:
+    subprocess.run(["ctr", "-a", t.address, "-n", namespace, *args], check=True,
+                   capture_output=True)
+
+
+def import_rate(t: Target, key: str) -> float:
+    """MB/s of `ctr images import` (with unpack) into a fresh namespace, cleaned after."""
+    image = _images()[key]
+    namespace = next_id("imp")
+    size = Path(image.archive).stat().st_size
+    seconds = timed(lambda: _ctr(t, namespace, "images", "import", image.archive))
+    _ctr(t, namespace, "images", "rm", "--sync", image.name)
+    return size / seconds / 1e6
+
+
+class Registry:
+    """One docker-registry on loopback for the pull and push scenarios."""
+
+    def __init__(self):
+        from tests.registry_server import start_registry
+
+        self._cm = start_registry()
+        self.server = self._cm.__enter__()
+        self.seeded = False
+
+    def close(self) -> None:
+        self._cm.__exit__(None, None, None)
+
+
+_registry: Registry | None = None
+
+
+def registry(t: Target) -> Registry:
+    """Start the registry once and push the large image to it (from the first daemon)."""
+    global _registry
+    if _registry is None:
+        _registry = Registry()
+    if not _registry.seeded:
+        image = _images()["large"]
+        _ctr(t, "seed", "images", "import", "--no-unpack", image.archive)
+        _ctr(t, "seed", "images", "tag", image.name, f"{_registry.server.host}/bench/large:1")
+        _ctr(t, "seed", "images", "push", "--plain-http", f"{_registry.server.host}/bench/large:1")
+        # drop the seed so the pulls below really download (blobs are shared across namespaces)
+        _ctr(t, "seed", "images", "rm", "--sync", image.name, f"{_registry.server.host}/bench/large:1")
+        _registry.seeded = True
+    return _registry
+
+
+def close_registry() -> None:
+    global _registry
+    if _registry is not None:
+        _registry.close()
+        _registry = None
+
+
+def pull_rate(t: Target, server_side: bool = False) -> float:
+    """MB/s of pulling the ~200 MB image (with unpack) into a fresh namespace."""
+    reg = registry(t)
+    ref = f"{reg.server.host}/bench/large:1"
+    namespace = next_id("pull")
+    size = sum(Path(p).stat().st_size for p in [_images()["large"].archive])
+    if server_side and t.name == "runtimed":
+        cmd = [*CTL, "--address", t.address, "--namespace", namespace, "pull", ref]
+        seconds = timed(lambda: subprocess.run(cmd, check=True, capture_output=True))
+    else:
+        seconds = timed(lambda: _ctr(t, namespace, "images", "pull", "--plain-http", ref))
+    _ctr(t, namespace, "images", "rm", "--sync", ref)
+    return size / seconds / 1e6
+
+
+def push_rate(t: Target) -> float:
+    reg = registry(t)
+    image = _images()["large"]
+    namespace = f"push-{t.name}"
+    if not getattr(t, "push_ready", False):
+        _ctr(t, namespace, "images", "import", "--no-unpack", image.archive)
+        t.push_ready = True
+    ref = f"{reg.server.host}/bench/{t.name}-{next_id('p')}:1"
+    _ctr(t, namespace, "images", "tag", image.name, ref)
+    size = Path(image.archive).stat().st_size
+    seconds = timed(lambda: _ctr(t, namespace, "images", "push", "--plain-http", ref))
+    return size / seconds / 1e6
+
+
+def image_scenarios() -> list[Scenario]:
+    return [
+        Scenario("import+unpack busybox (ctr)", "MB/s", ">= 2.0 (time <= 0.5)",
+                 lambda t: import_rate(t, "busybox"), runs=10, higher_is_better=True),
+        Scenario("import+unpack ~200 MB, 4 layers (ctr)", "MB/s", ">= 2.0 (time <= 0.5)",
+                 lambda t: import_rate(t, "large"), runs=3, higher_is_better=True),
+        Scenario("pull ~200 MB with unpack (ctr --plain-http)", "MB/s", ">= 1.0",
+                 pull_rate, runs=3, higher_is_better=True),
+        Scenario("pull ~200 MB with unpack (ours: ctl pull)", "MB/s", ">= 1.0",
+                 lambda t: pull_rate(t, server_side=True), runs=3, higher_is_better=True),
+        Scenario("push ~200 MB (ctr --plain-http)", "MB/s", "(info)", push_rate, runs=3,
+                 higher_is_better=True),
     ]

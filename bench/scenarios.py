@@ -129,6 +129,11 @@ def scenarios(quick: bool) -> list[Scenario]:
                  lambda t: cli_cold_start(t, "version") * 1e3, tags={"cli"}),
         *container_scenarios(quick),
         *image_scenarios(),
+        *event_scenarios(),
+        Scenario("CLI cold start: ps", "ms", "< 500 ms", lambda t: cli_cold_start(
+            t, *(["ps"] if t.name == "runtimed" else ["containers", "ls"])) * 1e3, tags={"cli"}),
+        Scenario("CLI cold start: images", "ms", "< 500 ms", lambda t: cli_cold_start(
+            t, *(["images"] if t.name == "runtimed" else ["images", "ls"])) * 1e3, tags={"cli"}),
         Scenario("daemon RSS (after the runs above)", "MB", "<= 1.0", daemon_rss, runs=1),
     ]
 
@@ -427,4 +432,69 @@ def image_scenarios() -> list[Scenario]:
                  lambda t: pull_rate(t, server_side=True), runs=3, higher_is_better=True),
         Scenario("push ~200 MB (ctr --plain-http)", "MB/s", "(info)", push_rate, runs=3,
                  higher_is_better=True),
+    ]
+
+
+# ---- events ----------------------------------------------------------------------------
+
+def event_delivery(t: Target, subscribers: int = 10, events: int = 300) -> dict[str, float]:
+    """Publish `events` TaskExit events; 10 subscribers receive them all. Returns the
+    throughput (events delivered per second, all subscribers together) and the median
+    publish-to-delivery latency."""
+    import statistics
+    import threading
+    import time as _time
+
+    from runtimed.api.containerd.events import task_pb2
+    from runtimed.api.containerd.services.events.v1 import events_pb2, events_pb2_grpc
+
+    stub = events_pb2_grpc.EventsStub(t.channel)
+    topic = f"/bench/{next_id('ev')}"
+    sent: dict[int, float] = {}
+    latencies: list[float] = []
+    lock = threading.Lock()
+    ready = threading.Barrier(subscribers + 1)
+    streams = []
+
+    def subscribe():
+        stream = stub.Subscribe(events_pb2.SubscribeRequest(filters=[f'topic=="{topic}"']))
+        streams.append(stream)
+        ready.wait()
+        got = 0
+        for envelope in stream:
+            message = task_pb2.TaskExit()
+            message.ParseFromString(envelope.event.value)
+            now = _time.perf_counter()
+            with lock:
+                latencies.append(now - sent[message.pid])
+            got += 1
+            if got == events:
+                return
+
+    threads = [threading.Thread(target=subscribe) for _ in range(subscribers)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    _time.sleep(0.3)  # subscriptions reach the daemon
+    start = _time.perf_counter()
+    for seq in range(events):
+        event = events_pb2.PublishRequest(topic=topic)
+        event.event.type_url = "containerd.events.TaskExit"
+        event.event.value = task_pb2.TaskExit(pid=seq).SerializeToString()
+        sent[seq] = _time.perf_counter()
+        stub.Publish(event, metadata=t.md("bench"))
+    for thread in threads:
+        thread.join(60)
+    elapsed = _time.perf_counter() - start
+    for stream in streams:
+        stream.cancel()
+    return {"throughput": len(latencies) / elapsed, "latency": statistics.median(latencies)}
+
+
+def event_scenarios() -> list[Scenario]:
+    return [
+        Scenario("events: 10 subscribers, delivered/s", "ev/s", ">= 1.0",
+                 lambda t: event_delivery(t)["throughput"], runs=5, higher_is_better=True),
+        Scenario("events: publish→delivery latency", "ms", "<= 1.0",
+                 lambda t: event_delivery(t)["latency"] * 1e3, runs=5),
     ]

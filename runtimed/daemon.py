@@ -79,7 +79,7 @@ class Daemon:
         from runtimed.network.manager import NetworkManager
 
         self.networks = NetworkManager(self.state, self.db, self.namespaces, self.containers,
-                                       self.exchange)
+                                       self.exchange, root=self.root)
         self.on_start.append(self.networks.start)
 
     def _open_volumes(self) -> None:

@@ -121,7 +121,8 @@ def links() -> list[dict]:
             kind = info.get_attr("IFLA_INFO_KIND") if info else None
             master = link.get_attr("IFLA_MASTER")
             out.append({"name": link.get_attr("IFLA_IFNAME"), "kind": kind,
-                        "master": names.get(master) if master else None})
+                        "master": names.get(master) if master else None,
+                        "alias": link.get_attr("IFLA_IFALIAS") or ""})
         return out
 
 
@@ -141,7 +142,7 @@ def _routed_elsewhere(ipr, subnet: str, bridge: str) -> bool:
 
 
 def bridge_up(name: str, address: str, subnet: str, masquerade: bool = True,
-              exclusive: bool = False) -> dict:
+              exclusive: bool = False, alias: str = "") -> dict:
     """Create (or repair) the bridge with its gateway address; outbound NAT if possible.
     `exclusive` (a new network): fail if the device exists or the subnet is routed
     elsewhere, which another daemon may have done since the subnet was chosen."""
@@ -156,6 +157,8 @@ def bridge_up(name: str, address: str, subnet: str, masquerade: bool = True,
         have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index, family=2)}
         if ip not in have:
             ipr.addr("add", index=index, address=ip, prefixlen=int(prefix))
+        if alias:  # who owns it, so another runtimed can tell an orphan (see sweep)
+            ipr.link("set", index=index, ifalias=alias)
         ipr.link("set", index=index, state="up")
     nat = False
     if masquerade:
@@ -172,12 +175,16 @@ def bridge_up(name: str, address: str, subnet: str, masquerade: bool = True,
     return {"nat": nat}
 
 
-def bridge_down(name: str, subnet: str) -> None:
-    rule = _masquerade_rule(name, subnet)
+def bridge_down(name: str, subnet: str = "") -> None:
+    """Delete the bridge and its NAT rules (found by their comment when the subnet is
+    not known, as for an orphan)."""
     try:
-        while _iptables(*_rule("-C", rule)).returncode == 0:
-            if _iptables(*_rule("-D", rule)).returncode != 0:
-                break
+        saved = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True).stdout
+        for line in saved.splitlines():
+            if line.startswith("-A ") and (f'"runtimed:{name}"' in line or f" runtimed:{name} " in line):
+                import shlex
+
+                _iptables("-t", "nat", "-D", *shlex.split(line)[1:])
     except OSError:
         pass
     with _iproute() as ipr:

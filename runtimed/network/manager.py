@@ -15,6 +15,7 @@ address is ever given twice.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -88,6 +89,7 @@ DEFAULT_ALIASES = ("", "default", DEFAULT_NETWORK)
 MODES = ("bridge", "host", "none", "container")
 RESERVED = ("host", "none", "default", DEFAULT_NETWORK)
 VETH_PREFIX = "rv"
+ALIAS_PREFIX = "runtimed "  # + the owner's root, as the alias of each bridge it made
 
 
 @dataclass
@@ -154,6 +156,21 @@ def _parse_mode(network: str) -> tuple[str, str]:
     return "bridge", network
 
 
+def _owner_alive(root: Path) -> bool:
+    """Whether a runtimed holds `root` (it keeps an exclusive flock on its lock file)."""
+    try:
+        fd = os.open(root / "runtimed.lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def _owners(sandboxes) -> set[tuple[str, str]]:
     """(namespace, id) of every container whose netns dir and name files are in use."""
     known = {(s["namespace"], s["container_id"]) for s in sandboxes}
@@ -162,10 +179,11 @@ def _owners(sandboxes) -> set[tuple[str, str]]:
 
 class NetworkManager:
     def __init__(self, state: Path, db: Database, namespaces, containers, exchange=None,
-                 helper=None):
+                 helper=None, root: Path | None = None):
         from runtimed.network.netlink import NetlinkHelper
 
         self.state = state
+        self.root = root or Path(db.path).parent
         self.netns_dir = state / "netns"
         self.files_dir = state / "netns-files"
         self.db = db
@@ -316,7 +334,30 @@ class NetworkManager:
     def _bridge_up(self, network: Network, exclusive: bool = False) -> None:
         prefix = network.subnet.split("/")[1]
         self.helper.call("bridge_up", name=network.bridge, address=f"{network.gateway}/{prefix}",
-                         subnet=network.subnet, exclusive=exclusive)
+                         subnet=network.subnet, exclusive=exclusive,
+                         alias=f"{ALIAS_PREFIX}{self.root}")
+
+    def sweep_orphans(self) -> int:
+        """Remove bridges another runtimed left behind: marked with its root (the device
+        alias), that root no longer locked by a live runtimed, and no interface on them.
+        A live runtimed's bridges are never touched."""
+        removed = 0
+        try:
+            found = self.helper.call("links")
+            used = {link["master"] for link in found if link["master"]}
+            for link in found:
+                alias = link.get("alias") or ""
+                if (link["kind"] != "bridge" or not alias.startswith(ALIAS_PREFIX)
+                        or link["name"] in used):
+                    continue
+                owner = Path(alias[len(ALIAS_PREFIX):])
+                if owner == self.root or _owner_alive(owner):
+                    continue
+                self.helper.call("bridge_down", name=link["name"])
+                removed += 1
+        except RuntimedError as exc:
+            log.warning("cannot sweep orphaned bridges: %s", exc)
+        return removed
 
     def _drop_network(self, network: Network) -> None:
         self.helper.call("bridge_down", name=network.bridge, subnet=network.subnet)
@@ -343,6 +384,7 @@ class NetworkManager:
         except NotFound:
             if name != DEFAULT_NETWORK:
                 raise
+            self.sweep_orphans()  # also frees names and subnets for reuse
             return self.create(DEFAULT_NETWORK, _default=True)
         self._bridge_up(network)  # idempotent: repairs a bridge lost to a reboot
         return network
@@ -733,6 +775,7 @@ class NetworkManager:
         if not sandboxes and not networks and not stray_dirs:
             return done
         with self._lock:
+            self.sweep_orphans()
             for s in sandboxes:
                 ns, cid = s["namespace"], s["container_id"]
                 if not self._container_exists(ns, cid):

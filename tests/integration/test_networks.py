@@ -443,3 +443,30 @@ def test_restart_recreates_a_lost_netns_with_the_same_address(daemon, net):
             daemon.start()
         containers_pb2_grpc.ContainersStub(daemon.channel()).Delete(
             containers_pb2.DeleteContainerRequest(id="survivor"), metadata=NS)
+
+
+def test_bridges_of_dead_daemons_are_swept_and_live_ones_kept(daemon, net, tmp_path):
+    """A runtimed killed for good leaves its bridges; the next runtimed to make a default
+    network removes those whose owner's root is no longer locked, and only those."""
+    import fcntl
+
+    live_root = tmp_path / "live"
+    live_root.mkdir()
+    lock = open(live_root / "runtimed.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    suffix = random.randrange(16**6)
+    dead, live = f"rtdx{suffix:06x}", f"rtdy{suffix:06x}"
+    try:
+        for name, root in ((dead, tmp_path / "gone"), (live, live_root)):
+            subprocess.run(["ip", "link", "add", name, "type", "bridge"], check=True)
+            subprocess.run(["ip", "link", "set", name, "alias", f"runtimed {root}"], check=True)
+        attach(net, "first")  # creates the default network, sweeping first
+        present = links()
+        assert dead not in present and live in present
+        ours = net.Get(pb.GetNetworkRequest(name="bridge")).network.bridge
+        assert f"alias runtimed {daemon.root}" in subprocess.run(
+            ["ip", "-d", "link", "show", ours], capture_output=True, text=True).stdout
+    finally:
+        lock.close()
+        for name in (dead, live):
+            subprocess.run(["ip", "link", "del", name], capture_output=True)

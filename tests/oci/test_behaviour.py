@@ -727,3 +727,41 @@ def test_environment_like_runc(builtin, runc):
         outs.append(c.stdout)
     assert outs[0] == outs[1]
     assert "HOME=/\n" in outs[0] and "A=1\n" in outs[0]
+
+
+def test_builtin_on_cgroup_v2_unified_tree(builtin, monkeypatch):
+    """The v2 code paths of the runtime for real, on this hybrid host's unified tree (no
+    controllers there, so no limits): join, device filter, freeze/thaw, ps, stats, delete."""
+    monkeypatch.setenv("SHIMD_CGROUP2_ROOT", "/sys/fs/cgroup/unified")
+    spec = builtin.spec(sh("cat /proc/self/cgroup | grep '^0::'; ls /sys/fs/cgroup/cgroup.procs;"
+                           " head -c 1 /dev/kmsg; echo kmsg=$?; while :; do :; done"))
+    spec["linux"]["devices"] = [{"path": "/dev/kmsg", "type": "c", "major": 1, "minor": 11, "fileMode": 0o644}]
+    c = builtin.create(spec)
+    from pathlib import Path
+
+    group = Path("/sys/fs/cgroup/unified", builtin.cgroup_parent, c.id)
+    try:
+        c.start()
+        _wait_for(lambda: "kmsg=" in c.stdout)
+        assert c.stdout.splitlines()[:3] == [f"0::/{builtin.cgroup_parent}/{c.id}", "/sys/fs/cgroup/cgroup.procs", "kmsg=1"]
+        assert "Operation not permitted" in c.stderr
+        assert json.loads(builtin.check("ps", "--format", "json", c.id).stdout) == [c.pid]
+        builtin.check("pause", c.id)
+        assert c.state()["status"] == "paused" and "frozen 1" in (group / "cgroup.events").read_text()
+        ticks = _cpu_ticks(c.pid)
+        time.sleep(0.2)
+        assert _cpu_ticks(c.pid) == ticks
+        builtin.check("resume", c.id)
+        assert c.state()["status"] == "running"
+        stats = json.loads(builtin.check("events", "--stats", c.id).stdout)["data"]
+        assert stats["cpu"]["usage"]["total"] > 0
+        builtin.check("delete", "--force", c.id)
+        assert c.wait() == 128 + signal.SIGKILL
+        assert not group.exists()
+    finally:
+        builtin.run("delete", "--force", c.id)  # while SHIMD_CGROUP2_ROOT is still set
+        for d in (group, group.parent):
+            try:
+                d.rmdir()
+            except OSError:
+                pass

@@ -308,6 +308,19 @@ class TaskManager:
         task = self.get(namespace, id)
         return (await task.shim.call("Stats", shim_pb2.StatsRequest(id=id))).stats
 
+    async def metrics(self, namespace: str, wanted) -> list[tuple[str, object]]:
+        """(id, metrics Any) of every task `wanted(task)` accepts; like containerd, a task
+        that cannot report (stopped, just deleted) is left out rather than failing all."""
+        result = []
+        for task in self.list(namespace):
+            if not wanted(task):
+                continue
+            try:
+                result.append((task.id, await self.stats(namespace, task.id)))
+            except RuntimedError as exc:
+                log.debug("%s/%s: no metrics: %s", namespace, task.id, exc)
+        return result
+
     # --- events ----------------------------------------------------------------------
 
     async def _forward(self, task: Task) -> None:

@@ -141,15 +141,14 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
     async def Metrics(self, request, context):
         ns = namespace(context)
         match = filters.parse(list(request.filters))
-        result = []
-        for task in self.tasks.list(ns):
-            if not match.match(lambda path, t=task: {("id",): t.id, ("namespace",): ns}.get(path)):
-                continue
-            stats = await self.tasks.stats(ns, task.id)
-            stamp = Timestamp()
-            stamp.FromNanoseconds(time.time_ns())
-            result.append(metrics_pb2.Metric(timestamp=stamp, id=task.id, data=stats))
-        return pb.MetricsResponse(metrics=result)
+        found = await self.tasks.metrics(
+            ns, lambda t: match.match(lambda path: {("id",): t.id, ("namespace",): ns}.get(path))
+        )
+        stamp = Timestamp()
+        stamp.FromNanoseconds(time.time_ns())
+        return pb.MetricsResponse(metrics=[
+            metrics_pb2.Metric(timestamp=stamp, id=id, data=stats) for id, stats in found
+        ])
 
     async def Wait(self, request, context):
         result = await self.tasks.wait(namespace(context), request.container_id, request.exec_id)

@@ -207,6 +207,13 @@ def test_exec_pause_pids_and_list(client, tmp_path):
     client.tasks.DeleteProcess(tasks_pb2.DeleteProcessRequest(container_id="t2", exec_id="e1"),
                                metadata=MD)
 
+    client.container("t2stopped", ["true"])
+    client.create_task("t2stopped")  # created, not running: it reports no metrics
+    metrics = client.tasks.Metrics(tasks_pb2.MetricsRequest(), metadata=MD).metrics
+    assert [m.id for m in metrics] == ["t2"]
+    assert metrics[0].data.type_url.startswith("io.containerd.cgroups.v")
+    only = client.tasks.Metrics(tasks_pb2.MetricsRequest(filters=["id==t2stopped"]), metadata=MD)
+    assert list(only.metrics) == []
     pids = client.tasks.ListPids(tasks_pb2.ListPidsRequest(container_id="t2"), metadata=MD)
     assert len(pids.processes) == 1
     client.tasks.Pause(tasks_pb2.PauseTaskRequest(container_id="t2"), metadata=MD)

@@ -193,6 +193,28 @@ def bridge_down(name: str, subnet: str = "") -> None:
             ipr.link("del", index=index)
 
 
+def nat_orphans_down() -> int:
+    """Delete runtimed NAT rules whose bridge no longer exists (a runtimed killed
+    between removing a bridge's rules and the bridge never leaves this order reversed:
+    rules go first, so a rule without its bridge is always an orphan)."""
+    import re
+    import shlex
+
+    try:
+        saved = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True).stdout
+    except OSError:
+        return 0
+    with _iproute() as ipr:
+        present = {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+    removed = 0
+    for line in saved.splitlines():
+        found = re.search(r'--comment "?runtimed:([\w.-]+)"?', line)
+        if line.startswith("-A ") and found and found.group(1) not in present:
+            if _iptables("-t", "nat", "-D", *shlex.split(line)[1:]).returncode == 0:
+                removed += 1
+    return removed
+
+
 def netns_create(path: str) -> None:
     """A new network namespace, kept alive by a bind mount of its nsfs file on `path`."""
     os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
@@ -275,8 +297,8 @@ def endpoint_del(host_if: str) -> None:
 
 OPERATIONS = {
     f.__name__: f
-    for f in (host_prefixes, links, bridge_up, bridge_down, netns_create, netns_delete,
-              endpoint_add, endpoint_del)
+    for f in (host_prefixes, links, bridge_up, bridge_down, nat_orphans_down, netns_create,
+              netns_delete, endpoint_add, endpoint_del)
 }
 
 

@@ -355,6 +355,7 @@ class NetworkManager:
                     continue
                 self.helper.call("bridge_down", name=link["name"])
                 removed += 1
+            removed += self.helper.call("nat_orphans_down")
         except RuntimedError as exc:
             log.warning("cannot sweep orphaned bridges: %s", exc)
         return removed

@@ -456,11 +456,15 @@ def test_bridges_of_dead_daemons_are_swept_and_live_ones_kept(daemon, net, tmp_p
     fcntl.flock(lock, fcntl.LOCK_EX)
     suffix = random.randrange(16**6)
     dead, live = f"rtdx{suffix:06x}", f"rtdy{suffix:06x}"
+    orphan_rule = ["POSTROUTING", "-s", "10.255.255.252/30", "!", "-o", dead, "-j", "MASQUERADE",
+                   "-m", "comment", "--comment", f"runtimed:{dead}"]
     try:
         for name, root in ((dead, tmp_path / "gone"), (live, live_root)):
             subprocess.run(["ip", "link", "add", name, "type", "bridge"], check=True)
             subprocess.run(["ip", "link", "set", name, "alias", f"runtimed {root}"], check=True)
+        subprocess.run(["iptables", "-t", "nat", "-A", *orphan_rule], check=True)
         attach(net, "first")  # creates the default network, sweeping first
+        assert not [r for r in nat_rules() if f"runtimed:{dead}" in r]
         present = links()
         assert dead not in present and live in present
         ours = net.Get(pb.GetNetworkRequest(name="bridge")).network.bridge
@@ -470,3 +474,4 @@ def test_bridges_of_dead_daemons_are_swept_and_live_ones_kept(daemon, net, tmp_p
         lock.close()
         for name in (dead, live):
             subprocess.run(["ip", "link", "del", name], capture_output=True)
+        subprocess.run(["iptables", "-t", "nat", "-D", *orphan_rule], capture_output=True)

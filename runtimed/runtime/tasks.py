@@ -338,9 +338,11 @@ class TaskManager:
             except grpc.aio.AioRpcError as exc:
                 log.debug("%s/%s: event stream: %s", task.namespace, task.id, exc.code())
             failures += 1
-            if not _shim_alive(task.bundle) or failures > 20:
+            if not _shim_alive(task.bundle):
                 await self._shim_died(task)
                 return
+            if failures % 30 == 0:  # alive but not answering: keep trying, never kill it
+                log.warning("%s/%s: shim alive but not answering", task.namespace, task.id)
             await asyncio.sleep(min(0.1 * failures, 1.0))
 
     async def _publish(self, task: Task, event: shim_pb2.Event) -> None:

@@ -30,7 +30,7 @@ def ctl(daemon, images):
     ctl = Ctl(daemon.address)
     ctl("load", "-q", "-i", images["busybox"].archive)
     yield ctl
-    ctl("rm", "-f", "srv", check=False)
+    ctl("rm", "-f", "srv", "peer", check=False)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:  # the attachment goes right after the container
         result = ctl("network", "rm", "e2e", check=False)
@@ -84,6 +84,14 @@ def test_two_busybox_containers_by_ip_and_name_with_a_published_port(daemon, ctl
     assert f"{ip}\tserver srv" in out
     # the --rm container's attachment went with it; the server's goes with `rm -f`
     assert json.loads(ctl("network", "inspect", "e2e").stdout)[0]["Containers"] == ["default/srv"]
+    # a running container's /etc/hosts follows peers joining and leaving
+    ctl(*RUN, "-d", "--name", "peer", "--network", "e2e", busybox, "sleep", "60")
+    assert "\tpeer" in ctl("exec", "srv", "cat", "/etc/hosts").stdout
+    ctl("rm", "-f", "peer")
+    deadline = time.monotonic() + 10
+    while "\tpeer" in ctl("exec", "srv", "cat", "/etc/hosts").stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
     ctl("rm", "-f", "srv")
     deadline = time.monotonic() + 10
     while json.loads(ctl("network", "inspect", "e2e").stdout)[0]["Containers"]:

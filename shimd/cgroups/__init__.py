@@ -13,6 +13,8 @@ import builtins
 import os
 from typing import Protocol
 
+from runtimed.errors import InvalidArgument
+
 CGROUP_ROOT = "/sys/fs/cgroup"
 
 
@@ -86,10 +88,10 @@ V1_CONTROLLERS = ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "b
 def normalize(path: str) -> str:
     """Spec cgroupsPath → absolute path inside the hierarchy ("a/b" is taken as "/a/b")."""
     if ":" in path and not path.startswith("/"):
-        raise ValueError(f"cgroupsPath {path!r} is a systemd slice path; systemd cgroups are not supported")
+        raise InvalidArgument(f"cgroupsPath {path!r} is a systemd slice path; systemd cgroups are not supported")
     path = os.path.normpath("/" + path.lstrip("/"))
     if path == "/":
-        raise ValueError("cgroupsPath must name a cgroup below the root")
+        raise InvalidArgument("cgroupsPath must name a cgroup below the root")
     return path
 
 

@@ -6,6 +6,7 @@ import ctypes
 import os
 import time
 
+from runtimed.errors import InvalidArgument
 from shimd.cgroups import CGROUP_ROOT, files
 
 _IN_MODIFY = 0x2
@@ -103,7 +104,7 @@ class V2:
             if swap < 0:
                 value = "max"
             elif mem.get("limit") is None or mem["limit"] < 0:
-                raise ValueError("memory.swap needs memory.limit on cgroup v2")
+                raise InvalidArgument("memory.swap needs memory.limit on cgroup v2")
             else:
                 value = str(max(swap - mem["limit"], 0))
             files.write(self._file("memory.swap.max"), value)
@@ -134,7 +135,7 @@ class V2:
             devices_bpf.attach(self.dir, rules)
         for key, value in (resources.get("unified") or {}).items():
             if "/" in key or key.startswith("."):
-                raise ValueError(f"unified resource key {key!r} is not a cgroup file name")
+                raise InvalidArgument(f"unified resource key {key!r} is not a cgroup file name")
             files.write(self._file(key), value)
 
     def freeze(self) -> None:

@@ -25,7 +25,7 @@ def status(state: State, store: Store) -> str:
     try:
         if _cgroup(state).frozen():
             return "paused"
-    except (OSError, ValueError):
+    except (OSError, InvalidArgument):
         pass
     return "running"
 
@@ -472,6 +472,6 @@ def list_states(store: Store) -> list[dict]:
     for cid in store.ids():
         try:
             out.append(state_json(store, cid))
-        except (NotFound, OSError, ValueError):
+        except (NotFound, InvalidArgument, OSError, ValueError):
             continue
     return out

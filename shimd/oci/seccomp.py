@@ -12,6 +12,8 @@ import ctypes
 import errno as _errno
 import os
 
+from runtimed.errors import InvalidArgument
+
 SCMP_ACT_KILL_PROCESS = 0x80000000
 SCMP_ACT_KILL_THREAD = 0x00000000
 SCMP_ACT_TRAP = 0x00030000
@@ -72,7 +74,7 @@ def action(name: str, errno_ret: int | None, default_errno: int | None = None) -
              "SCMP_ACT_ALLOW": SCMP_ACT_ALLOW, "SCMP_ACT_LOG": SCMP_ACT_LOG,
              "SCMP_ACT_NOTIFY": SCMP_ACT_NOTIFY}
     if name not in fixed:
-        raise ValueError(f"seccomp: unknown action {name!r}")
+        raise InvalidArgument(f"seccomp: unknown action {name!r}")
     return fixed[name]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from runtimed.errors import InvalidArgument
 from shimd import cgroups
 from shimd.cgroups.v1 import V1
 from shimd.cgroups.v2 import V2, shares_to_weight
@@ -51,9 +52,9 @@ def _spawn_in(group, *argv: str) -> subprocess.Popen:
 def test_open_picks_v1_here_and_normalizes():
     assert not cgroups.is_v2()
     assert cgroups.normalize("a/b") == "/a/b"
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):
         cgroups.normalize("system.slice:docker:abc")
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):
         cgroups.normalize("/")
 
 
@@ -161,7 +162,7 @@ def test_v2_create_enables_controllers_and_writes_resources(tmp_path):
     group.update({"memory": {"limit": -1, "swap": -1}, "cpu": {"quota": -1, "period": 100000}})
     assert (d / "memory.max").read_text() == "max" and (d / "memory.swap.max").read_text() == "max"
     assert (d / "cpu.max").read_text() == "max 100000"
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):
         group.update({"unified": {"../escape": "1"}})
 
 

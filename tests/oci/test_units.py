@@ -43,7 +43,7 @@ def test_seccomp_actions():
     assert seccomp.action("SCMP_ACT_ERRNO", None, default_errno=13) == 0x00050000 | 13
     assert seccomp.action("SCMP_ACT_ALLOW", None) == seccomp.SCMP_ACT_ALLOW
     assert seccomp.action("SCMP_ACT_KILL_PROCESS", None) == seccomp.SCMP_ACT_KILL_PROCESS
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidArgument):
         seccomp.action("SCMP_ACT_BOGUS", None)
 
 

@@ -765,3 +765,29 @@ def test_builtin_on_cgroup_v2_unified_tree(builtin, monkeypatch):
                 d.rmdir()
             except OSError:
                 pass
+
+
+def test_builtin_cgroup_namespace_on_v2_unified_tree(builtin, monkeypatch):
+    """With a new cgroup namespace on v2 the init joins before mounting, so the container
+    sees its own cgroup as / and a cgroup2 mount of just its subtree."""
+    monkeypatch.setenv("SHIMD_CGROUP2_ROOT", "/sys/fs/cgroup/unified")
+    spec = builtin.spec(sh("grep '^0::' /proc/self/cgroup; grep ' /sys/fs/cgroup ' /proc/self/mounts | cut -d' ' -f3;"
+                           " cat /sys/fs/cgroup/cgroup.procs"))
+    spec["linux"]["namespaces"].append({"type": "cgroup"})
+    c = builtin.create(spec)
+    from pathlib import Path
+
+    group = Path("/sys/fs/cgroup/unified", builtin.cgroup_parent, c.id)
+    try:
+        c.start()
+        assert c.wait() == 0, c.stderr
+        lines = c.stdout.splitlines()
+        assert lines[:2] == ["0::/", "cgroup2"]
+        assert lines[2:] == ["1"]  # sh exec.d its last command: pid 1 alone, as the namespace sees it
+    finally:
+        builtin.run("delete", "--force", c.id)
+        for d in (group, group.parent):
+            try:
+                d.rmdir()
+            except OSError:
+                pass

@@ -783,7 +783,7 @@ def test_builtin_cgroup_namespace_on_v2_unified_tree(builtin, monkeypatch):
         assert c.wait() == 0, c.stderr
         lines = c.stdout.splitlines()
         assert lines[:2] == ["0::/", "cgroup2"]
-        assert lines[2:] == ["1"]  # sh exec.d its last command: pid 1 alone, as the namespace sees it
+        assert lines[2:] == ["1"]  # sh exec'd its last command: pid 1 alone, as the namespace sees it
     finally:
         builtin.run("delete", "--force", c.id)
         for d in (group, group.parent):

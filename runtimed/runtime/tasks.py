@@ -203,7 +203,12 @@ class TaskManager:
         if rootfs:
             (bundle / "rootfs").mkdir(mode=0o755)
             spec.setdefault("root", {})["path"] = "rootfs"
-            mounts.mount_all(rootfs, bundle / "rootfs")
+            try:
+                mounts.mount_all(rootfs, bundle / "rootfs")
+            except OSError as exc:
+                if exc.errno not in (22, 2, 19, 20):  # EINVAL ENOENT ENODEV ENOTDIR
+                    raise
+                raise InvalidArgument(f"rootfs cannot be mounted: {exc.strerror}") from exc
         write_atomic(bundle / "config.json", json.dumps(spec).encode())
 
     async def delete(self, namespace: str, id: str) -> ExitStatus:
@@ -369,7 +374,8 @@ class TaskManager:
 
     async def _shim_died(self, task: Task) -> None:
         """The shim is gone: publish what it left in its outbox, an exit (status 255) if
-        init's exit was never reported, and clean up the bundle, mounts and container."""
+        init was created but its exit never reported, and clean up the bundle, mounts and
+        container."""
         log.warning("%s/%s: shim died; cleaning up", task.namespace, task.id)
         self.tasks.pop((task.namespace, task.id), None)
         await self._publish_leftovers(task)
@@ -383,7 +389,7 @@ class TaskManager:
             if record["topic"] == "/tasks/delete":
                 continue
             await self._publish(task, _record_to_event(record))
-        if not task.init_exit_published:
+        if not task.init_exit_published and (task.bundle / "init.pid").exists():
             now = time.time()
             self.exchange.publish(task.namespace, "/tasks/exit", events.TaskExit(
                 container_id=task.id, id=task.id, pid=_init_pid(task.bundle),
@@ -404,13 +410,19 @@ class TaskManager:
             published, init_exit = _read_published(bundle)
             try:
                 address = (bundle / "address").read_text().strip()
-                shim = await self.shims.connect(id, address, bundle)
-            except (FileNotFoundError, RuntimedError) as exc:
-                log.warning("%s/%s: shim unreachable (%s)", namespace, id, exc)
+            except FileNotFoundError:
+                address = ""
+            if not address or not _shim_alive(bundle):
+                log.warning("%s/%s: shim is gone", namespace, id)
                 task = Task(namespace, id, bundle, ShimClient(id, "unix:///dev/null", bundle),
                             info, published, init_exit)
                 await self._shim_died(task)
                 continue
+            try:
+                shim = await self.shims.connect(id, address, bundle)
+            except RuntimedError as exc:  # alive: keep it; the relay retries until it answers
+                log.warning("%s/%s: shim alive but not answering yet (%s)", namespace, id, exc)
+                shim = ShimClient(id, address, bundle)
             task = Task(namespace, id, bundle, shim, info, published, init_exit)
             try:
                 await shim.call("State", shim_pb2.StateRequest(id=id), CONNECT_TIMEOUT)

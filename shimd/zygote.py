@@ -28,7 +28,10 @@ READY_TIMEOUT = 30.0
 
 
 def preload() -> None:
-    """Import what every shim uses, in the zygote, while it is single-threaded."""
+    """Import what every shim uses, in the zygote, while it is single-threaded. gRPC's
+    fork support stays off: the zygote never starts gRPC, and each shim starts it fresh
+    after the fork, so no atfork handler has anything to do."""
+    os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
     import asyncio  # noqa: F401
 
     import grpc  # noqa: F401

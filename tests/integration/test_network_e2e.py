@@ -141,3 +141,18 @@ def test_a_running_container_keeps_its_network_across_kill9(daemon, ctl, images)
     assert get_until(f"http://127.0.0.1:{port}/hostname") == b"srv\n"
     out = ctl(*RUN, "--rm", busybox, "sh", "-c", "wget -qO- http://srv:8080/hostname").stdout
     assert out == "srv\n"
+
+
+def test_connect_and_disconnect_a_running_container(ctl, images):
+    busybox = images["busybox"].name
+    ctl(*RUN, "-d", "--name", "srv", busybox, "sleep", "60")
+    ctl("network", "create", "e2e")
+    ctl("network", "connect", "--alias", "api", "e2e", "srv")
+    att = json.loads(ctl("network", "attachment", "srv", "--format", "json").stdout)
+    assert [i["network"] for i in att["interfaces"]] == ["bridge", "e2e"]
+    inside = ctl("exec", "srv", "ip", "-o", "-4", "addr").stdout
+    assert f"eth1    inet {att['interfaces'][1]['ip']}/" in inside.replace("\t", "    ")
+    assert "api" in ctl("exec", "srv", "cat", "/etc/hosts").stdout
+    ctl("network", "disconnect", "e2e", "srv")
+    assert "eth1" not in ctl("exec", "srv", "ip", "-o", "link").stdout
+    assert "api" not in ctl("exec", "srv", "cat", "/etc/hosts").stdout

@@ -182,11 +182,14 @@ def set_rlimits(rlimits: list[dict] | None) -> None:
             raise ContainerError(f"setrlimit {r['type']} {r['soft']}/{r['hard']}: {e}") from None
 
 
-def finalize(proc: dict, profile: dict | None, exe: str, env: list[str]) -> None:
+def finalize(proc: dict, profile: dict | None, exe: str, env: list[str],
+             personality: dict | None = None) -> None:
     """Become the user process: rlimits, user and groups, capabilities, no_new_privs,
     seccomp (before dropping CAP_SYS_ADMIN unless no_new_privs allows loading it later),
     then execve. In runc's order."""
     set_rlimits(proc.get("rlimits"))
+    if personality:
+        linux.set_personality(personality)
     spec_caps = proc.get("capabilities")
     last = caps.last_cap()
     nnp = bool(proc.get("noNewPrivileges"))
@@ -336,7 +339,7 @@ def container_init(sync_w: int, spec: dict, root: str, fifo_fd: int, procs_fds: 
         if spec.get("hooks"):
             hooks.run(spec, "startContainer",
                       hooks.state_json(spec, container_id, "running", os.getpid(), bundle))
-        finalize(proc, profile, exe, env)
+        finalize(proc, profile, exe, env, lin.get("personality"))
     except BaseException as e:
         os.write(2, f"shimd.oci: container init: {e}\n".encode())
         os._exit(1)
@@ -353,5 +356,5 @@ def exec_init(sync_w: int, spec: dict, proc: dict, procs_fds: list[int], console
     exe = find_executable(proc.get("args") or [], env, proc.get("cwd") or "/")
     profile = (spec.get("linux") or {}).get("seccomp")
     join_cgroup(procs_fds)
-    finalize(proc, profile, exe, env)
+    finalize(proc, profile, exe, env, (spec.get("linux") or {}).get("personality"))
 

@@ -143,8 +143,16 @@ def capset(effective: int, permitted: int, inheritable: int) -> None:
     _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
-def setgroups(gids: list[int]) -> None:
-    os.setgroups(gids)
+_PERSONALITY_DOMAINS = {"LINUX": 0x0000, "LINUX32": 0x0008}
+
+
+def set_personality(spec: dict) -> None:
+    """The spec's linux.personality (execution domain; the flags are reserved and unused)."""
+    domain = spec.get("domain", "LINUX")
+    if domain not in _PERSONALITY_DOMAINS:
+        raise OSError(22, f"unknown personality domain {domain!r} (LINUX or LINUX32)")
+    _libc.personality.argtypes = [ctypes.c_ulong]
+    _check(_libc.personality(_PERSONALITY_DOMAINS[domain]), f"personality {domain}")
 
 
 def cloexec_from(first: int, keep: range = range(0)) -> None:

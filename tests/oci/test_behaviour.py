@@ -791,3 +791,17 @@ def test_builtin_cgroup_namespace_on_v2_unified_tree(builtin, monkeypatch):
                 d.rmdir()
             except OSError:
                 pass
+
+
+def test_personality_linux32(builtin):
+    """linux.personality, for the init and for exec (runc 1.1 ignores it: built-in only)."""
+    spec = builtin.spec(sh("uname -m; exec sleep 100"))
+    spec["linux"]["personality"] = {"domain": "LINUX32"}
+    c = builtin.create(spec)
+    c.start()
+    _wait_for(lambda: c.stdout)
+    assert c.stdout.strip() in ("i686", "armv8l")
+    r = c.exec(["uname", "-m"])
+    assert r.stdout.strip() == c.stdout.strip()
+    builtin.check("kill", c.id, "KILL")
+    c.wait()

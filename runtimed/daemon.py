@@ -135,9 +135,10 @@ def _server_uuid(root: Path) -> str:
 def create_server(daemon: Daemon) -> grpc.aio.Server:  # noqa: F821
     import grpc
 
-    from runtimed.services import catalog
+    from runtimed.services import base, catalog
 
     server = grpc.aio.server(
+        interceptors=[base.MalformedRequests()],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
             ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),

@@ -73,6 +73,66 @@ def service(cls):
     return cls
 
 
+class _Malformed:
+    """What a request body that is not its message parses to; the handler never sees it."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _tolerant(deserializer):
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - answered with a status below
+            return _Malformed(exc)
+
+    return parse
+
+
+async def _refuse(request, context) -> None:
+    # INTERNAL, as gRPC-Go (and so containerd) answers a body it cannot unmarshal
+    await context.abort(grpc.StatusCode.INTERNAL, f"malformed request: {request.error}")
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """grpc.aio answers UNKNOWN when a unary request body does not parse; answer INTERNAL
+    with the parse error instead, before any handler runs. (Streamed request bodies fail
+    inside the handler, where `service` maps the error.)"""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler
+        parse = _tolerant(handler.request_deserializer)
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                if isinstance(request, _Malformed):
+                    return await _refuse(request, context)
+                return await inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, request_deserializer=parse,
+                response_serializer=handler.response_serializer)
+        inner_stream = handler.unary_stream
+
+        async def unary_stream(request, context):
+            if isinstance(request, _Malformed):
+                await _refuse(request, context)
+            result = inner_stream(request, context)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    yield item
+            else:
+                await result
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, request_deserializer=parse,
+            response_serializer=handler.response_serializer)
+
+
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
     for k, v in context.invocation_metadata() or ():
         if k == key:

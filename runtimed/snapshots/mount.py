@@ -266,7 +266,12 @@ def temp_mount(mounts: list[Mount], parent: str | os.PathLike | None = None) -> 
 
     target = tempfile.mkdtemp(prefix="mount-", dir=os.fspath(parent) if parent else None)
     try:
-        mount_all(mounts, target)
+        try:
+            mount_all(mounts, target)
+        except OSError as exc:
+            if exc.errno not in (22, 2, 19, 20):  # EINVAL ENOENT ENODEV ENOTDIR: bad mounts
+                raise
+            raise InvalidArgument(f"the mounts given cannot be mounted: {exc.strerror}") from exc
         try:
             yield Path(target)
         finally:

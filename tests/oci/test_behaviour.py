@@ -260,6 +260,18 @@ def test_busybox_true_under_6m(runtime):
     assert int((memory / "memory.max_usage_in_bytes").read_text()) <= 6 * MiB
 
 
+def test_exec_under_6m(runtime):
+    spec = runtime.spec(["sleep", "100"])
+    spec["linux"]["resources"]["memory"] = {"limit": 6 * MiB, "swap": 6 * MiB}
+    c = runtime.create(spec)
+    c.start()
+    r = c.exec(["sh", "-c", "echo in; exit 4"])
+    assert (r.returncode, r.stdout) == (4, "in\n")
+    assert "oom_kill 0" in (_cgroup_dir(runtime, c, "memory") / "memory.oom_control").read_text()
+    runtime.check("kill", c.id, "KILL")
+    c.wait()
+
+
 def test_pids_limit(runtime):
     """Limit 5: sh, the subshell and 3 sleeps; the 4th sleep's fork fails."""
     spec = runtime.spec(sh("(for i in 1 2 3 4 5 6 7 8; do sleep 30 & done); read n < /sys/fs/cgroup/pids/pids.current; echo $n"))

@@ -1,7 +1,7 @@
 """What runs in the forked container process between fork and execve (create and exec).
 
-The process does its namespace and filesystem setup first and joins the container's cgroup
-late, right before it reports ready: the Python interpreter's pages were charged to the
+The process does its namespace and mount setup first and joins the container's cgroup
+late, just before pivot_root: the Python interpreter's pages were charged to the
 caller's cgroup when they were first touched and stay there (v1 without
 move_charge_at_immigrate, and always on v2), so only what is touched after the join counts
 against the container's limit; a 6 MiB memory limit is enough for `busybox true`.
@@ -34,7 +34,12 @@ def send(fd: int, message: str) -> None:
 
 
 def child_main(fn, sync_w: int, *args) -> None:
-    """Run fn in a forked child; never return into the parent's stack."""
+    """Run fn in a forked child; never return into the parent's stack. The garbage
+    collector stays off: a full collection would write to every object's header, copying
+    (and charging to the container's cgroup) pages the child shares with its parent."""
+    import gc
+
+    gc.disable()
     code = 1
     try:
         fn(sync_w, *args)

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -66,8 +66,8 @@ class Container:
     bundle: Path
     pid: int = 0
     status: int | None = None  # raw wait status once reaped
-    stdout_path: Path = field(default=None)
-    stderr_path: Path = field(default=None)
+    stdout_path: Path | None = None
+    stderr_path: Path | None = None
 
     def start(self) -> None:
         self.runtime.check("start", self.id)
@@ -248,7 +248,8 @@ def _runtime(name: str, tmp_path: Path, cgroup_parent: str):
         yield rt
     finally:
         rt.cleanup()
-        assert not list(rt.root.glob("*")) if rt.root.exists() else True, f"{name} state left: {list(rt.root.glob('*'))}"
+        left = list(rt.root.glob("*")) if rt.root.exists() else []
+        assert not left, f"{name} state left behind: {left}"
         with open("/proc/self/mountinfo") as f:
             leaked = [line.split()[4] for line in f if str(tmp_path) in line.split()[4]]
         assert not leaked, f"mounts left behind: {leaked}"

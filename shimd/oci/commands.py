@@ -60,11 +60,11 @@ def _connect_console(path: str | None):
 def _read_sync(fd: int, on_hooks=None, on_userns=None) -> tuple[int, str | None]:
     """Messages from the forked children: "pid N", maybe "hooks" (the init waits for
     on_hooks(pid) to run the runtime's hooks), then "ready", or "error ..."; EOF ends."""
-    pid, buf, hooks_pending = 0, b"", False
+    pid, buf, hooks_pending, ready = 0, b"", False, False
     while True:
         chunk = os.read(fd, 4096)
         if not chunk:
-            return pid, None
+            return pid, "ready" if ready and pid else None
         buf += chunk
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
@@ -72,13 +72,18 @@ def _read_sync(fd: int, on_hooks=None, on_userns=None) -> tuple[int, str | None]
             if text.startswith("pid "):
                 pid = int(text[4:])
             elif text == "ready":
-                return pid, "ready"
+                # The init may get this far before its parent has even reported its pid.
+                if pid:
+                    return pid, "ready"
+                ready = True
             elif text == "hooks" and on_hooks is not None:
                 hooks_pending = True
             elif text.startswith("userns ") and on_userns is not None:
                 on_userns(int(text[7:]))
             elif text.startswith("error "):
                 return pid, text
+            if ready and pid:
+                return pid, "ready"
             if hooks_pending and pid:
                 # The init can ask before its parent has reported the init's pid.
                 hooks_pending = False
@@ -436,6 +441,9 @@ def exec_process(store: Store, container_id: str, proc: dict, pid_file: str | No
 def _exec_intermediate(sync_w: int, spec: dict, proc: dict, ns_fds, procs_fds, console, detach: bool) -> None:
     from shimd.oci import init, linux
 
+    # as runc: until execve, /proc/<pid>/exe (the host's Python) is out of the container's
+    # reach (CVE-2019-5736); execve of the container's binary makes it dumpable again
+    linux.prctl(linux.PR_SET_DUMPABLE, 0)
     for fd, flag, name in ns_fds:
         linux.setns(fd, flag, f"{name} namespace")
     pid = os.fork()

@@ -818,3 +818,20 @@ def test_personality_linux32(builtin):
     assert r.stdout.strip() == c.stdout.strip()
     builtin.check("kill", c.id, "KILL")
     c.wait()
+
+
+def test_concurrent_lifecycles(runtime, tmp_path):
+    """Eight containers created, started and deleted at once under one --root and one
+    cgroup parent: no shared-state race in the runtime's bookkeeping."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rootfs = make_rootfs(tmp_path / f"shared-{runtime.name}")
+    spec = runtime.spec(sh("echo $$"))
+    with ThreadPoolExecutor(8) as pool:
+        containers = list(pool.map(lambda _: runtime.create(spec, rootfs=rootfs), range(8)))
+        list(pool.map(lambda c: c.start(), containers))
+    for c in containers:
+        assert c.wait() == 0 and c.stdout == "1\n", c.stderr
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda c: runtime.run("delete", c.id), containers))
+    assert [r.returncode for r in results] == [0] * 8

@@ -327,6 +327,7 @@ def delete(store: Store, container_id: str, force: bool = False) -> None:
         state = store.load(container_id)
     except NotFound:
         if force:
+            store.remove(container_id)  # a create that died before writing its state
             return
         raise
     current = status(state, store)

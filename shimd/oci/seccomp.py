@@ -17,7 +17,6 @@ from runtimed.errors import InvalidArgument
 SCMP_ACT_KILL_PROCESS = 0x80000000
 SCMP_ACT_KILL_THREAD = 0x00000000
 SCMP_ACT_TRAP = 0x00030000
-SCMP_ACT_NOTIFY = 0x7FC00000
 SCMP_ACT_LOG = 0x7FFC0000
 SCMP_ACT_ALLOW = 0x7FFF0000
 _FLTATR_CTL_NNP = 3
@@ -69,10 +68,11 @@ def action(name: str, errno_ret: int | None, default_errno: int | None = None) -
     if name == "SCMP_ACT_TRACE":
         code = errno_ret if errno_ret is not None else (default_errno if default_errno is not None else _errno.EPERM)
         return 0x7FF00000 | (code & 0xFFFF)
+    if name == "SCMP_ACT_NOTIFY":
+        raise InvalidArgument("seccomp: SCMP_ACT_NOTIFY needs a listener (listenerPath), which is not supported")
     fixed = {"SCMP_ACT_KILL": SCMP_ACT_KILL_THREAD, "SCMP_ACT_KILL_THREAD": SCMP_ACT_KILL_THREAD,
              "SCMP_ACT_KILL_PROCESS": SCMP_ACT_KILL_PROCESS, "SCMP_ACT_TRAP": SCMP_ACT_TRAP,
-             "SCMP_ACT_ALLOW": SCMP_ACT_ALLOW, "SCMP_ACT_LOG": SCMP_ACT_LOG,
-             "SCMP_ACT_NOTIFY": SCMP_ACT_NOTIFY}
+             "SCMP_ACT_ALLOW": SCMP_ACT_ALLOW, "SCMP_ACT_LOG": SCMP_ACT_LOG}
     if name not in fixed:
         raise InvalidArgument(f"seccomp: unknown action {name!r}")
     return fixed[name]

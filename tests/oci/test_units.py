@@ -45,6 +45,8 @@ def test_seccomp_actions():
     assert seccomp.action("SCMP_ACT_KILL_PROCESS", None) == seccomp.SCMP_ACT_KILL_PROCESS
     with pytest.raises(InvalidArgument):
         seccomp.action("SCMP_ACT_BOGUS", None)
+    with pytest.raises(InvalidArgument):
+        seccomp.action("SCMP_ACT_NOTIFY", None)
 
 
 def test_capability_masks_ignore_unknown_and_too_new():

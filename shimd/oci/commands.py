@@ -118,7 +118,7 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
     lin = spec.get("linux") or {}
     cgroup_path = cgroups.normalize(lin.get("cgroupsPath") or f"/{container_id}")
     if lin.get("seccomp"):
-        seccomp.prepare()  # dlopen before pivot_root hides the host's libraries
+        seccomp.prepare(lin["seccomp"])
     store.reserve(container_id)
     cgroup = None
     pid = 0

@@ -55,8 +55,17 @@ def _libseccomp():
     return _lib
 
 
-def prepare() -> None:
-    """Load libseccomp now, so its pages are not first touched inside the container's cgroup."""
+def prepare(profile: dict | None = None) -> None:
+    """Check the profile's actions and operators and load libseccomp now: errors surface at
+    `create`, and the library is mapped before pivot_root hides the host's files."""
+    if profile:
+        default_errno = profile.get("defaultErrnoRet")
+        action(profile.get("defaultAction", "SCMP_ACT_ALLOW"), None, default_errno)
+        for rule in profile.get("syscalls") or ():
+            action(rule.get("action", ""), rule.get("errnoRet"), default_errno)
+            for arg in rule.get("args") or ():
+                if arg.get("op") not in _OPS:
+                    raise InvalidArgument(f"seccomp: unknown operator {arg.get('op')!r}")
     _libseccomp()
 
 

@@ -835,3 +835,11 @@ def test_concurrent_lifecycles(runtime, tmp_path):
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda c: runtime.run("delete", c.id), containers))
     assert [r.returncode for r in results] == [0] * 8
+
+
+def test_bad_seccomp_profile_fails_create(builtin):
+    spec = builtin.spec(["true"])
+    spec["linux"]["seccomp"] = {"defaultAction": "SCMP_ACT_ALLOW",
+                                "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_SOMETIMES"}]}
+    c = builtin.create(spec, expect_fail=True)
+    assert "SCMP_ACT_SOMETIMES" in c.stderr

@@ -103,7 +103,24 @@ def _load_spec(bundle: str) -> dict:
         raise InvalidArgument(f"{path}: process.args must not be empty")
     if not (spec.get("root") or {}).get("path"):
         raise InvalidArgument(f"{path}: root.path is required")
+    _validate_process(spec["process"], path)
+    personality = (spec.get("linux") or {}).get("personality")
+    if personality and personality.get("domain", "LINUX") not in ("LINUX", "LINUX32"):
+        raise InvalidArgument(f"{path}: linux.personality.domain must be LINUX or LINUX32")
     return spec
+
+
+def _validate_process(proc: dict, where: str) -> None:
+    """What would otherwise fail only after `start`, in the container's init."""
+    import resource
+
+    for r in proc.get("rlimits") or ():
+        if not r.get("type", "").startswith("RLIMIT_") or not hasattr(resource, r["type"]):
+            raise InvalidArgument(f"{where}: unknown rlimit {r.get('type')!r}")
+        if r.get("soft", 0) > r.get("hard", 0):
+            raise InvalidArgument(f"{where}: rlimit {r['type']} soft limit is above the hard limit")
+    if not (proc.get("cwd") or "/").startswith("/"):
+        raise InvalidArgument(f"{where}: process.cwd must be an absolute path")
 
 
 def create(store: Store, container_id: str, bundle: str, pid_file: str | None = None,
@@ -397,6 +414,7 @@ def exec_process(store: Store, container_id: str, proc: dict, pid_file: str | No
         raise InvalidArgument("process.terminal is set but no --console-socket was given")
     if not proc.get("args"):
         raise InvalidArgument("process.args must not be empty")
+    _validate_process(proc, "process")
     spec = state.config
     if (spec.get("linux") or {}).get("seccomp"):
         seccomp.prepare()

@@ -843,3 +843,14 @@ def test_bad_seccomp_profile_fails_create(builtin):
                                 "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_SOMETIMES"}]}
     c = builtin.create(spec, expect_fail=True)
     assert "SCMP_ACT_SOMETIMES" in c.stderr
+
+
+@pytest.mark.parametrize("bad", [
+    {"rlimits": [{"type": "RLIMIT_BOGUS", "soft": 1, "hard": 1}]},
+    {"rlimits": [{"type": "RLIMIT_NOFILE", "soft": 10, "hard": 5}]},
+    {"cwd": "relative"},
+])
+def test_bad_process_fails_create(runtime, bad):
+    spec = runtime.spec(["true"])
+    spec["process"].update(bad)
+    runtime.create(spec, expect_fail=True)

@@ -264,7 +264,7 @@ def start(store: Store, container_id: str) -> None:
 def state_json(store: Store, container_id: str) -> dict:
     state = store.load(container_id)
     current = status(state, store)
-    return {
+    out = {
         "ociVersion": OCI_VERSION,
         "id": state.id,
         "pid": state.pid if current != "stopped" else 0,
@@ -273,8 +273,10 @@ def state_json(store: Store, container_id: str) -> dict:
         "rootfs": state.rootfs,
         "created": state.created,
         "owner": state.owner,
-        "annotations": state.config.get("annotations") or {},
     }
+    if state.config.get("annotations"):
+        out["annotations"] = state.config["annotations"]  # omitted when empty, as runc does
+    return out
 
 
 def parse_signal(text: str) -> int:

@@ -854,3 +854,24 @@ def test_bad_process_fails_create(runtime, bad):
     spec = runtime.spec(["true"])
     spec["process"].update(bad)
     runtime.create(spec, expect_fail=True)
+
+
+def test_state_and_list_json_like_runc(builtin, runc):
+    shapes = []
+    for rt in (builtin, runc):
+        spec = rt.spec(["sleep", "100"])
+        spec["annotations"] = {"a": "b"}
+        c = rt.create(spec)
+        created = c.state()
+        listed = json.loads(rt.check("list", "--format", "json").stdout)
+        assert [entry["id"] for entry in listed] == [c.id] and listed[0]["status"] == "created"
+        c.start()
+        running = c.state()
+        rt.check("kill", c.id, "KILL")
+        c.wait()
+        stopped = c.state()
+        assert (created["status"], running["status"], stopped["status"]) == ("created", "running", "stopped")
+        assert created["pid"] == running["pid"] == c.pid and stopped["pid"] == 0
+        assert created["annotations"] == {"a": "b"} and created["bundle"] == str(c.bundle)
+        shapes.append((sorted(created), sorted(listed[0])))
+    assert shapes[0] == shapes[1]

@@ -13,7 +13,6 @@ requests in tests/torture/test_refusals.py instead.
 from __future__ import annotations
 
 import importlib
-import os
 import pkgutil
 
 import grpc
@@ -27,8 +26,8 @@ import runtimed.api
 from tests.torture import stats
 from tests.torture.helpers import version
 
-SOAK = os.environ.get("RUNTIMED_TORTURE_SOAK") == "1"
-EXAMPLES = 250 if SOAK else 12
+EXAMPLES = 12  # per method in CI; the slow variant tries SOAK_EXAMPLES
+SOAK_EXAMPLES = 300
 
 NOT_FUZZED = {
     "/runtimed.registry.v1.Registry/Pull",
@@ -230,9 +229,8 @@ def channel(shared_daemon):
 FUZZED = [(path, m) for path, m in METHODS if path not in NOT_FUZZED]
 
 
-@pytest.mark.parametrize("path,method", FUZZED, ids=[p for p, _ in FUZZED])
-def test_random_messages(shared_daemon, channel, path, method):
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+def fuzz_messages(channel, path: str, method, examples: int) -> None:
+    @settings(max_examples=examples, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(data=st.data())
     def fuzz(data):
@@ -247,15 +245,35 @@ def test_random_messages(shared_daemon, channel, path, method):
     assert version(channel), "runtimed stopped answering"
 
 
-@pytest.mark.parametrize("path,method", FUZZED, ids=[p for p, _ in FUZZED])
-def test_random_bytes(shared_daemon, channel, path, method):
-    @settings(max_examples=EXAMPLES // 2 or 1, deadline=None, database=None,
+def fuzz_bytes(channel, path: str, method, examples: int) -> None:
+    @settings(max_examples=examples, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(body=st.binary(max_size=512) | st.sampled_from([b"\xff" * 16, b"\x0a\xff\xff\xff\xff\x0f",
-                                                           b"\x12\x80\x80\x80\x80\x01"]))
+    @given(body=st.binary(max_size=512) | st.sampled_from(
+        [b"\xff" * 16, b"\x0a\xff\xff\xff\xff\x0f", b"\x12\x80\x80\x80\x80\x01"]))
     def fuzz(body):
         code, details = call(channel, path, method, [body], "trt-fuzz")
         check_answer(path, method, [body], code, details)
 
     fuzz()
     assert version(channel), "runtimed stopped answering"
+
+
+IDS = [p for p, _ in FUZZED]
+
+
+@pytest.mark.parametrize("path,method", FUZZED, ids=IDS)
+def test_random_messages(channel, path, method):
+    fuzz_messages(channel, path, method, EXAMPLES)
+
+
+@pytest.mark.parametrize("path,method", FUZZED, ids=IDS)
+def test_random_bytes(channel, path, method):
+    fuzz_bytes(channel, path, method, EXAMPLES // 2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("path,method", FUZZED, ids=IDS)
+def test_random_input_soak(channel, path, method):
+    fuzz_messages(channel, path, method, SOAK_EXAMPLES)
+    fuzz_bytes(channel, path, method, SOAK_EXAMPLES // 3)

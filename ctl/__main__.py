@@ -76,8 +76,8 @@ def _run_flags(p: Parser) -> None:
     a("--log-opt", action="append", default=[], help="log driver option (path=FILE)")
     a("--pull", choices=["missing", "always", "never"], default="missing", help="pull the image")
     a("--platform", help="platform of the image (os/arch[/variant])")
-    a("--runtime", default="io.containerd.runc.v2",
-      help="containerd runtime name, or an OCI runtime binary (runc, crun)")
+    a("--runtime", default=os.environ.get("CTL_RUNTIME") or "io.containerd.runc.v2",
+      help="containerd runtime name, or an OCI runtime binary (runc, crun); env CTL_RUNTIME")
     a("--snapshotter", default="overlayfs", help="snapshotter for the root filesystem")
     a("--stop-signal", help="signal to stop the container")
     a("--detach-keys", default="ctrl-p,ctrl-q", help="keys that detach from the container")

@@ -87,15 +87,16 @@ class Attachment:
     on_detach: Callable[[], None] | None = None
     _outputs: list[threading.Thread] = field(default_factory=list)
     _stdin_fd: int | None = None
+    _cancelled: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> None:
-        """Open the stdin FIFO now (read-write, so it never blocks) and start the copiers."""
+        """Start the copiers. Each FIFO is opened by a blocking open in its thread: it
+        returns once the shim has opened its end, so nothing is written before a reader
+        exists and an output EOF really means the process side closed."""
         s = self.fifos.stdio
-        if s.stdin:
-            self._stdin_fd = os.open(s.stdin, os.O_RDWR | os.O_CLOEXEC)
-            if self.stdin is not None:
-                threading.Thread(target=self._copy_stdin, daemon=True).start()
+        if s.stdin and self.stdin is not None:
+            threading.Thread(target=self._copy_stdin, daemon=True).start()
         for path, dest in ((s.stdout, self.stdout), (s.stderr, self.stderr)):
             if path:
                 t = threading.Thread(target=self._copy_output, args=(path, dest), daemon=True)
@@ -103,6 +104,15 @@ class Attachment:
                 self._outputs.append(t)
 
     def _copy_stdin(self) -> None:
+        try:
+            fd = os.open(self.fifos.stdio.stdin, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        with self._lock:
+            if self._cancelled:
+                os.close(fd)
+                return
+            self._stdin_fd = fd
         src = self.stdin.fileno()
         try:
             while True:
@@ -118,7 +128,7 @@ class Attachment:
                 fd = self._stdin_fd
                 if fd is None:
                     return
-                os.write(fd, data)
+                _write_all(fd, data)
         except OSError:
             pass
         self.close_stdin()
@@ -164,10 +174,12 @@ class Attachment:
     def cancel(self) -> None:
         """Unblock copiers still waiting for the shim to open a FIFO (creation failed)."""
         s = self.fifos.stdio
-        for path in (s.stdout, s.stderr):
+        with self._lock:
+            self._cancelled = True
+        for path, flags in ((s.stdout, os.O_WRONLY), (s.stderr, os.O_WRONLY), (s.stdin, os.O_RDONLY)):
             if path:
                 try:
-                    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                    fd = os.open(path, flags | os.O_NONBLOCK)
                     os.close(fd)
                 except OSError:
                     pass

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import signal as signals
+import threading
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ctl.client.cio import Stdio
@@ -203,7 +204,6 @@ def _needs_passwd(user: str) -> bool:
 class TasksAPI:
     def __init__(self, client):
         self._client = client
-        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def _stub(self):
@@ -237,10 +237,20 @@ class TasksAPI:
         return ExitStatus(response.exit_status, timestamp(response.exited_at))
 
     def wait_async(self, container_id: str, exec_id: str = "") -> Future:
-        """Wait in the background: call before `start` so a fast exit is never missed."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ctl-wait")
-        return self._pool.submit(self.wait, container_id, exec_id)
+        """Wait in the background: call before `start` so a fast exit is never missed.
+
+        A daemon thread, not an executor: a wait that never returns (the process was never
+        started) must not keep the interpreter from exiting."""
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(self.wait(container_id, exec_id))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name=f"wait-{container_id}", daemon=True).start()
+        return future
 
     def kill(self, container_id: str, signal: int | str = signals.SIGTERM, *, all: bool = False,
              exec_id: str = "") -> None:
@@ -322,9 +332,7 @@ class TasksAPI:
         return [_stats(m) for m in response.metrics]
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        """Nothing to release: background waits are daemon threads."""
 
 
 def _stats(metric) -> Stats:

@@ -11,6 +11,9 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
     """One line for the user and docker's exit code."""
     from runtimed.errors import RuntimedError
 
+    code = getattr(exc, "exit_code", None)
+    if isinstance(code, int):  # a container result (ExitCode) carries its own status
+        return str(exc), code
     if isinstance(exc, RuntimedError):
         return str(exc) or type(exc).__name__, EXIT_DAEMON
     if isinstance(exc, OSError) and exc.filename:

@@ -40,6 +40,10 @@ class ExitCode(Exception):
         super().__init__(message)
         self.code = code
 
+    @property
+    def exit_code(self) -> int:
+        return self.code
+
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -66,10 +70,11 @@ def _start_error(exc: RuntimedError) -> ExitCode:
     """docker's 126/127 for a command that cannot be run or is not there."""
     text = str(exc)
     lowered = text.lower()
-    if "not found" in lowered or "no such file" in lowered or "executable file" in lowered:
-        return ExitCode(EXIT_NOT_FOUND, text)
-    if "permission denied" in lowered or "is a directory" in lowered or "exec format" in lowered:
-        return ExitCode(EXIT_CANNOT_INVOKE, text)
+    if "exec" in lowered:  # runc and shimd: `exec: "x": executable file not found in $PATH`
+        if "permission denied" in lowered or "is a directory" in lowered or "exec format" in lowered:
+            return ExitCode(EXIT_CANNOT_INVOKE, text)
+        if "not found" in lowered or "no such file" in lowered:
+            return ExitCode(EXIT_NOT_FOUND, text)
     return ExitCode(EXIT_DAEMON, text)
 
 
@@ -977,32 +982,18 @@ def _exec_capture(c, container_id: str, argv: list[str], stdin_data: bytes | Non
 
     exec_id = "cp-" + secrets.token_hex(6)
     fifos = FifoSet.create(exec_id, stdin=stdin_data is not None)
-    with tempfile.TemporaryFile() as o, tempfile.TemporaryFile() as e:
-        attachment = Attachment(fifos, stdout=o, stderr=e)
+    with tempfile.TemporaryFile() as i, tempfile.TemporaryFile() as o, tempfile.TemporaryFile() as e:
+        i.write(stdin_data or b"")
+        i.seek(0)
+        attachment = Attachment(
+            fifos, stdin=i if stdin_data is not None else None, stdout=o, stderr=e,
+            on_stdin_eof=lambda: c.tasks.close_stdin(container_id, exec_id),
+        )
         attachment.start()
         try:
             c.tasks.exec(container_id, exec_id, argv, stdio=fifos.stdio)
             waiter = c.tasks.wait_async(container_id, exec_id)
             c.tasks.start(container_id, exec_id)
-            if stdin_data is not None:
-                import threading
-
-                def feed():
-                    fd = attachment._stdin_fd
-                    view = memoryview(stdin_data)
-                    try:
-                        while view:
-                            n = os.write(fd, view[:65536])
-                            view = view[n:]
-                    except OSError:
-                        pass
-                    attachment.close_stdin()
-                    try:
-                        c.tasks.close_stdin(container_id, exec_id)
-                    except RuntimedError:
-                        pass
-
-                threading.Thread(target=feed, daemon=True).start()
             status = waiter.result(timeout=300)
             attachment.wait()
             try:

@@ -47,8 +47,15 @@ def test_images(tmp_path_factory) -> dict:
 
 
 @pytest.fixture
-def ctl(daemon) -> Ctl:
-    return Ctl(daemon.address)
+def ctl(daemon):
+    """A `Ctl` for the daemon; containers a failed test left are removed afterwards."""
+    ctl = Ctl(daemon.address)
+    yield ctl
+    for namespace in ctl("namespace", "ls", "-q", check=False).stdout.split():
+        scoped = Ctl(daemon.address, namespace)
+        ids = scoped("ps", "-a", "-q", "--no-trunc", check=False).stdout.split()
+        if ids:
+            scoped("rm", "-f", *ids, check=False)
 
 
 @pytest.fixture

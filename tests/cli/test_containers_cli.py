@@ -160,25 +160,33 @@ def test_ctrl_c_on_run_is_forwarded(ctl, busybox):
 
 
 def test_events_show_the_lifecycle(ctl, busybox):
+    import threading
+
     watcher = subprocess.Popen(
-        ctl.command("events", "--filter", "type=container", "--until", "15s", "--format", "{{.Topic}}"),
+        ctl.command("events", "--filter", "type=container", "--until", "60s", "--format", "{{.Topic}}"),
         stdout=subprocess.PIPE, text=True,
     )
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(line.strip() for line in watcher.stdout), daemon=True)
+    reader.start()
     try:
-        time.sleep(1.0)
-        ctl("run", "--rm", "busybox", "true")
-        seen = []
-        for line in watcher.stdout:
-            seen.append(line.strip())
-            if "/containers/delete" in seen:
+        # the watcher subscribes asynchronously: run until one whole lifecycle was seen
+        for _ in range(10):
+            ctl("run", "--rm", "busybox", "true")
+            time.sleep(0.5)
+            if "/containers/delete" in seen and "/containers/create" in seen:
                 break
     finally:
         watcher.kill()
         watcher.wait()
+        reader.join(5)
+    first = seen.index("/containers/create")
+    lifecycle = seen[first:]
     for topic in ("/containers/create", "/tasks/create", "/tasks/start", "/tasks/exit",
                   "/tasks/delete", "/containers/delete"):
-        assert topic in seen, seen
-    assert seen.index("/tasks/start") < seen.index("/tasks/exit")
+        assert topic in lifecycle, seen
+    assert lifecycle.index("/tasks/start") < lifecycle.index("/tasks/exit")
+    assert not any(t.startswith(("/snapshot/", "/images/")) for t in seen)  # type=container
 
 
 def test_system_df_and_prune(ctl, busybox):

@@ -62,9 +62,10 @@ class Transport:
             maxsize=max(pool_size, 1),
             ssl_context=_ssl_context(endpoint),
             retries=urllib3.Retry(
-                total=0,
+                total=None,  # 0 would count the first redirect (blob stores, CDNs) as too many
                 connect=0,
                 read=0,
+                other=0,
                 redirect=5,
                 raise_on_redirect=True,
                 status=0,

@@ -52,8 +52,9 @@ def _run_flags(p: Parser) -> None:
     a("--name", help="container name (its id)")
     a("-e", "--env", action="append", default=[], help="set an environment variable")
     a("--env-file", action="append", default=[], help="read environment variables from a file")
-    a("-v", "--volume", action="append", default=[], help="bind mount SRC:DEST[:ro]")
-    a("--mount", action="append", default=[], help="type=bind|tmpfs,source=,target=[,readonly]")
+    a("-v", "--volume", action="append", default=[],
+      help="/HOST:/DEST[:ro] bind, NAME:/DEST[:ro] named volume, /DEST anonymous volume")
+    a("--mount", action="append", default=[], help="type=bind|volume|tmpfs,source=,target=[,readonly]")
     a("--tmpfs", action="append", default=[], help="mount a tmpfs: PATH[:OPTIONS]")
     a("-p", "--publish", action="append", default=[], help="publish a port [IP:]HOST:CONTAINER[/udp]")
     a("--network", "--net", default="default", help="default, host, none, container:ID or a network name")
@@ -235,6 +236,28 @@ def build_parser() -> Parser:
     p.add_argument("server", nargs="?", default="docker.io")
 
     _network_commands(sub)
+
+    # volumes ---------------------------------------------------------------------------
+    vol = _add(sub, "volume", "system:group", "manage volumes")
+    vsub = vol.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=Parser)
+    p = _add(vsub, "create", "volumes:create", "create a volume")
+    p.add_argument("-d", "--driver", default="local")
+    p.add_argument("--label", action="append", default=[])
+    p.add_argument("name", nargs="?")
+    p = _add(vsub, "ls", "volumes:ls", "list volumes", aliases=("list",))
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-f", "--filter", action="append", default=[], help="name=, driver=, label=")
+    _format_flag(p)
+    p = _add(vsub, "inspect", "volumes:inspect", "low-level information on volumes")
+    _format_flag(p)
+    p.add_argument("names", nargs="+")
+    p = _add(vsub, "rm", "volumes:rm", "remove volumes", aliases=("remove",))
+    p.add_argument("-f", "--force", action="store_true", help="even while a container uses it")
+    p.add_argument("names", nargs="+")
+    p = _add(vsub, "prune", "volumes:prune", "remove volumes no container uses")
+    p.add_argument("-a", "--all", action="store_true", help="named volumes too, not only anonymous")
+    p.add_argument("-f", "--force", action="store_true", help="do not prompt")
+    p.add_argument("--filter", action="append", default=[])
 
     # system ----------------------------------------------------------------------------
     p = _add(sub, "version", "system:version", "client and server versions")

@@ -24,6 +24,7 @@ from ctl.client.images import ImagesAPI
 from ctl.client.rpc import SERVICES, Connection, Stub
 from ctl.client.spec import SpecOptions
 from ctl.client.types import Container, ExitStatus
+from ctl.client.volumes import VolumesAPI
 from runtimed.errors import NotFound
 
 DEFAULT_ADDRESS = "/run/runtimed/runtimed.sock"
@@ -43,6 +44,7 @@ class Client:
         self.images = ImagesAPI(self)
         self.containers = ContainersAPI(self)
         self.tasks = TasksAPI(self)
+        self.volumes = VolumesAPI(self)
 
     def __enter__(self) -> Client:
         return self
@@ -205,7 +207,7 @@ class RunningContainer:
 
     def cleanup(self) -> None:
         try:
-            self.client.containers.remove(self.id, force=True)
+            self.client.containers.remove(self.id, force=True, volumes=True)
         except NotFound:
             pass
         if self._attachment:

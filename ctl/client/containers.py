@@ -17,8 +17,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ctl.client.cio import Stdio
-from ctl.client.spec import SpecOptions, build_spec, exec_process, resolve_user
+from ctl.client.spec import ImageConfig, Mount, SpecOptions, build_spec, exec_process, resolve_user
 from ctl.client.types import Container, ExitStatus, Process, Stats, timestamp
+from ctl.client.volumes import LABEL_ANONYMOUS
 from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound
 
 SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
@@ -108,6 +109,9 @@ class ContainersAPI:
         if not images.is_unpacked(resolved, options.snapshotter):
             images.unpack(resolved, options.snapshotter)
         image_config = resolved.runtime_config
+        volumes = self._resolve_volumes(spec_options, image_config)
+        if volumes.anonymous:
+            options.labels = {**options.labels, LABEL_ANONYMOUS: ",".join(volumes.anonymous)}
         wants_lookup = _needs_passwd(spec_options.user if spec_options.user is not None else image_config.user)
         reader = (lambda path: images.read_file(resolved, path)) if wants_lookup else None
         spec = build_spec(container_id, self._client.namespace, image_config, spec_options, reader)
@@ -121,6 +125,8 @@ class ContainersAPI:
                 )
             )
             try:
+                for name, path in volumes.fill:
+                    self._client.volumes.populate(name, options.snapshotter, container_id, path)
                 record = pb.Container(
                     id=container_id,
                     image=resolved.image.name,
@@ -143,8 +149,38 @@ class ContainersAPI:
                     snaps.Remove(snaps.pb.RemoveSnapshotRequest(snapshotter=options.snapshotter, key=container_id))
                 except NotFound:
                     pass
+                for name in volumes.anonymous:
+                    try:
+                        self._client.volumes.remove(name, force=True)
+                    except NotFound:
+                        pass
                 raise
         return Container.from_pb(created)
+
+    def _resolve_volumes(self, spec_options: SpecOptions, image: ImageConfig) -> _Volumes:
+        """Named and anonymous volume mounts (and the image's VOLUMEs) become binds of the
+        volumes' directories; fresh ones are filled from the image, as Docker does."""
+        result = _Volumes()
+        wanted = [m for m in spec_options.mounts if m.type == "volume"]
+        taken = {m.destination for m in spec_options.mounts}
+        wanted += [Mount(destination=path, type="volume") for path in image.volumes if path not in taken]
+        if not wanted:
+            return result
+        resolved = []
+        for m in spec_options.mounts:
+            if m.type != "volume":
+                resolved.append(m)
+        for m in wanted:
+            if m.source:
+                volume = self._client.volumes.create(m.source)
+            else:
+                volume = self._client.volumes.create(anonymous=True)
+                result.anonymous.append(volume.name)
+            result.fill.append((volume.name, m.destination))
+            resolved.append(Mount(destination=m.destination, source=volume.mountpoint, type="bind",
+                                  readonly=m.readonly))
+        spec_options.mounts = resolved
+        return result
 
     def update_labels(self, container_id: str, labels: dict[str, str]) -> Container:
         pb = self._stub.pb
@@ -153,8 +189,9 @@ class ContainersAPI:
         request.update_mask.paths.extend(f"labels.{k}" for k in labels)
         return Container.from_pb(self._stub.Update(request).container)
 
-    def remove(self, container_id: str, force: bool = False) -> None:
-        """Delete the container and its snapshot; with `force`, kill and delete its task."""
+    def remove(self, container_id: str, force: bool = False, volumes: bool = False) -> None:
+        """Delete the container and its snapshot; with `force`, kill and delete its task;
+        with `volumes`, the anonymous volumes made for it."""
         container = self.get(container_id)
         tasks = self._client.tasks
         try:
@@ -191,6 +228,18 @@ class ContainersAPI:
                 )
             except NotFound:
                 pass
+        if volumes:
+            for name in filter(None, container.labels.get(LABEL_ANONYMOUS, "").split(",")):
+                try:
+                    self._client.volumes.remove(name)
+                except NotFound:
+                    pass
+
+
+@dataclass
+class _Volumes:
+    anonymous: list[str] = field(default_factory=list)
+    fill: list[tuple[str, str]] = field(default_factory=list)  # (volume, path in the image)
 
 
 def _needs_passwd(user: str) -> bool:

@@ -352,6 +352,8 @@ def build_spec(
             if n["type"] == "network":
                 n["path"] = opts.network
 
+    if any(m.type == "volume" for m in opts.mounts):
+        raise InvalidArgument("volume mounts must be resolved to host paths first (containers.create does)")
     taken = {m.destination for m in opts.mounts}
     spec["mounts"] = [m for m in spec["mounts"] if m["destination"] not in taken]
     spec["mounts"] += [m.to_oci() for m in opts.mounts]
@@ -406,8 +408,11 @@ def parse_memory(value: str) -> int:
 
 
 def parse_volume(spec: str) -> Mount:
-    """`-v /host:/ctr[:ro|rw]` → a bind mount; named volumes go through the volume service."""
+    """`-v /host:/ctr[:ro]` a bind mount, `-v name:/ctr[:ro]` a named volume, `-v /ctr` an
+    anonymous volume."""
     parts = spec.split(":")
+    if len(parts) == 1 and parts[0].startswith("/"):
+        return Mount(destination=parts[0], type="volume")
     if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
         raise InvalidArgument(f"invalid volume specification {spec!r}: use SRC:DEST[:ro]")
     src, dst = parts[0], parts[1]
@@ -417,7 +422,8 @@ def parse_volume(spec: str) -> Mount:
     unknown = [m for m in mode if m not in ("ro", "rw", "z", "Z")]
     if unknown:
         raise InvalidArgument(f"invalid mode {':'.join(unknown)!r} in volume {spec!r}")
-    return Mount(destination=dst, source=src, type="bind", readonly="ro" in mode)
+    typ = "bind" if src.startswith("/") else "volume"
+    return Mount(destination=dst, source=src, type=typ, readonly="ro" in mode)
 
 
 def parse_mount(spec: str) -> Mount:

@@ -106,11 +106,6 @@ def spec_options(args, image_config=None):
     mounts += [parse_mount(m) for m in args.mount]
     mounts += [parse_tmpfs(t) for t in args.tmpfs]
     for m in mounts:
-        if m.type == "volume" or (m.type == "bind" and not m.source.startswith("/")):
-            raise InvalidArgument(
-                f"named volume {m.source or '(anonymous)'} for {m.destination}: volumes are not "
-                "supported yet; use an absolute host path to bind mount"
-            )
         if m.type == "bind" and not os.path.exists(m.source):
             raise InvalidArgument(f"bind source path does not exist: {m.source}")
     entrypoint = None
@@ -420,7 +415,7 @@ def run(args) -> int:
 def _remove_quietly(c, container_id: str) -> None:
     try:
         container = c.containers.get(container_id)
-        c.containers.remove(container_id, force=True)
+        c.containers.remove(container_id, force=True, volumes=True)
         _remove_log(container)
     except NotFound:
         pass
@@ -565,7 +560,7 @@ def rm(args) -> int:
                 f"cannot remove container {container_id}: it is {task.status.lower()}; "
                 "stop it first or use rm -f"
             )
-        c.containers.remove(container_id, force=True)
+        c.containers.remove(container_id, force=True, volumes=args.volumes)
         _remove_log(container)
 
     return _each(args, args.containers, action)

@@ -98,10 +98,15 @@ def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None) -> i
         os.environ["PYTHONPATH"] = os.pathsep.join([package_root, *paths])
     os.chdir(bundle)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    return asyncio.run(_serve(id, bundle, ready_fd))
+    forkserver = None
+    if os.environ.get("RUNTIMED_SHIM_FORKSERVER", "1") != "0":
+        from shimd.forkserver import ForkServer
+
+        forkserver = ForkServer.start()  # now, while this process has a single thread
+    return asyncio.run(_serve(id, bundle, ready_fd, forkserver))
 
 
-async def _serve(id: str, bundle: Path, ready_fd: int | None) -> int:
+async def _serve(id: str, bundle: Path, ready_fd: int | None, forkserver=None) -> int:
     import asyncio
 
     import grpc
@@ -114,7 +119,7 @@ async def _serve(id: str, bundle: Path, ready_fd: int | None) -> int:
     log = logging.getLogger("shimd")
     reaper = Reaper()
     reaper.install()
-    shim = Shim(id, bundle, reaper)
+    shim = Shim(id, bundle, reaper, forkserver=forkserver)
     server = grpc.aio.server()
     service.register(server, shim)
     sock = socket_path(bundle)
@@ -137,6 +142,8 @@ async def _serve(id: str, bundle: Path, ready_fd: int | None) -> int:
     log.info("shutting down")
     await server.stop(grace=1)
     shim.close()
+    if forkserver is not None:
+        forkserver.close()
     for path in (bundle / "address", sock):
         try:
             path.unlink()

@@ -19,6 +19,7 @@ from pathlib import Path
 from runtimed import identifiers
 from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound
 from shimd import __version__
+from shimd.forkserver import ForkServer
 from shimd.lifecycle import INIT, Emitted, Lifecycle, ProcessState, Status
 from shimd.outbox import Outbox, write_atomic
 from shimd.reaper import Reaper
@@ -38,8 +39,10 @@ class ExitInfo:
 
 
 class Shim:
-    def __init__(self, id: str, bundle: Path, reaper: Reaper, outbox: Outbox | None = None):
+    def __init__(self, id: str, bundle: Path, reaper: Reaper, outbox: Outbox | None = None,
+                 forkserver: ForkServer | None = None):
         self.id = id
+        self.forkserver = forkserver
         self.bundle = bundle
         self.reaper = reaper
         self.outbox = outbox or Outbox(bundle / "events.jsonl")
@@ -71,8 +74,10 @@ class Shim:
         state_root.mkdir(mode=0o700, exist_ok=True)
         (self.bundle / "exits").mkdir(mode=0o700, exist_ok=True)
         self.runtime = OciRuntime(
-            command_for(runtime), state_root, self.bundle / "runtime.log", self.reaper
+            command_for(runtime), state_root, self.bundle / "runtime.log", self.reaper,
+            self.forkserver,
         )
+        self.runtime.use_library(spec)
         pid_file = self.bundle / "init.pid"
         io = ProcessIO(stdio)
         await self._run_with_io(
@@ -157,7 +162,7 @@ class Shim:
         process = self.lifecycle.start_begun(exec_id)
         try:
             if exec_id == INIT:
-                await self._runtime.run("start", self.id)
+                await self._runtime.start(self.id)
                 pid = process.pid
             else:
                 pid = await self._start_exec(exec_id)
@@ -289,13 +294,13 @@ class Shim:
 
     async def pause(self) -> None:
         self.lifecycle.require_running("pause")
-        await self._runtime.run("pause", self.id)
+        await self._runtime.pause(self.id)
         await self._emit(self.lifecycle.paused())
 
     async def resume(self) -> None:
         if self.lifecycle.init.status != Status.PAUSED:
             self.lifecycle.resumed()  # raises with the reason
-        await self._runtime.run("resume", self.id)
+        await self._runtime.resume(self.id)
         await self._emit(self.lifecycle.resumed())
 
     async def pids(self) -> list[tuple[int, str]]:

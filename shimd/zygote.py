@@ -42,8 +42,13 @@ def preload() -> None:
     import shimd.cgroups  # noqa: F401
     import shimd.cgroups.v1  # noqa: F401
     import shimd.cgroups.v2  # noqa: F401
+    import shimd.forkserver  # noqa: F401
     import shimd.lifecycle  # noqa: F401
     import shimd.metrics  # noqa: F401
+    import shimd.oci.__main__  # noqa: F401 - the fork server's workers run the command line
+    import shimd.oci.commands  # noqa: F401 - the built-in runtime's in-process commands
+    import shimd.oci.init  # noqa: F401 - create/exec in the fork server's workers
+    import shimd.oci.state  # noqa: F401
     import shimd.outbox  # noqa: F401
     import shimd.reaper  # noqa: F401
     import shimd.runtime  # noqa: F401

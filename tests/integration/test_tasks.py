@@ -329,6 +329,13 @@ def test_many_waits_and_subscribers_do_not_slow_other_calls(client):
         subscriber.close()
 
 
+def _ppid(pid: str) -> int:
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def _zygote_pids(daemon) -> list[int]:
     """The zygote: runs `shimd.zygote` for this daemon and is not one of its shims."""
     marker = str(daemon.state / "shim-zygote.sock").encode()
@@ -340,8 +347,8 @@ def _zygote_pids(daemon) -> list[int]:
                 cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
             except OSError:
                 continue
-            if b"shimd.zygote" in cmdline and marker in cmdline:
-                found.append(int(entry))
+            if b"shimd.zygote" in cmdline and marker in cmdline and _ppid(entry) not in shims:
+                found.append(int(entry))  # (a shim's child is its fork server, not a zygote)
     return found
 
 

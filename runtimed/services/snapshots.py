@@ -101,7 +101,8 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
     async def Update(self, request, context):
         sn = self._get(request.snapshotter)
         i = request.info
-        info = Info(name=i.name, kind=Kind(i.kind), parent=i.parent, labels=dict(i.labels))
+        kind = Kind(i.kind) if i.kind in iter(Kind) else Kind.UNKNOWN  # ignored by update
+        info = Info(name=i.name, kind=kind, parent=i.parent, labels=dict(i.labels))
         updated = await asyncio.to_thread(sn.update, namespace(context), info,
                                           list(request.update_mask.paths))
         return pb.UpdateSnapshotResponse(info=info_to_proto(updated))

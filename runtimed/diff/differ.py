@@ -15,25 +15,17 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtimed.diff import compression
 from runtimed.diff.apply import apply_layer
 from runtimed.diff.compute import write_overlay_diff, write_tree_diff
 from runtimed.errors import AlreadyExists, InvalidArgument
+from runtimed.images.manifest import Descriptor
 from runtimed.snapshots.mount import Mount, temp_mount, unmount_all
 
 UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
 DEFAULT_DIFF_MEDIA_TYPE = compression.OUTPUT_MEDIA_TYPES[compression.GZIP]
-
-
-@dataclass
-class Descriptor:
-    media_type: str
-    digest: str
-    size: int
-    annotations: dict[str, str] = field(default_factory=dict)
 
 
 class _HashingSink:

@@ -45,7 +45,6 @@ from runtimed.images.manifest import (
     parse_manifest,
     walk,
 )
-from runtimed.metadata.images import Descriptor as ImageTarget
 from runtimed.metadata.images import Image
 
 log = logging.getLogger("runtimed.images.archive")
@@ -561,7 +560,7 @@ class _Import:
     def _store_image(self, name: str, target: Descriptor) -> None:
         image = Image(
             name,
-            ImageTarget(target.media_type, target.digest, target.size, dict(target.annotations)),
+            Descriptor(target.media_type, target.digest, target.size, dict(target.annotations)),
             dict(self.options.labels),
         )
         paths = ["target", *(f"labels.{k}" for k in self.options.labels)]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from runtimed.content import digests
 from runtimed.errors import AlreadyExists, InvalidArgument, NotFound
 from runtimed.filters import parse
+from runtimed.images.manifest import Descriptor
 from runtimed.metadata import labels as labelutil
 from runtimed.metadata.db import Database, now_ns
 
@@ -32,14 +33,6 @@ MIGRATIONS = [
     );
     """,
 ]
-
-
-@dataclass
-class Descriptor:
-    media_type: str
-    digest: str
-    size: int
-    annotations: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

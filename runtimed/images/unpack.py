@@ -89,9 +89,10 @@ class Unpacker:
         try:
             applied = 0
             for i, layer in enumerate(manifest.layers):
-                if self._exists(sn, ns, chain[i]):
+                if is_committed(sn, ns, chain[i]):
                     continue
-                self._apply(sn, ns, layer, diff_ids[i], chain[i], chain[i - 1] if i else "", lease)
+                apply_layer(self.content, self.differ, sn, ns, layer, diff_ids[i], chain[i],
+                            chain[i - 1] if i else "", lease)
                 applied += 1
             for layer, diff_id in zip(manifest.layers, diff_ids, strict=True):
                 self._label(ns, layer.digest, {UNCOMPRESSED_LABEL: diff_id})
@@ -103,37 +104,6 @@ class Unpacker:
         return UnpackResult(chain[-1] if chain else "", len(chain), applied)
 
     # -- steps --------------------------------------------------------------------------
-
-    def _apply(self, sn, ns: str, layer: Descriptor, diff_id: str, chain_id: str,
-               parent: str, lease: str | None) -> None:
-        key = f"extract-{os.urandom(6).hex()} {chain_id}"
-        labels = {SNAPSHOT_REF_LABEL: chain_id}
-        mounts = sn.prepare(ns, key, parent, labels=labels, lease=lease)
-        try:
-            with self.content.open_blob(ns, layer.digest) as blob:
-                result = self.differ.apply_stream(blob, mounts, layer.media_type)
-            if result.digest != diff_id:
-                raise InvalidArgument(
-                    f"layer {layer.digest}: extracted content has diff ID {result.digest}, "
-                    f"the image config says {diff_id}"
-                )
-            try:
-                sn.commit(ns, chain_id, key, labels=labels, lease=lease)
-            except AlreadyExists:
-                pass  # unpacked meanwhile by someone else: theirs is the same content
-            else:
-                return
-        except BaseException:
-            _remove_quietly(sn, ns, key)
-            raise
-        _remove_quietly(sn, ns, key)
-
-    @staticmethod
-    def _exists(sn, ns: str, chain_id: str) -> bool:
-        try:
-            return sn.stat(ns, chain_id).kind.name == "COMMITTED"
-        except NotFound:
-            return False
 
     def _label(self, ns: str, digest: str, labels: dict[str, str]) -> None:
         info = self.content.info(ns, digest)
@@ -168,6 +138,41 @@ class Unpacker:
             else:
                 desc = candidates[0]
         raise FailedPrecondition(f"indexes nested too deeply under {desc.digest}")
+
+
+def is_committed(sn, ns: str, chain_id: str) -> bool:
+    try:
+        return sn.stat(ns, chain_id).kind.name == "COMMITTED"
+    except NotFound:
+        return False
+
+
+def apply_layer(content, differ, sn, ns: str, layer: Descriptor, diff_id: str, chain_id: str,
+                parent: str, lease: str | None) -> None:
+    """Apply one layer blob on `parent` and commit it as the snapshot named `chain_id`,
+    labelled as containerd names unpacked layers. Used by unpack and by pull, which
+    applies layer N as soon as it and the layers below it are in."""
+    key = f"extract-{os.urandom(6).hex()} {chain_id}"
+    labels = {SNAPSHOT_REF_LABEL: chain_id}
+    mounts = sn.prepare(ns, key, parent, labels=labels, lease=lease)
+    try:
+        with content.open_blob(ns, layer.digest) as blob:
+            result = differ.apply_stream(blob, mounts, layer.media_type)
+        if result.digest != diff_id:
+            raise InvalidArgument(
+                f"layer {layer.digest}: extracted content has diff ID {result.digest}, "
+                f"the image config says {diff_id}"
+            )
+        try:
+            sn.commit(ns, chain_id, key, labels=labels, lease=lease)
+        except AlreadyExists:
+            pass  # unpacked meanwhile by someone else: theirs is the same content
+        else:
+            return
+    except BaseException:
+        _remove_quietly(sn, ns, key)
+        raise
+    _remove_quietly(sn, ns, key)
 
 
 def _expiry() -> str:

@@ -1014,6 +1014,11 @@ def _running(c, container_id: str) -> None:
         raise FailedPrecondition(f"container {container_id} is not running: cp and export need a running container")
 
 
+def _first_line(data: bytes) -> str:
+    lines = data.decode(errors="replace").strip().splitlines()
+    return lines[0] if lines else "no error output"
+
+
 def cp(args) -> int:
     import io
     import shutil
@@ -1032,7 +1037,7 @@ def cp(args) -> int:
         parent, base = os.path.split(src.rstrip("/") or "/")
         code, data, errors = _exec_capture(c, container_id, ["tar", "cf", "-", "-C", parent or "/", base or "."])
         if code != 0:
-            raise NotFound(f"could not copy {src} from {container_id}: {errors.decode(errors='replace').strip()}")
+            raise NotFound(f"could not copy {src} from {container_id}: {_first_line(errors)}")
         with tempfile.TemporaryDirectory() as tmp:
             with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 tar.extractall(tmp, filter="tar")
@@ -1059,7 +1064,7 @@ def cp(args) -> int:
         tar.add(src, arcname=name)
     code, _, errors = _exec_capture(c, container_id, ["tar", "xf", "-", "-C", directory or "/"], buffer.getvalue())
     if code != 0:
-        raise FailedPrecondition(f"could not copy to {container_id}:{dst}: {errors.decode(errors='replace').strip()}")
+        raise FailedPrecondition(f"could not copy to {container_id}:{dst}: {_first_line(errors)}")
     return 0
 
 
@@ -1069,11 +1074,14 @@ def export(args) -> int:
     c = client(args)
     container_id = c.containers.resolve_id(args.container)
     _running(c, container_id)
-    code, data, errors = _exec_capture(
-        c, container_id, ["tar", "cf", "-", "-C", "/", "--exclude=./proc", "--exclude=./sys", "--exclude=./dev", "."]
-    )
+    code, listing, errors = _exec_capture(c, container_id, ["ls", "-A", "/"])
     if code != 0:
-        raise FailedPrecondition(f"export of {container_id} failed: {errors.decode(errors='replace').strip()}")
+        raise FailedPrecondition(f"export of {container_id} failed: {_first_line(errors)}")
+    # the kernel's file systems are not part of the container's file system
+    entries = [f"./{e}" for e in listing.decode().split() if e not in ("proc", "sys", "dev")]
+    code, data, errors = _exec_capture(c, container_id, ["tar", "cf", "-", "-C", "/", *entries])
+    if code != 0:
+        raise FailedPrecondition(f"export of {container_id} failed: {_first_line(errors)}")
     if args.output:
         with open(args.output, "wb") as f:
             f.write(data)

@@ -138,6 +138,12 @@ def test_cp_both_ways(ctl, busybox, tmp_path):
     ctl("exec", "files", "sh", "-c", "mkdir -p /out/sub && echo deep > /out/sub/f")
     ctl("cp", "files:/out", str(tmp_path / "got"))
     assert (tmp_path / "got" / "sub" / "f").read_text() == "deep\n"
+    ctl("export", "-o", str(tmp_path / "fs.tar"), "files")
+    import tarfile
+
+    with tarfile.open(tmp_path / "fs.tar") as tar:
+        names = set(tar.getnames())
+    assert {"./bin/busybox", "./tmp/hello.txt", "./out/sub/f"} <= names
     ctl("rm", "-f", "files")
 
 

@@ -203,3 +203,44 @@ def test_system_df_and_prune(ctl, busybox):
     assert ctl("ps", "-a", "-q").stdout.strip() == ""
     ctl("system", "prune", "-a", "-f")
     assert ctl("images", "-q").stdout.strip() == ""
+
+
+def test_more_run_and_exec_flags(ctl, busybox, tmp_path):
+    log = tmp_path / "custom.log"
+    ctl("run", "-d", "--name", "flags", "--label", "tier=web", "--log-opt", f"path={log}",
+        "--cpus", "0.5", "--cap-add", "NET_ADMIN", "--entrypoint", "/bin/sh", "busybox",
+        "-c", "echo via entrypoint; grep CapEff /proc/self/status; sleep 1000")
+    wait_for(lambda: log.exists() and "CapEff" in log.read_text())
+    text = log.read_text()
+    assert text.startswith("via entrypoint\n")
+    cap_eff = int(text.split("CapEff:")[1].split()[0], 16)
+    assert cap_eff & (1 << 12)  # CAP_NET_ADMIN
+    assert ctl("ps", "-q", "--filter", "label=tier=web").stdout.split() == ["flags"]
+    assert ctl("ps", "-q", "--filter", "label=tier=db").stdout.strip() == ""
+    quota = [p for p in ("/sys/fs/cgroup/cpu/default/flags/cpu.cfs_quota_us",
+                         "/sys/fs/cgroup/default/flags/cpu.max") if __import__("os").path.exists(p)]
+    assert quota and open(quota[0]).read().split()[0] == "50000"
+
+    ctl("exec", "-d", "flags", "sh", "-c", "echo detached > /tmp/d")
+    wait_for(lambda: ctl("exec", "flags", "cat", "/tmp/d", check=False).stdout == "detached\n")
+    assert ctl("exec", "-u", "nobody", "flags", "id", "-u").stdout.strip() == "65534"
+    assert ctl("exec", "-i", "flags", "wc", "-c", input="12345").stdout.strip() == "5"
+
+    proc = subprocess.Popen(ctl.command("stats", "--format", "{{.Name}}"), stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "flags"  # live mode keeps printing
+        assert proc.stdout.readline().strip() == "flags"
+    finally:
+        proc.kill()
+        proc.wait()
+    ctl("rm", "-f", "flags")
+
+    privileged = ctl("run", "--rm", "--privileged", "busybox", "sh", "-c",
+                     "mkdir -p /tmp/m && mount -t tmpfs none /tmp/m && echo mounted").stdout
+    assert "mounted" in privileged
+
+
+def test_events_since_filters_old_ones(ctl, busybox):
+    result = ctl("events", "--since", "2999-01-01T00:00:00Z", "--until", "3s",
+                 "--format", "{{.Topic}}", timeout=30)
+    assert result.stdout.strip() == ""

@@ -4,9 +4,10 @@ by default, or `runc`/`crun` (containerd.runc.v1.Options.binary_name).
 With the built-in runtime, every command but create and exec runs in the shim itself
 through `shimd.oci.commands` (file, signal and cgroup operations, fine in a threaded
 process): a fresh Python per `start`/`delete` cost ~55 ms each. create and exec set up
-namespaces in forked children, so they keep a fresh single-threaded process. Specs with
-hooks also keep the command line: hooks are children of whoever runs them, and the shim's
-reaper (waitpid(-1)) would take their exit statuses from under subprocess.
+namespaces in forked children, so they run in a single-threaded process: a worker of the
+shim's fork server (shimd/forkserver.py), else a fresh `python3 -S -m shimd.oci`. With
+hooks in the spec every command goes that way too: hooks are children of whoever runs
+them, and the shim's reaper (waitpid(-1)) would take their exit statuses from subprocess.
 """
 
 from __future__ import annotations

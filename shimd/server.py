@@ -79,7 +79,8 @@ def _redirect_stdio(bundle: Path) -> None:
     os.close(logfd)
 
 
-def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None) -> int:
+def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None,
+        forkserver=None) -> int:
     import asyncio
 
     bundle = bundle.resolve()
@@ -98,11 +99,10 @@ def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None) -> i
         os.environ["PYTHONPATH"] = os.pathsep.join([package_root, *paths])
     os.chdir(bundle)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    forkserver = None
-    if os.environ.get("RUNTIMED_SHIM_FORKSERVER", "1") != "0":
-        from shimd.forkserver import ForkServer
+    if forkserver is None:
+        from shimd import forkserver as fs
 
-        forkserver = ForkServer.start()  # now, while this process has a single thread
+        forkserver = fs.start_if_enabled()  # now, while this process has a single thread
     return asyncio.run(_serve(id, bundle, ready_fd, forkserver))
 
 

@@ -64,6 +64,7 @@ def preload() -> None:
 def spawn_shim(id: str, namespace: str, bundle: Path, listener: socket.socket,
                conn: socket.socket) -> str:
     """Double-fork a shim; its address once it serves (or raise)."""
+    from shimd.forkserver import start_if_enabled
     from shimd.server import run
 
     read_end, write_end = os.pipe()
@@ -78,7 +79,9 @@ def spawn_shim(id: str, namespace: str, bundle: Path, listener: socket.socket,
             if os.fork() != 0:
                 os._exit(0)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            code = run(id, namespace, bundle, ready_fd=write_end)
+            # first thing: the fork server shares the most pages when forked this early
+            code = run(id, namespace, bundle, ready_fd=write_end,
+                       forkserver=start_if_enabled())
         except BaseException:  # noqa: BLE001 - a forked child must never return
             import traceback
 

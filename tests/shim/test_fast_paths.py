@@ -1,0 +1,144 @@
+"""The built-in runtime's fast paths in the shim (docs/shim.md, "Performance"): create and
+exec through the shim's single-threaded fork server, the light commands in-process, and
+the fallbacks (hooks → a fork server worker; a dead fork server → a fresh process).
+
+"No process was spawned" is read from the kernel: /proc/<pid>/stat's cminflt (minor
+faults of reaped children) grows whenever a process reaps a child, and every child of a
+Python process faults pages in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from runtimed.api.shim.v1 import shim_pb2 as pb
+
+
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def reaped_faults(pid: int) -> int:
+    return int(_stat(pid)[8])  # cminflt
+
+
+def ppid(pid: int) -> int:
+    return int(_stat(pid)[1])
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def fork_server(shim) -> int:
+    helpers = [p for p in children(shim.pid) if comm(p) == "shimd-fork"]
+    assert len(helpers) == 1, [(p, comm(p)) for p in children(shim.pid)]
+    return helpers[0]
+
+
+def exec_process(shim, exec_id: str, args: list[str]) -> int:
+    process = json.loads((shim.bundle / "config.json").read_text())["process"]
+    process["args"] = args
+    shim.stub.Exec(pb.ExecRequest(id=shim.id, exec_id=exec_id,
+                                  process=json.dumps(process).encode()))
+    return shim.stub.Start(pb.StartRequest(id=shim.id, exec_id=exec_id)).pid
+
+
+def test_create_and_exec_run_in_the_fork_server_and_land_under_the_shim(shims):
+    shim = shims(["sleep", "1000"])
+    helper = fork_server(shim)
+    before = reaped_faults(helper)
+    pid = shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30).pid
+    assert reaped_faults(helper) > before  # a worker of the fork server did the create
+    assert ppid(pid) == shim.pid  # the init was reparented to the shim (subreaper)
+    shim.stub.Start(pb.StartRequest(id=shim.id))
+    before = reaped_faults(helper)
+    exec_pid = exec_process(shim, "e1", ["sleep", "1000"])
+    assert reaped_faults(helper) > before
+    assert ppid(exec_pid) == shim.pid
+    shim.stub.Kill(pb.KillRequest(id=shim.id, exec_id="e1", signal=signal.SIGKILL))
+    assert shim.stub.Wait(pb.WaitRequest(id=shim.id, exec_id="e1"), timeout=20).exit_status == 137
+    shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
+    assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
+
+
+def test_light_commands_spawn_nothing(shims):
+    shim = shims(["sleep", "1000"])
+    shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
+    before = reaped_faults(shim.pid)
+    shim.stub.Start(pb.StartRequest(id=shim.id))
+    shim.stub.Pause(pb.PauseRequest(id=shim.id))
+    assert shim.stub.State(pb.StateRequest(id=shim.id)).status == pb.PAUSED
+    shim.stub.Resume(pb.ResumeRequest(id=shim.id))
+    pids = [p.pid for p in shim.stub.Pids(pb.PidsRequest(id=shim.id)).processes]
+    shim.stub.Update(pb.UpdateRequest(id=shim.id, resources=json.dumps(
+        {"pids": {"limit": 50}}).encode()))
+    assert shim.stub.Stats(pb.StatsRequest(id=shim.id)).stats.value
+    assert reaped_faults(shim.pid) == before  # no runtime process was started (or reaped)
+    assert len(pids) == 1
+    shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
+    assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
+    shim.stub.Delete(pb.DeleteRequest(id=shim.id), timeout=20)
+
+
+def test_errors_of_in_process_commands_are_typed_and_logged_like_the_command_lines(shims):
+    shim = shims(["sleep", "1000"])
+    shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
+    shim.stub.Start(pb.StartRequest(id=shim.id))
+    state = shim.bundle / "runtime" / shim.id / "state.json"
+    state.rename(state.with_suffix(".hidden"))
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            shim.stub.Pause(pb.PauseRequest(id=shim.id))
+    finally:
+        state.with_suffix(".hidden").rename(state)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "shimd.oci pause" in info.value.details() and "does not exist" in info.value.details()
+    last = json.loads((shim.bundle / "runtime.log").read_text().splitlines()[-1])
+    assert last["level"] == "error" and "does not exist" in last["msg"]
+    shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
+    assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
+
+
+def test_hooks_run_outside_the_shim_process(shims, workdir):
+    marker = workdir / "poststart-ran"
+
+    def hooks(spec):
+        spec["hooks"] = {"poststart": [
+            {"path": "/bin/sh", "args": ["sh", "-c", f"echo ok > {marker}"]}]}
+
+    shim = shims(["sleep", "1000"], spec_edit=hooks)
+    shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
+    before = reaped_faults(fork_server(shim))
+    shim.stub.Start(pb.StartRequest(id=shim.id))
+    assert marker.read_text() == "ok\n"  # the hook's exit status was not reaped from under it
+    assert reaped_faults(fork_server(shim)) > before  # `start` ran in a fork server worker
+    shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
+    assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
+
+
+def test_a_dead_fork_server_falls_back_to_a_fresh_process(shims):
+    shim = shims(["sleep", "1000"])
+    os.kill(fork_server(shim), signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while any(comm(p) == "shimd-fork" for p in children(shim.pid)):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    pid = shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30).pid
+    assert ppid(pid) == shim.pid
+    shim.stub.Start(pb.StartRequest(id=shim.id))
+    exec_pid = exec_process(shim, "e1", ["sleep", "1000"])
+    assert ppid(exec_pid) == shim.pid
+    shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
+    assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137

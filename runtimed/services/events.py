@@ -39,8 +39,12 @@ class EventsService(events_pb2_grpc.EventsServicer):
         identifiers.validate(envelope.namespace, "namespace")
         if not envelope.event.type_url:
             raise InvalidArgument("envelope event must be set (a google.protobuf.Any with a type URL)")
+        try:
+            timestamp = envelope.timestamp.ToNanoseconds()
+        except ValueError as exc:
+            raise InvalidArgument(f"envelope timestamp: {exc}") from None
         self.exchange.forward(
-            Event(envelope.timestamp.ToNanoseconds() or _now(), envelope.namespace,
+            Event(timestamp or _now(), envelope.namespace,
                   envelope.topic, envelope.event.type_url, envelope.event.value)
         )
         return empty_pb2.Empty()

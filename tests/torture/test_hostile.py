@@ -275,5 +275,6 @@ def test_random_bytes(channel, path, method):
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("path,method", FUZZED, ids=IDS)
 def test_random_input_soak(channel, path, method):
-    fuzz_messages(channel, path, method, SOAK_EXAMPLES)
-    fuzz_bytes(channel, path, method, SOAK_EXAMPLES // 3)
+    examples = SOAK_EXAMPLES // 5 if method.server_streaming else SOAK_EXAMPLES  # 1 s each
+    fuzz_messages(channel, path, method, examples)
+    fuzz_bytes(channel, path, method, examples // 3)

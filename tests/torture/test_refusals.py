@@ -208,3 +208,26 @@ def test_snapshot_and_pull_refusals(daemon, stubs, ns):
             lambda: pull("127.0.0.1:1/library/busybox:latest"), tables=("leases",))
     refused(daemon, INVALID, lambda: pull("127.0.0.1:1/UPPER//bad:tag:tag"))
     assert version(stubs)
+
+
+def test_out_of_range_enums_and_timestamps(daemon, stubs, ns):
+    """Found by the fuzzer: values the wire allows but Python's types refuse."""
+    from runtimed.api.containerd.services.events.v1 import events_pb2, events_pb2_grpc
+
+    snapshots = snapshots_pb2_grpc.SnapshotsStub(stubs)
+    snapshots.Prepare(snapshots_pb2.PrepareSnapshotRequest(snapshotter="native", key="s1"),
+                      metadata=md(ns))
+    request = snapshots_pb2.UpdateSnapshotRequest(snapshotter="native")
+    request.info.name, request.info.kind = "s1", -1
+    request.info.labels["a"] = "b"
+    request.update_mask.paths.append("labels.a")
+    info = snapshots.Update(request, metadata=md(ns)).info  # kind is ignored by update
+    assert info.labels["a"] == "b"
+    events = events_pb2_grpc.EventsStub(stubs)
+    forward = events_pb2.ForwardRequest()
+    forward.envelope.namespace, forward.envelope.topic = ns, "/x"
+    forward.envelope.timestamp.nanos = -1
+    forward.envelope.event.type_url = "x"
+    refused(daemon, INVALID, lambda: events.Forward(forward))
+    snapshots.Remove(snapshots_pb2.RemoveSnapshotRequest(snapshotter="native", key="s1"),
+                     metadata=md(ns))

@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ctl.client.cio import Stdio
+from ctl.client.images import ResolvedImage
 from ctl.client.spec import ImageConfig, Mount, SpecOptions, build_spec, exec_process, resolve_user
 from ctl.client.types import Container, ExitStatus, Process, Stats, timestamp
 from ctl.client.volumes import LABEL_ANONYMOUS
@@ -95,7 +96,7 @@ class ContainersAPI:
         raise NotFound(f"no such container: {name_or_prefix}")
 
     def create(
-        self, container_id: str, image: str, spec_options: SpecOptions | None = None,
+        self, container_id: str, image: str | ResolvedImage, spec_options: SpecOptions | None = None,
         options: CreateOptions | None = None,
     ) -> Container:
         """Create the container record and its writable snapshot; nothing runs yet."""
@@ -105,7 +106,7 @@ class ContainersAPI:
         spec_options = spec_options or SpecOptions()
         options = options or CreateOptions()
         images = self._client.images
-        resolved = images.resolve(image, options.platform)
+        resolved = image if isinstance(image, ResolvedImage) else images.resolve(image, options.platform)
         if not images.is_unpacked(resolved, options.snapshotter):
             images.unpack(resolved, options.snapshotter)
         image_config = resolved.runtime_config

@@ -133,14 +133,15 @@ def spec_options(args, image_config=None):
     return opts
 
 
-def _ensure_image(c, args) -> str:
+def _ensure_image(c, args):
+    """The image record, pulled first when `--pull` says so."""
     from ctl.client.images import normalize
 
     name = args.image
     if args.pull == "always":
-        return c.images.pull(name, platform=args.platform).name
+        return c.images.pull(name, platform=args.platform)
     try:
-        return c.images.get(name).name
+        return c.images.get(name)
     except NotFound:
         if args.pull == "never":
             raise NotFound(f"no such image: {name} (and --pull never)") from None
@@ -152,7 +153,7 @@ def _ensure_image(c, args) -> str:
         image = c.images.pull(normalize(name), platform=args.platform, progress=board.update)
     finally:
         board.close()
-    return image.name
+    return image
 
 
 def _create(args) -> tuple[str, str]:
@@ -175,7 +176,8 @@ def _create(args) -> tuple[str, str]:
     labels[LABEL_LOG] = log_path
     if args.name:
         labels[LABEL_NAME] = args.name
-    image_config = c.images.config(image, args.platform)
+    resolved = c.images.resolve(image, args.platform)
+    image_config = resolved.runtime_config
     stop_signal = args.stop_signal or image_config.stop_signal
     if stop_signal:
         labels[LABEL_STOP_SIGNAL] = stop_signal
@@ -185,7 +187,7 @@ def _create(args) -> tuple[str, str]:
     attached = attach_for_run(c, args, container_id, opts)
     try:
         c.containers.create(
-            container_id, image, opts,
+            container_id, resolved, opts,
             CreateOptions(labels=labels, snapshotter=args.snapshotter, platform=args.platform,
                           **_runtime(args.runtime)),
         )

@@ -27,6 +27,8 @@ def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"no space left on device: {exc.filename or exc}"
     if isinstance(exc, OSError) and exc.errno in (23, 24):  # ENFILE, EMFILE
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many open files: {exc}"
+    if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of threads (pids limit?): {exc}"
     if getattr(exc, "sqlite_errorcode", None) == 13:  # SQLITE_FULL
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"no space left on device for metadata: {exc}"
     log.exception("internal error")

@@ -194,3 +194,45 @@ def test_too_many_open_files_is_a_clear_error(low_fds):
         assert version(channel)
         assert corrupt_blobs(d.root) == []
         write_blob(channel, os.urandom(1000), "after")  # serving normally again
+
+
+PIDS_ROOT = Path("/sys/fs/cgroup/pids")
+
+
+@pytest.mark.skipif(not (PIDS_ROOT / "cgroup.procs").exists(),
+                    reason="needs the cgroup v1 pids hierarchy (this machine's layout)")
+def test_fork_failures_are_clear_errors(daemon, ns, busybox_archive):
+    """The process that forks shims gets no new pids: creating a task fails clearly,
+    runtimed keeps serving, and the next create works once pids are free."""
+    from tests import testimages
+    from tests.conftest import processes_mentioning
+
+    image = testimages.BUSYBOX_NAME
+    daemon.ctr("images", "import", busybox_archive, namespace=ns)
+    daemon.ctr("run", "--rm", image, "first", "true", namespace=ns)  # the zygote is up
+    forkers = [pid for pid in processes_mentioning(str(daemon.state))
+               if b"zygote" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert forkers
+    cgroup = PIDS_ROOT / f"{ns}-nofork"
+    cgroup.mkdir()
+    try:
+        for pid in forkers:
+            (cgroup / "cgroup.procs").write_text(str(pid))
+        (cgroup / "pids.max").write_text((cgroup / "pids.current").read_text().strip())
+        failed = daemon.ctr("run", "-d", image, "starved", "sleep", "1000", namespace=ns,
+                            check=False)
+        stats.record("inputs")
+        assert failed.returncode != 0
+        assert "Resource temporarily unavailable" in failed.stderr, failed.stderr
+        assert "internal" not in failed.stderr.lower() and "unknown:" not in failed.stderr
+        assert daemon.proc.poll() is None
+        assert daemon.ctr("tasks", "ls", "-q", namespace=ns).stdout.split() == []
+        assert not (daemon.state / "tasks" / ns / "starved").exists()
+        (cgroup / "pids.max").write_text("max")
+        daemon.ctr("containers", "rm", "starved", namespace=ns)
+        out = daemon.ctr("run", "--rm", image, "fed", "echo", "fed", namespace=ns).stdout
+        assert out == "fed\n"
+    finally:
+        for pid in (cgroup / "cgroup.procs").read_text().split():
+            (PIDS_ROOT / "cgroup.procs").write_text(pid)
+        cgroup.rmdir()

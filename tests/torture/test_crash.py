@@ -23,6 +23,7 @@ from runtimed.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from runtimed.api.containerd.types.task import task_pb2
 from tests import testimages
 from tests.torture import stats
+from tests.torture.conftest import namespace_cgroups
 from tests.torture.helpers import (
     corrupt_blobs,
     list_tasks,
@@ -216,6 +217,9 @@ class Crasher:
             problems += [f"corrupt blob {d}" for d in corrupt_blobs(root)]
             tasks = list_tasks(channel, [self.ns])
             problems += orphan_problems(self.daemon.base, state, tasks)
+            ids = {id for _, id in tasks}
+            problems += [f"orphaned cgroup {child}" for parent in namespace_cgroups(self.ns)
+                         for child in parent.iterdir() if child.is_dir() and child.name not in ids]
             if keepers:
                 problems += self._keeper_problems(tasks)
             stub = tasks_pb2_grpc.TasksStub(channel)

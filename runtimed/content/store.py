@@ -438,8 +438,7 @@ class ContentStore:
         except AlreadyExists:
             return self._merge_labels(ns, expected_digest, labels)
         try:
-            if w.status().offset and w.status().offset == w.status().total:
-                # committed in another namespace already: no bytes to send, as with Write
+            if w.shared:  # committed in another namespace: no bytes to send, as with Write
                 return w.commit(expected_size or 0, expected_digest or "", labels)
             if isinstance(data, bytes):
                 w.write(data)
@@ -583,6 +582,11 @@ class Writer:
                 while remaining > 0 and (chunk := f.read(min(CHUNK, remaining))):
                     self.write(chunk)
                     remaining -= len(chunk)
+
+    @property
+    def shared(self) -> bool:
+        """The blob is committed in another namespace already: commit needs no bytes."""
+        return self._shared is not None
 
     def status(self) -> Status:
         if self._shared:

@@ -352,6 +352,14 @@ class _Pull:
             return self.store.info(self.ns, desc.digest).labels.get(
                 mediatypes.LABEL_UNCOMPRESSED, diff_id
             )
+        if writer.shared:  # verified and stored in another namespace: nothing to download
+            labels = {mediatypes.LABEL_UNCOMPRESSED: diff_id} if diff_id else {}
+            try:
+                writer.commit(desc.size, desc.digest, self._labels(desc, labels))
+            except AlreadyExists:
+                pass
+            self.report(Progress(desc.digest, desc.media_type, "exists", desc.size, desc.size))
+            return diff_id
         try:
             hasher = _DiffHasher(compression)
             if writer.offset > desc.size:

@@ -164,6 +164,8 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
             os.close(fd)
         if console is not None:
             console.close()
+        if not lin.get("uidMappings"):  # a user namespace waits for us: no head start
+            _prime_cgroup_attach()
 
         def on_userns(pid: int) -> None:
             try:
@@ -214,6 +216,27 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
                 pass  # the setup error is the one to report
         store.remove(container_id)
         raise
+
+
+def _prime_cgroup_attach() -> None:
+    """Give the init's cgroup join a head start. Every write to a cgroup.procs file takes
+    the kernel's global cgroup_threadgroup_rwsem for writing, and the first writer after a
+    quiet spell waits for an RCU grace period (measured: 16 ms of a 45 ms create); writers
+    that follow within the next grace period do not. So while the child sets up mounts,
+    this process moves itself into the cgroup it is already in (a no-op that takes the
+    same lock), and the child's own join a few ms later is quick. Best effort."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                name = controllers.split(",")[0].removeprefix("name=") if controllers else "unified"
+                procs = f"/sys/fs/cgroup/{name}{path.rstrip('/')}/cgroup.procs"
+                if os.path.exists(procs):
+                    with open(procs, "w") as out:
+                        out.write("0")
+                    return
+    except (OSError, ValueError):
+        pass
 
 
 def _write_id_maps(pid: int, lin: dict) -> None:
@@ -440,6 +463,7 @@ def exec_process(store: Store, container_id: str, proc: dict, pid_file: str | No
             os.close(r)
             init.child_main(_exec_intermediate, w, spec, proc, ns_fds, procs_fds, console, detach)
         os.close(w)
+        _prime_cgroup_attach()
     finally:
         for fd, _, _ in ns_fds:
             os.close(fd)

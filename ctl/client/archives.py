@@ -34,8 +34,9 @@ def import_archive(client, source, *, name: str | None = None,
                    platform: str | None = None, all_platforms: bool = False) -> list[Image]:
     stub = _stub(client)
     pb = stub.pb
-    # unpacked below, by the client: works whether or not the daemon has an unpacker
-    options = pb.ImportOptions(unpack=False, snapshotter=snapshotter, platform=platform or "",
+    # the daemon unpacks as it imports; the client's pass below is a cheap check then, and
+    # unpacks itself against a daemon that has no unpacker
+    options = pb.ImportOptions(unpack=True, snapshotter=snapshotter, platform=platform or "",
                                all_platforms=all_platforms)
     opened = None
     total = 0

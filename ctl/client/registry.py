@@ -56,7 +56,8 @@ def pull(client, reference: str, *, platform: str | None = None, all_platforms: 
     pb = stub.pb
     ref = references.parse(reference)
     request = pb.PullRequest(
-        reference=str(ref), all_platforms=all_platforms, unpack=False, snapshotter=snapshotter,
+        # the daemon unpacks layer N as soon as it is in, overlapping download and unpack
+        reference=str(ref), all_platforms=all_platforms, unpack=True, snapshotter=snapshotter,
         options=_options(pb, ref.domain, insecure),
     )
     if platform:

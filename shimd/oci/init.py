@@ -147,9 +147,13 @@ def find_executable(args: list[str], env: list[str], cwd: str) -> str:
     name = args[0]
     if "/" in name:
         path = name if name.startswith("/") else os.path.join(cwd, name)
-        if os.access(path, os.X_OK) and not os.path.isdir(path):
+        if os.path.isdir(path):
+            raise ContainerError(f'exec: "{name}": is a directory')
+        if os.access(path, os.X_OK):
             return path
-        raise ContainerError(f'exec: "{name}": stat {name}: no such file or executable')
+        if os.path.exists(path):  # as runc words it: docker maps this to 126, absence to 127
+            raise ContainerError(f'exec: "{name}": permission denied')
+        raise ContainerError(f'exec: "{name}": stat {name}: no such file or directory')
     search = next((e[5:] for e in env if e.startswith("PATH=")), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     for d in search.split(":"):
         path = os.path.join(d or ".", name)

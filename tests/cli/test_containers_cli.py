@@ -30,6 +30,10 @@ def test_run_rm_prints_and_passes_exit_codes(ctl, busybox):
 def test_docker_exit_codes_for_missing_things(ctl, busybox):
     missing = ctl("run", "--rm", "busybox", "/no/such/binary", check=False)
     assert missing.returncode == 127, missing.stderr
+    not_executable = ctl("run", "--rm", "busybox", "/etc/passwd", check=False)
+    assert not_executable.returncode == 126, not_executable.stderr
+    directory = ctl("run", "--rm", "busybox", "/etc", check=False)
+    assert directory.returncode == 126, directory.stderr
     no_image = ctl("run", "--rm", "--pull", "never", "example.com/absent:1", "true", check=False)
     assert no_image.returncode == 125 and "no such image" in no_image.stderr
     assert no_image.stderr.count("\n") == 1

@@ -42,6 +42,12 @@ def host_platform_proto() -> platform_pb2.Platform:
     return platform_pb2.Platform(os="linux", architecture=_ARCH.get(machine, machine))
 
 
+def _exchange_counters(exchange) -> dict[str, str]:
+    """The events counters, so dropped events are visible (`ctr plugins ls -d`)."""
+    return {"published": str(exchange.published), "dropped": str(exchange.dropped),
+            "subscribers": str(exchange.subscribers)}
+
+
 def plugins(daemon) -> list[pb.Plugin]:
     found: list[pb.Plugin] = []
     for kind, plugin_id, attribute, requires in CORE_PLUGINS:
@@ -49,6 +55,8 @@ def plugins(daemon) -> list[pb.Plugin]:
             plugin = pb.Plugin(type=kind, id=plugin_id, requires=requires)
             if kind == "io.containerd.runtime.v2":
                 plugin.platforms.append(host_platform_proto())
+            if kind == "io.containerd.event.v1":
+                plugin.exports.update(_exchange_counters(daemon.exchange))
             found.append(plugin)
     for name, snapshotter in sorted((getattr(daemon, "snapshotters", None) or {}).items()):
         plugin = pb.Plugin(type="io.containerd.snapshotter.v1", id=name)

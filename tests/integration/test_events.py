@@ -52,3 +52,12 @@ def test_publish_without_event_is_invalid_argument(daemon):
     with pytest.raises(grpc.RpcError) as err:
         stub.Publish(events_pb2.PublishRequest(topic="/x"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_dropped_event_counter_is_visible(daemon):
+    daemon.ctr("namespaces", "create", "counted")
+    out = daemon.ctr("plugins", "ls", "-d", "id==exchange").stdout
+    exports = dict(line.split() for line in out.splitlines()
+                   if line.strip().split()[:1] in (["dropped"], ["published"]))
+    assert exports["dropped"] == "0"
+    assert int(exports["published"]) >= 1  # the namespace event

@@ -81,6 +81,11 @@ class Daemon:
         self.networks = NetworkManager(self.state, self.db, self.namespaces, self.containers,
                                        self.exchange, root=self.root)
         self.on_start.append(self.networks.start)
+        from runtimed.restart.manager import RestartManager
+
+        self.restarts = RestartManager(self.namespaces, self.containers, self.tasks,
+                                       self.snapshotters, self.exchange, self.volumes)
+        self.on_start.append(self.restarts.start)
 
     def _open_volumes(self) -> None:
         from runtimed.volumes.store import VolumeStore

@@ -1,0 +1,1 @@
+"""Restart policies and autoremove, applied by the daemon when tasks exit."""

@@ -72,8 +72,8 @@ def _run_flags(p: Parser) -> None:
     a("--security-opt", action="append", default=[],
       help="seccomp=unconfined|PROFILE.json, no-new-privileges[=false]")
     a("-l", "--label", action="append", default=[], help="set a label KEY=VALUE")
-    a("--init", action="store_true", help="run an init inside the container (not supported)")
-    a("--restart", default="no", help="restart policy: no (others need a restart manager)")
+    a("--init", action="store_true", help="run tini as PID 1 (reaps zombies, forwards signals)")
+    a("--restart", default="no", help="no, always, unless-stopped or on-failure[:N]")
     a("--log-opt", action="append", default=[], help="log driver option (path=FILE)")
     a("--pull", choices=["missing", "always", "never"], default="missing", help="pull the image")
     a("--platform", help="platform of the image (os/arch[/variant])")
@@ -236,6 +236,17 @@ def build_parser() -> Parser:
     p.add_argument("server", nargs="?", default="docker.io")
 
     _network_commands(sub)
+    p = _add(sub, "build", "build:build", "build an image from a Dockerfile")
+    p.add_argument("-t", "--tag", action="append", default=[], help="name the image (repeatable)")
+    p.add_argument("-f", "--file", help="the Dockerfile (default CONTEXT/Dockerfile; - for stdin)")
+    p.add_argument("--build-arg", action="append", default=[], help="set a build ARG: KEY=VALUE")
+    p.add_argument("--target", help="build up to this stage")
+    p.add_argument("--no-cache", action="store_true", help="do not reuse cached steps")
+    p.add_argument("--label", action="append", default=[], help="set an image label KEY=VALUE")
+    p.add_argument("--platform", help="this host's platform only")
+    p.add_argument("--network", help="network of RUN steps: none (default) or host")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only the image id")
+    p.add_argument("context", help="the context directory (- : Dockerfile on stdin, no context)")
 
     # volumes ---------------------------------------------------------------------------
     vol = _add(sub, "volume", "system:group", "manage volumes")

@@ -81,6 +81,11 @@ class Daemon:
         self.networks = NetworkManager(self.state, self.db, self.namespaces, self.containers,
                                        self.exchange, root=self.root)
         self.on_start.append(self.networks.start)
+        from runtimed.build.builder import Builder
+
+        self.builder = Builder(self.db, self.content, self.images, self.snapshotters, self.differ,
+                               self.unpacker, self.leases, self.containers, self.tasks,
+                               self.root / "build")
         from runtimed.restart.manager import RestartManager
 
         self.restarts = RestartManager(self.namespaces, self.containers, self.tasks,

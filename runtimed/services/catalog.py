@@ -21,6 +21,7 @@ SERVICE_MODULES = [
     "runtimed.services.registry_transfer",
     "runtimed.services.snapshots",
     "runtimed.services.diff",
+    "runtimed.services.build",
 ]
 
 # containerd's grpc plugin ids where our module name differs

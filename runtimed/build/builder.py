@@ -336,10 +336,12 @@ class _Run:
             async for item in self._fs_step(state, inst):
                 yield item
             return
-        self._metadata(state, inst)
+        if await asyncio.to_thread(self._metadata, state, inst):
+            yield Progress("cached", " ---> Using cache")
         yield Progress("done", _short(state.key))
 
-    def _metadata(self, state: _Stage, inst: df.Instruction) -> None:
+    def _metadata(self, state: _Stage, inst: df.Instruction) -> bool:
+        """Apply a config-only step; True when its history entry came from the cache."""
         cmd, esc, env = inst.cmd, self.file.escape, self._vars(state)
         c = state.config["config"]
         created_by = f"/bin/sh -c #(nop) {_history_text(inst, env, esc)}"
@@ -400,6 +402,7 @@ class _Run:
             self.b.cache_put(self.ns, state.key, {"created": history["created"]})
         state.config["history"].append(history)
         state.config["created"] = history["created"]
+        return cached is not None
 
     # -- filesystem steps ---------------------------------------------------------------
 

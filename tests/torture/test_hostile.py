@@ -5,8 +5,8 @@ UNKNOWN, and INTERNAL only for a body that is not the request message at all (wh
 itself answers, in Go as in Python); runtimed keeps answering afterwards.
 
 Left out of the random calls, because a valid-looking one acts outside the daemon: the
-registry service (a random reference names a real host on the Internet) and network
-create/attach (bridges and veths in the host's network namespace). They get fixed hostile
+registry service and Build (a random reference or FROM names a real host on the
+Internet) and network create/attach (bridges and veths in the host's network namespace). They get fixed hostile
 requests in tests/torture/test_refusals.py instead.
 """
 
@@ -34,6 +34,7 @@ NOT_FUZZED = {
     "/runtimed.registry.v1.Registry/Push",
     "/runtimed.networks.v1.Networks/Create",
     "/runtimed.networks.v1.Networks/Attach",
+    "/runtimed.build.v1.Builder/Build",
 }
 NOT_SERVED = {"runtimed.shim.v1.Shim"}  # served by each shim, not by runtimed
 

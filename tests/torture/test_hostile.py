@@ -5,9 +5,9 @@ UNKNOWN, and INTERNAL only for a body that is not the request message at all (wh
 itself answers, in Go as in Python); runtimed keeps answering afterwards.
 
 Left out of the random calls, because a valid-looking one acts outside the daemon: the
-registry service and Build (a random reference or FROM names a real host on the
-Internet) and network create/attach (bridges and veths in the host's network namespace). They get fixed hostile
-requests in tests/torture/test_refusals.py instead.
+registry service and Build (a random reference or FROM names a real host on the Internet)
+and network create/attach (bridges and veths in the host's network namespace). Pulls get
+fixed hostile requests in test_refusals.py and test_registry_hostile.py instead.
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ class ShimService(shim_pb2_grpc.ShimServicer):
                 yield _event(event)
 
     async def Ack(self, request, context):
-        self.shim.outbox.ack(request.seq)
+        self.shim.ack(request.seq)
         return EMPTY
 
 

@@ -345,6 +345,13 @@ class Shim:
         init = self.lifecycle.processes.get(INIT)
         return os.getpid(), init.pid if init else 0, __version__
 
+    def ack(self, seq: int) -> None:
+        """runtimed has published events up to `seq`. Once shutting down the outbox is
+        left as it is: runtimed removes the bundle right after Shutdown returns, and an
+        Ack still in flight must not write a file into a directory being removed."""
+        if not self.shutdown_requested.is_set():
+            self.outbox.ack(seq)
+
     def shutdown(self, now: bool = False) -> bool:
         """Exit once no process is left to supervise (or at once with `now`)."""
         if self.lifecycle.processes and not now:

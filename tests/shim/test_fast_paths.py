@@ -142,3 +142,25 @@ def test_a_dead_fork_server_falls_back_to_a_fresh_process(shims):
     assert ppid(exec_pid) == shim.pid
     shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
     assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
+
+
+def test_an_ack_after_shutdown_writes_nothing_into_the_bundle(tmp_path):
+    """runtimed removes the bundle right after Shutdown; a late Ack must not recreate
+    events.jsonl in it (the torture suite's 100 lifecycles left such bundles behind)."""
+    import asyncio
+
+    from shimd.reaper import Reaper
+    from shimd.shim import Shim
+
+    async def scenario() -> None:
+        shim = Shim("c1", tmp_path, Reaper())
+        await shim.outbox.append("/tasks/create", id="c1")
+        shim.ack(1)
+        assert json.loads((tmp_path / "events.jsonl").read_text().splitlines()[0]) == {"acked": 1}
+        await shim.outbox.append("/tasks/delete", id="c1")
+        assert shim.shutdown(now=True)
+        (tmp_path / "events.jsonl").unlink()  # what runtimed's bundle removal does
+        shim.ack(2)
+        assert list(tmp_path.iterdir()) == []
+
+    asyncio.run(scenario())

@@ -8,6 +8,7 @@ container started by `ctl` sees what it would see under `docker run`.
 from __future__ import annotations
 
 import copy
+import os
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,6 +73,20 @@ DEFAULT_MOUNTS = [
 ]
 
 
+INIT_PATH = "/sbin/docker-init"  # where docker mounts its init
+INIT_BINARIES = ("/usr/bin/tini-static", "/usr/bin/docker-init")
+
+
+def init_binary() -> str:
+    """A statically linked tini on this host (Debian's `tini` package): the container's
+    libc may not match the host's, so the dynamic /usr/bin/tini is no use."""
+    for path in INIT_BINARIES:
+        if os.access(path, os.X_OK):
+            return path
+    raise InvalidArgument("--init needs a static tini: install Debian's `tini` package "
+                          "(/usr/bin/tini-static)")
+
+
 @dataclass
 class Mount:
     """One mount into the container: a bind of a host path, or a tmpfs."""
@@ -116,6 +131,7 @@ class SpecOptions:
     seccomp_unconfined: bool = False
     no_new_privileges: bool = True
     annotations: dict[str, str] = field(default_factory=dict)
+    init: bool = False  # docker's --init: tini as PID 1, reaping zombies, forwarding signals
 
 
 @dataclass
@@ -305,6 +321,9 @@ def build_spec(
     proc = spec["process"]
     linux = spec["linux"]
     proc["args"] = process_args(image, opts)
+    if opts.init:
+        proc["args"] = [INIT_PATH, "--", *proc["args"]]
+        spec["mounts"].append(Mount(INIT_PATH, init_binary(), readonly=True).to_oci())
     proc["env"] = merge_env(image.env or [DEFAULT_PATH], opts.env)
     proc["cwd"] = opts.cwd or image.working_dir or "/"
     proc["terminal"] = opts.terminal

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from ctl.commands import EXIT_DAEMON, client, describe_error, err, out, parse_labels
 from ctl.format import ago, binary_size, document, emit, human_duration
 from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound, RuntimedError
+from runtimed.restart import policy as rp
 
 LABEL_PREFIX = "io.runtimed.ctl."
 LABEL_LOG = LABEL_PREFIX + "log-path"
@@ -91,8 +92,6 @@ def spec_options(args, image_config=None):
         parse_volume,
     )
 
-    if args.init:
-        raise InvalidArgument("--init is not supported yet: there is no init binary to inject")
     env = []
     for path in args.env_file:
         with open(path) as f:
@@ -128,6 +127,7 @@ def spec_options(args, image_config=None):
         cap_drop=args.cap_drop,
         privileged=args.privileged,
         network="host" if args.network == "host" else "",
+        init=args.init,
     )
     apply_security_opts(opts, args.security_opt)
     return opts
@@ -159,8 +159,10 @@ def _ensure_image(c, args):
 def _create(args) -> tuple[str, str]:
     from ctl.client.containers import CreateOptions
 
-    if args.restart not in ("no", ""):
-        raise InvalidArgument(f"--restart {args.restart}: runtimed has no restart manager yet; only 'no'")
+    policy = rp.Policy.parse(args.restart)
+    autoremove = getattr(args, "rm", False)
+    if autoremove and policy.name != "no":
+        raise InvalidArgument("conflicting options: --restart and --rm")
     c = client(args)
     image = _ensure_image(c, args)
     container_id = args.name or secrets.token_hex(32)
@@ -174,6 +176,11 @@ def _create(args) -> tuple[str, str]:
     if log_path is None:
         log_path = os.path.join(log_dir(args), args.namespace, f"{container_id}.log")
     labels[LABEL_LOG] = log_path
+    labels[rp.LABEL_LOG_URI] = "file://" + log_path
+    if policy.name != "no":
+        labels[rp.LABEL_POLICY] = str(policy)
+    if autoremove and getattr(args, "detach", False):
+        labels[rp.LABEL_AUTOREMOVE] = "true"  # the daemon removes it when it exits
     if args.name:
         labels[LABEL_NAME] = args.name
     resolved = c.images.resolve(image, args.platform)
@@ -237,7 +244,16 @@ def _start_detached(c, container_id: str) -> None:
 
 
 def _mark_started(c, container_id: str) -> None:
-    c.containers.update_labels(container_id, {LABEL_STARTED: _now(), LABEL_EXIT: "", LABEL_EXITED: ""})
+    """A user's start: the restart count starts over and a user's stop is forgotten."""
+    c.containers.update_labels(container_id, {
+        LABEL_STARTED: _now(), LABEL_EXIT: "", LABEL_EXITED: "",
+        rp.LABEL_COUNT: "0", rp.LABEL_STOPPED: "", rp.LABEL_RESTARTING: "", rp.LABEL_EXIT_CODE: "",
+    })
+
+
+def _mark_stopped(c, container_id: str) -> None:
+    """Before a user's stop or kill: the daemon's restart manager must not undo it."""
+    c.containers.update_labels(container_id, {rp.LABEL_STOPPED: "true"})
 
 
 def _record_exit(c, container_id: str, code: int) -> None:
@@ -383,8 +399,6 @@ def run(args) -> int:
     container_id, log_path = _create(args)
     c = client(args)
     if args.detach:
-        if args.rm:
-            err("ctl: warning: --rm with -d removes the container on the next `ctl rm` or `ctl system prune` only")
         _start_detached(c, container_id)
         out(container_id)
         return 0
@@ -495,6 +509,7 @@ def _clear_stopped_task(c, container_id: str) -> None:
 
 
 def stop_container(c, container_id: str, timeout: int | None, sig: str | None) -> None:
+    _mark_stopped(c, container_id)
     try:
         task = c.tasks.get(container_id)
     except NotFound:
@@ -545,6 +560,7 @@ def kill(args) -> int:
             raise FailedPrecondition(f"container {container_id} is not running") from None
         if task.status not in ("RUNNING", "PAUSED", "CREATED"):
             raise FailedPrecondition(f"container {container_id} is not running")
+        _mark_stopped(c, container_id)
         c.tasks.kill(container_id, args.signal)
 
     return _each(args, args.containers, action)
@@ -573,18 +589,25 @@ def rm(args) -> int:
 def _status(container, task) -> tuple[str, str]:
     """(docker state, STATUS column text)."""
     labels = container.labels
-    started = _parse_ts(labels.get(LABEL_STARTED))
+    started = max(filter(None, (_parse_ts(labels.get(LABEL_STARTED)),
+                                _parse_ts(labels.get(rp.LABEL_STARTED_AT)))), default=None)
     if task is not None and task.status in ("RUNNING", "PAUSED", "PAUSING"):
         up = f"Up {human_duration((datetime.now(UTC) - started).total_seconds())}" if started else "Up"
         if task.status != "RUNNING":
             return "paused", up + " (Paused)"
         return "running", up
+    if labels.get(rp.LABEL_RESTARTING) == "true" and (task is None or task.status == "STOPPED"):
+        code = labels.get(rp.LABEL_EXIT_CODE, "")
+        return "restarting", f"Restarting ({code}) {ago(_parse_ts(labels.get(rp.LABEL_EXITED_AT)))}".rstrip()
     if task is not None and task.status == "STOPPED":
         return "exited", f"Exited ({task.exit_status}) {ago(task.exited_at)}".rstrip()
     if task is not None and task.status == "CREATED":
         return "created", "Created"
     if labels.get(LABEL_EXIT):
         return "exited", f"Exited ({labels[LABEL_EXIT]}) {ago(_parse_ts(labels.get(LABEL_EXITED)))}".rstrip()
+    if labels.get(rp.LABEL_EXIT_CODE):  # exited while the daemon's restart manager had it
+        exited = ago(_parse_ts(labels.get(rp.LABEL_EXITED_AT)))
+        return "exited", f"Exited ({labels[rp.LABEL_EXIT_CODE]}) {exited}".rstrip()
     return "created", "Created"
 
 
@@ -617,7 +640,7 @@ def container_rows(c, filters: list[str], include_all: bool, no_trunc: bool = Fa
         if "status" in local:
             if state not in local["status"]:
                 continue
-        elif not include_all and state not in ("running", "paused"):
+        elif not include_all and state not in ("running", "paused", "restarting"):
             continue
         name = ct.labels.get(LABEL_NAME, ct.id)
         if "name" in local and not any(n in name for n in local["name"]):
@@ -673,9 +696,11 @@ def inspect_container(c, container_id: str) -> dict:
         task = c.tasks.get(container_id)
     except NotFound:
         task = None
+    from ctl.client.spec import INIT_PATH
+
     state, _ = _status(container, task)
     process = container.spec.get("process") or {}
-    exit_code = int(container.labels.get(LABEL_EXIT) or 0)
+    exit_code = int(container.labels.get(LABEL_EXIT) or container.labels.get(rp.LABEL_EXIT_CODE) or 0)
     if task is not None and task.status == "STOPPED":
         exit_code = task.exit_status
     return {
@@ -688,6 +713,7 @@ def inspect_container(c, container_id: str) -> dict:
             "Status": state,
             "Running": state in ("running", "paused"),
             "Paused": state == "paused",
+            "Restarting": state == "restarting",
             "Pid": task.pid if task and state in ("running", "paused") else 0,
             "ExitCode": exit_code,
             "StartedAt": container.labels.get(LABEL_STARTED, ""),
@@ -695,6 +721,13 @@ def inspect_container(c, container_id: str) -> dict:
         },
         "Image": container.image,
         "LogPath": container.labels.get(LABEL_LOG, ""),
+        "RestartCount": rp.restart_count(container.labels),
+        "HostConfig": {
+            "RestartPolicy": {"Name": rp.policy_of(container.labels).name,
+                              "MaximumRetryCount": rp.policy_of(container.labels).max_retries},
+            "AutoRemove": container.labels.get(rp.LABEL_AUTOREMOVE) == "true",
+            "Init": ((process.get("args") or [""])[0] == INIT_PATH),
+        },
         "Runtime": container.runtime,
         "Snapshotter": container.snapshotter,
         "SnapshotKey": container.snapshot_key,

@@ -20,6 +20,7 @@ import os
 import time
 from datetime import UTC, datetime
 
+from runtimed.api.containerd.types.task import task_pb2
 from runtimed.errors import NotFound, RuntimedError
 from runtimed.metadata.containers import AnyValue, Container
 from runtimed.restart import policy as rp
@@ -27,7 +28,7 @@ from runtimed.runtime.tasks import Stdio
 
 log = logging.getLogger("runtimed.restart")
 
-STOPPED = 4  # containerd.v1.types.Status.STOPPED
+STOPPED = task_pb2.STOPPED
 SIGKILL = 9
 
 

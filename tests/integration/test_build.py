@@ -1,0 +1,133 @@
+"""The Builder service through the client library: config, history, layers, snapshots,
+COPY semantics and the stream contract, on a real runtimed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ctl.client import Client
+from ctl.client.build import BuildOptions, build
+from runtimed.errors import InvalidArgument
+from runtimed.images.unpack import chain_ids
+from tests import testimages
+from tests.cli.conftest import Ctl
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> dict:
+    return testimages.build(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture
+def client(daemon, images):
+    daemon.ctr("images", "import", images["busybox"].archive)
+    with Client(daemon.address) as c:
+        yield c
+
+
+def _ctx(tmp_path, files: dict[str, str]) -> str:
+    ctx = tmp_path / "ctx"
+    for name, text in files.items():
+        path = ctx / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    ctx.mkdir(exist_ok=True)
+    return str(ctx)
+
+
+DOCKERFILE = """\
+FROM busybox
+LABEL stage=one
+RUN echo hi > /hi
+EXPOSE 8080 53/udp
+VOLUME ["/data"]
+STOPSIGNAL SIGINT
+HEALTHCHECK --interval=5s --retries=2 CMD wget -q localhost
+ONBUILD RUN echo later
+COPY a.txt /a.txt
+SHELL ["/bin/sh", "-ec"]
+CMD echo shell form
+"""
+
+
+def test_config_history_layers_and_snapshots(client, daemon, images, tmp_path):
+    seen = []
+    result = build(client, _ctx(tmp_path, {"a.txt": "a"}), DOCKERFILE,
+                   BuildOptions(tags=["meta:1"], labels={"extra": "yes"}), seen.append)
+    resolved = client.images.resolve("docker.io/library/meta:1")
+    assert result.names == ["docker.io/library/meta:1"]
+    assert result.image_id == resolved.config_descriptor.digest
+    assert result.target.digest == resolved.image.target.digest
+    config = resolved.config
+    c = config["config"]
+    assert c["Labels"] == {"stage": "one", "extra": "yes"}
+    assert c["ExposedPorts"] == {"8080/tcp": {}, "53/udp": {}}
+    assert c["Volumes"] == {"/data": {}}
+    assert c["StopSignal"] == "SIGINT"
+    assert c["Healthcheck"] == {"Test": ["CMD-SHELL", "wget -q localhost"],
+                                "Interval": 5_000_000_000, "Retries": 2}
+    assert c["OnBuild"] == ["RUN echo later"]
+    assert c["Cmd"] == ["/bin/sh", "-ec", "echo shell form"]
+    base = client.images.resolve("docker.io/library/busybox:latest")
+    history = config["history"][len(base.config["history"]):]
+    assert len(history) == 10
+    assert history[1]["created_by"] == "/bin/sh -c echo hi > /hi"
+    assert "empty_layer" not in history[1] and history[0]["empty_layer"] is True
+    assert "COPY file:" in history[7]["created_by"]
+    # one layer per filesystem step, on top of the base's
+    assert len(resolved.layers) == len(base.layers) + 2
+    assert len(config["rootfs"]["diff_ids"]) == len(resolved.layers)
+    top = chain_ids(config["rootfs"]["diff_ids"])[-1]
+    info = daemon.ctr("snapshots", "info", top).stdout
+    assert "Committed" in info
+    kinds = [p.kind for p in seen]
+    assert kinds.count("step") == 11 and "done" in kinds
+
+
+def test_copy_rules(client, daemon, tmp_path):
+    files = {"dir/x.txt": "x", "dir/sub/y.txt": "y", "one.txt": "1\n", "g1.cfg": "g", "g2.cfg": "g"}
+    ctx = _ctx(tmp_path, files)
+    os.symlink("one.txt", os.path.join(ctx, "link"))
+    build(client, ctx, """\
+FROM busybox
+WORKDIR /w
+COPY dir /copied
+COPY dir/ rel/
+COPY one.txt /file-renamed
+COPY one.txt /newdir/
+COPY *.cfg /cfgs/
+COPY --chown=1000:1001 one.txt /owned
+COPY --chmod=600 one.txt /moded
+COPY link /link
+RUN mkdir /existing
+COPY one.txt /existing
+""", BuildOptions(tags=["copies"]))
+    out = Ctl(daemon.address)("run", "--rm", "copies", "sh", "-c", """
+        ls /copied /copied/sub /w/rel; cat /file-renamed /newdir/one.txt; ls /cfgs
+        stat -c '%u:%g %a' /owned /moded; readlink /link; cat /existing/one.txt""").stdout
+    assert out.split() == ["/copied:", "sub", "x.txt", "/copied/sub:", "y.txt", "/w/rel:", "sub",
+                           "x.txt", "1", "1", "g1.cfg", "g2.cfg", "1000:1001", "644", "0:0", "600",
+                           "one.txt", "1"]
+
+
+def test_bad_requests_are_invalid_argument(client):
+    with pytest.raises(InvalidArgument, match="line 1"):
+        build(client, None, "RUN x\n", BuildOptions())
+    stub = client.service("runtimed.api.build.v1.build", "Builder")
+    pb = stub.pb
+    with pytest.raises(InvalidArgument, match="options"):
+        list(stub.Build(iter([pb.BuildRequest(context=b"x")])))
+    with pytest.raises(InvalidArgument, match="tar"):
+        list(stub.Build(iter([pb.BuildRequest(options=pb.BuildOptions(dockerfile="FROM busybox")),
+                              pb.BuildRequest(context=b"not a tar" * 100)])))
+    with pytest.raises(InvalidArgument, match="platform"):
+        build(client, None, "FROM busybox\n", BuildOptions(platform="linux/s390x"))
+
+
+def test_empty_context_and_scratch(client, daemon):
+    result = build(client, None, "FROM scratch\nENV A=1\n", BuildOptions(tags=["empty"]))
+    resolved = client.images.resolve("docker.io/library/empty:latest")
+    assert resolved.layers == [] and result.image_id == resolved.config_descriptor.digest
+    assert "A=1" in resolved.config["config"]["Env"]

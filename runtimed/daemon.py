@@ -85,7 +85,7 @@ class Daemon:
 
         self.builder = Builder(self.db, self.content, self.images, self.snapshotters, self.differ,
                                self.unpacker, self.leases, self.containers, self.tasks,
-                               self.root / "build")
+                               self.root / "build", self.registry)
         from runtimed.restart.manager import RestartManager
 
         self.restarts = RestartManager(self.namespaces, self.containers, self.tasks,

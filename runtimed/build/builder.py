@@ -123,8 +123,9 @@ class StepFailed(FailedPrecondition):
 
 class Builder:
     def __init__(self, db, content, images, snapshotters: dict, differ, unpacker, leases,
-                 containers, tasks, work_dir: Path):
+                 containers, tasks, work_dir: Path, registry=None):
         self.db = db
+        self.registry = registry  # pulls a base image that is not here (None: refuse)
         self.content = content
         self.images = images
         self.snapshotters = snapshotters
@@ -297,8 +298,7 @@ class _Run:
         try:
             record = self.b.images.get(self.ns, ref)
         except NotFound:
-            raise NotFound(f"base image {name!r} ({ref}) is not in namespace {self.ns!r}: "
-                           "pull or load it first") from None
+            record = self._pull(name, ref)
         target = record.target
         manifest = self.b.unpacker._manifest(
             self.ns, Descriptor(target.media_type, target.digest, target.size), None)
@@ -310,6 +310,20 @@ class _Run:
         self.b.unpacker.unpack(self.ns, record, self.sn.name if hasattr(self.sn, "name") else None,
                                lease=self.lease)
         return _Stage(config, list(manifest.layers), manifest.config.digest)
+
+    def _pull(self, name: str, ref: str):
+        if self.b.registry is None:
+            raise NotFound(f"base image {name!r} ({ref}) is not in namespace {self.ns!r}: "
+                           "pull or load it first")
+        from runtimed.errors import RuntimedError
+        from runtimed.images.registry.transfer import PullRequest
+
+        try:
+            self.b.registry.pull(self.ns, PullRequest(ref, unpack=True, snapshotter=self.sn.name))
+        except RuntimedError as exc:
+            raise type(exc)(f"base image {name!r} is not in namespace {self.ns!r} and pulling "
+                            f"it failed: {exc}") from None
+        return self.b.images.get(self.ns, ref)
 
     # -- instructions -------------------------------------------------------------------
 

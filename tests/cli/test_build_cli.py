@@ -177,13 +177,23 @@ def test_dockerfile_errors_and_missing_sources(ctl, busybox, tmp_path):
     (ctx / "Dockerfile").write_text("FROM busybox\nCOPY absent.txt /\n")
     missing = ctl("build", str(ctx), check=False)
     assert missing.returncode == 1 and "absent.txt" in missing.stderr
-    (ctx / "Dockerfile").write_text("FROM nosuchimage:1\n")
+    (ctx / "Dockerfile").write_text("FROM 127.0.0.1:9/nosuchimage:1\n")  # nothing listens
     base = ctl("build", str(ctx), check=False)
-    assert base.returncode == 1 and "nosuchimage" in base.stderr
+    assert base.returncode == 1 and "nosuchimage" in base.stderr and "pulling" in base.stderr
     alt = tmp_path / "Other.dockerfile"
     alt.write_text("FROM busybox\nCMD [\"echo\", \"from -f\"]\n")
     ctl("build", "-f", str(alt), "-t", "alt", str(ctx))
     assert ctl("run", "--rm", "alt").stdout == "from -f\n"
+
+
+def test_base_image_pulled_from_the_registry(ctl, busybox, tmp_path, registry):  # noqa: F811
+    ref = f"{registry.host}/base/busybox:1"
+    ctl("tag", "busybox", ref)
+    ctl("push", ref)
+    other = Ctl(ctl.address, namespace="fresh")
+    ctx = _context(tmp_path, f"FROM {ref}\nRUN echo on-pulled > /x\n")
+    other("build", "-t", "onpulled", str(ctx))
+    assert other("run", "--rm", "onpulled", "cat", "/x").stdout == "on-pulled\n"
 
 
 def test_build_push_and_pull_in_another_namespace(ctl, busybox, tmp_path, registry):  # noqa: F811

@@ -102,6 +102,7 @@ class _Stage:
     key: str  # cache identity of the state so far
     args: dict[str, str] = field(default_factory=dict)
     shell: list[str] = field(default_factory=lambda: list(DEFAULT_SHELL))
+    cmd_set: bool = False  # CMD given in this stage: a later ENTRYPOINT keeps it
 
     @property
     def chain(self) -> str:
@@ -266,6 +267,10 @@ class _Run:
 
     async def _stage(self, stage: df.Stage) -> AsyncIterator[Progress | _Stage]:
         base = df.expand(stage.base, self.meta_args, self.file.escape)
+        platform = df.expand(stage.platform, self.meta_args, self.file.escape)
+        if platform and not platforms.default().match(platforms.parse(platform)):
+            raise InvalidArgument(f"Dockerfile line {stage.line}: FROM --platform={platform}: only "
+                                  "this host's platform can be built (steps run natively)")
         yield self._emit_step(f"FROM {base}" + (f" AS {stage.name}" if stage.name else ""))
         state = await asyncio.to_thread(self._base, base, stage)
         yield Progress("done", _short(state.key))
@@ -374,7 +379,9 @@ class _Run:
             c["Cmd" if cmd == "cmd" else "Entrypoint"] = value
             if cmd == "entrypoint" and not inst.rest:
                 c["Entrypoint"] = None
-            if cmd == "entrypoint":
+            if cmd == "cmd":
+                state.cmd_set = True
+            elif not state.cmd_set:
                 c["Cmd"] = None  # as Docker: a new entrypoint drops the inherited Cmd
         elif cmd == "shell":
             state.shell = list(inst.json or [])

@@ -131,3 +131,17 @@ def test_empty_context_and_scratch(client, daemon):
     resolved = client.images.resolve("docker.io/library/empty:latest")
     assert resolved.layers == [] and result.image_id == resolved.config_descriptor.digest
     assert "A=1" in resolved.config["config"]["Env"]
+
+
+def test_entrypoint_keeps_cmd_of_the_same_stage_only(client):
+    build(client, None, 'FROM busybox\nCMD ["a"]\nENTRYPOINT ["e"]\n', BuildOptions(tags=["ep1"]))
+    c = client.images.resolve("docker.io/library/ep1:latest").config["config"]
+    assert c["Cmd"] == ["a"] and c["Entrypoint"] == ["e"]
+    build(client, None, 'FROM ep1\nENTRYPOINT ["f"]\n', BuildOptions(tags=["ep2"]))
+    c = client.images.resolve("docker.io/library/ep2:latest").config["config"]
+    assert c["Cmd"] is None and c["Entrypoint"] == ["f"]
+
+
+def test_from_platform_other_than_the_host_is_refused(client):
+    with pytest.raises(InvalidArgument, match="line 2.*platform"):
+        build(client, None, "ARG P=linux/s390x\nFROM --platform=$P busybox\n", BuildOptions())

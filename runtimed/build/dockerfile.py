@@ -19,11 +19,12 @@ INSTRUCTIONS = {
     "label", "maintainer", "onbuild", "run", "shell", "stopsignal", "user", "volume", "workdir",
 }
 # the flags each instruction accepts (values are parsed by the builder)
+# (what BuildKit adds beyond these, e.g. RUN --mount, COPY --exclude, is refused, not ignored)
 FLAGS = {
-    "add": {"chown", "chmod", "link", "checksum", "keep-git-dir"},
-    "copy": {"chown", "chmod", "from", "link", "parents", "exclude"},
+    "add": {"chown", "chmod", "link"},
+    "copy": {"chown", "chmod", "from", "link"},
     "from": {"platform"},
-    "run": {"network", "security", "mount"},
+    "run": {"network"},
     "healthcheck": {"interval", "timeout", "start-period", "start-interval", "retries"},
 }
 JSON_FORM = {"cmd", "entrypoint", "run", "shell", "add", "copy", "volume"}
@@ -126,7 +127,7 @@ def _split_flags(rest: str, line: int, cmd: str) -> tuple[dict[str, list[str]], 
             break
         if name not in FLAGS.get(cmd, set()):
             raise InvalidArgument(f"Dockerfile line {line}: {cmd.upper()}: unknown flag: --{name}")
-        if not eq and name not in ("link", "parents", "keep-git-dir"):
+        if not eq and name != "link":
             raise InvalidArgument(f"Dockerfile line {line}: {cmd.upper()}: missing a value on flag: --{name}")
         flags.setdefault(name, []).append(value if eq else "true")
         rest = after.lstrip()

@@ -106,6 +106,7 @@ def test_args_before_from_are_meta_args():
     ("FROM scratch\n\nCOPY onlyone\n", 3, "at least two arguments"),
     ("FROM scratch\nCOPY --bogus=1 a b\n", 2, "unknown flag: --bogus"),
     ("FROM scratch\nCOPY --from a b\n", 2, "missing a value"),
+    ("FROM scratch\nRUN --mount=type=cache,target=/x true\n", 2, "unknown flag: --mount"),
     ("FROM scratch\nSHELL /bin/bash -c\n", 2, "JSON form"),
     ("FROM scratch\nENV a=1 b\n", 2, "can't find ="),
     ("FROM scratch\nENV =1\n", 2, "names can not be blank"),

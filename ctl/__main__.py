@@ -131,7 +131,8 @@ def build_parser() -> Parser:
     p = _add(sub, "logs", "containers:logs", "show a container's output")
     p.add_argument("-f", "--follow", action="store_true")
     p.add_argument("--tail", default="all", help="lines from the end")
-    p.add_argument("-t", "--timestamps", action="store_true")
+    p.add_argument("-t", "--timestamps", action="store_true", help="show each line's time")
+    p.add_argument("--since", help="only lines after a time (RFC 3339, Unix time, or 10m ago)")
     p.add_argument("container")
     p = _add(sub, "exec", "containers:exec_", "run a command in a running container")
     for flag, kw in ((("-i", "--interactive"), {"action": "store_true"}),

@@ -6,6 +6,12 @@ and the shim pumps that into the FIFO, buffering up to a limit and then dropping
 oldest output, so the container never blocks or breaks when nobody reads. Output FIFOs are
 opened read-write (a detached client leaving does not make writes fail) and closed when
 the process side reaches EOF, so a client waiting for EOF returns.
+
+A `file://` URI ending in `?format=cri` asks for a log with a timestamp per line: the
+process then writes into a pipe and the shim appends records in the CRI log format that
+containerd's CRI plugin and the kubelet use, `<RFC3339Nano> <stdout|stderr> <F|P> <data>`
+(F: the data ended a line, P: it did not; the newline itself is not stored), each read
+stamped as it arrives, so `ctl logs -t/--since` need no other index.
 """
 
 from __future__ import annotations
@@ -20,11 +26,26 @@ import stat
 import struct
 import tempfile
 import termios
+import time
 from dataclasses import dataclass
 
 from runtimed.errors import InvalidArgument
 
 BUFFER_LIMIT = 1 << 20
+CRI_SUFFIX = "?format=cri"
+
+
+def cri_records(data: bytes, stream: bytes, now_ns: int | None = None) -> bytes:
+    """One read of output as CRI log records, all with the same timestamp."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    seconds, nanos = divmod(now_ns, 1_000_000_000)
+    prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)).encode() + b".%09dZ " % nanos + stream
+    lines = data.split(b"\n")
+    last = lines.pop()
+    out = b"".join(prefix + b" F " + line + b"\n" for line in lines)
+    if last:
+        out += prefix + b" P " + last + b"\n"
+    return out
 
 
 @dataclass(frozen=True)
@@ -38,8 +59,10 @@ class StdioConfig:
 class Pump:
     """Copy bytes from `src` to `dst` without ever blocking the event loop."""
 
-    def __init__(self, src: int, dst: int | None, close_dst: bool = True, drop: bool = True):
+    def __init__(self, src: int, dst: int | None, close_dst: bool = True, drop: bool = True,
+                 stamp: bytes = b""):
         self.src, self.dst = src, dst
+        self.stamp = stamp  # b"stdout"/b"stderr": write CRI log records
         self.close_dst = close_dst
         self.drop = drop
         self.buffer = bytearray()
@@ -70,6 +93,8 @@ class Pump:
             return
         if self.dst is None:
             return
+        if self.stamp:
+            data = cri_records(data, self.stamp)
         self.buffer += data
         if len(self.buffer) > BUFFER_LIMIT:
             if self.drop:
@@ -132,7 +157,7 @@ def _is_fifo(path: str) -> bool:
 
 def _file_path(uri: str) -> str | None:
     if uri.startswith("file://"):
-        return uri[len("file://"):]
+        return uri[len("file://"):].removesuffix(CRI_SUFFIX)
     if uri.startswith("binary://"):
         raise InvalidArgument("binary:// stdio (logging binaries) is not supported by shimd")
     return None
@@ -154,7 +179,7 @@ class ProcessIO:
         self._console_dir: str | None = None
         self._listener: socket.socket | None = None
         self._to_close: list[int] = []
-        self._pending: list[tuple[int, int | None, bool]] = []
+        self._pending: list[tuple[int, int | None, bool, bytes]] = []
         self.console_socket: str | None = None
         if config.terminal:
             self._open_console_socket()
@@ -162,7 +187,8 @@ class ProcessIO:
             self._to_close.append(null)
             self.child_fds = (null, null, null)
         else:
-            self.child_fds = (self._stdin(), self._output(config.stdout), self._output(config.stderr))
+            self.child_fds = (self._stdin(), self._output(config.stdout, b"stdout"),
+                              self._output(config.stderr, b"stderr"))
 
     def _open_console_socket(self) -> None:
         self._console_dir = tempfile.mkdtemp(prefix="shimd-pty-")
@@ -210,15 +236,21 @@ class ProcessIO:
         read_end, write_end = os.pipe()
         self._to_close.append(read_end)
         fifo = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._pending.append((fifo, write_end, False))
+        self._pending.append((fifo, write_end, False, b""))
         return read_end
 
-    def _output(self, path: str) -> int:
+    def _output(self, path: str, stream: bytes) -> int:
         if not path:
             fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
             self._to_close.append(fd)
             return fd
         file = _file_path(path)
+        if file is not None and path.endswith(CRI_SUFFIX):
+            read_end, write_end = os.pipe()
+            self._to_close.append(write_end)
+            log = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            self._pending.append((read_end, log, True, stream))
+            return write_end
         if file is not None or not _is_fifo(path):
             fd = os.open(file or path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             self._to_close.append(fd)
@@ -226,7 +258,7 @@ class ProcessIO:
         read_end, write_end = os.pipe()
         self._to_close.append(write_end)
         fifo = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._pending.append((read_end, fifo, True))
+        self._pending.append((read_end, fifo, True, b""))
         return write_end
 
     def spawned(self) -> None:
@@ -235,15 +267,16 @@ class ProcessIO:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._to_close.clear()
-        for src, dst, drop in self._pending:
-            pump = Pump(src, dst, drop=drop)
+        for src, dst, drop, stamp in self._pending:
+            pump = Pump(src, dst, drop=drop, stamp=stamp)
             self.pumps.append(pump)
             if not drop:
                 self.stdin_pump = pump
         self._pending.clear()
         if self.console is not None:
             if self.config.stdout:
-                self.pumps.append(Pump(os.dup(self.console), self._console_out()))
+                stamp = b"stdout" if self.config.stdout.endswith(CRI_SUFFIX) else b""
+                self.pumps.append(Pump(os.dup(self.console), self._console_out(), stamp=stamp))
             if self.config.stdin and not _file_path(self.config.stdin):
                 fifo = os.open(self.config.stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
                 self.stdin_pump = Pump(fifo, os.dup(self.console), drop=False)
@@ -279,7 +312,7 @@ class ProcessIO:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._to_close.clear()
-        for src, dst, _ in self._pending:
+        for src, dst, _, _ in self._pending:
             for fd in (src, dst):
                 with contextlib.suppress(OSError, TypeError):
                     os.close(fd)

@@ -82,6 +82,7 @@ class Attachment:
     stdout: BinaryIO | None = None
     stderr: BinaryIO | None = None
     tee: BinaryIO | None = None  # a copy of all output (the container's log file)
+    tee_encode: Callable[[bytes, str], bytes] | None = None  # (data, stream) → log records
     on_stdin_eof: Callable[[], None] | None = None
     stdin_filter: Callable[[bytes], bytes | None] | None = None  # None → detach
     on_detach: Callable[[], None] | None = None
@@ -158,6 +159,9 @@ class Attachment:
                 if out is not None:
                     _write_all(out, data)
                 if self.tee is not None:
+                    if self.tee_encode is not None:
+                        stream = "stderr" if path == self.fifos.stdio.stderr else "stdout"
+                        data = self.tee_encode(data, stream)
                     with self._lock:
                         self.tee.write(data)
                         self.tee.flush()

@@ -21,6 +21,8 @@ from ctl.format import ago, binary_size, document, emit, human_duration
 from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound, RuntimedError
 from runtimed.restart import policy as rp
 
+CRI_SUFFIX = "?format=cri"  # ctl.client.logs.CRI_SUFFIX, without importing it for every command
+
 LABEL_PREFIX = "io.runtimed.ctl."
 LABEL_LOG = LABEL_PREFIX + "log-path"
 LABEL_EXIT = LABEL_PREFIX + "exit-code"
@@ -176,7 +178,7 @@ def _create(args) -> tuple[str, str]:
     if log_path is None:
         log_path = os.path.join(log_dir(args), args.namespace, f"{container_id}.log")
     labels[LABEL_LOG] = log_path
-    labels[rp.LABEL_LOG_URI] = "file://" + log_path
+    labels[rp.LABEL_LOG_URI] = "file://" + log_path + CRI_SUFFIX  # the shim stamps lines
     if policy.name != "no":
         labels[rp.LABEL_POLICY] = str(policy)
     if autoremove and getattr(args, "detach", False):
@@ -234,6 +236,9 @@ def _start_detached(c, container_id: str) -> None:
     if log_path:
         os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
         stdio = Stdio.file(log_path)
+        uri = container.labels.get(rp.LABEL_LOG_URI, "")
+        if uri.endswith(CRI_SUFFIX):
+            stdio.stdout = stdio.stderr = uri
     try:
         c.tasks.create(container_id, stdio)
         c.tasks.start(container_id)
@@ -298,7 +303,8 @@ class Terminal:
 
 def attach_and_wait(c, container_id: str, *, exec_args: list[str] | None = None,
                     exec_kwargs: dict | None = None, stdin: bool, tty: bool,
-                    log_path: str | None, detach_keys: str, sig_proxy: bool = True) -> int | None:
+                    log_path: str | None, detach_keys: str, sig_proxy: bool = True,
+                    cri_log: bool = False) -> int | None:
     """Create the process with FIFOs, copy its stdio, wait for it; its exit code, or None
     when the user detached."""
     import threading
@@ -320,6 +326,7 @@ def attach_and_wait(c, container_id: str, *, exec_args: list[str] | None = None,
         stdout=sys.stdout.buffer,
         stderr=sys.stderr.buffer,
         tee=tee,
+        tee_encode=_cri_encoder() if cri_log else None,
         on_stdin_eof=lambda: c.tasks.close_stdin(container_id, exec_id),
         stdin_filter=DetachKeys(detach_keys) if (tty and stdin) else None,
         on_detach=detached.set,
@@ -395,6 +402,16 @@ def attach_and_wait(c, container_id: str, *, exec_args: list[str] | None = None,
             tee.close()
 
 
+def _cri_encoder():
+    from ctl.client.logs import encode
+
+    return encode
+
+
+def _has_cri_log(container) -> bool:
+    return container.labels.get(rp.LABEL_LOG_URI, "").endswith(CRI_SUFFIX)
+
+
 def run(args) -> int:
     container_id, log_path = _create(args)
     c = client(args)
@@ -406,7 +423,7 @@ def run(args) -> int:
         code = attach_and_wait(
             c, container_id, stdin=args.interactive, tty=args.tty,
             log_path=None if args.rm else log_path, detach_keys=args.detach_keys,
-            sig_proxy=args.sig_proxy == "true",
+            sig_proxy=args.sig_proxy == "true", cri_log=True,
         )
     except ExitCode as exc:
         if args.rm:
@@ -472,7 +489,8 @@ def start(args) -> int:
         tty = bool((container.spec.get("process") or {}).get("terminal"))
         try:
             code = attach_and_wait(c, container_id, stdin=args.interactive, tty=tty,
-                                   log_path=container.labels.get(LABEL_LOG), detach_keys="ctrl-p,ctrl-q")
+                                   log_path=container.labels.get(LABEL_LOG), detach_keys="ctrl-p,ctrl-q",
+                                   cri_log=_has_cri_log(container))
         except ExitCode as exc:
             err(f"ctl: {exc}")
             return exc.code
@@ -784,29 +802,34 @@ def inspect(args) -> int:
 # logs -------------------------------------------------------------------------------------
 
 def logs(args) -> int:
-    if args.timestamps:
-        raise InvalidArgument(
-            "--timestamps: runtimed's log files hold the raw output, without timestamps"
-        )
     c = client(args)
     container_id = c.containers.resolve_id(args.container)
     container = c.containers.get(container_id)
     path = container.labels.get(LABEL_LOG)
     if not path:
         raise FailedPrecondition(f"container {container_id} has no log: it was not created by ctl")
+    tail = None
+    if args.tail != "all":
+        try:
+            tail = int(args.tail)
+        except ValueError:
+            raise InvalidArgument(f"invalid --tail {args.tail!r}: a number or 'all'") from None
+    if _has_cri_log(container):
+        return _cri_logs(c, container_id, path, args, tail)
+    if args.timestamps or args.since:
+        raise InvalidArgument(
+            "--timestamps/--since: this container's log holds raw output without timestamps "
+            "(created before ctl stamped logs)"
+        )
     try:
         f = open(path, "rb")
     except FileNotFoundError:
         return 0
     with f:
         data = f.read()
-        if args.tail != "all":
-            try:
-                n = int(args.tail)
-            except ValueError:
-                raise InvalidArgument(f"invalid --tail {args.tail!r}: a number or 'all'") from None
+        if tail is not None:
             lines = data.splitlines(keepends=True)
-            data = b"".join(lines[-n:]) if n > 0 else b""
+            data = b"".join(lines[-tail:]) if tail > 0 else b""
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         if not args.follow:
@@ -817,16 +840,62 @@ def logs(args) -> int:
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.buffer.flush()
                 continue
-            try:
-                running = c.tasks.get(container_id).status in ("RUNNING", "PAUSED", "PAUSING", "CREATED")
-            except NotFound:
-                running = False
-            if not running:
+            if not _task_running(c, container_id):
                 rest = f.read()
                 sys.stdout.buffer.write(rest)
                 sys.stdout.buffer.flush()
                 return 0
             time.sleep(0.2)
+
+
+def _task_running(c, container_id: str) -> bool:
+    try:
+        return c.tasks.get(container_id).status in ("RUNNING", "PAUSED", "PAUSING", "CREATED")
+    except NotFound:
+        return False
+
+
+def _cri_logs(c, container_id: str, path: str, args, tail: int | None) -> int:
+    """Lines from a CRI-format log: stdout and stderr to ours, `-t` puts the time first."""
+    from ctl.client.logs import Decoder, since
+
+    cutoff = since(args.since) if args.since else b""
+    decoder = Decoder()
+    outputs = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+
+    def emit(lines) -> None:
+        for line in lines:
+            if line.timestamp < cutoff:
+                continue
+            out = outputs.get(line.stream, sys.stdout.buffer)
+            if args.timestamps:
+                out.write(line.timestamp + b" ")
+            out.write(line.data)
+        for out in outputs.values():
+            out.flush()
+
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return 0
+    with f:
+        lines = list(decoder.feed(f.read()))
+        if not args.follow:
+            lines += decoder.flush()
+        if tail is not None:
+            lines = lines[-tail:] if tail > 0 else []
+        emit(lines)
+        while args.follow:
+            chunk = f.read(65536)
+            if chunk:
+                emit(decoder.feed(chunk))
+                continue
+            if not _task_running(c, container_id):
+                emit(decoder.feed(f.read()))
+                emit(decoder.flush())
+                return 0
+            time.sleep(0.2)
+    return 0
 
 
 # exec ---------------------------------------------------------------------------------------

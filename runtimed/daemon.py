@@ -85,7 +85,8 @@ class Daemon:
 
         self.builder = Builder(self.db, self.content, self.images, self.snapshotters, self.differ,
                                self.unpacker, self.leases, self.containers, self.tasks,
-                               self.root / "build", self.registry)
+                               self.root / "build", self.registry, self.namespaces)
+        self.on_start.append(self.builder.recover)
         from runtimed.restart.manager import RestartManager
 
         self.restarts = RestartManager(self.namespaces, self.containers, self.tasks,

@@ -24,6 +24,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -124,8 +125,9 @@ class StepFailed(FailedPrecondition):
 
 class Builder:
     def __init__(self, db, content, images, snapshotters: dict, differ, unpacker, leases,
-                 containers, tasks, work_dir: Path, registry=None):
+                 containers, tasks, work_dir: Path, registry=None, namespaces=None):
         self.db = db
+        self.namespaces_list = namespaces.list if namespaces is not None else list
         self.registry = registry  # pulls a base image that is not here (None: refuse)
         self.content = content
         self.images = images
@@ -149,6 +151,31 @@ class Builder:
                 shutil.rmtree(entry, ignore_errors=True)
         self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
+    async def recover(self) -> None:
+        """After a crash: the RUN containers, scratch snapshots and leases of builds that
+        were running are removed (the build itself is gone with the stream)."""
+        for namespace in await asyncio.to_thread(self.namespaces_list):
+            ns = namespace.name
+            for c in await asyncio.to_thread(self.containers.list, ns):
+                if c.labels.get(BUILD_LABEL) != "run":
+                    continue
+                with contextlib.suppress(Exception):
+                    await self.tasks.kill(ns, c.id, "", 9, True)
+                    await self.tasks.wait(ns, c.id)
+                with contextlib.suppress(NotFound):
+                    await self.tasks.delete(ns, c.id)
+                with contextlib.suppress(NotFound):
+                    await asyncio.to_thread(self.containers.delete, ns, c.id)
+            for sn in self.snapshotters.values():
+                for info in await asyncio.to_thread(lambda sn=sn, ns=ns: list(sn.walk(ns))):
+                    if info.name.startswith("build-") and info.kind.name != "COMMITTED":
+                        with contextlib.suppress(NotFound):
+                            await asyncio.to_thread(sn.remove, ns, info.name)
+            for lease in await asyncio.to_thread(self.leases.list, ns):
+                if lease.labels.get(BUILD_LABEL) == "lease":
+                    with contextlib.suppress(NotFound):
+                        await asyncio.to_thread(self.leases.delete, ns, lease.id)
+
     def work(self) -> Path:
         return Path(tempfile.mkdtemp(prefix="build-", dir=self.work_dir))
 
@@ -168,12 +195,14 @@ class Builder:
             references.parse(tag)
         run = _Run(self, ns, sn, Context(context_dir), dockerfile, options)
         run.lease = (await asyncio.to_thread(
-            self.leases.create, ns, labels={"containerd.io/gc.expire": _expiry()})).id
+            self.leases.create, ns, labels={"containerd.io/gc.expire": _expiry(),
+                                            BUILD_LABEL: "lease"})).id
         try:
-            async for item in run.all():
-                yield item
+            async with contextlib.aclosing(run.all()) as items:
+                async for item in items:
+                    yield item
         finally:
-            await asyncio.to_thread(self.leases.delete, ns, run.lease)
+            await _shielded(asyncio.to_thread(self.leases.delete, ns, run.lease))
 
     # -- cache --------------------------------------------------------------------------
 
@@ -248,11 +277,12 @@ class _Run:
         final = None
         for stage in stages:
             final = None
-            async for item in self._stage(stage):
-                if isinstance(item, _Stage):
-                    final = item
-                else:
-                    yield item
+            async with contextlib.aclosing(self._stage(stage)) as items:
+                async for item in items:
+                    if isinstance(item, _Stage):
+                        final = item
+                    else:
+                        yield item
             self.built[stage.index] = final
         unused = sorted(set(self.options.build_args) - self.used_args - PREDEFINED_ARGS)
         if unused:
@@ -277,8 +307,9 @@ class _Run:
         for inst in stage.instructions:
             yield self._emit_step(inst.original)
             try:
-                async for item in self._instruction(state, inst):
-                    yield item
+                async with contextlib.aclosing(self._instruction(state, inst)) as items:
+                    async for item in items:
+                        yield item
             except df.InvalidArgument as exc:
                 if str(exc).startswith("Dockerfile line"):
                     raise
@@ -352,8 +383,9 @@ class _Run:
             yield Progress("done", _short(state.key))
             return
         if cmd in FS_STEPS:
-            async for item in self._fs_step(state, inst):
-                yield item
+            async with contextlib.aclosing(self._fs_step(state, inst)) as items:
+                async for item in items:
+                    yield item
             return
         if await asyncio.to_thread(self._metadata, state, inst):
             yield Progress("cached", " ---> Using cache")
@@ -482,8 +514,9 @@ class _Run:
             layer, diff_id, created = cached
         else:
             result: list = []
-            async for item in self._execute(state, inst, result):
-                yield item
+            async with contextlib.aclosing(self._execute(state, inst, result)) as items:
+                async for item in items:
+                    yield item
             layer, diff_id = result
             created = _now()
             await asyncio.to_thread(self.b.cache_put, self.ns, key, {
@@ -532,8 +565,9 @@ class _Run:
         mounts = await asyncio.to_thread(sn.prepare, ns, key, parent, lease=self.lease)
         try:
             if inst.cmd == "run":
-                async for item in self._run(state, inst, key, mounts):
-                    yield item
+                async with contextlib.aclosing(self._run(state, inst, key, mounts)) as items:
+                    async for item in items:
+                        yield item
             else:
                 await asyncio.to_thread(self._change_files, state, inst, mounts)
             left = []
@@ -559,8 +593,7 @@ class _Run:
             result[:] = [layer, diff_id]
         finally:
             if key:
-                with contextlib.suppress(NotFound):
-                    await asyncio.to_thread(sn.remove, ns, key)
+                await _shielded(asyncio.to_thread(_remove_quietly, sn, ns, key))
 
     async def _run(self, state: _Stage, inst: df.Instruction, key: str, mounts
                    ) -> AsyncIterator[Progress]:
@@ -586,6 +619,8 @@ class _Run:
                               snapshot_key=key)
         created = started = False
         command = " ".join(args)
+        stop = threading.Event()
+        pump = None
         try:
             await asyncio.to_thread(self.b.containers.create, self.ns, container)
             created = True
@@ -595,26 +630,42 @@ class _Run:
             await self.b.tasks.start(self.ns, cid)
             queue: asyncio.Queue = asyncio.Queue()
             loop = asyncio.get_running_loop()
-            pump = loop.run_in_executor(None, _pump, reader, queue, loop)
+            pump = loop.run_in_executor(None, _pump, reader, queue, loop, stop)
             while (line := await queue.get()) is not None:
                 yield Progress("log", line)
-            await pump
             status = await self.b.tasks.wait(self.ns, cid)
             if status.exit_status != 0:
                 raise StepFailed(
                     f"Dockerfile line {inst.line}: RUN {command!r} returned a non-zero code: "
                     f"{status.exit_status}")
         finally:
-            if started:
-                with contextlib.suppress(NotFound):
-                    with contextlib.suppress(Exception):
-                        await self.b.tasks.kill(self.ns, cid, "", 9, True)
-                    await self.b.tasks.delete(self.ns, cid)
-            if created:
-                with contextlib.suppress(NotFound):
-                    await asyncio.to_thread(self.b.containers.delete, self.ns, cid)
+            await _shielded(self._remove_run(cid, created, started, reader, pump, stop, work))
+
+    async def _remove_run(self, cid: str, created: bool, started: bool, reader: int, pump,
+                          stop: threading.Event, work: Path) -> None:
+        """Kill and delete the RUN container (a failed, finished or cancelled step)."""
+        ns = self.ns
+        if started:
+            with contextlib.suppress(Exception):
+                await self.b.tasks.kill(ns, cid, "", 9, True)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.b.tasks.wait(ns, cid), 10)
+            try:
+                await self.b.tasks.delete(ns, cid)
+            except NotFound:
+                pass
+            except Exception:  # noqa: BLE001 - recover() at the next start retries
+                log.exception("build: deleting task %s", cid)
+        if created:
+            with contextlib.suppress(NotFound):
+                await asyncio.to_thread(self.b.containers.delete, ns, cid)
+        stop.set()
+        if pump is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(pump), 5)
+        if pump is None or pump.done():
             os.close(reader)
-            shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
     # -- COPY, ADD, WORKDIR -------------------------------------------------------------
 
@@ -711,14 +762,14 @@ class _Run:
 
 # -- helpers -----------------------------------------------------------------------------
 
-def _pump(fd: int, queue: asyncio.Queue, loop) -> None:
+def _pump(fd: int, queue: asyncio.Queue, loop, stop: threading.Event) -> None:
     """Read the RUN output FIFO until the shim closes it; lines to the queue."""
     import select
 
     buf = b""
     try:
-        while True:
-            select.select([fd], [], [], 1.0)
+        while not stop.is_set():
+            select.select([fd], [], [], 0.5)
             try:
                 chunk = os.read(fd, 65536)
             except BlockingIOError:
@@ -733,6 +784,11 @@ def _pump(fd: int, queue: asyncio.Queue, loop) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, buf.decode(errors="replace"))
     finally:
         loop.call_soon_threadsafe(queue.put_nowait, None)
+
+
+async def _shielded(coro) -> None:
+    """Run cleanup to its end even when the build is cancelled meanwhile."""
+    await asyncio.shield(asyncio.ensure_future(coro))
 
 
 def _reader(mounts):
@@ -951,6 +1007,11 @@ def _snapshot_resource(sn, key: str):
     from runtimed.metadata.leases import Resource
 
     return Resource(key, f"snapshots/{sn.name}")
+
+
+def _remove_quietly(sn, ns: str, key: str) -> None:
+    with contextlib.suppress(NotFound):
+        sn.remove(ns, key)
 
 
 def _hash(*parts) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 
@@ -51,16 +52,17 @@ class BuilderService(build_pb2_grpc.BuilderServicer):
             else:
                 root.mkdir()
             os.unlink(archive)
-            async for item in self.builder.build(ns, root, options):
-                if isinstance(item, Progress):
-                    yield pb.BuildResponse(progress=pb.BuildProgress(
-                        kind=item.kind, text=item.text, step=item.step, total=item.total))
-                else:
-                    t = item.target
-                    yield pb.BuildResponse(result=pb.BuildResult(
-                        names=item.names, image_id=item.image_id,
-                        target=descriptor_pb2.Descriptor(media_type=t.media_type,
-                                                         digest=t.digest, size=t.size)))
+            async with contextlib.aclosing(self.builder.build(ns, root, options)) as items:
+                async for item in items:
+                    if isinstance(item, Progress):
+                        yield pb.BuildResponse(progress=pb.BuildProgress(
+                            kind=item.kind, text=item.text, step=item.step, total=item.total))
+                    else:
+                        t = item.target
+                        yield pb.BuildResponse(result=pb.BuildResult(
+                            names=item.names, image_id=item.image_id,
+                            target=descriptor_pb2.Descriptor(media_type=t.media_type,
+                                                             digest=t.digest, size=t.size)))
         finally:
             await asyncio.to_thread(shutil.rmtree, work, True)
 

@@ -4,12 +4,13 @@ COPY semantics and the stream contract, on a real runtimed."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
 from ctl.client import Client
 from ctl.client.build import BuildOptions, build
-from runtimed.errors import InvalidArgument
+from runtimed.errors import InvalidArgument, NotFound
 from runtimed.images.unpack import chain_ids
 from tests import testimages
 from tests.cli.conftest import Ctl
@@ -145,3 +146,50 @@ def test_entrypoint_keeps_cmd_of_the_same_stage_only(client):
 def test_from_platform_other_than_the_host_is_refused(client):
     with pytest.raises(InvalidArgument, match="line 2.*platform"):
         build(client, None, "ARG P=linux/s390x\nFROM --platform=$P busybox\n", BuildOptions())
+
+
+def _leftovers(daemon) -> dict:
+    return {
+        "containers": daemon.ctr("containers", "ls", "-q").stdout.split(),
+        "tasks": daemon.ctr("tasks", "ls", "-q").stdout.split(),
+        "leases": daemon.ctr("leases", "ls", "-q").stdout.split(),
+        "scratch snapshots": [line for line in daemon.ctr("snapshots", "ls").stdout.splitlines()
+                              if "Active" in line or "View" in line],
+    }
+
+
+def _start_slow_build(client):
+    """A build whose RUN sleeps; returns the response stream once the RUN is running."""
+    stub = client.service("runtimed.api.build.v1.build", "Builder")
+    pb = stub.pb
+    stream = stub.Build(iter([pb.BuildRequest(options=pb.BuildOptions(
+        dockerfile="FROM busybox\nRUN echo started; sleep 60\n", tags=["slow"]))]))
+    responses = iter(stream)  # kept alive by the caller: dropping it cancels the call
+    for response in responses:
+        if response.progress.kind == "log" and response.progress.text == "started":
+            return stream, responses
+    raise AssertionError("the RUN step never started")
+
+
+def test_cancelled_build_leaves_nothing(client, daemon):
+    stream, _responses = _start_slow_build(client)
+    assert _leftovers(daemon)["tasks"]  # the RUN container is there while it runs
+    stream.cancel()
+    deadline = time.monotonic() + 20
+    while any(_leftovers(daemon).values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _leftovers(daemon) == {"containers": [], "tasks": [], "leases": [],
+                                  "scratch snapshots": []}
+    with pytest.raises(NotFound):
+        client.images.get("slow")
+
+
+def test_daemon_crash_mid_build_is_cleaned_up_at_restart(client, daemon):
+    _stream, _responses = _start_slow_build(client)
+    daemon.kill9()
+    daemon.start()
+    assert _leftovers(daemon) == {"containers": [], "tasks": [], "leases": [],
+                                  "scratch snapshots": []}
+    # the same build works afterwards
+    with Client(daemon.address) as fresh:
+        build(fresh, None, "FROM busybox\nRUN echo again\n", BuildOptions(tags=["again"]))

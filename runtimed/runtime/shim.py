@@ -182,7 +182,8 @@ class ShimManager:
                     "--force", info.id]
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+                    *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                    env=_shim_env(),  # the built-in runtime runs with -S: no site, PYTHONPATH
                 )
                 _, err = await proc.communicate()
                 if proc.returncode != 0 and b"not exist" not in err:

@@ -169,16 +169,22 @@ def _create(args) -> tuple[str, str]:
     image = _ensure_image(c, args)
     container_id = args.name or secrets.token_hex(32)
     labels = parse_labels(args.label)
-    log_path = None
+    log_path, log_format = None, ""
     for opt in args.log_opt:
         key, _, value = opt.partition("=")
-        if key != "path":
-            raise InvalidArgument(f"unknown log option {key!r}: only path=FILE is supported")
-        log_path = os.path.abspath(value)
+        if key == "path":
+            log_path = os.path.abspath(value)
+        elif key == "format" and value in ("cri", "raw"):
+            log_format = value
+        else:
+            raise InvalidArgument(f"unknown log option {opt!r}: use path=FILE or format=cri|raw")
+    # ctl's own log files are stamped (logs -t, --since); a file the user names gets the
+    # plain output unless format=cri asks otherwise
+    log_format = log_format or ("raw" if log_path else "cri")
     if log_path is None:
         log_path = os.path.join(log_dir(args), args.namespace, f"{container_id}.log")
     labels[LABEL_LOG] = log_path
-    labels[rp.LABEL_LOG_URI] = "file://" + log_path + CRI_SUFFIX  # the shim stamps lines
+    labels[rp.LABEL_LOG_URI] = "file://" + log_path + (CRI_SUFFIX if log_format == "cri" else "")
     if policy.name != "no":
         labels[rp.LABEL_POLICY] = str(policy)
     if autoremove and getattr(args, "detach", False):
@@ -423,7 +429,8 @@ def run(args) -> int:
         code = attach_and_wait(
             c, container_id, stdin=args.interactive, tty=args.tty,
             log_path=None if args.rm else log_path, detach_keys=args.detach_keys,
-            sig_proxy=args.sig_proxy == "true", cri_log=True,
+            sig_proxy=args.sig_proxy == "true",
+            cri_log=_has_cri_log(c.containers.get(container_id)),
         )
     except ExitCode as exc:
         if args.rm:

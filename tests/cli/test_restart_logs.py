@@ -64,3 +64,13 @@ def test_decoder_and_since_parsing():
     assert since("90s", now=100.0) == timestamp(10_000_000_000)
     assert since("1m30s", now=100.0) == timestamp(10_000_000_000)
     assert since("2026-11-28T00:00:00Z") == b"2026-11-28T00:00:00.000000000Z"
+
+
+def test_log_opt_path_is_raw_unless_format_cri(ctl, busybox, tmp_path):
+    raw, stamped = tmp_path / "raw.log", tmp_path / "cri.log"
+    ctl("run", "--log-opt", f"path={raw}", "busybox", "echo", "plain")
+    ctl("run", "--log-opt", f"path={stamped}", "--log-opt", "format=cri", "busybox", "echo", "x")
+    assert raw.read_text() == "plain\n"
+    assert STAMP.match(stamped.read_bytes()) and stamped.read_text().endswith(" stdout F x\n")
+    assert ctl("logs", "-t", "--since", "1h", ctl("ps", "-aq", "-l").stdout.strip()).stdout.endswith(" x\n")
+    assert ctl("run", "--log-opt", "driver=syslog", "busybox", "true", check=False).returncode == 125

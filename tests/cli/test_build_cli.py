@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 import time
 from pathlib import Path
@@ -204,3 +205,16 @@ def test_build_push_and_pull_in_another_namespace(ctl, busybox, tmp_path, regist
     other = Ctl(ctl.address, namespace="puller")
     other("pull", ref)
     assert other("run", "--rm", "--pull", "never", ref).stdout == "pushed\n"
+
+
+def test_stdin_dockerfile_network_modes_and_history(ctl, busybox):
+    dockerfile = "FROM busybox\nRUN ls /sys/class/net > /default-net\n" \
+                 "RUN --network=host ls /sys/class/net > /host-net\n"
+    built = ctl("build", "-t", "nets", "-", input=dockerfile)
+    assert "Successfully tagged nets:latest" in built.stdout
+    default_net = ctl("run", "--rm", "nets", "cat", "/default-net").stdout.split()
+    host_net = ctl("run", "--rm", "nets", "cat", "/host-net").stdout.split()
+    assert default_net == ["lo"]  # RUN has an empty network namespace by default
+    assert sorted(host_net) == sorted(os.listdir("/sys/class/net"))
+    history = ctl("history", "--no-trunc", "nets").stdout
+    assert "/bin/sh -c ls /sys/class/net > /default-net" in history

@@ -121,3 +121,24 @@ def test_without_init_orphans_stay_zombies(ctl, busybox):
     time.sleep(0.6)
     assert zombies(ctl, "noinit") == 1
     ctl("rm", "-f", "noinit")
+
+
+def test_ctrl_c_on_a_foreground_init_container_stops_it(ctl, busybox):
+    """Without an init, `sleep` as PID 1 ignores SIGINT; tini passes it on."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(ctl.command("run", "--init", "--name", "fgint", "busybox", "sleep", "100"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: '"running"' in ctl("inspect", "--format", "{{json .State.Status}}", "fgint",
+                                            check=False).stdout)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=5) == 128 + signal.SIGINT
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    ctl("rm", "-f", "fgint")

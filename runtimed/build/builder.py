@@ -310,10 +310,10 @@ class _Run:
                 async with contextlib.aclosing(self._instruction(state, inst)) as items:
                     async for item in items:
                         yield item
-            except df.InvalidArgument as exc:
+            except (InvalidArgument, NotFound) as exc:
                 if str(exc).startswith("Dockerfile line"):
                     raise
-                raise inst.error(str(exc)) from None
+                raise type(exc)(f"Dockerfile line {inst.line}: {exc}") from None
         yield state
 
     def _base(self, name: str, stage: df.Stage) -> _Stage:

@@ -177,7 +177,7 @@ def test_dockerfile_errors_and_missing_sources(ctl, busybox, tmp_path):
     assert bad.returncode == 1 and "line 3" in bad.stderr and "BOGUS" in bad.stderr
     (ctx / "Dockerfile").write_text("FROM busybox\nCOPY absent.txt /\n")
     missing = ctl("build", str(ctx), check=False)
-    assert missing.returncode == 1 and "absent.txt" in missing.stderr
+    assert missing.returncode == 1 and "absent.txt" in missing.stderr and "line 2" in missing.stderr
     (ctx / "Dockerfile").write_text("FROM 127.0.0.1:9/nosuchimage:1\n")  # nothing listens
     base = ctl("build", str(ctx), check=False)
     assert base.returncode == 1 and "nosuchimage" in base.stderr and "pulling" in base.stderr

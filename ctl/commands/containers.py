@@ -245,6 +245,8 @@ def _start_detached(c, container_id: str) -> None:
         uri = container.labels.get(rp.LABEL_LOG_URI, "")
         if uri.endswith(CRI_SUFFIX):
             stdio.stdout = stdio.stderr = uri
+    if (container.spec.get("process") or {}).get("terminal"):  # run -dt: a pty, logged
+        stdio.terminal, stdio.stderr = True, ""
     try:
         c.tasks.create(container_id, stdio)
         c.tasks.start(container_id)

@@ -142,3 +142,12 @@ def test_ctrl_c_on_a_foreground_init_container_stops_it(ctl, busybox):
         proc.stdout.close()
         proc.stderr.close()
     ctl("rm", "-f", "fgint")
+
+
+def test_detached_tty_container_is_logged_and_restarted_with_a_pty(ctl, busybox):
+    ctl("run", "-dt", "--name", "ttyd", "--restart", "on-failure:1", "busybox",
+        "sh", "-c", "tty; exit 2")
+    wait_for(lambda: ctl("logs", "ttyd").stdout.count("/dev/pts/") == 2, timeout=10)
+    wait_for(lambda: inspect(ctl, "ttyd")["State"]["Status"] == "exited")
+    assert inspect(ctl, "ttyd")["RestartCount"] == 1
+    ctl("rm", "ttyd")

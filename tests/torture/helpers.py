@@ -48,9 +48,12 @@ def corrupt_blobs(root: Path) -> list[str]:
     base = root / "content" / "blobs" / "sha256"
     for path in base.iterdir() if base.is_dir() else []:
         h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except FileNotFoundError:
+            continue  # collected meanwhile: gone is not corrupt
         if h.hexdigest() != path.name:
             bad.append(path.name)
     return bad

@@ -21,10 +21,13 @@ def images(tmp_path_factory) -> dict:
     return testimages.build(tmp_path_factory.mktemp("images"))
 
 
+NAMESPACE = "buildtests"  # not `default`: the leak check then sees only these tests' containers
+
+
 @pytest.fixture
 def client(daemon, images):
-    daemon.ctr("images", "import", images["busybox"].archive)
-    with Client(daemon.address) as c:
+    daemon.ctr("images", "import", images["busybox"].archive, namespace=NAMESPACE)
+    with Client(daemon.address, NAMESPACE) as c:
         yield c
 
 
@@ -81,7 +84,7 @@ def test_config_history_layers_and_snapshots(client, daemon, images, tmp_path):
     assert len(resolved.layers) == len(base.layers) + 2
     assert len(config["rootfs"]["diff_ids"]) == len(resolved.layers)
     top = chain_ids(config["rootfs"]["diff_ids"])[-1]
-    info = daemon.ctr("snapshots", "info", top).stdout
+    info = daemon.ctr("snapshots", "info", top, namespace=NAMESPACE).stdout
     assert "Committed" in info
     kinds = [p.kind for p in seen]
     assert kinds.count("step") == 11 and "done" in kinds
@@ -105,7 +108,7 @@ COPY link /link
 RUN mkdir /existing
 COPY one.txt /existing
 """, BuildOptions(tags=["copies"]))
-    out = Ctl(daemon.address)("run", "--rm", "copies", "sh", "-c", """
+    out = Ctl(daemon.address, NAMESPACE)("run", "--rm", "copies", "sh", "-c", """
         ls /copied /copied/sub /w/rel; cat /file-renamed /newdir/one.txt; ls /cfgs
         stat -c '%u:%g %a' /owned /moded; readlink /link; cat /existing/one.txt""").stdout
     assert out.split() == ["/copied:", "sub", "x.txt", "/copied/sub:", "y.txt", "/w/rel:", "sub",
@@ -150,11 +153,12 @@ def test_from_platform_other_than_the_host_is_refused(client):
 
 def _leftovers(daemon) -> dict:
     return {
-        "containers": daemon.ctr("containers", "ls", "-q").stdout.split(),
-        "tasks": daemon.ctr("tasks", "ls", "-q").stdout.split(),
-        "leases": daemon.ctr("leases", "ls", "-q").stdout.split(),
-        "scratch snapshots": [line for line in daemon.ctr("snapshots", "ls").stdout.splitlines()
-                              if "Active" in line or "View" in line],
+        "containers": daemon.ctr("containers", "ls", "-q", namespace=NAMESPACE).stdout.split(),
+        "tasks": daemon.ctr("tasks", "ls", "-q", namespace=NAMESPACE).stdout.split(),
+        "leases": daemon.ctr("leases", "ls", "-q", namespace=NAMESPACE).stdout.split(),
+        "scratch snapshots": [
+            line for line in daemon.ctr("snapshots", "ls", namespace=NAMESPACE).stdout.splitlines()
+            if "Active" in line or "View" in line],
     }
 
 
@@ -191,5 +195,5 @@ def test_daemon_crash_mid_build_is_cleaned_up_at_restart(client, daemon):
     assert _leftovers(daemon) == {"containers": [], "tasks": [], "leases": [],
                                   "scratch snapshots": []}
     # the same build works afterwards
-    with Client(daemon.address) as fresh:
+    with Client(daemon.address, NAMESPACE) as fresh:
         build(fresh, None, "FROM busybox\nRUN echo again\n", BuildOptions(tags=["again"]))

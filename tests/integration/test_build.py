@@ -87,7 +87,12 @@ def test_config_history_layers_and_snapshots(client, daemon, images, tmp_path):
     info = daemon.ctr("snapshots", "info", top, namespace=NAMESPACE).stdout
     assert "Committed" in info
     kinds = [p.kind for p in seen]
-    assert kinds.count("step") == 11 and "done" in kinds
+    assert kinds.count("step") == 11 and "done" in kinds and "cached" not in kinds
+    again = []
+    rebuilt = build(client, _ctx(tmp_path, {"a.txt": "a"}), DOCKERFILE,
+                    BuildOptions(tags=["meta:1"], labels={"extra": "yes"}), again.append)
+    assert [p.kind for p in again].count("cached") == 10  # every step after FROM: CACHED
+    assert rebuilt.target.digest == result.target.digest
 
 
 def test_copy_rules(client, daemon, tmp_path):

@@ -303,9 +303,16 @@ class _Run:
                                   "this host's platform can be built (steps run natively)")
         yield self._emit_step(f"FROM {base}" + (f" AS {stage.name}" if stage.name else ""))
         state = await asyncio.to_thread(self._base, base, stage)
+        triggers = self._triggers(state, stage)
+        if triggers:
+            yield Progress("info", f"# Executing {len(triggers)} build trigger"
+                           + ("s" if len(triggers) > 1 else ""))
         yield Progress("done", _short(state.key))
-        for inst in stage.instructions:
-            yield self._emit_step(inst.original)
+        for inst in triggers + stage.instructions:
+            if inst in triggers:
+                yield Progress("info", f"Trigger: {inst.original}")
+            else:
+                yield self._emit_step(inst.original)
             try:
                 async with contextlib.aclosing(self._instruction(state, inst)) as items:
                     async for item in items:
@@ -315,6 +322,22 @@ class _Run:
                     raise
                 raise type(exc)(f"Dockerfile line {inst.line}: {exc}") from None
         yield state
+
+    def _triggers(self, state: _Stage, stage: df.Stage) -> list[df.Instruction]:
+        """The base image's ONBUILD instructions, run first, as docker does (the new
+        image does not inherit them)."""
+        texts = state.config["config"].pop("OnBuild", None) or []
+        out = []
+        for text in texts:
+            try:
+                parsed = df.parse(f"FROM scratch\n{text}\n").stages[0].instructions
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"Dockerfile line {stage.line}: ONBUILD trigger {text!r} "
+                                      f"of the base image: {exc}") from None
+            for inst in parsed:
+                inst.line = stage.line
+                out.append(inst)
+        return out
 
     def _base(self, name: str, stage: df.Stage) -> _Stage:
         earlier = self.file.stage(name)

@@ -202,3 +202,16 @@ def test_daemon_crash_mid_build_is_cleaned_up_at_restart(client, daemon):
     # the same build works afterwards
     with Client(daemon.address, NAMESPACE) as fresh:
         build(fresh, None, "FROM busybox\nRUN echo again\n", BuildOptions(tags=["again"]))
+
+
+def test_onbuild_triggers_run_in_the_child_build(client, daemon, tmp_path):
+    build(client, None, "FROM busybox\nONBUILD RUN echo triggered > /t\nONBUILD ENV CHILD=1\n",
+          BuildOptions(tags=["parent"]))
+    parent = client.images.resolve("docker.io/library/parent:latest").config["config"]
+    assert parent["OnBuild"] == ["RUN echo triggered > /t", "ENV CHILD=1"]
+    seen = []
+    build(client, None, "FROM parent\nRUN cat /t\n", BuildOptions(tags=["child"]), seen.append)
+    assert any(p.kind == "info" and "2 build triggers" in p.text for p in seen)
+    assert "triggered" in [p.text for p in seen if p.kind == "log"]
+    child = client.images.resolve("docker.io/library/child:latest").config["config"]
+    assert "OnBuild" not in child and "CHILD=1" in child["Env"]

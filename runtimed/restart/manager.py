@@ -94,16 +94,19 @@ class RestartManager:
         except NotFound:
             return None
 
-    def _label(self, namespace: str, container_id: str, labels: dict[str, str]) -> None:
+    async def _label(self, namespace: str, container_id: str, labels: dict[str, str]) -> None:
+        """A metadata write (fsync'd sqlite), off the event loop."""
         record = Container(id=container_id, runtime_name="", spec=AnyValue(), labels=labels)
         with contextlib.suppress(NotFound):
-            self.containers.update(namespace, record, [f"labels.{k}" for k in labels])
+            await asyncio.to_thread(self.containers.update, namespace, record,
+                                    [f"labels.{k}" for k in labels])
 
     async def _on_exit(self, namespace: str, container_id: str, exit_status: int) -> None:
         key = (namespace, container_id)
         async with self._lock(key):
             container = self._get(namespace, container_id)
-            if container is None:
+            if container is None:  # removed while the manager was starting it again
+                await self._delete_task(namespace, container_id)
                 return
             labels = container.labels
             if labels.get(rp.LABEL_AUTOREMOVE) == "true":
@@ -125,10 +128,10 @@ class RestartManager:
             stopped = rp.stopped_by_user(labels)
             exit_labels = {rp.LABEL_EXIT_CODE: str(exit_status), rp.LABEL_EXITED_AT: _now()}
             if not rp.should_restart(policy, exit_status, count, stopped, at_boot):
-                self._label(namespace, container.id, {**exit_labels, rp.LABEL_RESTARTING: ""})
+                await self._label(namespace, container.id, {**exit_labels, rp.LABEL_RESTARTING: ""})
                 return
             delay = self._backoff.setdefault(key, rp.Backoff()).next(ran)
-            self._label(namespace, container.id, {
+            await self._label(namespace, container.id, {
                 **exit_labels, rp.LABEL_COUNT: str(count + 1), rp.LABEL_RESTARTING: "true",
                 **({rp.LABEL_STOPPED: ""} if stopped else {}),
             })
@@ -140,7 +143,7 @@ class RestartManager:
             if current is None:
                 return
             if rp.stopped_by_user(current.labels) and not (at_boot and policy.name == "always"):
-                self._label(namespace, container.id, {rp.LABEL_RESTARTING: ""})
+                await self._label(namespace, container.id, {rp.LABEL_RESTARTING: ""})
                 return
             try:
                 await self._start_task(namespace, current)
@@ -148,7 +151,10 @@ class RestartManager:
             except RuntimedError as exc:
                 log.warning("%s/%s: restart failed: %s", namespace, container.id, exc)
                 await self._delete_task(namespace, container.id)
-                labels, exit_status, ran = self._get(namespace, container.id).labels, 127, 0.0
+                current = self._get(namespace, container.id)
+                if current is None:
+                    return
+                labels, exit_status, ran = current.labels, 127, 0.0
             at_boot = False
 
     async def _start_task(self, namespace: str, container: Container) -> None:
@@ -167,9 +173,9 @@ class RestartManager:
         stdio = Stdio(stdout=uri, stderr="" if terminal else uri, terminal=terminal)
         await self.tasks.create(namespace, container.id, rootfs, stdio)
         await self.tasks.start(namespace, container.id)
-        self._label(namespace, container.id, {rp.LABEL_RESTARTING: "", rp.LABEL_STARTED_AT: _now()})
+        await self._label(namespace, container.id, {rp.LABEL_RESTARTING: "", rp.LABEL_STARTED_AT: _now()})
         current = self._get(namespace, container.id)
-        if current is not None and rp.stopped_by_user(current.labels):  # stopped meanwhile
+        if current is None or rp.stopped_by_user(current.labels):  # stopped or removed meanwhile
             with contextlib.suppress(RuntimedError):
                 await self.tasks.kill(namespace, container.id, "", SIGKILL, True)
 
@@ -182,8 +188,14 @@ class RestartManager:
             return False
 
     async def _delete_task(self, namespace: str, container_id: str) -> None:
-        with contextlib.suppress(NotFound):
+        if (namespace, container_id) not in self.tasks.tasks:
+            return
+        try:
             await self.tasks.delete(namespace, container_id)
+        except NotFound:
+            pass
+        except RuntimedError as exc:
+            log.warning("%s/%s: cannot delete the exited task: %s", namespace, container_id, exc)
 
     async def _autoremove(self, namespace: str, container: Container) -> None:
         """`run --rm -d`: the task, the container, its snapshot, anonymous volumes, log."""

@@ -42,3 +42,16 @@ def test_backoff_doubles_and_resets_after_a_long_run():
     for _ in range(20):
         b.next(0)
     assert b.delay == 60.0
+
+
+def test_ps_status_while_the_daemon_waits_to_restart():
+    from types import SimpleNamespace
+
+    from ctl.commands.containers import _status
+
+    labels = {"io.runtimed.restarting": "true", "io.runtimed.exit-code": "3",
+              "io.runtimed.exited-at": "2020-01-01T00:00:00.000000Z"}
+    state, text = _status(SimpleNamespace(labels=labels), None)
+    assert state == "restarting" and text.startswith("Restarting (3) ")
+    state, text = _status(SimpleNamespace(labels={"io.runtimed.exit-code": "3"}), None)
+    assert state == "exited" and text.startswith("Exited (3)")

@@ -205,6 +205,10 @@ class ContainersAPI:
                     f"container {container_id} is {task.status.lower()}: stop it first or use force"
                 )
             if task.status != "STOPPED":
+                from runtimed.restart import policy as rp
+
+                if rp.policy_of(container.labels).name != "no":  # the daemon must not restart it
+                    self.update_labels(container_id, {rp.LABEL_STOPPED: "true"})
                 if task.status == "PAUSED":
                     tasks.resume(container_id)
                 waiter = tasks.wait_async(container_id)

@@ -605,8 +605,6 @@ def rm(args) -> int:
                 f"cannot remove container {container_id}: it is {task.status.lower()}; "
                 "stop it first or use rm -f"
             )
-        if rp.policy_of(container.labels).name != "no":
-            _mark_stopped(c, container_id)  # or the daemon restarts what rm -f kills
         c.containers.remove(container_id, force=True, volumes=args.volumes)
         _remove_log(container)
 

@@ -262,10 +262,14 @@ class TaskManager:
         try:
             r = await task.shim.call("Wait", shim_pb2.WaitRequest(id=id, exec_id=exec_id))
         except Unavailable:
-            if exec_id or _shim_alive(task.bundle):
+            if exec_id:
                 raise
-            # the shim died under the wait: report what its TaskExit event says
-            return ExitStatus(_init_pid(task.bundle), DEAD_SHIM_EXIT, _ts(time.time()))
+            for _ in range(40):  # a killed shim closes its sockets a moment before it dies
+                if not _shim_alive(task.bundle):
+                    # the shim died under the wait: report what its TaskExit event says
+                    return ExitStatus(_init_pid(task.bundle), DEAD_SHIM_EXIT, _ts(time.time()))
+                await asyncio.sleep(0.05)
+            raise
         return ExitStatus(r.pid, r.exit_status, r.exited_at)
 
     async def kill(self, namespace: str, id: str, exec_id: str, signal: int, all: bool) -> None:

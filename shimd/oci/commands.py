@@ -12,6 +12,8 @@ from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound
 from shimd import cgroups
 from shimd.oci.state import OCI_VERSION, State, Store, init_alive, now_rfc3339, proc_start_time
 
+SECCOMP_PROGRAM = "seccomp.bpf"  # the container's compiled filter, for exec
+
 
 def _cgroup(state: State):
     return cgroups.open(state.cgroup_path)
@@ -138,6 +140,7 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
         seccomp.prepare(lin["seccomp"])
     store.reserve(container_id)
     cgroup = None
+    seccomp_fd = None
     pid = 0
     try:
         os.mkfifo(store.fifo(container_id), 0o600)
@@ -149,6 +152,8 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
         # Opened here, by root in the host's namespaces: a user-namespaced init could not.
         fifo_fd = os.open(store.fifo(container_id), os.O_RDWR | os.O_CLOEXEC)
         procs_fds = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_files()]
+        if lin.get("seccomp"):
+            seccomp_fd = seccomp.PRECOMPILED_FD = os.memfd_create("seccomp")  # the init's copy
         r, w = os.pipe()
         hook_r, hook_w = os.pipe()
         child = os.fork()
@@ -166,6 +171,17 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
             console.close()
         if not lin.get("uidMappings"):  # a user namespace waits for us: no head start
             _prime_cgroup_attach()
+        if seccomp_fd is not None:
+            seccomp.PRECOMPILED_FD = None  # the init's copy of it; not ours to use again
+            try:
+                # compiled here while the init sets up its mounts; loaded by it after start,
+                # and kept for every exec (the same profile: the spec's)
+                seccomp.precompile_into(seccomp_fd, lin["seccomp"])
+                _save_program(store, container_id, seccomp_fd)
+            except OSError:
+                os.ftruncate(seccomp_fd, 0)  # the init builds it itself and reports why not
+            os.close(seccomp_fd)
+            seccomp_fd = None
 
         def on_userns(pid: int) -> None:
             try:
@@ -204,6 +220,9 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
         _write_pid_file(pid_file, pid)
         return state
     except BaseException:
+        if seccomp_fd is not None:
+            seccomp.PRECOMPILED_FD = None
+            os.close(seccomp_fd)
         if pid:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -216,6 +235,24 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
                 pass  # the setup error is the one to report
         store.remove(container_id)
         raise
+
+
+def _save_program(store: Store, container_id: str, fd: int) -> None:
+    program = os.pread(fd, os.fstat(fd).st_size, 0)
+    out = os.open(os.path.join(store.dir(container_id), SECCOMP_PROGRAM),
+                  os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(out, program)
+    finally:
+        os.close(out)
+
+
+def _open_program(store: Store, container_id: str) -> int | None:
+    try:
+        return os.open(os.path.join(store.dir(container_id), SECCOMP_PROGRAM),
+                       os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # made by an older version: the exec'd process builds the filter
 
 
 def _prime_cgroup_attach() -> None:
@@ -446,7 +483,10 @@ def exec_process(store: Store, container_id: str, proc: dict, pid_file: str | No
     ns_fds: list[tuple[int, int, str]] = []
     procs_fds: list[int] = []
     console = None
+    program_fd = None
     try:
+        if (spec.get("linux") or {}).get("seccomp"):
+            program_fd = seccomp.PRECOMPILED_FD = _open_program(store, container_id)
         for ns in (spec.get("linux") or {}).get("namespaces") or ():
             flag, name = linux.NAMESPACES[ns["type"]]
             fd = os.open(f"/proc/{state.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
@@ -465,6 +505,9 @@ def exec_process(store: Store, container_id: str, proc: dict, pid_file: str | No
         os.close(w)
         _prime_cgroup_attach()
     finally:
+        if program_fd is not None:
+            seccomp.PRECOMPILED_FD = None
+            os.close(program_fd)
         for fd, _, _ in ns_fds:
             os.close(fd)
         for fd in procs_fds:

@@ -44,6 +44,7 @@ def _libseccomp():
         lib.seccomp_init.argtypes = [ctypes.c_uint32]
         lib.seccomp_release.argtypes = [ctypes.c_void_p]
         lib.seccomp_load.argtypes = [ctypes.c_void_p]
+        lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
         lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
         lib.seccomp_arch_resolve_name.restype = ctypes.c_uint32
@@ -92,8 +93,59 @@ def _check(ret: int, what: str) -> None:
         raise OSError(-ret, f"seccomp {what}: {os.strerror(-ret)}")
 
 
+# A memfd the runtime command fills with the container's compiled filter while the init
+# sets up its mounts (`precompile`); the init, forked before, installs it after `start`.
+PRECOMPILED_FD: int | None = None
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def precompile_into(fd: int, profile: dict) -> None:
+    """Compile `profile` into `fd` (the `PRECOMPILED_FD` of a process forked earlier).
+    The same program seccomp_load would load: libseccomp's own export of it, and loading
+    with no flags (no tsync, log or spec-allow attribute is ever set here)."""
+    lib = _libseccomp()
+    ctx = _build(profile)
+    try:
+        _check(lib.seccomp_export_bpf(ctx, fd), "export")
+    finally:
+        lib.seccomp_release(ctx)
+
+
 def load(profile: dict) -> None:
-    """Build the filter for `profile` (the spec's linux.seccomp) and load it into this process."""
+    """Load the filter for `profile` (the spec's linux.seccomp) into this process: the
+    precompiled one when the runtime command left it in PRECOMPILED_FD, else build it
+    here (~10 ms of a container's start for a Docker-like profile)."""
+    if PRECOMPILED_FD is not None:
+        size = os.fstat(PRECOMPILED_FD).st_size
+        program = os.pread(PRECOMPILED_FD, size, 0) if size else b""
+        os.close(PRECOMPILED_FD)
+        if program:
+            _install(program)
+            return
+    lib = _libseccomp()
+    ctx = _build(profile)
+    try:
+        _check(lib.seccomp_load(ctx), "load")
+    finally:
+        lib.seccomp_release(ctx)
+
+
+def _install(program: bytes) -> None:
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))  # sock_filter: 8 bytes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"seccomp load: {os.strerror(err)}")
+
+
+def _build(profile: dict):
+    """A libseccomp context with the profile's rules (the caller releases it)."""
     lib = _libseccomp()
     default_errno = profile.get("defaultErrnoRet")
     default = action(profile.get("defaultAction", "SCMP_ACT_ALLOW"), None, default_errno)
@@ -125,9 +177,10 @@ def load(profile: dict) -> None:
                 for group in groups:
                     arr = (_ArgCmp * len(group))(*group) if group else None
                     _check(lib.seccomp_rule_add_array(ctx, act, nr, len(group), arr), f"rule {name}")
-        _check(lib.seccomp_load(ctx), "load")
-    finally:
+    except BaseException:
         lib.seccomp_release(ctx)
+        raise
+    return ctx
 
 
 # A default profile in the spirit of Docker's: the syscalls Docker documents as blocked

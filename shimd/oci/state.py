@@ -87,7 +87,7 @@ class Store:
 
     def remove(self, container_id: str) -> None:
         d = self.dir(container_id)
-        for name in ("exec.fifo", "state.json", "state.json.tmp"):
+        for name in ("exec.fifo", "state.json", "state.json.tmp", "seccomp.bpf"):
             try:
                 os.unlink(os.path.join(d, name))
             except FileNotFoundError:

@@ -164,3 +164,77 @@ def test_an_ack_after_shutdown_writes_nothing_into_the_bundle(tmp_path):
         assert list(tmp_path.iterdir()) == []
 
     asyncio.run(scenario())
+
+
+def test_seccomp_filter_is_compiled_during_create_and_enforced_after_start(shims, workdir):
+    from tests.shim.test_shim import fifos, read_until_eof
+
+    def deny_mkdir(spec):
+        spec["process"]["noNewPrivileges"] = True
+        spec["linux"]["seccomp"] = {
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO",
+                          "errnoRet": 1}],
+        }
+
+    shim = shims(["sh", "-c", "mkdir /tmp/x || echo refused"], spec_edit=deny_mkdir)
+    out, err, rout, rerr = fifos(workdir, "s")
+    pid = shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle),
+                                            stdio=pb.Stdio(stdout=str(out), stderr=str(err))),
+                           timeout=30).pid
+    held = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    assert any(link.startswith("/memfd:seccomp") for link in held), held  # compiled already
+    shim.stub.Start(pb.StartRequest(id=shim.id))
+    assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 0
+    assert read_until_eof(rout) == b"refused\n"
+    assert b"Operation not permitted" in read_until_eof(rerr)
+    shim.stub.Delete(pb.DeleteRequest(id=shim.id), timeout=20)
+    os.close(rout)
+    os.close(rerr)
+
+
+def test_exec_installs_the_filter_compiled_at_create(shims, workdir):
+    from tests.shim.test_shim import fifos, read_until_eof
+
+    def deny_mkdir(spec):
+        spec["linux"]["seccomp"] = {
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO",
+                          "errnoRet": 1}],
+        }
+
+    shim = shims(["sleep", "1000"], spec_edit=deny_mkdir)
+    shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
+    program = shim.bundle / "runtime" / shim.id / "seccomp.bpf"
+    assert program.stat().st_size > 0 and program.stat().st_size % 8 == 0  # sock_filter[]
+    shim.stub.Start(pb.StartRequest(id=shim.id))
+    out, err, rout, rerr = fifos(workdir, "x")
+    process = json.loads((shim.bundle / "config.json").read_text())["process"]
+    process["args"] = ["sh", "-c", "mkdir /tmp/y || echo refused"]
+    shim.stub.Exec(pb.ExecRequest(id=shim.id, exec_id="x1", process=json.dumps(process).encode(),
+                                  stdio=pb.Stdio(stdout=str(out), stderr=str(err))))
+    shim.stub.Start(pb.StartRequest(id=shim.id, exec_id="x1"))
+    assert shim.stub.Wait(pb.WaitRequest(id=shim.id, exec_id="x1"), timeout=20).exit_status == 0
+    assert read_until_eof(rout) == b"refused\n"
+    assert b"Operation not permitted" in read_until_eof(rerr)
+    os.close(rout)
+    os.close(rerr)
+    # the saved program is what exec installs: swapped for "allow everything", mkdir works
+    import struct
+
+    program.write_bytes(struct.pack("<HBBI", 0x06, 0, 0, 0x7FFF0000))  # BPF_RET|BPF_K ALLOW
+    out, err, rout, rerr = fifos(workdir, "y")
+    process["args"] = ["sh", "-c", "mkdir /tmp/y && echo made"]
+    shim.stub.Exec(pb.ExecRequest(id=shim.id, exec_id="x2", process=json.dumps(process).encode(),
+                                  stdio=pb.Stdio(stdout=str(out), stderr=str(err))))
+    shim.stub.Start(pb.StartRequest(id=shim.id, exec_id="x2"))
+    assert shim.stub.Wait(pb.WaitRequest(id=shim.id, exec_id="x2"), timeout=20).exit_status == 0
+    assert read_until_eof(rout) == b"made\n"
+    shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
+    assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
+    shim.stub.Delete(pb.DeleteRequest(id=shim.id), timeout=20)
+    assert not program.exists()  # removed with the container's runtime state
+    os.close(rout)
+    os.close(rerr)

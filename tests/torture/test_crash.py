@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import subprocess
+import tempfile
 import time
 
 import grpc
@@ -138,7 +139,14 @@ class Crasher:
         threading.Thread(target=feed, daemon=True).start()
 
         def finish():
-            self.ctr("content", "ingest", *args[2:], input=data)  # resumes or starts over
+            # resumes (seeking its input to the ingest's offset: a file, not a pipe) or
+            # starts over
+            with tempfile.TemporaryFile() as f:
+                f.write(data)
+                f.seek(0)
+                done = subprocess.run(["ctr", "-a", self.daemon.address, "-n", self.ns, *args],
+                                      stdin=f, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
             assert digest in self.ctr("content", "ls", "-q").stdout.split()
             self.ctr("content", "rm", digest)
 

@@ -89,9 +89,10 @@ def run_lifecycles(daemon, ns: str, count: int, rss_bound_kib: int) -> None:
     shims = shim_pids(daemon.state)
     if shims:
         leaks.append(f"shims {sorted(shims)}")
-    bundles = list((daemon.state / "tasks" / ns).glob("*"))
+    bundles = sorted((daemon.state / "tasks" / ns).glob("*"))
     if bundles:
-        leaks.append(f"bundles {bundles[:5]}")
+        leaks.append(f"{len(bundles)} bundles left, the first holding "
+                     f"{sorted(p.name for p in bundles[0].rglob('*'))}")
     stats.record("leaks", len(leaks))
     print(f"{count} lifecycles in {elapsed:.1f}s; {before} -> {after}")
     assert not leaks, leaks

@@ -105,8 +105,10 @@ class RestartManager:
         key = (namespace, container_id)
         async with self._lock(key):
             container = self._get(namespace, container_id)
-            if container is None:  # removed while the manager was starting it again
+            if container is None:  # removed (maybe while the manager was starting it again)
                 await self._delete_task(namespace, container_id)
+                self._backoff.pop(key, None)
+                self._started.pop(key, None)
                 return
             labels = container.labels
             if labels.get(rp.LABEL_AUTOREMOVE) == "true":

@@ -3,6 +3,6 @@
 from ctl.client.cio import Stdio
 from ctl.client.client import DEFAULT_ADDRESS, Client, RunningContainer
 from ctl.client.containers import CreateOptions
-from ctl.client.spec import Mount, SpecOptions
+from runtimed.oci.spec import Mount, SpecOptions
 
 __all__ = ["Client", "CreateOptions", "DEFAULT_ADDRESS", "Mount", "RunningContainer", "SpecOptions", "Stdio"]

@@ -22,10 +22,10 @@ from ctl.client.cio import Attachment, FifoSet, Stdio
 from ctl.client.containers import ContainersAPI, CreateOptions, EventStream, TasksAPI
 from ctl.client.images import ImagesAPI
 from ctl.client.rpc import SERVICES, Connection, Stub
-from ctl.client.spec import SpecOptions
 from ctl.client.types import Container, ExitStatus
 from ctl.client.volumes import VolumesAPI
 from runtimed.errors import NotFound
+from runtimed.oci.spec import SpecOptions
 
 DEFAULT_ADDRESS = "/run/runtimed/runtimed.sock"
 

@@ -18,10 +18,17 @@ from dataclasses import dataclass, field
 
 from ctl.client.cio import Stdio
 from ctl.client.images import ResolvedImage
-from ctl.client.spec import ImageConfig, Mount, SpecOptions, build_spec, exec_process, resolve_user
 from ctl.client.types import Container, ExitStatus, Process, Stats, timestamp
 from ctl.client.volumes import LABEL_ANONYMOUS
 from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound
+from runtimed.oci.spec import (
+    ImageConfig,
+    Mount,
+    SpecOptions,
+    build_spec,
+    exec_process,
+    resolve_user,
+)
 
 SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
 PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"

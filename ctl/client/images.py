@@ -16,11 +16,11 @@ import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from ctl.client.spec import ImageConfig
 from ctl.client.types import Descriptor, Image
 from runtimed.errors import AlreadyExists, InvalidArgument, NotFound
 from runtimed.images import mediatypes, platforms
 from runtimed.images import reference as references
+from runtimed.oci.spec import ImageConfig
 
 
 def normalize(name: str) -> str:

@@ -180,7 +180,7 @@ def list_attachments(client) -> list[Attachment]:
 
 def apply_to_spec(attachment: Attachment, opts) -> None:
     """Join the attachment's netns and mount its name files (a `SpecOptions`)."""
-    from ctl.client.spec import Mount
+    from runtimed.oci.spec import Mount
 
     if not attachment.netns_path and attachment.mode in ("host", "container"):
         opts.network = "host"  # host mode, or sharing with a host-mode container

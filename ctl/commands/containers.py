@@ -84,7 +84,7 @@ def _start_error(exc: RuntimedError) -> ExitCode:
 # building a container from flags --------------------------------------------------------
 
 def spec_options(args, image_config=None):
-    from ctl.client.spec import (
+    from runtimed.oci.spec import (
         SpecOptions,
         apply_security_opts,
         parse_env_file,
@@ -656,7 +656,7 @@ def _container_filters(items: list[str]) -> tuple[list[str], dict[str, list[str]
 
 def container_rows(c, filters: list[str], include_all: bool, no_trunc: bool = False) -> list[dict]:
     from ctl.client.images import familiar
-    from ctl.client.spec import command_line
+    from runtimed.oci.spec import command_line
 
     server, local = _container_filters(filters)
     containers = c.containers.list(server)
@@ -723,7 +723,7 @@ def inspect_container(c, container_id: str) -> dict:
         task = c.tasks.get(container_id)
     except NotFound:
         task = None
-    from ctl.client.spec import INIT_PATH
+    from runtimed.oci.spec import INIT_PATH
 
     state, _ = _status(container, task)
     process = container.spec.get("process") or {}

@@ -620,7 +620,7 @@ class _Run:
 
     async def _run(self, state: _Stage, inst: df.Instruction, key: str, mounts
                    ) -> AsyncIterator[Progress]:
-        from ctl.client.spec import ImageConfig, SpecOptions, build_spec
+        from runtimed.oci.spec import ImageConfig, SpecOptions, build_spec
 
         args = inst.json if inst.json is not None else [*state.shell, inst.rest]
         cid = key
@@ -882,7 +882,7 @@ def _mkdirs(root: Path, path: str, uid: int, gid: int) -> Path:
 
 
 def _owner(spec: str, root: Path) -> tuple[int, int]:
-    from ctl.client.spec import resolve_user
+    from runtimed.oci.spec import resolve_user
 
     def read(p: str) -> bytes | None:
         f = _resolve(root, p)

@@ -181,39 +181,3 @@ def _build(profile: dict):
         lib.seccomp_release(ctx)
         raise
     return ctx
-
-
-# A default profile in the spirit of Docker's: the syscalls Docker documents as blocked
-# by default, refused with EPERM unless the process holds the capability that makes them
-# legitimate. It is written as a deny list (default allow) so that new, harmless syscalls
-# keep working on newer kernels; Docker's is an allow list, which is stricter.
-_DENIED_UNLESS: dict[str, tuple[str, ...]] = {
-    "": ("add_key", "keyctl", "request_key", "kexec_load", "kexec_file_load", "uselib",
-         "userfaultfd", "ustat", "sysfs", "_sysctl", "nfsservctl", "vm86", "vm86old",
-         "create_module", "get_kernel_syms", "query_module", "lookup_dcookie", "kcmp",
-         "get_mempolicy", "set_mempolicy", "mbind", "move_pages", "perf_event_open"),
-    "CAP_SYS_ADMIN": ("mount", "umount", "umount2", "pivot_root", "setns", "unshare",
-                      "swapon", "swapoff", "quotactl", "name_to_handle_at", "fanotify_init",
-                      "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick",
-                      "mount_setattr", "bpf"),
-    "CAP_SYS_BOOT": ("reboot",),
-    "CAP_SYS_MODULE": ("init_module", "finit_module", "delete_module"),
-    "CAP_SYS_PACCT": ("acct",),
-    "CAP_SYS_PTRACE": ("ptrace", "process_vm_readv", "process_vm_writev"),
-    "CAP_SYS_RAWIO": ("iopl", "ioperm"),
-    "CAP_SYS_TIME": ("settimeofday", "stime", "clock_settime", "clock_adjtime", "adjtimex"),
-    "CAP_DAC_READ_SEARCH": ("open_by_handle_at",),
-}
-
-
-def default_profile(capabilities: list[str] | None = None) -> dict:
-    """A spec `linux.seccomp` for a process with these (bounding) capabilities."""
-    held = {c.upper() for c in capabilities or ()}
-    denied = [name for cap, names in _DENIED_UNLESS.items() if cap not in held for name in names]
-    rules = [{"names": sorted(set(denied)), "action": "SCMP_ACT_ERRNO", "errnoRet": _errno.EPERM}]
-    return {
-        "defaultAction": "SCMP_ACT_ALLOW",
-        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"]
-        if os.uname().machine == "x86_64" else ["SCMP_ARCH_AARCH64", "SCMP_ARCH_ARM"],
-        "syscalls": rules,
-    }

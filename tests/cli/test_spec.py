@@ -6,8 +6,9 @@ import errno
 
 import pytest
 
-from ctl.client.seccomp import default_profile
-from ctl.client.spec import (
+from runtimed.errors import InvalidArgument, NotFound
+from runtimed.oci.seccomp import default_profile
+from runtimed.oci.spec import (
     DEFAULT_CAPS,
     ImageConfig,
     SpecOptions,
@@ -21,7 +22,6 @@ from ctl.client.spec import (
     parse_volume,
     resolve_user,
 )
-from runtimed.errors import InvalidArgument, NotFound
 
 PASSWD = b"root:x:0:0:root:/root:/bin/sh\nwww:x:33:33:www:/var/www:/bin/false\nbob:x:1000:1000::/home/bob:/bin/sh\n"
 GROUP = b"root:x:0:\nwww:x:33:\nbob:x:1000:\naudio:x:29:bob\nvideo:x:44:bob,www\n"

@@ -554,7 +554,7 @@ def test_run_command(runtime):
 def test_default_seccomp_profile(runtime):
     """The process holds CAP_SYS_ADMIN but the profile was made for a process without it:
     unshare is refused by the filter alone, while ordinary work goes on."""
-    from shimd.oci.seccomp import default_profile
+    from runtimed.oci.seccomp import default_profile
 
     spec = runtime.spec(sh("ls / >/dev/null && echo ok; unshare -u true; echo unshare=$?; sleep 0 && echo slept"))
     admin = ["CAP_SYS_ADMIN", "CAP_KILL"]

@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from ctl.client import Client, CreateOptions, SpecOptions
-from ctl.client.spec import Mount
+from runtimed.oci.spec import Mount
 from tests import testimages
 from tests.shim.conftest import BUILTIN
 from tests.torture import stats

@@ -13,8 +13,8 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ctl.client.seccomp import default_profile
 from runtimed.errors import InvalidArgument, NotFound
+from runtimed.oci.seccomp import default_profile
 
 SPEC_VERSION = "1.0.2-dev"
 DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -43,6 +43,12 @@ class ShimClient:
             return await getattr(self._stub, method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise _typed(exc, self.id) from None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the caller itself is being cancelled
+            # grpc.aio cancels the calls on a channel closed under them (a dead shim's cleanup)
+            raise Unavailable(f"shim of task {self.id!r} is not reachable: connection closed") from None
 
     def events(self, after: int):
         return self._stub.Events(shim_pb2.EventsRequest(after=after))

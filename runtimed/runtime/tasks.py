@@ -261,12 +261,7 @@ class TaskManager:
         task = self.get(namespace, id)
         try:
             r = await task.shim.call("Wait", shim_pb2.WaitRequest(id=id, exec_id=exec_id))
-        except (Unavailable, asyncio.CancelledError) as exc:
-            # grpc.aio cancels calls on a channel we close (a dead shim's cleanup): that is
-            # not this handler being cancelled, which must still propagate
-            current = asyncio.current_task()
-            if isinstance(exc, asyncio.CancelledError) and current and current.cancelling():
-                raise
+        except Unavailable:
             if not exec_id:
                 for _ in range(40):  # a killed shim closes its sockets a moment before it dies
                     if not _shim_alive(task.bundle):
@@ -274,9 +269,7 @@ class TaskManager:
                         return ExitStatus(_init_pid(task.bundle), DEAD_SHIM_EXIT,
                                           _ts(time.time()))
                     await asyncio.sleep(0.05)
-            if isinstance(exc, Unavailable):
-                raise
-            raise Unavailable(f"shim of task {id!r} is not reachable: connection closed") from None
+            raise
         return ExitStatus(r.pid, r.exit_status, r.exited_at)
 
     async def kill(self, namespace: str, id: str, exec_id: str, signal: int, all: bool) -> None:

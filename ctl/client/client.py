@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -39,12 +40,21 @@ class Client:
         self.namespace = namespace
         self._connection = _connection or Connection(address)
         self._owns_connection = _connection is None
-        self.lease_id: str | None = None
+        self._local = threading.local()  # the lease of `with client.lease()`, per thread
         self._stubs: dict[tuple[str, str], Stub] = {}
         self.images = ImagesAPI(self)
         self.containers = ContainersAPI(self)
         self.tasks = TasksAPI(self)
         self.volumes = VolumesAPI(self)
+
+    @property
+    def lease_id(self) -> str | None:
+        """The lease calls made in this thread run under (one client serves many threads)."""
+        return getattr(self._local, "lease_id", None)
+
+    @lease_id.setter
+    def lease_id(self, value: str | None) -> None:
+        self._local.lease_id = value
 
     def __enter__(self) -> Client:
         return self

@@ -82,3 +82,29 @@ def test_events_iterator_with_filters(daemon, busybox):
         assert all(t.startswith("/containers/") for t in topics)
         created = next(e for e in seen if e.topic == "/containers/create")
         assert created.namespace == "default" and created.payload["id"].startswith("ev")
+
+
+def test_a_lease_belongs_to_the_thread_that_took_it(daemon):
+    """One client serves many threads (orchestrators, `bench`): a lease taken in one
+    thread must not be used, nor ended, by calls from another."""
+    with Client(daemon.address) as client:
+        taken = threading.Event()
+        release = threading.Event()
+        seen = {}
+
+        def holder():
+            with client.lease() as lease:
+                seen["holder"] = lease
+                taken.set()
+                release.wait(10)
+
+        thread = threading.Thread(target=holder)
+        thread.start()
+        taken.wait(10)
+        seen["other"] = client.lease_id
+        with client.lease() as own:
+            seen["own"] = own
+        release.set()
+        thread.join(10)
+    assert seen["other"] is None
+    assert seen["own"] != seen["holder"]

@@ -246,14 +246,6 @@ def _ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def test_python_interpreter_does_not_fit_in_6m(v1_group):
-    """Why the runtime joins the cgroup late: a Python process started inside a 6 MiB cgroup
-    is OOM-killed, while `busybox true` under the runtime runs (test_busybox_true_under_6m)."""
-    v1_group.update({"memory": {"limit": 6 * MiB, "swap": 6 * MiB}})
-    proc = _spawn_in(v1_group, sys.executable, "-c", "import json, ctypes")
-    assert proc.wait(30) == -signal.SIGKILL
-
-
 PROBE = """
 import errno, sys
 results = []

@@ -38,6 +38,17 @@ def out(text: str) -> None:
     sys.stdout.flush()
 
 
+def out_documents(docs: list, fmt: str | None) -> None:
+    """`inspect` output: a JSON array by default, or each document through a template."""
+    from ctl.format import document
+
+    if fmt and fmt != "json":
+        for d in docs:
+            out(document(d, fmt))
+    else:
+        out(document(docs, None))
+
+
 def err(text: str) -> None:
     sys.stderr.write(text if text.endswith("\n") else text + "\n")
     sys.stderr.flush()

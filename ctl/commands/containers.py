@@ -16,8 +16,8 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from ctl.commands import EXIT_DAEMON, client, describe_error, err, out, parse_labels
-from ctl.format import ago, binary_size, document, emit, human_duration
+from ctl.commands import EXIT_DAEMON, client, describe_error, err, out, out_documents, parse_labels
+from ctl.format import ago, binary_size, emit, human_duration
 from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound, RuntimedError
 from runtimed.restart import policy as rp
 
@@ -800,11 +800,7 @@ def inspect(args) -> int:
                 message = f"no such object: {name}"
             err(f"ctl: {message}")
             code = 1
-    if args.format and args.format != "json":
-        for d in docs:
-            out(document(d, args.format))
-    else:
-        out(document(docs, None))
+    out_documents(docs, args.format)
     return code
 
 

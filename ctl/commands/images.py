@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from ctl.commands import client, err, out
-from ctl.format import ago, document, emit, human_size
+from ctl.commands import client, err, out, out_documents
+from ctl.format import ago, emit, human_size
 from runtimed.errors import InvalidArgument
 
 
@@ -129,11 +129,7 @@ def inspect(args) -> int:
 
             err(f"ctl: {describe_error(exc)[0]}")
             code = 1
-    if args.format and args.format != "json":
-        for d in docs:
-            out(document(d, args.format))
-    else:
-        out(document(docs, None))
+    out_documents(docs, args.format)
     return code
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict
 
-from ctl.commands import client, describe_error, err, out, parse_labels
-from ctl.format import document, emit, human_size
+from ctl.commands import client, describe_error, err, out, out_documents, parse_labels
+from ctl.format import emit, human_size
 from runtimed.errors import InvalidArgument
 
 
@@ -55,11 +55,7 @@ def inspect(args) -> int:
         except Exception as exc:  # noqa: BLE001
             err(f"ctl: {describe_error(exc)[0]}")
             code = 1
-    if args.format and args.format != "json":
-        for d in docs:
-            out(document(d, args.format))
-    else:
-        out(document(docs, None))
+    out_documents(docs, args.format)
     return code
 
 

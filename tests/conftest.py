@@ -59,6 +59,8 @@ class DaemonProcess:
             if os.path.exists(self.address) and self._healthy():
                 return
             time.sleep(0.05)
+        self.proc.kill()  # never leave a half-started daemon behind
+        self.proc.wait()
         raise RuntimeError(f"runtimed did not come up in {timeout}s:\n{self.log_text()}")
 
     def _healthy(self) -> bool:

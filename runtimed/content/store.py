@@ -566,7 +566,9 @@ class Writer:
             if total > 0:
                 _write_small(path / "total", str(total))
             data.touch()
-        self._fp = open(data, "r+b")
+        # unbuffered: once a WRITE is answered its bytes are the kernel's, so a kill -9 of
+        # the daemon cannot take back an offset the client was told
+        self._fp = open(data, "r+b", buffering=0)
         self._fp.seek(self.offset)
 
     def _materialize(self, keep: int) -> None:
@@ -614,7 +616,9 @@ class Writer:
             return 0
         if self._shared:
             self._materialize(self._shared[1])
-        self._fp.write(data)
+        view = memoryview(data)
+        while view:
+            view = view[self._fp.write(view):]
         self._hash.update(data)
         self.offset += len(data)
         self.updated_at = now_ns()

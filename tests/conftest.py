@@ -18,8 +18,15 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parent.parent
+
+# CI explores the same property-test examples on every run, so a red CI points at the
+# change that made it; development runs keep exploring new ones.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 # registry fixtures (a real docker-registry on loopback), shared by the registry tests

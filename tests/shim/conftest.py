@@ -6,6 +6,7 @@ The rootfs is Debian's busybox-static with its applet links; config.json starts 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -43,7 +44,20 @@ def _ensure_cgroup_parent() -> None:
                 pass
 
 
+def _remove_cgroup_parent() -> None:
+    """At the end of the run, the empty parents go too: nothing of ours stays on the host."""
+    root = Path("/sys/fs/cgroup")
+    parts = Path(CGROUP_PARENT.lstrip("/")).parts
+    for controller in root.iterdir() if root.is_dir() else []:
+        for depth in range(len(parts), 0, -1):
+            try:
+                (controller / Path(*parts[:depth])).rmdir()
+            except OSError:
+                break
+
+
 _ensure_cgroup_parent()
+atexit.register(_remove_cgroup_parent)
 
 CREATED_CGROUPS: list[str] = []
 

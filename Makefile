@@ -11,7 +11,7 @@ STAMP     := $(VENV)/.installed
 .PHONY: install deb run test lint proto proto-check bench soak clean
 
 install: deb $(STAMP)
-	python3 -m compileall -q runtimed shimd ctl  # PYTHONDONTWRITEBYTECODE=1 here: else every start recompiles
+	$(PY) -m compileall -q runtimed shimd ctl  # PYTHONDONTWRITEBYTECODE=1 here: else every start recompiles
 
 # Debian packages the project and its tests use; apt-get runs only when one is missing.
 deb:

@@ -17,12 +17,26 @@ import uuid
 from pathlib import Path
 
 from runtimed import __version__
+from runtimed.build.builder import Builder
 from runtimed.config import Config
+from runtimed.content.store import ContentStore
+from runtimed.diff.differ import Differ
 from runtimed.errors import FailedPrecondition, RuntimedError
 from runtimed.events.exchange import Exchange
+from runtimed.images.registry.hosts import RegistryHosts
+from runtimed.images.registry.transfer import RegistryTransfers
+from runtimed.images.unpack import Unpacker
 from runtimed.metadata.containers import ContainerStore
 from runtimed.metadata.db import Database
+from runtimed.metadata.gc import GarbageCollector
+from runtimed.metadata.images import ImageStore
+from runtimed.metadata.leases import LeaseStore
 from runtimed.metadata.namespaces import NamespaceStore
+from runtimed.network.manager import NetworkManager
+from runtimed.restart.manager import RestartManager
+from runtimed.runtime.tasks import TaskManager
+from runtimed.snapshots import open_snapshotters
+from runtimed.volumes.store import VolumeStore
 
 log = logging.getLogger("runtimed")
 
@@ -46,59 +60,32 @@ class Daemon:
         self.on_start: list = []
         self.namespaces = NamespaceStore(self.db, self.exchange)
         self.containers = ContainerStore(self.db, self.namespaces, self.exchange)
-        from runtimed.runtime.tasks import TaskManager
-
         self.tasks = TaskManager(self.state, self.containers, self.exchange)
-        self.on_start.append(self.tasks.load)
-        from runtimed.content.store import ContentStore
-        from runtimed.metadata.gc import GarbageCollector
-        from runtimed.metadata.images import ImageStore
-        from runtimed.metadata.leases import LeaseStore
-
         self.leases = LeaseStore(self.db, self.namespaces)
         self.content = ContentStore(self.root, self.db, self.leases, self.namespaces, self.exchange)
         self.images = ImageStore(self.db, self.namespaces, self.exchange)
         self.gc = GarbageCollector(self.db, self.content)
         self.leases.gc = self.content.gc = self.images.gc = self.gc
-        from runtimed.diff.differ import Differ
-        from runtimed.images.unpack import Unpacker
-        from runtimed.snapshots import open_snapshotters
-
         self.snapshotters = open_snapshotters(self.root, self.db, self.exchange, self.leases,
                                               self.namespaces, self.gc)
         self.differ = Differ(self.content, self.root / "tmpmounts")
         self.unpacker = Unpacker(self.content, self.images, self.snapshotters, self.differ,
                                  self.leases)
-        from runtimed.images.registry.hosts import RegistryHosts
-        from runtimed.images.registry.transfer import RegistryTransfers
-
         self.registry = RegistryTransfers(self.content, self.images, self.leases,
-                                          RegistryHosts(config.registries), lambda: self.unpacker)
-        self.on_start.append(self.gc.start)  # once every store has registered with it
-        self._open_volumes()
-        from runtimed.network.manager import NetworkManager
-
+                                          RegistryHosts(config.registries), self.unpacker)
+        self.volumes = VolumeStore(self.root, self.db, self.namespaces, self.containers,
+                                   self.snapshotters)
+        self.volumes.repair()
         self.networks = NetworkManager(self.state, self.db, self.namespaces, self.containers,
                                        self.exchange, root=self.root)
-        self.on_start.append(self.networks.start)
-        from runtimed.build.builder import Builder
-
         self.builder = Builder(self.db, self.content, self.images, self.snapshotters, self.differ,
                                self.unpacker, self.leases, self.containers, self.tasks,
                                self.root / "build", self.registry, self.namespaces)
-        self.on_start.append(self.builder.recover)
-        from runtimed.restart.manager import RestartManager
-
         self.restarts = RestartManager(self.namespaces, self.containers, self.tasks,
                                        self.snapshotters, self.exchange, self.volumes)
-        self.on_start.append(self.restarts.start)
-
-    def _open_volumes(self) -> None:
-        from runtimed.volumes.store import VolumeStore
-
-        self.volumes = VolumeStore(self.root, self.db, self.namespaces, self.containers,
-                                   lambda: getattr(self, "snapshotters", {}))
-        self.volumes.repair()
+        # in this order: shims found again, then GC (every store has registered with it by now)
+        self.on_start += [self.tasks.load, self.gc.start, self.networks.start,
+                          self.builder.recover, self.restarts.start]
 
     async def start(self) -> None:
         """Work that needs the event loop (reconnecting shims, background GC)."""

@@ -68,8 +68,7 @@ def dir_size(path: Path) -> int:
 
 
 class VolumeStore:
-    def __init__(self, root: Path, db: Database, namespaces, containers, snapshotters=dict):
-        """`snapshotters` returns the daemon's snapshotters by name (they may be opened later)."""
+    def __init__(self, root: Path, db: Database, namespaces, containers, snapshotters: dict):
         self.root = root / "volumes"
         self.db = db
         self.namespaces = namespaces
@@ -206,7 +205,7 @@ class VolumeStore:
         volume = self.get(namespace, name, with_size=False)
         if any(volume.mountpoint.iterdir()):
             return False
-        snapshotters = self.snapshotters()
+        snapshotters = self.snapshotters
         if snapshotter not in snapshotters:
             raise NotFound(f"snapshotter {snapshotter!r} not found")
         mounts = snapshotters[snapshotter].mounts(namespace, snapshot_key)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from runtimed.errors import (
@@ -57,7 +56,7 @@ class RegistryTransfers:
         images,
         leases,
         hosts: RegistryHosts,
-        unpacker: Callable[[], object | None] = lambda: None,
+        unpacker=None,
     ):
         self.content = content
         self.images = images
@@ -69,7 +68,7 @@ class RegistryTransfers:
         report = progress or (lambda p: None)
         options = request.options
         name = str(references.parse(request.reference))
-        unpacker = self._unpacker() if request.unpack else None
+        unpacker = self._unpacker if request.unpack else None
         if request.unpack and unpacker is None:
             raise FailedPrecondition("unpack requested but this daemon has no unpacker yet")
         temporary = None

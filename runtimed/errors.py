@@ -63,6 +63,22 @@ BY_CODE: dict[str, type[RuntimedError]] = {
 }
 
 
+def status_of(exc: BaseException) -> tuple[str, str] | None:
+    """(status code name, message) for an error with a known meaning, else None (an
+    internal error). The table for every server: the daemon's gRPC services and the shim's."""
+    if isinstance(exc, RuntimedError):
+        return exc.code, str(exc)
+    if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
+        return "RESOURCE_EXHAUSTED", f"no space left on device: {exc.filename or exc}"
+    if isinstance(exc, OSError) and exc.errno in (23, 24):  # ENFILE, EMFILE
+        return "RESOURCE_EXHAUSTED", f"too many open files: {exc}"
+    if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
+        return "RESOURCE_EXHAUSTED", f"out of threads (pids limit?): {exc}"
+    if getattr(exc, "sqlite_errorcode", None) == 13:  # SQLITE_FULL
+        return "RESOURCE_EXHAUSTED", f"no space left on device for metadata: {exc}"
+    return None
+
+
 def from_code(code_name: str, message: str) -> RuntimedError:
     """The typed error for a gRPC status code name (client side)."""
     return BY_CODE.get(code_name, RuntimedError)(message)

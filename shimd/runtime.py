@@ -4,27 +4,26 @@ by default, or `runc`/`crun` (containerd.runc.v1.Options.binary_name).
 With the built-in runtime, every command but create and exec runs in the shim itself
 through `shimd.oci.commands` (file, signal and cgroup operations, fine in a threaded
 process): a fresh Python per `start`/`delete` cost ~55 ms each. create and exec set up
-namespaces in forked children, so they run in a single-threaded process: a worker of the
-shim's fork server (shimd/forkserver.py), else a fresh `python3 -S -m shimd.oci`. With
-hooks in the spec every command goes that way too: hooks are children of whoever runs
-them, and the shim's reaper (waitpid(-1)) would take their exit statuses from subprocess.
+namespaces in forked children, so they run in a worker the single-threaded shim forks
+(shimd/workers.py). With hooks in the spec every command goes that way too: hooks are
+children of whoever runs them, and the shim's reaper (waitpid(-1)) would take their exit
+statuses.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from runtimed.errors import FailedPrecondition, NotFound
-from shimd.forkserver import ForkServer
+from runtimed.errors import FailedPrecondition, NotFound, ResourceExhausted
 from shimd.reaper import Reaper
+from shimd.workers import Threads, fork_worker
 
 # -S: no site (its .pth files cost ~50-200 ms per start); the package is found through
-# PYTHONPATH, which the shim sets
+# PYTHONPATH, which the shim sets. runtimed's cleanup after a dead shim runs this.
 BUILTIN = [sys.executable, "-S", "-m", "shimd.oci"]
 
 
@@ -39,9 +38,9 @@ class OciRuntimeError(FailedPrecondition):
 
 class OciRuntime:
     def __init__(self, command: list[str], root: Path, log: Path, reaper: Reaper,
-                 forkserver: ForkServer | None = None):
+                 threads: Threads | None = None):
         self.command = command
-        self.forkserver = forkserver if command == BUILTIN else None
+        self.threads = threads or Threads()
         self.name = "shimd.oci" if command == BUILTIN else os.path.basename(command[0])
         self.root = root
         self.log = log
@@ -60,7 +59,7 @@ class OciRuntime:
         call = getattr(commands, function)
         try:
             if thread:
-                return await asyncio.to_thread(call, Store(str(self.root)), *args)
+                return await self.threads.run(call, Store(str(self.root)), *args)
             return call(Store(str(self.root)), *args)
         except Exception as exc:  # noqa: BLE001 - typed below, as the CLI's exit would be
             message = str(exc) or type(exc).__name__
@@ -113,15 +112,14 @@ class OciRuntime:
                 os.close(fd)
 
     async def _spawn(self, argv: list[str], fds: tuple[int, int, int]) -> int:
-        if self.forkserver is not None:
-            try:
-                return await self.forkserver.run(argv[len(self.command):], fds)
-            except OSError:  # the helper is gone: a fresh process from now on
-                self.forkserver = None
+        if self.command == BUILTIN:
+            return await fork_worker(argv[len(self.command):], fds, self.reaper, self.threads)
         try:
             _, done = self.reaper.spawn(argv, fds)
         except FileNotFoundError:
             raise FailedPrecondition(f"OCI runtime {self.command[0]!r} not found in PATH") from None
+        except BlockingIOError as exc:  # EAGAIN: a pids limit
+            raise ResourceExhausted(f"{self.name}: cannot start: {exc.strerror} (pids limit?)") from None
         code, _ = await done
         return code
 

@@ -1,10 +1,12 @@
 """Run one shim: detach from whoever started it, become child subreaper, serve the shim
 API on a unix socket, and publish the socket's address atomically in the bundle.
 
-`launch` is what the `shimd` command does: it forks before anything heavy is imported
-(so no gRPC thread exists at the fork), the child starts a new session and serves, and
-the parent prints the address once the child is ready and exits, leaving the child to
-init (or the nearest subreaper): the shim is never a child of runtimed.
+`launch` is what the `shimd` command does: it forks, the child starts a new session and
+serves, and the parent prints the address once the child is ready and exits, leaving the
+child to init (or the nearest subreaper): the shim is never a child of runtimed.
+
+The server is grpclib on the shim's asyncio loop (shimd/service.py): one thread, so the
+shim forks its create/exec workers itself (shimd/workers.py).
 """
 
 from __future__ import annotations
@@ -79,8 +81,7 @@ def _redirect_stdio(bundle: Path) -> None:
     os.close(logfd)
 
 
-def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None,
-        forkserver=None) -> int:
+def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None) -> int:
     import asyncio
 
     bundle = bundle.resolve()
@@ -99,17 +100,16 @@ def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None,
         os.environ["PYTHONPATH"] = os.pathsep.join([package_root, *paths])
     os.chdir(bundle)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    if forkserver is None:
-        from shimd import forkserver as fs
-
-        forkserver = fs.start_if_enabled()  # now, while this process has a single thread
-    return asyncio.run(_serve(id, bundle, ready_fd, forkserver))
+    return asyncio.run(_serve(id, bundle, ready_fd))
 
 
-async def _serve(id: str, bundle: Path, ready_fd: int | None, forkserver=None) -> int:
+SHUTDOWN_GRACE = 1.0
+
+
+async def _serve(id: str, bundle: Path, ready_fd: int | None) -> int:
     import asyncio
 
-    import grpc
+    from grpclib.server import Server
 
     from shimd import service
     from shimd.outbox import write_atomic
@@ -119,16 +119,18 @@ async def _serve(id: str, bundle: Path, ready_fd: int | None, forkserver=None) -
     log = logging.getLogger("shimd")
     reaper = Reaper()
     reaper.install()
-    shim = Shim(id, bundle, reaper, forkserver=forkserver)
-    server = grpc.aio.server()
-    service.register(server, shim)
+    shim = Shim(id, bundle, reaper)
+    api = service.ShimService(shim)
+    server = Server([api])
     sock = socket_path(bundle)
     sock.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
     if sock.exists():
         sock.unlink()
-    server.add_insecure_port(f"unix://{sock}")
-    await server.start()
-    os.chmod(sock, 0o600)
+    old_umask = os.umask(0o177)  # the socket is 0600 from the start
+    try:
+        await server.start(path=str(sock))
+    finally:
+        os.umask(old_umask)
     address = f"unix://{sock}"
     write_atomic(bundle / "address", address.encode())
     write_atomic(bundle / "shim.pid", str(os.getpid()).encode())
@@ -140,10 +142,13 @@ async def _serve(id: str, bundle: Path, ready_fd: int | None, forkserver=None) -
     loop.add_signal_handler(signal.SIGTERM, lambda: shim.shutdown(now=True))
     await shim.shutdown_requested.wait()
     log.info("shutting down")
-    await server.stop(grace=1)
+    # let the calls in flight (Shutdown's own answer) finish before closing connections
+    deadline = loop.time() + SHUTDOWN_GRACE
+    while api.active and loop.time() < deadline:
+        await asyncio.sleep(0.005)
+    server.close()
+    await server.wait_closed()
     shim.close()
-    if forkserver is not None:
-        forkserver.close()
     for path in (bundle / "address", sock):
         try:
             path.unlink()

@@ -1,19 +1,31 @@
-"""The `runtimed.shim.v1.Shim` gRPC service: translates protobuf to the `Shim` core."""
+"""The `runtimed.shim.v1.Shim` gRPC service: translates protobuf to the `Shim` core.
+
+Served with grpclib (pure-Python gRPC over HTTP/2 on the shim's asyncio loop), not
+grpc.aio: the shim stays single-threaded and imports no gRPC core, so it can fork its
+create/exec workers itself and costs less memory per container (docs/shim.md). On the
+wire it is ordinary gRPC; runtimed talks to it with grpc.aio.
+"""
 
 from __future__ import annotations
 
+import logging
+
 from google.protobuf import empty_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.exceptions import GRPCError
 
-from runtimed.api.shim.v1 import shim_pb2, shim_pb2_grpc
-from runtimed.errors import InvalidArgument
-from runtimed.services.base import service
+from runtimed.api.shim.v1 import shim_pb2
+from runtimed.errors import InvalidArgument, status_of
 from shimd import cgroups
 from shimd.metrics import stats_to_any
 from shimd.shim import Shim
 from shimd.stdio import StdioConfig
 
+log = logging.getLogger("shimd")
+
 EMPTY = empty_pb2.Empty()
+SERVICE = "runtimed.shim.v1.Shim"
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -27,25 +39,36 @@ def _stdio(message: shim_pb2.Stdio) -> StdioConfig:
     return StdioConfig(message.stdin, message.stdout, message.stderr, message.terminal)
 
 
-@service
-class ShimService(shim_pb2_grpc.ShimServicer):
+def _grpc_error(exc: Exception) -> GRPCError:
+    """The status for an error, through the project's one table (runtimed.errors)."""
+    known = status_of(exc)
+    if known is not None:
+        return GRPCError(Status[known[0]], known[1])
+    log.exception("internal error")
+    return GRPCError(Status.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+class ShimService:
+    """One method per RPC, request in, response out (Events: an async iterator)."""
+
     def __init__(self, shim: Shim):
         self.shim = shim
+        self.active = 0  # unary calls in flight: Shutdown waits for their answers
 
     def _check(self, id: str) -> None:
         if id and id != self.shim.id:
             raise InvalidArgument(f"this shim serves container {self.shim.id!r}, not {id!r}")
 
-    async def Create(self, request, context):
+    async def Create(self, request):
         self._check(request.id)
         pid = await self.shim.create(_stdio(request.stdio), request.runtime)
         return shim_pb2.CreateResponse(pid=pid)
 
-    async def Start(self, request, context):
+    async def Start(self, request):
         self._check(request.id)
         return shim_pb2.StartResponse(pid=await self.shim.start(request.exec_id))
 
-    async def State(self, request, context):
+    async def State(self, request):
         self._check(request.id)
         process, stdio = self.shim.state(request.exec_id)
         return shim_pb2.StateResponse(
@@ -62,24 +85,24 @@ class ShimService(shim_pb2_grpc.ShimServicer):
             exited_at=_timestamp(process.exited_at),
         )
 
-    async def Kill(self, request, context):
+    async def Kill(self, request):
         self._check(request.id)
         await self.shim.kill(request.exec_id, request.signal, request.all)
         return EMPTY
 
-    async def Exec(self, request, context):
+    async def Exec(self, request):
         self._check(request.id)
         await self.shim.exec(request.exec_id, _stdio(request.stdio), request.process)
         return EMPTY
 
-    async def Wait(self, request, context):
+    async def Wait(self, request):
         self._check(request.id)
         info = await self.shim.wait(request.exec_id)
         return shim_pb2.WaitResponse(
             pid=info.pid, exit_status=info.exit_status, exited_at=_timestamp(info.exited_at)
         )
 
-    async def Delete(self, request, context):
+    async def Delete(self, request):
         self._check(request.id)
         info = await self.shim.delete(request.exec_id, request.force)
         return shim_pb2.DeleteResponse(
@@ -87,7 +110,7 @@ class ShimService(shim_pb2_grpc.ShimServicer):
             event_seq=self.shim.outbox.seq,
         )
 
-    async def Pids(self, request, context):
+    async def Pids(self, request):
         self._check(request.id)
         return shim_pb2.PidsResponse(
             processes=[
@@ -96,56 +119,117 @@ class ShimService(shim_pb2_grpc.ShimServicer):
             ]
         )
 
-    async def Pause(self, request, context):
+    async def Pause(self, request):
         self._check(request.id)
         await self.shim.pause()
         return EMPTY
 
-    async def Resume(self, request, context):
+    async def Resume(self, request):
         self._check(request.id)
         await self.shim.resume()
         return EMPTY
 
-    async def Update(self, request, context):
+    async def Update(self, request):
         self._check(request.id)
         await self.shim.update(request.resources)
         return EMPTY
 
-    async def Stats(self, request, context):
+    async def Stats(self, request):
         self._check(request.id)
         stats = await self.shim.stats()
         return shim_pb2.StatsResponse(stats=stats_to_any(stats, v2=cgroups.is_v2()))
 
-    async def ResizePty(self, request, context):
+    async def ResizePty(self, request):
         self._check(request.id)
         self.shim.resize_pty(request.exec_id, request.width, request.height)
         return EMPTY
 
-    async def CloseIO(self, request, context):
+    async def CloseIO(self, request):
         self._check(request.id)
         self.shim.close_io(request.exec_id, request.stdin)
         return EMPTY
 
-    async def Connect(self, request, context):
+    async def Connect(self, request):
         self._check(request.id)
         shim_pid, task_pid, version = self.shim.connect()
         return shim_pb2.ConnectResponse(shim_pid=shim_pid, task_pid=task_pid, version=version)
 
-    async def Shutdown(self, request, context):
+    async def Shutdown(self, request):
         self._check(request.id)
         self.shim.shutdown(request.now)
         return EMPTY
 
-    async def Events(self, request, context):
+    async def Events(self, request):
         seq = request.after
         while True:
             for event in await self.shim.outbox.wait(seq):
                 seq = event["seq"]
                 yield _event(event)
 
-    async def Ack(self, request, context):
+    async def Ack(self, request):
         self.shim.ack(request.seq)
         return EMPTY
+
+    # --- grpclib's side ------------------------------------------------------------
+
+    def __mapping__(self) -> dict[str, Handler]:
+        """grpclib's handler table, from the service descriptor in shim_pb2."""
+        from google.protobuf.message_factory import GetMessageClass
+
+        table = {}
+        for method in shim_pb2.DESCRIPTOR.services_by_name["Shim"].methods:
+            streaming = method.server_streaming
+            handle = (self._stream if streaming else self._unary)(getattr(self, method.name))
+            cardinality = Cardinality.UNARY_STREAM if streaming else Cardinality.UNARY_UNARY
+            table[f"/{SERVICE}/{method.name}"] = Handler(
+                handle, cardinality, GetMessageClass(method.input_type),
+                GetMessageClass(method.output_type),
+            )
+        return table
+
+    def _unary(self, method):
+        async def handle(stream) -> None:
+            request = await _receive(stream)
+            self.active += 1
+            try:
+                try:
+                    reply = await method(request)
+                except GRPCError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - mapped to a status, never UNKNOWN
+                    raise _grpc_error(exc) from None
+                await stream.send_message(reply)
+            finally:
+                self.active -= 1
+
+        return handle
+
+    def _stream(self, method):
+        async def handle(stream) -> None:
+            request = await _receive(stream)
+            try:
+                async for item in method(request):
+                    await stream.send_message(item)
+            except GRPCError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise _grpc_error(exc) from None
+
+        return handle
+
+
+async def _receive(stream):
+    """The request; a body that does not parse is INTERNAL with the parse error, as
+    gRPC-Go (and so containerd, and runtimed's own services) answer it."""
+    try:
+        request = await stream.recv_message()
+    except GRPCError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the codec's parse error
+        raise GRPCError(Status.INTERNAL, f"malformed request: {exc}") from None
+    if request is None:
+        raise GRPCError(Status.INTERNAL, "malformed request: no message")
+    return request
 
 
 def _event(event: dict) -> shim_pb2.Event:
@@ -159,8 +243,3 @@ def _event(event: dict) -> shim_pb2.Event:
         exited_at=_timestamp(event.get("exited_at", 0)),
         timestamp=_timestamp(event.get("timestamp", 0)),
     )
-
-
-def register(server, shim: Shim) -> None:
-    shim_pb2_grpc.add_ShimServicer_to_server(ShimService(shim), server)
-

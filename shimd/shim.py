@@ -19,7 +19,6 @@ from pathlib import Path
 from runtimed import identifiers
 from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound
 from shimd import __version__
-from shimd.forkserver import ForkServer
 from shimd.lifecycle import INIT, Emitted, Lifecycle, ProcessState, Status
 from shimd.outbox import Outbox, write_atomic
 from shimd.reaper import Reaper
@@ -39,10 +38,8 @@ class ExitInfo:
 
 
 class Shim:
-    def __init__(self, id: str, bundle: Path, reaper: Reaper, outbox: Outbox | None = None,
-                 forkserver: ForkServer | None = None):
+    def __init__(self, id: str, bundle: Path, reaper: Reaper, outbox: Outbox | None = None):
         self.id = id
-        self.forkserver = forkserver
         self.bundle = bundle
         self.reaper = reaper
         self.outbox = outbox or Outbox(bundle / "events.jsonl")
@@ -74,8 +71,7 @@ class Shim:
         state_root.mkdir(mode=0o700, exist_ok=True)
         (self.bundle / "exits").mkdir(mode=0o700, exist_ok=True)
         self.runtime = OciRuntime(
-            command_for(runtime), state_root, self.bundle / "runtime.log", self.reaper,
-            self.forkserver,
+            command_for(runtime), state_root, self.bundle / "runtime.log", self.reaper
         )
         self.runtime.use_library(spec)
         pid_file = self.bundle / "init.pid"

@@ -109,7 +109,8 @@ class ShimManager:
                     await self._start_zygote()
                     reply = await self._zygote_call(request)
         if "error" in reply:
-            raise Unavailable(f"shim for {namespace}/{id} failed to start: {reply['error']}")
+            message = f"shim for {namespace}/{id} failed to start: {reply['error']}"
+            raise from_code(reply["code"], message) if "code" in reply else Unavailable(message)
         return reply["address"]
 
     async def _zygote_call(self, line: str) -> dict:

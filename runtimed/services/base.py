@@ -11,7 +11,7 @@ import logging
 import grpc
 
 from runtimed import identifiers
-from runtimed.errors import RuntimedError
+from runtimed.errors import status_of
 
 log = logging.getLogger("runtimed.services")
 
@@ -21,16 +21,9 @@ DEFAULT_NAMESPACE = "default"
 
 
 def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, RuntimedError):
-        return grpc.StatusCode[exc.code], str(exc)
-    if isinstance(exc, OSError) and exc.errno == 28:  # ENOSPC
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"no space left on device: {exc.filename or exc}"
-    if isinstance(exc, OSError) and exc.errno in (23, 24):  # ENFILE, EMFILE
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many open files: {exc}"
-    if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of threads (pids limit?): {exc}"
-    if getattr(exc, "sqlite_errorcode", None) == 13:  # SQLITE_FULL
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"no space left on device for metadata: {exc}"
+    known = status_of(exc)
+    if known is not None:
+        return grpc.StatusCode[known[0]], known[1]
     log.exception("internal error")
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 

@@ -1,6 +1,6 @@
 """The built-in runtime's fast paths in the shim (docs/shim.md, "Performance"): create and
-exec through the shim's single-threaded fork server, the light commands in-process, and
-the fallbacks (hooks → a fork server worker; a dead fork server → a fresh process).
+exec in workers the single-threaded shim forks itself, the light commands in-process (in
+threads that are gone before any fork), hooks in a worker, a failed fork a clear error.
 
 "No process was spawned" is read from the kernel: /proc/<pid>/stat's cminflt (minor
 faults of reaped children) grows whenever a process reaps a child, and every child of a
@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 
 from runtimed.api.shim.v1 import shim_pb2 as pb
+
+PIDS_ROOT = Path("/sys/fs/cgroup/pids")
 
 
 def _stat(pid: int) -> list[str]:
@@ -33,18 +34,12 @@ def ppid(pid: int) -> int:
     return int(_stat(pid)[1])
 
 
+def threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
 def children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-def comm(pid: int) -> str:
-    return Path(f"/proc/{pid}/comm").read_text().strip()
-
-
-def fork_server(shim) -> int:
-    helpers = [p for p in children(shim.pid) if comm(p) == "shimd-fork"]
-    assert len(helpers) == 1, [(p, comm(p)) for p in children(shim.pid)]
-    return helpers[0]
 
 
 def exec_process(shim, exec_id: str, args: list[str]) -> int:
@@ -55,22 +50,25 @@ def exec_process(shim, exec_id: str, args: list[str]) -> int:
     return shim.stub.Start(pb.StartRequest(id=shim.id, exec_id=exec_id)).pid
 
 
-def test_create_and_exec_run_in_the_fork_server_and_land_under_the_shim(shims):
+def test_create_and_exec_run_in_workers_of_the_single_threaded_shim(shims):
     shim = shims(["sleep", "1000"])
-    helper = fork_server(shim)
-    before = reaped_faults(helper)
+    assert threads(shim.pid) == 1  # grpclib on asyncio: no gRPC core threads
+    assert children(shim.pid) == []  # no helper process either
+    before = reaped_faults(shim.pid)
     pid = shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30).pid
-    assert reaped_faults(helper) > before  # a worker of the fork server did the create
+    assert reaped_faults(shim.pid) > before  # the shim's own worker did the create
     assert ppid(pid) == shim.pid  # the init was reparented to the shim (subreaper)
     shim.stub.Start(pb.StartRequest(id=shim.id))
-    before = reaped_faults(helper)
+    before = reaped_faults(shim.pid)
     exec_pid = exec_process(shim, "e1", ["sleep", "1000"])
-    assert reaped_faults(helper) > before
+    assert reaped_faults(shim.pid) > before
     assert ppid(exec_pid) == shim.pid
+    assert sorted(children(shim.pid)) == sorted([pid, exec_pid])  # the workers are gone
     shim.stub.Kill(pb.KillRequest(id=shim.id, exec_id="e1", signal=signal.SIGKILL))
     assert shim.stub.Wait(pb.WaitRequest(id=shim.id, exec_id="e1"), timeout=20).exit_status == 137
     shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
     assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
+    assert threads(shim.pid) == 1
 
 
 def test_light_commands_spawn_nothing(shims):
@@ -86,6 +84,7 @@ def test_light_commands_spawn_nothing(shims):
         {"pids": {"limit": 50}}).encode()))
     assert shim.stub.Stats(pb.StatsRequest(id=shim.id)).stats.value
     assert reaped_faults(shim.pid) == before  # no runtime process was started (or reaped)
+    assert threads(shim.pid) == 1  # the blocking ones ran in threads that are gone
     assert len(pids) == 1
     shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
     assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
@@ -120,26 +119,36 @@ def test_hooks_run_outside_the_shim_process(shims, workdir):
 
     shim = shims(["sleep", "1000"], spec_edit=hooks)
     shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
-    before = reaped_faults(fork_server(shim))
+    before = reaped_faults(shim.pid)
     shim.stub.Start(pb.StartRequest(id=shim.id))
     assert marker.read_text() == "ok\n"  # the hook's exit status was not reaped from under it
-    assert reaped_faults(fork_server(shim)) > before  # `start` ran in a fork server worker
+    assert reaped_faults(shim.pid) > before  # `start` ran in a worker
     shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
     assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
 
 
-def test_a_dead_fork_server_falls_back_to_a_fresh_process(shims):
+@pytest.mark.skipif(not (PIDS_ROOT / "cgroup.procs").exists(),
+                    reason="needs the cgroup v1 pids hierarchy (this machine's layout)")
+def test_a_failed_fork_is_resource_exhausted_and_the_shim_carries_on(shims):
     shim = shims(["sleep", "1000"])
-    os.kill(fork_server(shim), signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while any(comm(p) == "shimd-fork" for p in children(shim.pid)):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    pid = shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30).pid
-    assert ppid(pid) == shim.pid
+    cgroup = PIDS_ROOT / f"runtimed-test-shim-{os.getpid()}"
+    cgroup.mkdir()
+    try:
+        (cgroup / "cgroup.procs").write_text(str(shim.pid))
+        (cgroup / "pids.max").write_text("1")  # the shim itself, no worker
+        with pytest.raises(grpc.RpcError) as info:
+            shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "cannot fork" in info.value.details(), info.value.details()
+        assert "Traceback" not in shim.log()
+        (cgroup / "pids.max").write_text("max")
+        pid = shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)),
+                               timeout=30).pid
+        assert ppid(pid) == shim.pid
+    finally:
+        (PIDS_ROOT / "cgroup.procs").write_text(str(shim.pid))
+        cgroup.rmdir()
     shim.stub.Start(pb.StartRequest(id=shim.id))
-    exec_pid = exec_process(shim, "e1", ["sleep", "1000"])
-    assert ppid(exec_pid) == shim.pid
     shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
     assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
 

@@ -210,6 +210,11 @@ def write_tree_diff(lower: str | os.PathLike, upper: str | os.PathLike, out: Bin
     w = _TarWriter(out, upper)
     changed: list[tuple[str, str, os.stat_result]] = []
     unchanged_links: dict[tuple[int, int], list[tuple[str, str, os.stat_result]]] = {}
+    # paths of each multiply linked inode, on both sides: a path can keep its link count
+    # and metadata while the paths it is linked with change
+    a_groups: dict[tuple[int, int], set[str]] = {}
+    b_groups: dict[tuple[int, int], set[str]] = {}
+    a_inode: dict[str, tuple[int, int]] = {}
 
     def walk(rel: str, lower_is_dir: bool) -> None:
         a_dir = os.path.join(lower, rel) if rel else lower
@@ -225,6 +230,11 @@ def write_tree_diff(lower: str | os.PathLike, upper: str | os.PathLike, out: Bin
             if name in a_names:
                 a_names.discard(name)
                 a_st = os.lstat(a_path)
+                if stat.S_ISREG(a_st.st_mode) and a_st.st_nlink > 1:
+                    a_inode[child] = (a_st.st_dev, a_st.st_ino)
+                    a_groups.setdefault(a_inode[child], set()).add(child)
+            if stat.S_ISREG(b_st.st_mode) and b_st.st_nlink > 1:
+                b_groups.setdefault((b_st.st_dev, b_st.st_ino), set()).add(child)
             if a_st is None or not _same(a_path, a_st, b_path, b_st):
                 changed.append((child, b_path, b_st))
             elif stat.S_ISREG(b_st.st_mode) and b_st.st_nlink > 1:
@@ -236,10 +246,15 @@ def write_tree_diff(lower: str | os.PathLike, upper: str | os.PathLike, out: Bin
             changed.append((f"{rel}/{gone}" if rel else gone, "", None))
 
     walk("", os.path.isdir(lower) and not os.path.islink(lower))
-    # an unchanged path sharing an inode with a changed file is part of the change
-    for _, _, st in list(changed):
-        if st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-            changed.extend(unchanged_links.pop((st.st_dev, st.st_ino), []))
+    # a link group is re-emitted whole (the first path as a file, the others as links to
+    # it) when any of its paths changed, or when its paths were linked differently in
+    # `lower`: after applying, an unchanged path keeps its lower inode and so the links
+    # that inode has there (paths that `upper` no longer has are deleted by whiteouts)
+    for key, members in list(unchanged_links.items()):
+        group = b_groups[key]
+        if len(members) != len(group) or any(a_groups.get(a_inode.get(rel)) != group
+                                             for rel, _, _ in members):
+            changed.extend(unchanged_links.pop(key))
     changed.sort(key=lambda c: c[0].split("/"))
     try:
         for rel, path, st in changed:

@@ -254,11 +254,11 @@ def endpoint_add(netns: str, bridge: str, host_if: str, ifname: str, address: st
     """A veth pair: `host_if` on the bridge, its peer renamed `ifname` inside `netns`."""
     peer = "rp" + host_if[2:]
     with _iproute() as ipr, _iproute(netns) as inner:
-        if _index(inner, ifname) is not None:
-            raise ConflictError(f"interface {ifname} already exists in {netns}")
-        for stale in (host_if, peer):
+        for stale in (host_if, peer):  # a pair half made before a crash goes whole
             if _index(ipr, stale) is not None:
                 ipr.link("del", index=_index(ipr, stale))
+        if _index(inner, ifname) is not None:
+            raise ConflictError(f"interface {ifname} already exists in {netns}")
         bridge_index = _index(ipr, bridge)
         if bridge_index is None:
             raise NotFoundError(f"bridge {bridge} does not exist")
@@ -287,6 +287,36 @@ def endpoint_add(netns: str, bridge: str, host_if: str, ifname: str, address: st
     return {"mac": mac}
 
 
+def endpoint_ok(netns: str, bridge: str, host_if: str, ifname: str, address: str,
+                gateway: str, default_route: bool) -> bool:
+    """Whether an endpoint is whole, as `endpoint_add` leaves it: `host_if` up on the
+    bridge, `ifname` up in `netns` with the address (and the default route). A process
+    killed in the middle of `endpoint_add` leaves a pair that is not."""
+    with _iproute() as ipr:
+        host = ipr.get_links(ifname=host_if) if _index(ipr, host_if) is not None else []
+        bridge_index = _index(ipr, bridge)
+        if not host or host[0].get_attr("IFLA_MASTER") != bridge_index \
+                or not host[0]["flags"] & 1:  # IFF_UP
+            return False
+    try:
+        inner_ipr = _iproute(netns)
+    except NotFoundError:
+        return False
+    with inner_ipr as inner:
+        index = _index(inner, ifname)
+        if index is None or not inner.get_links(index)[0]["flags"] & 1:  # IFF_UP
+            return False
+        ip, prefix = address.split("/")
+        if not any(a.get_attr("IFA_ADDRESS") == ip and a["prefixlen"] == int(prefix)
+                   for a in inner.get_addr(index=index, family=2)):
+            return False
+        if default_route:
+            routes = [r for r in inner.get_routes(family=2, table=254) if r["dst_len"] == 0]
+            if not any(r.get_attr("RTA_GATEWAY") == gateway for r in routes):
+                return False
+    return True
+
+
 def endpoint_del(host_if: str) -> None:
     """Deleting the host end of a veth pair deletes both ends."""
     with _iproute() as ipr:
@@ -298,7 +328,7 @@ def endpoint_del(host_if: str) -> None:
 OPERATIONS = {
     f.__name__: f
     for f in (host_prefixes, links, bridge_up, bridge_down, nat_orphans_down, netns_create,
-              netns_delete, endpoint_add, endpoint_del)
+              netns_delete, endpoint_add, endpoint_ok, endpoint_del)
 }
 
 

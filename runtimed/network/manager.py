@@ -796,6 +796,12 @@ class NetworkManager:
                 known_ifs = {r[0] for r in conn.execute("SELECT host_if FROM net_endpoints")}
             for s in survivors:
                 done["repaired"] += self._repair(s)
+            for s in survivors:  # a crash between a record and the peers' rewrite
+                try:
+                    self._write_hosts(s["namespace"], s["container_id"])
+                except OSError as exc:
+                    log.warning("cannot rewrite hosts of %s/%s: %s", s["namespace"],
+                                s["container_id"], exc)
             bridges = {n.bridge for n in networks}
             for link in self.helper.call("links"):
                 name = link["name"]
@@ -849,13 +855,14 @@ class NetworkManager:
                 "ON n.name = e.network WHERE e.namespace = ? AND e.container_id = ? ORDER BY e.created_at",
                 (s["namespace"], s["container_id"]),
             ).fetchall()
-        for n, e in enumerate(endpoints):
-            if e["host_if"] in present and not repaired:
-                continue
+        for e in endpoints:
             prefix = e["subnet"].split("/")[1]
-            self.helper.call("endpoint_add", netns=netns, bridge=e["bridge"], host_if=e["host_if"],
-                             ifname=e["ifname"], address=f"{e['ip']}/{prefix}", gateway=e["gateway"],
-                             default_route=n == 0)
+            args = dict(netns=netns, bridge=e["bridge"], host_if=e["host_if"], ifname=e["ifname"],
+                        address=f"{e['ip']}/{prefix}", gateway=e["gateway"],
+                        default_route=e["ifname"] == "eth0")  # as _add_endpoint decided
+            if e["host_if"] in present and not repaired and self.helper.call("endpoint_ok", **args):
+                continue
+            self.helper.call("endpoint_add", **args)  # replaces a pair a crash left half made
             repaired = 1
         _, fdir = self.paths(s["namespace"], s["container_id"])
         if not (fdir / "hosts").exists():

@@ -11,6 +11,7 @@ LABELS = {
     "crashes": "crashes injected",
     "inputs": "inputs tried",
     "lifecycles": "lifecycles run",
+    "netops": "network operations",
     "leaks": "leaks found",
 }
 

@@ -1,8 +1,11 @@
-"""The gRPC channel and stubs: namespace metadata on every call, errors typed once.
+"""Service stubs: namespace metadata on every call, errors typed once.
 
 Every call goes through `Stub`, which adds the `containerd-namespace` (and lease) metadata
-and turns `grpc.RpcError` into the matching `runtimed.errors` class, so callers of the
-library never see gRPC exceptions.
+and turns a non-OK gRPC status into the matching `runtimed.errors` class, so callers of the
+library never see transport exceptions. The transport is `ctl.client.wire` (gRPC over
+HTTP/2 in the standard library: ctl starts without importing grpcio); messages are the
+generated protobuf classes, methods and their streaming kinds come from the service
+descriptors in the generated `_pb2` modules.
 """
 
 from __future__ import annotations
@@ -11,71 +14,80 @@ import importlib
 import os
 from collections.abc import Iterator
 
-import grpc
-
+from ctl.client.wire import Channel, RpcError
 from runtimed.errors import RuntimedError, Unavailable, from_code
 
 MAX_MESSAGE_SIZE = 16 << 20
 
 
-def typed_error(exc: grpc.RpcError, address: str) -> RuntimedError:
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = (exc.details() if hasattr(exc, "details") else "") or str(code)
-    if code == grpc.StatusCode.UNAVAILABLE and (
-        "connect" in details.lower() or "No such file" in details or "socket" in details.lower()
-    ):
+def typed_error(exc: RpcError, address: str) -> RuntimedError:
+    details = exc.details or exc.code
+    if exc.code == "UNAVAILABLE" and ("connect" in details.lower() or "No such file" in details):
         if not os.path.exists(address):
             return Unavailable(f"cannot connect to runtimed at {address}: is the daemon running?")
         return Unavailable(f"cannot connect to runtimed at {address}: {details}")
-    return from_code(code.name, details)
+    return from_code(exc.code, details)
 
 
 class Stub:
     """A service stub whose methods take a request and return the response (or iterate
-    a response stream), with namespace metadata added and errors typed."""
+    a response stream; a client-streaming method takes an iterable of requests), with
+    namespace metadata added and errors typed."""
 
     def __init__(self, connection: Connection, module: str, service: str, context):
-        grpc_module = importlib.import_module(module + "_pb2_grpc")
-        self._stub = getattr(grpc_module, service + "Stub")(connection.channel)
+        self.pb = importlib.import_module(module + "_pb2")
+        self._service = self.pb.DESCRIPTOR.services_by_name[service]
         self._connection = connection
         self._context = context  # has .namespace and .lease_id, read at each call
-        self.pb = importlib.import_module(module + "_pb2")
 
     def __getattr__(self, name: str):
-        method = getattr(self._stub, name)
-        connection = self._connection
-        context = self._context
+        if name.startswith("_"):
+            raise AttributeError(name)
+        method = self._service.methods_by_name.get(name)
+        if method is None:
+            raise AttributeError(f"{self._service.full_name} has no method {name}")
+        from google.protobuf import message_factory
 
-        streams = isinstance(method, grpc.UnaryStreamMultiCallable | grpc.StreamStreamMultiCallable)
+        path = f"/{self._service.full_name}/{name}"
+        response_class = message_factory.GetMessageClass(method.output_type)
+        channel = self._connection.channel
+        address = self._connection.address
+        context = self._context
+        client_streaming, server_streaming = method.client_streaming, method.server_streaming
 
         def call(request, *, timeout: float | None = None, lease: str | None = None):
             metadata = [("containerd-namespace", context.namespace)]
             lease = lease or context.lease_id
             if lease:
                 metadata.append(("containerd-lease", lease))
+            body = (r.SerializeToString() for r in request) if client_streaming else request.SerializeToString()
             try:
-                if streams:
-                    return StreamCall(method(request, timeout=timeout, metadata=metadata), connection.address)
-                return method(request, timeout=timeout, metadata=metadata)
-            except grpc.RpcError as exc:
-                raise typed_error(exc, connection.address) from None
+                if server_streaming:
+                    return StreamCall(channel.call(path, body, metadata, timeout), response_class, address)
+                return response_class.FromString(channel.unary(path, body, metadata, timeout))
+            except RpcError as exc:
+                raise typed_error(exc, address) from None
 
         call.__name__ = name
+        self.__dict__[name] = call
         return call
 
 
 class StreamCall:
     """A response stream: iterate it; `cancel()` from any thread ends the iteration."""
 
-    def __init__(self, call, address: str):
+    def __init__(self, call, response_class, address: str):
         self._call = call
+        self._response_class = response_class
         self._address = address
 
     def __iter__(self) -> Iterator:
+        parse = self._response_class.FromString
         try:
-            yield from self._call
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.CANCELLED:
+            for message in self._call:
+                yield parse(message)
+        except RpcError as exc:
+            if exc.code == "CANCELLED":
                 return
             raise typed_error(exc, self._address) from None
         finally:
@@ -88,16 +100,9 @@ class StreamCall:
 class Connection:
     """One channel to runtimed, shared by every namespace view of a `Client`."""
 
-
     def __init__(self, address: str):
         self.address = address
-        self.channel = grpc.insecure_channel(
-            f"unix://{address}",
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
-                ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
-            ],
-        )
+        self.channel = Channel(address, max_message_size=MAX_MESSAGE_SIZE)
 
     def close(self) -> None:
         self.channel.close()

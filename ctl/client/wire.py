@@ -1,0 +1,689 @@
+"""gRPC over HTTP/2 on a unix socket, with the standard library alone.
+
+Why not grpcio: `import grpc` costs 60-90 ms of CPU (its C core, and asyncio with it) at
+every start of `ctl`, more than everything else a `ctl ps` does. The client half of gRPC
+that the library needs is small: HTTP/2 framing and flow control (RFC 9113), HPACK header
+decoding (RFC 7541) and gRPC's 5-byte message prefix and trailers (gRPC's PROTOCOL-HTTP2).
+This module speaks exactly that: no TLS, no compression, no name resolution, no retries.
+
+A `Channel` keeps a pool of HTTP/2 connections. A call takes an idle one (or dials a new
+one) for its whole duration and gives it back when it ends cleanly, so calls from several
+threads never share a connection and no reader thread is needed: the thread that iterates a
+call reads its frames. A client-streaming call sends from a thread of its own.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
+END_STREAM = ACK = 0x1
+END_HEADERS = 0x4
+PADDED = 0x8
+PRIORITY_FLAG = 0x20
+SETTINGS_HEADER_TABLE_SIZE, SETTINGS_ENABLE_PUSH = 1, 2
+SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE = 4, 5
+MAX_WINDOW = (1 << 31) - 1
+DEFAULT_WINDOW = 65535
+RECEIVE_FRAME_SIZE = 1 << 20  # what we accept; the peer's limit bounds what we send
+NO_ERROR, PROTOCOL_ERROR, CANCEL_ERROR, REFUSED_STREAM = 0x0, 0x1, 0x8, 0x7
+
+CODES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+         "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+         "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+         "UNAUTHENTICATED")
+# gRPC's mapping of an HTTP status without grpc-status (doc/http-grpc-status-mapping.md)
+HTTP_CODES = {400: "INTERNAL", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
+              404: "UNIMPLEMENTED", 429: "UNAVAILABLE", 502: "UNAVAILABLE",
+              503: "UNAVAILABLE", 504: "UNAVAILABLE"}
+
+
+class RpcError(Exception):
+    """A call's non-OK status: `code` is the status code's name (`NOT_FOUND`)."""
+
+    def __init__(self, code: str, details: str):
+        super().__init__(f"{code}: {details}")
+        self.code = code
+        self.details = details
+
+
+class _Unsent(Exception):
+    """A reused connection failed before any of the request was sent."""
+
+
+class _Closed(Exception):
+    """The connection ended (EOF, reset, or shut down by `cancel`)."""
+
+
+# HPACK ------------------------------------------------------------------------------------
+
+_STATIC_NAMES = (
+    ":authority :method :method :path :path :scheme :scheme :status :status :status :status "
+    ":status :status :status accept-charset accept-encoding accept-language accept-ranges "
+    "accept access-control-allow-origin age allow authorization cache-control "
+    "content-disposition content-encoding content-language content-length content-location "
+    "content-range content-type cookie date etag expect expires from host if-match "
+    "if-modified-since if-none-match if-range if-unmodified-since last-modified link location "
+    "max-forwards proxy-authenticate proxy-authorization range referer refresh retry-after "
+    "server set-cookie strict-transport-security transfer-encoding user-agent vary via "
+    "www-authenticate").split()
+_STATIC_VALUES = {2: "GET", 3: "POST", 4: "/", 5: "/index.html", 6: "http", 7: "https", 8: "200",
+                  9: "204", 10: "206", 11: "304", 12: "400", 13: "404", 14: "500",
+                  16: "gzip, deflate"}
+STATIC_TABLE = [("", "")] + [(n, _STATIC_VALUES.get(i, "")) for i, n in enumerate(_STATIC_NAMES, 1)]
+
+# RFC 7541 Appendix B is a canonical Huffman code: the code length of each of the 257
+# symbols (EOS last) determines every code.
+_HUFFMAN_LENGTHS = bytes.fromhex(
+    "0d171c1c1c1c1c1c1c181e1c1c1e1c1c1c1c1c1c1c1c1e1c1c1c1c1c1c1c1c1c060a0a0c0d06080b0a0a080b"
+    "080606060505050606060606060607080f060c0a0d06070707070707070707070707070707070707070707070807"
+    "080d130d0e060f05060506050606060507070606060506070605050607070707070f0b0e0d1c1416141416161617"
+    "16171717171718171818161718171717171516171617171816151416161717151716161815161717151516151716"
+    "171714161616171616171a1a1413161716191a1a1a1b1b1a181913151a1b1b1a1b1815151a1a1c1b1b1b14181415"
+    "161515171616191918181a171a1b1a1a1b1b1b1b1b1c1b1b1b1b1b1a1e")
+_huffman_codes: dict[tuple[int, int], int] = {}
+
+
+def _huffman_decode(data: bytes) -> bytes:
+    codes = _huffman_codes
+    if not codes:
+        code, previous = -1, 0
+        for symbol in sorted(range(257), key=lambda s: (_HUFFMAN_LENGTHS[s], s)):
+            length = _HUFFMAN_LENGTHS[symbol]
+            code = (code + 1) << (length - previous)
+            previous = length
+            codes[(length, code)] = symbol
+    out = bytearray()
+    code = bits = 0
+    for byte in data:
+        for shift in range(7, -1, -1):
+            code = (code << 1) | ((byte >> shift) & 1)
+            bits += 1
+            if bits >= 5:
+                symbol = codes.get((bits, code))
+                if symbol is not None:
+                    if symbol == 256:
+                        raise RpcError("INTERNAL", "HPACK: EOS in a Huffman string")
+                    out.append(symbol)
+                    code = bits = 0
+    if bits > 7 or code != (1 << bits) - 1:
+        raise RpcError("INTERNAL", "HPACK: bad Huffman padding")
+    return bytes(out)
+
+
+def _int(block: bytes, i: int, prefix: int) -> tuple[int, int]:
+    mask = (1 << prefix) - 1
+    value = block[i] & mask
+    i += 1
+    if value < mask:
+        return value, i
+    shift = 0
+    while True:
+        byte = block[i]
+        i += 1
+        value += (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, i
+
+
+def _string(block: bytes, i: int) -> tuple[str, int]:
+    huffman = block[i] & 0x80
+    length, i = _int(block, i, 7)
+    raw = block[i:i + length]
+    if len(raw) != length:
+        raise RpcError("INTERNAL", "HPACK: truncated string")
+    return (_huffman_decode(raw) if huffman else raw).decode("latin-1"), i + length
+
+
+class HeaderDecoder:
+    """HPACK decoding with the connection's dynamic table (strings kept as latin-1, so a
+    string's length is its size in octets)."""
+
+    def __init__(self, max_size: int = 4096):
+        self.table: deque[tuple[str, str]] = deque()
+        self.size = 0
+        self.max_size = self.limit = max_size
+
+    def decode(self, block: bytes) -> list[tuple[str, str]]:
+        headers = []
+        i = 0
+        try:
+            while i < len(block):
+                byte = block[i]
+                if byte & 0x80:  # indexed
+                    index, i = _int(block, i, 7)
+                    headers.append(self._entry(index))
+                elif byte & 0x40:  # literal, added to the table
+                    name, value, i = self._literal(block, i, 6)
+                    self._add(name, value)
+                    headers.append((name, value))
+                elif byte & 0x20:  # dynamic table size update
+                    size, i = _int(block, i, 5)
+                    if size > self.limit:
+                        raise RpcError("INTERNAL", "HPACK: table size above our limit")
+                    self.max_size = size
+                    self._evict()
+                else:  # literal without indexing, or never indexed
+                    name, value, i = self._literal(block, i, 4)
+                    headers.append((name, value))
+        except IndexError:
+            raise RpcError("INTERNAL", "HPACK: truncated header block") from None
+        return headers
+
+    def _literal(self, block: bytes, i: int, prefix: int) -> tuple[str, str, int]:
+        index, i = _int(block, i, prefix)
+        if index:
+            name = self._entry(index)[0]
+        else:
+            name, i = _string(block, i)
+        value, i = _string(block, i)
+        return name, value, i
+
+    def _entry(self, index: int) -> tuple[str, str]:
+        if 0 < index < len(STATIC_TABLE):
+            return STATIC_TABLE[index]
+        dynamic = index - len(STATIC_TABLE)
+        if index <= 0 or dynamic >= len(self.table):
+            raise RpcError("INTERNAL", f"HPACK: no table entry {index}")
+        return self.table[dynamic]
+
+    def _add(self, name: str, value: str) -> None:
+        self.table.appendleft((name, value))
+        self.size += len(name) + len(value) + 32
+        self._evict()
+
+    def _evict(self) -> None:
+        while self.size > self.max_size and self.table:
+            name, value = self.table.pop()
+            self.size -= len(name) + len(value) + 32
+
+
+def _encode_int(value: int, prefix: int, first: int = 0) -> bytes:
+    mask = (1 << prefix) - 1
+    if value < mask:
+        return bytes((first | value,))
+    out = bytearray((first | mask,))
+    value -= mask
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _encode_str(text: str) -> bytes:
+    raw = text.encode("latin-1")
+    return _encode_int(len(raw), 7) + raw
+
+
+def encode_headers(headers: list[tuple[str, str]]) -> bytes:
+    """Literals without indexing (no table state to keep), names from the static table
+    where it has them."""
+    out = bytearray()
+    for name, value in headers:
+        try:
+            index = _STATIC_NAMES.index(name) + 1
+            out += _encode_int(index, 4) + _encode_str(value)
+        except ValueError:
+            out += b"\x00" + _encode_str(name) + _encode_str(value)
+    return bytes(out)
+
+
+def _percent_decode(text: str) -> str:
+    if "%" not in text:
+        return text
+    raw = text.encode("latin-1")
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x25 and i + 3 <= len(raw):
+            try:
+                out.append(int(raw[i + 1:i + 3], 16))
+                i += 3
+                continue
+            except ValueError:
+                pass
+        out.append(raw[i])
+        i += 1
+    return out.decode("utf-8", errors="replace")
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload
+
+
+# connections --------------------------------------------------------------------------------
+
+class _Connection:
+    """One HTTP/2 connection, used by one call at a time."""
+
+    def __init__(self, address: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.connect(address)
+        except OSError:
+            self.sock.close()
+            raise
+        self.buffer = bytearray()
+        self.decoder = HeaderDecoder()
+        self.next_stream = 1
+        self.usable = True
+        self.lock = threading.Condition()  # guards writes and the send windows
+        self.send_window = DEFAULT_WINDOW
+        self.stream_window_initial = DEFAULT_WINDOW
+        self.max_send_frame = 16384
+        self.received = 0  # bytes since our last connection WINDOW_UPDATE
+        self.goaway_last: int | None = None
+        self.call: _Call | None = None
+        settings = b"".join(key.to_bytes(2, "big") + value.to_bytes(4, "big") for key, value in (
+            (SETTINGS_ENABLE_PUSH, 0), (SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW),
+            (SETTINGS_MAX_FRAME_SIZE, RECEIVE_FRAME_SIZE)))
+        self.sock.sendall(PREFACE + _frame(SETTINGS, 0, 0, settings)
+                          + _frame(WINDOW_UPDATE, 0, 0, (MAX_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big")))
+
+    def send(self, data: bytes) -> None:
+        with self.lock:
+            self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.usable = False
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def read_frame(self) -> tuple[int, int, int, bytes]:
+        buffer = self.buffer
+        while len(buffer) < 9:
+            self._fill()
+        length = int.from_bytes(buffer[:3], "big")
+        while len(buffer) < 9 + length:
+            self._fill()
+        kind, flags = buffer[3], buffer[4]
+        stream = int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF
+        payload = bytes(buffer[9:9 + length])
+        del buffer[:9 + length]
+        return kind, flags, stream, payload
+
+    def _fill(self) -> None:
+        try:
+            data = self.sock.recv(262144)
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise _Closed(str(exc)) from None
+        if not data:
+            raise _Closed("connection closed by the daemon")
+        self.buffer += data
+
+    def handle(self, kind: int, flags: int, stream: int, payload: bytes) -> None:
+        """A frame: connection-level ones here, the current call's to the call."""
+        if stream == 0:
+            if kind == SETTINGS and not flags & ACK:
+                self._settings(payload)
+            elif kind == PING and not flags & ACK:
+                self.send(_frame(PING, ACK, 0, payload))
+            elif kind == WINDOW_UPDATE:
+                with self.lock:
+                    self.send_window += int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+                    self.lock.notify_all()
+            elif kind == GOAWAY:
+                self.usable = False
+                self.goaway_last = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+                if self.call is not None and self.call.stream > self.goaway_last:
+                    self.call.fail(RpcError("UNAVAILABLE", "the daemon is going away"))
+            return
+        if kind in (HEADERS, CONTINUATION, PUSH_PROMISE) and (self.call is None or stream != self.call.stream):
+            self.usable = False  # a stray header block we cannot place: keep HPACK safe, drop it later
+            return
+        if self.call is not None and stream == self.call.stream:
+            self.call.frame(kind, flags, payload)
+
+    def _settings(self, payload: bytes) -> None:
+        with self.lock:
+            for i in range(0, len(payload) - 5, 6):
+                key = int.from_bytes(payload[i:i + 2], "big")
+                value = int.from_bytes(payload[i + 2:i + 6], "big")
+                if key == SETTINGS_INITIAL_WINDOW_SIZE:
+                    delta = value - self.stream_window_initial
+                    self.stream_window_initial = value
+                    if self.call is not None:
+                        self.call.send_window += delta
+                elif key == SETTINGS_MAX_FRAME_SIZE:
+                    self.max_send_frame = value
+            self.sock.sendall(_frame(SETTINGS, ACK, 0))
+            self.lock.notify_all()
+
+    def acknowledge(self, size: int) -> None:
+        """Give back receive window once half of it is used (we opened it fully)."""
+        self.received += size
+        if self.received > MAX_WINDOW // 2:
+            increment, self.received = self.received, 0
+            self.send(_frame(WINDOW_UPDATE, 0, 0, increment.to_bytes(4, "big")))
+
+    def idle_ok(self) -> bool:
+        """Whether a pooled connection can carry a call: handles what arrived while it was
+        idle (settings, pings, a GOAWAY) and notices a daemon that went away."""
+        if not self.usable:
+            return False
+        buffer = self.buffer
+        try:
+            while select.select([self.sock], [], [], 0)[0]:
+                self._fill()
+            while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
+                self.handle(*self.read_frame())
+        except (_Closed, OSError, RpcError):
+            return False
+        return self.usable
+
+
+class Channel:
+    """Calls to one unix socket address over pooled HTTP/2 connections."""
+
+    def __init__(self, address: str, max_message_size: int = 16 << 20):
+        self.address = address
+        self.max_message_size = max_message_size
+        self._idle: list[_Connection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _take(self) -> _Connection:
+        while True:
+            with self._lock:
+                connection = self._idle.pop() if self._idle else None
+            if connection is None:
+                break
+            if connection.idle_ok():
+                return connection
+            connection.close()
+        return self._dial()
+
+    def _dial(self) -> _Connection:
+        try:
+            return _Connection(self.address)
+        except OSError as exc:
+            raise RpcError("UNAVAILABLE", f"failed to connect to {self.address}: {exc.strerror or exc}") from None
+
+    def _give_back(self, connection: _Connection) -> None:
+        with self._lock:
+            if connection.usable and not self._closed and connection.next_stream < (1 << 30):
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    def call(self, path: str, request: bytes | Iterable[bytes], metadata: list[tuple[str, str]],
+             timeout: float | None = None) -> _Call:
+        """Start a call; iterate the result for the response messages (raw bytes)."""
+        try:
+            return _Call(self, self._take(), path, request, metadata, timeout)
+        except _Unsent:  # a pooled connection died under us before the request left: redial
+            return _Call(self, self._dial(), path, request, metadata, timeout)
+
+    def unary(self, path: str, request: bytes, metadata: list[tuple[str, str]],
+              timeout: float | None = None) -> bytes:
+        messages = list(self.call(path, request, metadata, timeout))
+        if len(messages) != 1:
+            raise RpcError("INTERNAL", f"{path}: {len(messages)} response messages to a unary call")
+        return messages[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+
+class _Call:
+    """One stream: sends the request (from a thread when it is an iterable of messages),
+    yields the response messages, raises RpcError for a non-OK status."""
+
+    def __init__(self, channel: Channel, connection: _Connection, path: str,
+                 request: bytes | Iterable[bytes], metadata: list[tuple[str, str]],
+                 timeout: float | None):
+        import time
+
+        self.channel = channel
+        self.connection = connection
+        self.stream = connection.next_stream
+        connection.next_stream += 2
+        connection.call = self
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.send_window = connection.stream_window_initial
+        self.events: deque = deque()  # ("message", bytes) | ("status", RpcError | None)
+        self.data = bytearray()
+        self.header_block = bytearray()
+        self.header_flags = 0
+        self.http_status = ""
+        self.headers_seen = False
+        self.finished = False  # the server ended the stream (or the call failed)
+        self.cancelled = False
+        self.error: BaseException | None = None
+        self.sender: threading.Thread | None = None
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "localhost"),
+                   ("content-type", "application/grpc"), ("te", "trailers")]
+        if timeout is not None:
+            headers.append(("grpc-timeout", f"{max(int(timeout * 1000), 1)}m"))
+        headers += metadata
+        try:
+            connection.send(_frame(HEADERS, END_HEADERS, self.stream, encode_headers(headers)))
+        except OSError as exc:
+            connection.close()
+            if self.stream > 1:
+                raise _Unsent from None
+            raise RpcError("UNAVAILABLE", f"connection to {channel.address} lost: {exc}") from None
+        try:
+            if isinstance(request, bytes | bytearray):
+                self._send_message(request, end=True)
+            else:
+                self.sender = threading.Thread(target=self._send_all, args=(iter(request),),
+                                               name="grpc-send", daemon=True)
+                self.sender.start()
+        except (OSError, _Closed) as exc:
+            connection.close()
+            raise RpcError("UNAVAILABLE", f"connection to {channel.address} lost: {exc}") from None
+        except BaseException:
+            connection.close()
+            raise
+
+    # sending ------------------------------------------------------------------------------
+
+    def _send_message(self, message: bytes, end: bool) -> None:
+        data = memoryview(b"\x00" + len(message).to_bytes(4, "big") + message)
+        connection = self.connection
+        threaded = self.sender is not None
+        while True:
+            with connection.lock:
+                while not threaded and min(connection.send_window, self.send_window) <= 0 and len(data):
+                    connection.lock.release()  # read frames until the daemon opens a window
+                    try:
+                        self._pump()
+                    finally:
+                        connection.lock.acquire()
+                while threaded and min(connection.send_window, self.send_window) <= 0 and len(data):
+                    if self.finished or self.cancelled:
+                        return
+                    connection.lock.wait(1.0)
+                size = min(len(data), connection.send_window, self.send_window, connection.max_send_frame)
+                chunk, data = data[:size], data[size:]
+                connection.send_window -= size
+                self.send_window -= size
+                last = end and not len(data)
+                connection.sock.sendall(_frame(DATA, END_STREAM if last else 0, self.stream, bytes(chunk)))
+            if not len(data):
+                return
+
+    def _send_all(self, requests: Iterator[bytes]) -> None:
+        try:
+            for message in requests:
+                if self.finished or self.cancelled:
+                    return
+                self._send_message(message, end=False)
+            if not (self.finished or self.cancelled):
+                self.connection.send(_frame(DATA, END_STREAM, self.stream))
+        except BaseException as exc:  # noqa: BLE001 - the request iterator failed: the call fails
+            self.error = exc
+            self.connection.usable = False
+            try:
+                self.connection.send(_frame(RST_STREAM, 0, self.stream, CANCEL_ERROR.to_bytes(4, "big")))
+                self.connection.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    # receiving ----------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        import time
+
+        connection = self.connection
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            connection.sock.settimeout(remaining)
+        elif connection.sock.gettimeout() is not None:
+            connection.sock.settimeout(None)
+        connection.handle(*connection.read_frame())
+
+    def frame(self, kind: int, flags: int, payload: bytes) -> None:
+        if kind == DATA:
+            if flags & PADDED:
+                payload = payload[1:len(payload) - payload[0]]
+            self.connection.acknowledge(len(payload) + (1 if flags & PADDED else 0))
+            self.data += payload
+            self._messages()
+            if flags & END_STREAM:
+                self._end({})
+        elif kind in (HEADERS, CONTINUATION):
+            if kind == HEADERS:
+                start = 0
+                if flags & PADDED:
+                    start = 1
+                    payload = payload[:len(payload) - payload[0]]
+                if flags & PRIORITY_FLAG:
+                    start += 5
+                self.header_block = bytearray(payload[start:])
+                self.header_flags = flags
+            else:
+                self.header_block += payload
+            if flags & END_HEADERS:
+                headers = dict(self.connection.decoder.decode(bytes(self.header_block)))
+                if not self.headers_seen:
+                    self.headers_seen = True
+                    self.http_status = headers.get(":status", "")
+                if self.header_flags & END_STREAM:
+                    self._end(headers)
+        elif kind == RST_STREAM:
+            code = int.from_bytes(payload[:4], "big")
+            self.connection.usable = False
+            name = {CANCEL_ERROR: "CANCELLED", REFUSED_STREAM: "UNAVAILABLE"}.get(code, "INTERNAL")
+            self.fail(RpcError(name, f"stream reset by the daemon (HTTP/2 error {code})"))
+        elif kind == WINDOW_UPDATE:
+            with self.connection.lock:
+                self.send_window += int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+                self.connection.lock.notify_all()
+
+    def _messages(self) -> None:
+        data = self.data
+        while len(data) >= 5:
+            length = int.from_bytes(data[1:5], "big")
+            if data[0]:
+                raise RpcError("INTERNAL", "compressed message, but no compression was offered")
+            if length > self.channel.max_message_size:
+                self.connection.usable = False
+                raise RpcError("RESOURCE_EXHAUSTED",
+                               f"response message larger than {self.channel.max_message_size} bytes")
+            if len(data) < 5 + length:
+                return
+            self.events.append(("message", bytes(data[5:5 + length])))
+            del data[:5 + length]
+
+    def _end(self, trailers: dict) -> None:
+        status = trailers.get("grpc-status") if trailers else None
+        if status is None:
+            code = 200
+            try:
+                code = int(self.http_status or 0)
+            except ValueError:
+                pass
+            name = HTTP_CODES.get(code, "UNKNOWN") if code != 200 else "INTERNAL"
+            error: RpcError | None = RpcError(name, f"stream ended without a gRPC status (HTTP {code})")
+        else:
+            try:
+                name = CODES[int(status)]
+            except (ValueError, IndexError):
+                name = "UNKNOWN"
+            message = _percent_decode(trailers.get("grpc-message", ""))
+            error = None if name == "OK" else RpcError(name, message)
+        if self.data and error is None:
+            error = RpcError("INTERNAL", "stream ended inside a message")
+        self.finished = True
+        self.events.append(("status", error))
+
+    def fail(self, error: RpcError) -> None:
+        self.finished = True
+        self.events.append(("status", error))
+
+    def __iter__(self) -> Iterator[bytes]:
+        connection = self.connection
+        clean = False
+        try:
+            while True:
+                while self.events:
+                    kind, value = self.events.popleft()
+                    if kind == "message":
+                        yield value
+                        continue
+                    if self.sender is not None:
+                        self.sender.join(0.1)
+                    clean = self.sender is None or not self.sender.is_alive()
+                    if value is not None:
+                        raise value
+                    return
+                if self.error is not None:
+                    raise self.error
+                try:
+                    self._pump()
+                except TimeoutError:
+                    raise RpcError("DEADLINE_EXCEEDED", "deadline exceeded") from None
+                except _Closed as exc:
+                    if self.cancelled:
+                        raise RpcError("CANCELLED", "cancelled") from None
+                    if self.error is not None:
+                        raise self.error from None
+                    raise RpcError("UNAVAILABLE", f"connection to {self.channel.address} lost: {exc}") from None
+        finally:
+            self.finished = True
+            connection.call = None
+            if clean and not self.cancelled:
+                self.channel._give_back(connection)
+            else:
+                if not self.cancelled:
+                    try:
+                        connection.send(_frame(RST_STREAM, 0, self.stream, CANCEL_ERROR.to_bytes(4, "big")))
+                    except OSError:
+                        pass
+                connection.close()
+
+    def cancel(self) -> None:
+        """End the call from any thread: the iterating thread sees CANCELLED."""
+        if self.finished:
+            return
+        self.cancelled = True
+        connection = self.connection
+        try:
+            connection.send(_frame(RST_STREAM, 0, self.stream, CANCEL_ERROR.to_bytes(4, "big")))
+        except OSError:
+            pass
+        try:
+            connection.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        with connection.lock:
+            connection.lock.notify_all()

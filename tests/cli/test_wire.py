@@ -1,0 +1,162 @@
+"""ctl.client.wire: HPACK against the `hpack` package (h2's, a grpclib dependency) and
+RFC 7541's examples; the transport against a real runtimed (grpc.aio on the server side):
+large messages both ways (flow control), streams cancelled from another thread, deadlines,
+a daemon that restarts under a pooled connection, and no grpcio in the client process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ctl.client import wire
+from runtimed.errors import DeadlineExceeded, NotFound
+from tests.cli.conftest import REPO
+
+_header_text = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
+_header_name = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=20)
+_header_lists = st.lists(st.lists(st.tuples(_header_name, _header_text), max_size=8), min_size=1, max_size=6)
+
+
+@given(_header_lists, st.booleans())
+def test_decoder_reads_what_hpack_writes(blocks, huffman):
+    """Indexed, incrementally indexed, Huffman-coded and evicted entries, block after block
+    on one connection's table, as a server's encoder emits them."""
+    import hpack
+
+    encoder = hpack.Encoder()
+    encoder.header_table_size = 256  # small, so entries get evicted
+    decoder = wire.HeaderDecoder()
+    for headers in blocks:
+        block = encoder.encode(headers, huffman=huffman)
+        assert decoder.decode(block) == headers
+
+
+def test_decoder_rfc7541_examples():
+    decoder = wire.HeaderDecoder()  # C.4: requests with Huffman coding, one table
+    assert decoder.decode(bytes.fromhex("828684418cf1e3c2e5f23a6ba0ab90f4ff")) == [
+        (":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "www.example.com")]
+    assert decoder.decode(bytes.fromhex("828684be5886a8eb10649cbf")) == [
+        (":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "www.example.com"),
+        ("cache-control", "no-cache")]
+    with pytest.raises(wire.RpcError):
+        decoder.decode(bytes.fromhex("ff"))  # a truncated integer
+
+
+@given(st.lists(st.tuples(_header_name, _header_text), max_size=10))
+def test_encoded_headers_decode_with_hpack(headers):
+    import hpack
+
+    assert hpack.Decoder().decode(wire.encode_headers(headers)) == headers
+
+
+def test_client_process_does_not_import_grpc(ctl, busybox):
+    code = ("import sys; from ctl.__main__ import main; rc = main(sys.argv[1:]); "
+            "assert 'grpc' not in sys.modules, 'grpc imported'; sys.exit(rc)")
+    for args in (["version"], ["ps", "-a"], ["images"], ["run", "--rm", busybox, "echo", "hi"]):
+        result = subprocess.run([sys.executable, "-c", code, "--address", ctl.address, *args],
+                                capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def client(daemon):
+    from ctl.client import Client
+
+    with Client(daemon.address) as c:
+        yield c
+
+
+def test_large_messages_both_ways(client, tmp_path):
+    """A 5 MB label set goes out (beyond the 64 KiB initial window and 16 KiB frames) and
+    comes back in one response message."""
+    from runtimed.oci.spec import SpecOptions  # noqa: F401 - the library's public names load
+
+    stub = client._stub("containers")
+    pb = stub.pb
+    labels = {f"k{i}": "v" * 1000 for i in range(5000)}
+    record = pb.Container(id="big", image="none", labels=labels, snapshotter="overlayfs")
+    record.runtime.name = "io.containerd.runc.v2"
+    record.spec.type_url = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
+    record.spec.value = b"{}"
+    stub.Create(pb.CreateContainerRequest(container=record))
+    try:
+        assert client.containers.get("big").labels == labels
+    finally:
+        stub.Delete(pb.DeleteContainerRequest(id="big"))
+    with pytest.raises(NotFound):
+        client.containers.get("big")
+
+
+def test_client_streaming_upload(client, test_images):
+    """archive Import streams the tar in chunks (client-streaming, flow-controlled)."""
+    from ctl.client import archives
+
+    path = test_images["busybox"].archive
+    assert os.path.getsize(path) > 256 << 10
+    with open(path, "rb") as f:
+        names = archives.import_archive(client, f)
+    assert test_images["busybox"].name in [image.name for image in names]
+
+
+def test_stream_cancelled_from_another_thread(client):
+    events = client.events()
+    received = []
+
+    def consume():
+        received.extend(events)
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    time.sleep(0.2)
+    client.create_namespace("wire-test")
+    client.remove_namespace("wire-test")
+    deadline = time.monotonic() + 10
+    while len(received) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    events.cancel()
+    reader.join(5)
+    assert not reader.is_alive()
+    assert [e.topic for e in received[:2]] == ["/namespaces/create", "/namespaces/delete"]
+    assert client.version()["version"]  # the client carries on after a cancelled stream
+
+
+def test_deadline(client, busybox):
+    client.containers.create("sleeper", busybox, _sleep())
+    try:
+        client.tasks.create("sleeper")
+        client.tasks.start("sleeper")
+        with pytest.raises(DeadlineExceeded):
+            client.tasks.wait("sleeper", timeout=0.3)
+        assert client.tasks.get("sleeper").status == "RUNNING"
+    finally:
+        client.containers.remove("sleeper", force=True)
+
+
+def _sleep():
+    from runtimed.oci.spec import SpecOptions
+
+    return SpecOptions(args=["sleep", "60"], network="host")
+
+
+def test_pooled_connection_survives_daemon_restart(client, daemon):
+    assert client.version()["version"]
+    daemon.restart()
+    assert client.version()["version"]
+    client.create_namespace("after-restart")
+    client.remove_namespace("after-restart")
+
+
+def test_unreachable_daemon(tmp_path):
+    from ctl.client import Client
+    from runtimed.errors import Unavailable
+
+    with Client(str(tmp_path / "none.sock")) as c, pytest.raises(Unavailable) as info:
+        c.version()
+    assert "is the daemon running" in str(info.value)

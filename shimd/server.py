@@ -109,8 +109,6 @@ SHUTDOWN_GRACE = 1.0
 async def _serve(id: str, bundle: Path, ready_fd: int | None) -> int:
     import asyncio
 
-    from grpclib.server import Server
-
     from shimd import service
     from shimd.outbox import write_atomic
     from shimd.reaper import Reaper
@@ -121,7 +119,7 @@ async def _serve(id: str, bundle: Path, ready_fd: int | None) -> int:
     reaper.install()
     shim = Shim(id, bundle, reaper)
     api = service.ShimService(shim)
-    server = Server([api])
+    server = service.ShimServer([api])
     sock = socket_path(bundle)
     sock.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
     if sock.exists():

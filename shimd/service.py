@@ -14,6 +14,8 @@ from google.protobuf import empty_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
+from grpclib.server import Server
+from h2.settings import SettingCodes
 
 from runtimed.api.shim.v1 import shim_pb2
 from runtimed.errors import InvalidArgument, status_of
@@ -26,6 +28,10 @@ log = logging.getLogger("shimd")
 
 EMPTY = empty_pb2.Empty()
 SERVICE = "runtimed.shim.v1.Shim"
+# h2 caps a connection at 100 concurrent streams; runtimed multiplexes every call to a
+# shim on one connection (the Events stream, one Wait per waiting client, ...), and a call
+# over the cap waits for a free slot. grpc-core and containerd's ttrpc shim set no cap.
+MAX_STREAMS = 1 << 16
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -37,6 +43,23 @@ def _timestamp(seconds: float) -> Timestamp:
 
 def _stdio(message: shim_pb2.Stdio) -> StdioConfig:
     return StdioConfig(message.stdin, message.stdout, message.stderr, message.terminal)
+
+
+class ShimServer(Server):
+    """grpclib's server with the per-connection stream cap raised to MAX_STREAMS."""
+
+    def _protocol_factory(self):
+        protocol = super()._protocol_factory()
+        connection_made = protocol.connection_made
+
+        def made(transport) -> None:
+            connection_made(transport)
+            protocol.connection._connection.update_settings(
+                {SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS})
+            protocol.connection.flush()
+
+        protocol.connection_made = made
+        return protocol
 
 
 def _grpc_error(exc: Exception) -> GRPCError:

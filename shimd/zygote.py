@@ -71,16 +71,15 @@ async def _warm_up() -> None:
 
     from grpclib.client import Channel
     from grpclib.const import Cardinality
-    from grpclib.server import Server
 
     from runtimed.api.shim.v1 import shim_pb2
     from shimd.reaper import Reaper
-    from shimd.service import ShimService
+    from shimd.service import ShimServer, ShimService
     from shimd.shim import Shim
 
     with tempfile.TemporaryDirectory(prefix="shimd-zygote-") as tmp:
         path = os.path.join(tmp, "warm.sock")
-        server = Server([ShimService(Shim("warm-up", Path(tmp), Reaper()))])
+        server = ShimServer([ShimService(Shim("warm-up", Path(tmp), Reaper()))])
         await server.start(path=path)
         channel = Channel(path=path)
         try:

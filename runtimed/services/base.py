@@ -92,42 +92,73 @@ async def _refuse(request, context) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, f"malformed request: {request.error}")
 
 
-class MalformedRequests(grpc.aio.ServerInterceptor):
-    """grpc.aio answers UNKNOWN when a unary request body does not parse; answer INTERNAL
-    with the parse error instead, before any handler runs. (Streamed request bodies fail
-    inside the handler, where `service` maps the error.)"""
+def refuse_malformed(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The handler with a request parser that cannot fail: grpc.aio answers UNKNOWN when a
+    unary request body does not parse, this answers INTERNAL with the parse error before
+    the method runs. (Streamed request bodies fail inside the method, where `service`
+    maps the error.)"""
+    if handler.request_streaming:
+        return handler
+    parse = _tolerant(handler.request_deserializer)
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
 
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming:
-            return handler
-        parse = _tolerant(handler.request_deserializer)
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
+        async def unary_unary(request, context):
+            if request.__class__ is _Malformed:
+                return await _refuse(request, context)
+            return await inner(request, context)
 
-            async def unary_unary(request, context):
-                if isinstance(request, _Malformed):
-                    return await _refuse(request, context)
-                return await inner(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, request_deserializer=parse,
-                response_serializer=handler.response_serializer)
-        inner_stream = handler.unary_stream
-
-        async def unary_stream(request, context):
-            if isinstance(request, _Malformed):
-                await _refuse(request, context)
-            result = inner_stream(request, context)
-            if inspect.isasyncgen(result):
-                async for item in result:
-                    yield item
-            else:
-                await result
-
-        return grpc.unary_stream_rpc_method_handler(
-            unary_stream, request_deserializer=parse,
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, request_deserializer=parse,
             response_serializer=handler.response_serializer)
+    inner_stream = handler.unary_stream
+
+    async def unary_stream(request, context):
+        if request.__class__ is _Malformed:
+            await _refuse(request, context)
+        result = inner_stream(request, context)
+        if inspect.isasyncgen(result):
+            async for item in result:
+                yield item
+        else:
+            await result
+
+    return grpc.unary_stream_rpc_method_handler(
+        unary_stream, request_deserializer=parse,
+        response_serializer=handler.response_serializer)
+
+
+class MethodTable(grpc.GenericRpcHandler):
+    """Every method the daemon serves, in one dict, as the one generic handler of the server.
+
+    Services register into this table (it has the two `add_*` methods the generated
+    `add_XServicer_to_server` calls) instead of into the server, for per-call cost:
+    grpc.aio keeps one pending request per *registered* method and waits on all of them
+    (`asyncio.wait` over ~100 futures) for every call it accepts, and an interceptor runs
+    per call. Here the handlers are wrapped once, at registration, and a call costs one
+    dict lookup."""
+
+    def __init__(self):
+        self.methods: dict[str, grpc.RpcMethodHandler] = {}
+        self._generic: list = []
+
+    def add_registered_method_handlers(self, service_name: str, handlers: dict) -> None:
+        for name, handler in handlers.items():
+            self.methods[f"/{service_name}/{name}"] = refuse_malformed(handler)
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        # generated code adds the same methods here too; kept for services added only so
+        self._generic.extend(handlers)
+
+    def service(self, handler_call_details):
+        handler = self.methods.get(handler_call_details.method)
+        if handler is not None:
+            return handler
+        for generic in self._generic:
+            handler = generic.service(handler_call_details)
+            if handler is not None:
+                return refuse_malformed(handler)
+        return None
 
 
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:

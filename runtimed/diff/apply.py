@@ -168,6 +168,11 @@ class _ForwardReader:
         self._pos += len(data)
         return data
 
+    def readinto(self, buffer) -> int:
+        n = self._f.readinto(buffer)
+        self._pos += n
+        return n
+
     def tell(self) -> int:
         return self._pos
 
@@ -208,11 +213,34 @@ def _mtime_ns(member: tarfile.TarInfo, key: str = "mtime") -> int:
     return int(member.mtime) * 1_000_000_000
 
 
+def _umask() -> int | None:
+    """The process umask, read without changing it (os.umask would, for every thread)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 class _Writer:
+    """Writes entries with as few system calls as the header allows: a new entry is
+    created with its final permission bits when the umask leaves them alone, its owner is
+    set only when it is not already the creator's, and nothing is looked up before it is
+    created (an existing name shows as EEXIST and is handled then)."""
+
     def __init__(self, rootfd: int, overlay: bool, parents: list[str]):
         self.rootfd = rootfd
         self.overlay = overlay
         self.parents = parents
+        self.owner = (os.geteuid(), os.getegid())
+        umask = _umask()
+        # permission bits a creating call may be trusted with; the rest take a chmod
+        self.keep_mask = 0o777 & ~umask if umask is not None else 0
+        self._sgid: dict[str, bool] = {}  # parent directory -> is set-group-ID
+        self._buf = memoryview(bytearray(CHUNK))
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._dirs: list[tuple[str, int, int]] = []
         self._unpacked: set[str] = set()
@@ -236,8 +264,18 @@ class _Writer:
             raise InvalidArgument(f"{rel!r} is not a directory in the layer's target") from None
         self._fds[rel] = fd
         if len(self._fds) > 128:
-            os.close(self._fds.popitem(last=False)[1])
+            gone, old = self._fds.popitem(last=False)
+            os.close(old)
+            self._sgid.pop(gone, None)
         return fd
+
+    def setgid(self, rel: str, fd: int) -> bool:
+        """Whether directory `rel` (open as `fd`) is set-group-ID: what is created in it
+        then takes its group (and a directory its set-group-ID bit) rather than ours."""
+        sgid = self._sgid.get(rel)
+        if sgid is None:
+            sgid = self._sgid[rel] = bool(os.fstat(fd).st_mode & stat.S_ISGID)
+        return sgid
 
     def _forget(self) -> None:
         """Drop every cached fd: a directory or symlink was removed, and cached fds may
@@ -245,6 +283,7 @@ class _Writer:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        self._sgid.clear()
 
     def _mkparents(self, rel: str) -> None:
         parts = rel.split("/")
@@ -263,6 +302,7 @@ class _Writer:
                 continue
             if self.overlay:
                 self._copy_dir_info(sub, pfd, name)
+            self._sgid.pop(sub, None)
 
     def _copy_dir_info(self, rel: str, pfd: int, name: str) -> None:
         for lower in self.parents:
@@ -355,81 +395,128 @@ class _Writer:
     def _write(self, tf: tarfile.TarFile, member: tarfile.TarInfo, name: str, parent: str,
                pfd: int, base: str) -> None:
         try:
+            self._create(tf, member, name, parent, pfd, base, False)
+        except FileExistsError:
             st = os.lstat(base, dir_fd=pfd)
-        except FileNotFoundError:
-            st = None
-        # in an overlay upper, a directory replacing a whiteout must hide the lower one's
-        # contents: it becomes opaque
-        opaque = (self.overlay and st is not None and stat.S_ISCHR(st.st_mode)
-                  and st.st_rdev == 0 and member.isdir())
-        if st is not None and not (stat.S_ISDIR(st.st_mode) and member.isdir()):
-            self._remove(pfd, base, name)
-            pfd = self.dirfd(parent)
-            st = None
+            if stat.S_ISDIR(st.st_mode) and member.isdir():
+                self._dir_meta(name, pfd, base, member, st)
+            else:
+                # in an overlay upper, a directory replacing a whiteout must hide the lower
+                # one's contents: it becomes opaque
+                opaque = (self.overlay and stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+                          and member.isdir())
+                self._remove(pfd, base, name)
+                pfd = self.dirfd(parent)
+                self._create(tf, member, name, parent, pfd, base, opaque)
+        self._unpacked.add(name)
+
+    def _create(self, tf: tarfile.TarFile, member: tarfile.TarInfo, name: str, parent: str,
+                pfd: int, base: str, opaque: bool) -> None:
+        """Create `base` as the entry says; FileExistsError (before anything is written)
+        when the name is taken."""
         mode = member.mode & 0o7777
-        if member.isdir():
-            if st is None:
-                os.mkdir(base, 0o700, dir_fd=pfd)
-                if opaque:
-                    os.setxattr(self._proc(pfd, base), OPAQUE_XATTR, b"y", follow_symlinks=False)
+        type_ = member.type
+        if type_ in tarfile.REGULAR_TYPES:
+            self._regular(tf, member, parent, pfd, base, mode)
+        elif type_ == tarfile.DIRTYPE:
+            os.mkdir(base, mode & self.keep_mask or 0o700, dir_fd=pfd)
+            if opaque:
+                os.setxattr(self._proc(pfd, base), OPAQUE_XATTR, b"y", follow_symlinks=False)
             self._dirs.append((name, _mtime_ns(member, "atime") if "atime" in member.pax_headers
                                else _mtime_ns(member), _mtime_ns(member)))
-            self._meta(pfd, base, member, mode)
-        elif member.isreg():
-            self._regular(tf, member, pfd, base, mode)
-        elif member.issym():
+            sgid = self.setgid(parent, pfd)
+            self._meta(pfd, base, member, mode, sgid, sgid)
+            self._sgid.pop(name, None)
+        elif type_ == tarfile.SYMTYPE:
             os.symlink(member.linkname, base, dir_fd=pfd)
-            self._meta(pfd, base, member, None)
-        elif member.islnk():
+            self._meta(pfd, base, member, None, self.setgid(parent, pfd), False)
+        elif type_ == tarfile.LNKTYPE:
             target = clean(member.linkname, "hard link target")
             if not target:
                 raise InvalidArgument(f"hard link to the root ({member.linkname!r})")
             tparent, _, tbase = target.rpartition("/")
             tfd = self.dirfd(tparent, create=False)
             os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
-        elif member.ischr() or member.isblk():
-            kind = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+        elif type_ in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+            kind = stat.S_IFCHR if type_ == tarfile.CHRTYPE else stat.S_IFBLK
             os.mknod(base, kind | 0o600, os.makedev(member.devmajor, member.devminor), dir_fd=pfd)
-            self._meta(pfd, base, member, mode)
-        elif member.isfifo():
+            self._meta(pfd, base, member, mode, self.setgid(parent, pfd), True)
+        elif type_ == tarfile.FIFOTYPE:
             os.mkfifo(base, 0o600, dir_fd=pfd)
-            self._meta(pfd, base, member, mode)
+            self._meta(pfd, base, member, mode, self.setgid(parent, pfd), True)
         else:
             raise InvalidArgument(f"unsupported tar entry type {member.type!r}")
-        self._unpacked.add(name)
 
-    def _regular(self, tf, member, pfd: int, base: str, mode: int) -> None:
+    def _needs_chmod(self, mode: int) -> bool:
+        return bool(mode & ~self.keep_mask)
+
+    def _regular(self, tf, member, parent: str, pfd: int, base: str, mode: int) -> None:
+        created = mode & self.keep_mask
         fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=pfd)
+                     created or 0o600, dir_fd=pfd)
         try:
             if member.size:
-                data = tf.extractfile(member)
-                remaining = member.size
-                while remaining > 0:
-                    chunk = data.read(min(CHUNK, remaining))
-                    if not chunk:
-                        raise InvalidArgument("file data ends early: truncated layer")
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view):]
-                    remaining -= len(chunk)
-            os.fchown(fd, member.uid, member.gid)
-            self._xattrs(member, fd=fd)
-            os.fchmod(fd, mode)
+                self._copy_data(tf, member, fd)
+            if (member.uid, member.gid) != self.owner or self.setgid(parent, pfd):
+                os.fchown(fd, member.uid, member.gid)
+            if member.pax_headers:
+                self._xattrs(member, fd=fd)
+            if mode != created or not created:
+                os.fchmod(fd, mode)
             mtime = _mtime_ns(member)
             atime = _mtime_ns(member, "atime") if "atime" in member.pax_headers else mtime
             os.utime(fd, ns=(atime, mtime))
         finally:
             os.close(fd)
 
-    def _meta(self, pfd: int, base: str, member: tarfile.TarInfo, mode: int | None) -> None:
-        os.chown(base, member.uid, member.gid, dir_fd=pfd, follow_symlinks=False)
-        self._xattrs(member, path=self._proc(pfd, base))
-        if mode is not None:
+    def _copy_data(self, tf: tarfile.TarFile, member: tarfile.TarInfo, fd: int) -> None:
+        """Copy the member's data from the stream into `fd` through one reused buffer."""
+        if member.sparse is not None:  # the stored data is not the file's bytes
+            stream = tf.extractfile(member)
+        else:
+            stream = tf.fileobj
+            if stream.tell() != member.offset_data:  # tarfile left the stream elsewhere
+                stream.seek(member.offset_data)
+        buf = self._buf
+        remaining = member.size
+        while remaining > 0:
+            n = stream.readinto(buf[:remaining] if remaining < len(buf) else buf)
+            if not n:
+                raise InvalidArgument("file data ends early: truncated layer")
+            view = buf[:n]
+            while view:
+                view = view[os.write(fd, view):]
+            remaining -= n
+
+    def _meta(self, pfd: int, base: str, member: tarfile.TarInfo, mode: int | None,
+              sgid_parent: bool, chmod: bool) -> None:
+        """Owner, xattrs, mode and (except for directories, done at the end) times of a
+        newly created entry; `chmod` when its creation mode is not final anyway."""
+        if (member.uid, member.gid) != self.owner or sgid_parent:
+            os.chown(base, member.uid, member.gid, dir_fd=pfd, follow_symlinks=False)
+        if member.pax_headers:
+            self._xattrs(member, path=self._proc(pfd, base))
+        if mode is not None and (chmod or self._needs_chmod(mode) or not mode & self.keep_mask):
             os.chmod(base, mode, dir_fd=pfd)
-        if not member.isdir():
+        if member.type != tarfile.DIRTYPE:
             mtime = _mtime_ns(member)
             os.utime(base, ns=(mtime, mtime), dir_fd=pfd, follow_symlinks=False)
+
+    def _dir_meta(self, name: str, pfd: int, base: str, member: tarfile.TarInfo,
+                  st: os.stat_result) -> None:
+        """A directory entry for a directory that exists: it takes the entry's owner,
+        mode and xattrs (only what differs is changed) and, at the end, its times."""
+        mode = member.mode & 0o7777
+        self._dirs.append((name, _mtime_ns(member, "atime") if "atime" in member.pax_headers
+                           else _mtime_ns(member), _mtime_ns(member)))
+        if (st.st_uid, st.st_gid) != (member.uid, member.gid):
+            os.chown(base, member.uid, member.gid, dir_fd=pfd, follow_symlinks=False)
+            st = os.lstat(base, dir_fd=pfd)  # chown may clear set-ID bits
+        if member.pax_headers:
+            self._xattrs(member, path=self._proc(pfd, base))
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(base, mode, dir_fd=pfd)
+        self._sgid.pop(name, None)
 
     def _xattrs(self, member: tarfile.TarInfo, fd: int | None = None,
                 path: str | None = None) -> None:

@@ -71,11 +71,10 @@ class DigestReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        data = self.source.read(len(buffer))
-        n = len(data)
-        buffer[:n] = data
-        self.hash.update(data)
-        self.size += n
+        n = self.source.readinto(buffer)  # straight into the caller's buffer: no copy here
+        if n:
+            self.hash.update(memoryview(buffer)[:n])
+            self.size += n
         return n
 
     def read(self, size: int = -1) -> bytes:
@@ -112,9 +111,16 @@ class _Peek(io.RawIOBase):
         return self.source.read() if size is None or size < 0 else self.source.read(size)
 
     def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
+        if self.head:
+            data = self.read(len(buffer))
+            buffer[:len(data)] = data
+            return len(data)
+        readinto = getattr(self.source, "readinto", None)
+        if readinto is None:
+            data = self.source.read(len(buffer))
+            buffer[:len(data)] = data
+            return len(data)
+        return readinto(buffer) or 0
 
 
 def decompressed(source: BinaryIO, media_type: str | None = None) -> BinaryIO:

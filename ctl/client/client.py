@@ -14,19 +14,23 @@ never gRPC exceptions.
 from __future__ import annotations
 
 import contextlib
-import secrets
+import functools
+import os
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
-from ctl.client.cio import Attachment, FifoSet, Stdio
-from ctl.client.containers import ContainersAPI, CreateOptions, EventStream, TasksAPI
-from ctl.client.images import ImagesAPI
 from ctl.client.rpc import SERVICES, Connection, Stub
-from ctl.client.types import Container, ExitStatus
-from ctl.client.volumes import VolumesAPI
 from runtimed.errors import NotFound
-from runtimed.oci.spec import SpecOptions
+
+if TYPE_CHECKING:
+    from ctl.client.cio import Attachment, FifoSet
+    from ctl.client.containers import ContainersAPI, CreateOptions, EventStream, TasksAPI
+    from ctl.client.images import ImagesAPI
+    from ctl.client.types import Container, ExitStatus
+    from ctl.client.volumes import VolumesAPI
+    from runtimed.oci.spec import SpecOptions
 
 DEFAULT_ADDRESS = "/run/runtimed/runtimed.sock"
 
@@ -42,10 +46,32 @@ class Client:
         self._owns_connection = _connection is None
         self._local = threading.local()  # the lease of `with client.lease()`, per thread
         self._stubs: dict[tuple[str, str], Stub] = {}
-        self.images = ImagesAPI(self)
-        self.containers = ContainersAPI(self)
-        self.tasks = TasksAPI(self)
-        self.volumes = VolumesAPI(self)
+
+    # the APIs are built on first use: `ctl version` need not import what `ctl run` does
+
+    @functools.cached_property
+    def images(self) -> ImagesAPI:
+        from ctl.client.images import ImagesAPI
+
+        return ImagesAPI(self)
+
+    @functools.cached_property
+    def containers(self) -> ContainersAPI:
+        from ctl.client.containers import ContainersAPI
+
+        return ContainersAPI(self)
+
+    @functools.cached_property
+    def tasks(self) -> TasksAPI:
+        from ctl.client.containers import TasksAPI
+
+        return TasksAPI(self)
+
+    @functools.cached_property
+    def volumes(self) -> VolumesAPI:
+        from ctl.client.volumes import VolumesAPI
+
+        return VolumesAPI(self)
 
     @property
     def lease_id(self) -> str | None:
@@ -63,7 +89,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self.tasks.close()
+        if "tasks" in self.__dict__:
+            self.tasks.close()
         if self._owns_connection:
             self._connection.close()
 
@@ -136,7 +163,7 @@ class Client:
             return
         stub = self._stub("leases")
         until = (datetime.now(UTC) + expire).strftime("%Y-%m-%dT%H:%M:%SZ")
-        lease_id = f"ctl-{secrets.token_hex(8)}"
+        lease_id = f"ctl-{os.urandom(8).hex()}"
         stub.Create(stub.pb.CreateRequest(id=lease_id, labels={"containerd.io/gc.expire": until}))
         self.lease_id = lease_id
         try:
@@ -153,6 +180,8 @@ class Client:
     def events(self, filters: list[str] | None = None) -> EventStream:
         """Events as they happen, across namespaces, matching any of `filters`
         (containerd's grammar: `topic~="/tasks/"`, `namespace==default`)."""
+        from ctl.client.containers import EventStream
+
         return EventStream(self, filters)
 
     # running ------------------------------------------------------------------------
@@ -161,6 +190,8 @@ class Client:
     def run(self, container_id: str, image: str, spec_options: SpecOptions | None = None,
             options: CreateOptions | None = None) -> Iterator[RunningContainer]:
         """Create and start a container whose output is collected; removed on exit."""
+        from runtimed.oci.spec import SpecOptions
+
         spec_options = spec_options or SpecOptions()
         self.containers.create(container_id, image, spec_options, options)
         running = RunningContainer(self, container_id)
@@ -190,6 +221,8 @@ class RunningContainer:
         return self.client.containers.get(self.id)
 
     def start(self, terminal: bool = False) -> int:
+        from ctl.client.cio import Attachment, FifoSet
+
         self._fifos = FifoSet.create(self.id, stdin=False, terminal=terminal)
         self._attachment = Attachment(self._fifos, stdout=self._out, stderr=self._err)
         self._attachment.start()
@@ -227,4 +260,13 @@ class RunningContainer:
         self._err.close()
 
 
-__all__ = ["Client", "RunningContainer", "SpecOptions", "CreateOptions", "Stdio", "DEFAULT_ADDRESS"]
+__all__ = ["Client", "RunningContainer", "DEFAULT_ADDRESS"]
+
+
+def __getattr__(name: str):
+    """The names this module used to import eagerly, still importable from here."""
+    if name in ("SpecOptions", "CreateOptions", "Stdio"):
+        from ctl import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

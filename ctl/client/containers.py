@@ -13,22 +13,19 @@ import json
 import signal as signals
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from ctl.client.cio import Stdio
-from ctl.client.images import ResolvedImage
 from ctl.client.types import Container, ExitStatus, Process, Stats, timestamp
 from ctl.client.volumes import LABEL_ANONYMOUS
 from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound
-from runtimed.oci.spec import (
-    ImageConfig,
-    Mount,
-    SpecOptions,
-    build_spec,
-    exec_process,
-    resolve_user,
-)
+
+if TYPE_CHECKING:  # imported where used: `ctl ps` and `ctl rm` need none of them
+    from concurrent.futures import Future
+
+    from ctl.client.cio import Stdio
+    from ctl.client.images import ResolvedImage
+    from runtimed.oci.spec import ImageConfig, SpecOptions
 
 SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
 PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
@@ -91,15 +88,20 @@ class ContainersAPI:
 
     def resolve_id(self, name_or_prefix: str) -> str:
         """A full id from an id, or a unique prefix of one (as docker accepts)."""
+        return self.resolve(name_or_prefix).id
+
+    def resolve(self, name_or_prefix: str) -> Container:
+        """The container named by an id, or by a unique prefix of one."""
         try:
-            return self.get(name_or_prefix).id
+            return self.get(name_or_prefix)
         except NotFound:
             pass
-        matches = [c.id for c in self.list() if c.id.startswith(name_or_prefix)]
+        matches = [c for c in self.list() if c.id.startswith(name_or_prefix)]
         if len(matches) == 1:
             return matches[0]
         if matches:
-            raise InvalidArgument(f"{name_or_prefix!r} matches several containers: {', '.join(matches)}")
+            ids = ", ".join(c.id for c in matches)
+            raise InvalidArgument(f"{name_or_prefix!r} matches several containers: {ids}")
         raise NotFound(f"no such container: {name_or_prefix}")
 
     def create(
@@ -107,7 +109,9 @@ class ContainersAPI:
         options: CreateOptions | None = None,
     ) -> Container:
         """Create the container record and its writable snapshot; nothing runs yet."""
+        from ctl.client.images import ResolvedImage
         from runtimed import identifiers
+        from runtimed.oci.spec import SpecOptions, build_spec
 
         identifiers.validate(container_id, "container")
         spec_options = spec_options or SpecOptions()
@@ -168,6 +172,8 @@ class ContainersAPI:
     def _resolve_volumes(self, spec_options: SpecOptions, image: ImageConfig) -> _Volumes:
         """Named and anonymous volume mounts (and the image's VOLUMEs) become binds of the
         volumes' directories; fresh ones are filled from the image, as Docker does."""
+        from runtimed.oci.spec import Mount
+
         result = _Volumes()
         wanted = [m for m in spec_options.mounts if m.type == "volume"]
         taken = {m.destination for m in spec_options.mounts}
@@ -197,10 +203,13 @@ class ContainersAPI:
         request.update_mask.paths.extend(f"labels.{k}" for k in labels)
         return Container.from_pb(self._stub.Update(request).container)
 
-    def remove(self, container_id: str, force: bool = False, volumes: bool = False) -> None:
+    def remove(self, container_id: str, force: bool = False, volumes: bool = False, *,
+               container: Container | None = None) -> None:
         """Delete the container and its snapshot; with `force`, kill and delete its task;
-        with `volumes`, the anonymous volumes made for it."""
-        container = self.get(container_id)
+        with `volumes`, the anonymous volumes made for it. `container`: its record, when
+        the caller has it at hand (saves a round trip)."""
+        if container is None or container.id != container_id:
+            container = self.get(container_id)
         tasks = self._client.tasks
         try:
             task = tasks.get(container_id)
@@ -270,10 +279,16 @@ class TasksAPI:
     def _stub(self):
         return self._client._stub("tasks")
 
-    def create(self, container_id: str, stdio: Stdio | None = None) -> Process:
-        """Mount the container's snapshot and start its shim; the process waits for start."""
-        stdio = stdio or Stdio.null()
-        container = self._client.containers.get(container_id)
+    def create(self, container_id: str, stdio: Stdio | None = None, *,
+               container: Container | None = None) -> Process:
+        """Mount the container's snapshot and start its shim; the process waits for start.
+        `container`: its record, when the caller has it at hand (saves a round trip)."""
+        if stdio is None:
+            from ctl.client.cio import Stdio
+
+            stdio = Stdio.null()
+        if container is None or container.id != container_id:
+            container = self._client.containers.get(container_id)
         pb = self._stub.pb
         request = pb.CreateTaskRequest(
             container_id=container_id, stdin=stdio.stdin, stdout=stdio.stdout,
@@ -302,6 +317,8 @@ class TasksAPI:
 
         A daemon thread, not an executor: a wait that never returns (the process was never
         started) must not keep the interpreter from exiting."""
+        from concurrent.futures import Future
+
         future: Future = Future()
 
         def run() -> None:
@@ -341,10 +358,18 @@ class TasksAPI:
     def exec(
         self, container_id: str, exec_id: str, args: list[str], *, stdio: Stdio | None = None,
         env: list[str] = (), cwd: str | None = None, user: str | None = None,
+        container: Container | None = None,
     ) -> None:
-        """Add a process to a running task (started by `start(container_id, exec_id)`)."""
-        stdio = stdio or Stdio.null()
-        container = self._client.containers.get(container_id)
+        """Add a process to a running task (started by `start(container_id, exec_id)`).
+        `container`: its record, when the caller has it at hand (saves a round trip)."""
+        from runtimed.oci.spec import exec_process, resolve_user
+
+        if stdio is None:
+            from ctl.client.cio import Stdio
+
+            stdio = Stdio.null()
+        if container is None or container.id != container_id:
+            container = self._client.containers.get(container_id)
         resolved_user = None
         if user:
             reader = None

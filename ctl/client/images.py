@@ -11,16 +11,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import secrets
-import tarfile
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ctl.client.types import Descriptor, Image
 from runtimed.errors import AlreadyExists, InvalidArgument, NotFound
-from runtimed.images import mediatypes, platforms
+from runtimed.images import mediatypes
 from runtimed.images import reference as references
 from runtimed.oci.spec import ImageConfig
+
+if TYPE_CHECKING:
+    from runtimed.images import platforms
 
 
 def normalize(name: str) -> str:
@@ -179,6 +182,8 @@ class ImagesAPI:
         """Walk index → manifest for `platform` (default: this host) → config."""
         if isinstance(image, str):
             image = self.get(image)
+        from runtimed.images import platforms
+
         matcher = platforms.only(platforms.parse(platform)) if platform else platforms.default()
         desc = image.target
         for _ in range(8):
@@ -231,6 +236,8 @@ class ImagesAPI:
 
                 stream = zstandard.ZstdDecompressor().stream_reader(raw)
             mode = "r|gz" if compression == "gzip" else "r|"
+            import tarfile
+
             with tarfile.open(fileobj=stream, mode=mode) as tar:
                 for entry in tar:
                     name = entry.name.removeprefix("./").rstrip("/")
@@ -270,7 +277,7 @@ class ImagesAPI:
                     continue
                 except NotFound:
                     pass
-                key = f"extract-{secrets.token_hex(6)} {chain}"
+                key = f"extract-{os.urandom(6).hex()} {chain}"
                 prepared = snaps.Prepare(
                     snaps.pb.PrepareSnapshotRequest(snapshotter=snapshotter, key=key, parent=parent)
                 )
@@ -360,5 +367,7 @@ class _ChunkReader(io.RawIOBase):
 
 
 def _platform_of(entry: dict) -> platforms.Platform | None:
+    from runtimed.images import platforms
+
     plat = entry.get("platform")
     return platforms.Platform.from_json(plat) if plat else None

@@ -456,6 +456,7 @@ class _Call:
         connection.call = self
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.send_window = connection.stream_window_initial
+        self.received = 0  # bytes since our last WINDOW_UPDATE for this stream
         self.events: deque = deque()  # ("message", bytes) | ("status", RpcError | None)
         self.data = bytearray()
         self.header_block = bytearray()
@@ -553,9 +554,14 @@ class _Call:
 
     def frame(self, kind: int, flags: int, payload: bytes) -> None:
         if kind == DATA:
+            size = len(payload)  # flow control counts the padding too
             if flags & PADDED:
                 payload = payload[1:len(payload) - payload[0]]
-            self.connection.acknowledge(len(payload) + (1 if flags & PADDED else 0))
+            self.connection.acknowledge(size)
+            self.received += size
+            if self.received > MAX_WINDOW // 2 and not flags & END_STREAM:
+                increment, self.received = self.received, 0
+                self.connection.send(_frame(WINDOW_UPDATE, 0, self.stream, increment.to_bytes(4, "big")))
             self.data += payload
             self._messages()
             if flags & END_STREAM:

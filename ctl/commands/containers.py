@@ -10,7 +10,6 @@ copied to the terminal through FIFOs and, unless `--rm`, also into that log file
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import sys
 import time
@@ -83,7 +82,7 @@ def _start_error(exc: RuntimedError) -> ExitCode:
 
 # building a container from flags --------------------------------------------------------
 
-def spec_options(args, image_config=None):
+def spec_options(args):
     from runtimed.oci.spec import (
         SpecOptions,
         apply_security_opts,
@@ -158,16 +157,76 @@ def _ensure_image(c, args):
     return image
 
 
-def _create(args) -> tuple[str, str]:
-    from ctl.client.containers import CreateOptions
+class _InBackground:
+    """`fn()` in a thread; `result()` joins it and returns its value or raises its error."""
+
+    def __init__(self, fn):
+        import threading
+
+        self._value = self._error = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            self._value = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to result()
+            self._error = exc
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _create(args):
+    """Create the container from run/create flags: (id, log path, container record)."""
+    from ctl.commands.network import attach_for_run
 
     policy = rp.Policy.parse(args.restart)
     autoremove = getattr(args, "rm", False)
     if autoremove and policy.name != "no":
         raise InvalidArgument("conflicting options: --restart and --rm")
+    opts = spec_options(args)
     c = client(args)
-    image = _ensure_image(c, args)
-    container_id = args.name or secrets.token_hex(32)
+    container_id = args.name or os.urandom(32).hex()
+    # the network is set up while the image is looked up (the daemon's part of an attach
+    # takes longer than the rest of create); an image error still comes first
+    attaching = _InBackground(lambda: attach_for_run(c, args, container_id, opts))
+    try:
+        image = _ensure_image(c, args)
+    except BaseException:
+        _detach_quietly(c, container_id, attaching)
+        raise
+    attached = attaching.result()
+    try:
+        return (container_id, *_create_container(c, args, container_id, image, opts, policy, autoremove))
+    except BaseException:
+        if attached is not None:
+            from ctl.client import networks
+
+            networks.detach(c, container_id)
+        raise
+
+
+def _detach_quietly(c, container_id: str, attaching: _InBackground) -> None:
+    try:
+        attached = attaching.result()
+    except Exception:  # noqa: BLE001 - the first error is the one to report
+        return
+    if attached is not None:
+        from ctl.client import networks
+
+        try:
+            networks.detach(c, container_id)
+        except RuntimedError:
+            pass
+
+
+def _create_container(c, args, container_id: str, image, opts, policy, autoremove: bool):
+    from ctl.client.containers import CreateOptions
+
     labels = parse_labels(args.label)
     log_path, log_format = None, ""
     for opt in args.log_opt:
@@ -192,27 +251,15 @@ def _create(args) -> tuple[str, str]:
     if args.name:
         labels[LABEL_NAME] = args.name
     resolved = c.images.resolve(image, args.platform)
-    image_config = resolved.runtime_config
-    stop_signal = args.stop_signal or image_config.stop_signal
+    stop_signal = args.stop_signal or resolved.runtime_config.stop_signal
     if stop_signal:
         labels[LABEL_STOP_SIGNAL] = stop_signal
-    opts = spec_options(args, image_config)
-    from ctl.commands.network import attach_for_run
-
-    attached = attach_for_run(c, args, container_id, opts)
-    try:
-        c.containers.create(
-            container_id, resolved, opts,
-            CreateOptions(labels=labels, snapshotter=args.snapshotter, platform=args.platform,
-                          **_runtime(args.runtime)),
-        )
-    except BaseException:
-        if attached is not None:
-            from ctl.client import networks
-
-            networks.detach(c, container_id)
-        raise
-    return container_id, log_path
+    record = c.containers.create(
+        container_id, resolved, opts,
+        CreateOptions(labels=labels, snapshotter=args.snapshotter, platform=args.platform,
+                      **_runtime(args.runtime)),
+    )
+    return log_path, record
 
 
 def _runtime(value: str) -> dict:
@@ -223,7 +270,7 @@ def _runtime(value: str) -> dict:
 
 
 def create(args) -> int:
-    container_id, _ = _create(args)
+    container_id, _, _ = _create(args)
     out(container_id)
     return 0
 
@@ -233,10 +280,11 @@ def _open_log(path: str):
     return open(path, "ab")
 
 
-def _start_detached(c, container_id: str) -> None:
+def _start_detached(c, container_id: str, container=None) -> None:
     from ctl.client.cio import Stdio
 
-    container = c.containers.get(container_id)
+    if container is None:
+        container = c.containers.get(container_id)
     log_path = container.labels.get(LABEL_LOG)
     stdio = Stdio.null()
     if log_path:
@@ -248,7 +296,7 @@ def _start_detached(c, container_id: str) -> None:
     if (container.spec.get("process") or {}).get("terminal"):  # run -dt: a pty, logged
         stdio.terminal, stdio.stderr = True, ""
     try:
-        c.tasks.create(container_id, stdio)
+        c.tasks.create(container_id, stdio, container=container)
         c.tasks.start(container_id)
     except RuntimedError as exc:
         _delete_task_quietly(c, container_id)
@@ -312,7 +360,7 @@ class Terminal:
 def attach_and_wait(c, container_id: str, *, exec_args: list[str] | None = None,
                     exec_kwargs: dict | None = None, stdin: bool, tty: bool,
                     log_path: str | None, detach_keys: str, sig_proxy: bool = True,
-                    cri_log: bool = False) -> int | None:
+                    cri_log: bool = False, container=None) -> int | None:
     """Create the process with FIFOs, copy its stdio, wait for it; its exit code, or None
     when the user detached."""
     import threading
@@ -321,7 +369,7 @@ def attach_and_wait(c, container_id: str, *, exec_args: list[str] | None = None,
 
     exec_id = ""
     if exec_args is not None:
-        exec_id = "exec-" + secrets.token_hex(6)
+        exec_id = "exec-" + os.urandom(6).hex()
     fifos = FifoSet.create(exec_id or container_id, stdin=stdin, terminal=tty)
     terminal = None
     if tty and stdin and sys.stdin.isatty():
@@ -345,7 +393,7 @@ def attach_and_wait(c, container_id: str, *, exec_args: list[str] | None = None,
     try:
         try:
             if exec_args is None:
-                c.tasks.create(container_id, fifos.stdio)
+                c.tasks.create(container_id, fifos.stdio, container=container)
             else:
                 c.tasks.exec(container_id, exec_id, exec_args, stdio=fifos.stdio, **(exec_kwargs or {}))
         except RuntimedError as exc:
@@ -421,43 +469,43 @@ def _has_cri_log(container) -> bool:
 
 
 def run(args) -> int:
-    container_id, log_path = _create(args)
+    container_id, log_path, record = _create(args)
     c = client(args)
     if args.detach:
-        _start_detached(c, container_id)
+        _start_detached(c, container_id, record)
         out(container_id)
         return 0
     try:
         code = attach_and_wait(
             c, container_id, stdin=args.interactive, tty=args.tty,
             log_path=None if args.rm else log_path, detach_keys=args.detach_keys,
-            sig_proxy=args.sig_proxy == "true",
-            cri_log=_has_cri_log(c.containers.get(container_id)),
+            sig_proxy=args.sig_proxy == "true", cri_log=_has_cri_log(record), container=record,
         )
     except ExitCode as exc:
         if args.rm:
-            _remove_quietly(c, container_id)
+            _remove_quietly(c, container_id, record)
         err(f"ctl: {exc}")
         return exc.code
     except BaseException:
         if args.rm:
-            _remove_quietly(c, container_id)
+            _remove_quietly(c, container_id, record)
         raise
     if code is None:
         sys.stderr.write("\r\nread escape sequence\r\n")
         return 0
     if args.rm:
-        _remove_quietly(c, container_id)
+        _remove_quietly(c, container_id, record)
     else:
         _delete_task_quietly(c, container_id)
         _record_exit(c, container_id, code)
     return code
 
 
-def _remove_quietly(c, container_id: str) -> None:
+def _remove_quietly(c, container_id: str, container=None) -> None:
     try:
-        container = c.containers.get(container_id)
-        c.containers.remove(container_id, force=True, volumes=True)
+        if container is None:
+            container = c.containers.get(container_id)
+        c.containers.remove(container_id, force=True, volumes=True, container=container)
         _remove_log(container)
     except NotFound:
         pass
@@ -909,7 +957,8 @@ def exec_(args) -> int:
     if not args.command:
         raise InvalidArgument("exec needs a command to run")
     c = client(args)
-    container_id = c.containers.resolve_id(args.container)
+    container = c.containers.resolve(args.container)
+    container_id = container.id
     try:
         task = c.tasks.get(container_id)
     except NotFound:
@@ -923,11 +972,11 @@ def exec_(args) -> int:
             env.append(item)
         elif item in os.environ:
             env.append(f"{item}={os.environ[item]}")
-    kwargs = {"env": env, "cwd": args.workdir, "user": args.user}
+    kwargs = {"env": env, "cwd": args.workdir, "user": args.user, "container": container}
     if args.detach:
         from ctl.client.cio import Stdio
 
-        exec_id = "exec-" + secrets.token_hex(6)
+        exec_id = "exec-" + os.urandom(6).hex()
         try:
             c.tasks.exec(container_id, exec_id, list(args.command), stdio=Stdio.null(), **kwargs)
             c.tasks.start(container_id, exec_id)
@@ -1084,7 +1133,7 @@ def _exec_capture(c, container_id: str, argv: list[str], stdin_data: bytes | Non
 
     from ctl.client.cio import Attachment, FifoSet
 
-    exec_id = "cp-" + secrets.token_hex(6)
+    exec_id = "cp-" + os.urandom(6).hex()
     fifos = FifoSet.create(exec_id, stdin=stdin_data is not None)
     with tempfile.TemporaryFile() as i, tempfile.TemporaryFile() as o, tempfile.TemporaryFile() as e:
         i.write(stdin_data or b"")

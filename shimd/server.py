@@ -11,6 +11,7 @@ shim forks its create/exec workers itself (shimd/workers.py).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -81,33 +82,91 @@ def _redirect_stdio(bundle: Path) -> None:
     os.close(logfd)
 
 
-def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None) -> int:
-    import asyncio
-
-    bundle = bundle.resolve()
+def _become(id: str, namespace: str, bundle: Path) -> None:
+    """What makes this process the shim of one container: its log, name and cwd."""
     _redirect_stdio(bundle)
     logging.basicConfig(
         level=os.environ.get("SHIMD_LOG_LEVEL", "INFO"),
         format=f"%(asctime)s %(levelname)s shimd[{os.getpid()}] {namespace}/{id}: %(message)s",
+        force=True,
     )
-    set_subreaper()
     set_name(id)
+    os.chdir(bundle)
+
+
+def _prepare_process() -> None:
+    set_subreaper()
     # the built-in runtime runs as `python -m shimd.oci` from the bundle dir: keep the
     # package importable wherever it was found
     package_root = str(Path(__file__).resolve().parent.parent)
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if package_root not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([package_root, *paths])
-    os.chdir(bundle)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+
+def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None) -> int:
+    import asyncio
+
+    bundle = bundle.resolve()
+    _become(id, namespace, bundle)
+    _prepare_process()
     return asyncio.run(_serve(id, bundle, ready_fd))
 
 
-SHUTDOWN_GRACE = 1.0
-
-
-async def _serve(id: str, bundle: Path, ready_fd: int | None) -> int:
+def run_spare(sock: Path, ready_fd: int, control_fd: int) -> int:
+    """A spare shim (docs/shim.md): serves on `sock` at once, learns its container from
+    one JSON line on `control_fd` (`{"id", "namespace", "bundle"}`), answers
+    `{"address": ...}` there, and from then on is that container's shim. EOF on
+    `control_fd` before a claim (runtimed stopped or died) ends it."""
     import asyncio
+
+    _prepare_process()
+    set_name("spare")
+    return asyncio.run(_serve(None, None, ready_fd, spare=(sock, control_fd)))
+
+
+SHUTDOWN_GRACE = 1.0
+CLAIM_LINE_MAX = 65536
+
+
+async def _claim(control_fd: int):
+    """(reader, writer, (id, namespace, bundle)) once claimed; None at EOF or SIGTERM."""
+    import asyncio
+    import json
+    import socket
+
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_unix_connection(
+        sock=socket.socket(fileno=control_fd), limit=CLAIM_LINE_MAX)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    line_task = asyncio.ensure_future(reader.readline())
+    stop_task = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([line_task, stop_task], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop_task.cancel()
+        loop.remove_signal_handler(signal.SIGTERM)
+    line = line_task.result() if line_task.done() and not line_task.exception() else b""
+    if not line_task.done():
+        line_task.cancel()
+    try:
+        request = json.loads(line) if line else None
+        claim = (str(request["id"]), str(request.get("namespace", "default")),
+                 Path(request["bundle"]).resolve()) if request else None
+    except (ValueError, KeyError, TypeError):
+        claim = None
+    if claim is None:
+        writer.close()
+        return None
+    return reader, writer, claim
+
+
+async def _serve(id: str | None, bundle: Path | None, ready_fd: int | None,
+                 spare: tuple[Path, int] | None = None) -> int:
+    import asyncio
+    import json
 
     from shimd import service
     from shimd.outbox import write_atomic
@@ -117,10 +176,9 @@ async def _serve(id: str, bundle: Path, ready_fd: int | None) -> int:
     log = logging.getLogger("shimd")
     reaper = Reaper()
     reaper.install()
-    shim = Shim(id, bundle, reaper)
-    api = service.ShimService(shim)
+    api = service.ShimService(None)
     server = service.ShimServer([api])
-    sock = socket_path(bundle)
+    sock = spare[0] if spare else socket_path(bundle)
     sock.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
     if sock.exists():
         sock.unlink()
@@ -129,11 +187,45 @@ async def _serve(id: str, bundle: Path, ready_fd: int | None) -> int:
         await server.start(path=str(sock))
     finally:
         os.umask(old_umask)
+    writer = None
+    if spare:
+        os.write(ready_fd, f"unix://{sock}".encode())
+        os.close(ready_fd)
+        claimed = await _claim(spare[1])
+        if claimed is None:
+            server.close()
+            await server.wait_closed()
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+            return 0
+        _, writer, (id, namespace, bundle) = claimed
+        _become(id, namespace, bundle)
+        final = socket_path(bundle)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+            os.rename(sock, final)  # the bound socket keeps serving under its new name
+        except OSError as exc:
+            log.error("spare shim cannot move its socket to %s: %s", final, exc.strerror)
+            writer.write(json.dumps({"error": f"socket: {exc.strerror}"}).encode() + b"\n")
+            writer.close()
+            server.close()
+            await server.wait_closed()
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+            return 1
+        sock = final
+    shim = Shim(id, bundle, reaper)
+    api.shim = shim
     address = f"unix://{sock}"
     write_atomic(bundle / "address", address.encode())
     write_atomic(bundle / "shim.pid", str(os.getpid()).encode())
-    log.info("serving on %s", address)
-    if ready_fd is not None:
+    log.info("serving on %s%s", address, " (a spare, claimed)" if spare else "")
+    if writer is not None:
+        writer.write(json.dumps({"address": address}).encode() + b"\n")
+        with contextlib.suppress(OSError):
+            await writer.drain()
+        writer.close()
+    elif ready_fd is not None:
         os.write(ready_fd, address.encode())
         os.close(ready_fd)
     loop = asyncio.get_running_loop()

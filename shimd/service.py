@@ -9,6 +9,7 @@ wire it is ordinary gRPC; runtimed talks to it with grpc.aio.
 from __future__ import annotations
 
 import logging
+import os
 
 from google.protobuf import empty_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -18,8 +19,8 @@ from grpclib.server import Server
 from h2.settings import SettingCodes
 
 from runtimed.api.shim.v1 import shim_pb2
-from runtimed.errors import InvalidArgument, status_of
-from shimd import cgroups
+from runtimed.errors import FailedPrecondition, InvalidArgument, status_of
+from shimd import __version__, cgroups
 from shimd.metrics import stats_to_any
 from shimd.shim import Shim
 from shimd.stdio import StdioConfig
@@ -74,11 +75,13 @@ def _grpc_error(exc: Exception) -> GRPCError:
 class ShimService:
     """One method per RPC, request in, response out (Events: an async iterator)."""
 
-    def __init__(self, shim: Shim):
-        self.shim = shim
+    def __init__(self, shim: Shim | None):
+        self.shim = shim  # None while a spare shim waits to be claimed
         self.active = 0  # unary calls in flight: Shutdown waits for their answers
 
     def _check(self, id: str) -> None:
+        if self.shim is None:
+            raise FailedPrecondition("this is a spare shim: it serves no container yet")
         if id and id != self.shim.id:
             raise InvalidArgument(f"this shim serves container {self.shim.id!r}, not {id!r}")
 
@@ -173,6 +176,8 @@ class ShimService:
         return EMPTY
 
     async def Connect(self, request):
+        if self.shim is None and not request.id:  # runtimed connecting to its spare
+            return shim_pb2.ConnectResponse(shim_pid=os.getpid(), version=__version__)
         self._check(request.id)
         shim_pid, task_pid, version = self.shim.connect()
         return shim_pb2.ConnectResponse(shim_pid=shim_pid, task_pid=task_pid, version=version)
@@ -183,6 +188,7 @@ class ShimService:
         return EMPTY
 
     async def Events(self, request):
+        self._check("")
         seq = request.after
         while True:
             for event in await self.shim.outbox.wait(seq):
@@ -190,6 +196,7 @@ class ShimService:
                 yield _event(event)
 
     async def Ack(self, request):
+        self._check("")
         self.shim.ack(request.seq)
         return EMPTY
 

@@ -9,6 +9,7 @@ whole Python + grpcio (see docs/shim.md for the measurements).
 
 Protocol on the unix socket: one JSON line in, `{"id", "namespace", "bundle"}`, one
 JSON line out, `{"address": ...}` or `{"error": ..., "code": <gRPC status name>}`;
+`{"op": "spare", "socket": PATH}` forks a spare shim that keeps this connection (docs/shim.md);
 `{"op": "exit"}` stops the zygote. Each shim is double-forked (new session, the
 intermediate exits), so it is neither the zygote's nor runtimed's child. A fork that fails
 (a pids limit) is one log line and a RESOURCE_EXHAUSTED answer; the zygote carries on.
@@ -103,9 +104,10 @@ FORK_FAILED = b"!"  # first byte on the ready pipe when the intermediate could n
 
 
 def spawn_shim(id: str, namespace: str, bundle: Path, listener: socket.socket,
-               conn: socket.socket) -> str:
-    """Double-fork a shim; its address once it serves (or raise)."""
-    from shimd.server import run
+               conn: socket.socket, spare: Path | None = None) -> str:
+    """Double-fork a shim; its address once it serves (or raise). A spare (serving on
+    the socket `spare`, see shimd.server.run_spare) keeps `conn` as its lifeline."""
+    from shimd.server import run, run_spare
 
     read_end, write_end = os.pipe()
     try:
@@ -118,7 +120,9 @@ def spawn_shim(id: str, namespace: str, bundle: Path, listener: socket.socket,
         code = 1
         try:
             listener.close()
-            conn.close()
+            control = conn.detach()
+            if spare is None:
+                os.close(control)
             os.close(read_end)
             os.setsid()
             try:
@@ -128,7 +132,10 @@ def spawn_shim(id: str, namespace: str, bundle: Path, listener: socket.socket,
                 os.write(write_end, FORK_FAILED + exc.strerror.encode())
                 os._exit(1)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            code = run(id, namespace, bundle, ready_fd=write_end)
+            if spare is not None:
+                code = run_spare(spare, write_end, control)
+            else:
+                code = run(id, namespace, bundle, ready_fd=write_end)
         except BaseException:  # noqa: BLE001 - a forked child must never return
             import traceback
 
@@ -153,7 +160,8 @@ def spawn_shim(id: str, namespace: str, bundle: Path, listener: socket.socket,
     if address.startswith(FORK_FAILED.decode()):
         raise ForkFailed(f"cannot fork a shim: {address[1:]}")
     if not address:
-        raise RuntimeError(f"shim for {namespace}/{id} failed to start, see {bundle}/shim.log")
+        where = f"{bundle}/shim.log" if spare is None else "the zygote's log"
+        raise RuntimeError(f"shim for {namespace}/{id} failed to start, see {where}")
     return address
 
 
@@ -166,8 +174,12 @@ def serve(listener: socket.socket) -> None:
                 if request.get("op") == "exit":
                     conn.sendall(b'{"ok": true}\n')
                     return
-                address = spawn_shim(request["id"], request.get("namespace", "default"),
-                                     Path(request["bundle"]), listener, conn)
+                if request.get("op") == "spare":
+                    address = spawn_shim("spare", "", Path(), listener, conn,
+                                         spare=Path(request["socket"]))
+                else:
+                    address = spawn_shim(request["id"], request.get("namespace", "default"),
+                                         Path(request["bundle"]), listener, conn)
                 reply = {"address": address}
             except ForkFailed as exc:
                 message = f"{exc} (pids limit?)"

@@ -73,16 +73,34 @@ class BundleInfo:
     rootfs_mounted: bool
 
 
+@dataclass
+class Spare:
+    """A spare shim forked ahead of need: connected, waiting on `writer`'s connection to
+    learn its container. Closing that connection (or runtimed dying) ends it."""
+
+    client: ShimClient
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+
 class ShimManager:
     """Shims come from the zygote (`shimd.zygote`, started on first use, forks a shim per
     container from pre-imported, shared memory); `python -m shimd` is the fallback, and
-    the only way with RUNTIMED_SHIM_ZYGOTE=0."""
+    the only way with RUNTIMED_SHIM_ZYGOTE=0. Once the zygote runs, one spare shim is kept
+    ready (RUNTIMED_SHIM_SPARE=0 turns that off): a create claims it instead of waiting for
+    a fork, and the next spare is forked in the background."""
 
     def __init__(self, state: Path):
         self.tasks_dir = state / "tasks"
         self.zygote_socket = state / "shim-zygote.sock"
+        self.spares_dir = state / "shim-spares"
         self.use_zygote = os.environ.get("RUNTIMED_SHIM_ZYGOTE", "1") != "0"
+        self.use_spare = self.use_zygote and os.environ.get("RUNTIMED_SHIM_SPARE", "1") != "0"
         self._zygote_lock = asyncio.Lock()
+        self._spare: asyncio.Task | None = None
+        self._closed = False
+        # sockets of spares a previous runtimed left (a spare exits with its runtimed)
+        shutil.rmtree(self.spares_dir, ignore_errors=True)
 
     def bundle_path(self, namespace: str, id: str) -> Path:
         return self.tasks_dir / namespace / id
@@ -90,12 +108,102 @@ class ShimManager:
     async def start(self, namespace: str, id: str, bundle: Path) -> ShimClient:
         """Start a detached shim for `bundle` and connect to it."""
         if self.use_zygote:
+            client = await self._claim_spare(namespace, id, bundle)
+            if client is not None:
+                return client
             try:
                 address = await self._fork_from_zygote(namespace, id, bundle)
-                return await self.connect(id, address, bundle)
+                client = await self.connect(id, address, bundle)
             except (OSError, ValueError, TimeoutError) as exc:
                 log.warning("shim zygote unusable (%s); launching the shim directly", exc)
+            else:
+                self._replenish()
+                return client
         return await self._launch(namespace, id, bundle)
+
+    async def _claim_spare(self, namespace: str, id: str, bundle: Path) -> ShimClient | None:
+        """The ready spare, now the shim of `bundle`; None when there is none ready."""
+        task = self._spare
+        if task is None or not task.done():
+            return None
+        self._spare = None
+        spare = None if task.cancelled() or task.exception() else task.result()
+        self._replenish()
+        if spare is None:
+            return None
+        claim = json.dumps({"id": id, "namespace": namespace, "bundle": str(bundle)})
+        try:
+            spare.writer.write(claim.encode() + b"\n")
+            await spare.writer.drain()
+            reply = json.loads(
+                await asyncio.wait_for(spare.reader.readline(), LAUNCH_TIMEOUT) or b"{}")
+        except (OSError, ValueError, TimeoutError) as exc:
+            reply = {"error": str(exc) or type(exc).__name__}
+        finally:
+            spare.writer.close()
+        if "address" not in reply:
+            log.warning("spare shim not usable for %s/%s: %s", namespace, id,
+                        reply.get("error", "no answer"))
+            await spare.client.close()
+            return None
+        # a channel to the socket's final name: a channel reconnects by name (after going
+        # idle, say), and the spare's name is gone; the connection is made on first use
+        client = ShimClient(id, reply["address"], bundle)
+        asyncio.ensure_future(spare.client.close())
+        return client
+
+    def _replenish(self) -> None:
+        """Fork the next spare in the background (one at a time, never after close)."""
+        if self.use_spare and not self._closed and self._spare is None:
+            self._spare = asyncio.ensure_future(self._make_spare())
+
+    async def _make_spare(self) -> Spare | None:
+        sock = self.spares_dir / f"{os.urandom(6).hex()}.sock"
+        if len(str(sock)) > 100:  # sun_path: no spares with a state dir this deep
+            return None
+        self.spares_dir.mkdir(mode=0o700, exist_ok=True)
+        request = json.dumps({"op": "spare", "socket": str(sock)})
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(self.zygote_socket))
+        except OSError:
+            return None
+        client = None
+        try:
+            writer.write(request.encode() + b"\n")
+            await writer.drain()
+            reply = json.loads(
+                await asyncio.wait_for(reader.readline(), LAUNCH_TIMEOUT) or b"{}")
+            if "address" not in reply:
+                log.warning("no spare shim: %s", reply.get("error", "no answer"))
+                writer.close()
+                return None
+            client = ShimClient("", reply["address"], self.spares_dir)
+            await client.call("Connect", shim_pb2.ConnectRequest(), timeout=CONNECT_TIMEOUT)
+        except BaseException as exc:
+            writer.close()  # the spare sees EOF and exits
+            if client is not None:
+                await client.close()
+            if isinstance(exc, (OSError, ValueError, TimeoutError, RuntimedError)):
+                log.warning("no spare shim: %s", exc)
+                return None
+            raise
+        return Spare(client, reader, writer)
+
+    async def close_spare(self) -> None:
+        """Let the spare go (it exits when its connection closes); no new ones."""
+        self._closed = True
+        task, self._spare = self._spare, None
+        if task is None:
+            return
+        if not task.done():
+            task.cancel()
+        try:
+            spare = await task
+        except BaseException:  # noqa: BLE001 - cancelled or failed: nothing to close
+            return
+        if spare is not None:
+            spare.writer.close()
+            await spare.client.close()
 
     async def _fork_from_zygote(self, namespace: str, id: str, bundle: Path) -> str:
         request = json.dumps({"id": id, "namespace": namespace, "bundle": str(bundle)})
@@ -132,7 +240,9 @@ class ShimManager:
             raise OSError(f"shim zygote did not start (see {self.zygote_socket}.log)")
 
     async def stop_zygote(self) -> None:
-        """Stop the zygote (shims it forked are on their own and keep running)."""
+        """Stop the spare and the zygote (shims it forked are on their own and keep
+        running)."""
+        await self.close_spare()
         try:
             await asyncio.wait_for(self._zygote_call('{"op": "exit"}'), 5)
         except (OSError, ValueError, TimeoutError):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -347,8 +349,10 @@ def _zygote_pids(daemon) -> list[int]:
                 cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
             except OSError:
                 continue
-            if b"shimd.zygote" in cmdline and marker in cmdline and _ppid(entry) not in shims:
-                found.append(int(entry))  # (a shim's child is its fork server, not a zygote)
+            spare = open(f"/proc/{entry}/comm").read().strip() == "shimd-spare"
+            if (b"shimd.zygote" in cmdline and marker in cmdline and _ppid(entry) not in shims
+                    and not spare):  # (a spare shim carries the zygote's command line too)
+                found.append(int(entry))
     return found
 
 
@@ -450,3 +454,110 @@ def test_idle_shims_from_the_zygote_stay_small(client, daemon):
         for i in range(3)
     ]
     assert max(sizes) < 10, sizes
+
+
+# A stand-in for a shim that is still exiting after Delete answered: its pid is in the
+# bundle's shim.pid and its working directory is the bundle, and it creates files there as
+# fast as it can until SIGTERM (the real shim's late writes are rare and cannot be timed).
+LATE_WRITER = """
+import os, signal, sys
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+n = 0
+while True:
+    try:
+        with open(f"late-{n % 50}", "w") as f:
+            f.write("x")
+        n += 1
+        if n == 1:
+            print("writing", flush=True)
+    except OSError:
+        pass
+"""
+
+
+def _stand_in_shim(bundle) -> subprocess.Popen:
+    writer = subprocess.Popen([sys.executable, "-S", "-c", LATE_WRITER], cwd=bundle,
+                              stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline() == "writing\n"
+    tmp = bundle / ".shim.pid.test"
+    tmp.write_text(str(writer.pid))
+    os.replace(tmp, bundle / "shim.pid")
+    return writer
+
+
+def _wait_gone(pid: int) -> None:
+    for _ in range(200):
+        if not os.path.exists(f"/proc/{pid}"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} still there")
+
+
+def test_what_a_shim_writes_until_it_exits_leaves_no_bundle_behind(client, daemon):
+    """Issue 11: a clean delete removed the bundle while its shim was still exiting, and a
+    file the shim wrote meanwhile kept the directory (1 in 1,000 lifecycles under load).
+    The bundle's files are now removed once the shim process has exited."""
+    client.run("late", ["true"])
+    client.tasks.Wait(tasks_pb2.WaitRequest(container_id="late"), metadata=MD, timeout=30)
+    bundle = daemon.state / "tasks" / "tt" / "late"
+    real_shim = int((bundle / "shim.pid").read_text())
+    writer = _stand_in_shim(bundle)
+    try:
+        client.tasks.Delete(tasks_pb2.DeleteTaskRequest(container_id="late"), metadata=MD,
+                            timeout=30)
+        assert not bundle.exists()  # gone from the task tree when Delete answers
+        time.sleep(0.3)
+        assert writer.poll() is None  # still writing into its (moved) directory
+        assert any(os.scandir(f"/proc/{writer.pid}/cwd"))
+    finally:
+        writer.terminate()
+        writer.wait()
+    _wait_gone(real_shim)
+    for _ in range(200):
+        left = list((daemon.state / "trash").glob("*")) + list(bundle.parent.glob("*"))
+        if not left:
+            break
+        time.sleep(0.05)
+    assert not left
+    # the id is free again at once
+    client.create_task("late")
+    client.tasks.Start(tasks_pb2.StartRequest(container_id="late"), metadata=MD)
+    assert client.tasks.Wait(tasks_pb2.WaitRequest(container_id="late"), metadata=MD,
+                             timeout=30).exit_status == 0
+
+
+def test_restart_finishes_the_removals_a_crash_interrupted(client, daemon):
+    client.run("pend", ["true"])
+    client.tasks.Wait(tasks_pb2.WaitRequest(container_id="pend"), metadata=MD, timeout=30)
+    bundle = daemon.state / "tasks" / "tt" / "pend"
+    real_shim = int((bundle / "shim.pid").read_text())
+    writer = _stand_in_shim(bundle)
+    try:
+        client.tasks.Delete(tasks_pb2.DeleteTaskRequest(container_id="pend"), metadata=MD,
+                            timeout=30)
+        _wait_gone(real_shim)
+        assert len(list((daemon.state / "trash").iterdir())) == 1  # waiting for the writer
+        client.channel.close()
+        daemon.kill9()
+        daemon.start()
+        client.connect()
+        assert writer.wait(timeout=10) == -signal.SIGKILL  # the lingering "shim" is killed
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert not (daemon.state / "trash").exists()
+    assert not bundle.exists()
+
+
+def test_the_shim_outbox_is_trimmed_once_events_settle(client, daemon):
+    """runtimed acknowledges relayed events lazily (not one Ack per event on the way of the
+    calls), but it does: the shim's outbox does not keep every event for ever."""
+    client.run("acked", ["sleep", "1000"])
+    outbox = daemon.state / "tasks" / "tt" / "acked" / "events.jsonl"
+    for _ in range(100):
+        first = json.loads(outbox.read_text().splitlines()[0])
+        if first.get("acked", 0) >= 2:  # /tasks/create, /tasks/start
+            break
+        time.sleep(0.05)
+    assert first == {"acked": 2}

@@ -1,0 +1,156 @@
+"""The spare shim (docs/shim.md): runtimed keeps one shim forked ahead of need; a create
+claims it (it learns its container then) and the next one is forked in the background.
+A spare never outlives the runtimed that asked for it, and restart recovery never sees
+it. Driven through `ShimManager` (runtimed's side) against the real zygote and shims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from runtimed.api.shim.v1 import shim_pb2 as pb
+from runtimed.runtime.shim import ShimManager
+from tests.shim.conftest import REPO, make_spec
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def spares_of(state: Path) -> list[int]:
+    """Spare shims forked for this state dir (they carry the zygote's command line)."""
+    marker = str(state).encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and comm(int(entry)) == "shimd-spare":
+            try:
+                if marker in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def wait_until(predicate, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def state(workdir):
+    path = workdir / "state"
+    path.mkdir()
+    yield path
+    zygote = path / "shim-zygote.sock"
+    if zygote.exists():
+        asyncio.run(ShimManager(path).stop_zygote())
+
+
+def bundle_for(manager: ShimManager, rootfs_template: Path, id: str, args: list[str]) -> Path:
+    bundle = manager.bundle_path("sp", id)
+    bundle.mkdir(parents=True)
+    shutil.copytree(rootfs_template, bundle / "rootfs", symlinks=True)
+    (bundle / "config.json").write_text(json.dumps(make_spec(args)))
+    return bundle
+
+
+async def run_true(client, id: str, bundle: Path) -> int:
+    await client.call("Create", pb.CreateRequest(id=id, bundle=str(bundle)), timeout=30)
+    await client.call("Start", pb.StartRequest(id=id), timeout=10)
+    status = (await client.call("Wait", pb.WaitRequest(id=id), timeout=30)).exit_status
+    await client.call("Delete", pb.DeleteRequest(id=id), timeout=30)
+    await client.call("Shutdown", pb.ShutdownRequest(id=id, now=True), timeout=10)
+    await client.close()
+    return status
+
+
+def test_a_create_claims_the_spare_and_a_new_one_is_forked(state, rootfs_template,
+                                                          cgroup_check):
+    async def scenario() -> None:
+        manager = ShimManager(state)
+        first = bundle_for(manager, rootfs_template, "first", ["true"])
+        client = await manager.start("sp", "first", first)  # the zygote's first shim
+        assert await run_true(client, "first", first) == 0
+        await asyncio.wait_for(asyncio.shield(manager._spare), 30)
+        [spare] = spares_of(state)
+
+        second = bundle_for(manager, rootfs_template, "second", ["true"])
+        client = await manager.start("sp", "second", second)
+        reply = await client.call("Connect", pb.ConnectRequest(id="second"), timeout=5)
+        assert reply.shim_pid == spare  # the spare became second's shim
+        assert comm(spare) == "shimd-second"
+        assert (second / "address").read_text() == f"unix://{second / 'shim.sock'}"
+        assert int((second / "shim.pid").read_text()) == spare
+        assert "serving on" in (second / "shim.log").read_text()
+        assert await run_true(client, "second", second) == 0
+        wait_until(lambda: not alive(spare))  # Shutdown: gone like any shim
+        await asyncio.wait_for(asyncio.shield(manager._spare), 30)
+        [replacement] = spares_of(state)
+        assert replacement != spare
+
+        await manager.stop_zygote()
+        wait_until(lambda: not alive(replacement))  # runtimed stopping ends its spare
+        assert list((state / "shim-spares").iterdir()) == []
+        assert manager.scan() == [("sp", "first", first), ("sp", "second", second)]
+
+    asyncio.run(scenario())
+
+
+def test_a_spare_exits_when_its_runtimed_dies(state, rootfs_template, cgroup_check):
+    """kill -9 of the process holding the ShimManager: its spare sees the connection close
+    and exits; the next ShimManager on the state dir starts from a clean spares dir."""
+    manager = ShimManager(state)
+    bundle = bundle_for(manager, rootfs_template, "lone", ["true"])
+    program = textwrap.dedent(f"""
+        import asyncio, sys
+        from pathlib import Path
+        from runtimed.runtime.shim import ShimManager
+        from tests.shim.test_spare import run_true
+
+        async def main():
+            manager = ShimManager(Path({str(state)!r}))
+            bundle = Path({str(bundle)!r})
+            assert await run_true(await manager.start("sp", "lone", bundle), "lone", bundle) == 0
+            await asyncio.wait_for(asyncio.shield(manager._spare), 30)
+            print("ready", flush=True)
+            await asyncio.sleep(3600)
+
+        asyncio.run(main())
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", program], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        [spare] = spares_of(state)
+        os.kill(holder.pid, signal.SIGKILL)
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    wait_until(lambda: not alive(spare))
+    ShimManager(state)  # a restarted runtimed
+    assert not (state / "shim-spares").exists()

@@ -1,0 +1,81 @@
+"""The zygote under a pids limit (issue 11): a fork that fails, the first (the intermediate)
+or the second (the shim), is RESOURCE_EXHAUSTED for runtimed and one line in the zygote's
+log, never a traceback; the zygote keeps serving and leaves nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from runtimed.errors import ResourceExhausted
+from runtimed.runtime.shim import ShimManager
+from tests.shim.test_spare import bundle_for, comm, run_true
+
+PIDS_ROOT = Path("/sys/fs/cgroup/pids")
+
+
+@pytest.fixture
+def state(workdir):
+    path = workdir / "state"
+    path.mkdir()
+    yield path
+    if (path / "shim-zygote.sock").exists():
+        asyncio.run(ShimManager(path).stop_zygote())
+
+
+def zygote_pid(state: Path) -> int:
+    marker = str(state / "shim-zygote.sock").encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and not comm(int(entry)).startswith("shimd-"):
+            try:
+                if marker in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                pass
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.skipif(not (PIDS_ROOT / "cgroup.procs").exists(),
+                    reason="needs the cgroup v1 pids hierarchy (this machine's layout)")
+def test_fork_failures_in_the_zygote_are_clean(state, rootfs_template, cgroup_check):
+    async def scenario() -> None:
+        manager = ShimManager(state)
+        manager.use_spare = False  # one fork per create, nothing in the background
+        first = bundle_for(manager, rootfs_template, "first", ["true"])
+        assert await run_true(await manager.start("sp", "first", first), "first", first) == 0
+        zygote = zygote_pid(state)
+        children_before = Path(f"/proc/{zygote}/task/{zygote}/children").read_text().split()
+        cgroup = PIDS_ROOT / f"runtimed-test-zygote-{os.getpid()}"
+        cgroup.mkdir()
+        try:
+            (cgroup / "cgroup.procs").write_text(str(zygote))
+            current = int((cgroup / "pids.current").read_text())
+            # no fork at all, then the intermediate but not the shim
+            for i, limit in enumerate((current, current + 1)):
+                (cgroup / "pids.max").write_text(str(limit))
+                bundle = bundle_for(manager, rootfs_template, f"starved{i}", ["true"])
+                with pytest.raises(ResourceExhausted) as info:
+                    await manager.start("sp", f"starved{i}", bundle)
+                assert "cannot fork a shim" in str(info.value)
+                assert "Resource temporarily unavailable" in str(info.value)
+                assert not (bundle / "address").exists()
+            (cgroup / "pids.max").write_text("max")
+            fed = bundle_for(manager, rootfs_template, "fed", ["true"])
+            assert await run_true(await manager.start("sp", "fed", fed), "fed", fed) == 0
+        finally:
+            for pid in (cgroup / "cgroup.procs").read_text().split():
+                (PIDS_ROOT / "cgroup.procs").write_text(pid)
+            cgroup.rmdir()
+        assert zygote_pid(state) == zygote  # the same zygote served throughout
+        children = Path(f"/proc/{zygote}/task/{zygote}/children").read_text().split()
+        assert children == children_before  # no intermediate left unreaped
+        log = (state / "shim-zygote.sock.log").read_text()
+        assert "Traceback" not in log, log
+        assert log.count("cannot fork a shim") == 2, log
+
+    asyncio.run(scenario())

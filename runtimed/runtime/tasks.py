@@ -3,8 +3,16 @@
 `TaskManager` writes bundles, mounts root filesystems, starts shims, forwards what the
 API asks to the right shim and relays each shim's events into the exchange. Shim events
 are published in order and exactly once: runtimed records the last published sequence
-number in the bundle (`published`) before acknowledging it to the shim, and resumes from
-there after a restart, so exits that happened while runtimed was down are published once.
+number in the bundle (`published`) and resumes from there after a restart, so exits that
+happened while runtimed was down are published once. Acknowledging to the shim only trims
+its outbox, so it is done lazily: once events stop coming for ACK_DELAY (or ACK_BATCH are
+unacknowledged), never on the path of a call.
+
+Delete unmounts the rootfs and moves the bundle out of `<state>/tasks` (a rename into
+`<state>/trash`) before it answers; the shim's shutdown and the removal of the moved
+directory finish in the background, the directory only once the shim process has exited,
+so nothing it still writes can land in a directory being removed. A create of the same
+id waits for that; a restart kills what is left of such shims and empties the trash.
 """
 
 from __future__ import annotations
@@ -15,7 +23,10 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
+import signal
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +62,10 @@ RUNTIME_NAMES = {"io.containerd.runc.v2", "io.containerd.runc.v1", "io.container
 RUNC_OPTIONS = "containerd.runc.v1.Options"
 DEAD_SHIM_EXIT = 255
 PUBLISH_WAIT = 5.0
+ACK_DELAY = 1.0  # seconds without new events before the shim's outbox is trimmed
+ACK_BATCH = 256  # or this many unacknowledged events
+SHUTDOWN_TIMEOUT = 5.0
+SHIM_EXIT_TIMEOUT = 10.0  # after Shutdown; then the shim of a deleted task is killed
 
 
 @dataclass(frozen=True)
@@ -89,6 +104,10 @@ class Task:
     published: int = 0
     init_exit_published: bool = False
     forwarder: asyncio.Task | None = None
+    acked: int = 0
+    ack_timer: asyncio.TimerHandle | None = None
+    acking: asyncio.Task | None = None
+    dying: bool = False  # the relay found the shim dead and is cleaning up after it
     progress: asyncio.Condition = field(default_factory=asyncio.Condition)
     # what the /tasks/create event reports besides the pid (known to this runtimed only)
     created_io: Stdio = Stdio()
@@ -128,7 +147,10 @@ class TaskManager:
         self.containers = containers
         self.exchange = exchange
         self.tasks: dict[tuple[str, str], Task] = {}
+        self.trash = state / "trash"
         self._creating: set[tuple[str, str]] = set()
+        # deleted tasks whose shim is still shutting down: their bundle is in the trash
+        self._removals: dict[tuple[str, str], asyncio.Future] = {}
 
     # --- lookup ----------------------------------------------------------------------
 
@@ -170,6 +192,9 @@ class TaskManager:
         shim: ShimClient | None = None
         info = BundleInfo(namespace, id, binary, bool(rootfs))
         try:
+            pending = self._removals.get(key)
+            if pending is not None:  # the previous shim of this id is still exiting
+                await asyncio.shield(pending)
             await asyncio.to_thread(self._write_bundle, bundle, info, spec, rootfs)
             shim = await self.shims.start(namespace, id, bundle)
             response = await shim.call("Create", shim_pb2.CreateRequest(
@@ -198,7 +223,14 @@ class TaskManager:
 
         if bundle.exists():
             remove_bundle(bundle)  # a leftover no shim claims (the task table has no entry)
-        bundle.mkdir(parents=True, mode=0o711)
+        for attempt in range(3):
+            try:
+                bundle.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+                bundle.mkdir(mode=0o711)
+                break
+            except FileNotFoundError:  # a delete just removed the empty namespace dir
+                if attempt == 2:
+                    raise
         write_info(bundle, info)
         if rootfs:
             (bundle / "rootfs").mkdir(mode=0o755)
@@ -226,15 +258,93 @@ class TaskManager:
         return ExitStatus(response.pid, response.exit_status, response.exited_at)
 
     async def _remove(self, task: Task) -> None:
-        self.tasks.pop((task.namespace, task.id), None)
-        with contextlib.suppress(RuntimedError):
-            await task.shim.call("Shutdown", shim_pb2.ShutdownRequest(id=task.id, now=True), 5)
-        if task.forwarder is not None:
-            task.forwarder.cancel()
+        """Take a deleted task out: its rootfs unmounted and its bundle moved to the trash
+        before returning; the shim's shutdown and the bundle's removal in the background."""
+        key = (task.namespace, task.id)
+        if self.tasks.get(key) is task:
+            del self.tasks[key]
+        if task.dying:  # the relay is already cleaning up after a dead shim: let it finish
             with contextlib.suppress(BaseException):
-                await task.forwarder
-        await task.shim.close()
-        await asyncio.to_thread(remove_bundle, task.bundle)
+                await asyncio.shield(task.forwarder)
+            return
+        await self._stop_relay(task)
+        retired = None
+        try:
+            retired = await asyncio.to_thread(self._retire, task.bundle)
+        finally:  # a rootfs that stays mounted keeps the bundle, not the shim
+            self._track_removal(key, asyncio.ensure_future(self._finish_removal(task, retired)))
+
+    def _track_removal(self, key: tuple[str, str], removal: asyncio.Future) -> None:
+        """A create of the same id waits for `removal` (the old shim must be gone first:
+        it removes its socket and address by path when it exits)."""
+        self._removals[key] = removal
+
+        def forget(done: asyncio.Future) -> None:
+            if self._removals.get(key) is done:
+                del self._removals[key]
+
+        removal.add_done_callback(forget)
+
+    async def _stop_relay(self, task: Task) -> None:
+        """Stop relaying events and acknowledging them (before the shim is told to go)."""
+        if task.ack_timer is not None:
+            task.ack_timer.cancel()
+            task.ack_timer = None
+        for job in (task.forwarder, task.acking):
+            if job is not None and not job.done():
+                job.cancel()
+                with contextlib.suppress(BaseException):
+                    await job
+
+    def _retire(self, bundle: Path) -> Path | None:
+        """Unmount the rootfs (the caller may remove its snapshot next) and move the bundle
+        into the trash; returns where it went. Never moves a bundle with a mount in it."""
+        rootfs = bundle / "rootfs"
+        try:
+            _unmount_rootfs(rootfs)
+        except Unavailable:
+            raise
+        except OSError as exc:
+            log.warning("%s not removed (%s): the bundle is kept", rootfs, exc)
+            return None
+        self.trash.mkdir(mode=0o700, exist_ok=True)
+        retired = self.trash / f"{bundle.parent.name}.{bundle.name}.{uuid.uuid4().hex[:12]}"
+        os.rename(bundle, retired)
+        with contextlib.suppress(OSError):
+            bundle.parent.rmdir()  # the namespace dir, once empty
+        return retired
+
+    async def _finish_removal(self, task: Task, retired: Path | None) -> None:
+        """Shut the shim down, wait until its process is gone, then remove its files."""
+        try:
+            with contextlib.suppress(RuntimedError):
+                await task.shim.call("Shutdown", shim_pb2.ShutdownRequest(id=task.id, now=True),
+                                     SHUTDOWN_TIMEOUT)
+            await task.shim.close()
+            if retired is not None:
+                await _wait_shim_exit(retired, SHIM_EXIT_TIMEOUT)
+        finally:
+            if retired is not None:
+                await asyncio.to_thread(shutil.rmtree, retired, True)
+
+    def _empty_trash(self) -> None:
+        """At start: what a previous runtimed was removing when it stopped. The shims of
+        those deleted tasks are killed (their containers are gone), then the files go."""
+        if not self.trash.is_dir():
+            return
+        for retired in sorted(self.trash.iterdir()):
+            pid = _retired_shim_pid(retired)
+            if pid:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 2
+                while _retired_shim_pid(retired) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            with contextlib.suppress(OSError):
+                _unmount_rootfs(retired / "rootfs")
+                shutil.rmtree(retired)
+        with contextlib.suppress(OSError):
+            self.trash.rmdir()
 
     # --- process operations ----------------------------------------------------------
 
@@ -340,19 +450,49 @@ class TaskManager:
                 async for event in task.shim.events(task.published):
                     failures = 0
                     await self._publish(task, event)
-                    with contextlib.suppress(RuntimedError):
-                        await task.shim.call("Ack", shim_pb2.AckRequest(seq=event.seq), 5)
+                    self._ack_later(task)
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
                 log.debug("%s/%s: event stream: %s", task.namespace, task.id, exc.code())
             failures += 1
             if not _shim_alive(task.bundle):
+                task.dying = True
+                self._track_removal((task.namespace, task.id), asyncio.current_task())
+                await self._stop_acks(task)
                 await self._shim_died(task)
                 return
             if failures % 30 == 0:  # alive but not answering: keep trying, never kill it
                 log.warning("%s/%s: shim alive but not answering", task.namespace, task.id)
             await asyncio.sleep(min(0.1 * failures, 1.0))
+
+    def _ack_later(self, task: Task) -> None:
+        if task.published - task.acked >= ACK_BATCH:
+            self._ack_now(task)
+        elif task.ack_timer is None:
+            task.ack_timer = asyncio.get_running_loop().call_later(
+                ACK_DELAY, self._ack_now, task)
+
+    def _ack_now(self, task: Task) -> None:
+        if task.ack_timer is not None:
+            task.ack_timer.cancel()
+            task.ack_timer = None
+        if task.acking is None or task.acking.done():
+            task.acking = asyncio.ensure_future(self._ack(task, task.published))
+
+    async def _ack(self, task: Task, seq: int) -> None:
+        with contextlib.suppress(RuntimedError):
+            await task.shim.call("Ack", shim_pb2.AckRequest(seq=seq), 5)
+            task.acked = max(task.acked, seq)
+
+    async def _stop_acks(self, task: Task) -> None:
+        if task.ack_timer is not None:
+            task.ack_timer.cancel()
+            task.ack_timer = None
+        if task.acking is not None and not task.acking.done():
+            task.acking.cancel()
+            with contextlib.suppress(BaseException):
+                await task.acking
 
     async def _publish(self, task: Task, event: shim_pb2.Event) -> None:
         message = _containerd_event(task, event)
@@ -381,7 +521,8 @@ class TaskManager:
         init was created but its exit never reported, and clean up the bundle, mounts and
         container."""
         log.warning("%s/%s: shim died; cleaning up", task.namespace, task.id)
-        self.tasks.pop((task.namespace, task.id), None)
+        if self.tasks.get((task.namespace, task.id)) is task:
+            del self.tasks[(task.namespace, task.id)]
         await self._publish_leftovers(task)
         await task.shim.close()
         await self.shims.cleanup(task.info, task.bundle)
@@ -405,6 +546,7 @@ class TaskManager:
 
     async def load(self) -> None:
         """Find the shims of a previous runtimed, reconnect, rebuild the table."""
+        await asyncio.to_thread(self._empty_trash)
         for namespace, id, bundle in self.shims.scan():
             info = read_info(bundle)
             if info is None:
@@ -446,11 +588,13 @@ class TaskManager:
             log.info("%s/%s: reconnected to shim at %s", namespace, id, address)
 
     async def close(self) -> None:
-        """runtimed stops: the shims (and their containers) keep running; the zygote goes."""
+        """runtimed stops: the shims (and their containers) keep running; the zygote goes.
+        Shims of deleted tasks still exiting are waited for (a restart would kill them)."""
         for task in list(self.tasks.values()):
-            if task.forwarder is not None:
-                task.forwarder.cancel()
+            await self._stop_relay(task)
             await task.shim.close()
+        if self._removals:
+            await asyncio.wait(list(self._removals.values()), timeout=SHIM_EXIT_TIMEOUT + 5)
         await self.shims.stop_zygote()
 
 
@@ -520,6 +664,60 @@ def _init_pid(bundle: Path) -> int:
         return int((bundle / "init.pid").read_text())
     except (FileNotFoundError, ValueError):
         return 0
+
+
+def _unmount_rootfs(rootfs: Path) -> None:
+    """Unmount everything stacked at `rootfs` (a lazy unmount takes submounts along), then
+    remove the empty mount point. Raises Unavailable while something stays mounted."""
+    path = os.fspath(rootfs).encode()
+    for _ in range(64):
+        if mounts._libc.umount2(path, mounts.UMOUNT_NOFOLLOW | mounts.MNT_DETACH) != 0:
+            break
+    try:
+        rootfs.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if mounts.is_mountpoint(rootfs):
+            raise Unavailable(f"{rootfs} is still mounted: bundle kept") from exc
+        raise
+
+
+def _retired_shim_pid(retired: Path) -> int:
+    """The pid of the shim still running in a retired bundle (its working directory), or 0."""
+    try:
+        pid = int((retired / "shim.pid").read_text())
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except (OSError, ValueError):
+        return 0
+    return pid if cwd == os.path.realpath(retired) else 0
+
+
+async def _wait_shim_exit(retired: Path, timeout: float) -> None:
+    """Until the shim of a retired bundle has exited; killed after `timeout`."""
+    pid = _retired_shim_pid(retired)
+    if not pid:
+        return
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+    try:
+        if _retired_shim_pid(retired) != pid:  # it exited (or is not ours) before we watched
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), timeout)
+        except TimeoutError:
+            log.warning("shim %d of a deleted task did not exit; killing it", pid)
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(exited, 5)
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
 
 
 def _shim_alive(bundle: Path) -> bool:

@@ -9,7 +9,7 @@ runs `arm/v8` down to `arm/v5`, ordered by preference.
 from __future__ import annotations
 
 import functools
-import platform as _platform
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -122,7 +122,7 @@ def parse(specifier: str) -> Platform:
 @cache
 def host_default() -> Platform:
     """The platform of this machine (`linux/amd64`, `linux/arm/v7`, ...)."""
-    arch, variant = _normalize_arch(_platform.machine() or "amd64", "")
+    arch, variant = _normalize_arch(os.uname().machine or "amd64", "")  # platform.machine(), unimported
     if arch in ("arm", "arm64"):
         variant = _arm_variant(arch) or variant
         arch, variant = _normalize_arch(arch, variant)

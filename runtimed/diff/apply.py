@@ -201,6 +201,23 @@ def _decompress_errors() -> tuple[type[BaseException], ...]:
     return (zlib.error, isal_zlib.error, igzip.BadGzipFile, zstandard.ZstdError)
 
 
+def _copy_file(src: int, dst: int) -> None:
+    try:
+        while os.copy_file_range(src, dst, CHUNK):
+            pass
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    os.lseek(src, 0, os.SEEK_SET)
+    os.lseek(dst, 0, os.SEEK_SET)
+    os.ftruncate(dst, 0)
+    while data := os.read(src, CHUNK):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(dst, view):]
+
+
 def _mtime_ns(member: tarfile.TarInfo, key: str = "mtime") -> int:
     text = member.pax_headers.get(key)
     if text:
@@ -338,6 +355,94 @@ class _Writer:
             finally:
                 os.close(lfd)
 
+    # -- hard links to lower layers ------------------------------------------------------
+
+    def _copy_up(self, target: str) -> bool:
+        """A hard link to a file that only a lower layer has: copy the file into the upper
+        directory first, as overlayfs does when the link is made in the mounted snapshot
+        (a link cannot span layers). False when no layer shows `target`."""
+        found = self._lower_lookup(target)
+        if found is None:
+            return False
+        lparent, lname, st = found
+        try:
+            tparent, _, tbase = target.rpartition("/")
+            pfd = self.dirfd(tparent)  # missing parents take the lower layers' attributes
+            mode = st.st_mode
+            if stat.S_ISREG(mode):
+                src = os.open(lname, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=lparent)
+                try:
+                    dst = os.open(tbase, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                  | os.O_CLOEXEC, 0o600, dir_fd=pfd)
+                    try:
+                        _copy_file(src, dst)
+                    finally:
+                        os.close(dst)
+                finally:
+                    os.close(src)
+            elif stat.S_ISLNK(mode):
+                os.symlink(os.readlink(lname, dir_fd=lparent), tbase, dir_fd=pfd)
+            else:
+                os.mknod(tbase, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=pfd)
+            os.chown(tbase, st.st_uid, st.st_gid, dir_fd=pfd, follow_symlinks=False)
+            lpath, upath = self._proc(lparent, lname), self._proc(pfd, tbase)
+            for key in os.listxattr(lpath, follow_symlinks=False):
+                if not key.startswith("trusted.overlay."):
+                    os.setxattr(upath, key, os.getxattr(lpath, key, follow_symlinks=False),
+                                follow_symlinks=False)
+            if not stat.S_ISLNK(mode):
+                os.chmod(tbase, stat.S_IMODE(mode), dir_fd=pfd)
+            os.utime(tbase, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=pfd,
+                     follow_symlinks=False)
+        finally:
+            os.close(lparent)
+        return True
+
+    def _lower_lookup(self, rel: str) -> tuple[int, str, os.stat_result] | None:
+        """Where the merged view of the upper directory over its lower layers finds the
+        non-directory `rel`: (an fd of its directory in that layer, its name, its stat).
+        None when a layer above whites it out, hides it under a non-directory or an
+        opaque directory, or no layer has it. Every step is one name, never a path."""
+        parts = rel.split("/")
+        layers = [None, *self.parents]  # None: the upper directory itself
+        for layer in layers:
+            try:
+                cur = (os.dup(self.rootfd) if layer is None
+                       else os.open(layer, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+            except OSError:
+                continue
+            hides_below = False
+            try:
+                for i, name in enumerate(parts):
+                    try:
+                        st = os.lstat(name, dir_fd=cur)
+                    except FileNotFoundError:
+                        break  # not in this layer: look in the next one down
+                    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                        return None  # whited out
+                    if i == len(parts) - 1:
+                        if stat.S_ISDIR(st.st_mode) or layer is None:
+                            return None  # a directory; or the upper has it: not our case
+                        lparent, cur = cur, -1  # handed to the caller, which closes it
+                        return lparent, name, st
+                    if not stat.S_ISDIR(st.st_mode):
+                        return None  # a non-directory hides what lower layers have below
+                    nfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                  dir_fd=cur)
+                    os.close(cur)
+                    cur = nfd
+                    try:
+                        if os.getxattr(self._proc(cur, "."), OPAQUE_XATTR) == b"y":
+                            hides_below = True
+                    except OSError:
+                        pass
+            finally:
+                if cur >= 0:
+                    os.close(cur)
+            if hides_below:
+                return None
+        return None
+
     @staticmethod
     def _proc(pfd: int, name: str) -> str:
         return f"/proc/self/fd/{pfd}/{name}"
@@ -435,8 +540,14 @@ class _Writer:
             if not target:
                 raise InvalidArgument(f"hard link to the root ({member.linkname!r})")
             tparent, _, tbase = target.rpartition("/")
-            tfd = self.dirfd(tparent, create=False)
-            os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+            try:
+                tfd = self.dirfd(tparent, create=False)
+                os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                if not (self.overlay and self._copy_up(target)):
+                    raise
+                tfd = self.dirfd(tparent, create=False)
+                os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
         elif type_ in (tarfile.CHRTYPE, tarfile.BLKTYPE):
             kind = stat.S_IFCHR if type_ == tarfile.CHRTYPE else stat.S_IFBLK
             os.mknod(base, kind | 0o600, os.makedev(member.devmajor, member.devminor), dir_fd=pfd)

@@ -191,17 +191,19 @@ def _create(args):
     opts = spec_options(args)
     c = client(args)
     container_id = args.name or os.urandom(32).hex()
-    # the network is set up while the image is looked up (the daemon's part of an attach
-    # takes longer than the rest of create); an image error still comes first
+    # the network is set up while the image is looked up and resolved (the daemon's part
+    # of an attach takes longer than all that); an image error still comes first
     attaching = _InBackground(lambda: attach_for_run(c, args, container_id, opts))
     try:
-        image = _ensure_image(c, args)
+        resolved = c.images.resolve(_ensure_image(c, args), args.platform)
     except BaseException:
         _detach_quietly(c, container_id, attaching)
         raise
+    import ctl.client.cio  # noqa: F401 - what `run` needs next, imported while the daemon attaches
+
     attached = attaching.result()
     try:
-        return (container_id, *_create_container(c, args, container_id, image, opts, policy, autoremove))
+        return (container_id, *_create_container(c, args, container_id, resolved, opts, policy, autoremove))
     except BaseException:
         if attached is not None:
             from ctl.client import networks
@@ -224,7 +226,7 @@ def _detach_quietly(c, container_id: str, attaching: _InBackground) -> None:
             pass
 
 
-def _create_container(c, args, container_id: str, image, opts, policy, autoremove: bool):
+def _create_container(c, args, container_id: str, resolved, opts, policy, autoremove: bool):
     from ctl.client.containers import CreateOptions
 
     labels = parse_labels(args.label)
@@ -250,7 +252,6 @@ def _create_container(c, args, container_id: str, image, opts, policy, autoremov
         labels[rp.LABEL_AUTOREMOVE] = "true"  # the daemon removes it when it exits
     if args.name:
         labels[LABEL_NAME] = args.name
-    resolved = c.images.resolve(image, args.platform)
     stop_signal = args.stop_signal or resolved.runtime_config.stop_signal
     if stop_signal:
         labels[LABEL_STOP_SIGNAL] = stop_signal

@@ -14,9 +14,11 @@ call reads its frames. A client-streaming call sends from a thread of its own.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
 
@@ -392,6 +394,15 @@ class Channel:
         self._idle: list[_Connection] = []
         self._lock = threading.Lock()
         self._closed = False
+        _channels.add(self)
+
+    def _forget_idle(self) -> None:
+        """In a forked child: the pooled connections are the parent's (their HTTP/2 state
+        is shared with it), so the child closes its copies and dials its own."""
+        self._lock = threading.Lock()
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
 
     def _take(self) -> _Connection:
         while True:
@@ -438,6 +449,17 @@ class Channel:
             idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
+
+
+_channels: weakref.WeakSet[Channel] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for channel in list(_channels):
+        channel._forget_idle()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Call:

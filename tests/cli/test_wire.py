@@ -160,3 +160,23 @@ def test_unreachable_daemon(tmp_path):
     with Client(str(tmp_path / "none.sock")) as c, pytest.raises(Unavailable) as info:
         c.version()
     assert "is the daemon running" in str(info.value)
+
+
+def test_forked_child_dials_its_own_connection(client):
+    """The pooled connection is the parent's: a child that reused it would interleave its
+    frames with the parent's on one HTTP/2 connection."""
+    assert client.version()["version"]
+    pooled = list(client._connection.channel._idle)
+    assert pooled
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fresh = client._connection.channel._idle == [] and client.version()["version"]
+            code = 0 if fresh and client._connection.channel._idle[0] is not pooled[0] else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert client.version()["version"]
+    assert client._connection.channel._idle == pooled  # the parent's survived the child

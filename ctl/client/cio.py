@@ -10,8 +10,6 @@ closed. `Stdio.file` sends output to a file instead (`file://` URIs, as `ctr run
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +45,20 @@ def _fifo_root() -> str:
             return candidate
         except OSError:
             continue
+    import tempfile
+
     return tempfile.gettempdir()
+
+
+def _private_dir(root: str) -> str:
+    """tempfile.mkdtemp(prefix="ctl-", dir=root), without importing tempfile (and shutil)."""
+    while True:
+        path = os.path.join(root, "ctl-" + os.urandom(6).hex())
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
 
 
 @dataclass
@@ -60,7 +71,7 @@ class FifoSet:
     @classmethod
     def create(cls, process_id: str, *, stdin: bool, stdout: bool = True, stderr: bool = True,
                terminal: bool = False) -> FifoSet:
-        directory = tempfile.mkdtemp(prefix="ctl-", dir=_fifo_root())
+        directory = _private_dir(_fifo_root())
         paths = {}
         for name, wanted in (("stdin", stdin), ("stdout", stdout), ("stderr", stderr and not terminal)):
             if wanted:
@@ -70,7 +81,19 @@ class FifoSet:
         return cls(directory, Stdio(terminal=terminal, **paths))
 
     def remove(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        for name in ("stdin", "stdout", "stderr"):
+            path = getattr(self.stdio, name)
+            if path:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        try:
+            os.rmdir(self.directory)
+        except OSError:  # something else was put there: remove it all
+            import shutil
+
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 @dataclass

@@ -173,8 +173,10 @@ class _InBackground:
         except BaseException as exc:  # noqa: BLE001 - handed to result()
             self._error = exc
 
-    def result(self):
-        self._thread.join()
+    def result(self, timeout: float | None = None):
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError
         if self._error is not None:
             raise self._error
         return self._value
@@ -400,7 +402,8 @@ def attach_and_wait(c, container_id: str, *, exec_args: list[str] | None = None,
         except RuntimedError as exc:
             attachment.cancel()
             raise _start_error(exc) from None
-        waiter = c.tasks.wait_async(container_id, exec_id)
+        # TasksAPI.wait_async's Future would import concurrent.futures, and logging with it
+        waiter = _InBackground(lambda: c.tasks.wait(container_id, exec_id))
         if terminal is not None:
             def resize(*_):
                 try:

@@ -10,7 +10,7 @@ profiles/seccomp/default.json.
 from __future__ import annotations
 
 import errno
-import platform
+import os
 
 _ALLOW = """
 accept accept4 access adjtimex alarm bind brk capget capset chdir chmod chown chown32
@@ -105,7 +105,7 @@ def _allow(names: str, args: list[dict] | None = None) -> dict:
 
 def default_profile(bounding_caps: list[str], machine: str | None = None) -> dict:
     """The OCI `linux.seccomp` object for a process whose bounding set is `bounding_caps`."""
-    arches, arch_names = _BY_MACHINE.get(machine or platform.machine(), ([], ""))
+    arches, arch_names = _BY_MACHINE.get(machine or os.uname().machine, ([], ""))
     rules = [_allow(_ALLOW)]
     rules += [
         _allow("personality", [{"index": 0, "value": v, "op": "SCMP_CMP_EQ"}])
@@ -116,7 +116,7 @@ def default_profile(bounding_caps: list[str], machine: str | None = None) -> dic
     caps = set(bounding_caps)
     rules += [_allow(names) for cap, names in _BY_CAPABILITY.items() if cap in caps]
     if "CAP_SYS_ADMIN" not in caps:
-        flags_arg = 1 if (machine or platform.machine()).startswith("s390") else 0
+        flags_arg = 1 if (machine or os.uname().machine).startswith("s390") else 0
         rules.append(
             _allow(
                 "clone",

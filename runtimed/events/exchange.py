@@ -10,9 +10,11 @@ exchange counts every dropped event.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -43,6 +45,18 @@ class Event:
     def of(cls, namespace: str, topic: str, message: Message, timestamp_ns: int | None = None) -> Event:
         return cls(timestamp_ns or time.time_ns(), namespace, topic,
                    message.DESCRIPTOR.full_name, message.SerializeToString(), message)
+
+    @functools.cached_property
+    def envelope(self) -> bytes:
+        """The serialized containerd Envelope, encoded once however many subscribers
+        receive it (Subscribe streams write these bytes as they are)."""
+        from runtimed.api.containerd.services.events.v1 import events_pb2
+
+        envelope = events_pb2.Envelope(namespace=self.namespace, topic=self.topic)
+        envelope.timestamp.FromNanoseconds(self.timestamp_ns)
+        envelope.event.type_url = self.type_url
+        envelope.event.value = self.value
+        return envelope.SerializeToString()
 
     def decoded(self) -> Message | None:
         """The event message, when its type is one this process knows."""
@@ -86,26 +100,58 @@ def _message_field(message: Message, path: tuple[str, ...]) -> str | None:
     return str(value) if not isinstance(value, str) else value
 
 
-@dataclass
+@dataclass(eq=False)
 class Subscription:
+    """A subscriber's bounded queue. Events wait in a deque; the reader sleeps on one
+    future that the first event after a drain wakes, so a burst costs one wake-up, and
+    `batch` hands over everything queued at once."""
+
     filter: Filter
-    queue: asyncio.Queue = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
+    pending: deque = field(default_factory=deque)
     dropped: int = 0
+    _waiter: asyncio.Future | None = None
+
+    def _put(self, event: Event | None) -> None:
+        self.pending.append(event)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def qsize(self) -> int:
+        return len(self.pending)
+
+    async def batch(self) -> list[Event]:
+        """Every event queued now (at least one, waiting for it), in order. Raises
+        ResourceExhausted once the events before the overflow are handed over."""
+        while not self.pending:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self.pending[0] is None:
+            raise ResourceExhausted(
+                f"event subscriber fell behind and missed {self.dropped} events; "
+                "re-list the objects you track and subscribe again"
+            )
+        events = []
+        pending = self.pending
+        while pending and pending[0] is not None:
+            events.append(pending.popleft())
+        return events
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         while True:
-            event = await self.queue.get()
-            if event is None:
-                raise ResourceExhausted(
-                    f"event subscriber fell behind and missed {self.dropped} events; "
-                    "re-list the objects you track and subscribe again"
-                )
-            yield event
+            for event in await self.batch():
+                yield event
 
 
 class Exchange:
     def __init__(self) -> None:
         self._subscribers: list[Subscription] = []
+        self._filters: dict[tuple[str, ...], Filter] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self.published = 0
@@ -132,23 +178,34 @@ class Exchange:
 
     def _deliver(self, event: Event) -> None:
         self.published += 1
-        for sub in list(self._subscribers):
-            if not sub.filter.match(event.lookup):
+        matched: dict[int, bool] = {}  # subscribers with the same filters share one Filter
+        for sub in self._subscribers[:]:
+            key = id(sub.filter)
+            match = matched.get(key)
+            if match is None:
+                match = matched[key] = sub.filter.match(event.lookup)
+            if not match:
                 continue
             if sub.dropped:
                 sub.dropped += 1
                 self.dropped += 1
                 continue
-            if sub.queue.qsize() >= QUEUE_SIZE - 1:  # keep one slot for the overflow marker
+            if len(sub.pending) >= QUEUE_SIZE - 1:  # keep one slot for the overflow marker
                 sub.dropped = 1
                 self.dropped += 1
-                sub.queue.put_nowait(None)
+                sub._put(None)
                 log.warning("event subscriber overflowed; it will be told to re-list")
                 continue
-            sub.queue.put_nowait(event)
+            sub._put(event)
 
     def subscribe(self, filters: list[str] | None = None) -> Subscription:
-        sub = Subscription(parse(filters))
+        key = tuple(filters or ())
+        parsed = self._filters.get(key)
+        if parsed is None:
+            parsed = parse(filters)
+            if len(self._filters) < 256:
+                self._filters[key] = parsed
+        sub = Subscription(parsed)
         self._subscribers.append(sub)
         return sub
 

@@ -61,3 +61,90 @@ def test_dropped_event_counter_is_visible(daemon):
                    if line.strip().split()[:1] in (["dropped"], ["published"]))
     assert exports["dropped"] == "0"
     assert int(exports["published"]) >= 1  # the namespace event
+
+
+def _exit_event(pid: int, size: int = 1) -> events_pb2.PublishRequest:
+    request = events_pb2.PublishRequest(topic="/tasks/exit")
+    request.event.type_url = "containerd.events.TaskExit"
+    request.event.value = task_pb2.TaskExit(container_id="c" * size, pid=pid).SerializeToString()
+    return request
+
+
+def test_every_subscriber_gets_every_envelope_whole_and_in_order(daemon):
+    """Envelopes are encoded once per event and written as bytes to every stream."""
+    stub = events_pb2_grpc.EventsStub(daemon.channel())
+    streams = [stub.Subscribe(events_pb2.SubscribeRequest(filters=['namespace==ordered']))
+               for _ in range(3)]
+    time.sleep(0.3)
+    before = time.time_ns()
+    for pid in range(200):
+        stub.Publish(_exit_event(pid), metadata=[("containerd-namespace", "ordered")])
+    for stream in streams:
+        pids = []
+        for envelope in stream:
+            assert (envelope.namespace, envelope.topic) == ("ordered", "/tasks/exit")
+            assert envelope.event.type_url == "containerd.events.TaskExit"
+            assert before <= envelope.timestamp.ToNanoseconds() <= time.time_ns()
+            decoded = task_pb2.TaskExit()
+            decoded.ParseFromString(envelope.event.value)
+            pids.append(decoded.pid)
+            if len(pids) == 200:
+                break
+        stream.cancel()
+        assert pids == list(range(200))
+
+
+def test_a_subscriber_that_does_not_read_is_told_it_fell_behind(daemon):
+    """Its queue (4096) overflows: the events before the overflow arrive in order, then
+    RESOURCE_EXHAUSTED; a subscriber that reads still gets everything."""
+    from runtimed.events.exchange import QUEUE_SIZE
+
+    stub = events_pb2_grpc.EventsStub(daemon.channel())
+    # its own connection with fixed flow-control windows: the transport holds only a
+    # few of these 1 KiB events, the rest wait in the daemon's queue for this subscriber
+    small = grpc.insecure_channel(f"unix://{daemon.address}", options=[
+        ("grpc.http2.bdp_probe", 0), ("grpc.use_local_subchannel_pool", 1)])
+    stuck = events_pb2_grpc.EventsStub(small).Subscribe(
+        events_pb2.SubscribeRequest(filters=['namespace==flood']), timeout=120)
+    reader = stub.Subscribe(events_pb2.SubscribeRequest(filters=['namespace==flood']))
+    got: list[int] = []
+
+    def read():
+        try:
+            for envelope in reader:
+                decoded = task_pb2.TaskExit()
+                decoded.ParseFromString(envelope.event.value)
+                got.append(decoded.pid)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.CANCELLED  # by the test, at the end
+
+    import threading
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    time.sleep(0.3)
+    stub.Publish(_exit_event(0, 1024), metadata=[("containerd-namespace", "flood")])
+    next(stuck)  # the stream is open; from here on it is not read
+    total = QUEUE_SIZE + 1000
+    for pid in range(1, total):  # one after another: concurrent publishes have no order
+        stub.Publish(_exit_event(pid, 1024), metadata=[("containerd-namespace", "flood")])
+    deadline = time.monotonic() + 30
+    while len(got) < total and time.monotonic() < deadline:
+        time.sleep(0.05)
+    reader.cancel()
+    thread.join(10)
+    assert got == list(range(total))
+    pids = []
+    with pytest.raises(grpc.RpcError) as err:
+        for envelope in stuck:
+            decoded = task_pb2.TaskExit()
+            decoded.ParseFromString(envelope.event.value)
+            pids.append(decoded.pid)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "missed" in err.value.details()
+    assert pids == list(range(1, len(pids) + 1))  # in order, none skipped before the end
+    assert len(pids) < total - 1
+    out = daemon.ctr("plugins", "ls", "-d", "id==exchange").stdout
+    dropped = dict(line.split() for line in out.splitlines()
+                   if line.strip().split()[:1] == ["dropped"])["dropped"]
+    assert int(dropped) == total - 1 - len(pids)

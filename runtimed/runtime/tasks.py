@@ -65,6 +65,7 @@ ACK_DELAY = 1.0  # seconds without new events before the shim's outbox is trimme
 ACK_BATCH = 256  # or this many unacknowledged events
 SHUTDOWN_TIMEOUT = 5.0
 SHIM_EXIT_TIMEOUT = 10.0
+STOPPED = 3  # containerd.v1.types.Status
 PUBLISHED_SIZE = 64  # bytes of the `published` record; longer records are written whole  # after Shutdown; then the shim of a deleted task is killed
 
 
@@ -108,6 +109,8 @@ class Task:
     ack_timer: asyncio.TimerHandle | None = None
     acking: asyncio.Task | None = None
     dying: bool = False  # the relay found the shim dead and is cleaning up after it
+    # init's exit once its /tasks/exit is relayed: final, so Get and Wait answer from it
+    init_exit: ExitStatus | None = None
     progress: asyncio.Condition = field(default_factory=asyncio.Condition)
     # what the /tasks/create event reports besides the pid (known to this runtimed only)
     created_io: Stdio = Stdio()
@@ -355,6 +358,10 @@ class TaskManager:
 
     async def state(self, namespace: str, id: str, exec_id: str = "") -> ProcessStatus:
         task = self.get(namespace, id)
+        if not exec_id and task.init_exit is not None:
+            e = task.init_exit
+            return ProcessStatus(id, "", e.pid, STOPPED, task.created_io, e.exit_status,
+                                 e.exited_at)
         s = await task.shim.call("State", shim_pb2.StateRequest(id=id, exec_id=exec_id))
         return ProcessStatus(
             id, exec_id, s.pid, s.status,
@@ -370,6 +377,8 @@ class TaskManager:
 
     async def wait(self, namespace: str, id: str, exec_id: str = "") -> ExitStatus:
         task = self.get(namespace, id)
+        if not exec_id and task.init_exit is not None:
+            return task.init_exit
         try:
             r = await task.shim.call("Wait", shim_pb2.WaitRequest(id=id, exec_id=exec_id))
         except Unavailable:
@@ -503,6 +512,7 @@ class TaskManager:
             )
         if event.topic == "/tasks/exit" and not event.exec_id:
             task.init_exit_published = True
+            task.init_exit = ExitStatus(event.pid, event.exit_status, event.exited_at)
         task.published = event.seq
         _record_published(task)
         async with task.progress:

@@ -561,3 +561,24 @@ def test_the_shim_outbox_is_trimmed_once_events_settle(client, daemon):
             break
         time.sleep(0.05)
     assert first == {"acked": 2}
+
+
+def test_a_stopped_task_is_reported_without_asking_its_shim(client, daemon):
+    """Once init's exit is relayed it is final: Get and Wait answer from it (no shim call,
+    one round trip fewer for every `ctl rm`), even while the shim cannot answer."""
+    events = Collector(client)
+    client.run("done", ["sh", "-c", "exit 7"])
+    events.wait_for("done", "/tasks/exit")
+    shim = int((daemon.state / "tasks" / "tt" / "done" / "shim.pid").read_text())
+    os.kill(shim, signal.SIGSTOP)
+    try:
+        got = client.tasks.Get(tasks_pb2.GetRequest(container_id="done"), metadata=MD,
+                               timeout=5).process
+        assert (got.status, got.exit_status, got.id) == (task_pb2.STOPPED, 7, "done")
+        assert got.exited_at.ToNanoseconds() > 0 and got.pid > 0
+        waited = client.tasks.Wait(tasks_pb2.WaitRequest(container_id="done"), metadata=MD,
+                                   timeout=5)
+        assert waited.exit_status == 7 and waited.exited_at == got.exited_at
+    finally:
+        os.kill(shim, signal.SIGCONT)
+    events.close()

@@ -109,6 +109,7 @@ class Task:
     ack_timer: asyncio.TimerHandle | None = None
     acking: asyncio.Task | None = None
     dying: bool = False  # the relay found the shim dead and is cleaning up after it
+    removing: bool = False  # deleted: the relay leaves the cleanup to `_remove`
     # init's exit once its /tasks/exit is relayed: final, so Get and Wait answer from it
     init_exit: ExitStatus | None = None
     progress: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -250,8 +251,7 @@ class TaskManager:
     async def delete(self, namespace: str, id: str) -> ExitStatus:
         task = self.get(namespace, id)
         response = await task.shim.call("Delete", shim_pb2.DeleteRequest(id=id))
-        await self._wait_published(task, response.event_seq)
-        await self._remove(task)
+        await self._remove(task, response.event_seq)
         return ExitStatus(response.pid, response.exit_status, response.exited_at)
 
     async def delete_process(self, namespace: str, id: str, exec_id: str) -> ExitStatus:
@@ -261,9 +261,10 @@ class TaskManager:
         response = await task.shim.call("Delete", shim_pb2.DeleteRequest(id=id, exec_id=exec_id))
         return ExitStatus(response.pid, response.exit_status, response.exited_at)
 
-    async def _remove(self, task: Task) -> None:
-        """Take a deleted task out: its rootfs unmounted and its bundle moved to the trash
-        before returning; the shim's shutdown and the bundle's removal in the background."""
+    async def _remove(self, task: Task, published: int | None = None) -> None:
+        """Take a deleted task out: its rootfs unmounted, its bundle moved to the trash and
+        its events up to `published` relayed before returning (the last two at the same
+        time); the shim's shutdown and the bundle's removal in the background."""
         key = (task.namespace, task.id)
         if self.tasks.get(key) is task:
             del self.tasks[key]
@@ -271,12 +272,15 @@ class TaskManager:
             with contextlib.suppress(BaseException):
                 await asyncio.shield(task.forwarder)
             return
-        await self._stop_relay(task)
-        retired = None
+        task.removing = True
+        retiring = asyncio.ensure_future(asyncio.to_thread(self._retire, task.bundle))
         try:
-            retired = await asyncio.to_thread(self._retire, task.bundle)
-        finally:  # a rootfs that stays mounted keeps the bundle, not the shim
-            self._track_removal(key, asyncio.ensure_future(self._finish_removal(task, retired)))
+            if published is not None:
+                await self._wait_published(task, published)
+            await self._stop_relay(task)
+            await asyncio.shield(retiring)  # Unavailable while the rootfs stays mounted
+        finally:  # even then (or cancelled) the shim goes; the bundle only if retired
+            self._track_removal(key, asyncio.ensure_future(self._finish_removal(task, retiring)))
 
     def _track_removal(self, key: tuple[str, str], removal: asyncio.Future) -> None:
         """A create of the same id waits for `removal` (the old shim must be gone first:
@@ -318,8 +322,13 @@ class TaskManager:
             bundle.parent.rmdir()  # the namespace dir, once empty
         return retired
 
-    async def _finish_removal(self, task: Task, retired: Path | None) -> None:
+    async def _finish_removal(self, task: Task, retiring: asyncio.Future) -> None:
         """Shut the shim down, wait until its process is gone, then remove its files."""
+        await self._stop_relay(task)
+        try:
+            retired = await retiring
+        except Exception:  # noqa: BLE001 - reported to the Delete that retired it
+            retired = None
         try:
             with contextlib.suppress(RuntimedError):
                 await task.shim.call("Shutdown", shim_pb2.ShutdownRequest(id=task.id, now=True),
@@ -466,6 +475,8 @@ class TaskManager:
             except grpc.aio.AioRpcError as exc:
                 log.debug("%s/%s: event stream: %s", task.namespace, task.id, exc.code())
             failures += 1
+            if task.removing:
+                return
             if not _shim_alive(task.bundle):
                 task.dying = True
                 self._track_removal((task.namespace, task.id), asyncio.current_task())

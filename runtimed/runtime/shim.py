@@ -123,11 +123,26 @@ class ShimManager:
 
     async def _claim_spare(self, namespace: str, id: str, bundle: Path) -> ShimClient | None:
         """The ready spare, now the shim of `bundle`; None when there is none ready."""
+        from shimd.server import socket_path
+
         task = self._spare
-        if task is None or not task.done():
-            return None
+        if task is None or socket_path(bundle).parent != bundle:
+            return None  # (a socket outside the bundle may be on another filesystem)
         self._spare = None
-        spare = None if task.cancelled() or task.exception() else task.result()
+        try:
+            # one still being forked is ready sooner than a fork queued behind it
+            spare = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.cancelled():
+                spare = None
+            else:  # our caller was cancelled: keep the spare for the next create
+                if self._spare is None and not self._closed:
+                    self._spare = task
+                else:
+                    task.add_done_callback(_drop_spare)
+                raise
+        except Exception:  # noqa: BLE001 - _make_spare logs; a fork is the way then
+            spare = None
         self._replenish()
         if spare is None:
             return None
@@ -309,6 +324,15 @@ class ShimManager:
             except OSError as exc:
                 log.warning("%s/%s: runtime delete: %s", info.namespace, info.id, exc)
         await asyncio.to_thread(remove_bundle, bundle)
+
+
+def _drop_spare(task: asyncio.Task) -> None:
+    """Close a spare nobody will claim (its lifeline's EOF ends it)."""
+    if task.cancelled() or task.exception() or task.result() is None:
+        return
+    spare = task.result()
+    spare.writer.close()
+    asyncio.ensure_future(spare.client.close())
 
 
 def remove_bundle(bundle: Path) -> None:

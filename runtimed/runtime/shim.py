@@ -81,6 +81,7 @@ class Spare:
     client: ShimClient
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+    pid: int
 
 
 class ShimManager:
@@ -193,7 +194,8 @@ class ShimManager:
                 writer.close()
                 return None
             client = ShimClient("", reply["address"], self.spares_dir)
-            await client.call("Connect", shim_pb2.ConnectRequest(), timeout=CONNECT_TIMEOUT)
+            connected = await client.call("Connect", shim_pb2.ConnectRequest(),
+                                          timeout=CONNECT_TIMEOUT)
         except BaseException as exc:
             writer.close()  # the spare sees EOF and exits
             if client is not None:
@@ -202,7 +204,7 @@ class ShimManager:
                 log.warning("no spare shim: %s", exc)
                 return None
             raise
-        return Spare(client, reader, writer)
+        return Spare(client, reader, writer, connected.shim_pid)
 
     async def close_spare(self) -> None:
         """Let the spare go (it exits when its connection closes); no new ones."""
@@ -219,6 +221,10 @@ class ShimManager:
         if spare is not None:
             spare.writer.close()
             await spare.client.close()
+            for _ in range(200):  # gone before runtimed is: nothing outlives it
+                if not _alive(spare.pid):
+                    break
+                await asyncio.sleep(0.01)
 
     async def _fork_from_zygote(self, namespace: str, id: str, bundle: Path) -> str:
         request = json.dumps({"id": id, "namespace": namespace, "bundle": str(bundle)})
@@ -324,6 +330,14 @@ class ShimManager:
             except OSError as exc:
                 log.warning("%s/%s: runtime delete: %s", info.namespace, info.id, exc)
         await asyncio.to_thread(remove_bundle, bundle)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _drop_spare(task: asyncio.Task) -> None:

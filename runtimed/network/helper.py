@@ -344,15 +344,41 @@ def handle(request: dict) -> dict:
         return {"ok": False, "kind": "Unavailable", "error": f"{request['op']}: {type(exc).__name__}: {exc}"}
 
 
+def _wait_for_predecessor(path: str, timeout: float = 30.0) -> None:
+    """Hold `path` locked for this helper's life. A runtimed killed with SIGKILL leaves
+    its helper finishing the request it was given (it exits at end of input); the next
+    runtimed's helper waits for it here, so two never work on the same state at once."""
+    import fcntl
+    import time
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return  # kept open (and locked) until this process exits
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                sys.stderr.write(f"network helper: {path} still locked; going ahead\n")
+                return
+            time.sleep(0.02)
+
+
 def main() -> int:
     import pyroute2  # noqa: F401 - pay the import once, before the first request
 
+    if len(sys.argv) == 3 and sys.argv[1] == "--lock":
+        _wait_for_predecessor(sys.argv[2])
     for line in sys.stdin:
         if not line.strip():
             continue
         reply = handle(json.loads(line))
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(json.dumps(reply) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:  # runtimed is gone (killed); the work is done anyway
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # quiet exit
+            return 0
     return 0
 
 

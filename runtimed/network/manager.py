@@ -190,7 +190,7 @@ class NetworkManager:
         self.namespaces = namespaces
         self.containers = containers
         self.exchange = exchange
-        self.helper = helper or NetlinkHelper()
+        self.helper = helper or NetlinkHelper(str(state / "network-helper.lock"))
         self._lock = threading.RLock()
         self._proxies: dict[tuple[str, str], list[Proxy]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None

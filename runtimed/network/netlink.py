@@ -15,7 +15,10 @@ from runtimed import errors
 
 
 class NetlinkHelper:
-    def __init__(self):
+    def __init__(self, lock_path: str | None = None):
+        """`lock_path` (in the daemon's state dir): the helper holds it for its life, so
+        the helper of a restarted runtimed waits for a predecessor still finishing."""
+        self.lock_path = lock_path
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
         self._ever_started = False
@@ -27,8 +30,9 @@ class NetlinkHelper:
 
     def _start(self) -> subprocess.Popen:
         self._ever_started = True
+        lock = ["--lock", self.lock_path] if self.lock_path else []
         return subprocess.Popen(
-            [sys.executable, "-m", "runtimed.network.helper"],
+            [sys.executable, "-m", "runtimed.network.helper", *lock],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
             close_fds=True,
         )

@@ -6,17 +6,22 @@ one transaction each, and records the component's version. Components thus evolv
 schemas independently and a database written by an older runtimed is upgraded on start.
 
 All access goes through one connection guarded by a re-entrant lock: mutations are short,
-and one writer at a time is what sqlite allows anyway.
+and one writer at a time is what sqlite allows anyway. `run` executes a short operation
+on the event loop itself when the lock is free (see there).
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def now_ns() -> int:
@@ -82,6 +87,19 @@ class Database:
                 self._conn.execute("COMMIT")
             finally:
                 self._depth = 0
+
+    async def run(self, fn: Callable[..., T], /, *args) -> T:
+        """`fn(*args)`, a short metadata operation (a point read, a one-row write), run on
+        the calling event loop while the database is free: a query costs tens of
+        microseconds, a hop to a worker thread and back ~0.1 ms of CPU and seven context
+        switches. While another thread holds the database (a long transaction: GC,
+        unpack, a big list) it runs in a worker thread, so the loop never waits."""
+        if self._lock.acquire(blocking=False):
+            try:
+                return fn(*args)
+            finally:
+                self._lock.release()
+        return await asyncio.to_thread(fn, *args)
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:

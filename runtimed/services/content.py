@@ -48,14 +48,15 @@ def status_to_proto(st: Status) -> pb.Status:
 class ContentService(content_pb2_grpc.ContentServicer):
     def __init__(self, daemon):
         self.store = daemon.content
+        self.run = daemon.db.run
 
     async def Info(self, request, context):
-        info = await asyncio.to_thread(self.store.info, namespace(context), request.digest)
+        info = await self.run(self.store.info, namespace(context), request.digest)
         return pb.InfoResponse(info=info_to_proto(info))
 
     async def Update(self, request, context):
         info = ContentInfo(request.info.digest, 0, 0, 0, dict(request.info.labels))
-        updated = await asyncio.to_thread(
+        updated = await self.run(
             self.store.update, namespace(context), info, list(request.update_mask.paths)
         )
         return pb.UpdateResponse(info=info_to_proto(updated))
@@ -76,7 +77,7 @@ class ContentService(content_pb2_grpc.ContentServicer):
     async def Read(self, request, context):
         ns = namespace(context)
         digests.validate(request.digest)
-        info = await asyncio.to_thread(self.store.info, ns, request.digest)
+        info = await self.run(self.store.info, ns, request.digest)
         offset = max(request.offset, 0)
         if offset > info.size:
             raise OutOfRange(f"read past object length {info.size} bytes")

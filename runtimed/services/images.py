@@ -48,9 +48,10 @@ class ImagesService(images_pb2_grpc.ImagesServicer):
     def __init__(self, daemon):
         self.store = daemon.images
         self.gc = daemon.gc
+        self.run = daemon.db.run
 
     async def Get(self, request, context):
-        image = await asyncio.to_thread(self.store.get, namespace(context), request.name)
+        image = await self.run(self.store.get, namespace(context), request.name)
         return pb.GetImageResponse(image=to_proto(image))
 
     async def List(self, request, context):
@@ -60,22 +61,20 @@ class ImagesService(images_pb2_grpc.ImagesServicer):
     async def Create(self, request, context):
         if not request.image.name:
             raise InvalidArgument("Image.Name required")
-        created = await asyncio.to_thread(
-            self.store.create, namespace(context), from_proto(request.image)
-        )
+        created = await self.run(self.store.create, namespace(context), from_proto(request.image))
         return pb.CreateImageResponse(image=to_proto(created))
 
     async def Update(self, request, context):
         if not request.image.name:
             raise InvalidArgument("Image.Name required")
-        updated = await asyncio.to_thread(
+        updated = await self.run(
             self.store.update, namespace(context), from_proto(request.image),
             list(request.update_mask.paths),
         )
         return pb.UpdateImageResponse(image=to_proto(updated))
 
     async def Delete(self, request, context):
-        await asyncio.to_thread(self.store.delete, namespace(context), request.name)
+        await self.run(self.store.delete, namespace(context), request.name)
         if request.sync:
             await self.gc.collect_async()
         return empty_pb2.Empty()

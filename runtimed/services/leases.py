@@ -28,15 +28,16 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
     def __init__(self, daemon):
         self.store = daemon.leases
         self.gc = daemon.gc
+        self.run = daemon.db.run
 
     async def Create(self, request, context):
-        lease = await asyncio.to_thread(
+        lease = await self.run(
             self.store.create, namespace(context), request.id or None, dict(request.labels)
         )
         return pb.CreateResponse(lease=to_proto(lease))
 
     async def Delete(self, request, context):
-        await asyncio.to_thread(self.store.delete, namespace(context), request.id)
+        await self.run(self.store.delete, namespace(context), request.id)
         if request.sync:
             await self.gc.collect_async()
         return empty_pb2.Empty()
@@ -47,18 +48,16 @@ class LeasesService(leases_pb2_grpc.LeasesServicer):
 
     async def AddResource(self, request, context):
         resource = Resource(request.resource.id, request.resource.type)
-        await asyncio.to_thread(self.store.add_resource, namespace(context), request.id, resource)
+        await self.run(self.store.add_resource, namespace(context), request.id, resource)
         return empty_pb2.Empty()
 
     async def DeleteResource(self, request, context):
         resource = Resource(request.resource.id, request.resource.type)
-        await asyncio.to_thread(
-            self.store.delete_resource, namespace(context), request.id, resource
-        )
+        await self.run(self.store.delete_resource, namespace(context), request.id, resource)
         return empty_pb2.Empty()
 
     async def ListResources(self, request, context):
-        found = await asyncio.to_thread(self.store.list_resources, namespace(context), request.id)
+        found = await self.run(self.store.list_resources, namespace(context), request.id)
         return pb.ListResourcesResponse(
             resources=[pb.Resource(id=r.id, type=r.type) for r in found]
         )

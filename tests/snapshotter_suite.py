@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -126,7 +127,25 @@ def test_remove_with_children_is_refused(snapshotter):
     snapshotter.remove(NS, "parent")
     with pytest.raises(NotFound):
         snapshotter.remove(NS, "parent")
-    assert os.listdir(snapshotter.snapshots_dir) == []
+    assert settled_trees(snapshotter) == []
+
+
+def settled_trees(snapshotter) -> list[str]:
+    """The trees on disk once removed ones (renamed `rm-*` at once, deleted on a background
+    thread) are gone; fails if they never go."""
+    deadline = time.monotonic() + 10
+    while any(e.startswith("rm-") for e in os.listdir(snapshotter.snapshots_dir)):
+        assert time.monotonic() < deadline, os.listdir(snapshotter.snapshots_dir)
+        time.sleep(0.01)
+    return sorted(os.listdir(snapshotter.snapshots_dir))
+
+
+def test_remove_detaches_the_tree_at_once(snapshotter):
+    snapshotter.prepare(NS, "a")
+    (id,) = os.listdir(snapshotter.snapshots_dir)
+    snapshotter.remove(NS, "a")
+    assert not (snapshotter.snapshots_dir / id).exists()  # no half tree under its id
+    assert settled_trees(snapshotter) == []
 
 
 def test_commit_rules(snapshotter):

@@ -12,14 +12,16 @@ changes across commit, so mounts handed out for an active snapshot stay valid af
 committed. An implementation only creates, mounts, measures and removes those trees.
 
 Crash safety: a tree is built under a temporary name, then renamed to its id inside the
-metadata transaction that records it; removal deletes the record first and the tree after.
-Trees without a record are what `cleanup` (and start-up) removes.
+metadata transaction that records it; removal deletes the record first, renames the tree
+to `rm-<id>` and deletes it on a background thread (the caller does not wait for a large
+tree to go). Trees without a record are what `cleanup` (and start-up) removes.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -54,6 +56,8 @@ MIGRATIONS = [
     CREATE INDEX snapshots_parent ON snapshots(parent_id)
     """,
 ]
+
+log = logging.getLogger("runtimed.snapshots")
 
 # a label clients set on snapshots to find them by content (containerd's snapshot.ref)
 SNAPSHOT_REF_LABEL = "containerd.io/snapshot.ref"
@@ -137,6 +141,8 @@ class Snapshotter(ABC):
         db.migrate("snapshots", MIGRATIONS)
         self._lock = threading.Lock()
         self._building: set[str] = set()
+        self._purger: threading.Thread | None = None
+        self._purge_again = False
 
     # -- what an implementation provides ------------------------------------------------
 
@@ -217,7 +223,7 @@ class Snapshotter(ABC):
                     f"snapshot {key!r} has children (e.g. {child['key']!r}): remove them first"
                 )
             tx.execute("DELETE FROM snapshots WHERE id = ?", (row.id,))
-        self._discard(self.path(row.id))
+        self._detach(self.path(row.id))
         self._event(ns, "/snapshot/remove", key=key)
         if self.gc is not None:
             self.gc.schedule()
@@ -298,6 +304,31 @@ class Snapshotter(ABC):
         for entry in os.listdir(self.snapshots_dir):
             if entry.startswith("rm-"):
                 self._discard(self.snapshots_dir / entry)
+
+    def _detach(self, path: Path) -> None:
+        """Rename a tree whose record is gone to `rm-*` and have it deleted soon."""
+        try:
+            os.rename(path, path.with_name("rm-" + path.name))
+        except FileNotFoundError:
+            return  # detached by a concurrent cleanup
+        with self._lock:
+            self._purge_again = True
+            if self._purger is None:
+                self._purger = threading.Thread(target=self._purge_loop, daemon=True,
+                                                name=f"{self.name}-purge")
+                self._purger.start()
+
+    def _purge_loop(self) -> None:
+        while True:
+            with self._lock:
+                if not self._purge_again:
+                    self._purger = None
+                    return
+                self._purge_again = False
+            try:
+                self.purge()
+            except OSError:
+                log.exception("removing detached trees of %s", self.name)
 
     def namespaces_keys(self) -> list[tuple[str, str, int]]:
         """(namespace, key, id) of every snapshot: for the garbage collector."""

@@ -445,6 +445,40 @@ def test_restart_recreates_a_lost_netns_with_the_same_address(daemon, net):
             containers_pb2.DeleteContainerRequest(id="survivor"), metadata=NS)
 
 
+def test_restart_rebuilds_a_half_made_endpoint_and_stale_hosts_files(daemon, net):
+    """As a helper killed inside endpoint_add leaves it: the veth is on the bridge but the
+    inner end is down and unaddressed. And a peer's hosts file that missed an update. The
+    next start rebuilds the endpoint with its address and rewrites every hosts file."""
+    for cid in ("broken", "peer"):
+        create_container(daemon, cid)
+    try:
+        broken = attach(net, "broken")
+        peer = attach(net, "peer")
+        ip = broken.interfaces[0].ip
+        daemon.kill9()
+        assert in_netns(broken, "ip", "addr", "flush", "dev", "eth0").returncode == 0
+        assert in_netns(broken, "ip", "link", "set", "eth0", "down").returncode == 0
+        with open(peer.hosts_path, "r+") as f:  # in place: the inode is what a container sees
+            stale = f.read().replace(f"{ip}\tbroken", "10.0.0.1\tbroken")
+            f.seek(0)
+            f.write(stale)
+            f.truncate()
+        daemon.start()
+        out = in_netns(broken, "ip", "-o", "-4", "addr", "show", "dev", "eth0").stdout
+        assert f" {ip}/" in out
+        assert "UP" in in_netns(broken, "ip", "-o", "link", "show", "eth0").stdout
+        assert f"default via {broken.interfaces[0].gateway}" in in_netns(broken, "ip", "route").stdout
+        assert f"{ip}\tbroken\n" in open(peer.hosts_path).read()
+        got = in_netns(peer, BUSYBOX, "ping", "-c", "1", "-W", "5", ip)
+        assert got.returncode == 0, got.stdout + got.stderr
+    finally:
+        if daemon.proc.poll() is not None:
+            daemon.start()
+        for cid in ("broken", "peer"):
+            containers_pb2_grpc.ContainersStub(daemon.channel()).Delete(
+                containers_pb2.DeleteContainerRequest(id=cid), metadata=NS)
+
+
 def test_bridges_of_dead_daemons_are_swept_and_live_ones_kept(daemon, net, tmp_path):
     """A runtimed killed for good leaves its bridges; the next runtimed to make a default
     network removes those whose owner's root is no longer locked, and only those."""

@@ -525,6 +525,31 @@ class NetCrasher:
         return problems
 
 
+    def scrub(self) -> None:
+        """When the test failed before its teardown could run through the daemon: remove
+        what it made by hand, so a failure leaves nothing on the host either."""
+        owner = f"runtimed {self.daemon.root}"
+        present = links()
+        for name, link in present.items():
+            if link["bridge"] and link["alias"] == owner:
+                self.bridges.add(name)
+        for c, network in self.pairs:
+            veth = veth_name(self.daemon.state, self.ns, c, network)
+            for name in (veth, "rp" + veth[2:]):
+                if name in present:
+                    subprocess.run(["ip", "link", "del", name], capture_output=True)
+        for bridge in self.bridges:
+            if bridge in present:
+                subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+        out = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("-A ") and any(f"runtimed:{b}" in line for b in self.bridges):
+                import shlex
+
+                subprocess.run(["iptables", "-t", "nat", "-D", *shlex.split(line)[1:]],
+                               capture_output=True)
+
+
 def run_crashes(daemon, ns, tmp_path, plan: list[tuple[str, bool]], seed: int) -> None:
     crasher = NetCrasher(daemon, ns, random.Random(seed), tmp_path)
     try:
@@ -532,8 +557,14 @@ def run_crashes(daemon, ns, tmp_path, plan: list[tuple[str, bool]], seed: int) -
         crasher.verify("after setup")
         for op, kill_helper in plan:
             crasher.inject(op, kill_helper)
-    finally:
-        crasher.teardown()
+    except BaseException:
+        try:
+            crasher.teardown()
+        except BaseException:  # noqa: BLE001 - the first failure is the one to report
+            pass
+        crasher.scrub()
+        raise
+    crasher.teardown()
     problems = crasher.leftovers()
     if problems:
         stats.record("leaks", len(problems))

@@ -250,7 +250,20 @@ class TaskManager:
 
     async def delete(self, namespace: str, id: str) -> ExitStatus:
         task = self.get(namespace, id)
-        response = await task.shim.call("Delete", shim_pb2.DeleteRequest(id=id))
+        unmounting = None
+        if task.init_exit is not None and task.info.rootfs_mounted:
+            # init has exited: nothing uses the host's rootfs mount (the container's own
+            # mount namespace had its copy), so unmount it while the shim deletes; should
+            # the shim refuse, the task stays stopped, its rootfs unmounted
+            unmounting = asyncio.ensure_future(
+                asyncio.to_thread(_unmount_rootfs, task.bundle / "rootfs"))
+        try:
+            response = await task.shim.call("Delete", shim_pb2.DeleteRequest(id=id))
+        finally:
+            if unmounting is not None:
+                await asyncio.wait({unmounting})
+                if not unmounting.cancelled() and unmounting.exception() is not None:
+                    log.debug("%s/%s: early unmount: %s", namespace, id, unmounting.exception())
         await self._remove(task, response.event_seq)
         return ExitStatus(response.pid, response.exit_status, response.exited_at)
 

@@ -524,6 +524,8 @@ class _Call:
         while True:
             with connection.lock:
                 while not threaded and min(connection.send_window, self.send_window) <= 0 and len(data):
+                    if self.finished:  # the daemon answered (an error) before reading it all
+                        return
                     connection.lock.release()  # read frames until the daemon opens a window
                     try:
                         self._pump()

@@ -15,6 +15,8 @@ from runtimed.api.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from runtimed.api.containerd.services.snapshots.v1 import snapshots_pb2_grpc
 from runtimed.api.images.v1 import archive_pb2, archive_pb2_grpc
 from runtimed.images.unpack import chain_ids
+from runtimed.snapshots import mount as mountlib
+from runtimed.snapshots.mount import Mount
 from tests import testimages
 
 MD = [("containerd-namespace", "default")]
@@ -104,3 +106,30 @@ def test_wrong_diff_id_is_refused_and_leaves_nothing(daemon, tmp_path):
     assert infos(daemon.channel()) == {}
     leftovers = os.listdir(daemon.root / "snapshots" / "overlayfs" / "snapshots")
     assert [e for e in leftovers if not e.startswith("rm-")] == []
+
+
+@pytest.mark.parametrize("snapshotter", ["overlayfs", "native"])
+def test_hard_link_to_a_lower_layer_file(daemon, tmp_path, snapshotter):
+    """Layer 2 hard-links a file of layer 1 (links may span layers: layers apply in order).
+    Overlay applies into the upper directory, so the target is copied up there first; both
+    snapshotters end with the two names on one inode with layer 1's contents."""
+    layout = testimages.Layout()
+    tars = [testimages.Layer().dir("bin").file("bin/tool", b"layer one", 0o755).tar(),
+            testimages.Layer().dir("usr").hardlink("usr/alias", "bin/tool").tar()]
+    manifest, _ = layout.image([(testimages.gzip_bytes(t), testimages.sha256(t)) for t in tars],
+                               {}, testimages.host_arch())
+    path = tmp_path / "links.tar"
+    layout.write(path, [testimages.named(manifest, "docker.io/test/links:latest")])
+    run_import(daemon.channel(), path, snapshotter=snapshotter)
+    top = chain_ids([testimages.sha256(t) for t in tars])[-1]
+    assert infos(daemon.channel(), snapshotter)[top].kind == pb.COMMITTED
+    stub = snapshots_pb2_grpc.SnapshotsStub(daemon.channel())
+    mounts = stub.View(pb.ViewSnapshotRequest(snapshotter=snapshotter, key="links-view",
+                                              parent=top), metadata=MD).mounts
+    with mountlib.temp_mount([Mount.from_proto(m) for m in mounts], parent=tmp_path) as root:
+        root = os.fspath(root)
+        alias, tool = os.lstat(f"{root}/usr/alias"), os.lstat(f"{root}/bin/tool")
+        assert alias.st_ino == tool.st_ino and alias.st_nlink == 2
+        assert open(f"{root}/usr/alias", "rb").read() == b"layer one"
+        assert tool.st_mode & 0o777 == 0o755
+    stub.Remove(pb.RemoveSnapshotRequest(snapshotter=snapshotter, key="links-view"), metadata=MD)

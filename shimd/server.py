@@ -117,7 +117,8 @@ def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None) -> i
 def run_spare(sock: Path, ready_fd: int, control_fd: int) -> int:
     """A spare shim (docs/shim.md): serves on `sock` at once, learns its container from
     one JSON line on `control_fd` (`{"id", "namespace", "bundle"}`), answers
-    `{"address": ...}` there, and from then on is that container's shim. EOF on
+    `{"address": ...}` there, and from then on is that container's shim, still on `sock`
+    (runtimed's channel to it stays valid; `<bundle>/address` names it). EOF on
     `control_fd` before a claim (runtimed stopped or died) ends it."""
     import asyncio
 
@@ -200,20 +201,6 @@ async def _serve(id: str | None, bundle: Path | None, ready_fd: int | None,
             return 0
         _, writer, (id, namespace, bundle) = claimed
         _become(id, namespace, bundle)
-        final = socket_path(bundle)
-        try:
-            final.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
-            os.rename(sock, final)  # the bound socket keeps serving under its new name
-        except OSError as exc:
-            log.error("spare shim cannot move its socket to %s: %s", final, exc.strerror)
-            writer.write(json.dumps({"error": f"socket: {exc.strerror}"}).encode() + b"\n")
-            writer.close()
-            server.close()
-            await server.wait_closed()
-            with contextlib.suppress(FileNotFoundError):
-                sock.unlink()
-            return 1
-        sock = final
     shim = Shim(id, bundle, reaper)
     api.shim = shim
     address = f"unix://{sock}"

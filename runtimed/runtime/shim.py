@@ -94,14 +94,13 @@ class ShimManager:
     def __init__(self, state: Path):
         self.tasks_dir = state / "tasks"
         self.zygote_socket = state / "shim-zygote.sock"
-        self.spares_dir = state / "shim-spares"
+        self.spares_dir = state / "shim-sockets"
         self.use_zygote = os.environ.get("RUNTIMED_SHIM_ZYGOTE", "1") != "0"
         self.use_spare = self.use_zygote and os.environ.get("RUNTIMED_SHIM_SPARE", "1") != "0"
         self._zygote_lock = asyncio.Lock()
         self._spare: asyncio.Task | None = None
         self._closed = False
-        # sockets of spares a previous runtimed left (a spare exits with its runtimed)
-        shutil.rmtree(self.spares_dir, ignore_errors=True)
+        remove_stale_sockets(self.spares_dir)
 
     def bundle_path(self, namespace: str, id: str) -> Path:
         return self.tasks_dir / namespace / id
@@ -124,11 +123,9 @@ class ShimManager:
 
     async def _claim_spare(self, namespace: str, id: str, bundle: Path) -> ShimClient | None:
         """The ready spare, now the shim of `bundle`; None when there is none ready."""
-        from shimd.server import socket_path
-
         task = self._spare
-        if task is None or socket_path(bundle).parent != bundle:
-            return None  # (a socket outside the bundle may be on another filesystem)
+        if task is None:
+            return None
         self._spare = None
         try:
             # one still being forked is ready sooner than a fork queued behind it
@@ -162,10 +159,8 @@ class ShimManager:
                         reply.get("error", "no answer"))
             await spare.client.close()
             return None
-        # a channel to the socket's final name: a channel reconnects by name (after going
-        # idle, say), and the spare's name is gone; the connection is made on first use
-        client = ShimClient(id, reply["address"], bundle)
-        asyncio.ensure_future(spare.client.close())
+        client = spare.client  # connected already, to the socket the shim keeps
+        client.id, client.bundle = id, bundle
         return client
 
     def _replenish(self) -> None:
@@ -312,6 +307,7 @@ class ShimManager:
     async def cleanup(self, info: BundleInfo, bundle: Path) -> None:
         """After a dead (or never started) shim: make the runtime forget the container
         (killing what is left of it), unmount its rootfs, remove the bundle."""
+        _remove_spare_socket(bundle, self.spares_dir)
         runtime_root = bundle / "runtime"
         if runtime_root.is_dir():
             from shimd.runtime import command_for
@@ -330,6 +326,36 @@ class ShimManager:
             except OSError as exc:
                 log.warning("%s/%s: runtime delete: %s", info.namespace, info.id, exc)
         await asyncio.to_thread(remove_bundle, bundle)
+
+
+def remove_stale_sockets(directory: Path) -> None:
+    """Sockets in `directory` nobody listens on: spares and claimed spares that were
+    killed (a live one accepts the probe; a spare exits with its runtimed)."""
+    import socket
+
+    try:
+        entries = list(directory.iterdir())
+    except FileNotFoundError:
+        return
+    for path in entries:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink(missing_ok=True)
+        finally:
+            probe.close()
+
+
+def _remove_spare_socket(bundle: Path, directory: Path) -> None:
+    """After a dead shim that was a spare: its socket lives outside the bundle."""
+    try:
+        address = (bundle / "address").read_text().strip()
+    except OSError:
+        return
+    path = Path(address.removeprefix("unix://"))
+    if path.parent == directory:
+        path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

@@ -1,7 +1,8 @@
 """The spare shim (docs/shim.md): runtimed keeps one shim forked ahead of need; a create
 claims it (it learns its container then) and the next one is forked in the background.
-A spare never outlives the runtimed that asked for it, and restart recovery never sees
-it. Driven through `ShimManager` (runtimed's side) against the real zygote and shims.
+A spare never outlives the runtimed that asked for it, restart recovery never sees it,
+and no socket of one is left behind. Driven through `ShimManager` (runtimed's side)
+against the real zygote and shims.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket as sock_module
 import subprocess
 import sys
 import textwrap
@@ -103,26 +105,64 @@ def test_a_create_claims_the_spare_and_a_new_one_is_forked(state, rootfs_templat
         reply = await client.call("Connect", pb.ConnectRequest(id="second"), timeout=5)
         assert reply.shim_pid == spare  # the spare became second's shim
         assert comm(spare) == "shimd-second"
-        assert (second / "address").read_text() == f"unix://{second / 'shim.sock'}"
+        address = (second / "address").read_text()
+        assert address == client.address  # runtimed's channel to the spare stays valid
+        socket = Path(address.removeprefix("unix://"))
+        assert socket.parent == state / "shim-sockets" and socket.is_socket()
         assert int((second / "shim.pid").read_text()) == spare
         assert "serving on" in (second / "shim.log").read_text()
         assert await run_true(client, "second", second) == 0
         wait_until(lambda: not alive(spare))  # Shutdown: gone like any shim
+        assert not socket.exists()
         await asyncio.wait_for(asyncio.shield(manager._spare), 30)
         [replacement] = spares_of(state)
         assert replacement != spare
 
         await manager.stop_zygote()
-        wait_until(lambda: not alive(replacement))  # runtimed stopping ends its spare
-        assert list((state / "shim-spares").iterdir()) == []
+        assert not alive(replacement)  # runtimed stopping ends its spare first
+        assert list((state / "shim-sockets").iterdir()) == []
         assert manager.scan() == [("sp", "first", first), ("sp", "second", second)]
+
+    asyncio.run(scenario())
+
+
+def test_a_killed_claimed_spare_leaves_no_socket(state, rootfs_template, cgroup_check):
+    async def scenario() -> None:
+        from runtimed.runtime.shim import BundleInfo
+
+        manager = ShimManager(state)
+        first = bundle_for(manager, rootfs_template, "first", ["true"])
+        assert await run_true(await manager.start("sp", "first", first), "first", first) == 0
+        await asyncio.wait_for(asyncio.shield(manager._spare), 30)
+        held = bundle_for(manager, rootfs_template, "held", ["sleep", "1000"])
+        client = await manager.start("sp", "held", held)
+        await client.call("Create", pb.CreateRequest(id="held", bundle=str(held)), timeout=30)
+        socket = Path(client.address.removeprefix("unix://"))
+        assert socket.parent == state / "shim-sockets"
+        shim = int((held / "shim.pid").read_text())
+        await asyncio.wait_for(asyncio.shield(manager._spare), 30)
+        spare_sockets = set((state / "shim-sockets").iterdir()) - {socket}
+        os.kill(shim, signal.SIGKILL)
+        wait_until(lambda: not alive(shim))
+        await client.close()
+        assert socket.exists()
+        await manager.cleanup(BundleInfo("sp", "held", "", False), held)  # dead-shim cleanup
+        assert not socket.exists()
+        # one a crash left behind (bound, nobody listening): a restarted runtimed removes
+        # it and keeps the live spare's
+        stale = state / "shim-sockets" / "stale.sock"
+        with sock_module.socket(sock_module.AF_UNIX, sock_module.SOCK_STREAM) as s:
+            s.bind(str(stale))
+        ShimManager(state)
+        assert set((state / "shim-sockets").iterdir()) == spare_sockets
+        await manager.stop_zygote()
 
     asyncio.run(scenario())
 
 
 def test_a_spare_exits_when_its_runtimed_dies(state, rootfs_template, cgroup_check):
     """kill -9 of the process holding the ShimManager: its spare sees the connection close
-    and exits; the next ShimManager on the state dir starts from a clean spares dir."""
+    and exits, and removes its socket."""
     manager = ShimManager(state)
     bundle = bundle_for(manager, rootfs_template, "lone", ["true"])
     program = textwrap.dedent(f"""
@@ -152,5 +192,4 @@ def test_a_spare_exits_when_its_runtimed_dies(state, rootfs_template, cgroup_che
         holder.wait()
         holder.stdout.close()
     wait_until(lambda: not alive(spare))
-    ShimManager(state)  # a restarted runtimed
-    assert not (state / "shim-spares").exists()
+    assert list((state / "shim-sockets").iterdir()) == []

@@ -222,6 +222,14 @@ async def serve(config: Config) -> None:
         pass
 
 
+def _new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop: it runs grpc.aio's per-call callbacks (three tasks and a dozen wake-ups per
+    RPC) with ~20% less CPU than asyncio's own loop (docs/architecture.md)."""
+    import uvloop
+
+    return uvloop.new_event_loop()
+
+
 def _setup_logging(level: str, fmt: str) -> None:
     if fmt == "json":
         import json
@@ -267,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             log_format=args.log_format,
         )
         _setup_logging(config.log_level, config.log_format)
-        asyncio.run(serve(config))
+        with asyncio.Runner(loop_factory=_new_event_loop) as runner:
+            runner.run(serve(config))
     except RuntimedError as exc:
         print(f"runtimed: {exc}", file=sys.stderr)
         return 1

@@ -111,16 +111,14 @@ class Subscription:
     dropped: int = 0
     _waiter: asyncio.Future | None = None
 
-    def _put(self, event: Event | None) -> None:
+    def put(self, event: Event | None) -> None:
+        """Queue an event (None: the overflow marker); on the event loop's thread."""
         self.pending.append(event)
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
             if not waiter.done():
                 waiter.set_result(None)
-
-    def qsize(self) -> int:
-        return len(self.pending)
 
     async def batch(self) -> list[Event]:
         """Every event queued now (at least one, waiting for it), in order. Raises
@@ -193,10 +191,10 @@ class Exchange:
             if len(sub.pending) >= QUEUE_SIZE - 1:  # keep one slot for the overflow marker
                 sub.dropped = 1
                 self.dropped += 1
-                sub._put(None)
+                sub.put(None)
                 log.warning("event subscriber overflowed; it will be told to re-list")
                 continue
-            sub._put(event)
+            sub.put(event)
 
     def subscribe(self, filters: list[str] | None = None) -> Subscription:
         key = tuple(filters or ())

@@ -148,6 +148,17 @@ class ContainerStore:
         found = (_row_to_container(r) for r in rows)
         return [c for c in found if selected.match(_lookup(c))]
 
+    def stamp(self, namespace: str, container_id: str) -> int:
+        """The container's updated_at: enough to tell whether a cached encoding is current."""
+        with self.db.read() as conn:
+            row = conn.execute(
+                "SELECT updated_at FROM containers WHERE namespace = ? AND id = ?",
+                (namespace, container_id),
+            ).fetchone()
+        if row is None:
+            raise NotFound(f"container {container_id!r} in namespace {namespace!r} not found")
+        return row[0]
+
     def stamps(self, namespace: str) -> list[tuple[str, int]]:
         """(id, updated_at) of every container in a namespace, in List order: enough to
         tell whether a cached encoding is current without reading whole records."""

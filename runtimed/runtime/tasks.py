@@ -608,13 +608,23 @@ class TaskManager:
             try:
                 await shim.call("State", shim_pb2.StateRequest(id=id), CONNECT_TIMEOUT)
             except NotFound:
-                # deleted, but runtimed went down before it shut the shim down: finish that
-                log.info("%s/%s: task was deleted; removing its shim and bundle", namespace, id)
+                # deleted, or its create cut short, and runtimed went down before it shut
+                # the shim down: finish that, the runtime's leftovers (a created init and
+                # its cgroup) removed once the shim, and any create it ran, are over
+                log.info("%s/%s: task deleted or never created; removing its shim and bundle",
+                         namespace, id)
                 from shimd.outbox import Outbox
 
                 task.forwarder = asyncio.ensure_future(self._forward(task))
                 await self._wait_published(task, Outbox(bundle / "events.jsonl").seq)
-                await self._remove(task)
+                task.removing = True
+                await self._stop_relay(task)
+                with contextlib.suppress(RuntimedError):
+                    await shim.call("Shutdown", shim_pb2.ShutdownRequest(id=id, now=True),
+                                    SHUTDOWN_TIMEOUT)
+                await shim.close()
+                await _wait_shim_exit(bundle, SHIM_EXIT_TIMEOUT)
+                await self.shims.cleanup(info, bundle)
                 continue
             except RuntimedError as exc:
                 log.warning("%s/%s: shim state: %s", namespace, id, exc)
@@ -744,7 +754,7 @@ def _retired_shim_pid(retired: Path) -> int:
 
 
 async def _wait_shim_exit(retired: Path, timeout: float) -> None:
-    """Until the shim of a retired bundle has exited; killed after `timeout`."""
+    """Until the shim working in a (retired) bundle has exited; killed after `timeout`."""
     pid = _retired_shim_pid(retired)
     if not pid:
         return

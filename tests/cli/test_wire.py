@@ -180,3 +180,19 @@ def test_forked_child_dials_its_own_connection(client):
     assert os.waitstatus_to_exitcode(status) == 0
     assert client.version()["version"]
     assert client._connection.channel._idle == pooled  # the parent's survived the child
+
+
+def test_one_client_many_threads(client):
+    """Calls from many threads share a Client: each takes a pooled connection of its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(n: int) -> int:
+        for _ in range(10):
+            assert client.version()["version"]
+            assert client.containers.list() == []
+            client.list_namespaces()
+        return n
+
+    with ThreadPoolExecutor(16) as pool:
+        assert sorted(pool.map(work, range(32))) == list(range(32))
+    assert 1 <= len(client._connection.channel._idle) <= 16

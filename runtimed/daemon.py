@@ -116,14 +116,16 @@ def _limit_malloc_retention() -> None:
     each thread its own arena and, once a large mmap'd buffer is freed, raises its mmap
     threshold, so later large buffers come from the arenas and stay there: the daemon's
     RSS grew from ~55 to ~180 MB over two 200 MB imports, two pulls and two pushes. Two
-    arenas and a fixed 256 KiB threshold (large buffers mmap'd, unmapped on free) keep it
-    at ~65 MB, at no measurable cost in throughput (docs/architecture.md)."""
+    arenas (freed buffers get reused instead of new arenas growing) and a threshold fixed
+    at 4 MiB keep it at ~80 MB over the whole bench sequence (docs/architecture.md). A
+    lower threshold (256 KiB) saves 3 MB more but maps and faults in every 1 MiB buffer:
+    import throughput fell by a quarter."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except AttributeError:  # not glibc
         return
     mallopt(_M_ARENA_MAX, 2)
-    mallopt(_M_MMAP_THRESHOLD, 256 << 10)
+    mallopt(_M_MMAP_THRESHOLD, 4 << 20)
 
 
 _M_MMAP_THRESHOLD = -3  # glibc's malloc.h

@@ -5,7 +5,9 @@ log, never a traceback; the zygote keeps serving and leaves nothing behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,23 @@ def zygote_pid(state: Path) -> int:
     return found[0]
 
 
+def release(cgroup: Path) -> None:
+    """Move what is in `cgroup` back to the root and remove it (the shim forked while the
+    zygote was in it may still be exiting: retried for a while)."""
+    deadline = time.monotonic() + 10
+    while True:
+        for pid in (cgroup / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                (PIDS_ROOT / "cgroup.procs").write_text(pid)
+        try:
+            cgroup.rmdir()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 @pytest.mark.skipif(not (PIDS_ROOT / "cgroup.procs").exists(),
                     reason="needs the cgroup v1 pids hierarchy (this machine's layout)")
 def test_fork_failures_in_the_zygote_are_clean(state, rootfs_template, cgroup_check):
@@ -68,9 +87,7 @@ def test_fork_failures_in_the_zygote_are_clean(state, rootfs_template, cgroup_ch
             fed = bundle_for(manager, rootfs_template, "fed", ["true"])
             assert await run_true(await manager.start("sp", "fed", fed), "fed", fed) == 0
         finally:
-            for pid in (cgroup / "cgroup.procs").read_text().split():
-                (PIDS_ROOT / "cgroup.procs").write_text(pid)
-            cgroup.rmdir()
+            release(cgroup)
         assert zygote_pid(state) == zygote  # the same zygote served throughout
         children = Path(f"/proc/{zygote}/task/{zygote}/children").read_text().split()
         assert children == children_before  # no intermediate left unreaped

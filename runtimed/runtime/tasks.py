@@ -330,10 +330,8 @@ class TaskManager:
             return None
         self.trash.mkdir(mode=0o700, exist_ok=True)
         retired = self.trash / f"{bundle.parent.name}.{bundle.name}.{uuid.uuid4().hex[:12]}"
-        os.rename(bundle, retired)
-        with contextlib.suppress(OSError):
-            bundle.parent.rmdir()  # the namespace dir, once empty
-        return retired
+        os.rename(bundle, retired)  # the namespace dir stays (as containerd's): no rmdir
+        return retired  # racing the next create's mkdir, two journal updates per lifecycle
 
     async def _finish_removal(self, task: Task, retiring: asyncio.Future) -> None:
         """Shut the shim down, wait until its process is gone, then remove its files."""

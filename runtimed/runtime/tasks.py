@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -118,6 +119,7 @@ class Task:
     rootfs: list[mounts.Mount] = field(default_factory=list)
 
 
+@functools.cache
 def default_runtime() -> str:
     """The built-in OCI runtime when it is installed, else runc."""
     return "" if importlib.util.find_spec("shimd.oci") is not None else "runc"

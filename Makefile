@@ -26,7 +26,7 @@ deb:
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat  # a path entry, not an import hook: ~10 ms less per ctl start
 	touch $(STAMP)
 
 run: install

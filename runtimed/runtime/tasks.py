@@ -200,7 +200,8 @@ class TaskManager:
         try:
             pending = self._removals.get(key)
             if pending is not None:  # the previous shim of this id is still exiting
-                await asyncio.shield(pending)
+                with contextlib.suppress(Exception):  # (its failure is not this create's)
+                    await asyncio.shield(pending)
             await asyncio.to_thread(self._write_bundle, bundle, info, spec, rootfs)
             shim = await self.shims.start(namespace, id, bundle)
             response = await shim.call("Create", shim_pb2.CreateRequest(
@@ -772,7 +773,8 @@ async def _wait_shim_exit(retired: Path, timeout: float) -> None:
             await asyncio.wait_for(asyncio.shield(exited), timeout)
         except TimeoutError:
             log.warning("shim %d of a deleted task did not exit; killing it", pid)
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(exited, 5)
     finally:

@@ -136,8 +136,10 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
         raise InvalidArgument("process.terminal is set but no --console-socket was given")
     lin = spec.get("linux") or {}
     cgroup_path = cgroups.normalize(lin.get("cgroupsPath") or f"/{container_id}")
+    program = None
     if lin.get("seccomp"):
         seccomp.prepare(lin["seccomp"])
+        program = seccomp.cached_program(lin["seccomp"])
     store.reserve(container_id)
     cgroup = None
     seccomp_fd = None
@@ -154,6 +156,8 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
         procs_fds = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_files()]
         if lin.get("seccomp"):
             seccomp_fd = seccomp.PRECOMPILED_FD = os.memfd_create("seccomp")  # the init's copy
+            if program:  # compiled for an earlier container: complete before the init exists
+                os.write(seccomp_fd, program)
         r, w = os.pipe()
         hook_r, hook_w = os.pipe()
         child = os.fork()
@@ -173,13 +177,19 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
             _prime_cgroup_attach()
         if seccomp_fd is not None:
             seccomp.PRECOMPILED_FD = None  # the init's copy of it; not ours to use again
-            try:
-                # compiled here while the init sets up its mounts; loaded by it after start,
-                # and kept for every exec (the same profile: the spec's)
-                seccomp.precompile_into(seccomp_fd, lin["seccomp"])
-                _save_program(store, container_id, seccomp_fd)
-            except OSError:
-                os.ftruncate(seccomp_fd, 0)  # the init builds it itself and reports why not
+            if not program:
+                try:
+                    # compiled here while the init sets up its mounts; loaded by it after start
+                    seccomp.precompile_into(seccomp_fd, lin["seccomp"])
+                    program = os.pread(seccomp_fd, os.fstat(seccomp_fd).st_size, 0)
+                    seccomp.cache_program(lin["seccomp"], program)
+                except OSError:
+                    os.ftruncate(seccomp_fd, 0)  # the init builds it itself and reports why not
+            if program:
+                try:
+                    _save_program(store, container_id, program)  # for every exec (same profile)
+                except OSError:
+                    pass  # an exec builds the filter itself
             os.close(seccomp_fd)
             seccomp_fd = None
 
@@ -237,8 +247,7 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
         raise
 
 
-def _save_program(store: Store, container_id: str, fd: int) -> None:
-    program = os.pread(fd, os.fstat(fd).st_size, 0)
+def _save_program(store: Store, container_id: str, program: bytes) -> None:
     out = os.open(os.path.join(store.dir(container_id), SECCOMP_PROGRAM),
                   os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:

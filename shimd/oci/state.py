@@ -69,7 +69,7 @@ class Store:
         path = os.path.join(self.dir(state.id), "state.json")
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(state.to_dict(), f)  # no fsync: --root is per boot (a tmpfs or the shim's state dir)
+            f.write(json.dumps(state.to_dict()))  # one write; no fsync: --root is per boot (a tmpfs or the shim's state dir)
         os.rename(tmp, path)
 
     def load(self, container_id: str) -> State:

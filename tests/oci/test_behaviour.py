@@ -845,6 +845,49 @@ def test_bad_seccomp_profile_fails_create(builtin):
     assert "SCMP_ACT_SOMETIMES" in c.stderr
 
 
+def _mkdir_denied(errno_ret: int = 1) -> dict:
+    return {"defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO",
+                          "errnoRet": errno_ret}]}
+
+
+def test_seccomp_program_cache(builtin, tmp_path, monkeypatch):
+    """Compiled once per profile (docs/oci-runtime.md), and the cached program is the one
+    the init installs; a cache directory others could write to is not trusted."""
+    from shimd.oci import seccomp
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SHIMD_OCI_SECCOMP_CACHE", str(cache))
+
+    def mkdir_result(profile: dict) -> str:
+        spec = builtin.spec(sh("mkdir /tmp/d 2>/dev/null; echo $?"))
+        spec["mounts"].append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"})
+        spec["linux"]["seccomp"] = profile
+        c = builtin.run_to_exit(spec)
+        assert c.wait() == 0, c.stderr
+        return c.stdout.strip()
+
+    assert mkdir_result(_mkdir_denied()) == "1"  # compiled and cached
+    [entry] = list(cache.iterdir())
+    assert entry.stat().st_mode & 0o777 == 0o600 and cache.stat().st_mode & 0o777 == 0o700
+    assert entry.stat().st_size % 8 == 0
+    assert mkdir_result(_mkdir_denied()) == "1"  # from the cache, still enforced
+    assert list(cache.iterdir()) == [entry]
+
+    # the init installs what the cache holds: an allow-all program lets mkdir through
+    fd = os.memfd_create("allow")
+    seccomp.precompile_into(fd, {"defaultAction": "SCMP_ACT_ALLOW"})
+    entry.write_bytes(os.pread(fd, os.fstat(fd).st_size, 0))
+    os.close(fd)
+    assert mkdir_result(_mkdir_denied()) == "0"
+
+    cache.chmod(0o770)  # writable by the group: ignored, the profile is compiled again
+    assert mkdir_result(_mkdir_denied()) == "1"
+    cache.chmod(0o700)
+    assert mkdir_result(_mkdir_denied(13)) == "1"  # another profile, another entry
+    assert len(list(cache.iterdir())) == 2
+
+
 @pytest.mark.parametrize("bad", [
     {"rlimits": [{"type": "RLIMIT_BOGUS", "soft": 1, "hard": 1}]},
     {"rlimits": [{"type": "RLIMIT_NOFILE", "soft": 10, "hard": 5}]},

@@ -88,3 +88,24 @@ def test_store_roundtrip_and_errors(tmp_path):
     for bad in ("", "..", "a/b"):
         with pytest.raises(InvalidArgument):
             store.dir(bad)
+
+
+def test_seccomp_cache_key_and_untrusted_entries(tmp_path, monkeypatch):
+    monkeypatch.setattr(seccomp, "CACHE_DIR", str(tmp_path / "cache"))
+    a = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}]}
+    reordered = {"syscalls": [{"action": "SCMP_ACT_ERRNO", "names": ["mkdir"]}], "defaultAction": "SCMP_ACT_ALLOW"}
+    b = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["rmdir"], "action": "SCMP_ACT_ERRNO"}]}
+    assert seccomp.cache_key(a) == seccomp.cache_key(reordered) != seccomp.cache_key(b)
+    assert seccomp.cached_program(a) is None  # no cache directory yet
+    program = bytes(range(16))
+    seccomp.cache_program(a, program)
+    assert seccomp.cached_program(a) == program and seccomp.cached_program(b) is None
+    entry = tmp_path / "cache" / seccomp.cache_key(a)
+    entry.write_bytes(program[:12])  # not whole instructions
+    assert seccomp.cached_program(a) is None
+    entry.unlink()
+    os.symlink(tmp_path / "elsewhere", entry)
+    (tmp_path / "elsewhere").write_bytes(program)
+    assert seccomp.cached_program(a) is None  # never followed
+    seccomp.cache_program(b, b"")  # nothing to keep
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [entry.name]

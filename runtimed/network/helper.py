@@ -21,6 +21,8 @@ import subprocess
 import sys
 from contextlib import contextmanager
 
+from runtimed.network.rtnl import LOOPBACK_INDEX, Rtnl
+
 CLONE_NEWNET = 0x40000000
 MS_BIND = 4096
 MNT_DETACH = 2
@@ -77,6 +79,11 @@ def _iproute(netns: str | None = None):
         return IPRoute()
     with _entered(netns):
         return IPRoute()
+
+
+# Bridges whose address, alias and NAT rule `bridge_up` saw to in this helper's life: an
+# attach then only checks (one request) that the bridge still exists and is up.
+_verified: set[str] = set()
 
 
 def _index(ipr, name: str) -> int | None:
@@ -172,12 +179,14 @@ def bridge_up(name: str, address: str, subnet: str, masquerade: bool = True,
                 nat = True
         except OSError:
             nat = False
+    _verified.add(name)
     return {"nat": nat}
 
 
 def bridge_down(name: str, subnet: str = "") -> None:
     """Delete the bridge and its NAT rules (found by their comment when the subnet is
     not known, as for an orphan)."""
+    _verified.discard(name)
     try:
         saved = subprocess.run(["iptables-save", "-t", "nat"], capture_output=True, text=True).stdout
         for line in saved.splitlines():
@@ -215,8 +224,12 @@ def nat_orphans_down() -> int:
     return removed
 
 
-def netns_create(path: str) -> None:
-    """A new network namespace, kept alive by a bind mount of its nsfs file on `path`."""
+def _new_netns(path: str) -> Rtnl:
+    """A new network namespace, kept alive by a bind mount of its nsfs file on `path`
+    (a leftover of a crash there is replaced), with lo up; returns a netlink socket
+    inside it."""
+    if os.path.lexists(path):
+        netns_delete(path)
     os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
     fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
     os.close(fd)
@@ -226,15 +239,30 @@ def netns_create(path: str) -> None:
         try:
             _check(_libc.mount(b"/proc/thread-self/ns/net", path.encode(), None, MS_BIND, None),
                    f"bind mount netns on {path}")
+            inner = Rtnl()
         finally:
             _check(_libc.setns(home, CLONE_NEWNET), "setns back to the host")
     except BaseException:
+        _libc.umount2(path.encode(), MNT_DETACH)
         os.unlink(path)
         raise
     finally:
         os.close(home)
-    with _iproute(path) as ipr:
-        ipr.link("set", index=_index(ipr, "lo"), state="up")
+    try:
+        inner.set_up(LOOPBACK_INDEX)
+    except BaseException:
+        inner.close()
+        raise
+    return inner
+
+
+def _netns_socket(path: str) -> Rtnl:
+    with _entered(path):
+        return Rtnl()
+
+
+def netns_create(path: str) -> None:
+    _new_netns(path).close()
 
 
 def netns_delete(path: str) -> None:
@@ -250,41 +278,49 @@ def netns_delete(path: str) -> None:
 
 
 def endpoint_add(netns: str, bridge: str, host_if: str, ifname: str, address: str,
-                 gateway: str, default_route: bool) -> dict:
-    """A veth pair: `host_if` on the bridge, its peer renamed `ifname` inside `netns`."""
-    peer = "rp" + host_if[2:]
-    with _iproute() as ipr, _iproute(netns) as inner:
-        for stale in (host_if, peer):  # a pair half made before a crash goes whole
-            if _index(ipr, stale) is not None:
-                ipr.link("del", index=_index(ipr, stale))
-        if _index(inner, ifname) is not None:
-            raise ConflictError(f"interface {ifname} already exists in {netns}")
-        bridge_index = _index(ipr, bridge)
-        if bridge_index is None:
+                 gateway: str, default_route: bool, mac: str = "", new_netns: bool = False,
+                 bridge_setup: dict | None = None) -> dict:
+    """A veth pair: `host_if` up on the bridge, its peer `ifname` (with `mac`, if given)
+    up inside `netns` with the address and, if asked, the default route. With
+    `new_netns`, the netns is made first; with `bridge_setup` (the arguments of
+    `bridge_up`), a bridge that is gone or down, or not yet seen to by this helper, is
+    brought up first. So an attach is one request (see `runtimed.network.rtnl`)."""
+    with Rtnl() as nl:
+        bridge_link = nl.link(bridge)
+        if bridge_setup is not None and (bridge_link is None or not bridge_link.up
+                                         or bridge not in _verified):
+            bridge_up(**bridge_setup)
+            bridge_link = nl.link(bridge)
+        if bridge_link is None:
             raise NotFoundError(f"bridge {bridge} does not exist")
-        ipr.link("add", ifname=host_if, kind="veth", peer={"ifname": peer})
+        inner = _new_netns(netns) if new_netns else _netns_socket(netns)
         try:
             fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                ipr.link("set", index=_index(ipr, peer), net_ns_fd=fd)
+                try:
+                    nl.veth_add(host_if, bridge_link.index, ifname, fd, mac)
+                except FileExistsError:
+                    # a pair half made before a crash goes whole; else ifname is taken
+                    if not nl.link_del(host_if):
+                        raise ConflictError(f"interface {ifname} already exists in {netns}") from None
+                    nl.veth_add(host_if, bridge_link.index, ifname, fd, mac)
             finally:
                 os.close(fd)
-            host_index = _index(ipr, host_if)
-            ipr.link("set", index=host_index, master=bridge_index)
-            ipr.link("set", index=host_index, state="up")
-            index = _index(inner, peer)
-            inner.link("set", index=index, ifname=ifname)
-            ip, prefix = address.split("/")
-            inner.addr("add", index=index, address=ip, prefixlen=int(prefix))
-            inner.link("set", index=index, state="up")
-            if default_route:
-                inner.route("add", dst="0.0.0.0/0", gateway=gateway)
-            mac = inner.get_links(index)[0].get_attr("IFLA_ADDRESS")
-        except BaseException:
-            if _index(ipr, host_if) is not None:
-                ipr.link("del", index=_index(ipr, host_if))
-            raise
-    return {"mac": mac}
+            try:
+                link = inner.link(ifname)
+                if link is None:
+                    raise NotFoundError(f"interface {ifname} vanished from {netns}")
+                inner.set_up(link.index)
+                ip, prefix = address.split("/")
+                inner.addr_add(link.index, ip, int(prefix))
+                if default_route:
+                    inner.default_route_add(gateway)
+            except BaseException:
+                nl.link_del(host_if)
+                raise
+        finally:
+            inner.close()
+    return {"mac": link.mac}
 
 
 def endpoint_ok(netns: str, bridge: str, host_if: str, ifname: str, address: str,
@@ -319,16 +355,33 @@ def endpoint_ok(netns: str, bridge: str, host_if: str, ifname: str, address: str
 
 def endpoint_del(host_if: str) -> None:
     """Deleting the host end of a veth pair deletes both ends."""
-    with _iproute() as ipr:
-        index = _index(ipr, host_if)
-        if index is not None:
-            ipr.link("del", index=index)
+    with Rtnl() as nl:
+        nl.link_del(host_if)
+
+
+def sandbox_del(host_ifs: list[str], netns: str = "") -> None:
+    """A detach in one request: the container's veth pairs, then its netns. Goes through
+    every step; raises at the end if any failed (the caller keeps its records)."""
+    failures = []
+    with Rtnl() as nl:
+        for name in host_ifs:
+            try:
+                nl.link_del(name)
+            except OSError as exc:
+                failures.append(f"delete {name}: {exc}")
+    if netns:
+        try:
+            netns_delete(netns)
+        except OSError as exc:
+            failures.append(str(exc))
+    if failures:
+        raise HelperError("; ".join(failures))
 
 
 OPERATIONS = {
     f.__name__: f
     for f in (host_prefixes, links, bridge_up, bridge_down, nat_orphans_down, netns_create,
-              netns_delete, endpoint_add, endpoint_ok, endpoint_del)
+              netns_delete, endpoint_add, endpoint_ok, endpoint_del, sandbox_del)
 }
 
 

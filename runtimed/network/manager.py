@@ -220,21 +220,25 @@ class NetworkManager:
     def get(self, name: str) -> Network:
         if name in ("host", "none"):
             return self._builtin(name)
-        name = DEFAULT_NETWORK if name in DEFAULT_ALIASES else name
         with self.db.read() as conn:
-            row = conn.execute(
-                "SELECT * FROM net_networks WHERE name = ? OR id = ?", (name, name)
-            ).fetchone()
-            if row is None and len(name) >= 6:
-                rows = conn.execute(
-                    "SELECT * FROM net_networks WHERE id LIKE ?", (name + "%",)
-                ).fetchall()
-                row = rows[0] if len(rows) == 1 else None
-            if row is None:
-                raise NotFound(f"network {name!r} not found")
-            network = self._network(row)
+            network = self._lookup(conn, name)
             network.containers = self._members(conn, network.name)
         return network
+
+    def _lookup(self, conn, name: str) -> Network:
+        """A stored network by name, id or unique id prefix (without its members)."""
+        name = DEFAULT_NETWORK if name in DEFAULT_ALIASES else name
+        row = conn.execute(
+            "SELECT * FROM net_networks WHERE name = ? OR id = ?", (name, name)
+        ).fetchone()
+        if row is None and len(name) >= 6:
+            rows = conn.execute(
+                "SELECT * FROM net_networks WHERE id LIKE ?", (name + "%",)
+            ).fetchall()
+            row = rows[0] if len(rows) == 1 else None
+        if row is None:
+            raise NotFound(f"network {name!r} not found")
+        return self._network(row)
 
     def list(self, filters: list[str] | None = None) -> list[Network]:
         with self.db.read() as conn:
@@ -331,11 +335,14 @@ class NetworkManager:
             raise
         return network
 
-    def _bridge_up(self, network: Network, exclusive: bool = False) -> None:
+    def _bridge_setup(self, network: Network) -> dict:
+        """The arguments of the helper's `bridge_up` for this network."""
         prefix = network.subnet.split("/")[1]
-        self.helper.call("bridge_up", name=network.bridge, address=f"{network.gateway}/{prefix}",
-                         subnet=network.subnet, exclusive=exclusive,
-                         alias=f"{ALIAS_PREFIX}{self.root}")
+        return dict(name=network.bridge, address=f"{network.gateway}/{prefix}",
+                    subnet=network.subnet, alias=f"{ALIAS_PREFIX}{self.root}")
+
+    def _bridge_up(self, network: Network, exclusive: bool = False) -> None:
+        self.helper.call("bridge_up", exclusive=exclusive, **self._bridge_setup(network))
 
     def sweep_orphans(self) -> int:
         """Remove bridges another runtimed left behind: marked with its root (the device
@@ -380,15 +387,17 @@ class NetworkManager:
             self._drop_network(network)
 
     def _ensure_network(self, name: str) -> Network:
+        """The network to attach to; the default one is made on first use. Its bridge is
+        checked (and brought back if lost, as to a reboot) by the helper in the same
+        request that adds the endpoint (`_endpoint_up`)."""
         try:
-            network = self.get(name)
+            with self.db.read() as conn:
+                return self._lookup(conn, name)
         except NotFound:
             if name != DEFAULT_NETWORK:
                 raise
             self.sweep_orphans()  # also frees names and subnets for reuse
             return self.create(DEFAULT_NETWORK, _default=True)
-        self._bridge_up(network)  # idempotent: repairs a bridge lost to a reboot
-        return network
 
     # ---- attachments -------------------------------------------------------------------
 
@@ -533,8 +542,9 @@ class NetworkManager:
         if fdir.is_dir():
             files.write_in_place(fdir / "hosts", files.render_hosts(own, others))
 
-    def _refresh_peers(self, networks: list[str]) -> None:
-        """Rewrite the hosts file of every container on these networks."""
+    def _refresh_peers(self, networks: list[str], skip: tuple[str, str] | None = None) -> None:
+        """Rewrite the hosts file of every container on these networks (but `skip`, whose
+        file the caller has just written)."""
         if not networks:
             return
         marks = ",".join("?" * len(networks))
@@ -544,6 +554,8 @@ class NetworkManager:
                 networks,
             ).fetchall()
         for m in members:
+            if (m["namespace"], m["container_id"]) == skip:
+                continue
             try:
                 self._write_hosts(m["namespace"], m["container_id"])
             except OSError as exc:
@@ -564,9 +576,7 @@ class NetworkManager:
         return self.inspect(namespace, container_id)
 
     def _netns_create(self, netns: str) -> None:
-        if os.path.exists(netns):
-            self.helper.call("netns_delete", path=netns)  # a leftover of a crash
-        self.helper.call("netns_create", path=netns)
+        self.helper.call("netns_create", path=netns)  # replaces a leftover of a crash
 
     def _attach_shared(self, namespace, container_id, target) -> Attachment:
         with self.db.read() as conn:
@@ -596,12 +606,14 @@ class NetworkManager:
             raise
         netns = str(self.paths(namespace, container_id)[0])
         try:
-            self._insert_sandbox(namespace, container_id, "bridge", netns, hostname, ports=ports)
+            with self.db.transaction() as tx:  # records first, in one commit
+                self._insert_sandbox(namespace, container_id, "bridge", netns, hostname,
+                                     ports=ports)
+                endpoint = self._allocate(tx, namespace, container_id, network, aliases, ip)
             try:
-                self._netns_create(netns)
-                self._add_endpoint(namespace, container_id, network, netns, aliases, ip)
+                self._endpoint_up(network, endpoint, netns, new_netns=True)
                 self._write_files(namespace, container_id, hostname, "bridge")
-                self._refresh_peers([network.name])
+                self._refresh_peers([network.name], skip=(namespace, container_id))
             except BaseException:
                 self._teardown(namespace, container_id)
                 raise
@@ -620,56 +632,62 @@ class NetworkManager:
 
     def _connect(self, namespace, container_id, network_name, aliases, ip) -> Attachment:
         network = self._ensure_network(network_name)
-        with self.db.read() as conn:
-            row = self._sandbox_row(conn, namespace, container_id)
-            if conn.execute(
+        with self.db.transaction() as tx:
+            row = self._sandbox_row(tx, namespace, container_id)
+            if tx.execute(
                 "SELECT 1 FROM net_endpoints WHERE namespace = ? AND container_id = ? AND network = ?",
                 (namespace, container_id, network.name),
             ).fetchone():
                 raise AlreadyExists(f"container {container_id!r} is already on network {network.name!r}")
-        self._add_endpoint(namespace, container_id, network, row["netns"], aliases, ip)
+            endpoint = self._allocate(tx, namespace, container_id, network, aliases, ip)
+        try:
+            self._endpoint_up(network, endpoint, row["netns"], new_netns=False)
+        except BaseException:
+            self._drop_endpoint(namespace, container_id, network.name, endpoint["host_if"])
+            raise
         self._refresh_peers([network.name])
         return self.inspect(namespace, container_id)
 
-    def _add_endpoint(self, namespace, container_id, network: Network, netns, aliases, ip) -> None:
+    def _allocate(self, tx, namespace, container_id, network: Network, aliases, ip) -> dict:
+        """Record an endpoint (in the caller's transaction): the address after the
+        network's last allocation, the next free ethN, and a MAC made from the address
+        (02:42 + the four bytes, as Docker does), so it is known before the interface
+        exists and a rebuilt interface keeps it. Returns the helper's `endpoint_add`
+        arguments."""
         host_if = veth_name(self.state, namespace, container_id, network.name)
         subnet = ipam.parse_subnet(network.subnet)
         gateway = ipam.parse_gateway(subnet, network.gateway)
-        with self.db.transaction() as tx:
-            used = [r[0] for r in tx.execute(
-                "SELECT ip FROM net_endpoints WHERE network = ?", (network.name,))]
-            ifnames = {r[0] for r in tx.execute(
-                "SELECT ifname FROM net_endpoints WHERE namespace = ? AND container_id = ?",
-                (namespace, container_id))}
-            last = tx.execute("SELECT last_ip FROM net_networks WHERE name = ?",
-                              (network.name,)).fetchone()[0]
-            if ip:
-                address = ipam.check_requested(subnet, gateway, ip, used)
-            else:
-                address = ipam.allocate(subnet, gateway, used, after=last or None)
-            ifname = next(f"eth{n}" for n in range(len(ifnames) + 1) if f"eth{n}" not in ifnames)
-            tx.execute(
-                "INSERT INTO net_endpoints (namespace, container_id, network, ip, ifname, host_if, "
-                "aliases, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (namespace, container_id, network.name, str(address), ifname, host_if,
-                 json.dumps(aliases), now_ns()),
-            )
-            tx.execute("UPDATE net_networks SET last_ip = ? WHERE name = ?",
-                       (str(address), network.name))
-        try:
-            result = self.helper.call(
-                "endpoint_add", netns=netns, bridge=network.bridge, host_if=host_if, ifname=ifname,
-                address=f"{address}/{subnet.prefixlen}", gateway=str(gateway),
-                default_route=not ifnames,
-            )
-        except BaseException:
-            self._drop_endpoint(namespace, container_id, network.name, host_if)
-            raise
-        with self.db.transaction() as tx:
-            tx.execute(
-                "UPDATE net_endpoints SET mac = ? WHERE namespace = ? AND container_id = ? AND network = ?",
-                (result.get("mac") or "", namespace, container_id, network.name),
-            )
+        used = [r[0] for r in tx.execute(
+            "SELECT ip FROM net_endpoints WHERE network = ?", (network.name,))]
+        ifnames = {r[0] for r in tx.execute(
+            "SELECT ifname FROM net_endpoints WHERE namespace = ? AND container_id = ?",
+            (namespace, container_id))}
+        last = tx.execute("SELECT last_ip FROM net_networks WHERE name = ?",
+                          (network.name,)).fetchone()[0]
+        if ip:
+            address = ipam.check_requested(subnet, gateway, ip, used)
+        else:
+            address = ipam.allocate(subnet, gateway, used, after=last or None)
+        ifname = next(f"eth{n}" for n in range(len(ifnames) + 1) if f"eth{n}" not in ifnames)
+        mac = "02:42:" + ":".join(f"{b:02x}" for b in address.packed)
+        tx.execute(
+            "INSERT INTO net_endpoints (namespace, container_id, network, ip, ifname, host_if, "
+            "mac, aliases, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (namespace, container_id, network.name, str(address), ifname, host_if, mac,
+             json.dumps(aliases), now_ns()),
+        )
+        tx.execute("UPDATE net_networks SET last_ip = ? WHERE name = ?",
+                   (str(address), network.name))
+        return dict(host_if=host_if, ifname=ifname, address=f"{address}/{subnet.prefixlen}",
+                    gateway=str(gateway), default_route=not ifnames, mac=mac)
+
+    def _endpoint_up(self, network: Network, endpoint: dict, netns: str, new_netns: bool) -> None:
+        """The kernel side of a recorded endpoint, in one helper request: the bridge
+        checked (brought back if lost), the netns made if `new_netns`, the veth pair,
+        address and route."""
+        self.helper.call("endpoint_add", netns=netns, bridge=network.bridge,
+                         new_netns=new_netns, bridge_setup=self._bridge_setup(network),
+                         **endpoint)
 
     def _drop_endpoint(self, namespace, container_id, network, host_if) -> None:
         self.helper.call("endpoint_del", host_if=host_if)
@@ -716,22 +734,16 @@ class NetworkManager:
                 "AND (container_id = ? OR shared_with = ?) LIMIT 1",
                 (namespace, container_id, owner, owner),
             ).fetchone()
-        failures: list[str] = []
-        for e in endpoints:
-            try:
-                self.helper.call("endpoint_del", host_if=e["host_if"])
-            except RuntimedError as exc:
-                failures.append(str(exc))
         netns_path, fdir = self.paths(namespace, owner)
-        if not others and row["mode"] != "host" and os.path.lexists(netns_path):
-            try:
-                self.helper.call("netns_delete", path=str(netns_path))
+        drop_netns = not others and row["mode"] != "host" and os.path.lexists(netns_path)
+        if endpoints or drop_netns:
+            try:  # one helper request; it goes through every step before it fails
+                self.helper.call("sandbox_del", host_ifs=[e["host_if"] for e in endpoints],
+                                 netns=str(netns_path) if drop_netns else "")
             except RuntimedError as exc:
-                failures.append(str(exc))
-        if failures:
-            raise FailedPrecondition(
-                f"network teardown of {namespace}/{container_id} incomplete: {'; '.join(failures)}"
-            )
+                raise FailedPrecondition(
+                    f"network teardown of {namespace}/{container_id} incomplete: {exc}"
+                ) from None
         if not others:
             shutil.rmtree(fdir, ignore_errors=True)
         with self.db.transaction() as tx:
@@ -859,10 +871,11 @@ class NetworkManager:
             prefix = e["subnet"].split("/")[1]
             args = dict(netns=netns, bridge=e["bridge"], host_if=e["host_if"], ifname=e["ifname"],
                         address=f"{e['ip']}/{prefix}", gateway=e["gateway"],
-                        default_route=e["ifname"] == "eth0")  # as _add_endpoint decided
+                        default_route=e["ifname"] == "eth0")  # as _allocate decided
             if e["host_if"] in present and not repaired and self.helper.call("endpoint_ok", **args):
                 continue
-            self.helper.call("endpoint_add", **args)  # replaces a pair a crash left half made
+            # replaces a pair a crash left half made; keeps the recorded MAC
+            self.helper.call("endpoint_add", mac=e["mac"], **args)
             repaired = 1
         _, fdir = self.paths(s["namespace"], s["container_id"])
         if not (fdir / "hosts").exists():

@@ -58,26 +58,27 @@ class Cgroup(Protocol):
     def delete(self) -> None: ...
 
 
-def is_v2(root: str = CGROUP_ROOT) -> bool:
+def _mount_lines() -> list[list[str]]:
     with builtins.open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if fields[1] == root:
-                return fields[2] == "cgroup2"
+        return [line.split() for line in f]
+
+
+def is_v2(root: str = CGROUP_ROOT, mounts: list[list[str]] | None = None) -> bool:
+    for fields in mounts if mounts is not None else _mount_lines():
+        if fields[1] == root:
+            return fields[2] == "cgroup2"
     return False
 
 
-def v1_mounts() -> dict[str, str]:
+def v1_mounts(table: list[list[str]] | None = None) -> dict[str, str]:
     """Controller (or name=...) → mount point of each cgroup v1 hierarchy."""
     mounts: dict[str, str] = {}
-    with builtins.open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if fields[2] != "cgroup":
-                continue
-            for opt in fields[3].split(","):
-                if opt in V1_CONTROLLERS or opt.startswith("name="):
-                    mounts.setdefault(opt, fields[1])
+    for fields in table if table is not None else _mount_lines():
+        if fields[2] != "cgroup":
+            continue
+        for opt in fields[3].split(","):
+            if opt in V1_CONTROLLERS or opt.startswith("name="):
+                mounts.setdefault(opt, fields[1])
     return mounts
 
 
@@ -103,10 +104,11 @@ def open(path: str) -> Cgroup:  # noqa: A001 - the name the shim contract agreed
     limits; used by the tests)."""
     path = normalize(path)
     forced = os.environ.get("SHIMD_CGROUP2_ROOT")
-    if forced or is_v2():
+    table = None if forced else _mount_lines()  # read once for both questions
+    if forced or is_v2(mounts=table):
         from shimd.cgroups.v2 import V2
 
         return V2(path, root=forced or CGROUP_ROOT)
     from shimd.cgroups.v1 import V1
 
-    return V1(path, v1_mounts())
+    return V1(path, v1_mounts(table))

@@ -48,6 +48,34 @@ def write(path: str, value: str | int) -> None:
         os.close(fd)
 
 
+class Writer:
+    """Writes to control files that take one value per write() (devices.allow), keeping
+    each file open between writes; closed when the block ends."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def write(self, path: str, value: str | int) -> None:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = self._fds[path] = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise OSError(2, f"cgroup control file {path} does not exist (controller missing?)") from None
+        try:
+            os.write(fd, str(value).encode())
+        except OSError as e:
+            raise OSError(e.errno, f"write {value!r} to {path}: {os.strerror(e.errno)}") from None
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 def procs(path: str, recursive: bool = True) -> list[int]:
     """Pids in cgroup.procs of path and, if recursive, of every cgroup below it."""
     pids: list[int] = []

@@ -169,7 +169,13 @@ class V1:
                 files.write(os.path.join(cs, "cpuset.mems"), cpu["mems"])
 
     def _devices(self, rules: list[dict]) -> None:
+        """Each write() to devices.allow/deny is one rule: one open per file, not per rule."""
         d = self.dirs["devices"]
+        with files.Writer() as out:
+            self._device_rules(d, rules, out)
+
+    @staticmethod
+    def _device_rules(d: str, rules: list[dict], out) -> None:
         for rule in list(rules) + [{"allow": True, "raw": r} for r in DEFAULT_DEVICE_RULES]:
             if "raw" in rule:
                 text = rule["raw"]
@@ -181,7 +187,7 @@ class V1:
                     major = "*" if rule.get("major") in (None, -1) else rule["major"]
                     minor = "*" if rule.get("minor") in (None, -1) else rule["minor"]
                     text = f"{kind} {major}:{minor} {rule.get('access') or 'rwm'}"
-            files.write(os.path.join(d, "devices.allow" if rule.get("allow") else "devices.deny"), text)
+            out.write(os.path.join(d, "devices.allow" if rule.get("allow") else "devices.deny"), text)
 
     # freezer -------------------------------------------------------------------------
 

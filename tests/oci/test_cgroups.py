@@ -280,3 +280,19 @@ def test_v2_device_filter_ebpf_for_real(unified_group):
     unified_group.update({"devices": [{"allow": False, "access": "rwm"},
                                       {"allow": True, "type": "c", "major": 1, "minor": 11, "access": "r"}]})
     assert _probe_devices(unified_group) == "ok ok denied"
+
+
+def test_v1_device_rules_in_order(v1_group):
+    """Deny all, then allow rules, then runc's defaults, each through one open file."""
+    v1_group.update({"devices": [{"allow": False, "access": "rwm"},
+                                 {"allow": True, "type": "c", "major": 1, "minor": 3, "access": "rw"},
+                                 {"allow": True, "type": "b", "major": 7, "access": "r"}]})
+    listed = (Path(v1_group.dirs["devices"]) / "devices.list").read_text().split("\n")
+    assert "a *:* rwm" not in listed  # the deny-all came first
+    assert "b 7:* r" in listed and "c 10:200 rwm" in listed  # the spec's and the defaults
+    assert "c 1:3 rwm" in listed  # the spec's rw, then the default's rwm for /dev/null
+    v1_group.update({"devices": [{"allow": False, "type": "c", "major": 1, "minor": 3, "access": "w"}]})
+    listed = (Path(v1_group.dirs["devices"]) / "devices.list").read_text().split("\n")
+    assert "c 1:3 rwm" in listed  # denied, then allowed again by the defaults that follow
+    with pytest.raises(OSError, match="devices.allow"):
+        v1_group.update({"devices": [{"allow": True, "type": "x", "access": "rwm"}]})

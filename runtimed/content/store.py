@@ -115,11 +115,13 @@ def _sha256_hex(text: str) -> str:
 
 
 def _write_small(path: Path, data: str) -> None:
+    """An ingest's bookkeeping file, replaced whole (a kill -9 never leaves half of it).
+    Not fsynced, as containerd's aren't: the `data` they describe is only fsynced at
+    commit, and after a power loss an empty or missing file reads as unknown (total 0,
+    a `ref` that does not match restarts the ingest)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

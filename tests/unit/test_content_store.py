@@ -108,6 +108,28 @@ def test_resume_rehashes_existing_data(stores):
     assert w.commit(len(data), digest_of(data)).digest == digest_of(data)
 
 
+def test_bookkeeping_files_lost_to_a_power_cut_read_as_unknown(stores):
+    """The ingest's small files are not fsynced (as containerd's): emptied ones must not
+    break status or resume, and a lost `ref` restarts the ingest instead of trusting it."""
+    content, _, _ = stores
+    data = os.urandom(50_000)
+    w = content.writer("default", "cut", total=len(data))
+    w.write(data[:20_000])
+    w.close()
+    for name in ("total", "startedat", "updatedat"):
+        (w.path / name).write_text("")
+    st = content.status("default", "cut")
+    assert (st.offset, st.total) == (20_000, 0)
+    w = content.writer("default", "cut", total=len(data))
+    assert (w.status().offset, w.status().total) == (20_000, len(data))
+    w.close()
+    (w.path / "ref").write_text("")
+    w = content.writer("default", "cut", total=len(data))
+    assert w.status().offset == 0
+    w.write(data)
+    assert w.commit(len(data), digest_of(data)).digest == digest_of(data)
+
+
 def test_truncate_and_abort(stores):
     content, _, _ = stores
     w = content.writer("default", "t")

@@ -152,6 +152,11 @@ async def _claim(control_fd: int):
     line = line_task.result() if line_task.done() and not line_task.exception() else b""
     if not line_task.done():
         line_task.cancel()
+    if line and _hung_up(control_fd):
+        # runtimed wrote the claim, then died or gave up on it (it waits for the answer
+        # otherwise): nobody will use this shim, and a restarted runtimed may be removing
+        # the bundle already
+        line = b""
     try:
         request = json.loads(line) if line else None
         claim = (str(request["id"]), str(request.get("namespace", "default")),
@@ -162,6 +167,21 @@ async def _claim(control_fd: int):
         writer.close()
         return None
     return reader, writer, claim
+
+
+def _hung_up(fd: int) -> bool:
+    """Whether the peer of the stream socket `fd` has closed it (nothing left to read)."""
+    import socket
+
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        probe.close()
 
 
 async def _serve(id: str | None, bundle: Path | None, ready_fd: int | None,
@@ -200,12 +220,21 @@ async def _serve(id: str | None, bundle: Path | None, ready_fd: int | None,
                 sock.unlink()
             return 0
         _, writer, (id, namespace, bundle) = claimed
-        _become(id, namespace, bundle)
+    address = f"unix://{sock}"
+    try:
+        if spare:
+            _become(id, namespace, bundle)
+        write_atomic(bundle / "address", address.encode())
+        write_atomic(bundle / "shim.pid", str(os.getpid()).encode())
+    except OSError as exc:  # the bundle is gone (a claim whose runtimed died, then cleaned up)
+        log.error("cannot serve %s: %s", bundle, exc)
+        server.close()
+        await server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+        return 1
     shim = Shim(id, bundle, reaper)
     api.shim = shim
-    address = f"unix://{sock}"
-    write_atomic(bundle / "address", address.encode())
-    write_atomic(bundle / "shim.pid", str(os.getpid()).encode())
     log.info("serving on %s%s", address, " (a spare, claimed)" if spare else "")
     if writer is not None:
         writer.write(json.dumps({"address": address}).encode() + b"\n")

@@ -8,10 +8,13 @@ finds every shim again by scanning `<state>/tasks/<namespace>/<id>/`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import select
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +38,7 @@ class ShimClient:
         self.id = id
         self.address = address
         self.bundle = bundle
+        self.pid = 0  # the shim's pid as its Connect reported it (0: not connected by us)
         self.channel = grpc.aio.insecure_channel(address)
         self._stub = shim_pb2_grpc.ShimStub(self.channel)
 
@@ -76,12 +80,21 @@ class BundleInfo:
 @dataclass
 class Spare:
     """A spare shim forked ahead of need: connected, waiting on `writer`'s connection to
-    learn its container. Closing that connection (or runtimed dying) ends it."""
+    learn its container. Closing that connection (or runtimed dying) ends it; `pidfd`
+    (opened while it answered) kills it when a claim went wrong."""
 
     client: ShimClient
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     pid: int
+    pidfd: int
+
+    def release(self) -> None:
+        """Forget the spare (claimed, or let go through its lifeline)."""
+        self.writer.close()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 class ShimManager:
@@ -106,7 +119,24 @@ class ShimManager:
         return self.tasks_dir / namespace / id
 
     async def start(self, namespace: str, id: str, bundle: Path) -> ShimClient:
-        """Start a detached shim for `bundle` and connect to it."""
+        """Start a detached shim for `bundle` and connect to it.
+
+        Cancelling the caller does not cut a start short: a claim written to a spare or a
+        fork asked of the zygote makes a shim for `bundle` whatever happens next, so the
+        start runs to its end and that shim is shut down (and gone) before the
+        cancellation goes on to the caller, who removes the bundle next."""
+        starting = asyncio.ensure_future(self._start(namespace, id, bundle))
+        try:
+            return await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            if starting.done() and starting.cancelled():
+                raise
+            await asyncio.wait({starting})
+            if not starting.cancelled() and starting.exception() is None:
+                await self.dispose(starting.result())
+            raise
+
+    async def _start(self, namespace: str, id: str, bundle: Path) -> ShimClient:
         if self.use_zygote:
             client = await self._claim_spare(namespace, id, bundle)
             if client is not None:
@@ -120,6 +150,24 @@ class ShimManager:
                 self._replenish()
                 return client
         return await self._launch(namespace, id, bundle)
+
+    async def dispose(self, client: ShimClient) -> None:
+        """Shut down a shim that never got its task (Shutdown, else SIGKILL) and wait until
+        its process is gone, so nothing it writes lands in a bundle being removed."""
+        pidfd = _pidfd(client.pid)
+        try:
+            with contextlib.suppress(RuntimedError):
+                await client.call("Shutdown", shim_pb2.ShutdownRequest(id=client.id, now=True),
+                                  CONNECT_TIMEOUT)
+            await client.close()
+            if pidfd >= 0 and not await _exited(pidfd, CONNECT_TIMEOUT):
+                log.warning("shim %d of %s did not shut down; killing it", client.pid, client.id)
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                await _exited(pidfd, CONNECT_TIMEOUT)
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
 
     async def _claim_spare(self, namespace: str, id: str, bundle: Path) -> ShimClient | None:
         """The ready spare, now the shim of `bundle`; None when there is none ready."""
@@ -152,16 +200,33 @@ class ShimManager:
                 await asyncio.wait_for(spare.reader.readline(), LAUNCH_TIMEOUT) or b"{}")
         except (OSError, ValueError, TimeoutError) as exc:
             reply = {"error": str(exc) or type(exc).__name__}
-        finally:
-            spare.writer.close()
+        except BaseException:
+            # the claim may have reached the spare: it must not become this bundle's shim
+            await asyncio.shield(self._kill_spare(spare))
+            raise
         if "address" not in reply:
             log.warning("spare shim not usable for %s/%s: %s", namespace, id,
                         reply.get("error", "no answer"))
-            await spare.client.close()
+            # killed, not just let go: one that read the claim would serve `bundle` next to
+            # the shim forked for it now
+            await self._kill_spare(spare)
             return None
+        spare.release()
         client = spare.client  # connected already, to the socket the shim keeps
         client.id, client.bundle = id, bundle
         return client
+
+    async def _kill_spare(self, spare: Spare) -> None:
+        """SIGKILL a spare whose claim went wrong (it supervises nothing yet), wait until it
+        is gone, then remove the socket and bundle files it may have left."""
+        try:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(spare.pidfd, signal.SIGKILL)
+            await _exited(spare.pidfd, CONNECT_TIMEOUT)
+        finally:
+            spare.release()
+            await spare.client.close()
+        Path(spare.client.address.removeprefix("unix://")).unlink(missing_ok=True)
 
     def _replenish(self) -> None:
         """Fork the next spare in the background (one at a time, never after close)."""
@@ -191,6 +256,8 @@ class ShimManager:
             client = ShimClient("", reply["address"], self.spares_dir)
             connected = await client.call("Connect", shim_pb2.ConnectRequest(),
                                           timeout=CONNECT_TIMEOUT)
+            client.pid = connected.shim_pid
+            pidfd = os.pidfd_open(client.pid)  # it has just answered: the pid is the spare's
         except BaseException as exc:
             writer.close()  # the spare sees EOF and exits
             if client is not None:
@@ -199,7 +266,7 @@ class ShimManager:
                 log.warning("no spare shim: %s", exc)
                 return None
             raise
-        return Spare(client, reader, writer, connected.shim_pid)
+        return Spare(client, reader, writer, client.pid, pidfd)
 
     async def close_spare(self) -> None:
         """Let the spare go (it exits when its connection closes); no new ones."""
@@ -214,12 +281,13 @@ class ShimManager:
         except BaseException:  # noqa: BLE001 - cancelled or failed: nothing to close
             return
         if spare is not None:
-            spare.writer.close()
+            pidfd, spare.pidfd = spare.pidfd, -1
+            spare.release()  # EOF on its lifeline: it exits
             await spare.client.close()
-            for _ in range(200):  # gone before runtimed is: nothing outlives it
-                if not _alive(spare.pid):
-                    break
-                await asyncio.sleep(0.01)
+            try:  # gone before runtimed is: nothing outlives it
+                await _exited(pidfd, 2.0)
+            finally:
+                os.close(pidfd)
 
     async def _fork_from_zygote(self, namespace: str, id: str, bundle: Path) -> str:
         request = json.dumps({"id": id, "namespace": namespace, "bundle": str(bundle)})
@@ -288,7 +356,9 @@ class ShimManager:
     async def connect(self, id: str, address: str, bundle: Path) -> ShimClient:
         client = ShimClient(id, address, bundle)
         try:
-            await client.call("Connect", shim_pb2.ConnectRequest(id=id), timeout=CONNECT_TIMEOUT)
+            reply = await client.call("Connect", shim_pb2.ConnectRequest(id=id),
+                                      timeout=CONNECT_TIMEOUT)
+            client.pid = reply.shim_pid
         except BaseException:
             await client.close()
             raise
@@ -358,12 +428,30 @@ def _remove_spare_socket(bundle: Path, directory: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def _pidfd(pid: int) -> int:
+    """A pidfd for `pid`, or -1 when it is gone (or unknown)."""
+    if pid <= 0:
+        return -1
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+        return os.pidfd_open(pid)
+    except OSError:
+        return -1
+
+
+async def _exited(pidfd: int, timeout: float) -> bool:
+    """Whether the process behind `pidfd` exited within `timeout` (readable once it has)."""
+    if select.select([pidfd], [], [], 0)[0]:
+        return True
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+    try:
+        await asyncio.wait_for(exited, timeout)
+        return True
+    except TimeoutError:
         return False
+    finally:
+        loop.remove_reader(pidfd)
 
 
 def _drop_spare(task: asyncio.Task) -> None:
@@ -371,7 +459,7 @@ def _drop_spare(task: asyncio.Task) -> None:
     if task.cancelled() or task.exception() or task.result() is None:
         return
     spare = task.result()
-    spare.writer.close()
+    spare.release()
     asyncio.ensure_future(spare.client.close())
 
 

@@ -193,3 +193,136 @@ def test_a_spare_exits_when_its_runtimed_dies(state, rootfs_template, cgroup_che
         holder.stdout.close()
     wait_until(lambda: not alive(spare))
     assert list((state / "shim-sockets").iterdir()) == []
+
+
+def shims_in(bundle: Path) -> list[int]:
+    """Processes working in `bundle` (a shim's cwd is its bundle)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/cwd") == str(bundle):
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return [pid for pid in found if alive(pid)]
+
+
+async def ready_spare(manager: ShimManager, rootfs_template: Path) -> int:
+    """Start the zygote (one shim for a `true`), wait for the spare; its pid."""
+    first = bundle_for(manager, rootfs_template, "first", ["true"])
+    assert await run_true(await manager.start("sp", "first", first), "first", first) == 0
+    spare = await asyncio.wait_for(asyncio.shield(manager._spare), 30)
+    return spare.pid
+
+
+def test_a_spare_that_does_not_answer_its_claim_is_killed(state, rootfs_template,
+                                                          cgroup_check, monkeypatch):
+    """The create falls back to a fork; the spare, which may have read the claim, must not
+    serve the bundle next to the forked shim (it is killed and its socket removed)."""
+    monkeypatch.setattr("runtimed.runtime.shim.LAUNCH_TIMEOUT", 1.0)
+
+    async def scenario() -> None:
+        manager = ShimManager(state)
+        spare = await ready_spare(manager, rootfs_template)
+        socket = Path(manager._spare.result().client.address.removeprefix("unix://"))
+        bundle = bundle_for(manager, rootfs_template, "late", ["true"])
+        os.kill(spare, signal.SIGSTOP)
+        try:
+            client = await manager.start("sp", "late", bundle)
+        finally:
+            os.kill(spare, signal.SIGCONT)
+        wait_until(lambda: not alive(spare))
+        assert not socket.exists()
+        assert client.pid != spare and shims_in(bundle) == [client.pid]
+        assert (bundle / "address").read_text() == client.address
+        assert await run_true(client, "late", bundle) == 0
+        await manager.stop_zygote()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("spare", [True, False], ids=["spare", "fork"])
+def test_a_create_cancelled_mid_start_leaves_no_shim(state, rootfs_template, cgroup_check,
+                                                     monkeypatch, spare):
+    """Cancelled after the claim (or the zygote's fork request) went out: the shim that
+    results is shut down and gone before the cancellation reaches the caller."""
+    async def scenario() -> None:
+        manager = ShimManager(state)
+        spare_pid = await ready_spare(manager, rootfs_template)
+        if spare:
+            stalled = spare_pid
+        else:  # no spare: the create asks the zygote, which we hold still
+            await manager.close_spare()
+            manager._closed = False
+            manager.use_spare = False
+            stalled = int(subprocess.check_output(
+                ["pgrep", "-o", "-f", f"shimd.zygote --socket {state}/"]).split()[0])
+        bundle = bundle_for(manager, rootfs_template, "cut", ["true"])
+        os.kill(stalled, signal.SIGSTOP)
+        try:
+            starting = asyncio.ensure_future(manager.start("sp", "cut", bundle))
+            await asyncio.sleep(0.3)  # the claim / fork request is written meanwhile
+            starting.cancel()
+        finally:
+            os.kill(stalled, signal.SIGCONT)
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+        if spare:
+            assert not alive(spare_pid)
+        await manager.stop_zygote()  # served after the fork it was asked for
+        assert shims_in(bundle) == []
+        assert not (bundle / "address").exists()
+        assert list((state / "shim-sockets").iterdir()) == []
+
+    asyncio.run(scenario())
+
+
+def test_a_claim_whose_runtimed_died_is_refused(state, rootfs_template, cgroup_check):
+    """runtimed killed -9 right after writing a claim the spare had not read yet: the spare
+    sees its lifeline closed behind the claim and exits instead of serving the bundle."""
+    manager = ShimManager(state)
+    first = bundle_for(manager, rootfs_template, "lone", ["true"])
+    bundle = bundle_for(manager, rootfs_template, "orphan", ["true"])
+    program = textwrap.dedent(f"""
+        import asyncio, sys
+        from pathlib import Path
+        from runtimed.runtime.shim import ShimManager
+        from tests.shim.test_spare import run_true
+
+        async def main():
+            manager = ShimManager(Path({str(state)!r}))
+            first, bundle = Path({str(first)!r}), Path({str(bundle)!r})
+            assert await run_true(await manager.start("sp", "lone", first), "lone", first) == 0
+            spare = await asyncio.wait_for(asyncio.shield(manager._spare), 30)
+            print(spare.pid, flush=True)
+            sys.stdin.readline()  # the test has stopped the spare
+            starting = asyncio.ensure_future(manager.start("sp", "orphan", bundle))
+            await asyncio.sleep(0.3)
+            print("claimed", flush=True)
+            await starting
+
+        asyncio.run(main())
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", program], cwd=REPO, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    spare = 0
+    try:
+        spare = int(holder.stdout.readline())
+        socket = next((state / "shim-sockets").iterdir())
+        os.kill(spare, signal.SIGSTOP)
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "claimed"
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    finally:
+        if spare:
+            os.kill(spare, signal.SIGCONT)
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+        holder.stdin.close()
+    wait_until(lambda: not alive(spare))
+    assert not socket.exists()
+    assert not (bundle / "address").exists() and shims_in(bundle) == []

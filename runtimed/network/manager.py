@@ -806,8 +806,9 @@ class NetworkManager:
             with self.db.read() as conn:
                 survivors = conn.execute("SELECT * FROM net_sandboxes").fetchall()
                 known_ifs = {r[0] for r in conn.execute("SELECT host_if FROM net_endpoints")}
+            present = {link["name"] for link in self.helper.call("links")} if survivors else set()
             for s in survivors:
-                done["repaired"] += self._repair(s)
+                done["repaired"] += self._repair(s, present)
             for s in survivors:  # a crash between a record and the peers' rewrite
                 try:
                     self._write_hosts(s["namespace"], s["container_id"])
@@ -850,7 +851,7 @@ class NetworkManager:
                         found.append((entry, is_netns))
         return found
 
-    def _repair(self, s) -> int:
+    def _repair(self, s, present: set[str]) -> int:
         """Recreate the netns and interfaces of a surviving container when they are gone
         (a reboot empties the state dir), with the addresses it was given."""
         if s["mode"] not in ("bridge", "none"):
@@ -860,7 +861,6 @@ class NetworkManager:
         if not os.path.ismount(netns):
             self._netns_create(netns)
             repaired = 1
-        present = {link["name"] for link in self.helper.call("links")}
         with self.db.read() as conn:
             endpoints = conn.execute(
                 "SELECT e.*, n.bridge, n.subnet, n.gateway FROM net_endpoints e JOIN net_networks n "

@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -174,6 +175,10 @@ def test_two_containers_exchange_data_by_ip_and_by_name(net):
     hosts_a = open(a.hosts_path).read()
     assert f"{ip_b}\tbeta db\n" in hosts_a and f"{ip_a}\talpha\n" in hosts_a
     assert open(a.hostname_path).read() == "alpha\n"
+    # the MAC is made from the address (as Docker's), so it is known before the interface
+    mac = "02:42:" + ":".join(f"{int(octet):02x}" for octet in ip_a.split("."))
+    assert a.interfaces[0].mac == mac
+    assert f"link/ether {mac} " in in_netns(a, "ip", "-o", "link", "show", "eth0").stdout
     for target in (ip_a, "alpha"):
         listener = spawn_in_netns(a, BUSYBOX, "nc", "-l", "-p", "5000")
         try:
@@ -323,6 +328,46 @@ def test_network_lifecycle_connect_disconnect_and_refusals(net):
     with pytest.raises(grpc.RpcError) as err:
         net.Remove(pb.RemoveNetworkRequest(name="host"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_attach_runs_no_iptables_and_brings_a_lost_bridge_back(daemon, net, tmp_path,
+                                                                 monkeypatch):
+    """The NAT rule is seen to when the bridge is set up, not on every attach; a bridge
+    deleted behind runtimed's back comes back (address, NAT rule) with the next attach."""
+    real = shutil.which("iptables")
+    bindir, calls = tmp_path / "bin", tmp_path / "iptables.log"
+    bindir.mkdir()
+    (bindir / "iptables").write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec {real} "$@"\n')
+    (bindir / "iptables").chmod(0o755)
+    daemon.stop()
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    daemon.start()  # its network helper runs iptables through the logging wrapper
+
+    def logged() -> list[str]:
+        return calls.read_text().splitlines() if calls.exists() else []
+
+    stub = networks_pb2_grpc.NetworksStub(daemon.channel())
+    first = attach(stub, "first")  # makes the default network and its NAT rule
+    network = stub.Get(pb.GetNetworkRequest(name="bridge")).network
+    setup = logged()
+    assert setup and all(f"runtimed:{network.bridge}" in line for line in setup)
+    for n in range(3):
+        attach(stub, f"more{n}")
+        stub.Detach(pb.DetachRequest(container_id=f"more{n}"), metadata=NS)
+    stub.Detach(pb.DetachRequest(container_id="first"), metadata=NS)
+    assert logged() == setup  # no iptables process per attach or detach
+    subprocess.run(["ip", "link", "del", network.bridge], check=True)
+    again = attach(stub, "again")
+    assert again.interfaces[0].gateway == first.interfaces[0].gateway
+    veth = veth_name(daemon.state, "default", "again", "bridge")
+    assert f"master {network.bridge} " in links()[veth]
+    addrs = subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", network.bridge],
+                           capture_output=True, text=True).stdout
+    assert f" {network.gateway}/" in addrs
+    assert len(logged()) > len(setup)  # the NAT rule was checked again with the new bridge
+    assert [r for r in nat_rules() if f"runtimed:{network.bridge}" in r]
+    got = in_netns(again, BUSYBOX, "ping", "-c", "1", "-W", "5", network.gateway)
+    assert got.returncode == 0, got.stdout + got.stderr
 
 
 def test_default_subnet_avoids_host_routes(net):

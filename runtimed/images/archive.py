@@ -15,7 +15,6 @@ The rules for names, platforms and the Docker conversion follow containerd's
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import posixpath
@@ -221,34 +220,82 @@ def _kind(desc: Descriptor) -> str:
     return f"blob ({mt})" if mt else "blob"
 
 
-class _CountingReader(io.RawIOBase):
-    """Counts bytes read from the archive and reports them at most every few MiB."""
+class _ArchiveStream:
+    """The archive as tarfile reads a stream (read, forward seek, tell), counting bytes
+    and reporting them at most every few MiB, plus `views`: a member's data as views into
+    the buffers the reader handed over. Tarfile's own stream mode copies each byte four
+    to six times on its way to a member's reader (joins, slices, a buffered reader); the
+    bytes of a blob go from here to the content store with no copy at all."""
 
     def __init__(self, raw: BinaryIO, report: ProgressFn):
         self.raw = raw
         self.report = report
-        self.count = 0
+        self.count = 0  # bytes taken from `raw`
         self._reported = 0
+        self._buffer = memoryview(b"")
+        self._pos = 0  # archive offset of the first byte of `_buffer`
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        data = self.raw.read(len(buffer))
+    def _fill(self) -> bool:
+        data = self.raw.read(CHUNK)
         n = len(data)
-        buffer[:n] = data
+        self._buffer = memoryview(data)
         self.count += n
         if self.count - self._reported >= 4 * CHUNK or (n == 0 and self.count != self._reported):
             self._reported = self.count
             self.report(Progress("read", offset=self.count))
-        return n
+        return n > 0
+
+    def peek(self, size: int) -> bytes:
+        """Up to `size` bytes from the current position, not consumed (compression sniffing)."""
+        while len(self._buffer) < size:
+            rest = bytes(self._buffer)
+            if not self._fill():
+                self._buffer = memoryview(rest)
+                break
+            if rest:
+                self._buffer = memoryview(rest + bytes(self._buffer))
+        return bytes(self._buffer[:size])
+
+    def views(self, size: int) -> Iterator[memoryview]:
+        """The next `size` bytes (fewer at the end of the stream), piece by piece."""
+        while size > 0:
+            if not self._buffer and not self._fill():
+                return
+            piece = self._buffer[:size]
+            self._buffer = self._buffer[len(piece):]
+            self._pos += len(piece)
+            size -= len(piece)
+            yield piece
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = 1 << 62
+        if len(self._buffer) >= size:  # headers and JSON members: one slice
+            piece = self._buffer[:size]
+            self._buffer = self._buffer[size:]
+            self._pos += size
+            return bytes(piece)
+        return b"".join(self.views(size))
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence != 0 or offset < self._pos:
+            raise tarfile.StreamError("seeking backwards is not allowed")
+        for _ in self.views(offset - self._pos):
+            pass
+        return self._pos
 
     def drain(self) -> None:
         """Read what follows the end-of-archive marker (record padding), so the whole
         stream is consumed and the last progress report says so."""
-        buffer = bytearray(CHUNK)
-        while self.readinto(buffer):
+        for _ in self.views(1 << 62):
             pass
+
+
+def _compressed(head: bytes) -> bool:
+    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))
 
 
 def _member_path(name: str) -> str:
@@ -263,10 +310,29 @@ def _member_path(name: str) -> str:
     return "/".join(parts)
 
 
-def _check_digest(stream: BinaryIO, expected: str, size: int) -> None:
+def _member_data(tf: tarfile.TarFile, member: tarfile.TarInfo) -> Iterator[bytes | memoryview]:
+    """A regular member's bytes in pieces of at most CHUNK: straight from the archive
+    stream's buffers when tarfile reads an uncompressed stream of ours, else through
+    tarfile's reader."""
+    if isinstance(tf.fileobj, _ArchiveStream) and not member.issparse():
+        tf.fileobj.seek(member.offset_data)
+        left = member.size
+        for piece in tf.fileobj.views(left):
+            left -= len(piece)
+            for start in range(0, len(piece), CHUNK):
+                yield piece[start:start + CHUNK]
+        if left:
+            raise tarfile.ReadError("unexpected end of data")
+        return
+    f = tf.extractfile(member)
+    while chunk := f.read(CHUNK):
+        yield chunk
+
+
+def _check_digest(chunks: Iterator[bytes | memoryview], expected: str, size: int) -> None:
     h = hashlib.sha256()
     n = 0
-    while chunk := stream.read(CHUNK):
+    for chunk in chunks:
         h.update(chunk)
         n += len(chunk)
     actual = "sha256:" + h.hexdigest()
@@ -301,12 +367,16 @@ class _Import:
 
     def run(self, reader: BinaryIO) -> list[ImportedImage]:
         matcher = self._matcher()  # a bad platform fails before any byte is read
-        counting = _CountingReader(reader, self.report)
+        stream = _ArchiveStream(reader, self.report)
         try:
-            with tarfile.open(fileobj=counting, mode="r|*", bufsize=CHUNK) as tf:
+            if _compressed(stream.peek(6)):  # gzip, bzip2, xz: tarfile decompresses
+                tf = tarfile.open(fileobj=stream, mode="r|*", bufsize=CHUNK)
+            else:
+                tf = tarfile.TarFile(fileobj=stream, mode="r")
+            with tf:
                 for member in tf:
                     self._member(tf, member)
-            counting.drain()
+            stream.drain()
         except (tarfile.TarError, EOFError, OSError, ValueError, zlib.error) as exc:
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise  # a disk error of ours, not a broken archive
@@ -369,13 +439,14 @@ class _Import:
             except InvalidArgument as exc:
                 raise InvalidArgument(f"archive member {name}: {exc}") from None
         try:
-            info = self._write_blob(tf.extractfile(member), expected, member.size)
+            info = self._write_blob(_member_data(tf, member), expected, member.size)
         except (FailedPrecondition, InvalidArgument) as exc:
             raise InvalidArgument(f"archive member {name}: content does not match: {exc}") from None
         self.files[name] = Descriptor("", info.digest, info.size)
         self.report(Progress("blob", ref=info.digest, offset=info.size, total=info.size))
 
-    def _write_blob(self, stream: BinaryIO, expected: str | None, size: int) -> ContentInfo:
+    def _write_blob(self, chunks: Iterator[bytes | memoryview], expected: str | None,
+                    size: int) -> ContentInfo:
         """Stream one member into the store, verified against `expected` and `size`.
 
         A blob the store already holds (here, or on disk for another namespace) is not
@@ -386,14 +457,14 @@ class _Import:
             w = self.content.writer(self.ns, ref, total=size, expected=expected or "",
                                     lease=self.lease)
         except AlreadyExists:
-            _check_digest(stream, expected, size)
+            _check_digest(chunks, expected, size)
             return self.content.info(self.ns, expected)
         try:
             status = w.status()
             if expected and status.expected == expected and status.offset == size:
-                _check_digest(stream, expected, size)  # on disk already: commit, no copy
+                _check_digest(chunks, expected, size)  # on disk already: commit, no copy
             else:
-                while chunk := stream.read(CHUNK):
+                for chunk in chunks:
                     w.write(chunk)
             try:
                 return w.commit(size, expected or "")

@@ -18,8 +18,10 @@ from runtimed.api.images.v1 import archive_pb2, archive_pb2_grpc
 from runtimed.errors import Canceled, InvalidArgument
 from runtimed.images.archive import Archives, ExportOptions, ImportOptions, Progress
 from runtimed.services.base import lease, namespace, service
+from runtimed.services.content import split_bytes_field
 
 _EOF = object()
+SERVICE = "runtimed.images.v1.Archives"
 
 
 class _Pipe:
@@ -27,7 +29,7 @@ class _Pipe:
 
     def __init__(self, depth: int = 16):
         self._queue: queue.Queue = queue.Queue(depth)
-        self._buffer = b""
+        self._buffer = memoryview(b"")
         self._closed = threading.Event()  # the reader is done or the call was cancelled
         self._eof = False
 
@@ -43,7 +45,8 @@ class _Pipe:
     def close(self) -> None:
         self._closed.set()
 
-    def read(self, size: int = -1) -> bytes:
+    def read(self, size: int = -1) -> memoryview:
+        """The next bytes pushed, at most `size`: a view into what was pushed, no copy."""
         while not self._buffer and not self._eof:
             if self._closed.is_set():
                 raise Canceled("import cancelled: the client went away")
@@ -54,9 +57,9 @@ class _Pipe:
             if item is _EOF:
                 self._eof = True
             else:
-                self._buffer = item
+                self._buffer = memoryview(item)
         if size is None or size < 0 or size >= len(self._buffer):
-            data, self._buffer = self._buffer, b""
+            data, self._buffer = self._buffer, memoryview(b"")
         else:
             data, self._buffer = self._buffer[:size], self._buffer[size:]
         return data
@@ -78,6 +81,21 @@ def _import_options(msg: archive_pb2.ImportOptions) -> ImportOptions:
     )
 
 
+_DATA_KEY = (2 << 3) | 2  # ImportRequest.data: field 2, length-delimited
+_NO_OPTIONS = archive_pb2.ImportRequest()
+
+
+def parse_import_request(raw: bytes) -> tuple[archive_pb2.ImportRequest, memoryview | bytes]:
+    """An ImportRequest and its `data`: a body of nothing but data (every request after
+    the first) gives a view into the body, not the two copies the generated parser and a
+    field read make; anything else goes through the generated parser."""
+    split = split_bytes_field(raw, _DATA_KEY)
+    if split is not None and not split[0]:
+        return _NO_OPTIONS, split[1]
+    message = archive_pb2.ImportRequest.FromString(raw)
+    return message, message.data
+
+
 @service
 class ArchivesService(archive_pb2_grpc.ArchivesServicer):
     def __init__(self, archives: Archives):
@@ -88,12 +106,13 @@ class ArchivesService(archive_pb2_grpc.ArchivesServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None:
             raise InvalidArgument("import stream ended before any request")
+        first, data = first
         pipe = _Pipe()
         options = ImportOptions()
         if first.WhichOneof("request") == "options":
             options = _import_options(first.options)
-        elif first.data:
-            await asyncio.to_thread(pipe.push, first.data)
+        elif data:
+            await asyncio.to_thread(pipe.push, data)
 
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Progress] = asyncio.Queue()
@@ -103,11 +122,11 @@ class ArchivesService(archive_pb2_grpc.ArchivesServicer):
 
         async def feed() -> None:
             try:
-                async for request in request_iterator:
+                async for request, data in request_iterator:
                     if request.WhichOneof("request") == "options":
                         raise InvalidArgument("import options must come in the first request only")
-                    if request.data:
-                        await asyncio.to_thread(pipe.push, request.data)
+                    if data:
+                        await asyncio.to_thread(pipe.push, data)
             finally:
                 await asyncio.to_thread(pipe.push, _EOF)
 
@@ -169,4 +188,11 @@ def register(server: grpc.aio.Server, daemon) -> None:
     archives = Archives(daemon.content, daemon.images, daemon.leases, daemon.gc,
                         _unpacker_factory(daemon))
     daemon.archives = archives
-    archive_pb2_grpc.add_ArchivesServicer_to_server(ArchivesService(archives), server)
+    servicer = ArchivesService(archives)
+    archive_pb2_grpc.add_ArchivesServicer_to_server(servicer, server)
+    # Import again, with the parser that leaves each chunk's data uncopied
+    handlers = {"Import": grpc.stream_stream_rpc_method_handler(
+        servicer.Import, request_deserializer=parse_import_request,
+        response_serializer=archive_pb2.ImportResponse.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)

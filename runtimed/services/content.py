@@ -39,9 +39,22 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
     raise ValueError("varint too long")
 
 
-def _data_span(raw: bytes) -> tuple[int, int, int] | None:
-    """(field start, data start, field end) of the one top-level `data` field, or None when
-    there is none, more than one, or the body is not plain wire format."""
+def split_bytes_field(raw: bytes, key: int) -> tuple[bytes, memoryview] | None:
+    """(the body without the field, the field's value as a view into `raw`) when `raw`
+    holds exactly one top-level length-delimited field with tag `key`; None when there is
+    none, more than one, or the body is not plain wire format."""
+    try:
+        span = _field_span(raw, key)
+    except (IndexError, ValueError):
+        return None
+    if span is None:
+        return None
+    start, value_start, end = span
+    rest = raw[end:] if start == 0 else raw[:start] + raw[end:]
+    return rest, memoryview(raw)[value_start:end]
+
+
+def _field_span(raw: bytes, wanted: int) -> tuple[int, int, int] | None:
     span = None
     pos, end = 0, len(raw)
     while pos < end:
@@ -52,7 +65,7 @@ def _data_span(raw: bytes) -> tuple[int, int, int] | None:
             _, pos = _varint(raw, pos)
         elif wire == 2:
             length, pos = _varint(raw, pos)
-            if key == _DATA_KEY:
+            if key == wanted:
                 if span is not None:
                     return None
                 span = (start, pos, pos + length)
@@ -76,16 +89,12 @@ def parse_write_request(raw: bytes) -> tuple[pb.WriteContentRequest, memoryview 
     (labels, unknown fields, UTF-8 checks, errors on a broken body) parses exactly as
     before. Any body that is not one plain `data` field falls back to the generated parser.
     """
-    try:
-        span = _data_span(raw)
-    except (IndexError, ValueError):
-        span = None
-    if span is None:
+    split = split_bytes_field(raw, _DATA_KEY)
+    if split is None:
         message = pb.WriteContentRequest.FromString(raw)
         return message, message.data
-    start, data_start, end = span
-    rest = raw[end:] if start == 0 else raw[:start] + raw[end:]
-    return pb.WriteContentRequest.FromString(rest), memoryview(raw)[data_start:end]
+    rest, data = split
+    return pb.WriteContentRequest.FromString(rest), data
 
 
 def _timestamp(ns: int) -> Timestamp:

@@ -32,6 +32,10 @@ class _ArgCmp(ctypes.Structure):
                 ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
 
 
+class _Version(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_uint), ("minor", ctypes.c_uint), ("micro", ctypes.c_uint)]
+
+
 _lib = None
 
 
@@ -52,6 +56,7 @@ def _libseccomp():
         lib.seccomp_arch_resolve_name.restype = ctypes.c_uint32
         lib.seccomp_arch_resolve_name.argtypes = [ctypes.c_char_p]
         lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+        lib.seccomp_version.restype = ctypes.POINTER(_Version)
         lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
                                                ctypes.c_uint, ctypes.POINTER(_ArgCmp)]
         _lib = lib
@@ -126,16 +131,10 @@ CACHE_MAX_ENTRIES = 256
 _MAX_PROGRAM = 4096 * 8  # BPF_MAXINSNS sock_filter instructions
 
 
-class _Version(ctypes.Structure):
-    _fields_ = [("major", ctypes.c_uint), ("minor", ctypes.c_uint), ("micro", ctypes.c_uint)]
-
-
 def cache_key(profile: dict) -> str:
     """What the program depends on: the profile, libseccomp's version, the kernel (whose
     features libseccomp probes) and the architecture."""
-    lib = _libseccomp()
-    lib.seccomp_version.restype = ctypes.POINTER(_Version)
-    v = lib.seccomp_version().contents
+    v = _libseccomp().seccomp_version().contents
     u = os.uname()
     text = json.dumps(profile, sort_keys=True, separators=(",", ":"))
     meta = f"1 {v.major}.{v.minor}.{v.micro} {u.release} {u.machine}\n"
@@ -279,3 +278,9 @@ def _build(profile: dict):
         lib.seccomp_release(ctx)
         raise
     return ctx
+
+
+try:  # mapped once in the shim zygote, so no create worker loads it again
+    _libseccomp()
+except OSError:
+    pass  # reported by prepare() when a spec asks for seccomp

@@ -366,6 +366,31 @@ def test_export_unknown_image(env):
         env.export_chunks(NS, ["docker.io/library/nope:latest"])
 
 
+class Trickle:
+    """A reader that hands out odd-sized pieces, as a gRPC stream of a client's choosing
+    does: headers, member data and padding straddle them."""
+
+    def __init__(self, data: bytes, sizes: tuple[int, ...]):
+        self.data = memoryview(data)
+        self.sizes = sizes
+        self.n = 0
+
+    def read(self, size: int = -1) -> memoryview:
+        size = min(size, self.sizes[self.n % len(self.sizes)])
+        self.n += 1
+        piece, self.data = self.data[:size], self.data[size:]
+        return piece
+
+
+@pytest.mark.parametrize("sizes", [(512,), (3, 700, 511, 65537), (1 << 20, 5)])
+def test_import_from_pieces_of_any_size(env, images, sizes):
+    bb = images["multilayer"]
+    (result,) = env.import_archive(NS, Trickle(bb.path.read_bytes(), sizes), ImportOptions())
+    assert (result.name, result.target.digest) == (bb.name, bb.target["digest"])
+    for layer in bb.layers:
+        assert env.content.info(NS, layer).digest == layer
+
+
 def test_import_gzip_compressed_archive(env, images):
     import gzip
 

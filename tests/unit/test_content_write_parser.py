@@ -86,3 +86,22 @@ def test_broken_bodies_fail_as_with_the_generated_parser(raw):
         pb.WriteContentRequest.FromString(raw)
     with pytest.raises(DecodeError):
         parse_write_request(raw)
+
+
+def test_import_request_data_is_a_view_options_parse_as_generated():
+    from runtimed.api.images.v1 import archive_pb2
+    from runtimed.services.archives import parse_import_request
+
+    raw = archive_pb2.ImportRequest(data=os.urandom(70_000)).SerializeToString()
+    message, data = parse_import_request(raw)
+    assert isinstance(data, memoryview) and data.obj is raw
+    assert bytes(data) == archive_pb2.ImportRequest.FromString(raw).data
+    assert message.WhichOneof("request") is None
+
+    options = archive_pb2.ImportRequest(options=archive_pb2.ImportOptions(base_name="x", unpack=True))
+    message, data = parse_import_request(options.SerializeToString())
+    assert message == options and not data
+    # a data field and then options: the oneof's last member wins, as in protobuf
+    both = archive_pb2.ImportRequest(data=b"d").SerializeToString() + options.SerializeToString()
+    message, _ = parse_import_request(both)
+    assert message.WhichOneof("request") == "options"

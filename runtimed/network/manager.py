@@ -919,7 +919,15 @@ class NetworkManager:
         finally:
             self.exchange.unsubscribe(sub)
 
+    def _attached(self, namespace: str, container_id: str) -> bool:
+        with self.db.read() as conn:
+            return self._sandbox_row(conn, namespace, container_id) is not None
+
     async def on_container_deleted(self, namespace: str, container_id: str) -> None:
+        # most deleted containers have no attachment (API clients, ctr): a point read on
+        # the loop, no hop to a worker thread
+        if not await self.db.run(self._attached, namespace, container_id):
+            return
         try:
             await asyncio.to_thread(self.detach, namespace, container_id)
         except NotFound:

@@ -518,29 +518,47 @@ class NetworkManager:
         self._write_hosts(namespace, container_id)
 
     def _write_hosts(self, namespace: str, container_id: str) -> None:
+        self._rewrite_hosts([(namespace, container_id)], quiet=False)
+
+    def _rewrite_hosts(self, members, quiet: bool = True) -> None:
+        """Write the hosts file of each (namespace, id) in `members`: itself, then every
+        peer on a network it is on (same namespace first, then by age), from one read of
+        the tables, so refreshing n peers costs n writes, not 3n queries. `quiet`: a file
+        that cannot be written is logged, not raised."""
         with self.db.read() as conn:
-            row = self._sandbox_row(conn, namespace, container_id)
-            if row is None or row["mode"] in ("host", "container"):
-                return
-            mine = conn.execute(
-                "SELECT network, ip, aliases FROM net_endpoints WHERE namespace = ? AND container_id = ?",
-                (namespace, container_id),
-            ).fetchall()
-            peers = conn.execute(
-                "SELECT e.namespace, e.container_id, e.ip, e.aliases, s.hostname FROM net_endpoints e "
-                "JOIN net_sandboxes s USING (namespace, container_id) WHERE e.network IN "
-                "(SELECT network FROM net_endpoints WHERE namespace = ? AND container_id = ?) "
-                "AND NOT (e.namespace = ? AND e.container_id = ?) "
-                "ORDER BY e.namespace != ?, e.created_at",
-                (namespace, container_id, namespace, container_id, namespace),
-            ).fetchall()
-        own = [files.HostEntry(e["ip"], [row["hostname"], container_id, *json.loads(e["aliases"])])
-               for e in mine]
-        others = [files.HostEntry(p["ip"], [p["hostname"], p["container_id"], *json.loads(p["aliases"])])
-                  for p in peers]
-        _, fdir = self.paths(namespace, container_id)
-        if fdir.is_dir():
-            files.write_in_place(fdir / "hosts", files.render_hosts(own, others))
+            sandboxes = {(r["namespace"], r["container_id"]): r for r in conn.execute(
+                "SELECT namespace, container_id, mode, hostname FROM net_sandboxes")}
+            endpoints = conn.execute(
+                "SELECT namespace, container_id, network, ip, aliases FROM net_endpoints "
+                "ORDER BY created_at, rowid").fetchall()
+        entries: dict[tuple[str, str], list] = {}
+        on_network: dict[str, list] = {}
+        for age, e in enumerate(endpoints):
+            key = (e["namespace"], e["container_id"])
+            sandbox = sandboxes.get(key)
+            if sandbox is None:
+                continue
+            item = (age, key, e["network"], files.HostEntry(
+                e["ip"], [sandbox["hostname"], e["container_id"], *json.loads(e["aliases"])]))
+            entries.setdefault(key, []).append(item)
+            on_network.setdefault(e["network"], []).append(item)
+        for key in members:
+            sandbox = sandboxes.get(key)
+            if sandbox is None or sandbox["mode"] in ("host", "container"):
+                continue
+            mine = entries.get(key, [])
+            networks = {item[2] for item in mine}
+            peers = sorted((item for network in networks for item in on_network[network]
+                            if item[1] != key), key=lambda item: (item[1][0] != key[0], item[0]))
+            _, fdir = self.paths(*key)
+            try:
+                if fdir.is_dir():
+                    files.write_in_place(fdir / "hosts", files.render_hosts(
+                        [item[3] for item in mine], [item[3] for item in peers]))
+            except OSError as exc:
+                if not quiet:
+                    raise
+                log.warning("cannot update hosts of %s/%s: %s", *key, exc)
 
     def _refresh_peers(self, networks: list[str], skip: tuple[str, str] | None = None) -> None:
         """Rewrite the hosts file of every container on these networks (but `skip`, whose
@@ -553,13 +571,8 @@ class NetworkManager:
                 f"SELECT DISTINCT namespace, container_id FROM net_endpoints WHERE network IN ({marks})",
                 networks,
             ).fetchall()
-        for m in members:
-            if (m["namespace"], m["container_id"]) == skip:
-                continue
-            try:
-                self._write_hosts(m["namespace"], m["container_id"])
-            except OSError as exc:
-                log.warning("cannot update hosts of %s/%s: %s", m["namespace"], m["container_id"], exc)
+        self._rewrite_hosts([(m["namespace"], m["container_id"]) for m in members
+                             if (m["namespace"], m["container_id"]) != skip])
 
     def _attach_plain(self, namespace, container_id, mode, hostname) -> Attachment:
         netns = ""
@@ -809,12 +822,8 @@ class NetworkManager:
             present = {link["name"] for link in self.helper.call("links")} if survivors else set()
             for s in survivors:
                 done["repaired"] += self._repair(s, present)
-            for s in survivors:  # a crash between a record and the peers' rewrite
-                try:
-                    self._write_hosts(s["namespace"], s["container_id"])
-                except OSError as exc:
-                    log.warning("cannot rewrite hosts of %s/%s: %s", s["namespace"],
-                                s["container_id"], exc)
+            # a crash between a record and the peers' rewrite
+            self._rewrite_hosts([(s["namespace"], s["container_id"]) for s in survivors])
             bridges = {n.bridge for n in networks}
             for link in self.helper.call("links"):
                 name = link["name"]

@@ -295,7 +295,9 @@ class _ArchiveStream:
 
 
 def _compressed(head: bytes) -> bool:
-    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))
+    """What tarfile's stream mode would decompress (its own sniffing, byte for byte)."""
+    return (head.startswith((b"\x1f\x8b\x08", b"\x5d\x00\x00\x80", b"\xfd7zXZ"))
+            or (head[0:3] == b"BZh" and head[4:10] == b"1AY&SY"))
 
 
 def _member_path(name: str) -> str:
@@ -369,7 +371,7 @@ class _Import:
         matcher = self._matcher()  # a bad platform fails before any byte is read
         stream = _ArchiveStream(reader, self.report)
         try:
-            if _compressed(stream.peek(6)):  # gzip, bzip2, xz: tarfile decompresses
+            if _compressed(stream.peek(10)):  # gzip, bzip2, xz: tarfile decompresses
                 tf = tarfile.open(fileobj=stream, mode="r|*", bufsize=CHUNK)
             else:
                 tf = tarfile.TarFile(fileobj=stream, mode="r")

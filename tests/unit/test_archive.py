@@ -391,6 +391,17 @@ def test_import_from_pieces_of_any_size(env, images, sizes):
         assert env.content.info(NS, layer).digest == layer
 
 
+@pytest.mark.parametrize("compress", ["bz2", "xz"])
+def test_import_bzip2_and_xz_compressed_archives(env, images, compress):
+    import bz2
+    import lzma
+
+    bb = images["busybox"]
+    pack = bz2.compress if compress == "bz2" else lzma.compress
+    (result,) = do_import(env, pack(bb.path.read_bytes()))
+    assert (result.name, result.target.digest) == (bb.name, bb.target["digest"])
+
+
 def test_import_gzip_compressed_archive(env, images):
     import gzip
 

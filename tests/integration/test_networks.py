@@ -370,6 +370,25 @@ def test_attach_runs_no_iptables_and_brings_a_lost_bridge_back(daemon, net, tmp_
     assert got.returncode == 0, got.stdout + got.stderr
 
 
+def test_hosts_files_list_the_peers_of_every_network_same_namespace_first(net):
+    net.Create(pb.CreateNetworkRequest(name="side", subnet=free_subnet()))
+    attach(net, "far", ns=[("containerd-namespace", "other")])  # oldest, other namespace
+    attach(net, "multi")
+    multi = attach(net, "multi", "side")
+    solo = attach(net, "solo", "side")
+    attach(net, "near")
+
+    def entries(att) -> list[tuple[str, str]]:
+        lines = open(att.hosts_path).read().splitlines()[6:]  # after the localhost lines
+        return [(line.split("\t")[1].split()[0], line.split("\t")[0]) for line in lines]
+
+    ip = {i.network: i.ip for i in multi.interfaces}
+    names = [name for name, _ in entries(multi)]
+    assert names == ["multi", "multi", "solo", "near", "far"]
+    assert entries(multi)[:2] == [("multi", ip["bridge"]), ("multi", ip["side"])]
+    assert entries(solo) == [("solo", solo.interfaces[0].ip), ("multi", ip["side"])]
+
+
 def test_default_subnet_avoids_host_routes(net):
     att = attach(net, "probe")
     network = net.Get(pb.GetNetworkRequest(name="bridge")).network

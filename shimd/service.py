@@ -229,6 +229,9 @@ class ShimService:
                 except Exception as exc:  # noqa: BLE001 - mapped to a status, never UNKNOWN
                     raise _grpc_error(exc) from None
                 await stream.send_message(reply)
+                # the trailers too before the call counts as answered: a Shutdown closes
+                # the connection once no call is active, and must not cut its own answer
+                await stream.send_trailing_metadata()
             finally:
                 self.active -= 1
 

@@ -252,6 +252,11 @@ async def _serve(id: str | None, bundle: Path | None, ready_fd: int | None,
     deadline = loop.time() + SHUTDOWN_GRACE
     while api.active and loop.time() < deadline:
         await asyncio.sleep(0.005)
+    # and for the clients to hang up (runtimed closes its channel after Shutdown): a
+    # connection closed under a client still writing (a window update) fails its call
+    # with EPIPE even though the answer is in its socket
+    while server.connections and loop.time() < deadline:
+        await asyncio.sleep(0.005)
     server.close()
     await server.wait_closed()
     shim.close()

@@ -47,19 +47,27 @@ def _stdio(message: shim_pb2.Stdio) -> StdioConfig:
 
 
 class ShimServer(Server):
-    """grpclib's server with the per-connection stream cap raised to MAX_STREAMS."""
+    """grpclib's server with the per-connection stream cap raised to MAX_STREAMS; counts
+    its open connections (`connections`)."""
+
+    connections = 0
 
     def _protocol_factory(self):
         protocol = super()._protocol_factory()
-        connection_made = protocol.connection_made
+        connection_made, connection_lost = protocol.connection_made, protocol.connection_lost
 
         def made(transport) -> None:
+            self.connections += 1
             connection_made(transport)
             protocol.connection._connection.update_settings(
                 {SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS})
             protocol.connection.flush()
 
-        protocol.connection_made = made
+        def lost(exc) -> None:
+            self.connections -= 1
+            connection_lost(exc)
+
+        protocol.connection_made, protocol.connection_lost = made, lost
         return protocol
 
 

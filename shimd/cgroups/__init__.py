@@ -36,7 +36,8 @@ class Cgroup(Protocol):
     def update(self, resources: dict) -> None: ...
 
     def procs_files(self) -> list[str]:
-        """The cgroup.procs files a process writes "0" to, to join (late) by itself."""
+        """The files a single-threaded process writes "0" to, to join (late) by itself
+        (`tasks` on v1, where that takes no global lock; cgroup.procs on v2)."""
         ...
 
     def add(self, pid: int) -> None: ...

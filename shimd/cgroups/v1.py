@@ -85,11 +85,15 @@ class V1:
                     files.write(mine, files.read(os.path.join(parent, name)).strip())
 
     def procs_files(self) -> list[str]:
-        return [os.path.join(d, "cgroup.procs") for d in self.dirs.values()]
+        """The `tasks` files: the joining process is single-threaded (a child just forked),
+        so moving its one thread moves all of it, and a v1 write of "0" (the caller) to
+        `tasks` needs no global cgroup_threadgroup_rwsem, whose first writer after a quiet
+        spell waits for an RCU grace period (measured here: 14 ms, against 0.05 ms)."""
+        return [os.path.join(d, "tasks") for d in self.dirs.values()]
 
     def add(self, pid: int) -> None:
-        for f in self.procs_files():
-            files.write(f, pid)
+        for d in self.dirs.values():
+            files.write(os.path.join(d, "cgroup.procs"), pid)
 
     def pids(self) -> list[int]:
         for ctrl in ("pids", "freezer", "memory", "cpu", "name=systemd"):

@@ -174,7 +174,7 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
         if console is not None:
             console.close()
         if not lin.get("uidMappings"):  # a user namespace waits for us: no head start
-            _prime_cgroup_attach()
+            _prime_cgroup_attach(cgroup)
         if seccomp_fd is not None:
             seccomp.PRECOMPILED_FD = None  # the init's copy of it; not ours to use again
             if not program:
@@ -264,13 +264,19 @@ def _open_program(store: Store, container_id: str) -> int | None:
         return None  # made by an older version: the exec'd process builds the filter
 
 
-def _prime_cgroup_attach() -> None:
+def _prime_cgroup_attach(cgroup) -> None:
     """Give the init's cgroup join a head start. Every write to a cgroup.procs file takes
     the kernel's global cgroup_threadgroup_rwsem for writing, and the first writer after a
     quiet spell waits for an RCU grace period (measured: 16 ms of a 45 ms create); writers
     that follow within the next grace period do not. So while the child sets up mounts,
     this process moves itself into the cgroup it is already in (a no-op that takes the
-    same lock), and the child's own join a few ms later is quick. Best effort."""
+    same lock), and the child's own join a few ms later is quick. Best effort.
+
+    Only where the join takes that lock (cgroup v2): on v1 the child joins through `tasks`
+    without it (shimd/cgroups/v1.py), and taking it here would only hold up every fork on
+    the machine (fork takes it for reading), the exec's own among them."""
+    if not any(p.endswith("cgroup.procs") for p in cgroup.procs_files()):
+        return
     try:
         with open("/proc/self/cgroup") as f:
             for line in f:
@@ -512,7 +518,7 @@ def exec_process(store: Store, container_id: str, proc: dict, pid_file: str | No
             os.close(r)
             init.child_main(_exec_intermediate, w, spec, proc, ns_fds, procs_fds, console, detach)
         os.close(w)
-        _prime_cgroup_attach()
+        _prime_cgroup_attach(cgroup)
     finally:
         if program_fd is not None:
             seccomp.PRECOMPILED_FD = None

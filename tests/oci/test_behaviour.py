@@ -327,12 +327,17 @@ def test_init_exit_kills_the_rest_and_caller_reaps(runtime):
 def test_exec_into_running_container(runtime):
     c = runtime.create(runtime.spec(["sleep", "100"]))
     c.start()
-    r = c.exec(["sh", "-c", "hostname; cat /proc/1/cmdline; echo; grep memory /proc/self/cgroup; exit 5"],
+    r = c.exec(["sh", "-c", "hostname; cat /proc/1/cmdline; echo; grep memory /proc/self/cgroup;"
+                " cat /proc/self/cgroup; echo ==; cat /proc/1/cgroup; exit 5"],
                env=["PATH=/bin", "E=1"])
     assert r.returncode == 5
     lines = r.stdout.splitlines()
     assert lines[0] == "box" and lines[1] == "sleep\x00100\x00"
     assert c.id in lines[2]
+    # in every hierarchy the init is in (the built-in runtime joins v1 through `tasks`)
+    mine, _, init = "\n".join(lines[3:]).partition("\n==\n")
+    assert sorted(mine.splitlines()) == sorted(init.splitlines())
+    assert len(mine.splitlines()) > 1
     d = c.exec(["sh", "-c", "exit 3"], detach=True)
     assert d.returncode == 0
     # A detached exec process is reparented to us (the subreaper) and reaped by us.

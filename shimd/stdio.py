@@ -2,10 +2,14 @@
 writes the other ends), `file://` paths, empty (null), or a terminal.
 
 The container never writes into a client's FIFO directly: it writes into a pipe (or a pty)
-and the shim pumps that into the FIFO, buffering up to a limit and then dropping the
-oldest output, so the container never blocks or breaks when nobody reads. Output FIFOs are
-opened read-write (a detached client leaving does not make writes fail) and closed when
-the process side reaches EOF, so a client waiting for EOF returns.
+and the shim pumps that into the FIFO, buffering up to a limit and then reading no more
+until the client catches up, so a slow client loses nothing (an exported file system or a
+`cp` through `tar` must arrive whole). Only when the FIFO has taken nothing for
+OUTPUT_STALL seconds with the buffer full is the client taken for gone: the oldest output
+is then dropped, so a container whose client detached never blocks for longer than that.
+Stdin is never dropped. Output FIFOs are opened read-write (a detached client leaving does
+not make writes fail) and closed when the process side reaches EOF, so a client waiting
+for EOF returns.
 
 A `file://` URI ending in `?format=cri` asks for a log with a timestamp per line: the
 process then writes into a pipe and the shim appends records in the CRI log format that
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 from runtimed.errors import InvalidArgument
 
 BUFFER_LIMIT = 1 << 20
+OUTPUT_STALL = 5.0  # seconds without progress, buffer full: the reader is gone
 CRI_SUFFIX = "?format=cri"
 
 
@@ -59,18 +64,21 @@ class StdioConfig:
 class Pump:
     """Copy bytes from `src` to `dst` without ever blocking the event loop."""
 
-    def __init__(self, src: int, dst: int | None, close_dst: bool = True, drop: bool = True,
-                 stamp: bytes = b""):
+    def __init__(self, src: int, dst: int | None, close_dst: bool = True, stamp: bytes = b"",
+                 output: bool = True):
         self.src, self.dst = src, dst
+        self.output = output  # output may be dropped once its reader is gone; stdin never
         self.stamp = stamp  # b"stdout"/b"stderr": write CRI log records
         self.close_dst = close_dst
-        self.drop = drop
         self.buffer = bytearray()
         self.eof = False
-        self.dropped = 0
         self.done = asyncio.get_running_loop().create_future()
         self._loop = asyncio.get_running_loop()
         self._writing = False
+        self._paused = False  # stopped reading `src` until `dst` takes what is buffered
+        self._dropping = False  # output whose reader stalled: keep the newest BUFFER_LIMIT
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self.dropped = 0
         os.set_blocking(src, False)
         if dst is not None:
             with contextlib.suppress(OSError):
@@ -97,13 +105,29 @@ class Pump:
             data = cri_records(data, self.stamp)
         self.buffer += data
         if len(self.buffer) > BUFFER_LIMIT:
-            if self.drop:
+            if self._dropping:
                 excess = len(self.buffer) - BUFFER_LIMIT
                 del self.buffer[:excess]
                 self.dropped += excess
-            else:  # stdin: back-pressure the client instead of losing its input
+            else:  # back-pressure; the stall timer decides whether the reader is gone
                 self._loop.remove_reader(self.src)
+                self._paused = True
+                if self.output and self._stall_timer is None:
+                    self._stall_timer = self._loop.call_later(OUTPUT_STALL, self._stalled)
         self._flush()
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        if self._paused and not self.eof:
+            self._dropping = True
+            self._paused = False
+            self._loop.add_reader(self.src, self._read)
+
+    def _progress(self) -> None:
+        self._dropping = False
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
 
     def _flush(self) -> None:
         while self.buffer and self.dst is not None:
@@ -118,8 +142,10 @@ class Pump:
                 self.buffer.clear()
                 break
             del self.buffer[:written]
-            if not self.drop and not self.eof and len(self.buffer) <= BUFFER_LIMIT:
-                self._loop.add_reader(self.src, self._read)
+            self._progress()
+        if self._paused and not self.eof:  # the buffer is empty: read again
+            self._loop.add_reader(self.src, self._read)
+            self._paused = False
         if self._writing:
             self._loop.remove_writer(self.dst)
             self._writing = False
@@ -138,6 +164,7 @@ class Pump:
         if self.done.done():
             return
         self._loop.remove_reader(self.src)
+        self._progress()
         if self._writing:
             self._loop.remove_writer(self.dst)
         with contextlib.suppress(OSError):
@@ -236,7 +263,7 @@ class ProcessIO:
         read_end, write_end = os.pipe()
         self._to_close.append(read_end)
         fifo = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._pending.append((fifo, write_end, False, b""))
+        self._pending.append((fifo, write_end, True, b""))
         return read_end
 
     def _output(self, path: str, stream: bytes) -> int:
@@ -249,7 +276,7 @@ class ProcessIO:
             read_end, write_end = os.pipe()
             self._to_close.append(write_end)
             log = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-            self._pending.append((read_end, log, True, stream))
+            self._pending.append((read_end, log, False, stream))
             return write_end
         if file is not None or not _is_fifo(path):
             fd = os.open(file or path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -258,7 +285,7 @@ class ProcessIO:
         read_end, write_end = os.pipe()
         self._to_close.append(write_end)
         fifo = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._pending.append((read_end, fifo, True, b""))
+        self._pending.append((read_end, fifo, False, b""))
         return write_end
 
     def spawned(self) -> None:
@@ -267,10 +294,10 @@ class ProcessIO:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._to_close.clear()
-        for src, dst, drop, stamp in self._pending:
-            pump = Pump(src, dst, drop=drop, stamp=stamp)
+        for src, dst, is_stdin, stamp in self._pending:
+            pump = Pump(src, dst, stamp=stamp, output=not is_stdin)
             self.pumps.append(pump)
-            if not drop:
+            if is_stdin:
                 self.stdin_pump = pump
         self._pending.clear()
         if self.console is not None:
@@ -279,7 +306,7 @@ class ProcessIO:
                 self.pumps.append(Pump(os.dup(self.console), self._console_out(), stamp=stamp))
             if self.config.stdin and not _file_path(self.config.stdin):
                 fifo = os.open(self.config.stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-                self.stdin_pump = Pump(fifo, os.dup(self.console), drop=False)
+                self.stdin_pump = Pump(fifo, os.dup(self.console), output=False)
                 self.pumps.append(self.stdin_pump)
 
     def _console_out(self) -> int:

@@ -193,8 +193,11 @@ class Attachment:
         finally:
             os.close(fd)
 
-    def wait(self, timeout: float = 5.0) -> None:
-        """Wait for the output copiers to drain (the shim closes its ends at exit)."""
+    def wait(self, timeout: float | None = 5.0) -> None:
+        """Wait for the output copiers to drain (the shim closes its ends when the process
+        side reaches EOF). The default gives up after `timeout` seconds, as an interactive
+        command must when a background child of an exec'd process keeps the output open;
+        whoever needs the whole output (a capture) passes None."""
         for t in self._outputs:
             t.join(timeout)
 

@@ -237,7 +237,7 @@ class RunningContainer:
     def wait(self, timeout: float | None = None) -> ExitStatus:
         status = self._exit.result(timeout=timeout)
         if self._attachment:
-            self._attachment.wait()
+            self._attachment.wait(timeout)  # output() is then whole
         return status
 
     def output(self) -> bytes:

@@ -1152,7 +1152,7 @@ def _exec_capture(c, container_id: str, argv: list[str], stdin_data: bytes | Non
             waiter = c.tasks.wait_async(container_id, exec_id)
             c.tasks.start(container_id, exec_id)
             status = waiter.result(timeout=300)
-            attachment.wait()
+            attachment.wait(None)  # all of it: a truncated tar is a corrupt copy
             try:
                 c.tasks.delete_process(container_id, exec_id)
             except RuntimedError:

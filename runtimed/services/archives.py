@@ -190,9 +190,9 @@ def register(server: grpc.aio.Server, daemon) -> None:
     daemon.archives = archives
     servicer = ArchivesService(archives)
     archive_pb2_grpc.add_ArchivesServicer_to_server(servicer, server)
-    # Import again, with the parser that leaves each chunk's data uncopied
+    # Import again, with the parser that leaves each chunk's data uncopied (replaces the
+    # generated handler in the daemon's MethodTable)
     handlers = {"Import": grpc.stream_stream_rpc_method_handler(
         servicer.Import, request_deserializer=parse_import_request,
         response_serializer=archive_pb2.ImportResponse.SerializeToString)}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

@@ -248,9 +248,9 @@ class ContentService(content_pb2_grpc.ContentServicer):
 def register(server, daemon) -> None:
     servicer = ContentService(daemon)
     content_pb2_grpc.add_ContentServicer_to_server(servicer, server)
-    # Write again, with the parser that leaves each chunk's data uncopied
+    # Write again, with the parser that leaves each chunk's data uncopied (replaces the
+    # generated handler in the daemon's MethodTable)
     write = {"Write": grpc.stream_stream_rpc_method_handler(
         servicer.Write, request_deserializer=parse_write_request,
         response_serializer=pb.WriteContentResponse.SerializeToString)}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, write),))
     server.add_registered_method_handlers(SERVICE, write)

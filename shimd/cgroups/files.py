@@ -36,16 +36,8 @@ def read_kv(path: str) -> dict[str, int]:
 
 
 def write(path: str, value: str | int) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
-    except FileNotFoundError:
-        raise OSError(2, f"cgroup control file {path} does not exist (controller missing?)") from None
-    try:
-        os.write(fd, str(value).encode())
-    except OSError as e:
-        raise OSError(e.errno, f"write {value!r} to {path}: {os.strerror(e.errno)}") from None
-    finally:
-        os.close(fd)
+    with Writer() as writer:
+        writer.write(path, value)
 
 
 class Writer:

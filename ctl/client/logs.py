@@ -97,12 +97,17 @@ def since(value: str, now: float | None = None) -> bytes:
     if _DURATION.fullmatch(text) or re.fullmatch(rf"(?:{_DURATION.pattern})+", text):
         seconds = sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(text))
         return timestamp(int((now - seconds) * 1e9))
+    # the fraction is kept as integer nanoseconds: through a float, a record's own stamp
+    # (as `logs -t` prints it) could come back up to 256 ns later and miss that record
+    fraction = re.search(r"\.(\d+)", text)
+    whole = text[:fraction.start()] + text[fraction.end():] if fraction else text
     try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(whole.replace("Z", "+00:00"))
     except ValueError:
         raise InvalidArgument(
             f"invalid --since {value!r}: use an RFC 3339 time, a Unix time or a duration like 10m"
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return timestamp(int(parsed.timestamp() * 1e9))
+    nanoseconds = int(fraction.group(1)[:9].ljust(9, "0")) if fraction else 0
+    return timestamp(int(parsed.timestamp()) * 10**9 + nanoseconds)

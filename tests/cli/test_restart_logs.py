@@ -64,6 +64,9 @@ def test_decoder_and_since_parsing():
     assert since("90s", now=100.0) == timestamp(10_000_000_000)
     assert since("1m30s", now=100.0) == timestamp(10_000_000_000)
     assert since("2026-11-28T00:00:00Z") == b"2026-11-28T00:00:00.000000000Z"
+    # a record's own stamp selects that record: exact to the nanosecond (a float loses it)
+    assert since("2026-11-28T04:11:31.760723073Z") == b"2026-11-28T04:11:31.760723073Z"
+    assert since("2026-11-28T04:11:31.5+01:00") == b"2026-11-28T03:11:31.500000000Z"
 
 
 def test_log_opt_path_is_raw_unless_format_cri(ctl, busybox, tmp_path):

@@ -18,7 +18,7 @@ from runtimed.api.images.v1 import archive_pb2, archive_pb2_grpc
 from runtimed.errors import Canceled, InvalidArgument
 from runtimed.images.archive import Archives, ExportOptions, ImportOptions, Progress
 from runtimed.services.base import lease, namespace, service
-from runtimed.services.content import split_bytes_field
+from runtimed.services.wire import serve_stream_with_parser, split_bytes_field
 
 _EOF = object()
 SERVICE = "runtimed.images.v1.Archives"
@@ -81,7 +81,7 @@ def _import_options(msg: archive_pb2.ImportOptions) -> ImportOptions:
     )
 
 
-_DATA_KEY = (2 << 3) | 2  # ImportRequest.data: field 2, length-delimited
+_DATA_FIELD = 2  # ImportRequest.data
 _NO_OPTIONS = archive_pb2.ImportRequest()
 
 
@@ -89,7 +89,7 @@ def parse_import_request(raw: bytes) -> tuple[archive_pb2.ImportRequest, memoryv
     """An ImportRequest and its `data`: a body of nothing but data (every request after
     the first) gives a view into the body, not the two copies the generated parser and a
     field read make; anything else goes through the generated parser."""
-    split = split_bytes_field(raw, _DATA_KEY)
+    split = split_bytes_field(raw, _DATA_FIELD)
     if split is not None and not split[0]:
         return _NO_OPTIONS, split[1]
     message = archive_pb2.ImportRequest.FromString(raw)
@@ -190,9 +190,5 @@ def register(server: grpc.aio.Server, daemon) -> None:
     daemon.archives = archives
     servicer = ArchivesService(archives)
     archive_pb2_grpc.add_ArchivesServicer_to_server(servicer, server)
-    # Import again, with the parser that leaves each chunk's data uncopied (replaces the
-    # generated handler in the daemon's MethodTable)
-    handlers = {"Import": grpc.stream_stream_rpc_method_handler(
-        servicer.Import, request_deserializer=parse_import_request,
-        response_serializer=archive_pb2.ImportResponse.SerializeToString)}
-    server.add_registered_method_handlers(SERVICE, handlers)
+    serve_stream_with_parser(server, SERVICE, "Import", servicer.Import, parse_import_request,
+                             archive_pb2.ImportResponse)

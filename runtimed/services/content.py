@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 from google.protobuf import empty_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -21,62 +20,11 @@ from runtimed.content import digests
 from runtimed.content.store import CHUNK, ContentInfo, OutOfRange, Status
 from runtimed.errors import AlreadyExists, InvalidArgument, NotFound
 from runtimed.services.base import lease, namespace, service
+from runtimed.services.wire import serve_stream_with_parser, split_bytes_field
 
 LIST_BATCH = 100
 SERVICE = "containerd.services.content.v1.Content"
-_DATA_KEY = (6 << 3) | 2  # WriteContentRequest.data: field 6, length-delimited
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while shift < 64:
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-    raise ValueError("varint too long")
-
-
-def split_bytes_field(raw: bytes, key: int) -> tuple[bytes, memoryview] | None:
-    """(the body without the field, the field's value as a view into `raw`) when `raw`
-    holds exactly one top-level length-delimited field with tag `key`; None when there is
-    none, more than one, or the body is not plain wire format."""
-    try:
-        span = _field_span(raw, key)
-    except (IndexError, ValueError):
-        return None
-    if span is None:
-        return None
-    start, value_start, end = span
-    rest = raw[end:] if start == 0 else raw[:start] + raw[end:]
-    return rest, memoryview(raw)[value_start:end]
-
-
-def _field_span(raw: bytes, wanted: int) -> tuple[int, int, int] | None:
-    span = None
-    pos, end = 0, len(raw)
-    while pos < end:
-        start = pos
-        key, pos = _varint(raw, pos)
-        wire = key & 7
-        if wire == 0:
-            _, pos = _varint(raw, pos)
-        elif wire == 2:
-            length, pos = _varint(raw, pos)
-            if key == wanted:
-                if span is not None:
-                    return None
-                span = (start, pos, pos + length)
-            pos += length
-        elif wire == 1:
-            pos += 8
-        elif wire == 5:
-            pos += 4
-        else:
-            return None
-    return span if pos == end else None
+_DATA_FIELD = 6  # WriteContentRequest.data
 
 
 def parse_write_request(raw: bytes) -> tuple[pb.WriteContentRequest, memoryview | bytes]:
@@ -89,7 +37,7 @@ def parse_write_request(raw: bytes) -> tuple[pb.WriteContentRequest, memoryview 
     (labels, unknown fields, UTF-8 checks, errors on a broken body) parses exactly as
     before. Any body that is not one plain `data` field falls back to the generated parser.
     """
-    split = split_bytes_field(raw, _DATA_KEY)
+    split = split_bytes_field(raw, _DATA_FIELD)
     if split is None:
         message = pb.WriteContentRequest.FromString(raw)
         return message, message.data
@@ -248,9 +196,5 @@ class ContentService(content_pb2_grpc.ContentServicer):
 def register(server, daemon) -> None:
     servicer = ContentService(daemon)
     content_pb2_grpc.add_ContentServicer_to_server(servicer, server)
-    # Write again, with the parser that leaves each chunk's data uncopied (replaces the
-    # generated handler in the daemon's MethodTable)
-    write = {"Write": grpc.stream_stream_rpc_method_handler(
-        servicer.Write, request_deserializer=parse_write_request,
-        response_serializer=pb.WriteContentResponse.SerializeToString)}
-    server.add_registered_method_handlers(SERVICE, write)
+    serve_stream_with_parser(server, SERVICE, "Write", servicer.Write, parse_write_request,
+                             pb.WriteContentResponse)

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import socket
 import stat
@@ -78,7 +79,6 @@ class Pump:
         self._paused = False  # stopped reading `src` until `dst` takes what is buffered
         self._dropping = False  # output whose reader stalled: keep the newest BUFFER_LIMIT
         self._stall_timer: asyncio.TimerHandle | None = None
-        self.dropped = 0
         os.set_blocking(src, False)
         if dst is not None:
             with contextlib.suppress(OSError):
@@ -108,7 +108,6 @@ class Pump:
             if self._dropping:
                 excess = len(self.buffer) - BUFFER_LIMIT
                 del self.buffer[:excess]
-                self.dropped += excess
             else:  # back-pressure; the stall timer decides whether the reader is gone
                 self._loop.remove_reader(self.src)
                 self._paused = True
@@ -119,6 +118,9 @@ class Pump:
     def _stalled(self) -> None:
         self._stall_timer = None
         if self._paused and not self.eof:
+            logging.getLogger("shimd").warning(
+                "output not read for %.0f s: the client is taken for gone, oldest output dropped",
+                OUTPUT_STALL)
             self._dropping = True
             self._paused = False
             self._loop.add_reader(self.src, self._read)

@@ -154,17 +154,14 @@ class ShimManager:
     async def dispose(self, client: ShimClient) -> None:
         """Shut down a shim that never got its task (Shutdown, else SIGKILL) and wait until
         its process is gone, so nothing it writes lands in a bundle being removed."""
-        pidfd = _pidfd(client.pid)
+        pidfd = pidfd_of(client.pid)
         try:
             with contextlib.suppress(RuntimedError):
                 await client.call("Shutdown", shim_pb2.ShutdownRequest(id=client.id, now=True),
                                   CONNECT_TIMEOUT)
             await client.close()
-            if pidfd >= 0 and not await _exited(pidfd, CONNECT_TIMEOUT):
-                log.warning("shim %d of %s did not shut down; killing it", client.pid, client.id)
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-                await _exited(pidfd, CONNECT_TIMEOUT)
+            if pidfd >= 0:
+                await await_exit(pidfd, CONNECT_TIMEOUT, f"shim {client.pid} of {client.id}")
         finally:
             if pidfd >= 0:
                 os.close(pidfd)
@@ -428,7 +425,7 @@ def _remove_spare_socket(bundle: Path, directory: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _pidfd(pid: int) -> int:
+def pidfd_of(pid: int) -> int:
     """A pidfd for `pid`, or -1 when it is gone (or unknown)."""
     if pid <= 0:
         return -1
@@ -452,6 +449,16 @@ async def _exited(pidfd: int, timeout: float) -> bool:
         return False
     finally:
         loop.remove_reader(pidfd)
+
+
+async def await_exit(pidfd: int, timeout: float, what: str) -> None:
+    """Until the process behind `pidfd` has exited; SIGKILLed if it has not after `timeout`."""
+    if await _exited(pidfd, timeout):
+        return
+    log.warning("%s did not exit; killing it", what)
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    await _exited(pidfd, CONNECT_TIMEOUT)
 
 
 def _drop_spare(task: asyncio.Task) -> None:
@@ -489,12 +496,6 @@ def read_info(bundle: Path) -> BundleInfo | None:
         return None
     return BundleInfo(data["namespace"], data["id"], data.get("runtime", ""),
                       data.get("rootfs_mounted", False))
-
-
-def write_info(bundle: Path, info: BundleInfo) -> None:
-    from shimd.outbox import write_atomic
-
-    write_atomic(bundle / "runtimed.json", json.dumps(info.__dict__).encode())
 
 
 def _shim_env() -> dict[str, str]:

@@ -51,6 +51,8 @@ from runtimed.runtime.shim import (
     BundleInfo,
     ShimClient,
     ShimManager,
+    await_exit,
+    pidfd_of,
     read_info,
     remove_bundle,
 )
@@ -65,9 +67,9 @@ PUBLISH_WAIT = 5.0
 ACK_DELAY = 1.0  # seconds without new events before the shim's outbox is trimmed
 ACK_BATCH = 256  # or this many unacknowledged events
 SHUTDOWN_TIMEOUT = 5.0
-SHIM_EXIT_TIMEOUT = 10.0
+SHIM_EXIT_TIMEOUT = 10.0  # after Shutdown; then the shim of a deleted task is killed
 STOPPED = 3  # containerd.v1.types.Status
-PUBLISHED_SIZE = 64  # bytes of the `published` record; longer records are written whole  # after Shutdown; then the shim of a deleted task is killed
+PUBLISHED_SIZE = 64  # bytes of the `published` record; longer records are written whole
 
 
 @dataclass(frozen=True)
@@ -311,14 +313,11 @@ class TaskManager:
 
     async def _stop_relay(self, task: Task) -> None:
         """Stop relaying events and acknowledging them (before the shim is told to go)."""
-        if task.ack_timer is not None:
-            task.ack_timer.cancel()
-            task.ack_timer = None
-        for job in (task.forwarder, task.acking):
-            if job is not None and not job.done():
-                job.cancel()
-                with contextlib.suppress(BaseException):
-                    await job
+        await self._stop_acks(task)
+        if task.forwarder is not None and not task.forwarder.done():
+            task.forwarder.cancel()
+            with contextlib.suppress(BaseException):
+                await task.forwarder
 
     def _retire(self, bundle: Path) -> Path | None:
         """Unmount the rootfs (the caller may remove its snapshot next) and move the bundle
@@ -326,8 +325,6 @@ class TaskManager:
         rootfs = bundle / "rootfs"
         try:
             _unmount_rootfs(rootfs)
-        except Unavailable:
-            raise
         except OSError as exc:
             log.warning("%s not removed (%s): the bundle is kept", rootfs, exc)
             return None
@@ -514,6 +511,8 @@ class TaskManager:
             task.ack_timer = None
         if task.acking is None or task.acking.done():
             task.acking = asyncio.ensure_future(self._ack(task, task.published))
+        else:  # events published meanwhile are acknowledged by a later round
+            task.ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._ack_now, task)
 
     async def _ack(self, task: Task, seq: int) -> None:
         with contextlib.suppress(RuntimedError):
@@ -757,28 +756,13 @@ def _retired_shim_pid(retired: Path) -> int:
 async def _wait_shim_exit(retired: Path, timeout: float) -> None:
     """Until the shim working in a (retired) bundle has exited; killed after `timeout`."""
     pid = _retired_shim_pid(retired)
-    if not pid:
+    pidfd = pidfd_of(pid or 0)
+    if pidfd < 0:
         return
     try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:
-        return
-    loop = asyncio.get_running_loop()
-    exited = loop.create_future()
-    loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
-    try:
-        if _retired_shim_pid(retired) != pid:  # it exited (or is not ours) before we watched
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(exited), timeout)
-        except TimeoutError:
-            log.warning("shim %d of a deleted task did not exit; killing it", pid)
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(exited, 5)
+        if _retired_shim_pid(retired) == pid:  # else it exited (or is not ours) before we watched
+            await await_exit(pidfd, timeout, f"shim {pid} of a deleted task")
     finally:
-        loop.remove_reader(pidfd)
         os.close(pidfd)
 
 

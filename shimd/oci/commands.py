@@ -136,10 +136,11 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
         raise InvalidArgument("process.terminal is set but no --console-socket was given")
     lin = spec.get("linux") or {}
     cgroup_path = cgroups.normalize(lin.get("cgroupsPath") or f"/{container_id}")
-    program = None
+    program = cache_key = None
     if lin.get("seccomp"):
         seccomp.prepare(lin["seccomp"])
-        program = seccomp.cached_program(lin["seccomp"])
+        cache_key = seccomp.cache_key(lin["seccomp"])
+        program = seccomp.cached_program(cache_key)
     store.reserve(container_id)
     cgroup = None
     seccomp_fd = None
@@ -182,7 +183,7 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
                     # compiled here while the init sets up its mounts; loaded by it after start
                     seccomp.precompile_into(seccomp_fd, lin["seccomp"])
                     program = os.pread(seccomp_fd, os.fstat(seccomp_fd).st_size, 0)
-                    seccomp.cache_program(lin["seccomp"], program)
+                    seccomp.cache_program(cache_key, program)
                 except OSError:
                     os.ftruncate(seccomp_fd, 0)  # the init builds it itself and reports why not
             if program:

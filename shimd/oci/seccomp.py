@@ -161,13 +161,14 @@ def _cache_dir_fd(create: bool) -> int | None:
     return fd
 
 
-def cached_program(profile: dict) -> bytes | None:
-    """The program compiled earlier for `profile`, or None (not cached, or not trusted)."""
+def cached_program(key: str) -> bytes | None:
+    """The program compiled earlier for the profile whose `cache_key` is `key`, or None
+    (not cached, or not trusted)."""
     dir_fd = _cache_dir_fd(create=False)
     if dir_fd is None:
         return None
     try:
-        fd = os.open(cache_key(profile), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = os.open(key, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return None
     finally:
@@ -183,8 +184,9 @@ def cached_program(profile: dict) -> bytes | None:
         os.close(fd)
 
 
-def cache_program(profile: dict, program: bytes) -> None:
-    """Keep `program` (just compiled for `profile`) for the next container. Best effort."""
+def cache_program(key: str, program: bytes) -> None:
+    """Keep `program` (just compiled for the profile of `key`) for the next container.
+    Best effort."""
     if not program or len(program) > _MAX_PROGRAM or len(program) % 8:
         return
     dir_fd = _cache_dir_fd(create=True)
@@ -195,7 +197,6 @@ def cache_program(profile: dict, program: bytes) -> None:
         if len(names) >= CACHE_MAX_ENTRIES:  # many distinct profiles: start over
             for name in names:
                 os.unlink(name, dir_fd=dir_fd)
-        key = cache_key(profile)
         tmp = f".{key}.{os.getpid()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                      dir_fd=dir_fd)

@@ -96,16 +96,17 @@ def test_seccomp_cache_key_and_untrusted_entries(tmp_path, monkeypatch):
     reordered = {"syscalls": [{"action": "SCMP_ACT_ERRNO", "names": ["mkdir"]}], "defaultAction": "SCMP_ACT_ALLOW"}
     b = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["rmdir"], "action": "SCMP_ACT_ERRNO"}]}
     assert seccomp.cache_key(a) == seccomp.cache_key(reordered) != seccomp.cache_key(b)
-    assert seccomp.cached_program(a) is None  # no cache directory yet
+    key_a, key_b = seccomp.cache_key(a), seccomp.cache_key(b)
+    assert seccomp.cached_program(key_a) is None  # no cache directory yet
     program = bytes(range(16))
-    seccomp.cache_program(a, program)
-    assert seccomp.cached_program(a) == program and seccomp.cached_program(b) is None
-    entry = tmp_path / "cache" / seccomp.cache_key(a)
+    seccomp.cache_program(key_a, program)
+    assert seccomp.cached_program(key_a) == program and seccomp.cached_program(key_b) is None
+    entry = tmp_path / "cache" / key_a
     entry.write_bytes(program[:12])  # not whole instructions
-    assert seccomp.cached_program(a) is None
+    assert seccomp.cached_program(key_a) is None
     entry.unlink()
     os.symlink(tmp_path / "elsewhere", entry)
     (tmp_path / "elsewhere").write_bytes(program)
-    assert seccomp.cached_program(a) is None  # never followed
-    seccomp.cache_program(b, b"")  # nothing to keep
+    assert seccomp.cached_program(key_a) is None  # never followed
+    seccomp.cache_program(key_b, b"")  # nothing to keep
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [entry.name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -49,14 +50,37 @@ def memory(pid: int) -> dict[str, int]:
     return values
 
 
-def machine_used_memory() -> int:
-    """MemTotal - MemAvailable, the whole machine's memory in use, in bytes."""
+def _meminfo() -> dict[str, int]:
     info = {}
     with open("/proc/meminfo") as f:
         for line in f:
             key, value = line.split(":")
             info[key] = int(value.split()[0]) * 1024
-    return info["MemTotal"] - info["MemAvailable"]
+    return info
+
+
+# What the kernel keeps for processes and objects that are not page cache: page tables,
+# kernel stacks, unreclaimable slab (namespaces, cgroups, mounts, sockets), and shmem
+# (tmpfs files such as bundles and FIFOs under /run).
+_KERNEL_KEYS = ("PageTables", "KernelStack", "SUnreclaim", "Shmem")
+
+
+def machine_used_memory() -> int:
+    """The machine's memory that processes and the kernel hold, in bytes: the sum of every
+    process's PSS (each shared page counted once over its sharers) plus the kernel's own
+    per-object memory (_KERNEL_KEYS).
+
+    Not MemTotal - MemAvailable: in a VM that figure moves by megabytes on its own (page
+    cache, lazily reclaimed and ballooned memory), so a delta over 20 containers came out
+    negative. This sum only moves with what starting the containers really allocated."""
+    total = sum(_meminfo()[key] for key in _KERNEL_KEYS)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                total += memory(int(entry))["pss"]
+            except OSError:  # gone since listed
+                pass
+    return total
 
 
 def children(pid: int) -> list[int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import empty_pb2
 
-from bench.measure import memory, timed
+from bench.measure import machine_used_memory, memory, timed
 from runtimed.api.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
 from runtimed.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from runtimed.api.containerd.services.version.v1 import version_pb2_grpc
@@ -271,14 +272,10 @@ def shim_pids(t: Target) -> list[int]:
 
 def idle_memory(t: Target, kind: str, count: int = 20) -> float:
     """Per idle container: mean shim memory, or the machine's used memory delta."""
-    from bench.measure import machine_used_memory
-
     before = machine_used_memory()
     sleepers = Sleepers(t, count)
     try:
-        import time as _time
-
-        _time.sleep(1)
+        time.sleep(1)
         if kind == "machine":
             return (machine_used_memory() - before) / count / 1e6
         pids = shim_pids(t)
@@ -334,7 +331,7 @@ def container_scenarios(quick: bool) -> list[Scenario]:
         Scenario("idle shim RSS / container", "MB", "(info)",
                  lambda t: idle_memory(t, "rss"), runs=1, setup=ensure_busybox),
         Scenario("machine memory / idle container", "MB", "<= 1.0",
-                 lambda t: idle_memory(t, "machine"), runs=1, setup=ensure_busybox),
+                 lambda t: idle_memory(t, "machine"), runs=3, setup=ensure_busybox),
     ]
 
 
@@ -453,7 +450,6 @@ def event_delivery(t: Target, subscribers: int = 10, events: int = 300) -> dict[
     publish-to-delivery latency."""
     import statistics
     import threading
-    import time as _time
 
     from runtimed.api.containerd.events import task_pb2
     from runtimed.api.containerd.services.events.v1 import events_pb2, events_pb2_grpc
@@ -474,7 +470,7 @@ def event_delivery(t: Target, subscribers: int = 10, events: int = 300) -> dict[
         for envelope in stream:
             message = task_pb2.TaskExit()
             message.ParseFromString(envelope.event.value)
-            now = _time.perf_counter()
+            now = time.perf_counter()
             with lock:
                 latencies.append(now - sent[message.pid])
             got += 1
@@ -485,17 +481,17 @@ def event_delivery(t: Target, subscribers: int = 10, events: int = 300) -> dict[
     for thread in threads:
         thread.start()
     ready.wait()
-    _time.sleep(0.3)  # subscriptions reach the daemon
-    start = _time.perf_counter()
+    time.sleep(0.3)  # subscriptions reach the daemon
+    start = time.perf_counter()
     for seq in range(events):
         event = events_pb2.PublishRequest(topic=topic)
         event.event.type_url = "containerd.events.TaskExit"
         event.event.value = task_pb2.TaskExit(pid=seq).SerializeToString()
-        sent[seq] = _time.perf_counter()
+        sent[seq] = time.perf_counter()
         stub.Publish(event, metadata=t.md("bench"))
     for thread in threads:
         thread.join(60)
-    elapsed = _time.perf_counter() - start
+    elapsed = time.perf_counter() - start
     for stream in streams:
         stream.cancel()
     return {"throughput": len(latencies) / elapsed, "latency": statistics.median(latencies)}

@@ -47,6 +47,7 @@ class Shim:
         self.io: dict[str, ProcessIO] = {}
         self.stdio: dict[str, StdioConfig] = {}
         self._exited: dict[str, asyncio.Event] = {}
+        self._exec_specs: dict[str, dict] = {}  # added, not started yet
         self.runtime: OciRuntime | None = None
         self.has_pid_namespace = True
         self.shutdown_requested = asyncio.Event()
@@ -147,9 +148,7 @@ class Shim:
         if bool(spec.get("terminal")) != stdio.terminal:
             spec["terminal"] = stdio.terminal
         events = self.lifecycle.exec_added(exec_id)
-        execs = self.bundle / "execs"
-        execs.mkdir(mode=0o700, exist_ok=True)
-        write_atomic(execs / f"{exec_id}.json", json.dumps(spec).encode())
+        self._exec_specs[exec_id] = spec
         self.stdio[exec_id] = stdio
         self._exited[exec_id] = asyncio.Event()
         await self._emit(events)
@@ -171,16 +170,17 @@ class Shim:
     async def _start_exec(self, exec_id: str) -> int:
         stdio = self.stdio[exec_id]
         io = ProcessIO(stdio)
-        process_file = self.bundle / "execs" / f"{exec_id}.json"
-        pid_file = self.bundle / "execs" / f"{exec_id}.pid"
-        await self._run_with_io(
-            io,
-            lambda: self._runtime.exec(
-                self.id, str(process_file), str(pid_file), io.console_socket, io.child_fds
-            ),
-        )
+        pid = 0
+
+        async def run() -> None:
+            nonlocal pid
+            pid = await self._runtime.exec(
+                self.id, self._exec_specs.pop(exec_id), self.bundle / "execs", exec_id,
+                io.console_socket, io.child_fds,
+            )
+
+        await self._run_with_io(io, run)
         self.io[exec_id] = io
-        pid = int(pid_file.read_text())
         self._watch(exec_id, pid)
         return pid
 
@@ -269,6 +269,7 @@ class Shim:
             await io.wait_output(timeout=1.0)
             io.close()
         self.stdio.pop(exec_id, None)
+        self._exec_specs.pop(exec_id, None)
         await self._emit(events)
         return info
 

@@ -478,12 +478,7 @@ def stats(store: Store, container_id: str) -> dict:
     return {"type": "stats", "id": container_id, "data": _cgroup(state).stats()}
 
 
-def exec_process(store: Store, container_id: str, proc: dict, pid_file: str | None = None,
-                 console_socket: str | None = None, detach: bool = False, preserve_fds: int = 0) -> int:
-    """Start proc inside the container's namespaces and cgroup; returns its exit code when
-    not detached (128+signal if signalled), else 0 once it has exec'd."""
-    from shimd.oci import init, linux, seccomp
-
+def _exec_checks(store: Store, container_id: str, proc: dict, console_socket: str | None) -> State:
     state = store.load(container_id)
     current = status(state, store)
     if current not in ("running", "created"):
@@ -493,6 +488,35 @@ def exec_process(store: Store, container_id: str, proc: dict, pid_file: str | No
     if not proc.get("args"):
         raise InvalidArgument("process.args must not be empty")
     _validate_process(proc, "process")
+    return state
+
+
+def _open_namespaces(state: State) -> list[tuple[int, int, str]]:
+    """fds of the init's namespaces, in the order they are joined: the user namespace first
+    (it owns the others), the mount namespace last."""
+    from shimd.oci import linux
+
+    ns_fds: list[tuple[int, int, str]] = []
+    try:
+        for ns in (state.config.get("linux") or {}).get("namespaces") or ():
+            flag, name = linux.NAMESPACES[ns["type"]]
+            fd = os.open(f"/proc/{state.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            ns_fds.append((fd, flag, name))
+    except BaseException:
+        for fd, _, _ in ns_fds:
+            os.close(fd)
+        raise
+    ns_fds.sort(key=lambda x: (x[2] != "user", x[2] == "mnt"))
+    return ns_fds
+
+
+def exec_process(store: Store, container_id: str, proc: dict, pid_file: str | None = None,
+                 console_socket: str | None = None, detach: bool = False, preserve_fds: int = 0) -> int:
+    """Start proc inside the container's namespaces and cgroup; returns its exit code when
+    not detached (128+signal if signalled), else 0 once it has exec'd."""
+    from shimd.oci import init, linux, seccomp
+
+    state = _exec_checks(store, container_id, proc, console_socket)
     spec = state.config
     if (spec.get("linux") or {}).get("seccomp"):
         seccomp.prepare()
@@ -503,12 +527,7 @@ def exec_process(store: Store, container_id: str, proc: dict, pid_file: str | No
     try:
         if (spec.get("linux") or {}).get("seccomp"):
             program_fd = seccomp.PRECOMPILED_FD = _open_program(store, container_id)
-        for ns in (spec.get("linux") or {}).get("namespaces") or ():
-            flag, name = linux.NAMESPACES[ns["type"]]
-            fd = os.open(f"/proc/{state.pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-            ns_fds.append((fd, flag, name))
-        # The user namespace first (it owns the others), the mount namespace last.
-        ns_fds.sort(key=lambda x: (x[2] != "user", x[2] == "mnt"))
+        ns_fds = _open_namespaces(state)
         cgroup = _cgroup(state)
         procs_fds = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_files()]
         console = _connect_console(console_socket)
@@ -560,6 +579,85 @@ def _exec_intermediate(sync_w: int, spec: dict, proc: dict, ns_fds, procs_fds, c
     _, st = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(st)
     os._exit(code if code >= 0 else 128 - code)
+
+
+def fork_exec(store: Store, container_id: str, proc: dict, stdio: tuple[int, int, int],
+              console_socket: str | None = None) -> tuple[int, int]:
+    """`exec --detach` without the command line and its two forks, for a caller that is
+    single-threaded (the shim): the process is forked straight from the caller, which joins
+    the init's pid namespace for its children only (setns(CLONE_NEWPID) sets
+    pid_for_children, never the caller's own pid) around the fork and goes back to its own
+    right after; the child joins the other namespaces itself, then does what `exec` does.
+    The child is the caller's and is in the container's pid namespace, as `exec` would
+    leave it. Returns (host pid, sync fd): EOF on the fd means the process has exec'd; a
+    line "error <message>" that it failed (the child then exits 1)."""
+    from shimd.oci import init, linux, seccomp
+
+    state = _exec_checks(store, container_id, proc, console_socket)
+    spec = state.config
+    if (spec.get("linux") or {}).get("seccomp"):
+        seccomp.prepare()
+    ns_fds: list[tuple[int, int, str]] = []
+    procs_fds: list[int] = []
+    console = None
+    program_fd = None
+    own_pidns = -1
+    try:
+        if (spec.get("linux") or {}).get("seccomp"):
+            program_fd = seccomp.PRECOMPILED_FD = _open_program(store, container_id)
+        ns_fds = _open_namespaces(state)
+        procs_fds = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in _cgroup(state).procs_files()]
+        console = _connect_console(console_socket)
+        pidns = next((fd for fd, _, name in ns_fds if name == "pid"), -1)
+        r, w = os.pipe()
+        if pidns >= 0:
+            own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+            linux.setns(pidns, linux.CLONE_NEWPID, "pid namespace")
+        try:
+            child = os.fork()
+        except BaseException:
+            os.close(r)
+            os.close(w)
+            raise
+        if child == 0:  # never returns: the finally below is the caller's alone
+            os.close(r)
+            init.child_main(_exec_child, w, spec, proc, stdio,
+                            [n for n in ns_fds if n[2] != "pid"], procs_fds, console)
+        os.close(w)
+    finally:
+        if own_pidns >= 0:  # the caller's next children are its own again
+            linux.setns(own_pidns, linux.CLONE_NEWPID, "own pid namespace")
+            os.close(own_pidns)
+        if program_fd is not None:
+            seccomp.PRECOMPILED_FD = None
+            os.close(program_fd)
+        for fd, _, _ in ns_fds:
+            os.close(fd)
+        for fd in procs_fds:
+            os.close(fd)
+        if console is not None:
+            console.close()
+    return child, r
+
+
+def _exec_child(sync_w: int, spec: dict, proc: dict, stdio: tuple[int, int, int], ns_fds,
+                procs_fds, console) -> None:
+    """The process `fork_exec` forked: the caller's signal handlers and fds are none of its
+    business; stdio as asked; into the namespaces; then what an exec'd process does."""
+    import signal as signals
+
+    from shimd.oci import init, linux
+
+    signals.set_wakeup_fd(-1)
+    for sig in (signals.SIGCHLD, signals.SIGTERM, signals.SIGINT):
+        signals.signal(sig, signals.SIG_DFL)
+    linux.prctl(linux.PR_SET_DUMPABLE, 0)  # as in _exec_intermediate (CVE-2019-5736)
+    for target, fd in enumerate(stdio):
+        os.dup2(fd, target)
+    linux.cloexec_from(3)  # nothing of the caller's reaches the process
+    for fd, flag, name in ns_fds:
+        linux.setns(fd, flag, f"{name} namespace")
+    init.exec_init(sync_w, spec, proc, procs_fds, console)
 
 
 def run(store: Store, container_id: str, bundle: str, **create_args) -> int:

@@ -59,10 +59,26 @@ def exec_process(shim, exec_id: str, args: list[str]) -> int:
     return shim.stub.Start(pb.StartRequest(id=shim.id, exec_id=exec_id)).pid
 
 
-def test_create_and_exec_run_in_workers_of_the_single_threaded_shim(shims):
+def namespaces(pid: int) -> dict[str, str]:
+    return {n: os.readlink(f"/proc/{pid}/ns/{n}") for n in os.listdir(f"/proc/{pid}/ns")}
+
+
+def cgroups_of(pid: int) -> list[str]:
+    return sorted(Path(f"/proc/{pid}/cgroup").read_text().splitlines())
+
+
+def privileges(pid: int) -> dict[str, str]:
+    keys = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb",
+            "NoNewPrivs", "Seccomp")
+    lines = (line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {k: v.strip() for k, v in lines if k in keys}
+
+
+def test_create_runs_in_a_worker_and_exec_forks_from_the_single_threaded_shim(shims):
     shim = shims(["sleep", "1000"])
     assert threads(shim.pid) == 1  # grpclib on asyncio: no gRPC core threads
     assert children(shim.pid) == []  # no helper process either
+    own = namespaces(shim.pid)
     before = reaped_faults(shim.pid)
     pid = shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30).pid
     assert reaped_faults(shim.pid) > before  # the shim's own worker did the create
@@ -70,9 +86,23 @@ def test_create_and_exec_run_in_workers_of_the_single_threaded_shim(shims):
     shim.stub.Start(pb.StartRequest(id=shim.id))
     before = reaped_faults(shim.pid)
     exec_pid = exec_process(shim, "e1", ["sleep", "1000"])
-    assert reaped_faults(shim.pid) > before
+    assert reaped_faults(shim.pid) == before  # forked by the shim itself: no worker reaped
     assert ppid(exec_pid) == shim.pid
-    assert sorted(children(shim.pid)) == sorted([pid, exec_pid])  # the workers are gone
+    assert sorted(children(shim.pid)) == sorted([pid, exec_pid])
+    # in every namespace and cgroup of the init, the pid namespace included (its own pid
+    # there is not 1); the shim joined that pid namespace for the fork only
+    init_ns, exec_ns = namespaces(pid), namespaces(exec_pid)
+    assert {n: exec_ns[n] for n in init_ns if n != "pid_for_children"} == {
+        n: v for n, v in init_ns.items() if n != "pid_for_children"}
+    assert exec_ns["pid"] != own["pid"]
+    nspid = [line for line in Path(f"/proc/{exec_pid}/status").read_text().splitlines()
+             if line.startswith("NSpid:")][0].split()[1:]
+    assert nspid[0] == str(exec_pid) and len(nspid) == 2 and nspid[1] != "1"
+    assert cgroups_of(exec_pid) == cgroups_of(pid)
+    assert namespaces(shim.pid) == own
+    assert privileges(exec_pid) == privileges(pid)  # the same process spec as the init's
+    assert privileges(pid)["NoNewPrivs"] == "1" and privileges(pid)["CapBnd"] != privileges(
+        shim.pid)["CapBnd"]  # (runc's spec: what the comparison compares is restricted)
     shim.stub.Kill(pb.KillRequest(id=shim.id, exec_id="e1", signal=signal.SIGKILL))
     assert shim.stub.Wait(pb.WaitRequest(id=shim.id, exec_id="e1"), timeout=20).exit_status == 137
     shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))

@@ -14,8 +14,11 @@ import importlib
 import os
 from collections.abc import Iterator
 
+from ctl.client import protobuf_imports
 from ctl.client.wire import Channel, RpcError
 from runtimed.errors import RuntimedError, Unavailable, from_code
+
+protobuf_imports.defer_pure_python()
 
 MAX_MESSAGE_SIZE = 16 << 20
 

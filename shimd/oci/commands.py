@@ -513,87 +513,46 @@ def _open_namespaces(state: State) -> list[tuple[int, int, str]]:
 def exec_process(store: Store, container_id: str, proc: dict, pid_file: str | None = None,
                  console_socket: str | None = None, detach: bool = False, preserve_fds: int = 0) -> int:
     """Start proc inside the container's namespaces and cgroup; returns its exit code when
-    not detached (128+signal if signalled), else 0 once it has exec'd."""
-    from shimd.oci import init, linux, seccomp
-
+    not detached (128+signal if signalled), else 0 once it has exec'd (and this command
+    exits: the process goes to the caller's subreaper, as with runc)."""
     state = _exec_checks(store, container_id, proc, console_socket)
-    spec = state.config
-    if (spec.get("linux") or {}).get("seccomp"):
-        seccomp.prepare()
-    ns_fds: list[tuple[int, int, str]] = []
-    procs_fds: list[int] = []
-    console = None
-    program_fd = None
+    child, sync = _fork_exec(state, store, proc, (0, 1, 2), console_socket, preserve_fds)
     try:
-        if (spec.get("linux") or {}).get("seccomp"):
-            program_fd = seccomp.PRECOMPILED_FD = _open_program(store, container_id)
-        ns_fds = _open_namespaces(state)
-        cgroup = _cgroup(state)
-        procs_fds = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_files()]
-        console = _connect_console(console_socket)
-        linux.cloexec_from(3, range(3, 3 + preserve_fds))
-        r, w = os.pipe()
-        child = os.fork()
-        if child == 0:
-            os.close(r)
-            init.child_main(_exec_intermediate, w, spec, proc, ns_fds, procs_fds, console, detach)
-        os.close(w)
-        _prime_cgroup_attach(cgroup)
+        _prime_cgroup_attach(_cgroup(state))
+        _, result = _read_sync(sync)
     finally:
-        if program_fd is not None:
-            seccomp.PRECOMPILED_FD = None
-            os.close(program_fd)
-        for fd, _, _ in ns_fds:
-            os.close(fd)
-        for fd in procs_fds:
-            os.close(fd)
-        if console is not None:
-            console.close()
-    try:
-        pid, result = _read_sync(r)
-    finally:
-        os.close(r)
+        os.close(sync)
     if result is not None:
         os.waitpid(child, 0)
         raise FailedPrecondition(f"exec failed: {result[6:]}")
-    _write_pid_file(pid_file, pid)
-    _, status_ = os.waitpid(child, 0)
-    return 0 if detach else os.waitstatus_to_exitcode(status_)
-
-
-def _exec_intermediate(sync_w: int, spec: dict, proc: dict, ns_fds, procs_fds, console, detach: bool) -> None:
-    from shimd.oci import init, linux
-
-    # as runc: until execve, /proc/<pid>/exe (the host's Python) is out of the container's
-    # reach (CVE-2019-5736); execve of the container's binary makes it dumpable again
-    linux.prctl(linux.PR_SET_DUMPABLE, 0)
-    for fd, flag, name in ns_fds:
-        linux.setns(fd, flag, f"{name} namespace")
-    pid = os.fork()
-    if pid == 0:
-        init.child_main(init.exec_init, sync_w, spec, proc, procs_fds, console)
-    init.send(sync_w, f"pid {pid}")
+    _write_pid_file(pid_file, child)
     if detach:
-        return
-    os.close(sync_w)
-    _, st = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(st)
-    os._exit(code if code >= 0 else 128 - code)
+        return 0
+    _, status_ = os.waitpid(child, 0)
+    code = os.waitstatus_to_exitcode(status_)
+    return code if code >= 0 else 128 - code
 
 
-def fork_exec(store: Store, container_id: str, proc: dict, stdio: tuple[int, int, int],
-              console_socket: str | None = None) -> tuple[int, int]:
-    """`exec --detach` without the command line and its two forks, for a caller that is
-    single-threaded (the shim): the process is forked straight from the caller, which joins
-    the init's pid namespace for its children only (setns(CLONE_NEWPID) sets
-    pid_for_children, never the caller's own pid) around the fork and goes back to its own
-    right after; the child joins the other namespaces itself, then does what `exec` does.
-    The child is the caller's and is in the container's pid namespace, as `exec` would
-    leave it. Returns (host pid, sync fd): EOF on the fd means the process has exec'd; a
-    line "error <message>" that it failed (the child then exits 1)."""
+def fork_exec(store: Store, container_id: str, proc: dict,
+              stdio: tuple[int, int, int] = (0, 1, 2), console_socket: str | None = None,
+              preserve_fds: int = 0) -> tuple[int, int]:
+    """Fork proc into the running container, straight from the caller, which must be
+    single-threaded (the `exec` command, or the shim itself): it joins the init's pid
+    namespace for its children only (setns(CLONE_NEWPID) sets pid_for_children, never the
+    caller's own pid) around the one fork and goes back to its own right after; the child
+    joins the other namespaces, the cgroup, and becomes the process. One fork of a Python
+    process where an intermediate child (setns, fork, exit) took two. Returns (host pid,
+    sync fd): EOF on the fd means the process has exec'd; a line "error <message>" that it
+    failed (the child then exits 1)."""
+    state = _exec_checks(store, container_id, proc, console_socket)
+    return _fork_exec(state, store, proc, stdio, console_socket, preserve_fds)
+
+
+def _fork_exec(state: State, store: Store, proc: dict, stdio: tuple[int, int, int],
+               console_socket: str | None, preserve_fds: int) -> tuple[int, int]:
     from shimd.oci import init, linux, seccomp
 
-    state = _exec_checks(store, container_id, proc, console_socket)
+    container_id = state.id
     spec = state.config
     if (spec.get("linux") or {}).get("seccomp"):
         seccomp.prepare()
@@ -621,7 +580,7 @@ def fork_exec(store: Store, container_id: str, proc: dict, stdio: tuple[int, int
             raise
         if child == 0:  # never returns: the finally below is the caller's alone
             os.close(r)
-            init.child_main(_exec_child, w, spec, proc, stdio,
+            init.child_main(_exec_child, w, spec, proc, stdio, preserve_fds,
                             [n for n in ns_fds if n[2] != "pid"], procs_fds, console)
         os.close(w)
     finally:
@@ -640,21 +599,24 @@ def fork_exec(store: Store, container_id: str, proc: dict, stdio: tuple[int, int
     return child, r
 
 
-def _exec_child(sync_w: int, spec: dict, proc: dict, stdio: tuple[int, int, int], ns_fds,
-                procs_fds, console) -> None:
+def _exec_child(sync_w: int, spec: dict, proc: dict, stdio: tuple[int, int, int],
+                preserve_fds: int, ns_fds, procs_fds, console) -> None:
     """The process `fork_exec` forked: the caller's signal handlers and fds are none of its
     business; stdio as asked; into the namespaces; then what an exec'd process does."""
     import signal as signals
 
     from shimd.oci import init, linux
 
+    # as runc: until execve, /proc/<pid>/exe (the host's Python) is out of the container's
+    # reach (CVE-2019-5736); execve of the container's binary makes it dumpable again
+    linux.prctl(linux.PR_SET_DUMPABLE, 0)
     signals.set_wakeup_fd(-1)
     for sig in (signals.SIGCHLD, signals.SIGTERM, signals.SIGINT):
         signals.signal(sig, signals.SIG_DFL)
-    linux.prctl(linux.PR_SET_DUMPABLE, 0)  # as in _exec_intermediate (CVE-2019-5736)
     for target, fd in enumerate(stdio):
-        os.dup2(fd, target)
-    linux.cloexec_from(3)  # nothing of the caller's reaches the process
+        if fd != target:
+            os.dup2(fd, target)
+    linux.cloexec_from(3, range(3, 3 + preserve_fds))  # nothing else of the caller's
     for fd, flag, name in ns_fds:
         linux.setns(fd, flag, f"{name} namespace")
     init.exec_init(sync_w, spec, proc, procs_fds, console)

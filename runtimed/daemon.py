@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 
-# Read by grpc once, when it is imported, so set before anything imports it. grpc's classic
-# I/O manager serves accepted connections with fewer thread hand-offs than its EventEngine
-# listener: a unary call costs the daemon ~11 context switches instead of ~17, ~20% less
-# CPU (docs/architecture.md). `serve` drops the variable again before starting any child.
+# For the grpc.aio server (RUNTIMED_GRPC_SERVER=grpcio). Read by grpc once, when it is
+# imported, so set before anything imports it. grpc's classic I/O manager serves accepted
+# connections with fewer thread hand-offs than its EventEngine listener: a unary call costs
+# the daemon ~11 context switches instead of ~17, ~20% less CPU (docs/architecture.md).
+# `serve` drops the variable again before starting any child.
 os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_listener")
 
 import argparse
@@ -167,21 +168,42 @@ def _server_uuid(root: Path) -> str:
         return value
 
 
-def create_server(daemon: Daemon) -> grpc.aio.Server:  # noqa: F821
-    import grpc
-
+def create_server(daemon: Daemon):
+    """The daemon's gRPC server over every service: our own HTTP/2 server
+    (runtimed/services/h2server.py), or grpc.aio when RUNTIMED_GRPC_SERVER=grpcio (kept to
+    compare the two and as a way back while the new server is young)."""
     from runtimed.services import base, catalog
 
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
-            ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
-        ]
-    )
     table = base.MethodTable()
     catalog.register_all(table, daemon)
-    server.add_generic_rpc_handlers((table,))
-    return server
+    if os.environ.get("RUNTIMED_GRPC_SERVER") == "grpcio":
+        import grpc
+
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
+                ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
+            ]
+        )
+        server.add_generic_rpc_handlers((table,))
+        return _AioServer(server)
+    from runtimed.services.h2server import Server
+
+    return Server(table, MAX_MESSAGE_SIZE)
+
+
+class _AioServer:
+    """grpc.aio's server behind the same start/stop as h2server.Server."""
+
+    def __init__(self, server):
+        self.server = server
+
+    async def start(self, address: str) -> None:
+        self.server.add_insecure_port(f"unix://{address}")
+        await self.server.start()
+
+    async def stop(self, grace: float | None) -> None:
+        await self.server.stop(grace)
 
 
 def _prepare_socket(address: str, group: str) -> None:
@@ -210,9 +232,8 @@ async def serve(config: Config) -> None:
     daemon = Daemon(config)
     _prepare_socket(config.address, config.socket_group)
     server = create_server(daemon)
-    server.add_insecure_port(f"unix://{config.address}")
     await daemon.start()
-    await server.start()
+    await server.start(config.address)
     _secure_socket(config.address, config.socket_group)
     log.info("runtimed %s serving on %s (root %s)", __version__, config.address, config.root)
 

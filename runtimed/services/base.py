@@ -78,6 +78,9 @@ class _Malformed:
 
 
 def _tolerant(deserializer):
+    if deserializer is None:  # the handler takes the raw bytes
+        return None
+
     def parse(data: bytes):
         try:
             return deserializer(data)

@@ -50,6 +50,7 @@ from runtimed.metadata.leases import CONTENT, INGESTS, LeaseStore
 log = logging.getLogger("runtimed.content")
 
 CHUNK = 1 << 20
+WRITEBACK_EVERY = 8 << 20  # ingest data handed to the disk in the background this often
 INGEST_EXPIRY_NS = 24 * 3600 * 10**9  # unleased ingests are kept a day, as containerd does
 
 MIGRATIONS = [
@@ -130,6 +131,39 @@ def _read_small(path: Path) -> str | None:
         return path.read_text()
     except FileNotFoundError:
         return None
+
+
+_writeback_pool = None
+_writeback_pool_lock = threading.Lock()
+
+
+def _writeback_thread():
+    global _writeback_pool
+    if _writeback_pool is None:
+        with _writeback_pool_lock:
+            if _writeback_pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                _writeback_pool = ThreadPoolExecutor(max_workers=1,
+                                                     thread_name_prefix="content-writeback")
+    return _writeback_pool
+
+
+_sync_file_range = None
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """sync_file_range(SYNC_FILE_RANGE_WRITE): start writing these dirty pages out without
+    waiting, so the fsync at commit finds little left to write. Advisory (its result is
+    ignored): an I/O error shows again at that fsync."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        _sync_file_range = fn
+    _sync_file_range(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
 
 
 def _fsync_dir(path: Path) -> None:
@@ -539,6 +573,8 @@ class Writer:
         self.started_at = self.updated_at = now_ns()
         self._closed = False
         self._mutex = threading.RLock()
+        self._written_back = 0  # data before this offset has had its writeback started
+        self._writeback = None  # the Future of a writeback start still running
 
     def _open(self, total: int) -> None:
         path = self.path
@@ -624,7 +660,19 @@ class Writer:
         self._hash.update(data)
         self.offset += len(data)
         self.updated_at = now_ns()
+        if self.offset - self._written_back >= WRITEBACK_EVERY:
+            self._settle()
+            start, self._written_back = self._written_back, self.offset
+            self._writeback = _writeback_thread().submit(
+                _start_writeback, self._fp.fileno(), start, self.offset - start)
         return len(data)
+
+    def _settle(self) -> None:
+        """Wait for a writeback start still using the file (before it is truncated or
+        closed)."""
+        if self._writeback is not None:
+            self._writeback.result()
+            self._writeback = None
 
     @_serialized
     def truncate(self, size: int = 0) -> None:
@@ -633,6 +681,8 @@ class Writer:
         if self._shared:
             self._materialize(0)
             return
+        self._settle()
+        self._written_back = 0
         self._fp.seek(0)
         self._fp.truncate(0)
         self._hash = hashlib.sha256()
@@ -661,6 +711,7 @@ class Writer:
                         f"ref {self.ref!r}: unexpected commit digest {actual}, expected {expected}"
                     )
             else:
+                self._settle()
                 self._fp.flush()
                 os.fsync(self._fp.fileno())
                 actual_size = self.offset
@@ -713,6 +764,7 @@ class Writer:
         if self._closed:
             return
         self._closed = True
+        self._settle()
         if self._fp is not None:
             try:
                 self._fp.flush()

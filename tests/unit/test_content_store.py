@@ -146,6 +146,36 @@ def test_truncate_and_abort(stores):
         content.abort("default", "t")
 
 
+def test_writeback_starts_behind_the_writes(stores, monkeypatch, tmp_path):
+    """Every WRITEBACK_EVERY bytes the data written so far is handed to the disk in the
+    background (so the fsync at commit has little left), one range after the other,
+    restarting after a truncate; the blob is the data, whatever the order of events."""
+    from runtimed.content import store as store_mod
+
+    real = store_mod._start_writeback
+    ranges = []
+
+    def recording(fd, offset, length):
+        ranges.append((offset, length))
+        real(fd, offset, length)
+
+    monkeypatch.setattr(store_mod, "_start_writeback", recording)
+    content, _, _ = stores
+    every = store_mod.WRITEBACK_EVERY
+    chunk = os.urandom(1 << 20)
+    w = content.writer("default", "wb")
+    for _ in range(every * 2 // len(chunk) + 1):
+        w.write(chunk)
+    w.truncate(0)
+    for _ in range(every // len(chunk) + 2):
+        w.write(chunk)
+    data = chunk * (every // len(chunk) + 2)
+    info = w.commit(len(data), digest_of(data))
+    assert ranges == [(0, every), (every, every), (0, every)]
+    blob = tmp_path / "content" / "blobs" / "sha256" / info.digest[7:]
+    assert blob.read_bytes() == data
+
+
 def test_already_exists(stores):
     content, _, _ = stores
     info = content.write_blob("default", b"x", labels={"k": "1"})

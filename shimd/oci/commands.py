@@ -59,10 +59,11 @@ def _connect_console(path: str | None):
     return sock
 
 
-def _read_sync(fd: int, on_hooks=None, on_userns=None) -> tuple[int, str | None]:
-    """Messages from the forked children: "pid N", maybe "hooks" (the init waits for
-    on_hooks(pid) to run the runtime's hooks), then "ready", or "error ..."; EOF ends."""
-    pid, buf, hooks_pending, ready = 0, b"", False, False
+def _read_sync(fd: int, on_hooks=None, on_userns=None, pid: int = 0) -> tuple[int, str | None]:
+    """Messages from the forked children: "pid N" (unless `pid` is known), maybe "hooks"
+    (the init waits for on_hooks(pid) to run the runtime's hooks), then "ready", or
+    "error ..."; EOF ends."""
+    buf, hooks_pending, ready = b"", False, False
     while True:
         chunk = os.read(fd, 4096)
         if not chunk:
@@ -127,6 +128,93 @@ def _validate_process(proc: dict, where: str) -> None:
 
 def create(store: Store, container_id: str, bundle: str, pid_file: str | None = None,
            console_socket: str | None = None, no_pivot: bool = False, preserve_fds: int = 0) -> State:
+    creation = begin_create(store, container_id, bundle, console_socket, no_pivot,
+                            preserve_fds=preserve_fds)
+    try:
+        pid, result = _read_sync(creation.sync, creation.on_hooks, creation.on_userns,
+                                 creation.pid)
+    except BaseException:
+        creation.abort()
+        raise
+    finally:
+        creation.close()
+        if creation.intermediate:
+            os.waitpid(creation.intermediate, 0)
+    return finish_create(creation, pid, result, pid_file)
+
+
+class Creation:
+    """A create whose init has been forked: wait for its report on `sync` (the init's
+    "ready", or "error ..."), then `finish_create`; `abort` undoes it all on failure.
+    `pid` is the init's host pid when this process forked it itself (0 when an
+    intermediate child forks it and reports "pid N"); `intermediate` that child's pid."""
+
+    def __init__(self, store: Store, container_id: str, bundle: str, root: str, spec: dict,
+                 cgroup_path: str) -> None:
+        self.store = store
+        self.id = container_id
+        self.bundle = bundle
+        self.root = root
+        self.spec = spec
+        self.cgroup_path = cgroup_path
+        self.cgroup = None
+        self.pid = 0
+        self.intermediate = 0
+        self.sync = -1
+        self.hook_w = -1
+
+    def close(self) -> None:
+        for fd in (self.sync, self.hook_w):
+            if fd >= 0:
+                os.close(fd)
+        self.sync = self.hook_w = -1
+
+    def on_userns(self, pid: int) -> None:
+        try:
+            _write_id_maps(pid, self.spec.get("linux") or {})
+        except OSError as e:
+            os.write(self.hook_w, f"write uid/gid maps: {e}".encode())
+            raise
+        os.write(self.hook_w, b"mapped")
+
+    def on_hooks(self, init_pid: int) -> None:
+        from shimd.oci import hooks
+
+        state = hooks.state_json(self.spec, self.id, "created", init_pid, self.bundle)
+        try:
+            hooks.run(self.spec, "prestart", state)
+            hooks.run(self.spec, "createRuntime", state)
+        except hooks.HookError as e:
+            os.write(self.hook_w, str(e).encode())
+            raise
+        os.write(self.hook_w, b"go")
+
+    def abort(self, pid: int = 0) -> None:
+        self.close()
+        for victim in {pid, self.pid} - {0}:
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.cgroup is not None:
+            try:
+                _destroy_cgroup(self.cgroup, timeout=1)
+            except OSError:
+                pass  # the setup error is the one to report
+        self.store.remove(self.id)
+
+
+def begin_create(store: Store, container_id: str, bundle: str, console_socket: str | None = None,
+                 no_pivot: bool = False, stdio: tuple[int, int, int] = (0, 1, 2),
+                 preserve_fds: int = 0) -> Creation:
+    """Everything of `create` up to the init's report: the state dir, cgroup, fifo, and the
+    init forked. Without a new user namespace this process forks the init itself: it makes
+    (or joins) the container's pid namespace for its children only (`unshare` or `setns`
+    with CLONE_NEWPID set pid_for_children, never this process's own pid) around the one
+    fork and goes back to its own at once, and the init unshares (or joins) the other
+    namespaces. A new user namespace must own the others, so there an intermediate child
+    unshares it first, the rest after, and forks the init (two forks). The caller must be
+    single-threaded."""
     from shimd.oci import init, linux, seccomp
 
     bundle = os.path.abspath(bundle)
@@ -135,6 +223,8 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
     if spec["process"].get("terminal") and not console_socket:
         raise InvalidArgument("process.terminal is set but no --console-socket was given")
     lin = spec.get("linux") or {}
+    namespaces = lin.get("namespaces") or []
+    new_userns = any(ns.get("type") == "user" and not ns.get("path") for ns in namespaces)
     cgroup_path = cgroups.normalize(lin.get("cgroupsPath") or f"/{container_id}")
     program = cache_key = None
     if lin.get("seccomp"):
@@ -142,36 +232,49 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
         cache_key = seccomp.cache_key(lin["seccomp"])
         program = seccomp.cached_program(cache_key)
     store.reserve(container_id)
-    cgroup = None
+    creation = Creation(store, container_id, bundle, root, spec, cgroup_path)
     seccomp_fd = None
-    pid = 0
+    child_fds: list[int] = []
+    own_pidns = -1
     try:
         os.mkfifo(store.fifo(container_id), 0o600)
-        cgroup = cgroups.open(cgroup_path)
+        creation.cgroup = cgroup = cgroups.open(cgroup_path)
         cgroup.create()
         cgroup.update(lin.get("resources") or {})
         console = _connect_console(console_socket)
-        linux.cloexec_from(3, range(3, 3 + preserve_fds))
         # Opened here, by root in the host's namespaces: a user-namespaced init could not.
         fifo_fd = os.open(store.fifo(container_id), os.O_RDWR | os.O_CLOEXEC)
+        child_fds.append(fifo_fd)
         procs_fds = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in cgroup.procs_files()]
+        child_fds += procs_fds
         if lin.get("seccomp"):
             seccomp_fd = seccomp.PRECOMPILED_FD = os.memfd_create("seccomp")  # the init's copy
             if program:  # compiled for an earlier container: complete before the init exists
                 os.write(seccomp_fd, program)
         r, w = os.pipe()
-        hook_r, hook_w = os.pipe()
-        child = os.fork()
-        if child == 0:
-            os.close(r)
-            os.close(hook_w)
-            init.child_main(_intermediate, w, spec, root, fifo_fd, procs_fds, cgroup, console,
-                            no_pivot, hook_r, container_id, bundle)
-        os.close(w)
-        os.close(hook_r)
-        os.close(fifo_fd)
-        for fd in procs_fds:
-            os.close(fd)
+        creation.sync = r
+        hook_r, creation.hook_w = os.pipe()
+        child_fds += [w, hook_r]
+        args = (spec, root, fifo_fd, procs_fds, cgroup, console, no_pivot, hook_r, container_id,
+                bundle)
+        if new_userns:
+            child = os.fork()
+            if child == 0:
+                init.child_main(_intermediate, w, stdio, preserve_fds, *args)
+            creation.intermediate = child
+        else:
+            pid_ns = next((ns for ns in namespaces if ns.get("type") == "pid"), None)
+            if pid_ns is not None:
+                own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+                _enter_pid_namespace_for_children(pid_ns.get("path"))
+            child = os.fork()
+            if child == 0:  # never returns: the finally below is this process's alone
+                init.child_main(_init_direct, w, stdio, preserve_fds, *args)
+            creation.pid = child
+            if own_pidns >= 0:
+                linux.setns(own_pidns, linux.CLONE_NEWPID, "own pid namespace")
+                os.close(own_pidns)
+                own_pidns = -1
         if console is not None:
             console.close()
         if not lin.get("uidMappings"):  # a user namespace waits for us: no head start
@@ -191,61 +294,52 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
                     _save_program(store, container_id, program)  # for every exec (same profile)
                 except OSError:
                     pass  # an exec builds the filter itself
-            os.close(seccomp_fd)
-            seccomp_fd = None
-
-        def on_userns(pid: int) -> None:
-            try:
-                _write_id_maps(pid, lin)
-            except OSError as e:
-                os.write(hook_w, f"write uid/gid maps: {e}".encode())
-                raise
-            os.write(hook_w, b"mapped")
-
-        def on_hooks(init_pid: int) -> None:
-            from shimd.oci import hooks
-
-            state = hooks.state_json(spec, container_id, "created", init_pid, bundle)
-            try:
-                hooks.run(spec, "prestart", state)
-                hooks.run(spec, "createRuntime", state)
-            except hooks.HookError as e:
-                os.write(hook_w, str(e).encode())
-                raise
-            os.write(hook_w, b"go")
-
-        try:
-            pid, result = _read_sync(r, on_hooks, on_userns)
-        finally:
-            os.close(r)
-            os.close(hook_w)
-            os.waitpid(child, 0)
-        if result != "ready":
-            raise FailedPrecondition(
-                f"container init failed: {result[6:]}" if result else "container init exited during setup")
-        info = proc_start_time(pid)
-        state = State(id=container_id, bundle=bundle, rootfs=root, pid=pid,
-                      start_time=info[0] if info else 0, created=now_rfc3339(),
-                      cgroup_path=cgroup_path, config=spec)
-        store.save(state)
-        _write_pid_file(pid_file, pid)
-        return state
+        return creation
     except BaseException:
+        creation.abort()
+        raise
+    finally:
+        if own_pidns >= 0:  # the fork failed: this process's next children are its own
+            linux.setns(own_pidns, linux.CLONE_NEWPID, "own pid namespace")
+            os.close(own_pidns)
         if seccomp_fd is not None:
             seccomp.PRECOMPILED_FD = None
             os.close(seccomp_fd)
-        if pid:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if cgroup is not None:
-            try:
-                _destroy_cgroup(cgroup, timeout=1)
-            except OSError:
-                pass  # the setup error is the one to report
-        store.remove(container_id)
+        for fd in child_fds:
+            os.close(fd)
+
+
+def finish_create(creation: Creation, pid: int, result: str | None,
+                  pid_file: str | None = None) -> State:
+    """After the init's report: the state saved (the container exists), or the error."""
+    if result != "ready":
+        creation.abort(pid)
+        raise FailedPrecondition(
+            f"container init failed: {result[6:]}" if result else "container init exited during setup")
+    info = proc_start_time(pid)
+    state = State(id=creation.id, bundle=creation.bundle, rootfs=creation.root, pid=pid,
+                  start_time=info[0] if info else 0, created=now_rfc3339(),
+                  cgroup_path=creation.cgroup_path, config=creation.spec)
+    try:
+        creation.store.save(state)
+        _write_pid_file(pid_file, pid)
+    except BaseException:
+        creation.abort(pid)
         raise
+    return state
+
+
+def _enter_pid_namespace_for_children(path: str | None) -> None:
+    from shimd.oci import linux
+
+    if not path:
+        linux.unshare(linux.CLONE_NEWPID)
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        linux.setns(fd, linux.CLONE_NEWPID, f"pid namespace {path}")
+    finally:
+        os.close(fd)
 
 
 def _save_program(store: Store, container_id: str, program: bytes) -> None:
@@ -301,12 +395,43 @@ def _write_id_maps(pid: int, lin: dict) -> None:
             f.write(lines)
 
 
-def _intermediate(sync_w: int, spec: dict, root: str, fifo_fd: int, procs_fds: list[int], cgroup,
-                  console, no_pivot: bool, hook_r: int, container_id: str, bundle: str) -> None:
-    """The first child: enter namespaces, fork the init (pid 1 of a new pid namespace),
-    report its host pid, and exit so the init is reparented to the caller's subreaper."""
+def _forked(stdio: tuple[int, int, int], preserve_fds: int) -> None:
+    """First thing in a child this process forked: the caller's signal handlers and fds
+    are none of its business (the caller may be the shim), stdio as asked."""
+    import signal as signals
+
+    from shimd.oci import linux
+
+    signals.set_wakeup_fd(-1)
+    for sig in (signals.SIGCHLD, signals.SIGTERM, signals.SIGINT):
+        signals.signal(sig, signals.SIG_DFL)
+    for target, fd in enumerate(stdio):
+        if fd != target:
+            os.dup2(fd, target)
+    linux.cloexec_from(3, range(3, 3 + preserve_fds))  # nothing else reaches the container
+
+
+def _init_direct(sync_w: int, stdio: tuple[int, int, int], preserve_fds: int, spec: dict,
+                 *args) -> None:
+    """The init forked by `begin_create` itself (already in its pid namespace): the other
+    namespaces, then the container's setup."""
     from shimd.oci import init
 
+    _forked(stdio, preserve_fds)
+    namespaces = (spec.get("linux") or {}).get("namespaces") or []
+    init.enter_namespaces([ns for ns in namespaces if ns.get("type") != "pid"])
+    init.container_init(sync_w, spec, *args)
+
+
+def _intermediate(sync_w: int, stdio: tuple[int, int, int], preserve_fds: int, spec: dict,
+                  root: str, fifo_fd: int, procs_fds: list[int], cgroup, console, no_pivot: bool,
+                  hook_r: int, container_id: str, bundle: str) -> None:
+    """With a new user namespace: enter the namespaces (the user namespace first, so it owns
+    the rest), fork the init (pid 1 of a new pid namespace), report its host pid, and exit
+    so the init is reparented to the caller's subreaper."""
+    from shimd.oci import init
+
+    _forked(stdio, preserve_fds)
     init.enter_namespaces((spec.get("linux") or {}).get("namespaces") or [], sync_w, hook_r)
     pid = os.fork()
     if pid == 0:
@@ -603,20 +728,12 @@ def _exec_child(sync_w: int, spec: dict, proc: dict, stdio: tuple[int, int, int]
                 preserve_fds: int, ns_fds, procs_fds, console) -> None:
     """The process `fork_exec` forked: the caller's signal handlers and fds are none of its
     business; stdio as asked; into the namespaces; then what an exec'd process does."""
-    import signal as signals
-
     from shimd.oci import init, linux
 
     # as runc: until execve, /proc/<pid>/exe (the host's Python) is out of the container's
     # reach (CVE-2019-5736); execve of the container's binary makes it dumpable again
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
-    signals.set_wakeup_fd(-1)
-    for sig in (signals.SIGCHLD, signals.SIGTERM, signals.SIGINT):
-        signals.signal(sig, signals.SIG_DFL)
-    for target, fd in enumerate(stdio):
-        if fd != target:
-            os.dup2(fd, target)
-    linux.cloexec_from(3, range(3, 3 + preserve_fds))  # nothing else of the caller's
+    _forked(stdio, preserve_fds)
     for fd, flag, name in ns_fds:
         linux.setns(fd, flag, f"{name} namespace")
     init.exec_init(sync_w, spec, proc, procs_fds, console)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 
 from shimd.oci import caps, hooks, linux, rootfs, seccomp
 
@@ -23,6 +24,10 @@ _TIOCSCTTY = 0x540E
 _TIOCGPTN = 0x80045430
 _TIOCSPTLCK = 0x40045431
 _TIOCSWINSZ = 0x5414
+
+
+# what the Python runtime ignores at start-up; the container's processes get the defaults
+_PYTHON_IGNORES = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 class ContainerError(Exception):
@@ -231,7 +236,10 @@ def finalize(proc: dict, profile: dict | None, exe: str, env: list[str],
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
         if profile:
             seccomp.load(profile)
-    os.execve(exe, proc["args"], dict(e.split("=", 1) for e in env if "=" in e))
+    env_map = dict(e.split("=", 1) for e in env if "=" in e)
+    for sig in _PYTHON_IGNORES:  # an ignored signal stays ignored across execve
+        signal.signal(sig, signal.SIG_DFL)
+    os.execve(exe, proc["args"], env_map)
 
 
 def _write_sysctls(sysctl: dict | None) -> None:
@@ -262,7 +270,6 @@ def _exit_on_signals() -> None:
     """A pid-namespace init only receives signals it handles: while held before start, let
     the usual termination signals end it (runc's Go init behaves the same way); execve
     resets the handlers."""
-    import signal
 
     def handler(signum, _frame):
         os._exit(128 + signum)

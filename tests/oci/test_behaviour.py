@@ -923,3 +923,20 @@ def test_state_and_list_json_like_runc(builtin, runc):
         assert created["annotations"] == {"a": "b"} and created["bundle"] == str(c.bundle)
         shapes.append((sorted(created), sorted(listed[0])))
     assert shapes[0] == shapes[1]
+
+
+def test_no_signal_is_ignored_or_blocked_in_the_container(runtime):
+    """Python ignores SIGPIPE and SIGXFSZ; the container's processes (init and exec'd) must
+    not inherit that: `yes | head -1` has to end `yes` with SIGPIPE, as under runc."""
+    c = runtime.create(runtime.spec(sh("grep -E '^Sig(Ign|Blk)' /proc/self/status; sleep 100")))
+    c.start()
+    _wait_for(lambda: "SigBlk" in c.stdout)
+    r = c.exec(sh("grep -E '^Sig(Ign|Blk)' /proc/self/status; yes | head -1 >/dev/null;"
+                  " echo ${PIPESTATUS:-done}"))
+    assert r.returncode == 0, r.stdout
+    zeros = ["SigBlk:\t0000000000000000", "SigIgn:\t0000000000000000"]
+    assert c.stdout.splitlines()[:2] == zeros
+    assert r.stdout.splitlines()[:2] == zeros
+    assert "Broken pipe" not in r.stdout
+    runtime.check("kill", c.id, "KILL")
+    c.wait()

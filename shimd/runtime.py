@@ -49,10 +49,15 @@ class OciRuntime:
         self.log = log
         self.reaper = reaper
         self.in_process = command == BUILTIN
+        self.fork_create = False
 
     def use_library(self, spec: dict) -> None:
-        """Run the built-in runtime's light commands in this process (no hooks to run)."""
+        """Run the built-in runtime's light commands in this process (no hooks to run), and
+        fork the init from here unless a new user namespace needs the intermediate child."""
         self.in_process = self.command == BUILTIN and not spec.get("hooks")
+        namespaces = (spec.get("linux") or {}).get("namespaces") or ()
+        self.fork_create = self.in_process and not any(
+            ns.get("type") == "user" and not ns.get("path") for ns in namespaces)
 
     async def _library(self, verb: str, function, *args, thread: bool = True):
         """A `shimd.oci.commands` function with the command line's errors and log line."""
@@ -64,12 +69,8 @@ class OciRuntime:
             if thread:
                 return await self.threads.run(call, Store(str(self.root)), *args)
             return call(Store(str(self.root)), *args)
-        except Exception as exc:  # noqa: BLE001 - typed below, as the CLI's exit would be
-            message = str(exc) or type(exc).__name__
-            self._log_error(message)
-            if isinstance(exc, NotFound) or "not exist" in message:
-                raise NotFound(f"{self.name} {verb}: {message}") from None
-            raise OciRuntimeError(f"{self.name} {verb}: {message}") from None
+        except Exception as exc:  # noqa: BLE001 - typed as the CLI's exit would be
+            raise self._error(verb, exc) from None
 
     def _log_error(self, message: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -128,6 +129,9 @@ class OciRuntime:
 
     async def create(self, id: str, bundle: str, pid_file: str, console_socket: str | None,
                      stdio: tuple[int, int, int]) -> None:
+        if self.fork_create:
+            await self._fork_create(id, bundle, pid_file, console_socket, stdio)
+            return
         args = ["create", "--bundle", bundle, "--pid-file", pid_file]
         if console_socket:
             args += ["--console-socket", console_socket]
@@ -149,33 +153,66 @@ class OciRuntime:
         await self.run(*args, id, stdio=stdio)
         return int(pid_file.read_text())
 
+    async def _fork_create(self, id: str, bundle: str, pid_file: str,
+                           console_socket: str | None, stdio: tuple[int, int, int]) -> None:
+        """`create` run here: the init is forked straight from the shim (one fork, where a
+        worker and its command took two more), and its report is awaited on the loop."""
+        from shimd.oci import commands
+        from shimd.oci.state import Store
+
+        await self._before_fork()
+        try:
+            creation = commands.begin_create(Store(str(self.root)), id, bundle, console_socket,
+                                             stdio=stdio)
+        except Exception as exc:  # noqa: BLE001 - typed as the CLI's exit would be
+            raise self._error("create", exc) from None
+        try:
+            sync, creation.sync = creation.sync, -1  # _read_to_eof closes it
+            report = (await _read_to_eof(sync)).decode(errors="replace").splitlines()
+            creation.close()
+            error = next((line for line in report if line.startswith("error ")), None)
+            result = error or ("ready" if "ready" in report else None)
+            commands.finish_create(creation, creation.pid, result, pid_file)
+        except BaseException as exc:
+            creation.abort()
+            if isinstance(exc, Exception):
+                raise self._error("create", exc) from None
+            raise
+
     async def _fork_exec(self, id: str, process: dict, console_socket: str | None,
                          stdio: tuple[int, int, int]) -> int:
         from shimd.oci import commands
         from shimd.oci.state import Store
 
-        await self.threads.none_running()  # setns and fork: this process must be single-threaded
-        sys.stdout.flush()
-        sys.stderr.flush()
+        await self._before_fork()
         try:
             pid, sync = commands.fork_exec(Store(str(self.root)), id, process, stdio,
                                            console_socket)
-        except OSError as exc:
-            if exc.errno == errno.EAGAIN:
-                raise ResourceExhausted(
-                    f"{self.name} exec: cannot fork: {exc.strerror} (pids limit?)") from None
-            message = str(exc)
-        except Exception as exc:  # noqa: BLE001 - typed below, as the CLI's exit would be
-            message = str(exc) or type(exc).__name__
-        else:
-            report = (await _read_to_eof(sync)).decode(errors="replace")
-            if not report.startswith("error "):
-                return pid
-            message = f"exec failed: {report[6:].strip()}"
+        except Exception as exc:  # noqa: BLE001 - typed as the CLI's exit would be
+            raise self._error("exec", exc) from None
+        report = (await _read_to_eof(sync)).decode(errors="replace")
+        if report.startswith("error "):
+            raise self._error("exec", f"exec failed: {report[6:].strip()}")
+        return pid
+
+    async def _before_fork(self) -> None:
+        await self.threads.none_running()  # setns and fork: this process must be single-threaded
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+    def _error(self, verb: str, error: Exception | str) -> Exception:
+        """A failure of a command run here, typed and logged as the command line's would be;
+        a fork that failed (a pids limit) is RESOURCE_EXHAUSTED."""
+        if isinstance(error, OSError) and error.errno == errno.EAGAIN:
+            return ResourceExhausted(
+                f"{self.name} {verb}: cannot fork: {error.strerror} (pids limit?)")
+        if isinstance(error, ResourceExhausted):
+            return error
+        message = str(error) or type(error).__name__
         self._log_error(message)
-        if "not exist" in message:
-            raise NotFound(f"{self.name} exec: {message}")
-        raise OciRuntimeError(f"{self.name} exec: {message}")
+        if isinstance(error, NotFound) or "not exist" in message:
+            return NotFound(f"{self.name} {verb}: {message}")
+        return OciRuntimeError(f"{self.name} {verb}: {message}")
 
     async def start(self, id: str) -> None:
         if self.in_process:  # a write into the exec fifo: no need for a thread

@@ -74,15 +74,24 @@ def privileges(pid: int) -> dict[str, str]:
     return {k: v.strip() for k, v in lines if k in keys}
 
 
-def test_create_runs_in_a_worker_and_exec_forks_from_the_single_threaded_shim(shims):
+def nspid(pid: int) -> list[str]:
+    return [line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if line.startswith("NSpid:")][0].split()[1:]
+
+
+def test_create_and_exec_fork_from_the_single_threaded_shim(shims):
     shim = shims(["sleep", "1000"])
     assert threads(shim.pid) == 1  # grpclib on asyncio: no gRPC core threads
     assert children(shim.pid) == []  # no helper process either
     own = namespaces(shim.pid)
     before = reaped_faults(shim.pid)
     pid = shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30).pid
-    assert reaped_faults(shim.pid) > before  # the shim's own worker did the create
-    assert ppid(pid) == shim.pid  # the init was reparented to the shim (subreaper)
+    assert reaped_faults(shim.pid) == before  # forked by the shim itself: no worker reaped
+    assert ppid(pid) == shim.pid
+    assert nspid(pid) == [str(pid), "1"]  # pid 1 of its own pid namespace
+    init_ns = namespaces(pid)
+    assert all(init_ns[n] != own[n] for n in ("pid", "mnt", "uts", "ipc", "net"))
+    assert namespaces(shim.pid) == own  # the shim's next children are its own again
     shim.stub.Start(pb.StartRequest(id=shim.id))
     before = reaped_faults(shim.pid)
     exec_pid = exec_process(shim, "e1", ["sleep", "1000"])
@@ -91,13 +100,11 @@ def test_create_runs_in_a_worker_and_exec_forks_from_the_single_threaded_shim(sh
     assert sorted(children(shim.pid)) == sorted([pid, exec_pid])
     # in every namespace and cgroup of the init, the pid namespace included (its own pid
     # there is not 1); the shim joined that pid namespace for the fork only
-    init_ns, exec_ns = namespaces(pid), namespaces(exec_pid)
+    exec_ns = namespaces(exec_pid)
     assert {n: exec_ns[n] for n in init_ns if n != "pid_for_children"} == {
         n: v for n, v in init_ns.items() if n != "pid_for_children"}
-    assert exec_ns["pid"] != own["pid"]
-    nspid = [line for line in Path(f"/proc/{exec_pid}/status").read_text().splitlines()
-             if line.startswith("NSpid:")][0].split()[1:]
-    assert nspid[0] == str(exec_pid) and len(nspid) == 2 and nspid[1] != "1"
+    assert nspid(exec_pid)[0] == str(exec_pid) and len(nspid(exec_pid)) == 2
+    assert nspid(exec_pid)[1] != "1"
     assert cgroups_of(exec_pid) == cgroups_of(pid)
     assert namespaces(shim.pid) == own
     assert privileges(exec_pid) == privileges(pid)  # the same process spec as the init's
@@ -108,6 +115,39 @@ def test_create_runs_in_a_worker_and_exec_forks_from_the_single_threaded_shim(sh
     shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
     assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
     assert single_threaded_soon(shim.pid)
+
+
+def test_a_failed_create_in_the_shim_is_typed_and_leaves_nothing(shims):
+    shim = shims(["no-such-binary"])
+    own = namespaces(shim.pid)
+    with pytest.raises(grpc.RpcError) as info:
+        shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "executable file not found" in info.value.details(), info.value.details()
+    assert not (shim.bundle / "runtime" / shim.id).exists()  # state gone (cgroup: cgroup_check)
+    deadline = time.monotonic() + 5
+    while children(shim.pid) and time.monotonic() < deadline:  # killed, then reaped
+        time.sleep(0.01)
+    assert children(shim.pid) == [] and namespaces(shim.pid) == own
+    last = json.loads((shim.bundle / "runtime.log").read_text().splitlines()[-1])
+    assert last["level"] == "error" and "executable file not found" in last["msg"]
+    # and exec of a missing binary, likewise
+    spec = json.loads((shim.bundle / "config.json").read_text())
+    spec["process"]["args"] = ["sleep", "1000"]
+    (shim.bundle / "config.json").write_text(json.dumps(spec))
+    pid = shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30).pid
+    shim.stub.Start(pb.StartRequest(id=shim.id))
+    with pytest.raises(grpc.RpcError) as info:
+        exec_process(shim, "e1", ["no-such-binary"])
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "exec failed" in info.value.details() and "no-such-binary" in info.value.details()
+    deadline = time.monotonic() + 5
+    while children(shim.pid) != [pid] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert children(shim.pid) == [pid]
+    shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
+    assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
+    shim.stub.Delete(pb.DeleteRequest(id=shim.id), timeout=20)
 
 
 def test_light_commands_spawn_nothing(shims):

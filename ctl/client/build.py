@@ -22,6 +22,8 @@ CHUNK = 1 << 20
 
 @dataclass
 class BuildProgress:
+    """One progress report of a build."""
+
     kind: str  # step, running, log, cached, done, info
     text: str
     step: int = 0
@@ -30,6 +32,8 @@ class BuildProgress:
 
 @dataclass
 class BuildResult:
+    """The built image: its names and target descriptor."""
+
     names: list[str]
     target: Descriptor
     image_id: str
@@ -37,6 +41,8 @@ class BuildResult:
 
 @dataclass
 class BuildOptions:
+    """docker build's options."""
+
     tags: list[str] = field(default_factory=list)
     build_args: dict[str, str] = field(default_factory=dict)
     target: str = ""

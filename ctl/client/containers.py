@@ -131,7 +131,7 @@ class ContainersAPI:
         snaps = self._client._stub("snapshots")
         pb = self._stub.pb
         with self._client.lease():
-            snaps.Prepare(
+            prepared = snaps.Prepare(
                 snaps.pb.PrepareSnapshotRequest(
                     snapshotter=options.snapshotter, key=container_id, parent=resolved.chain_id
                 )
@@ -167,7 +167,11 @@ class ContainersAPI:
                     except NotFound:
                         pass
                 raise
-        return Container.from_pb(created)
+        container = Container.from_pb(created)
+        # Prepare answered the snapshot's mounts: `tasks.create(..., container=)` given this
+        # record needs no Snapshots.Mounts (a private attribute: not part of the record)
+        container._rootfs = prepared.mounts
+        return container
 
     def _resolve_volumes(self, spec_options: SpecOptions, image: ImageConfig) -> _Volumes:
         """Named and anonymous volume mounts (and the image's VOLUMEs) become binds of the
@@ -210,9 +214,21 @@ class ContainersAPI:
         the caller has it at hand (saves a round trip)."""
         if container is None or container.id != container_id:
             container = self.get(container_id)
+        from runtimed.restart import policy as rp
+
+        restarts = rp.policy_of(container.labels).name != "no"
         tasks = self._client.tasks
+        task = None
         try:
-            task = tasks.get(container_id)
+            if force and not restarts:
+                # a task that has exited (`run --rm`, the usual case) goes in one call; a
+                # live one is refused (FailedPrecondition) and killed below
+                try:
+                    tasks.delete(container_id)
+                except FailedPrecondition:
+                    task = tasks.get(container_id)
+            else:
+                task = tasks.get(container_id)
         except NotFound:
             task = None
         if task is not None:
@@ -221,9 +237,7 @@ class ContainersAPI:
                     f"container {container_id} is {task.status.lower()}: stop it first or use force"
                 )
             if task.status != "STOPPED":
-                from runtimed.restart import policy as rp
-
-                if rp.policy_of(container.labels).name != "no":  # the daemon must not restart it
+                if restarts:  # the daemon must not restart it
                     self.update_labels(container_id, {rp.LABEL_STOPPED: "true"})
                 if task.status == "PAUSED":
                     tasks.resume(container_id)
@@ -259,6 +273,8 @@ class ContainersAPI:
 
 @dataclass
 class _Volumes:
+    """The volumes `create` made or will fill for a container."""
+
     anonymous: list[str] = field(default_factory=list)
     fill: list[tuple[str, str]] = field(default_factory=list)  # (volume, path in the image)
 
@@ -294,11 +310,13 @@ class TasksAPI:
             container_id=container_id, stdin=stdio.stdin, stdout=stdio.stdout,
             stderr=stdio.stderr, terminal=stdio.terminal,
         )
-        if container.snapshot_key:
+        mounts = getattr(container, "_rootfs", None)  # from `containers.create`
+        if mounts is None and container.snapshot_key:
             snaps = self._client._stub("snapshots")
             mounts = snaps.Mounts(
                 snaps.pb.MountsRequest(snapshotter=container.snapshotter, key=container.snapshot_key)
             ).mounts
+        if mounts:
             request.rootfs.extend(mounts)
         response = self._stub.Create(request)
         return Process(container_id, container_id, response.pid, "CREATED", terminal=stdio.terminal)

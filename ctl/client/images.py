@@ -8,7 +8,6 @@ as containerd's client does) when an image arrived another way.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -46,6 +45,8 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
         if not out:
             out.append(diff_id)
         else:
+            import hashlib  # here: loading OpenSSL costs ~2 ms, and a one-layer image needs none
+
             out.append("sha256:" + hashlib.sha256(f"{out[-1]} {diff_id}".encode()).hexdigest())
     return out
 

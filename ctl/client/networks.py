@@ -21,6 +21,8 @@ MODULE = "runtimed.api.networks.v1.networks"
 
 @dataclass
 class Port:
+    """A published port: host address and port to the container's port."""
+
     container_port: int
     host_port: int = 0
     host_ip: str = ""
@@ -32,6 +34,8 @@ class Port:
 
 @dataclass
 class Network:
+    """A bridge network and the containers attached to it."""
+
     name: str
     id: str
     driver: str
@@ -45,6 +49,8 @@ class Network:
 
 @dataclass
 class Interface:
+    """A container's interface on one network."""
+
     network: str
     ifname: str
     ip: str
@@ -56,6 +62,8 @@ class Interface:
 
 @dataclass
 class Attachment:
+    """Where a container's network lives: its netns, name files, interfaces, ports."""
+
     container_id: str
     mode: str
     hostname: str

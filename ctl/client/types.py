@@ -15,6 +15,8 @@ def timestamp(ts) -> datetime | None:
 
 @dataclass
 class Descriptor:
+    """An OCI content descriptor: what a blob is, its digest and size."""
+
     media_type: str
     digest: str
     size: int
@@ -33,6 +35,8 @@ class Descriptor:
 
 @dataclass
 class Image:
+    """An image record: a name pointing at a manifest or index."""
+
     name: str
     target: Descriptor
     labels: dict[str, str] = field(default_factory=dict)
@@ -52,6 +56,8 @@ class Image:
 
 @dataclass
 class Container:
+    """A container record, its OCI spec decoded from JSON."""
+
     id: str
     image: str
     spec: dict
@@ -114,12 +120,16 @@ class Process:
 
 @dataclass
 class ExitStatus:
+    """How a process ended: its exit code (128+N for signal N) and when."""
+
     code: int
     exited_at: datetime | None = None
 
 
 @dataclass
 class Event:
+    """An event from the daemon, its payload decoded to a dict."""
+
     timestamp: datetime | None
     namespace: str
     topic: str
@@ -135,6 +145,8 @@ class Event:
 
 @dataclass
 class Stats:
+    """A task's resource usage, from its cgroup metrics."""
+
     container_id: str
     cpu_usage_ns: int = 0
     memory_usage: int = 0

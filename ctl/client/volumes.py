@@ -15,6 +15,8 @@ LABEL_ANONYMOUS = "io.runtimed.volumes.anonymous"
 
 @dataclass
 class Volume:
+    """A named (or anonymous) volume and the containers using it."""
+
     name: str
     driver: str
     mountpoint: str

@@ -164,6 +164,8 @@ class ImageConfig:
 
 @dataclass
 class User:
+    """A resolved process user: ids, groups and home."""
+
     uid: int
     gid: int
     additional_gids: list[int] = field(default_factory=list)

@@ -48,6 +48,8 @@ BACKOFF_RESET_AFTER = 10.0
 
 @dataclass(frozen=True)
 class Policy:
+    """A container's restart policy, docker's `--restart`."""
+
     name: str = "no"  # no | always | unless-stopped | on-failure
     max_retries: int = 0  # on-failure only; 0: unlimited
 

@@ -186,6 +186,7 @@ class ContentStore:
         self.namespaces = namespaces
         self.exchange = exchange
         self.gc = None  # set by the daemon: content deletes schedule a collection
+        self._commit_hooks: list = []
         self._locks: dict[str, float] = {}
         self._locks_guard = threading.Lock()
         db.migrate("content", MIGRATIONS)
@@ -316,6 +317,11 @@ class ContentStore:
 
     # Ingests
 
+    def add_commit_hook(self, hook) -> None:
+        """`hook(digest, path)` runs after a writer opened with `announce` committed a blob
+        it wrote (the differ stages layers with it). It must be quick and never raise."""
+        self._commit_hooks.append(hook)
+
     def writer(
         self,
         ns: str,
@@ -324,9 +330,11 @@ class ContentStore:
         total: int = 0,
         expected: str = "",
         lease: str | None = None,
+        announce: bool = False,
     ) -> Writer:
         """Open (or resume) the ingest `ref`. AlreadyExists when `expected` is already in
-        the namespace; Unavailable while another writer holds the ref."""
+        the namespace; Unavailable while another writer holds the ref. With `announce`,
+        the commit hooks hear of the blob once committed."""
         if not ref:
             raise InvalidArgument("ref must not be empty")
         if expected:
@@ -334,10 +342,12 @@ class ContentStore:
         bref = f"{ns}/{ref}"
         self._lock(ref, bref)
         try:
-            return self._open_writer(ns, ref, bref, total, expected, lease)
+            writer = self._open_writer(ns, ref, bref, total, expected, lease)
         except BaseException:
             self._unlock(bref)
             raise
+        writer.announce = announce
+        return writer
 
     def _open_writer(self, ns, ref, bref, total, expected, lease) -> Writer:
         shared_size = None
@@ -573,6 +583,7 @@ class Writer:
         self.started_at = self.updated_at = now_ns()
         self._closed = False
         self._mutex = threading.RLock()
+        self.announce = False  # tell the store's commit hooks about the committed blob
         self._written_back = 0  # data before this offset has had its writeback started
         self._writeback = None  # the Future of a writeback start still running
 
@@ -756,6 +767,9 @@ class Writer:
             shutil.rmtree(self.path, ignore_errors=True)  # a crash first: the GC sweeps it
         if exists:
             raise AlreadyExists(f"content {actual} already exists in namespace {self.ns!r}")
+        if self.announce and not self._shared:
+            for hook in store._commit_hooks:
+                hook(actual, target)
         return ContentInfo(actual, actual_size, now, now, labels)
 
     @_serialized

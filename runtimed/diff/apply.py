@@ -26,7 +26,7 @@ import stat
 import struct
 import tarfile
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from runtimed.diff import compression
@@ -46,6 +46,10 @@ _FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ENOME
 class ApplyResult:
     digest: str  # sha256 of the uncompressed tar: the layer's diff ID
     size: int  # bytes of the uncompressed tar
+    # what makes the tree depend on where it was applied (see diff/staging.py):
+    whiteouts: bool = False  # the layer has whiteout or opaque entries
+    # parent directories the layer lacks, created in this order
+    made_parents: list[str] = field(default_factory=list)
 
 
 _HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8x32s32s8s8s155s")
@@ -147,7 +151,34 @@ def apply_layer(source: BinaryIO, root: str | os.PathLike, *, overlay: bool = Fa
         writer.close()
         os.close(rootfd)
         raw.close()
-    return ApplyResult(digest=reader.digest, size=reader.size)
+    return ApplyResult(digest=reader.digest, size=reader.size, whiteouts=writer.whiteouts,
+                       made_parents=writer.made_parents)
+
+
+def adopt_parents(root: str | os.PathLike, made: list[str], parents: list[str]) -> bool:
+    """Turn a layer applied in overlay mode without lower layers into the same layer
+    applied over `parents`: the directories it created for want of entries (`made`, in
+    order) take the owner, mode and xattrs the apply would have copied from the lower
+    layers (their modification time stays: the apply's own, from the entries it created
+    in them). False when the result would still differ: a directory that becomes
+    set-group-ID would have passed its group to what was created inside it."""
+    rootfd = os.open(os.fspath(root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    writer = _Writer(rootfd, True, [os.fspath(p) for p in parents])
+    try:
+        for rel in made:
+            parent, _, name = rel.rpartition("/")
+            pfd = writer.dirfd(parent, create=False)
+            before = os.lstat(name, dir_fd=pfd)
+            writer._copy_dir_info(rel, pfd, name)
+            after = os.lstat(name, dir_fd=pfd)
+            if after.st_mode & stat.S_ISGID:
+                return False
+            os.utime(name, ns=(after.st_atime_ns, before.st_mtime_ns), dir_fd=pfd,
+                     follow_symlinks=False)
+        return True
+    finally:
+        writer.close()
+        os.close(rootfd)
 
 
 class _ForwardReader:
@@ -262,6 +293,8 @@ class _Writer:
         self._dirs: list[tuple[str, int, int]] = []
         self._unpacked: set[str] = set()
         self._opaque: list[str] = []
+        self.whiteouts = False
+        self.made_parents: list[str] = []
 
     # -- directory fds ------------------------------------------------------------------
 
@@ -317,6 +350,7 @@ class _Writer:
                 os.mkdir(name, 0o755, dir_fd=pfd)
             except FileExistsError:
                 continue
+            self.made_parents.append(sub)
             if self.overlay:
                 self._copy_dir_info(sub, pfd, name)
             self._sgid.pop(sub, None)
@@ -468,6 +502,7 @@ class _Writer:
             raise InvalidArgument(f"layer entry {member.name!r}: {exc}") from exc
 
     def _whiteout(self, parent: str, pfd: int, base: str, member: tarfile.TarInfo) -> None:
+        self.whiteouts = True
         if base == WHITEOUT_OPAQUE:
             if self.overlay:
                 os.setxattr(self._proc(pfd, "."), OPAQUE_XATTR, b"y")

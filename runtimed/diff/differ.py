@@ -20,6 +20,7 @@ from pathlib import Path
 from runtimed.diff import compression
 from runtimed.diff.apply import apply_layer
 from runtimed.diff.compute import write_overlay_diff, write_tree_diff
+from runtimed.diff.staging import STAGED_DIR, StagedLayers
 from runtimed.errors import AlreadyExists, InvalidArgument
 from runtimed.images.manifest import Descriptor
 from runtimed.snapshots.mount import Mount, temp_mount, unmount_all
@@ -49,11 +50,19 @@ class Differ:
         self.tmp_dir = Path(tmp_dir)
         self.tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._repair()
+        self.staged = StagedLayers(self.tmp_dir / STAGED_DIR)
+        add_hook = getattr(content, "add_commit_hook", None)
+        if add_hook is not None and os.environ.get("RUNTIMED_LAYER_STAGING") != "0":
+            add_hook(self.staged.offer)
 
     def _repair(self) -> None:
-        """Unmount and remove temporary mount points a crash left behind."""
+        """Unmount and remove temporary mount points a crash left behind, and layers it
+        left staged."""
         for entry in os.listdir(self.tmp_dir):
             path = self.tmp_dir / entry
+            if entry == STAGED_DIR:
+                StagedLayers.repair(path)
+                continue
             unmount_all(path, detach=True)
             if path.is_dir() and not os.listdir(path):
                 os.rmdir(path)
@@ -63,10 +72,24 @@ class Differ:
     def apply(self, ns: str, desc: Descriptor, mounts: list[Mount]) -> Descriptor:
         """Apply blob `desc` onto `mounts`; returns the uncompressed layer's descriptor."""
         compression.compression_of(desc.media_type)
-        with self.content.open_blob(ns, desc.digest) as blob:
-            result = self.apply_stream(blob, mounts, desc.media_type)
+        with self.content.open_blob(ns, desc.digest) as blob:  # the namespace holds it
+            result = (self._apply_staged(desc.digest, mounts)
+                      or self.apply_stream(blob, mounts, desc.media_type))
         return Descriptor(compression.OUTPUT_MEDIA_TYPES[compression.NONE], result.digest,
                           result.size)
+
+    def _apply_staged(self, digest: str, mounts: list[Mount]):
+        """The layer staged at its commit, moved onto an empty upper directory or bind
+        source (diff/staging.py); None when there is none or it does not fit."""
+        if len(mounts) != 1:
+            return None
+        m = mounts[0]
+        if m.type == "overlay" and m.option("upperdir"):
+            lowers = [p for p in (m.option("lowerdir") or "").split(":") if p]
+            return self.staged.apply(digest, m.option("upperdir"), lowers, overlay=True)
+        if m.type == "bind" and not m.readonly:
+            return self.staged.apply(digest, m.source, [], overlay=False)
+        return None
 
     def apply_stream(self, stream, mounts: list[Mount], media_type: str | None = None):
         if len(mounts) == 1 and mounts[0].type == "overlay" and mounts[0].option("upperdir"):

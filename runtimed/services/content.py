@@ -144,7 +144,8 @@ class ContentService(content_pb2_grpc.ContentServicer):
             raise InvalidArgument("first message must have a reference")
         total, expected = req.total, req.expected
         writer = await asyncio.to_thread(
-            self.store.writer, ns, ref, total=total, expected=expected, lease=lease_id
+            self.store.writer, ns, ref, total=total, expected=expected, lease=lease_id,
+            announce=True,
         )
         try:
             while True:

@@ -1,0 +1,217 @@
+"""Layers staged at their commit (diff/staging.py): moved into place by Diff.Apply only
+when the tree is the one an apply would write, else extracted again; never left behind."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from isal import igzip
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from test_layer_builder import E, d, tar  # noqa: E402
+
+from runtimed.content.store import ContentStore  # noqa: E402
+from runtimed.diff.apply import apply_layer  # noqa: E402
+from runtimed.diff.differ import Differ  # noqa: E402
+from runtimed.diff.staging import STAGED_DIR  # noqa: E402
+from runtimed.errors import NotFound  # noqa: E402
+from runtimed.images.manifest import Descriptor  # noqa: E402
+from runtimed.metadata.db import Database  # noqa: E402
+from runtimed.metadata.leases import LeaseStore  # noqa: E402
+from runtimed.snapshots.mount import Mount  # noqa: E402
+
+GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+@pytest.fixture
+def env(tmp_path):
+    db = Database(tmp_path / "meta.db")
+    content = ContentStore(tmp_path, db, LeaseStore(db))
+    differ = Differ(content, tmp_path / "tmpmounts")
+    yield content, differ
+    db.close()
+
+
+def commit(content, data: bytes, ns: str = "default", announce: bool = True) -> Descriptor:
+    w = content.writer(ns, f"ref-{os.urandom(4).hex()}", announce=announce)
+    w.write(data)
+    info = w.commit(len(data))
+    return Descriptor(GZIP_LAYER, info.digest, info.size)
+
+
+def settled(differ) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with differ.staged._lock:
+            if all(e.done.is_set() for e in differ.staged._entries.values()):
+                return
+        time.sleep(0.01)
+    raise AssertionError("staging did not finish")
+
+
+def staged_dirs(differ) -> list[str]:
+    path = differ.tmp_dir / STAGED_DIR
+    return os.listdir(path) if path.exists() else []
+
+
+def tree(root: Path, skip_mtime: set[str] = frozenset()) -> dict:
+    """Everything an apply decides about a tree (not ctimes; inode numbers as link
+    groups)."""
+    out, inodes = {}, {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            rel = str(path.relative_to(root))
+            st = os.lstat(path)
+            xattrs = {k: os.getxattr(path, k, follow_symlinks=False)
+                      for k in os.listxattr(path, follow_symlinks=False)}
+            data = (path.read_bytes() if stat.S_ISREG(st.st_mode)
+                    else os.readlink(path) if stat.S_ISLNK(st.st_mode) else None)
+            group = inodes.setdefault(st.st_ino, rel) if stat.S_ISREG(st.st_mode) else None
+            out[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid,
+                        st.st_gid, st.st_rdev, xattrs, data, group,
+                        None if rel in skip_mtime else st.st_mtime_ns)
+    return out
+
+
+LAYER = tar(
+    E("top/file", data=b"content " * 1000, mode=0o640, uid=12, gid=34,
+      xattrs={"user.k": b"v"}),
+    E("top/hard", tarfile.LNKTYPE, linkname="top/file"),
+    E("top/sym", tarfile.SYMTYPE, linkname="file"),
+    d("dir", mode=0o750, uid=5, gid=6, mtime=1_500_000_000),
+    E("dir/exe", data=b"#!/bin/sh\n", mode=0o4755),
+)
+
+
+def test_staged_layer_over_lowers_is_the_tree_an_apply_writes(env, tmp_path):
+    """The layer lacks its `top` directory: over a lower that has one, `top` takes the
+    lower's owner, mode and xattrs whether the layer was staged or extracted."""
+    content, differ = env
+    desc = commit(content, igzip.compress(LAYER))
+    lower = tmp_path / "lower"
+    (lower / "top").mkdir(parents=True)
+    os.chown(lower / "top", 7, 8)
+    os.chmod(lower / "top", 0o711)
+    os.setxattr(lower / "top", "user.lower", b"1")
+    settled(differ)
+    assert len(staged_dirs(differ)) == 1
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    os.chmod(upper, 0o755)
+    mounts = [Mount("overlay", "overlay", [f"lowerdir={lower}", f"upperdir={upper}",
+                                           f"workdir={tmp_path / 'work'}"])]
+    applied = differ.apply("default", desc, mounts)
+    assert staged_dirs(differ) == []  # moved, not copied
+    assert applied.digest == "sha256:" + hashlib.sha256(LAYER).hexdigest()
+    assert applied.size == len(LAYER)
+
+    expected = tmp_path / "expected"
+    expected.mkdir()
+    apply_layer(open(content.blob_path("default", desc.digest), "rb"), expected, overlay=True,
+                parents=[str(lower)])
+    # `top`'s mtime is when the apply created its entries: the one thing that differs
+    assert tree(upper, {"top"}) == tree(expected, {"top"})
+    top = os.lstat(upper / "top")
+    assert (top.st_uid, top.st_gid, stat.S_IMODE(top.st_mode)) == (7, 8, 0o711)
+    assert os.getxattr(upper / "top", "user.lower") == b"1"
+    assert stat.S_IMODE(os.lstat(upper).st_mode) == 0o755
+
+
+def test_a_plain_directory_gets_the_staged_tree_unless_the_layer_has_whiteouts(env, tmp_path):
+    content, differ = env
+    plain = commit(content, igzip.compress(LAYER))
+    with_whiteout = tar(E("a", data=b"x"), E(".wh.gone"), d("o"), E("o/.wh..wh..opq"))
+    whiteouts = commit(content, igzip.compress(with_whiteout))
+    settled(differ)
+    assert len(staged_dirs(differ)) == 2
+    for desc in (plain, whiteouts):
+        target = tmp_path / desc.digest[7:15]
+        target.mkdir()
+        differ.apply("default", desc, [Mount("bind", str(target), ["rw", "rbind"])])
+        expected = tmp_path / (desc.digest[7:15] + "-expected")
+        expected.mkdir()
+        apply_layer(open(content.blob_path("default", desc.digest), "rb"), expected)
+        assert tree(target, {"top"}) == tree(expected, {"top"})
+    # staged in overlay mode, the whiteout is a 0/0 device there: not what a bind gets
+    assert sorted(os.listdir(tmp_path / whiteouts.digest[7:15])) == ["a", "o"]
+    assert staged_dirs(differ) == []
+
+
+def test_a_target_that_is_not_empty_is_applied_onto(env, tmp_path):
+    content, differ = env
+    desc = commit(content, igzip.compress(LAYER))
+    settled(differ)
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "mine").write_text("kept")
+    differ.apply("default", desc, [Mount("bind", str(target), ["rw", "rbind"])])
+    assert (target / "mine").read_text() == "kept"
+    assert (target / "top" / "file").read_bytes() == b"content " * 1000
+    assert staged_dirs(differ) == []
+
+
+def test_the_namespace_must_hold_the_blob(env, tmp_path):
+    content, differ = env
+    desc = commit(content, igzip.compress(LAYER), ns="a")
+    settled(differ)
+    target = tmp_path / "target"
+    target.mkdir()
+    with pytest.raises(NotFound):
+        differ.apply("b", desc, [Mount("bind", str(target), ["rw", "rbind"])])
+    assert os.listdir(target) == []
+
+
+def test_only_announced_layers_are_staged_and_unused_ones_expire(env):
+    content, differ = env
+    differ.staged.ttl = 0.2
+    commit(content, igzip.compress(LAYER), announce=False)
+    commit(content, b'{"schemaVersion": 2}')  # not a layer
+    settled(differ)
+    assert staged_dirs(differ) == []
+    commit(content, igzip.compress(tar(E("other", data=b"1"))))
+    settled(differ)
+    assert len(staged_dirs(differ)) == 1
+    deadline = time.monotonic() + 10
+    while staged_dirs(differ) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert staged_dirs(differ) == [] and differ.staged.pending() == 0
+
+
+def test_a_broken_layer_is_not_staged_and_apply_reports_it(env, tmp_path):
+    from runtimed.errors import InvalidArgument
+
+    content, differ = env
+    desc = commit(content, igzip.compress(LAYER)[:-40])
+    settled(differ)
+    assert staged_dirs(differ) == []
+    target = tmp_path / "target"
+    target.mkdir()
+    with pytest.raises(InvalidArgument):
+        differ.apply("default", desc, [Mount("bind", str(target), ["rw", "rbind"])])
+
+
+def test_start_removes_what_a_crash_left_staged(tmp_path):
+    tmp = tmp_path / "tmpmounts"
+    (tmp / STAGED_DIR / "half-applied" / "usr").mkdir(parents=True)
+    Differ(None, tmp)
+    assert os.listdir(tmp) == []
+
+
+def test_staging_can_be_turned_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNTIMED_LAYER_STAGING", "0")
+    db = Database(tmp_path / "meta.db")
+    content = ContentStore(tmp_path, db, LeaseStore(db))
+    differ = Differ(content, tmp_path / "tmpmounts")
+    commit(content, igzip.compress(LAYER))
+    settled(differ)
+    assert staged_dirs(differ) == []
+    db.close()

@@ -51,6 +51,9 @@ class Events:
 
     def __init__(self, channel, filters):
         self.items: queue.Queue = queue.Queue()
+        # connected first: calls started while a channel connects may leave in any order,
+        # and a Create sent before the Subscribe would publish its event to nobody
+        grpc.channel_ready_future(channel).result(timeout=10)
         self.call = events_pb2_grpc.EventsStub(channel).Subscribe(
             events_pb2.SubscribeRequest(filters=filters)
         )

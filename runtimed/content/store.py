@@ -187,6 +187,7 @@ class ContentStore:
         self.exchange = exchange
         self.gc = None  # set by the daemon: content deletes schedule a collection
         self._commit_hooks: list = []
+        self._ingest_hooks: list = []
         self._locks: dict[str, float] = {}
         self._locks_guard = threading.Lock()
         db.migrate("content", MIGRATIONS)
@@ -321,6 +322,14 @@ class ContentStore:
         """`hook(digest, path)` runs after a writer opened with `announce` committed a blob
         it wrote (the differ stages layers with it). It must be quick and never raise."""
         self._commit_hooks.append(hook)
+
+    def add_ingest_hook(self, hook) -> None:
+        """`hook(data_path, head)` runs when a writer opened with `announce` writes the first
+        bytes (`head`, up to 512) of a fresh ingest; it may return a follower, which then
+        hears `grow(offset)` after every write, `committed(digest)` once the blob is
+        visible, or `abandon()` when the ingest restarts, fails or is closed. Quick, and
+        never raising."""
+        self._ingest_hooks.append(hook)
 
     def writer(
         self,
@@ -583,7 +592,8 @@ class Writer:
         self.started_at = self.updated_at = now_ns()
         self._closed = False
         self._mutex = threading.RLock()
-        self.announce = False  # tell the store's commit hooks about the committed blob
+        self.announce = False  # tell the store's hooks about this ingest and its blob
+        self._follower = None  # what an ingest hook returned for this ingest
         self._written_back = 0  # data before this offset has had its writeback started
         self._writeback = None  # the Future of a writeback start still running
 
@@ -671,12 +681,25 @@ class Writer:
         self._hash.update(data)
         self.offset += len(data)
         self.updated_at = now_ns()
+        if self._follower is not None:
+            self._follower.grow(self.offset)
+        elif self.announce and self.offset == len(data):  # the first bytes of the blob
+            for hook in self.store._ingest_hooks:
+                self._follower = hook(self.path / "data", bytes(memoryview(data)[:512]))
+                if self._follower is not None:
+                    self._follower.grow(self.offset)
+                    break
         if self.offset - self._written_back >= WRITEBACK_EVERY:
             self._settle()
             start, self._written_back = self._written_back, self.offset
             self._writeback = _writeback_thread().submit(
                 _start_writeback, self._fp.fileno(), start, self.offset - start)
         return len(data)
+
+    def _abandon(self) -> None:
+        if self._follower is not None:
+            self._follower.abandon()
+            self._follower = None
 
     def _settle(self) -> None:
         """Wait for a writeback start still using the file (before it is truncated or
@@ -693,6 +716,7 @@ class Writer:
             self._materialize(0)
             return
         self._settle()
+        self._abandon()
         self._written_back = 0
         self._fp.seek(0)
         self._fp.truncate(0)
@@ -761,6 +785,9 @@ class Writer:
                     os.chmod(self.path / "data", 0o444)
                     os.rename(self.path / "data", target)
                     _fsync_dir(target.parent)
+            if self._follower is not None:
+                self._follower.committed(actual)
+                self._follower = None
         finally:
             self.close()
         if not self._shared:
@@ -779,6 +806,7 @@ class Writer:
             return
         self._closed = True
         self._settle()
+        self._abandon()
         if self._fp is not None:
             try:
                 self._fp.flush()

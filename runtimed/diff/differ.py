@@ -51,9 +51,10 @@ class Differ:
         self.tmp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._repair()
         self.staged = StagedLayers(self.tmp_dir / STAGED_DIR)
-        add_hook = getattr(content, "add_commit_hook", None)
-        if add_hook is not None and os.environ.get("RUNTIMED_LAYER_STAGING") != "0":
-            add_hook(self.staged.offer)
+        if (getattr(content, "add_ingest_hook", None) is not None
+                and os.environ.get("RUNTIMED_LAYER_STAGING") != "0"):
+            content.add_ingest_hook(self.staged.follow)
+            content.add_commit_hook(self.staged.offer)
 
     def _repair(self) -> None:
         """Unmount and remove temporary mount points a crash left behind, and layers it

@@ -28,6 +28,8 @@ leaves only the directory, which the differ empties at start.
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import os
 import shutil
@@ -43,21 +45,87 @@ log = logging.getLogger("runtimed.diff.staging")
 STAGED_DIR = ".staged"
 _GZIP, _ZSTD = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
 MIN_FREE_BYTES = 4 << 30
+IDLE_TIMEOUT = 60.0  # an ingest sending nothing for this long is not followed further
 
 
-def looks_like_layer(path: str | os.PathLike) -> bool:
+def looks_like_layer(head: bytes) -> bool:
     """gzip or zstd data, or a tar (its first header's magic): what a layer blob is."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-    except OSError:
-        return False
     return head[:2] == _GZIP or head[:4] == _ZSTD or head[257:262] == b"ustar"
 
 
+def _head(path: str | os.PathLike) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(512)
+    except OSError:
+        return b""
+
+
+class _Growing(io.RawIOBase):
+    """The data file of an ingest, read while it is written: a read waits for bytes the
+    writer has not written yet, and the end is the size the blob was committed with."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.pos = 0
+        self.limit = 0  # bytes written so far
+        self.final: int | None = None  # the committed size
+        self.gone = False  # abandoned: the ingest restarted, failed or was closed
+        self.cond = threading.Condition()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        with self.cond:
+            while self.pos >= self.limit and self.final is None and not self.gone:
+                if not self.cond.wait(IDLE_TIMEOUT):
+                    self.gone = True
+            if self.gone:
+                raise OSError(errno.ECANCELED, "the ingest was not committed")
+            available = self.limit - self.pos
+        if available <= 0:
+            return 0
+        n = os.preadv(self.fd, [memoryview(buffer)[:available]], self.pos)
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
+
+
+class _Follower:
+    """What an announced ingest tells about itself (see ContentStore.add_ingest_hook)."""
+
+    def __init__(self, staged: StagedLayers, entry: _Entry, source: _Growing):
+        self.staged = staged
+        self.entry = entry
+        self.source = source
+
+    def grow(self, offset: int) -> None:
+        with self.source.cond:
+            self.source.limit = offset
+            self.source.cond.notify()
+
+    def committed(self, digest: str) -> None:
+        self.staged._name(self.entry, digest)
+        with self.source.cond:
+            self.source.final = self.source.limit
+            self.source.cond.notify()
+
+    def abandon(self) -> None:
+        with self.source.cond:
+            self.source.gone = True
+            self.source.cond.notify()
+
+
 class _Entry:
-    def __init__(self, digest: str):
-        self.digest = digest
+    def __init__(self, digest: str | None):
+        self.digest = digest  # None while its ingest is followed
+        self.following = False
+        self.orphan = False
         self.state = "queued"  # -> running -> done | failed; or cancelled while queued
         self.done = threading.Event()
         self.root: str | None = None
@@ -71,47 +139,102 @@ class StagedLayers:
         self.max_entries = max_entries
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
+        self._following = 0  # ingests being staged as they arrive, not committed yet
         self._pool: ThreadPoolExecutor | None = None
 
     # -- staging ------------------------------------------------------------------------
 
-    def offer(self, digest: str, path: str | os.PathLike) -> None:
-        """A blob was just committed: stage it if it looks like a layer. Never raises."""
+    def follow(self, path: str | os.PathLike, head: bytes) -> _Follower | None:
+        """An ingest starts (its data file `path`, its first bytes `head`): stage it as it
+        arrives if it looks like a layer, so the staging ends about when the commit does.
+        The follower learns of every write and of the commit. Never raises."""
         try:
-            if not looks_like_layer(path) or not self._room():
+            if not looks_like_layer(head) or not self._room():
+                return None
+            entry = _Entry(None)
+            source = _Growing(path)
+            with self._lock:
+                if len(self._entries) + self._following >= self.max_entries:
+                    source.close()
+                    return None
+                self._following += 1
+                entry.following = True
+            self._submit(entry, source)
+            return _Follower(self, entry, source)
+        except Exception:  # noqa: BLE001 - an optimisation: never fail the write for it
+            log.exception("following ingest %s", path)
+            return None
+
+    def _name(self, entry: _Entry, digest: str) -> None:
+        """A followed ingest was committed as `digest`: Diff.Apply can find its staging."""
+        with self._lock:
+            if not entry.following:
+                return  # its staging failed already
+            self._following -= 1
+            entry.following = False
+            entry.digest = digest
+            if digest in self._entries:
+                entry.orphan = True  # staged already (the same blob in another namespace)
+                return
+            self._entries[digest] = entry
+
+    def offer(self, digest: str, path: str | os.PathLike) -> None:
+        """A blob was just committed: stage it if it looks like a layer and was not
+        followed while it was written. Never raises."""
+        try:
+            with self._lock:
+                if digest in self._entries:
+                    return
+            if not looks_like_layer(_head(path)) or not self._room():
                 return
             with self._lock:
-                if digest in self._entries or len(self._entries) >= self.max_entries:
+                if digest in self._entries or len(self._entries) + self._following >= self.max_entries:
                     return
                 entry = self._entries[digest] = _Entry(digest)
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="layer-stage")
-                pool = self._pool
-            pool.submit(self._stage, entry, os.fspath(path))
+            self._submit(entry, open(path, "rb"))
         except Exception:  # noqa: BLE001 - an optimisation: never fail the commit for it
             log.exception("staging layer %s", digest)
+
+    def _submit(self, entry: _Entry, source) -> None:
+        with self._lock:
+            if self._pool is None:
+                # two: a followed ingest keeps its thread until it is committed
+                self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="layer-stage")
+            pool = self._pool
+        pool.submit(self._stage, entry, source)
 
     def _room(self) -> bool:
         self.dir.mkdir(mode=0o700, exist_ok=True)
         st = os.statvfs(self.dir)
         return st.f_bavail * st.f_frsize >= MIN_FREE_BYTES
 
-    def _stage(self, entry: _Entry, path: str) -> None:
+    def _stage(self, entry: _Entry, source) -> None:
         with self._lock:
-            if entry.state == "cancelled":
-                return
-            entry.state = "running"
+            cancelled = entry.state == "cancelled"
+            if not cancelled:
+                entry.state = "running"
+        if cancelled:
+            source.close()
+            entry.done.set()
+            return
         root = None
         try:
-            root = str(self.dir / f"{entry.digest.partition(':')[2]}-{os.urandom(4).hex()}")
-            os.mkdir(root, 0o755)
-            with open(path, "rb") as f:
-                entry.result = apply_layer(f, root, overlay=True, parents=[])
+            with source:
+                root = str(self.dir / os.urandom(8).hex())
+                os.mkdir(root, 0o755)
+                entry.result = apply_layer(source, root, overlay=True, parents=[])
+            with self._lock:
+                if entry.following or entry.orphan:
+                    raise OSError(errno.ECANCELED, "not committed, or staged twice")
             entry.root, root = root, None
             entry.state = "done"
         except Exception as exc:  # noqa: BLE001 - not a layer after all, or no space: skip
             log.debug("layer %s not staged: %s", entry.digest, exc)
             entry.state = "failed"
+            with self._lock:
+                if entry.following:
+                    entry.following = False
+                    self._following -= 1
         finally:
             if root is not None:
                 shutil.rmtree(root, ignore_errors=True)

@@ -51,7 +51,8 @@ def settled(differ) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         with differ.staged._lock:
-            if all(e.done.is_set() for e in differ.staged._entries.values()):
+            if (differ.staged._following == 0
+                    and all(e.done.is_set() for e in differ.staged._entries.values())):
                 return
         time.sleep(0.01)
     raise AssertionError("staging did not finish")
@@ -215,3 +216,41 @@ def test_staging_can_be_turned_off(tmp_path, monkeypatch):
     settled(differ)
     assert staged_dirs(differ) == []
     db.close()
+
+
+def test_an_ingest_is_staged_as_it_arrives_and_dropped_when_abandoned(env, tmp_path):
+    """Written in pieces, restarted at offset 0 once, resumed after a disconnect: only
+    what was committed is staged, and nothing of the abandoned attempts stays."""
+    content, differ = env
+    first = igzip.compress(tar(E("old", data=os.urandom(300_000))))
+    blob = igzip.compress(tar(E("top/file", data=os.urandom(200_000))))
+    w = content.writer("default", "pieces", announce=True)
+    w.write(first[:1000])
+    w.write(first[1000:5000])
+    w.truncate(0)  # the client starts over: the first staging is dropped
+    w.write(blob[:700])
+    w.write(blob[700:1500])
+    w.close()  # a disconnect: dropped as well
+    settled(differ)
+    assert staged_dirs(differ) == []
+    w = content.writer("default", "pieces", announce=True)  # resumes at 1500
+    assert w.offset == 1500
+    w.write(blob[1500:])
+    info = w.commit(len(blob))  # staged from the committed blob instead
+    settled(differ)
+    assert len(staged_dirs(differ)) == 1
+    w = content.writer("default", "streamed", announce=True)
+    other = igzip.compress(tar(E("new", data=b"n" * 5000)))
+    for i in range(0, len(other), 100):
+        w.write(other[i:i + 100])
+    streamed = w.commit(len(other))
+    settled(differ)
+    assert len(staged_dirs(differ)) == 2
+    for blob_info, name in ((info, "top"), (streamed, "new")):
+        target = tmp_path / blob_info.digest[7:15]
+        target.mkdir()
+        desc = Descriptor(GZIP_LAYER, blob_info.digest, blob_info.size)
+        differ.apply("default", desc, [Mount("bind", str(target), ["rw", "rbind"])])
+        assert name in os.listdir(target)
+    assert staged_dirs(differ) == []
+    assert (tmp_path / streamed.digest[7:15] / "new").read_bytes() == b"n" * 5000

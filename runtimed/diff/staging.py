@@ -35,7 +35,6 @@ import os
 import shutil
 import stat
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from runtimed.diff.apply import ApplyResult, adopt_parents, apply_layer
@@ -140,7 +139,8 @@ class StagedLayers:
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._following = 0  # ingests being staged as they arrive, not committed yet
-        self._pool: ThreadPoolExecutor | None = None
+        # two at a time: a followed ingest keeps its slot until it is committed
+        self._slots = threading.BoundedSemaphore(2)
 
     # -- staging ------------------------------------------------------------------------
 
@@ -196,12 +196,13 @@ class StagedLayers:
             log.exception("staging layer %s", digest)
 
     def _submit(self, entry: _Entry, source) -> None:
-        with self._lock:
-            if self._pool is None:
-                # two: a followed ingest keeps its thread until it is committed
-                self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="layer-stage")
-            pool = self._pool
-        pool.submit(self._stage, entry, source)
+        # a daemon thread: one still following an ingest must not hold up the daemon's exit
+        threading.Thread(target=self._run, args=(entry, source), name="layer-stage",
+                         daemon=True).start()
+
+    def _run(self, entry: _Entry, source) -> None:
+        with self._slots:
+            self._stage(entry, source)
 
     def _room(self) -> bool:
         self.dir.mkdir(mode=0o700, exist_ok=True)

@@ -19,10 +19,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
+from google.protobuf.message_factory import GetMessageClass
 
-from runtimed.api.shim.v1 import shim_pb2, shim_pb2_grpc
+from runtimed.api.shim.v1 import shim_pb2
 from runtimed.errors import RuntimedError, Unavailable, from_code
+from runtimed.runtime.h2client import CallError, Channel
 from runtimed.snapshots import mount as mounts
 
 log = logging.getLogger("runtimed.runtime")
@@ -32,39 +33,54 @@ CONNECT_TIMEOUT = 5.0
 
 
 class ShimClient:
-    """The shim's gRPC API with typed errors: every call raises RuntimedError subclasses."""
+    """The shim's gRPC API with typed errors: every call raises RuntimedError subclasses.
+    Over runtimed's own HTTP/2 client on the event loop (runtimed/runtime/h2client.py)."""
 
     def __init__(self, id: str, address: str, bundle: Path):
         self.id = id
         self.address = address
         self.bundle = bundle
         self.pid = 0  # the shim's pid as its Connect reported it (0: not connected by us)
-        self.channel = grpc.aio.insecure_channel(address)
-        self._stub = shim_pb2_grpc.ShimStub(self.channel)
+        self.channel = Channel(address)
 
     async def call(self, method: str, request, timeout: float | None = None):
+        reply_type = _REPLIES[method]
         try:
-            return await getattr(self._stub, method)(request, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
+            reply = await self.channel.unary(f"/{SERVICE}/{method}", request.SerializeToString(),
+                                             timeout)
+        except CallError as exc:
             raise _typed(exc, self.id) from None
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise  # the caller itself is being cancelled
-            # grpc.aio cancels the calls on a channel closed under them (a dead shim's cleanup)
-            raise Unavailable(f"shim of task {self.id!r} is not reachable: connection closed") from None
+        try:
+            return reply_type.FromString(reply)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError
+            raise Unavailable(f"shim of task {self.id!r} answered {method} with a message that "
+                              f"does not parse: {exc}") from None
 
-    def events(self, after: int):
-        return self._stub.Events(shim_pb2.EventsRequest(after=after))
+    async def events(self, after: int):
+        """The shim's events after `after`, as they come; typed errors when the stream ends."""
+        request = shim_pb2.EventsRequest(after=after).SerializeToString()
+        try:
+            async for message in self.channel.stream(f"/{SERVICE}/Events", request):
+                yield shim_pb2.Event.FromString(message)
+        except CallError as exc:
+            raise _typed(exc, self.id) from None
+        raise Unavailable(f"shim of task {self.id!r} ended its event stream")
 
     async def close(self) -> None:
         await self.channel.close()
 
 
-def _typed(exc: grpc.aio.AioRpcError, id: str) -> RuntimedError:
-    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        return Unavailable(f"shim of task {id!r} is not reachable: {exc.details()}")
-    return from_code(exc.code().name, exc.details() or exc.code().name)
+SERVICE = shim_pb2.DESCRIPTOR.services_by_name["Shim"].full_name
+_REPLIES = {
+    m.name: GetMessageClass(m.output_type)
+    for m in shim_pb2.DESCRIPTOR.services_by_name["Shim"].methods
+}
+
+
+def _typed(exc: CallError, id: str) -> RuntimedError:
+    if exc.code in ("UNAVAILABLE", "CANCELLED"):
+        return Unavailable(f"shim of task {id!r} is not reachable: {exc.details}")
+    return from_code(exc.code, exc.details or exc.code)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from runtimed import identifiers
@@ -483,8 +482,8 @@ class TaskManager:
                     self._ack_later(task)
             except asyncio.CancelledError:
                 raise
-            except grpc.aio.AioRpcError as exc:
-                log.debug("%s/%s: event stream: %s", task.namespace, task.id, exc.code())
+            except RuntimedError as exc:
+                log.debug("%s/%s: event stream: %s", task.namespace, task.id, exc)
             failures += 1
             if task.removing:
                 return

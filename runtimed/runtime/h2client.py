@@ -1,0 +1,423 @@
+"""runtimed's gRPC client for its shims: HTTP/2 on a unix socket, on the event loop.
+
+Why not grpc.aio: since the daemon serves its API with its own server
+(runtimed/services/h2server.py), the shim client was the last user of grpc's C core in the
+daemon, and every call to a shim crossed its threads: the request handed from the loop to
+grpc's event engine, the answer back through its poller, ~10 context switches per call
+(docs/architecture.md). Per exec (Exec, Start, Wait, Delete and four events) that was
+about a quarter of the daemon's CPU, and on a busy machine every hand-over waited for a
+core. Here the loop's thread writes the frames and an asyncio Protocol reads them.
+
+What it speaks, to grpclib's server in the shim: HTTP/2 without TLS, priorities or push
+(one connection per shim, a stream per call, any number at once), flow control both ways,
+HPACK through ctl/client/wire.py's decoder and literal-only encoder, gRPC's 5-byte message
+prefix, grpc-timeout deadlines, trailers (or trailers-only answers), RST_STREAM and
+GOAWAY. No compression. A connection that is lost fails its calls with UNAVAILABLE; the
+next call dials again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+
+from ctl.client.wire import (
+    ACK,
+    CANCEL_ERROR,
+    CODES,
+    CONTINUATION,
+    DATA,
+    DEFAULT_WINDOW,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    HEADERS,
+    MAX_WINDOW,
+    PADDED,
+    PING,
+    PREFACE,
+    PRIORITY_FLAG,
+    RST_STREAM,
+    SETTINGS,
+    SETTINGS_ENABLE_PUSH,
+    SETTINGS_INITIAL_WINDOW_SIZE,
+    SETTINGS_MAX_FRAME_SIZE,
+    WINDOW_UPDATE,
+    HeaderDecoder,
+    RpcError,
+    _frame,
+    _percent_decode,
+    encode_headers,
+)
+
+RECEIVE_FRAME_SIZE = 1 << 20
+MAX_MESSAGE = 64 << 20
+
+
+class CallError(Exception):
+    """A call's non-OK status; `code` is the status name (`NOT_FOUND`)."""
+
+    def __init__(self, code: str, details: str):
+        super().__init__(f"{code}: {details}")
+        self.code = code
+        self.details = details
+
+
+class _Stream:
+    """One call's receiving side: response messages as they complete, then the status."""
+
+    def __init__(self, id: int, send_window: int):
+        self.id = id
+        self.send_window = send_window
+        self.messages: deque[bytes] = deque()
+        self.buffer = bytearray()
+        self.block = bytearray()  # a header block still waiting for its CONTINUATION
+        self.block_ends = False
+        self.headers_seen = False
+        self.error: CallError | None = None
+        self.done = False
+        self.unacknowledged = 0
+        self.changed = asyncio.Event()
+
+    def finish(self, error: CallError | None) -> None:
+        if not self.done:
+            self.done, self.error = True, error
+        self.changed.set()
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, address: str):
+        self.address = address
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, _Stream] = {}
+        self.next_stream = 1
+        self.decoder = HeaderDecoder()
+        self.buffer = bytearray()
+        self.usable = True
+        self.lost = CallError("UNAVAILABLE", f"connection to {address} closed")
+        self.send_window = DEFAULT_WINDOW
+        self.stream_window_initial = DEFAULT_WINDOW
+        self.max_send_frame = 16384
+        self.received = 0
+        self.window_opened = asyncio.Event()
+        self.orphan = _Stream(0, 0)  # header blocks of streams given up on: HPACK state
+
+    # --- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        settings = b"".join(key.to_bytes(2, "big") + value.to_bytes(4, "big") for key, value in (
+            (SETTINGS_ENABLE_PUSH, 0), (SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW),
+            (SETTINGS_MAX_FRAME_SIZE, RECEIVE_FRAME_SIZE)))
+        transport.write(PREFACE + _frame(SETTINGS, 0, 0, settings) + _frame(
+            WINDOW_UPDATE, 0, 0, (MAX_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big")))
+
+    def connection_lost(self, exc) -> None:
+        self.usable = False
+        if exc is not None:
+            self.lost = CallError("UNAVAILABLE", f"connection to {self.address} lost: {exc}")
+        for stream in list(self.streams.values()):
+            stream.finish(self.lost)
+        self.streams.clear()
+        self.window_opened.set()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        try:
+            while len(buffer) >= 9:
+                length = int.from_bytes(buffer[:3], "big")
+                if len(buffer) < 9 + length:
+                    break
+                kind, flags = buffer[3], buffer[4]
+                stream = int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF
+                payload = bytes(buffer[9:9 + length])
+                del buffer[:9 + length]
+                self._frame(kind, flags, stream, payload)
+        except (CallError, RpcError) as exc:  # the peer broke HTTP/2 or HPACK: nothing is sound
+            self.lost = CallError("UNAVAILABLE", f"connection to {self.address}: {exc}")
+            self.close()
+
+    # --- frames ----------------------------------------------------------------------
+
+    def _frame(self, kind: int, flags: int, id: int, payload: bytes) -> None:
+        if id == 0:
+            if kind == SETTINGS and not flags & ACK:
+                self._settings(payload)
+            elif kind == PING and not flags & ACK:
+                self._write(_frame(PING, ACK, 0, payload))
+            elif kind == WINDOW_UPDATE:
+                self.send_window += int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+                self.window_opened.set()
+            elif kind == GOAWAY:
+                self.usable = False
+                last = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+                for stream_id, stream in list(self.streams.items()):
+                    if stream_id > last:
+                        stream.finish(CallError("UNAVAILABLE", "the shim is going away"))
+                        del self.streams[stream_id]
+            return
+        stream = self.streams.get(id)
+        if kind in (HEADERS, CONTINUATION):
+            if kind == HEADERS:
+                payload = _unpad(flags, payload, priority=True)
+            self._header_block(stream or self.orphan, kind, flags, payload)
+        elif stream is None:
+            return  # a stream we gave up on (cancelled, timed out)
+        elif kind == DATA:
+            self._data(stream, flags, _unpad(flags, payload))
+        elif kind == RST_STREAM:
+            code = int.from_bytes(payload[:4], "big")
+            name = "CANCELLED" if code == CANCEL_ERROR else "INTERNAL"
+            self._end(stream, CallError(name, f"stream reset by the shim (HTTP/2 error {code})"))
+        elif kind == WINDOW_UPDATE:
+            stream.send_window += int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+            self.window_opened.set()
+
+    def _settings(self, payload: bytes) -> None:
+        for i in range(0, len(payload) - 5, 6):
+            key = int.from_bytes(payload[i:i + 2], "big")
+            value = int.from_bytes(payload[i + 2:i + 6], "big")
+            if key == SETTINGS_INITIAL_WINDOW_SIZE:
+                delta = value - self.stream_window_initial
+                self.stream_window_initial = value
+                for stream in self.streams.values():
+                    stream.send_window += delta
+            elif key == SETTINGS_MAX_FRAME_SIZE:
+                self.max_send_frame = value
+        self._write(_frame(SETTINGS, ACK, 0))
+        self.window_opened.set()
+
+    def _header_block(self, stream: _Stream, kind: int, flags: int, fragment: bytes) -> None:
+        """Every header block is decoded, even a dropped stream's: HPACK state is shared."""
+        if kind == HEADERS:
+            stream.block_ends = bool(flags & END_STREAM)
+            stream.block.clear()
+        stream.block += fragment
+        if not flags & END_HEADERS:
+            return
+        headers = dict(self.decoder.decode(bytes(stream.block)))
+        ends = stream.block_ends
+        stream.block.clear()
+        stream.block_ends = False
+        if stream.id == 0:
+            return
+        if "grpc-status" in headers:  # trailers, or a trailers-only answer
+            self._end(stream, _status(headers))
+        elif not stream.headers_seen:
+            stream.headers_seen = True
+            status = headers.get(":status", "200")
+            if status != "200":
+                self._end(stream, CallError("UNAVAILABLE" if status in ("502", "503", "504")
+                                            else "INTERNAL", f"HTTP status {status} from the shim"))
+                return
+            if ends:
+                self._end(stream, CallError("INTERNAL", "the shim answered without a status"))
+        elif ends:
+            self._end(stream, CallError("INTERNAL", "the shim's trailers have no grpc-status"))
+
+    def _data(self, stream: _Stream, flags: int, payload: bytes) -> None:
+        stream.buffer += payload
+        self._acknowledge(stream, len(payload))
+        buffer = stream.buffer
+        while len(buffer) >= 5:
+            if buffer[0]:
+                self._end(stream, CallError("UNIMPLEMENTED", "a compressed message"), reset=True)
+                return
+            size = int.from_bytes(buffer[1:5], "big")
+            if size > MAX_MESSAGE:
+                self._end(stream, CallError("RESOURCE_EXHAUSTED", f"a message of {size} bytes"),
+                          reset=True)
+                return
+            if len(buffer) < 5 + size:
+                break
+            stream.messages.append(bytes(buffer[5:5 + size]))
+            del buffer[:5 + size]
+            stream.changed.set()
+        if flags & END_STREAM:
+            self._end(stream, CallError("INTERNAL", "the shim ended the call without a status"))
+
+    def _acknowledge(self, stream: _Stream, size: int) -> None:
+        """Give back receive window once half of it is used (we opened it fully)."""
+        self.received += size
+        if self.received > MAX_WINDOW // 2:
+            increment, self.received = self.received, 0
+            self._write(_frame(WINDOW_UPDATE, 0, 0, increment.to_bytes(4, "big")))
+        stream.unacknowledged += size
+        if stream.unacknowledged > MAX_WINDOW // 2:
+            increment, stream.unacknowledged = stream.unacknowledged, 0
+            self._write(_frame(WINDOW_UPDATE, 0, stream.id, increment.to_bytes(4, "big")))
+
+    def _end(self, stream: _Stream, error: CallError | None, reset: bool = False) -> None:
+        self.streams.pop(stream.id, None)
+        if reset:
+            self._write(_frame(RST_STREAM, 0, stream.id, CANCEL_ERROR.to_bytes(4, "big")))
+        stream.finish(None if error is not None and error.code == "OK" else error)
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    # --- calls -----------------------------------------------------------------------
+
+    async def start(self, path: str, body: bytes, timeout: float | None) -> _Stream:
+        if not self.usable or self.transport is None or self.transport.is_closing():
+            raise self.lost
+        stream = _Stream(self.next_stream, self.stream_window_initial)
+        self.next_stream += 2
+        if self.next_stream >= 1 << 30:
+            self.usable = False  # out of stream ids: the next call dials anew
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", path),
+                   (":authority", "localhost"), ("content-type", "application/grpc"),
+                   ("te", "trailers")]
+        if timeout is not None:
+            headers.append(("grpc-timeout", f"{max(1, int(timeout * 1000))}m"))
+        self.streams[stream.id] = stream
+        message = len(body).to_bytes(5, "big") + body  # flag 0 (not compressed), length
+        if len(message) <= min(self.send_window, stream.send_window, self.max_send_frame):
+            self.send_window -= len(message)
+            stream.send_window -= len(message)
+            self._write(_frame(HEADERS, END_HEADERS, stream.id, encode_headers(headers))
+                        + _frame(DATA, END_STREAM, stream.id, message))
+            return stream
+        self._write(_frame(HEADERS, END_HEADERS, stream.id, encode_headers(headers)))
+        view = memoryview(message)
+        while view:
+            while min(self.send_window, stream.send_window) <= 0:
+                if stream.done or not self.usable:
+                    raise stream.error or self.lost
+                self.window_opened.clear()
+                await self.window_opened.wait()
+            size = min(len(view), self.send_window, stream.send_window, self.max_send_frame)
+            self.send_window -= size
+            stream.send_window -= size
+            chunk, view = view[:size], view[size:]
+            self._write(_frame(DATA, 0 if view else END_STREAM, stream.id, bytes(chunk)))
+        return stream
+
+    def cancel(self, stream: _Stream, error: CallError | None = None) -> None:
+        if self.streams.pop(stream.id, None) is not None:
+            self._write(_frame(RST_STREAM, 0, stream.id, CANCEL_ERROR.to_bytes(4, "big")))
+        stream.finish(error or CallError("CANCELLED", "call cancelled"))
+
+    def close(self) -> None:
+        self.usable = False
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Channel:
+    """Calls to one shim (`unix:///path` or a path) over one HTTP/2 connection, dialled on
+    first use and again after it was lost."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.path = address.removeprefix("unix://")
+        self._connection: _Connection | None = None
+        self._dialling: asyncio.Future | None = None
+        self._closed = False
+
+    async def _connect(self) -> _Connection:
+        connection = self._connection
+        if connection is not None and connection.usable:
+            return connection
+        if self._closed:
+            raise CallError("UNAVAILABLE", f"channel to {self.address} closed")
+        if self._dialling is None:
+            self._dialling = asyncio.ensure_future(self._dial())
+        dialling = self._dialling
+        try:
+            return await asyncio.shield(dialling)
+        finally:
+            if self._dialling is dialling and dialling.done():
+                self._dialling = None
+
+    async def _dial(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, connection = await loop.create_unix_connection(
+                lambda: _Connection(self.address), self.path)
+        except OSError as exc:
+            raise CallError("UNAVAILABLE", f"failed to connect to {self.address}: "
+                            f"{exc.strerror or exc}") from None
+        if self._closed:
+            connection.close()
+            raise CallError("UNAVAILABLE", f"channel to {self.address} closed")
+        if self._connection is not None:
+            self._connection.close()
+        self._connection = connection
+        return connection
+
+    async def unary(self, path: str, body: bytes, timeout: float | None = None) -> bytes:
+        connection = await self._connect()
+        stream = await connection.start(path, body, timeout)
+        # a timer, not asyncio.timeout: the daemon's server may run a handler outside a Task
+        expiry = None if timeout is None else asyncio.get_running_loop().call_later(
+            timeout, connection.cancel, stream,
+            CallError("DEADLINE_EXCEEDED", f"{path}: no answer in {timeout} s"))
+        try:
+            while not stream.done:
+                stream.changed.clear()
+                await stream.changed.wait()
+        except BaseException:
+            connection.cancel(stream)
+            raise
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+        if stream.error is not None:
+            raise stream.error
+        if len(stream.messages) != 1:
+            raise CallError("INTERNAL", f"{path}: {len(stream.messages)} messages to a unary call")
+        return stream.messages[0]
+
+    async def stream(self, path: str, body: bytes):
+        """The response messages of a server-streaming call, as they come."""
+        connection = await self._connect()
+        stream = await connection.start(path, body, None)
+        try:
+            while True:
+                while stream.messages:
+                    yield stream.messages.popleft()
+                if stream.done:
+                    break
+                stream.changed.clear()
+                await stream.changed.wait()
+        finally:
+            if not stream.done:
+                connection.cancel(stream)
+        if stream.error is not None:
+            raise stream.error
+
+    async def close(self) -> None:
+        """Close the connection; calls on it fail with UNAVAILABLE."""
+        self._closed = True
+        if self._dialling is not None and not self._dialling.done():
+            self._dialling.cancel()
+            with contextlib.suppress(BaseException):
+                await self._dialling
+        if self._connection is not None:
+            self._connection.lost = CallError("UNAVAILABLE", f"channel to {self.address} closed")
+            self._connection.close()
+            for stream in list(self._connection.streams.values()):
+                stream.finish(self._connection.lost)
+            self._connection.streams.clear()
+
+
+def _unpad(flags: int, payload: bytes, priority: bool = False) -> bytes:
+    if flags & PADDED:
+        if not payload or payload[0] >= len(payload):
+            raise CallError("INTERNAL", "HTTP/2: bad padding")
+        payload = payload[1:len(payload) - payload[0]]
+    if priority and flags & PRIORITY_FLAG:
+        payload = payload[5:]
+    return payload
+
+
+def _status(headers: dict[str, str]) -> CallError:
+    try:
+        code = CODES[int(headers["grpc-status"])]
+    except (ValueError, IndexError):
+        code = "UNKNOWN"
+    return CallError(code, _percent_decode(headers.get("grpc-message", "")) or code)

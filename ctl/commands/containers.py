@@ -957,16 +957,23 @@ def _cri_logs(c, container_id: str, path: str, args, tail: int | None) -> int:
 
 # exec ---------------------------------------------------------------------------------------
 
+def _task_or_none(c, container_id: str):
+    try:
+        return c.tasks.get(container_id)
+    except NotFound:
+        return None
+
+
 def exec_(args) -> int:
     if not args.command:
         raise InvalidArgument("exec needs a command to run")
     c = client(args)
+    # the task is asked for while the container is looked up: one round trip instead of
+    # two when the name is the full id, as it usually is
+    named_task = _InBackground(lambda: _task_or_none(c, args.container))
     container = c.containers.resolve(args.container)
     container_id = container.id
-    try:
-        task = c.tasks.get(container_id)
-    except NotFound:
-        task = None
+    task = named_task.result() if container_id == args.container else _task_or_none(c, container_id)
     if task is None or task.status != "RUNNING":
         state = "paused" if task is not None and task.status == "PAUSED" else "not running"
         raise FailedPrecondition(f"container {container_id} is {state}")

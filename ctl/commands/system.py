@@ -1,11 +1,13 @@
-"""version, info, events, system df/prune, namespace …, completion."""
+"""version, info, events, system df/prune, namespace …, completion.
+
+ctl.format (json, shlex, its template regex) is imported by the commands that print
+through it: `ctl version` does not."""
 
 from __future__ import annotations
 
 import sys
 
 from ctl.commands import client, err, out, parse_labels
-from ctl.format import document, emit, human_size, parse_time
 from runtimed.errors import InvalidArgument
 
 
@@ -27,6 +29,8 @@ def version(args) -> int:
     except Exception as exc:  # noqa: BLE001 - the client part is still worth printing
         error = exc
     if args.format:
+        from ctl.format import document
+
         out(document(info, args.format))
     else:
         lines = ["Client:", f" Version:    {__version__}", f" Namespace:  {args.namespace}"]
@@ -78,6 +82,8 @@ def info(args) -> int:
     data["CPUs"] = os.cpu_count()
     data["CgroupVersion"] = "2" if os.path.exists("/sys/fs/cgroup/cgroup.controllers") else "1"
     if args.format:
+        from ctl.format import document
+
         out(document(data, args.format))
         return 0
     lines = []
@@ -100,6 +106,8 @@ def _os_name() -> str:
 
 
 def df(args) -> int:
+    from ctl.format import emit, human_size
+
     c = client(args)
     images = c.images.list()
     containers = c.containers.list()
@@ -209,7 +217,7 @@ def events(args) -> int:
     import json
     from datetime import UTC, datetime
 
-    from ctl.format import render_template
+    from ctl.format import parse_time, render_template
 
     since = parse_time(args.since) if args.since else None
     until = parse_time(args.until) if args.until else None
@@ -249,6 +257,8 @@ def events(args) -> int:
 # namespaces ---------------------------------------------------------------------------
 
 def ns_ls(args) -> int:
+    from ctl.format import emit
+
     rows = []
     for n in client(args).list_namespaces():
         labels = ",".join(f"{k}={v}" for k, v in sorted(n["labels"].items()))

@@ -50,6 +50,7 @@ class ApplyResult:
     whiteouts: bool = False  # the layer has whiteout or opaque entries
     # parent directories the layer lacks, created in this order
     made_parents: list[str] = field(default_factory=list)
+    rewrote_parent: bool = False  # the layer has an entry for one of them after all
 
 
 _HEADER = struct.Struct("100s8s8s8s12s12s8sc100s8x32s32s8s8s155s")
@@ -152,7 +153,7 @@ def apply_layer(source: BinaryIO, root: str | os.PathLike, *, overlay: bool = Fa
         os.close(rootfd)
         raw.close()
     return ApplyResult(digest=reader.digest, size=reader.size, whiteouts=writer.whiteouts,
-                       made_parents=writer.made_parents)
+                       made_parents=writer.made_parents, rewrote_parent=writer.rewrote_parent)
 
 
 def adopt_parents(root: str | os.PathLike, made: list[str], parents: list[str]) -> bool:
@@ -161,14 +162,21 @@ def adopt_parents(root: str | os.PathLike, made: list[str], parents: list[str]) 
     order) take the owner, mode and xattrs the apply would have copied from the lower
     layers (their modification time stays: the apply's own, from the entries it created
     in them). False when the result would still differ: a directory that becomes
-    set-group-ID would have passed its group to what was created inside it."""
+    set-group-ID would have passed its group to what was created inside it. (A layer with
+    an entry for such a directory after all, whose attributes would come on top of the
+    lowers', is not handled here: ApplyResult.rewrote_parent.)"""
     rootfd = os.open(os.fspath(root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     writer = _Writer(rootfd, True, [os.fspath(p) for p in parents])
     try:
         for rel in made:
             parent, _, name = rel.rpartition("/")
-            pfd = writer.dirfd(parent, create=False)
-            before = os.lstat(name, dir_fd=pfd)
+            try:
+                pfd = writer.dirfd(parent, create=False)
+                before = os.lstat(name, dir_fd=pfd)
+            except (FileNotFoundError, NotADirectoryError, InvalidArgument):
+                continue  # removed later in the layer
+            if not stat.S_ISDIR(before.st_mode):
+                continue  # replaced later in the layer
             writer._copy_dir_info(rel, pfd, name)
             after = os.lstat(name, dir_fd=pfd)
             if after.st_mode & stat.S_ISGID:
@@ -295,6 +303,8 @@ class _Writer:
         self._opaque: list[str] = []
         self.whiteouts = False
         self.made_parents: list[str] = []
+        self._made: set[str] = set()
+        self.rewrote_parent = False
 
     # -- directory fds ------------------------------------------------------------------
 
@@ -351,6 +361,7 @@ class _Writer:
             except FileExistsError:
                 continue
             self.made_parents.append(sub)
+            self._made.add(sub)
             if self.overlay:
                 self._copy_dir_info(sub, pfd, name)
             self._sgid.pop(sub, None)
@@ -534,6 +545,8 @@ class _Writer:
 
     def _write(self, tf: tarfile.TarFile, member: tarfile.TarInfo, name: str, parent: str,
                pfd: int, base: str) -> None:
+        if name in self._made:
+            self.rewrote_parent = True  # an entry for a directory made for want of one
         try:
             self._create(tf, member, name, parent, pfd, base, False)
         except FileExistsError:

@@ -284,6 +284,8 @@ class StagedLayers:
             if st.st_dev != os.stat(entry.root).st_dev:
                 return None
             if overlay and result.made_parents and lowers:
+                if result.rewrote_parent:
+                    return None
                 if not adopt_parents(entry.root, result.made_parents, lowers):
                     return None
             os.chown(entry.root, st.st_uid, st.st_gid)

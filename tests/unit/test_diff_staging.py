@@ -127,6 +127,38 @@ def test_staged_layer_over_lowers_is_the_tree_an_apply_writes(env, tmp_path):
     assert stat.S_IMODE(os.lstat(upper).st_mode) == 0o755
 
 
+@pytest.mark.parametrize("layer", [
+    # the parent comes after what is in it: its own entry decides, not the lower
+    tar(E("a/b/file", data=b"1"), d("a", mode=0o700, uid=9, gid=9)),
+    # a parent the layer lacks, then replaced by a file
+    tar(E("a/b/file", data=b"1"), E("a/.wh.b"), E("a/b", data=b"now a file")),
+    # of two it lacks, the inner one comes later
+    tar(E("a/b/c/file", data=b"1"), d("a/b", mode=0o701, uid=2, gid=2)),
+], ids=["explicit-later", "replaced", "inner-later"])
+def test_missing_parents_end_as_an_extraction_over_lowers_leaves_them(env, tmp_path, layer):
+    content, differ = env
+    desc = commit(content, igzip.compress(layer))
+    lower = tmp_path / "lower"
+    (lower / "a" / "b").mkdir(parents=True)
+    os.chown(lower / "a", 7, 8)
+    os.chmod(lower / "a", 0o711)
+    os.chown(lower / "a" / "b", 3, 4)
+    os.setxattr(lower / "a" / "b", "user.b", b"x")
+    settled(differ)
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    mounts = [Mount("overlay", "overlay", [f"lowerdir={lower}", f"upperdir={upper}",
+                                           f"workdir={tmp_path / 'work'}"])]
+    differ.apply("default", desc, mounts)
+    assert staged_dirs(differ) == []
+    expected = tmp_path / "expected"
+    expected.mkdir()
+    apply_layer(open(content.blob_path("default", desc.digest), "rb"), expected, overlay=True,
+                parents=[str(lower)])
+    made = {"a", "a/b", "a/b/c"}  # mtimes: when the apply created entries in them
+    assert tree(upper, made) == tree(expected, made)
+
+
 def test_a_plain_directory_gets_the_staged_tree_unless_the_layer_has_whiteouts(env, tmp_path):
     content, differ = env
     plain = commit(content, igzip.compress(LAYER))

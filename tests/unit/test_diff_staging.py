@@ -4,25 +4,30 @@ when the tree is the one an apply would write, else extracted again; never left 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from isal import igzip
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from test_diff_property import build, trees  # noqa: E402
 from test_layer_builder import E, d, tar  # noqa: E402
 
 from runtimed.content.store import ContentStore  # noqa: E402
-from runtimed.diff.apply import apply_layer  # noqa: E402
+from runtimed.diff.apply import adopt_parents, apply_layer  # noqa: E402
 from runtimed.diff.differ import Differ  # noqa: E402
 from runtimed.diff.staging import STAGED_DIR  # noqa: E402
-from runtimed.errors import NotFound  # noqa: E402
+from runtimed.errors import InvalidArgument, NotFound  # noqa: E402
 from runtimed.images.manifest import Descriptor  # noqa: E402
 from runtimed.metadata.db import Database  # noqa: E402
 from runtimed.metadata.leases import LeaseStore  # noqa: E402
@@ -77,9 +82,10 @@ def tree(root: Path, skip_mtime: set[str] = frozenset()) -> dict:
             data = (path.read_bytes() if stat.S_ISREG(st.st_mode)
                     else os.readlink(path) if stat.S_ISLNK(st.st_mode) else None)
             group = inodes.setdefault(st.st_ino, rel) if stat.S_ISREG(st.st_mode) else None
+            whiteout = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0  # made "now"
             out[rel] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid,
                         st.st_gid, st.st_rdev, xattrs, data, group,
-                        None if rel in skip_mtime else st.st_mtime_ns)
+                        None if rel in skip_mtime or whiteout else st.st_mtime_ns)
     return out
 
 
@@ -220,8 +226,6 @@ def test_only_announced_layers_are_staged_and_unused_ones_expire(env):
 
 
 def test_a_broken_layer_is_not_staged_and_apply_reports_it(env, tmp_path):
-    from runtimed.errors import InvalidArgument
-
     content, differ = env
     desc = commit(content, igzip.compress(LAYER)[:-40])
     settled(differ)
@@ -286,3 +290,48 @@ def test_an_ingest_is_staged_as_it_arrives_and_dropped_when_abandoned(env, tmp_p
         assert name in os.listdir(target)
     assert staged_dirs(differ) == []
     assert (tmp_path / streamed.digest[7:15] / "new").read_bytes() == b"n" * 5000
+
+
+# -- property: staged, then adopted over the lowers == extracted over the lowers ----------
+
+_names = st.sampled_from(["a", "b", "c"])
+_paths = st.lists(_names, min_size=1, max_size=3).map("/".join)
+_entries = st.one_of(
+    st.builds(lambda p, m, o: E(p, data=b"f", mode=m, uid=o, gid=o), _paths,
+              st.sampled_from([0o644, 0o4755]), st.sampled_from([0, 1000])),
+    st.builds(lambda p, m, o: d(p, mode=m, uid=o, gid=o), _paths,
+              st.sampled_from([0o755, 0o700, 0o2775]), st.sampled_from([0, 1000])),
+    st.builds(lambda p: E(p, tarfile.SYMTYPE, linkname="x"), _paths),
+    st.builds(lambda p: E("/".join([*p.split("/")[:-1], ".wh." + p.split("/")[-1]])), _paths),
+    st.builds(lambda p: E(p + "/.wh..wh..opq"), _paths),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(trees, st.lists(_entries, min_size=1, max_size=6))
+def test_staged_layers_adopted_over_random_lowers_match_an_extraction(lower_tree, entries):
+    layer = tar(*entries)
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        base = Path(tmp)
+        lower, direct, staged = base / "lower", base / "direct", base / "staged"
+        for p in (lower, direct, staged):
+            p.mkdir()
+        build(lower, (lower_tree, []))
+        try:
+            expected = apply_layer(io.BytesIO(layer), direct, overlay=True, parents=[str(lower)])
+        except InvalidArgument:
+            expected = None
+        try:
+            result = apply_layer(io.BytesIO(layer), staged, overlay=True, parents=[])
+        except InvalidArgument:
+            return  # not staged: Apply extracts
+        usable = not result.rewrote_parent and adopt_parents(staged, result.made_parents,
+                                                              [str(lower)])
+        if expected is None:
+            assert not usable  # what an extraction refuses is never staged instead
+            return
+        if not usable:
+            return  # extracted instead
+        assert (result.digest, result.made_parents) == (expected.digest, expected.made_parents)
+        made = set(result.made_parents)  # their mtimes: when the apply created entries
+        assert tree(staged, made) == tree(direct, made)

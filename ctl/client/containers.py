@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ctl.client.types import Container, ExitStatus, Process, Stats, timestamp
-from ctl.client.volumes import LABEL_ANONYMOUS
 from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound
 
-if TYPE_CHECKING:  # imported where used: `ctl ps` and `ctl rm` need none of them
+if TYPE_CHECKING:  # imported where used: `ctl ps`, `exec` and `rm` need none of them
     from concurrent.futures import Future
 
     from ctl.client.cio import Stdio
@@ -123,6 +122,8 @@ class ContainersAPI:
         image_config = resolved.runtime_config
         volumes = self._resolve_volumes(spec_options, image_config)
         if volumes.anonymous:
+            from ctl.client.volumes import LABEL_ANONYMOUS
+
             options.labels = {**options.labels, LABEL_ANONYMOUS: ",".join(volumes.anonymous)}
         wants_lookup = _needs_passwd(spec_options.user if spec_options.user is not None else image_config.user)
         reader = (lambda path: images.read_file(resolved, path)) if wants_lookup else None
@@ -264,6 +265,8 @@ class ContainersAPI:
             except NotFound:
                 pass
         if volumes:
+            from ctl.client.volumes import LABEL_ANONYMOUS
+
             for name in filter(None, container.labels.get(LABEL_ANONYMOUS, "").split(",")):
                 try:
                     self._client.volumes.remove(name)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ctl.client.types import Container, ExitStatus, Process, Stats, timestamp
-from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound
+from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound, RuntimedError
 
 if TYPE_CHECKING:  # imported where used: `ctl ps`, `exec` and `rm` need none of them
     from concurrent.futures import Future
@@ -223,10 +223,13 @@ class ContainersAPI:
         try:
             if force and not restarts:
                 # a task that has exited (`run --rm`, the usual case) goes in one call; a
-                # live one is refused (FailedPrecondition) and killed below
+                # live one is refused (FailedPrecondition; containerd says UNKNOWN) and is
+                # killed below
                 try:
                     tasks.delete(container_id)
-                except FailedPrecondition:
+                except NotFound:
+                    raise
+                except RuntimedError:
                     task = tasks.get(container_id)
             else:
                 task = tasks.get(container_id)

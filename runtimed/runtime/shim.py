@@ -61,7 +61,12 @@ class ShimClient:
         request = shim_pb2.EventsRequest(after=after).SerializeToString()
         try:
             async for message in self.channel.stream(f"/{SERVICE}/Events", request):
-                yield shim_pb2.Event.FromString(message)
+                try:
+                    event = shim_pb2.Event.FromString(message)
+                except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError
+                    raise Unavailable(f"shim of task {self.id!r} sent an event that does not "
+                                      f"parse: {exc}") from None
+                yield event
         except CallError as exc:
             raise _typed(exc, self.id) from None
         raise Unavailable(f"shim of task {self.id!r} ended its event stream")

@@ -1,0 +1,102 @@
+"""What a ctl command costs at start and on the wire: the modules it imports and the RPCs
+it makes (ctl's cold start is benchmarked against ctr's)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.cli.conftest import REPO
+
+# runs ctl's main in this interpreter, then writes the modules it imported (the pure-Python
+# protobuf modules only if they were executed) and the RPC paths it called to argv[1]
+_PROBE = """
+import sys, types
+import ctl.client.wire as wire
+calls = []
+_call = wire.Channel.call
+def call(self, path, *args, **kwargs):
+    calls.append(path)
+    return _call(self, path, *args, **kwargs)
+wire.Channel.call = call
+from ctl.__main__ import main
+try:
+    code = main(sys.argv[2:])
+finally:
+    loaded = [name for name, m in list(sys.modules.items()) if type(m) is types.ModuleType]
+    import json
+    with open(sys.argv[1], "w") as f:
+        json.dump({"modules": loaded, "calls": calls}, f)
+sys.exit(code)
+"""
+
+
+def _probe(tmp_path, address: str, *args: str) -> dict:
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(report), "--address", address, *args],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    data["stdout"] = result.stdout
+    data["methods"] = [path.rsplit(".", 1)[-1] for path in data["calls"]]  # Tasks/Get
+    return data
+
+
+def test_protobuf_python_implementation_is_not_loaded():
+    """Under upb the generated modules still import python_message (and text_format, the
+    Python decoders...); ctl registers them lazily, and they still work when used."""
+    code = (
+        "import sys, types\n"
+        "import ctl.client.rpc\n"
+        "from google.protobuf.internal import api_implementation\n"
+        "from runtimed.api.containerd.services.tasks.v1 import tasks_pb2\n"
+        "m = tasks_pb2.CreateTaskRequest(container_id='c1', stdout='/x')\n"
+        "assert tasks_pb2.CreateTaskRequest.FromString(m.SerializeToString()) == m\n"
+        "lazy = [n for n in ('google.protobuf.internal.python_message', 'google.protobuf.text_format')"
+        " if type(sys.modules.get(n)) is not types.ModuleType]\n"
+        "print(api_implementation.Type(), sorted(lazy))\n"
+        "from google.protobuf import text_format\n"
+        "print(text_format.MessageToString(m, as_one_line=True))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    implementation, _, rest = result.stdout.splitlines()[0].partition(" ")
+    if implementation == "upb":
+        assert rest == "['google.protobuf.internal.python_message', 'google.protobuf.text_format']"
+    assert result.stdout.splitlines()[1] == 'container_id: "c1" stdout: "/x"'
+
+
+def test_version_imports_no_formatting(tmp_path, daemon):
+    data = _probe(tmp_path, daemon.address, "version")
+    assert "Server:" in data["stdout"]
+    heavy = {"ctl.format", "json", "dataclasses", "google.protobuf.text_format", "hashlib"}
+    assert heavy.isdisjoint(data["modules"])
+    assert data["methods"] == ["Version/Version"]
+
+
+def test_run_rm_rpcs(tmp_path, daemon, ctl, busybox):
+    """run --rm: Tasks.Create reuses the mounts Snapshots.Prepare answered, and the exited
+    task is deleted without asking for its state first."""
+    data = _probe(tmp_path, daemon.address, "run", "--rm", "--network", "none", "--pull", "never",
+                  "busybox", "echo", "hello")
+    assert data["stdout"] == "hello\n"
+    methods = data["methods"]
+    assert "Snapshots/Mounts" not in methods and "Tasks/Get" not in methods
+    assert methods.index("Snapshots/Prepare") < methods.index("Tasks/Create")
+    assert methods[-3:] == ["Tasks/Delete", "Containers/Delete", "Snapshots/Remove"]
+    assert "hashlib" not in data["modules"]  # a one-layer image has no chain ID to hash
+    assert ctl("ps", "-a", "-q").stdout == ""
+
+
+def test_exec_rpcs(tmp_path, daemon, ctl, busybox):
+    ctl("run", "-d", "--name", "ex1", "--network", "none", "busybox", "sleep", "1000")
+    data = _probe(tmp_path, daemon.address, "exec", "ex1", "echo", "hi")
+    assert data["stdout"] == "hi\n"
+    methods = data["methods"]  # the task's state is asked for alongside the container's
+    assert sorted(methods[:2]) == ["Containers/Get", "Tasks/Get"]
+    assert methods[2] == "Tasks/Exec" and methods[-1] == "Tasks/DeleteProcess"
+    assert sorted(methods[3:-1]) == ["Tasks/Start", "Tasks/Wait"]
+    ctl("rm", "-f", "ex1")

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import inspect
 import logging
+import types
 from collections import deque
 
 import grpc
@@ -55,6 +57,7 @@ log = logging.getLogger("runtimed.grpc")
 
 RECEIVE_FRAME_SIZE = 1 << 20  # advertised: big messages arrive in few frames
 STREAM_WINDOW = 4 << 20  # how far a client may stream ahead of its handler
+FLUSH_SIZE = 256 << 10  # frames held for one write at most
 NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR = 0x0, 0x1, 0x3, 0x6
 REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x7, 0x8, 0x9
 
@@ -141,7 +144,7 @@ class Stream:
     """One call: its request messages in, its responses and status out."""
 
     __slots__ = ("id", "conn", "handler", "metadata", "deadline", "send_window", "headers_sent",
-                 "closed_remote", "cancelled", "finished", "task", "buffer", "queue", "queued",
+                 "closed_remote", "cancelled", "finished", "task", "prefix", "message", "filled", "queue", "queued",
                  "unacked", "waiter", "window_waiter", "timer", "header_block", "end_with_headers")
 
     def __init__(self, conn: Connection, sid: int):
@@ -156,8 +159,10 @@ class Stream:
         self.cancelled = False  # the client reset the stream, or went away
         self.finished = False  # the status is sent (or the stream is gone)
         self.task: asyncio.Task | None = None
-        self.buffer = bytearray()  # request bytes not yet a whole message
-        self.queue: deque[bytes] = deque()  # whole request messages the handler has not taken
+        self.prefix = bytearray()  # a message's 5-byte prefix, while split between frames
+        self.message: bytearray | None = None  # a message that spans frames, being filled
+        self.filled = 0
+        self.queue: deque[bytes | bytearray] = deque()  # whole request messages not yet taken
         self.queued = 0
         self.unacked = 0  # received bytes not yet given back to the client as window
         self.waiter: asyncio.Future | None = None  # the handler, for a request message
@@ -168,26 +173,50 @@ class Stream:
 
     # receiving -----------------------------------------------------------------------------
 
-    def data(self, payload: bytes, size: int, end: bool) -> None:
+    def data(self, payload: memoryview, size: int, end: bool) -> None:
+        """A DATA frame's payload (a view the caller reuses: copied here, once). A message
+        in one frame is cut out of it; a longer one is filled into a buffer of its size."""
         self.unacked += size
-        buffer = self.buffer
-        buffer += payload
-        limit = self.conn.server.max_message_size
-        while len(buffer) >= 5:
-            if buffer[0]:
+        pos, available = 0, len(payload)
+        while pos < available:
+            message = self.message
+            if message is not None:  # a message begun in an earlier frame
+                take = min(available - pos, len(message) - self.filled)
+                message[self.filled:self.filled + take] = payload[pos:pos + take]
+                self.filled += take
+                pos += take
+                if self.filled == len(message):
+                    self.message = None
+                    self._queue(message)
+                continue
+            prefix = self.prefix
+            if prefix or available - pos < 5:  # a prefix split between frames
+                take = min(5 - len(prefix), available - pos)
+                prefix += payload[pos:pos + take]
+                pos += take
+                if len(prefix) < 5:
+                    break
+                compressed, length = prefix[0], int.from_bytes(prefix[1:5], "big")
+                prefix.clear()
+            else:
+                compressed = payload[pos]
+                length = int.from_bytes(payload[pos + 1:pos + 5], "big")
+                pos += 5
+            if compressed:
                 self.fail(grpc.StatusCode.INTERNAL,
                           "compressed request message, but the call named no grpc-encoding")
                 return
-            length = int.from_bytes(buffer[1:5], "big")
+            limit = self.conn.server.max_message_size
             if length > limit:
                 self.fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
                           f"Received message larger than max ({length} vs. {limit})")
                 return
-            if len(buffer) < 5 + length:
-                break
-            self.queue.append(bytes(buffer[5:5 + length]))
-            del buffer[:5 + length]
-            self.queued += 5 + length
+            if available - pos >= length:
+                self._queue(payload[pos:pos + length].tobytes())
+                pos += length
+            else:
+                self.message = bytearray(length)
+                self.filled = 0
         if end:
             self.closed_remote = True
         else:
@@ -196,6 +225,10 @@ class Stream:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _queue(self, message: bytes | bytearray) -> None:
+        self.queue.append(message)
+        self.queued += 5 + len(message)
+
     def _give_window(self) -> None:
         """Window back to the client once a quarter of it is used, unless the handler is
         behind (then when it catches up): back-pressure on a client stream."""
@@ -203,11 +236,11 @@ class Stream:
             self.conn.write(_frame(WINDOW_UPDATE, 0, self.id, self.unacked.to_bytes(4, "big")))
             self.unacked = 0
 
-    async def next_request(self) -> bytes | None:
+    async def next_request(self) -> bytes | bytearray | None:
         """The next request message, or None once the request stream ended."""
         while not self.queue:
             if self.closed_remote or self.finished:
-                if self.buffer and not self.finished:
+                if (self.message is not None or self.prefix) and not self.finished:
                     raise _Malformed("the request stream ended inside a message")
                 return None
             self.waiter = self.conn.loop.create_future()
@@ -262,8 +295,8 @@ class Stream:
                 continue
             conn.send_window -= allowed
             self.send_window -= allowed
-            conn.transport.writelines((allowed.to_bytes(3, "big") + b"\x00\x00" + self.id.to_bytes(4, "big"),
-                                       view[:allowed]))
+            conn.write(allowed.to_bytes(3, "big") + b"\x00\x00" + self.id.to_bytes(4, "big"))
+            conn.write(view[:allowed])
             view = view[allowed:]
             if conn.paused:
                 await conn.drain()
@@ -340,6 +373,8 @@ class Connection(asyncio.Protocol):
         self.peer_max_frame = 16384
         self.received = 0  # bytes since our last connection WINDOW_UPDATE
         self.paused = False
+        self.out: list[bytes | memoryview] = []  # frames not yet handed to the transport
+        self.out_size = 0
         self.drain_waiter: asyncio.Future | None = None
         self.continuation: Stream | None = None
         self.closed = False
@@ -373,57 +408,86 @@ class Connection(asyncio.Protocol):
             self.drain_waiter = self.loop.create_future()
             await self.drain_waiter
 
-    def write(self, data: bytes) -> None:
-        if not self.closed:
-            self.transport.write(data)
+    def write(self, data: bytes | memoryview) -> None:
+        """Frames go out together at the end of the loop's current round (one sendmsg for
+        a unary call's headers, message and trailers instead of three writes)."""
+        if self.closed:
+            return
+        out = self.out
+        out.append(data)
+        self.out_size += len(data)
+        if len(out) == 1:
+            self.loop.call_soon(self.flush)
+        elif self.out_size >= FLUSH_SIZE:
+            self.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def flush(self) -> None:
+        out = self.out
+        if out and not self.closed:
+            self.transport.writelines(out)
+        out.clear()
+        self.out_size = 0
 
     def goaway(self, code: int, message: str = "") -> None:
         self.write(_frame(GOAWAY, 0, 0, self.last_stream.to_bytes(4, "big") + code.to_bytes(4, "big")
                           + message.encode()))
 
     def data_received(self, data: bytes) -> None:
-        buffer = self.buffer
-        buffer += data
+        if self.buffer:  # the rest of a frame that began in an earlier read
+            self.buffer += data
+            data = self.buffer
+            self.buffer = bytearray()
         if not self.preface:
-            if len(buffer) < len(PREFACE):
+            if len(data) < len(PREFACE):
+                self.buffer = bytearray(data)
                 return
-            if buffer[:len(PREFACE)] != PREFACE:
+            if data[:len(PREFACE)] != PREFACE:
                 self.transport.close()
                 return
-            del buffer[:len(PREFACE)]
             self.preface = True
-        pos, end = 0, len(buffer)
-        try:
-            while end - pos >= 9:
-                length = int.from_bytes(buffer[pos:pos + 3], "big")
-                if length > RECEIVE_FRAME_SIZE:
-                    raise _ConnectionError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
-                if end - pos < 9 + length:
-                    break
-                kind, flags = buffer[pos + 3], buffer[pos + 4]
-                sid = int.from_bytes(buffer[pos + 5:pos + 9], "big") & 0x7FFFFFFF
-                payload = bytes(buffer[pos + 9:pos + 9 + length])
-                pos += 9 + length
-                self.frame(kind, flags, sid, payload)
-        except _ConnectionError as exc:
-            self.abandon(exc.code, str(exc))
-            return
-        except RpcError as exc:  # the HPACK decoder's
-            self.abandon(COMPRESSION_ERROR, exc.details)
-            return
-        del buffer[:pos]
+            data = data[len(PREFACE):]
+        with memoryview(data) as view:
+            pos, end = 0, len(view)
+            try:
+                while end - pos >= 9:
+                    length = int.from_bytes(view[pos:pos + 3], "big")
+                    if length > RECEIVE_FRAME_SIZE:
+                        raise _ConnectionError(FRAME_SIZE_ERROR, f"frame of {length} bytes")
+                    if end - pos < 9 + length:
+                        break
+                    kind, flags = view[pos + 3], view[pos + 4]
+                    sid = int.from_bytes(view[pos + 5:pos + 9], "big") & 0x7FFFFFFF
+                    payload = view[pos + 9:pos + 9 + length]
+                    pos += 9 + length
+                    if kind == DATA:  # the payload is copied once, by its stream
+                        if self.continuation is not None:
+                            raise _ConnectionError(PROTOCOL_ERROR, "DATA inside a header block")
+                        self._data(flags, sid, payload)
+                    else:
+                        self.frame(kind, flags, sid, payload.tobytes())
+                    payload.release()
+            except _ConnectionError as exc:
+                self.abandon(exc.code, str(exc))
+                return
+            except RpcError as exc:  # the HPACK decoder's
+                self.abandon(COMPRESSION_ERROR, exc.details)
+                return
+            if pos < end:
+                self.buffer = bytearray(view[pos:])
 
     def abandon(self, code: int, message: str) -> None:
         log.warning("gRPC connection closed: %s", message)
         self.goaway(code, message)
-        self.transport.close()
+        self.close()
 
     def frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
         if self.continuation is not None and kind != CONTINUATION:
             raise _ConnectionError(PROTOCOL_ERROR, "a header block without its CONTINUATION")
-        if kind == DATA:
-            self._data(flags, sid, payload)
-        elif kind == HEADERS:
+        if kind == HEADERS:
             self._headers(flags, sid, payload)
         elif kind == CONTINUATION:
             stream = self.continuation
@@ -463,7 +527,7 @@ class Connection(asyncio.Protocol):
         # GOAWAY from a client: it starts no more streams, the ones it has run out; PRIORITY
         # and unknown frame types are ignored
 
-    def _data(self, flags: int, sid: int, payload: bytes) -> None:
+    def _data(self, flags: int, sid: int, payload: memoryview) -> None:
         size = len(payload)  # flow control counts the padding too
         if flags & PADDED:
             payload = payload[1:size - payload[0]]
@@ -477,7 +541,7 @@ class Connection(asyncio.Protocol):
         end = bool(flags & END_STREAM)
         stream.data(payload, size, end)
         if end and stream.task is None and stream.handler is not None and not stream.finished:
-            stream.task = self.loop.create_task(self.server.run(stream))
+            self.server.start_call(stream)
 
     def _headers(self, flags: int, sid: int, payload: bytes) -> None:
         start = 0
@@ -531,7 +595,7 @@ class Connection(asyncio.Protocol):
             if stream.end_with_headers and not stream.finished:  # trailers end the request
                 stream.data(b"", 0, True)
                 if stream.task is None:
-                    stream.task = self.loop.create_task(self.server.run(stream))
+                    self.server.start_call(stream)
             return
         if self.server.stopping:
             self.write(_frame(RST_STREAM, 0, stream.id, REFUSED_STREAM.to_bytes(4, "big")))
@@ -626,12 +690,28 @@ class Server:
             stream.deadline = self.loop.time() + seconds
             stream.timer = self.loop.call_later(seconds, stream.expire)
         if handler.request_streaming or stream.closed_remote:
-            stream.task = self.loop.create_task(self.run(stream))
+            self.start_call(stream)
+
+    def start_call(self, stream: Stream) -> None:
+        """Run the call's handler at once, up to its first wait, as Python 3.12's eager
+        tasks do: a call that never waits (Version, a cached Get) costs no task and no loop
+        round; one that does goes on in a task."""
+        context = contextvars.copy_context()
+        call = self.run(stream)
+        stream.task = _EAGER
+        try:
+            waiting_on = context.run(call.send, None)
+        except StopIteration:
+            return
+        task = self.loop.create_task(_resume(call, waiting_on), context=context)
+        stream.task = task
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        if stream.cancelled:  # reset while its first step ran
+            task.cancel()
 
     async def run(self, stream: Stream) -> None:
         """Run one call's handler and send what it answers."""
-        task = stream.task or asyncio.current_task()
-        self.tasks.add(task)
         handler = stream.handler
         context = Context(stream)
         try:
@@ -684,7 +764,6 @@ class Server:
         finally:
             stream.finished = True
             stream._done()
-            self.tasks.discard(task)
 
     async def stop(self, grace: float | None) -> None:
         """GOAWAY to every client, calls in progress get `grace` seconds, then are cancelled."""
@@ -700,7 +779,45 @@ class Server:
         if self.tasks:
             await asyncio.wait(list(self.tasks), timeout=1)
         for conn in list(self.connections):
-            conn.transport.close()
+            conn.close()
+
+
+class _Eager:
+    """Stands for the task of a call while its first step runs outside any task."""
+
+    @staticmethod
+    def done() -> bool:
+        return False
+
+    @staticmethod
+    def cancel() -> None:
+        pass
+
+
+_EAGER = _Eager()
+
+
+@types.coroutine
+def _carry_on(call, waiting_on):
+    """Drive `call`, whose first step ran outside a task and now waits on `waiting_on`,
+    from the task that awaits this: what the task sends or throws goes to `call`."""
+    while True:
+        try:
+            value = yield waiting_on
+        except BaseException as exc:  # noqa: BLE001 - handed to the call (cancellation)
+            try:
+                waiting_on = call.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                waiting_on = call.send(value)
+            except StopIteration as stop:
+                return stop.value
+
+
+async def _resume(call, waiting_on):
+    return await _carry_on(call, waiting_on)
 
 
 async def _requests(stream: Stream, deserializer):

@@ -462,3 +462,36 @@ def test_stop_cancels_what_outlives_the_grace(served, peer):
     assert handlers.cancelled.is_set()
     headers = peer.until(wire.HEADERS, 1)[3]
     assert headers["grpc-status"] == str(grpc.StatusCode.UNAVAILABLE.value[0])
+
+
+def test_messages_split_anywhere_between_frames(served):
+    """Prefixes and messages cut at any point across DATA frames, several in one frame."""
+    big_window = (wire.SETTINGS_INITIAL_WINDOW_SIZE.to_bytes(2, "big") + (1 << 24).to_bytes(4, "big"))
+    peer = Peer(served[0], big_window)
+    try:
+        peer.send(wire.WINDOW_UPDATE, 0, 0, (1 << 24).to_bytes(4, "big"))
+        messages = [b"a", b"", b"x" * 70000, b"bc", b"d" * 5]
+        body = b"".join(b"\x00" + len(m).to_bytes(4, "big") + m for m in messages)
+        peer.call(1, f"/{SERVICE}/Bidi")
+        cuts = [0, 3, 4, 11, 20000, 70010, len(body)]
+        for start, stop in zip(cuts, cuts[1:], strict=False):
+            peer.send(wire.DATA, wire.END_STREAM if stop == len(body) else 0, 1, body[start:stop])
+        received = bytearray()
+        while True:
+            kind, _, stream, payload = peer.read()
+            if kind == wire.DATA and stream == 1:
+                received += payload
+            elif kind == wire.HEADERS and stream == 1 and "grpc-status" in payload:
+                assert payload["grpc-status"] == "0"
+                break
+        assert received == b"".join(b"\x00" + len(m).to_bytes(4, "big") + m.upper() for m in messages)
+    finally:
+        peer.close()
+
+
+def test_request_ending_inside_a_message_is_internal(served, peer):
+    _set(served[3], served[1].read_gate)
+    peer.call(1, f"/{SERVICE}/Total")
+    peer.send(wire.DATA, wire.END_STREAM, 1, b"\x00\x00\x00\x00\x09abc")
+    headers = peer.until(wire.HEADERS, 1)[3]
+    assert headers["grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0])

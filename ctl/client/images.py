@@ -183,12 +183,15 @@ class ImagesAPI:
         """Walk index → manifest for `platform` (default: this host) → config."""
         if isinstance(image, str):
             image = self.get(image)
-        from runtimed.images import platforms
-
-        matcher = platforms.only(platforms.parse(platform)) if platform else platforms.default()
+        # an image that is one manifest (not an index) needs no platform matching
+        matcher = _matcher(platform) if platform else None
         desc = image.target
         for _ in range(8):
             if mediatypes.is_index(desc.media_type):
+                from runtimed.images import platforms
+
+                if matcher is None:
+                    matcher = platforms.default()
                 index = self.read_json(desc.digest)
                 candidates = []
                 for m in index.get("manifests") or []:
@@ -365,6 +368,12 @@ class _ChunkReader(io.RawIOBase):
         b[:n] = self._buffer[:n]
         self._buffer = self._buffer[n:]
         return n
+
+
+def _matcher(platform: str) -> platforms.Matcher:
+    from runtimed.images import platforms
+
+    return platforms.only(platforms.parse(platform))
 
 
 def _platform_of(entry: dict) -> platforms.Platform | None:

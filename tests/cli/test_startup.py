@@ -4,9 +4,14 @@ it makes (ctl's cold start is benchmarked against ctr's)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
+import pytest
+
+from ctl.client import Client
+from runtimed.errors import InvalidArgument
 from tests.cli.conftest import REPO
 
 # runs ctl's main in this interpreter, then writes the modules it imported (the pure-Python
@@ -100,3 +105,23 @@ def test_exec_rpcs(tmp_path, daemon, ctl, busybox):
     assert methods[2] == "Tasks/Exec" and methods[-1] == "Tasks/DeleteProcess"
     assert sorted(methods[3:-1]) == ["Tasks/Start", "Tasks/Wait"]
     ctl("rm", "-f", "ex1")
+
+
+def test_platform_matching_only_for_an_index(tmp_path, daemon, ctl, test_images):
+    """A one-manifest image resolves without the platform module; an index still picks this
+    host's manifest (or the one --platform names), and a bad --platform is still refused."""
+    mp = test_images["multiplatform"]
+    ctl("load", "-q", "-i", mp.archive)
+    ctl("load", "-q", "-i", test_images["busybox"].archive)
+    arch = "arm64" if os.uname().machine in ("aarch64", "arm64") else "amd64"
+    with Client(daemon.address) as c:
+        assert c.images.resolve(mp.name).config["architecture"] == arch
+        assert c.images.resolve(mp.name, "linux/arm64").config["architecture"] == "arm64"
+        with pytest.raises(InvalidArgument):
+            c.images.resolve(test_images["busybox"].name, "linux//")
+    data = _probe(tmp_path, daemon.address, "run", "--rm", "--network", "none", "--pull", "never",
+                  "busybox", "true")
+    assert "runtimed.images.platforms" not in data["modules"]
+    data = _probe(tmp_path, daemon.address, "run", "--rm", "--network", "none", "--pull", "never",
+                  mp.name, "echo", "hi")
+    assert "runtimed.images.platforms" in data["modules"] and data["stdout"] == "hi\n"

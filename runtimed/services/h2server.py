@@ -758,7 +758,8 @@ class Server:
         except _Malformed as exc:
             stream.send_status(grpc.StatusCode.INTERNAL, str(exc))
         except Exception as exc:  # noqa: BLE001 - a handler outside base.service's mapping
-            log.exception("%s failed", handler)
+            if context.code is None:  # (a generated default sets UNIMPLEMENTED, then raises)
+                log.exception("%s failed", handler)
             stream.send_status(context.code or grpc.StatusCode.UNKNOWN,
                                context.details or f"Unexpected {type(exc).__name__}: {exc}")
         finally:

@@ -83,6 +83,10 @@ def served(tmp_path):
     handlers = Handlers()
     table = base.MethodTable()
     version.register(table, None)
+    # a generated servicer's default methods: synchronous, set UNIMPLEMENTED and raise
+    from runtimed.api.containerd.services.events.v1 import events_pb2_grpc
+
+    events_pb2_grpc.add_EventsServicer_to_server(events_pb2_grpc.EventsServicer(), table)
     table.add_registered_method_handlers(SERVICE, {
         "Echo": grpc.unary_unary_rpc_method_handler(handlers.echo),
         "Metadata": grpc.unary_unary_rpc_method_handler(handlers.metadata),
@@ -199,6 +203,18 @@ def test_client_stream_many_megabytes(served, channel):
 def test_unknown_method_is_unimplemented(channel):
     with pytest.raises(grpc.RpcError) as err:
         channel.unary_unary("/no.such.Service/Nothing")(b"")
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_method_the_service_left_out_is_unimplemented(channel):
+    from runtimed.api.containerd.services.events.v1 import events_pb2, events_pb2_grpc
+
+    stub = events_pb2_grpc.EventsStub(channel)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Publish(events_pb2.PublishRequest(topic="/x"))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    with pytest.raises(grpc.RpcError) as err:
+        next(stub.Subscribe(events_pb2.SubscribeRequest()))
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 

@@ -20,7 +20,7 @@ from runtimed import identifiers
 from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound
 from shimd import __version__
 from shimd.lifecycle import INIT, Emitted, Lifecycle, ProcessState, Status
-from shimd.outbox import Outbox, write_atomic
+from shimd.outbox import Outbox
 from shimd.reaper import Reaper
 from shimd.runtime import OciRuntime, command_for
 from shimd.stdio import ProcessIO, StdioConfig
@@ -70,7 +70,6 @@ class Shim:
         self._cgroup_path = spec.get("linux", {}).get("cgroupsPath", "")
         state_root = self.bundle / "runtime"
         state_root.mkdir(mode=0o700, exist_ok=True)
-        (self.bundle / "exits").mkdir(mode=0o700, exist_ok=True)
         self.runtime = OciRuntime(
             command_for(runtime), state_root, self.bundle / "runtime.log", self.reaper
         )
@@ -191,10 +190,10 @@ class Shim:
         )
 
     async def _on_exit(self, exec_id: str, pid: int, code: int, at: float) -> None:
-        """Record the exit durably first, then report it; init's exit ends the container."""
-        name = "init" if exec_id == INIT else f"exec-{exec_id}"
-        record = {"pid": pid, "exit_status": code, "exited_at": at}
-        write_atomic(self.bundle / "exits" / f"{name}.json", json.dumps(record).encode())
+        """Report an exit: the outbox records it (appended before any Wait or the event
+        stream hears of it); init's exit ends the container. (Until session 3 each exit
+        was first written to `exits/<name>.json` as well, by temp + rename, which nothing
+        ever read: a journal transaction between the reap and the answer to Wait.)"""
         if exec_id not in self.lifecycle.processes:
             return
         events = self.lifecycle.exited(exec_id, code, at)

@@ -112,6 +112,10 @@ def test_create_and_exec_fork_from_the_single_threaded_shim(shims):
         shim.pid)["CapBnd"]  # (runc's spec: what the comparison compares is restricted)
     shim.stub.Kill(pb.KillRequest(id=shim.id, exec_id="e1", signal=signal.SIGKILL))
     assert shim.stub.Wait(pb.WaitRequest(id=shim.id, exec_id="e1"), timeout=20).exit_status == 137
+    # the exit was in the outbox (the durable record) before Wait answered
+    records = [json.loads(line) for line in (shim.bundle / "events.jsonl").read_text().splitlines()]
+    assert any(r.get("topic") == "/tasks/exit" and r.get("exec_id") == "e1"
+               and r.get("exit_status") == 137 and r.get("pid") == exec_pid for r in records)
     shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
     assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
     assert single_threaded_soon(shim.pid)

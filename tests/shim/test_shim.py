@@ -64,9 +64,10 @@ def test_run_prints_and_exit_code_passes_through(shims, workdir, runtime):
     # Wait after the exit returns the remembered status; so does State
     assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=5).exit_status == 3
     assert shim.stub.State(pb.StateRequest(id=shim.id)).status == pb.STOPPED
-    # the exit status is on disk before it is reported
-    record = json.loads((shim.bundle / "exits" / "init.json").read_text())
-    assert record["exit_status"] == 3 and record["pid"] == pid
+    # the exit status is on disk (the outbox) before it is reported
+    records = [json.loads(line) for line in (shim.bundle / "events.jsonl").read_text().splitlines()]
+    exits = [r for r in records if r.get("topic") == "/tasks/exit"]
+    assert len(exits) == 1 and exits[0]["exit_status"] == 3 and exits[0]["pid"] == pid
     deleted = shim.stub.Delete(pb.DeleteRequest(id=shim.id), timeout=20)
     assert deleted.exit_status == 3
     topics = [e.topic for e in shim.events(count=4)]

@@ -28,23 +28,24 @@ leaves only the directory, which the differ empties at start.
 
 from __future__ import annotations
 
-import errno
-import io
+import json
 import logging
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
-from runtimed.diff.apply import ApplyResult, adopt_parents, apply_layer
+from runtimed.diff.apply import ApplyResult, adopt_parents
 
 log = logging.getLogger("runtimed.diff.staging")
 
 STAGED_DIR = ".staged"
 _GZIP, _ZSTD = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
 MIN_FREE_BYTES = 4 << 30
-IDLE_TIMEOUT = 60.0  # an ingest sending nothing for this long is not followed further
+WAIT_TIMEOUT = 300.0  # Diff.Apply waits this long at most for a staging still running
 
 
 def looks_like_layer(head: bytes) -> bool:
@@ -60,87 +61,111 @@ def _head(path: str | os.PathLike) -> bytes:
         return b""
 
 
-class _Growing(io.RawIOBase):
-    """The data file of an ingest, read while it is written: a read waits for bytes the
-    writer has not written yet, and the end is the size the blob was committed with."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self.pos = 0
-        self.limit = 0  # bytes written so far
-        self.final: int | None = None  # the committed size
-        self.gone = False  # abandoned: the ingest restarted, failed or was closed
-        self.cond = threading.Condition()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        with self.cond:
-            while self.pos >= self.limit and self.final is None and not self.gone:
-                if not self.cond.wait(IDLE_TIMEOUT):
-                    self.gone = True
-            if self.gone:
-                raise OSError(errno.ECANCELED, "the ingest was not committed")
-            available = self.limit - self.pos
-        if available <= 0:
-            return 0
-        n = os.preadv(self.fd, [memoryview(buffer)[:available]], self.pos)
-        self.pos += n
-        return n
-
-    def close(self) -> None:
-        if not self.closed:
-            os.close(self.fd)
-        super().close()
+class _Entry:
+    def __init__(self, job: int, digest: str | None, root: str):
+        self.job = job
+        self.digest = digest  # None while its ingest is followed
+        self.dir = root  # where the stager applies it
+        self.fd: int | None = None  # the blob or ingest file, open for the stager
+        self.following = False
+        self.orphan = False  # committed as a digest staged already: dropped when done
+        self.state = "running"  # -> done | failed
+        self.done = threading.Event()
+        self.root: str | None = None  # the staged tree, once done and until used
+        self.result: ApplyResult | None = None
 
 
 class _Follower:
     """What an announced ingest tells about itself (see ContentStore.add_ingest_hook)."""
 
-    def __init__(self, staged: StagedLayers, entry: _Entry, source: _Growing):
+    def __init__(self, staged: StagedLayers, entry: _Entry):
         self.staged = staged
         self.entry = entry
-        self.source = source
 
     def grow(self, offset: int) -> None:
-        with self.source.cond:
-            self.source.limit = offset
-            self.source.cond.notify()
+        self.staged._send({"op": "grow", "id": self.entry.job, "limit": offset})
 
     def committed(self, digest: str) -> None:
         self.staged._name(self.entry, digest)
-        with self.source.cond:
-            self.source.final = self.source.limit
-            self.source.cond.notify()
+        self.staged._send({"op": "final", "id": self.entry.job})
 
     def abandon(self) -> None:
-        with self.source.cond:
-            self.source.gone = True
-            self.source.cond.notify()
-
-
-class _Entry:
-    def __init__(self, digest: str | None):
-        self.digest = digest  # None while its ingest is followed
-        self.following = False
-        self.orphan = False
-        self.state = "queued"  # -> running -> done | failed; or cancelled while queued
-        self.done = threading.Event()
-        self.root: str | None = None
-        self.result: ApplyResult | None = None
+        self.staged._send({"op": "abandon", "id": self.entry.job})
 
 
 class StagedLayers:
+    """Stages through a helper process (`python -m runtimed.diff.stager`), started at the
+    first layer and again after it died; it exits when the daemon does (its stdin
+    closes)."""
+
     def __init__(self, directory: str | os.PathLike, ttl: float = 120.0, max_entries: int = 16):
         self.dir = Path(directory)
         self.ttl = ttl
         self.max_entries = max_entries
         self._lock = threading.Lock()
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, _Entry] = {}  # committed blobs, staged or being staged
+        self._jobs: dict[int, _Entry] = {}  # what the stager works on
         self._following = 0  # ingests being staged as they arrive, not committed yet
-        # two at a time: a followed ingest keeps its slot until it is committed
-        self._slots = threading.BoundedSemaphore(2)
+        self._next_job = 0
+        self._helper: subprocess.Popen | None = None
+        self._send_lock = threading.Lock()
+
+    # -- the helper process -------------------------------------------------------------
+
+    def _start(self, entry: _Entry, path: str) -> None:
+        # the ingest's name goes at its commit, maybe before the stager opens it: it opens
+        # the daemon's descriptor instead, kept until the stager answers
+        entry.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        path = f"/proc/{os.getpid()}/fd/{entry.fd}"
+        with self._send_lock:
+            if self._helper is None or self._helper.poll() is not None:
+                self._helper = subprocess.Popen(
+                    [sys.executable, "-m", "runtimed.diff.stager"], stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, text=True, bufsize=1, close_fds=True)
+                threading.Thread(target=self._read, args=(self._helper,), name="layer-stager",
+                                 daemon=True).start()
+            self._write({"op": "start", "id": entry.job, "path": path, "root": entry.dir})
+
+    def _send(self, message: dict) -> None:
+        with self._send_lock:
+            self._write(message)
+
+    def _write(self, message: dict) -> None:
+        helper = self._helper
+        if helper is None:
+            return
+        try:
+            helper.stdin.write(json.dumps(message) + "\n")
+        except (OSError, ValueError):
+            pass  # it died: its reader fails what it had
+
+    def _read(self, helper: subprocess.Popen) -> None:
+        for line in helper.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            with self._lock:
+                entry = self._jobs.pop(message.get("id"), None)
+            if entry is not None:
+                result = message.get("result") if message.get("ok") else None
+                self._finish(entry, ApplyResult(**result) if result else None,
+                             message.get("error", ""))
+        helper.wait()
+        with self._lock:
+            mine = [e for e in self._jobs.values() if e.state == "running"]
+            for entry in mine:
+                del self._jobs[entry.job]
+        for entry in mine:
+            self._finish(entry, None, "the stager exited")
+
+    def close(self) -> None:
+        """Stop the helper (the daemon needs not: its exit closes the pipe)."""
+        with self._send_lock:
+            helper, self._helper = self._helper, None
+        if helper is not None:
+            helper.stdin.close()
+            helper.wait()
 
     # -- staging ------------------------------------------------------------------------
 
@@ -151,19 +176,31 @@ class StagedLayers:
         try:
             if not looks_like_layer(head) or not self._room():
                 return None
-            entry = _Entry(None)
-            source = _Growing(path)
-            with self._lock:
-                if len(self._entries) + self._following >= self.max_entries:
-                    source.close()
-                    return None
-                self._following += 1
-                entry.following = True
-            self._submit(entry, source)
-            return _Follower(self, entry, source)
+            entry = self._new(None)
+            if entry is None:
+                return None
+            entry.following = True
+            self._start(entry, os.fspath(path))
+            return _Follower(self, entry)
         except Exception:  # noqa: BLE001 - an optimisation: never fail the write for it
             log.exception("following ingest %s", path)
             return None
+
+    def _new(self, digest: str | None) -> _Entry | None:
+        with self._lock:
+            if digest is not None and digest in self._entries:
+                return None
+            if len(self._entries) + self._following >= self.max_entries:
+                return None
+            self._next_job += 1
+            entry = _Entry(self._next_job, digest, str(self.dir / os.urandom(8).hex()))
+            os.mkdir(entry.dir, 0o755)
+            self._jobs[entry.job] = entry
+            if digest is None:
+                self._following += 1
+            else:
+                self._entries[digest] = entry
+            return entry
 
     def _name(self, entry: _Entry, digest: str) -> None:
         """A followed ingest was committed as `digest`: Diff.Apply can find its staging."""
@@ -187,66 +224,45 @@ class StagedLayers:
                     return
             if not looks_like_layer(_head(path)) or not self._room():
                 return
-            with self._lock:
-                if digest in self._entries or len(self._entries) + self._following >= self.max_entries:
-                    return
-                entry = self._entries[digest] = _Entry(digest)
-            self._submit(entry, open(path, "rb"))
+            entry = self._new(digest)
+            if entry is None:
+                return
+            self._start(entry, os.fspath(path))
+            self._send({"op": "grow", "id": entry.job, "limit": os.stat(path).st_size})
+            self._send({"op": "final", "id": entry.job})
         except Exception:  # noqa: BLE001 - an optimisation: never fail the commit for it
             log.exception("staging layer %s", digest)
-
-    def _submit(self, entry: _Entry, source) -> None:
-        # a daemon thread: one still following an ingest must not hold up the daemon's exit
-        threading.Thread(target=self._run, args=(entry, source), name="layer-stage",
-                         daemon=True).start()
-
-    def _run(self, entry: _Entry, source) -> None:
-        with self._slots:
-            self._stage(entry, source)
 
     def _room(self) -> bool:
         self.dir.mkdir(mode=0o700, exist_ok=True)
         st = os.statvfs(self.dir)
         return st.f_bavail * st.f_frsize >= MIN_FREE_BYTES
 
-    def _stage(self, entry: _Entry, source) -> None:
+    def _finish(self, entry: _Entry, result: ApplyResult | None, error: str) -> None:
+        if entry.fd is not None:
+            os.close(entry.fd)
+            entry.fd = None
         with self._lock:
-            cancelled = entry.state == "cancelled"
-            if not cancelled:
-                entry.state = "running"
-        if cancelled:
-            source.close()
-            entry.done.set()
-            return
-        root = None
-        try:
-            with source:
-                root = str(self.dir / os.urandom(8).hex())
-                os.mkdir(root, 0o755)
-                entry.result = apply_layer(source, root, overlay=True, parents=[])
-            with self._lock:
-                if entry.following or entry.orphan:
-                    raise OSError(errno.ECANCELED, "not committed, or staged twice")
-            entry.root, root = root, None
-            entry.state = "done"
-        except Exception as exc:  # noqa: BLE001 - not a layer after all, or no space: skip
-            log.debug("layer %s not staged: %s", entry.digest, exc)
-            entry.state = "failed"
-            with self._lock:
-                if entry.following:
-                    entry.following = False
-                    self._following -= 1
-        finally:
-            if root is not None:
-                shutil.rmtree(root, ignore_errors=True)
-            entry.done.set()
+            if entry.following:  # never committed
+                entry.following = False
+                self._following -= 1
+                result = None
+            keep = result is not None and not entry.orphan
+            entry.result = result
+            entry.state = "done" if keep else "failed"
+            if keep:
+                entry.root = entry.dir
+        if not keep:
+            log.debug("layer %s not staged: %s", entry.digest, error or "dropped")
+            shutil.rmtree(entry.dir, ignore_errors=True)
+        entry.done.set()
         timer = threading.Timer(self.ttl, self._expire, (entry,))
         timer.daemon = True
         timer.start()
 
     def _expire(self, entry: _Entry) -> None:
         with self._lock:
-            if self._entries.get(entry.digest) is not entry:
+            if entry.digest is None or self._entries.get(entry.digest) is not entry:
                 return  # taken
             del self._entries[entry.digest]
         self._discard(entry)
@@ -268,10 +284,9 @@ class StagedLayers:
             entry = self._entries.pop(digest, None)
             if entry is None:
                 return None
-            if entry.state == "queued":
-                entry.state = "cancelled"  # not started: the caller is as quick
-                return None
-        entry.done.wait()
+        if not entry.done.wait(WAIT_TIMEOUT):
+            self._send({"op": "abandon", "id": entry.job})
+            return None
         try:
             result = entry.result
             if entry.state != "done" or result is None:

@@ -42,6 +42,7 @@ def env(tmp_path):
     content = ContentStore(tmp_path, db, LeaseStore(db))
     differ = Differ(content, tmp_path / "tmpmounts")
     yield content, differ
+    differ.staged.close()
     db.close()
 
 

@@ -336,3 +336,25 @@ def test_staged_layers_adopted_over_random_lowers_match_an_extraction(lower_tree
         assert (result.digest, result.made_parents) == (expected.digest, expected.made_parents)
         made = set(result.made_parents)  # their mtimes: when the apply created entries
         assert tree(staged, made) == tree(direct, made)
+
+
+def test_a_stager_that_dies_costs_only_its_stagings(env, tmp_path):
+    """Killed while it follows an ingest: that staging is lost, and the commit stages the
+    blob again in a new stager."""
+    content, differ = env
+    blob = igzip.compress(tar(E("top/file", data=os.urandom(300_000))))
+    w = content.writer("default", "dies", announce=True)
+    w.write(blob[:1000])
+    helper = differ.staged._helper
+    helper.kill()
+    helper.wait()
+    w.write(blob[1000:])
+    info = w.commit(len(blob))
+    settled(differ)
+    assert len(staged_dirs(differ)) == 1 and differ.staged._helper is not helper
+    target = tmp_path / "target"
+    target.mkdir()
+    desc = Descriptor(GZIP_LAYER, info.digest, info.size)
+    differ.apply("default", desc, [Mount("bind", str(target), ["rw", "rbind"])])
+    assert staged_dirs(differ) == []
+    assert len((target / "top" / "file").read_bytes()) == 300_000

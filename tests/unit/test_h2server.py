@@ -511,3 +511,38 @@ def test_request_ending_inside_a_message_is_internal(served, peer):
     peer.send(wire.DATA, wire.END_STREAM, 1, b"\x00\x00\x00\x00\x09abc")
     headers = peer.until(wire.HEADERS, 1)[3]
     assert headers["grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0])
+
+
+def test_no_call_state_outlives_its_call(served, channel):
+    """After calls that end every way (answered, aborted, refused, past their deadline,
+    reset, streamed), the server holds no stream and no task."""
+    path, handlers, server, loop = served
+    _set(loop, handlers.read_gate)
+    _unary(channel, "Echo")(b"x")
+    with pytest.raises(grpc.RpcError):
+        _unary(channel, "Abort")(b"no")
+    with pytest.raises(grpc.RpcError):
+        _unary(channel, "Echo")(b"x" * (LIMIT + 1))
+    with pytest.raises(grpc.RpcError):
+        _unary(channel, "Hold")(b"", timeout=0.1)
+    assert list(channel.unary_stream(f"/{SERVICE}/Chunks")(b"2 10")) == [b"c" * 10] * 2
+    assert channel.stream_unary(f"/{SERVICE}/Total")(iter([b"a", b"b"])) == b"2 2"
+    stream = channel.unary_stream(f"/{SERVICE}/Chunks")(b"1000 100000")
+    next(stream)
+    stream.cancel()
+    peer = Peer(path)
+    peer.call(1, f"/{SERVICE}/Hold")
+    peer.message(1, b"")
+    peer.send(wire.RST_STREAM, 0, 1, wire.CANCEL_ERROR.to_bytes(4, "big"))
+    peer.sync()
+    peer.close()
+
+    async def held():
+        await asyncio.sleep(0.01)
+        return [len(c.streams) for c in server.connections], len(server.tasks)
+
+    for _ in range(100):  # the cancellations above finish on the server's loop
+        state = asyncio.run_coroutine_threadsafe(held(), loop).result(10)
+        if state == ([0] * len(state[0]), 0):
+            break
+    assert state == ([0] * len(state[0]), 0)

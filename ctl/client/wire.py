@@ -14,9 +14,11 @@ call reads its frames. A client-streaming call sends from a thread of its own.
 
 from __future__ import annotations
 
+# _socket, not socket: socket.py's enum tables and its selectors import cost ~4 ms at every
+# ctl start, and its wrapper class adds nothing this client uses
+import _socket
 import os
 import select
-import socket
 import threading
 import weakref
 from collections import deque
@@ -266,7 +268,7 @@ class _Connection:
     """One HTTP/2 connection, used by one call at a time."""
 
     def __init__(self, address: str):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             self.sock.connect(address)
         except OSError:
@@ -557,7 +559,7 @@ class _Call:
             self.connection.usable = False
             try:
                 self.connection.send(_frame(RST_STREAM, 0, self.stream, CANCEL_ERROR.to_bytes(4, "big")))
-                self.connection.sock.shutdown(socket.SHUT_RDWR)
+                self.connection.sock.shutdown(_socket.SHUT_RDWR)
             except OSError:
                 pass
 
@@ -712,7 +714,7 @@ class _Call:
         except OSError:
             pass
         try:
-            connection.sock.shutdown(socket.SHUT_RDWR)
+            connection.sock.shutdown(_socket.SHUT_RDWR)
         except OSError:
             pass
         with connection.lock:

@@ -39,6 +39,7 @@ import threading
 from pathlib import Path
 
 from runtimed.diff.apply import ApplyResult, adopt_parents
+from runtimed.diff.stager import NICENESS
 
 log = logging.getLogger("runtimed.diff.staging")
 
@@ -121,7 +122,10 @@ class StagedLayers:
             if self._helper is None or self._helper.poll() is not None:
                 self._helper = subprocess.Popen(
                     [sys.executable, "-m", "runtimed.diff.stager"], stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE, text=True, bufsize=1, close_fds=True)
+                    stdout=subprocess.PIPE, text=True, close_fds=True)
+                # a stager that stops reading must not stall the Write calls telling it
+                # of their progress: a full pipe ends it instead (see _write)
+                os.set_blocking(self._helper.stdin.fileno(), False)
                 threading.Thread(target=self._read, args=(self._helper,), name="layer-stager",
                                  daemon=True).start()
             self._write({"op": "start", "id": entry.job, "path": path, "root": entry.dir})
@@ -134,10 +138,13 @@ class StagedLayers:
         helper = self._helper
         if helper is None:
             return
+        line = (json.dumps(message) + "\n").encode()
         try:
-            helper.stdin.write(json.dumps(message) + "\n")
+            written = os.write(helper.stdin.fileno(), line)
         except (OSError, ValueError):
-            pass  # it died: its reader fails what it had
+            written = -1  # it died (its reader fails what it had) or its pipe is full
+        if written != len(line):
+            helper.kill()  # its reader then fails what it had; the next layer starts another
 
     def _read(self, helper: subprocess.Popen) -> None:
         for line in helper.stdout:
@@ -159,13 +166,31 @@ class StagedLayers:
         for entry in mine:
             self._finish(entry, None, "the stager exited")
 
+    @staticmethod
+    def _renice(helper: subprocess.Popen | None, niceness: int) -> None:
+        if helper is None:
+            return
+        try:
+            threads = os.listdir(f"/proc/{helper.pid}/task")  # niceness is per thread
+        except OSError:
+            return
+        for tid in threads:
+            try:
+                os.setpriority(os.PRIO_PROCESS, int(tid), niceness)
+            except OSError:
+                pass  # gone, or not ours to raise (without CAP_SYS_NICE): it only waits longer
+
     def close(self) -> None:
         """Stop the helper (the daemon needs not: its exit closes the pipe)."""
         with self._send_lock:
             helper, self._helper = self._helper, None
         if helper is not None:
             helper.stdin.close()
-            helper.wait()
+            try:
+                helper.wait(10)
+            except subprocess.TimeoutExpired:
+                helper.kill()
+                helper.wait()
 
     # -- staging ------------------------------------------------------------------------
 
@@ -284,9 +309,15 @@ class StagedLayers:
             entry = self._entries.pop(digest, None)
             if entry is None:
                 return None
-        if not entry.done.wait(WAIT_TIMEOUT):
-            self._send({"op": "abandon", "id": entry.job})
-            return None
+        if not entry.done.is_set():
+            # the caller waits for it now: the stager's low priority would slow it down
+            helper = self._helper
+            self._renice(helper, 0)
+            finished = entry.done.wait(WAIT_TIMEOUT)
+            self._renice(helper, NICENESS)
+            if not finished:
+                self._send({"op": "abandon", "id": entry.job})
+                return None
         try:
             result = entry.result
             if entry.state != "done" or result is None:

@@ -358,3 +358,32 @@ def test_a_stager_that_dies_costs_only_its_stagings(env, tmp_path):
     differ.apply("default", desc, [Mount("bind", str(target), ["rw", "rbind"])])
     assert staged_dirs(differ) == []
     assert len((target / "top" / "file").read_bytes()) == 300_000
+
+
+def test_a_stager_that_stops_reading_never_stalls_the_writes(env, tmp_path):
+    """Writes tell the stager of their progress through a pipe: once that pipe is full
+    the stager is killed, not waited for; the layer is then staged again at its commit."""
+    import signal
+    import threading
+
+    content, differ = env
+    blob = igzip.compress(tar(E("top/file", data=os.urandom(400_000))))
+    w = content.writer("default", "stalled", announce=True)
+    w.write(blob[:512])
+    helper = differ.staged._helper
+    os.kill(helper.pid, signal.SIGSTOP)
+    chunks = [blob[i:i + 64] for i in range(512, len(blob), 64)]  # ~6,000 notices
+    writer = threading.Thread(target=lambda: [w.write(c) for c in chunks])
+    writer.start()
+    writer.join(60)
+    assert not writer.is_alive()
+    helper.wait(10)
+    assert helper.returncode == -signal.SIGKILL
+    info = w.commit(len(blob))
+    settled(differ)
+    assert len(staged_dirs(differ)) == 1
+    target = tmp_path / "target"
+    target.mkdir()
+    desc = Descriptor(GZIP_LAYER, info.digest, info.size)
+    differ.apply("default", desc, [Mount("bind", str(target), ["rw", "rbind"])])
+    assert len((target / "top" / "file").read_bytes()) == 400_000

@@ -8,6 +8,7 @@ wire it is ordinary gRPC; runtimed talks to it with grpc.aio.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -58,7 +59,7 @@ class ShimServer(Server):
 
         def made(transport) -> None:
             self.connections += 1
-            connection_made(transport)
+            connection_made(_Coalescing(transport))
             protocol.connection._connection.update_settings(
                 {SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS})
             protocol.connection.flush()
@@ -69,6 +70,37 @@ class ShimServer(Server):
 
         protocol.connection_made, protocol.connection_lost = made, lost
         return protocol
+
+
+class _Coalescing:
+    """A connection's transport whose writes during one pass of the loop leave as one: a
+    unary answer is three writes (headers, message, trailers) and an event one more,
+    each a send() that woke runtimed on its own. The bytes go out in order, at the
+    loop's next pass at the latest; close() sends what is pending first."""
+
+    def __init__(self, transport) -> None:
+        self._transport = transport
+        self._pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending and not self._transport.is_closing():
+            self._transport.write(b"".join(pending))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
 
 
 def _grpc_error(exc: Exception) -> GRPCError:

@@ -330,3 +330,48 @@ def test_exec_installs_the_filter_compiled_at_create(shims, workdir):
     assert not program.exists()  # removed with the container's runtime state
     os.close(rout)
     os.close(rerr)
+
+
+
+def test_writes_of_one_loop_pass_leave_as_one_send():
+    """Headers, message and trailers of an answer go out as one send() (each send woke
+    runtimed on its own: 16 -> 5 sends per exec, strace), in order; close() sends what is
+    pending before closing."""
+    import asyncio
+
+    from shimd.service import _Coalescing
+
+    class Transport:
+        def __init__(self):
+            self.sent, self.closed = [], False
+
+        def write(self, data):
+            assert not self.closed
+            self.sent.append(data)
+
+        def is_closing(self):
+            return self.closed
+
+        def close(self):
+            self.closed = True
+
+        def get_extra_info(self, name):
+            return f"extra {name}"
+
+    async def scenario():
+        transport = Transport()
+        coalescing = _Coalescing(transport)
+        for part in (b"headers", b"", b"message", b"trailers"):
+            coalescing.write(part)
+        assert transport.sent == []  # nothing yet within this pass
+        await asyncio.sleep(0)
+        assert transport.sent == [b"headersmessagetrailers"]
+        coalescing.write(b"event")
+        await asyncio.sleep(0)
+        assert transport.sent[1:] == [b"event"]
+        coalescing.write(b"last answer")
+        coalescing.close()
+        assert transport.sent[2:] == [b"last answer"] and transport.closed
+        assert coalescing.get_extra_info("socket") == "extra socket"
+
+    asyncio.run(scenario())

@@ -13,7 +13,8 @@ One JSON object per line on stdin, answers on stdout:
     {"op": "abandon", "id": N}     it was not: stop
     -> {"id": N, "ok": true, "result": {ApplyResult's fields}} | {"id": N, "ok": false, "error": ...}
 
-It exits when stdin closes (the daemon stopped or died), abandoning what runs.
+It exits when stdin closes (the daemon stopped or died), abandoning what runs, and
+after IDLE_EXIT seconds without work.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ IDLE_TIMEOUT = 60.0  # an ingest sending nothing for this long is not followed f
 # below the daemon and its clients: staging uses a core they leave idle, and on a busy
 # machine does not slow down the transfer it runs beside
 NICENESS = 10
+IDLE_EXIT = 300.0  # with nothing to do for this long, exit (the daemon starts another)
 
 
 class Growing(io.RawIOBase):
@@ -127,13 +129,27 @@ class Stager:
 
 
 def main() -> int:
+    import select
+
     os.nice(NICENESS)
     stager = Stager(sys.stdout)
-    for line in sys.stdin:
-        try:
-            stager.handle(json.loads(line))
-        except (ValueError, KeyError, TypeError) as exc:
-            print(f"stager: bad request {line.strip()!r}: {exc}", file=sys.stderr)
+    stdin = sys.stdin.buffer
+    pending = b""
+    while True:
+        ready, _, _ = select.select([stdin], [], [], IDLE_EXIT)
+        if not ready and not stager.jobs:
+            break  # idle: the daemon starts another for the next layer
+        if not ready:
+            continue
+        chunk = os.read(stdin.fileno(), 1 << 16)
+        if not chunk:
+            break  # the daemon is gone
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            try:
+                stager.handle(json.loads(line))
+            except (ValueError, KeyError, TypeError) as exc:
+                print(f"stager: bad request {line!r}: {exc}", file=sys.stderr)
     stager.abandon_all()
     return 0
 

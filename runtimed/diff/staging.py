@@ -128,16 +128,22 @@ class StagedLayers:
                 os.set_blocking(self._helper.stdin.fileno(), False)
                 threading.Thread(target=self._read, args=(self._helper,), name="layer-stager",
                                  daemon=True).start()
-            self._write({"op": "start", "id": entry.job, "path": path, "root": entry.dir})
+            started = self._write({"op": "start", "id": entry.job, "path": path,
+                                   "root": entry.dir})
+        if not started:  # it exited just now (idle): no reader may answer for it
+            with self._lock:
+                mine = self._jobs.pop(entry.job, None) is not None
+            if mine:
+                self._finish(entry, None, "the stager exited")
 
     def _send(self, message: dict) -> None:
         with self._send_lock:
             self._write(message)
 
-    def _write(self, message: dict) -> None:
+    def _write(self, message: dict) -> bool:
         helper = self._helper
         if helper is None:
-            return
+            return False
         line = (json.dumps(message) + "\n").encode()
         try:
             written = os.write(helper.stdin.fileno(), line)
@@ -145,6 +151,8 @@ class StagedLayers:
             written = -1  # it died (its reader fails what it had) or its pipe is full
         if written != len(line):
             helper.kill()  # its reader then fails what it had; the next layer starts another
+            return False
+        return True
 
     def _read(self, helper: subprocess.Popen) -> None:
         for line in helper.stdout:

@@ -387,3 +387,16 @@ def test_a_stager_that_stops_reading_never_stalls_the_writes(env, tmp_path):
     desc = Descriptor(GZIP_LAYER, info.digest, info.size)
     differ.apply("default", desc, [Mount("bind", str(target), ["rw", "rbind"])])
     assert len((target / "top" / "file").read_bytes()) == 400_000
+
+
+def test_an_idle_stager_exits_and_the_next_layer_starts_another(env, monkeypatch):
+    content, differ = env
+    commit(content, igzip.compress(LAYER))
+    settled(differ)
+    first = differ.staged._helper
+    first.stdin.close()  # as when it exits idle: the next layer finds it gone
+    first.wait(10)
+    commit(content, igzip.compress(tar(E("next", data=b"n"))))
+    settled(differ)
+    assert differ.staged._helper is not first
+    assert len(staged_dirs(differ)) == 2

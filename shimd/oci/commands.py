@@ -236,6 +236,7 @@ def begin_create(store: Store, container_id: str, bundle: str, console_socket: s
     seccomp_fd = None
     child_fds: list[int] = []
     own_pidns = -1
+    console = None
     try:
         os.mkfifo(store.fifo(container_id), 0o600)
         creation.cgroup = cgroup = cgroups.open(cgroup_path)
@@ -275,8 +276,6 @@ def begin_create(store: Store, container_id: str, bundle: str, console_socket: s
                 linux.setns(own_pidns, linux.CLONE_NEWPID, "own pid namespace")
                 os.close(own_pidns)
                 own_pidns = -1
-        if console is not None:
-            console.close()
         if not lin.get("uidMappings"):  # a user namespace waits for us: no head start
             _prime_cgroup_attach(cgroup)
         if seccomp_fd is not None:
@@ -307,6 +306,8 @@ def begin_create(store: Store, container_id: str, bundle: str, console_socket: s
             os.close(seccomp_fd)
         for fd in child_fds:
             os.close(fd)
+        if console is not None:  # the init's copy (or nobody's, when it failed)
+            console.close()
 
 
 def finish_create(creation: Creation, pid: int, result: str | None,

@@ -193,8 +193,8 @@ class Client:
         from runtimed.oci.spec import SpecOptions
 
         spec_options = spec_options or SpecOptions()
-        self.containers.create(container_id, image, spec_options, options)
-        running = RunningContainer(self, container_id)
+        record = self.containers.create(container_id, image, spec_options, options)
+        running = RunningContainer(self, container_id, container=record)
         try:
             running.start(terminal=spec_options.terminal)
             yield running
@@ -205,11 +205,14 @@ class Client:
 class RunningContainer:
     """A started container with its output captured (for programs, not terminals)."""
 
-    def __init__(self, client: Client, container_id: str):
+    def __init__(self, client: Client, container_id: str, *, container: Container | None = None):
+        """`container`: the record `containers.create` returned, when at hand (its task is
+        then created without a Containers.Get and a Snapshots.Mounts)."""
         import tempfile
 
         self.client = client
         self.id = container_id
+        self._record = container
         self._out = tempfile.TemporaryFile()
         self._err = tempfile.TemporaryFile()
         self._fifos: FifoSet | None = None
@@ -227,7 +230,7 @@ class RunningContainer:
         self._attachment = Attachment(self._fifos, stdout=self._out, stderr=self._err)
         self._attachment.start()
         try:
-            self.client.tasks.create(self.id, self._fifos.stdio)
+            self.client.tasks.create(self.id, self._fifos.stdio, container=self._record)
         except BaseException:
             self._attachment.cancel()
             raise

@@ -125,3 +125,25 @@ def test_platform_matching_only_for_an_index(tmp_path, daemon, ctl, test_images)
     data = _probe(tmp_path, daemon.address, "run", "--rm", "--network", "none", "--pull", "never",
                   mp.name, "echo", "hi")
     assert "runtimed.images.platforms" in data["modules"] and data["stdout"] == "hi\n"
+
+
+def test_library_run_creates_the_task_from_the_record(daemon, busybox, monkeypatch):
+    """`Client.run` hands the record `containers.create` returned to `tasks.create`: no
+    Containers.Get, no Snapshots.Mounts before Tasks.Create."""
+    import ctl.client.wire as wire
+    from ctl.client import SpecOptions
+
+    calls = []
+    real = wire.Channel.call
+
+    def call(self, path, *args, **kwargs):
+        calls.append(path.rsplit(".", 1)[-1])
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(wire.Channel, "call", call)
+    with Client(daemon.address) as c:
+        with c.run("rec1", "busybox", SpecOptions(args=["sh", "-c", "echo ok"])) as box:
+            assert box.wait(timeout=30).code == 0 and box.output() == b"ok\n"
+        assert c.containers.list() == []
+    created = calls.index("Tasks/Create")
+    assert "Containers/Get" not in calls[:created] and "Snapshots/Mounts" not in calls

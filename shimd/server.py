@@ -5,8 +5,8 @@ API on a unix socket, and publish the socket's address atomically in the bundle.
 serves, and the parent prints the address once the child is ready and exits, leaving the
 child to init (or the nearest subreaper): the shim is never a child of runtimed.
 
-The server is grpclib on the shim's asyncio loop (shimd/service.py): one thread, so the
-shim forks its create/exec workers itself (shimd/workers.py).
+The server is runtimed/services/h2server.py (the daemon's own) on the shim's asyncio loop
+(shimd/service.py): one thread, so the shim forks its create/exec workers itself (shimd/workers.py).
 """
 
 from __future__ import annotations

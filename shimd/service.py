@@ -1,26 +1,23 @@
 """The `runtimed.shim.v1.Shim` gRPC service: translates protobuf to the `Shim` core.
 
-Served with grpclib (pure-Python gRPC over HTTP/2 on the shim's asyncio loop), not
-grpc.aio: the shim stays single-threaded and imports no gRPC core, so it can fork its
-create/exec workers itself and costs less memory per container (docs/shim.md). On the
-wire it is ordinary gRPC; runtimed talks to it with grpc.aio.
+Served with the daemon's own HTTP/2 gRPC server (runtimed/services/h2server.py) on the
+shim's asyncio loop, not grpc.aio: the shim stays single-threaded and imports no gRPC core,
+so it can fork its create/exec workers itself and costs less memory per container
+(docs/shim.md). On the wire it is ordinary gRPC; runtimed talks to it with its own client
+(runtimed/runtime/h2client.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 
 from google.protobuf import empty_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
-from grpclib.const import Cardinality, Handler, Status
-from grpclib.exceptions import GRPCError
-from grpclib.server import Server
-from h2.settings import SettingCodes
 
 from runtimed.api.shim.v1 import shim_pb2
 from runtimed.errors import FailedPrecondition, InvalidArgument, status_of
+from runtimed.services import h2server
 from shimd import __version__, cgroups
 from shimd.metrics import stats_to_any
 from shimd.shim import Shim
@@ -30,10 +27,6 @@ log = logging.getLogger("shimd")
 
 EMPTY = empty_pb2.Empty()
 SERVICE = "runtimed.shim.v1.Shim"
-# h2 caps a connection at 100 concurrent streams; runtimed multiplexes every call to a
-# shim on one connection (the Events stream, one Wait per waiting client, ...), and a call
-# over the cap waits for a free slot. grpc-core and containerd's ttrpc shim set no cap.
-MAX_STREAMS = 1 << 16
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -47,69 +40,43 @@ def _stdio(message: shim_pb2.Stdio) -> StdioConfig:
     return StdioConfig(message.stdin, message.stdout, message.stderr, message.terminal)
 
 
-class ShimServer(Server):
-    """grpclib's server with the per-connection stream cap raised to MAX_STREAMS; counts
-    its open connections (`connections`)."""
+class ShimServer(h2server.Server):
+    """h2server's server with the shim's methods (`services`: ShimService objects)."""
 
-    connections = 0
+    def __init__(self, services) -> None:
+        methods = {}
+        for api in services:
+            methods.update(api.methods())
+        super().__init__(_Methods(methods), name="the shim")
 
-    def _protocol_factory(self):
-        protocol = super()._protocol_factory()
-        connection_made, connection_lost = protocol.connection_made, protocol.connection_lost
-
-        def made(transport) -> None:
-            self.connections += 1
-            connection_made(_Coalescing(transport))
-            protocol.connection._connection.update_settings(
-                {SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS})
-            protocol.connection.flush()
-
-        def lost(exc) -> None:
-            self.connections -= 1
-            connection_lost(exc)
-
-        protocol.connection_made, protocol.connection_lost = made, lost
-        return protocol
-
-
-class _Coalescing:
-    """A connection's transport whose writes during one pass of the loop leave as one: a
-    unary answer is three writes (headers, message, trailers) and an event one more,
-    each a send() that woke runtimed on its own. The bytes go out in order, at the
-    loop's next pass at the latest; close() sends what is pending first."""
-
-    def __init__(self, transport) -> None:
-        self._transport = transport
-        self._pending: list[bytes] = []
-        self._loop = asyncio.get_running_loop()
-
-    def write(self, data: bytes) -> None:
-        if not data:
-            return
-        if not self._pending:
-            self._loop.call_soon(self._flush)
-        self._pending.append(data)
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        if pending and not self._transport.is_closing():
-            self._transport.write(b"".join(pending))
+    async def start(self, path: str) -> None:
+        await super().start(path)
 
     def close(self) -> None:
-        self._flush()
-        self._transport.close()
+        """Stop accepting; calls still running are cut short by `wait_closed`."""
+        self.stopping = True
+        if self.listener is not None:
+            self.listener.close()
 
-    def __getattr__(self, name: str):
-        return getattr(self._transport, name)
+    async def wait_closed(self) -> None:
+        await self.stop(grace=0)
 
 
-def _grpc_error(exc: Exception) -> GRPCError:
+class _Methods:
+    __slots__ = ("methods",)
+
+    def __init__(self, methods: dict) -> None:
+        self.methods = methods
+
+
+async def _abort(context, exc: Exception) -> None:
     """The status for an error, through the project's one table (runtimed.errors)."""
     known = status_of(exc)
     if known is not None:
-        return GRPCError(Status[known[0]], known[1])
+        await context.abort(h2server.StatusCode[known[0]], known[1])
     log.exception("internal error")
-    return GRPCError(Status.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    await context.abort(h2server.StatusCode.INTERNAL,
+                        f"internal error: {type(exc).__name__}: {exc}")
 
 
 class ShimService:
@@ -240,69 +207,49 @@ class ShimService:
         self.shim.ack(request.seq)
         return EMPTY
 
-    # --- grpclib's side ------------------------------------------------------------
+    # --- the server's side -------------------------------------------------------
 
-    def __mapping__(self) -> dict[str, Handler]:
-        """grpclib's handler table, from the service descriptor in shim_pb2."""
+    def methods(self) -> dict[str, h2server.MethodHandler]:
+        """The handler table, from the service descriptor in shim_pb2."""
         from google.protobuf.message_factory import GetMessageClass
 
         table = {}
         for method in shim_pb2.DESCRIPTOR.services_by_name["Shim"].methods:
-            streaming = method.server_streaming
-            handle = (self._stream if streaming else self._unary)(getattr(self, method.name))
-            cardinality = Cardinality.UNARY_STREAM if streaming else Cardinality.UNARY_UNARY
-            table[f"/{SERVICE}/{method.name}"] = Handler(
-                handle, cardinality, GetMessageClass(method.input_type),
-                GetMessageClass(method.output_type),
-            )
+            behaviour = getattr(self, method.name)
+            if method.server_streaming:
+                make, handle = h2server.unary_stream, self._stream(behaviour)
+            else:
+                make, handle = h2server.unary_unary, self._unary(behaviour)
+            table[f"/{SERVICE}/{method.name}"] = make(
+                handle, GetMessageClass(method.input_type).FromString,
+                GetMessageClass(method.output_type).SerializeToString)
         return table
 
     def _unary(self, method):
-        async def handle(stream) -> None:
-            request = await _receive(stream)
+        async def handle(request, context):
             self.active += 1
             try:
-                try:
-                    reply = await method(request)
-                except GRPCError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - mapped to a status, never UNKNOWN
-                    raise _grpc_error(exc) from None
-                await stream.send_message(reply)
-                # the trailers too before the call counts as answered: a Shutdown closes
-                # the connection once no call is active, and must not cut its own answer
-                await stream.send_trailing_metadata()
+                return await method(request)
+            except h2server.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a status, never UNKNOWN
+                await _abort(context, exc)
             finally:
                 self.active -= 1
 
         return handle
 
     def _stream(self, method):
-        async def handle(stream) -> None:
-            request = await _receive(stream)
+        async def handle(request, context):
             try:
                 async for item in method(request):
-                    await stream.send_message(item)
-            except GRPCError:
+                    yield item
+            except (h2server.AbortError, GeneratorExit):
                 raise
             except Exception as exc:  # noqa: BLE001
-                raise _grpc_error(exc) from None
+                await _abort(context, exc)
 
         return handle
-
-
-async def _receive(stream):
-    """The request; a body that does not parse is INTERNAL with the parse error, as
-    gRPC-Go (and so containerd, and runtimed's own services) answer it."""
-    try:
-        request = await stream.recv_message()
-    except GRPCError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the codec's parse error
-        raise GRPCError(Status.INTERNAL, f"malformed request: {exc}") from None
-    if request is None:
-        raise GRPCError(Status.INTERNAL, "malformed request: no message")
-    return request
 
 
 def _event(event: dict) -> shim_pb2.Event:

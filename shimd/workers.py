@@ -2,7 +2,7 @@
 keep the shim single-threaded whenever it forks.
 
 create and exec set up namespaces in forked children, so they must run in a process
-with a single thread. The shim is one (grpclib on asyncio, no gRPC core threads), so it
+with a single thread. The shim is one (its gRPC server on asyncio, no gRPC core threads), so it
 forks a worker per request that runs `shimd.oci`'s command line in-process with the
 request's stdio, as the spawned command would, and exits (~1 ms instead of a fresh
 `python3 -S -m shimd.oci`, 60-120 ms). The worker is the shim's child and reaped by the

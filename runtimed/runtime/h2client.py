@@ -8,7 +8,7 @@ grpc's event engine, the answer back through its poller, ~10 context switches pe
 about a quarter of the daemon's CPU, and on a busy machine every hand-over waited for a
 core. Here the loop's thread writes the frames and an asyncio Protocol reads them.
 
-What it speaks, to grpclib's server in the shim: HTTP/2 without TLS, priorities or push
+What it speaks, to the shim's server (h2server, as the daemon's): HTTP/2 without TLS, priorities or push
 (one connection per shim, a stream per call, any number at once), flow control both ways,
 HPACK through ctl/client/wire.py's decoder and literal-only encoder, gRPC's 5-byte message
 prefix, grpc-timeout deadlines, trailers (or trailers-only answers), RST_STREAM and

@@ -12,6 +12,10 @@ import grpc
 
 from runtimed import identifiers
 from runtimed.errors import status_of
+from runtimed.services.h2server import AbortError
+
+# what context.abort raises: grpc.aio's, or the daemon's own server's (h2server)
+_ABORTS = (grpc.aio.AbortError, AbortError)
 
 log = logging.getLogger("runtimed.services")
 
@@ -41,7 +45,7 @@ def _wrap(method):
             try:
                 async for item in method(self, request, context):
                     yield item
-            except (grpc.aio.AbortError, GeneratorExit):
+            except (*_ABORTS, GeneratorExit):
                 raise
             except Exception as exc:  # noqa: BLE001 - mapped to a status, never UNKNOWN
                 await _abort(context, exc)
@@ -52,7 +56,7 @@ def _wrap(method):
     async def unary(self, request, context):
         try:
             return await method(self, request, context)
-        except grpc.aio.AbortError:
+        except _ABORTS:
             raise
         except Exception as exc:  # noqa: BLE001
             await _abort(context, exc)

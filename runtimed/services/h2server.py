@@ -1,14 +1,16 @@
-"""The daemon's gRPC server: gRPC over HTTP/2 on a unix socket, as an asyncio Protocol.
+"""The gRPC server of the daemon and of every shim: gRPC over HTTP/2 on a unix socket, as
+an asyncio Protocol.
 
 Why not grpc.aio: a warm unary call cost its server ~0.26 ms of CPU and ~10 context
 switches (grpc's C core hands each call between its own threads and the event loop),
 more than the whole round trip containerd's Go server takes. Here the event loop's thread
 reads the socket, parses the frames and runs the handler: ~0.1 ms of CPU and two context
-switches per call (docs/architecture.md, "Three gRPC stacks, one wire").
+switches per call (docs/architecture.md, "Two gRPC stacks, one wire").
 
-It serves the handlers of the daemon's `MethodTable` (grpc.RpcMethodHandler records, as
-grpc.aio would) with a `Context` that has the part of grpc.aio's ServicerContext the
-services use, so the services do not know which server runs them. What it speaks: HTTP/2
+It serves the daemon's `MethodTable` (grpc.RpcMethodHandler records, as grpc.aio would)
+and the shim's table (this module's `MethodHandler`: the same fields, no grpcio, which the
+shim must not import: 20 MB and threads) with a `Context` that has the part of grpc.aio's
+ServicerContext the services use, so the services do not know which server runs them. What it speaks: HTTP/2
 (RFC 9113) without TLS, priorities or push; flow control both ways; HPACK decoding with
 ctl/client/wire.py's decoder and literal-only encoding; gRPC's length-prefixed messages,
 grpc-timeout deadlines, percent-encoded grpc-message; no compression (a compressed
@@ -20,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import enum
 import inspect
 import logging
 import types
 from collections import deque
-
-import grpc
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from ctl.client.wire import (
     ACK,
@@ -61,7 +65,63 @@ FLUSH_SIZE = 256 << 10  # frames held for one write at most
 NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR = 0x0, 0x1, 0x3, 0x6
 REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x7, 0x8, 0x9
 
-_OK = grpc.StatusCode.OK
+
+
+class StatusCode(enum.Enum):
+    """gRPC's status codes, as grpc.StatusCode spells them (same names, same `(code, text)`
+    values), so that the shim, which must not import grpcio, has them too. A handler may
+    pass either enum to `Context.abort`/`set_code`: only `.value[0]` goes on the wire."""
+
+    OK = (0, "ok")
+    CANCELLED = (1, "cancelled")
+    UNKNOWN = (2, "unknown")
+    INVALID_ARGUMENT = (3, "invalid argument")
+    DEADLINE_EXCEEDED = (4, "deadline exceeded")
+    NOT_FOUND = (5, "not found")
+    ALREADY_EXISTS = (6, "already exists")
+    PERMISSION_DENIED = (7, "permission denied")
+    RESOURCE_EXHAUSTED = (8, "resource exhausted")
+    FAILED_PRECONDITION = (9, "failed precondition")
+    ABORTED = (10, "aborted")
+    OUT_OF_RANGE = (11, "out of range")
+    UNIMPLEMENTED = (12, "unimplemented")
+    INTERNAL = (13, "internal")
+    UNAVAILABLE = (14, "unavailable")
+    DATA_LOSS = (15, "data loss")
+    UNAUTHENTICATED = (16, "unauthenticated")
+
+
+class AbortError(Exception):
+    """What `Context.abort` raises to end the handler (grpc.aio raises its own AbortError)."""
+
+
+@dataclass(slots=True)
+class MethodHandler:
+    """One method as the server runs it: the fields of grpc.RpcMethodHandler, which the
+    daemon's MethodTable holds and the server takes as they are (duck typing); the shim,
+    which imports no grpcio, builds these (`unary_unary`/`unary_stream`)."""
+
+    request_streaming: bool
+    response_streaming: bool
+    request_deserializer: Callable[[bytes], Any] | None
+    response_serializer: Callable[[Any], bytes] | None
+    unary_unary: Callable | None = None
+    unary_stream: Callable | None = None
+    stream_unary: Callable | None = None
+    stream_stream: Callable | None = None
+
+
+def unary_unary(behaviour, request_deserializer=None, response_serializer=None) -> MethodHandler:
+    return MethodHandler(False, False, request_deserializer, response_serializer, unary_unary=behaviour)
+
+
+def unary_stream(behaviour, request_deserializer=None, response_serializer=None) -> MethodHandler:
+    return MethodHandler(False, True, request_deserializer, response_serializer, unary_stream=behaviour)
+
+
+def _is_ok(code) -> bool:
+    return code.value[0] == 0
+
 _RESPONSE_HEADERS = encode_headers([(":status", "200"), ("content-type", "application/grpc")])
 _OK_TRAILERS = encode_headers([("grpc-status", "0")])
 # request headers that are the protocol's, not the call's metadata
@@ -101,17 +161,17 @@ class Context:
 
     def __init__(self, stream: Stream):
         self._stream = stream
-        self.code: grpc.StatusCode | None = None
+        self.code: StatusCode | None = None
         self.details = ""
 
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return self._stream.metadata
 
-    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> None:
+    async def abort(self, code: StatusCode, details: str = "", trailing_metadata=()) -> None:
         self.code, self.details = code, details
-        raise grpc.aio.AbortError(details)
+        raise AbortError(details)
 
-    def set_code(self, code: grpc.StatusCode) -> None:
+    def set_code(self, code: StatusCode) -> None:
         self.code = code
 
     def set_details(self, details: str) -> None:
@@ -150,7 +210,7 @@ class Stream:
     def __init__(self, conn: Connection, sid: int):
         self.id = sid
         self.conn = conn
-        self.handler: grpc.RpcMethodHandler | None = None
+        self.handler: MethodHandler | None = None
         self.metadata: tuple = ()
         self.deadline: float | None = None
         self.send_window = conn.peer_initial_window
@@ -203,12 +263,12 @@ class Stream:
                 length = int.from_bytes(payload[pos + 1:pos + 5], "big")
                 pos += 5
             if compressed:
-                self.fail(grpc.StatusCode.INTERNAL,
+                self.fail(StatusCode.INTERNAL,
                           "compressed request message, but the call named no grpc-encoding")
                 return
             limit = self.conn.server.max_message_size
             if length > limit:
-                self.fail(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                self.fail(StatusCode.RESOURCE_EXHAUSTED,
                           f"Received message larger than max ({length} vs. {limit})")
                 return
             if available - pos >= length:
@@ -303,12 +363,12 @@ class Stream:
                 if self.finished:
                     raise asyncio.CancelledError
 
-    def send_status(self, code: grpc.StatusCode, details: str = "") -> None:
+    def send_status(self, code: StatusCode, details: str = "") -> None:
         if self.finished:
             return
         self.finished = True
         conn = self.conn
-        if code is _OK and not details:
+        if not details and _is_ok(code):
             block = _OK_TRAILERS
         else:
             trailers = [("grpc-status", str(code.value[0]))]
@@ -324,7 +384,7 @@ class Stream:
         conn.write(frames)
         self._done()
 
-    def fail(self, code: grpc.StatusCode, details: str) -> None:
+    def fail(self, code: StatusCode, details: str) -> None:
         """End the call from the connection's side (a bad request, a deadline)."""
         self.send_status(code, details)
         self.cancel()
@@ -343,7 +403,7 @@ class Stream:
     def expire(self) -> None:
         self.timer = None
         if not self.finished:
-            self.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+            self.fail(StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
     def _done(self) -> None:
         if self.timer is not None:
@@ -621,10 +681,13 @@ class _Details:
 
 
 class Server:
-    """Serves a MethodTable (`methods` dict of grpc.RpcMethodHandler, `service(details)`)."""
+    """Serves `table`: a `methods` dict of path -> handler (a grpc.RpcMethodHandler or a
+    MethodHandler) and optionally `service(details)` for a path not in it (MethodTable)."""
 
-    def __init__(self, table, max_message_size: int = 16 << 20):
+    def __init__(self, table, max_message_size: int = 16 << 20, name: str = "the daemon"):
         self.table = table
+        self.name = name  # who is shutting down, in the status of calls cut short
+        self.fallback = getattr(table, "service", None)
         self.max_message_size = max_message_size
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task] = set()
@@ -671,13 +734,13 @@ class Server:
             return
         stream.metadata = tuple(metadata)
         handler = self.table.methods.get(path)
-        if handler is None and path:
-            handler = self.table.service(_Details(path, stream.metadata))
+        if handler is None and path and self.fallback is not None:
+            handler = self.fallback(_Details(path, stream.metadata))
         if handler is None:
-            stream.fail(grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {path}")
+            stream.fail(StatusCode.UNIMPLEMENTED, f"Method not found: {path}")
             return
         if encoding not in (None, "identity"):
-            stream.fail(grpc.StatusCode.UNIMPLEMENTED,
+            stream.fail(StatusCode.UNIMPLEMENTED,
                         f"grpc-encoding {encoding} is not supported (only identity)")
             return
         stream.handler = handler
@@ -685,7 +748,7 @@ class Server:
             try:
                 seconds = parse_timeout(timeout)
             except ValueError:
-                stream.fail(grpc.StatusCode.INTERNAL, f"malformed grpc-timeout {timeout!r}")
+                stream.fail(StatusCode.INTERNAL, f"malformed grpc-timeout {timeout!r}")
                 return
             stream.deadline = self.loop.time() + seconds
             stream.timer = self.loop.call_later(seconds, stream.expire)
@@ -721,20 +784,20 @@ class Server:
                 body = await stream.next_request()
                 if body is None or stream.queue:
                     many = "no" if body is None else "more than one"
-                    stream.send_status(grpc.StatusCode.INTERNAL, f"{many} request message in a unary call")
+                    stream.send_status(StatusCode.INTERNAL, f"{many} request message in a unary call")
                     return
                 deserializer = handler.request_deserializer
                 try:
                     request = deserializer(body) if deserializer is not None else body
                 except Exception as exc:  # noqa: BLE001 - INTERNAL, as gRPC-Go answers
-                    stream.send_status(grpc.StatusCode.INTERNAL, f"malformed request: {exc}")
+                    stream.send_status(StatusCode.INTERNAL, f"malformed request: {exc}")
                     return
             if not handler.response_streaming:
                 behaviour = handler.unary_unary or handler.stream_unary
                 response = await behaviour(request, context)
                 if response is None:
                     code = context.code
-                    stream.send_status(code if code not in (None, _OK) else grpc.StatusCode.INTERNAL,
+                    stream.send_status(code if code is not None and not _is_ok(code) else StatusCode.INTERNAL,
                                        context.details or "the handler returned no response")
                     return
                 await stream.send_message(response)
@@ -746,21 +809,21 @@ class Server:
                         await stream.send_message(item)
                 elif result is not None:
                     await result
-            stream.send_status(context.code or _OK, context.details)
-        except grpc.aio.AbortError:
-            stream.send_status(context.code or grpc.StatusCode.UNKNOWN, context.details)
+            stream.send_status(context.code or StatusCode.OK, context.details)
+        except AbortError:
+            stream.send_status(context.code or StatusCode.UNKNOWN, context.details)
         except asyncio.CancelledError:
             # the client reset the stream or went away (nothing to tell it), a deadline
             # passed (told already), or the server stops
-            stream.send_status(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down")
+            stream.send_status(StatusCode.UNAVAILABLE, f"{self.name} is shutting down")
         except _TooLarge as exc:
-            stream.send_status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            stream.send_status(StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except _Malformed as exc:
-            stream.send_status(grpc.StatusCode.INTERNAL, str(exc))
+            stream.send_status(StatusCode.INTERNAL, str(exc))
         except Exception as exc:  # noqa: BLE001 - a handler outside base.service's mapping
             if context.code is None:  # (a generated default sets UNIMPLEMENTED, then raises)
                 log.exception("%s failed", handler)
-            stream.send_status(context.code or grpc.StatusCode.UNKNOWN,
+            stream.send_status(context.code or StatusCode.UNKNOWN,
                                context.details or f"Unexpected {type(exc).__name__}: {exc}")
         finally:
             stream.finished = True

@@ -81,7 +81,7 @@ def nspid(pid: int) -> list[str]:
 
 def test_create_and_exec_fork_from_the_single_threaded_shim(shims):
     shim = shims(["sleep", "1000"])
-    assert threads(shim.pid) == 1  # grpclib on asyncio: no gRPC core threads
+    assert threads(shim.pid) == 1  # h2server on asyncio: no gRPC core threads
     assert children(shim.pid) == []  # no helper process either
     own = namespaces(shim.pid)
     before = reaped_faults(shim.pid)
@@ -334,44 +334,78 @@ def test_exec_installs_the_filter_compiled_at_create(shims, workdir):
 
 
 def test_writes_of_one_loop_pass_leave_as_one_send():
-    """Headers, message and trailers of an answer go out as one send() (each send woke
-    runtimed on its own: 16 -> 5 sends per exec, strace), in order; close() sends what is
-    pending before closing."""
+    """The shim's server (runtimed/services/h2server.py) sends the SETTINGS ack and a unary
+    answer's headers, message and trailers as one write at the end of the loop's pass
+    (each send woke runtimed on its own: 16 -> 5 sends per exec, strace), in order."""
     import asyncio
 
-    from shimd.service import _Coalescing
+    from ctl.client.wire import (
+        ACK,
+        END_HEADERS,
+        END_STREAM,
+        HEADERS,
+        PREFACE,
+        SETTINGS,
+        _frame,
+        encode_headers,
+    )
+    from runtimed.services.h2server import Connection
+    from shimd.service import ShimServer, ShimService
 
     class Transport:
         def __init__(self):
             self.sent, self.closed = [], False
 
         def write(self, data):
-            assert not self.closed
-            self.sent.append(data)
+            self.sent.append([bytes(data)])
 
-        def is_closing(self):
-            return self.closed
+        def writelines(self, parts):
+            assert not self.closed
+            self.sent.append([bytes(part) for part in parts])
 
         def close(self):
             self.closed = True
 
-        def get_extra_info(self, name):
-            return f"extra {name}"
-
     async def scenario():
+        server = ShimServer([ShimService(None)])
+        server.loop = asyncio.get_running_loop()
         transport = Transport()
-        coalescing = _Coalescing(transport)
-        for part in (b"headers", b"", b"message", b"trailers"):
-            coalescing.write(part)
-        assert transport.sent == []  # nothing yet within this pass
+        conn = Connection(server)
+        conn.connection_made(transport)
+        assert len(transport.sent) == 1  # our SETTINGS, at once
+        body = pb.ConnectRequest().SerializeToString()
+        headers = encode_headers([(":method", "POST"), (":scheme", "http"), (":path",
+                                  "/runtimed.shim.v1.Shim/Connect"), (":authority", "shim"),
+                                  ("content-type", "application/grpc")])
+        conn.data_received(PREFACE + _frame(SETTINGS, 0, 0, b"")
+                           + _frame(HEADERS, END_HEADERS, 1, headers)
+                           + _frame(0, END_STREAM, 1, b"\x00" + len(body).to_bytes(4, "big") + body))
+        assert len(transport.sent) == 1  # nothing more within this pass
         await asyncio.sleep(0)
-        assert transport.sent == [b"headersmessagetrailers"]
-        coalescing.write(b"event")
-        await asyncio.sleep(0)
-        assert transport.sent[1:] == [b"event"]
-        coalescing.write(b"last answer")
-        coalescing.close()
-        assert transport.sent[2:] == [b"last answer"] and transport.closed
-        assert coalescing.get_extra_info("socket") == "extra socket"
+        assert len(transport.sent) == 2  # then one write: ack, headers, message, trailers
+        kinds = []
+        data = b"".join(transport.sent[1])
+        while data:
+            length = int.from_bytes(data[:3], "big")
+            kinds.append((data[3], data[4]))
+            data = data[9 + length:]
+        assert kinds == [(SETTINGS, ACK), (HEADERS, END_HEADERS), (0, 0),
+                         (HEADERS, END_HEADERS | END_STREAM)]
+        conn.connection_lost(None)
 
     asyncio.run(scenario())
+
+
+def test_the_zygote_imports_no_grpc_stack():
+    """What every shim inherits (the zygote's preload, one call served and made) holds no
+    grpcio and no grpclib/h2/hpack (their memory and, for grpcio, threads), and one thread."""
+    import subprocess
+    import sys
+
+    script = ("import sys, threading; from shimd.zygote import preload; preload(); "
+              "print(sorted({m.split('.')[0] for m in sys.modules} & "
+              "{'grpc', 'grpclib', 'h2', 'hpack'}), threading.active_count(), "
+              "'runtimed.services.h2server' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    assert out == ["[]", "1", "True"]

@@ -1,5 +1,5 @@
 """runtimed's HTTP/2 gRPC client for its shims (runtimed/runtime/h2client.py), against a
-real shim (grpclib's server): answers and typed errors, deadlines, requests larger than
+real shim (served by h2server): answers and typed errors, deadlines, requests larger than
 the server's flow-control windows, many calls at once on one connection, the event
 stream, and a connection that goes away."""
 

@@ -1,5 +1,6 @@
-"""runtimed.services.h2server: the daemon's HTTP/2 gRPC server, against grpcio, grpclib,
-ctl's own client and a raw HTTP/2 peer (for the protocol's edge cases).
+"""runtimed.services.h2server: the HTTP/2 gRPC server of the daemon and the shims, against
+grpcio, grpclib (a test-only dependency: an independent peer), ctl's own client and a raw
+HTTP/2 peer (for the protocol's edge cases).
 
 The server runs on a uvloop loop in a thread of the test process, with a MethodTable of
 test handlers; each handler reports what happened to it through threading.Events.
@@ -199,6 +200,63 @@ def test_client_stream_many_megabytes(served, channel):
 
 
 # statuses -----------------------------------------------------------------------------------
+
+def test_a_table_of_its_own_handlers_without_grpcio(tmp_path):
+    """The shim's shape: a plain `methods` dict of h2server.MethodHandler (no `service`
+    fallback, no grpcio), aborts with h2server.StatusCode, typed statuses and a
+    stream on the wire, an unknown method UNIMPLEMENTED, a body that does not parse
+    INTERNAL."""
+    from runtimed.services import h2server
+
+    async def get(request, context):
+        if request.version == "missing":
+            await context.abort(h2server.StatusCode.NOT_FOUND, "no such thing: é")
+        return version_pb2.VersionResponse(version=request.version.upper())
+
+    async def each(request, context):
+        for word in request.version.split():
+            yield version_pb2.VersionResponse(version=word)
+
+    class Table:
+        methods = {
+            "/t.T/Get": h2server.unary_unary(get, version_pb2.VersionResponse.FromString,
+                                             version_pb2.VersionResponse.SerializeToString),
+            "/t.T/Each": h2server.unary_stream(each, version_pb2.VersionResponse.FromString,
+                                               version_pb2.VersionResponse.SerializeToString),
+        }
+
+    path = str(tmp_path / "own.sock")
+    loop = asyncio.new_event_loop()
+    server = Server(Table(), name="the test server")
+    loop.run_until_complete(server.start(path))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        with grpc.insecure_channel(f"unix://{path}") as ch:
+            request = version_pb2.VersionResponse
+            get_call = ch.unary_unary("/t.T/Get", request_serializer=request.SerializeToString,
+                                      response_deserializer=request.FromString)
+            assert get_call(request(version="x"), timeout=10) == request(version="X")
+            with pytest.raises(grpc.RpcError) as err:
+                get_call(request(version="missing"), timeout=10)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            assert err.value.details() == "no such thing: é"
+            each_call = ch.unary_stream("/t.T/Each", request_serializer=request.SerializeToString,
+                                        response_deserializer=request.FromString)
+            assert [r.version for r in each_call(request(version="a b c"), timeout=10)] == ["a", "b", "c"]
+            with pytest.raises(grpc.RpcError) as err:
+                ch.unary_unary("/t.T/Nothing")(b"", timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            with pytest.raises(grpc.RpcError) as err:
+                ch.unary_unary("/t.T/Get")(b"\xff\xff", timeout=10)
+            assert err.value.code() == grpc.StatusCode.INTERNAL
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
 
 def test_unknown_method_is_unimplemented(channel):
     with pytest.raises(grpc.RpcError) as err:

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 from collections import deque
 
-from ctl.client.wire import (
+from runtimed.http2 import (
     ACK,
     CANCEL_ERROR,
     CODES,
@@ -46,9 +46,9 @@ from ctl.client.wire import (
     WINDOW_UPDATE,
     HeaderDecoder,
     RpcError,
-    _frame,
-    _percent_decode,
+    encode_frame,
     encode_headers,
+    percent_decode,
 )
 
 RECEIVE_FRAME_SIZE = 1 << 20
@@ -110,7 +110,7 @@ class _Connection(asyncio.Protocol):
         settings = b"".join(key.to_bytes(2, "big") + value.to_bytes(4, "big") for key, value in (
             (SETTINGS_ENABLE_PUSH, 0), (SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW),
             (SETTINGS_MAX_FRAME_SIZE, RECEIVE_FRAME_SIZE)))
-        transport.write(PREFACE + _frame(SETTINGS, 0, 0, settings) + _frame(
+        transport.write(PREFACE + encode_frame(SETTINGS, 0, 0, settings) + encode_frame(
             WINDOW_UPDATE, 0, 0, (MAX_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big")))
 
     def connection_lost(self, exc) -> None:
@@ -146,7 +146,7 @@ class _Connection(asyncio.Protocol):
             if kind == SETTINGS and not flags & ACK:
                 self._settings(payload)
             elif kind == PING and not flags & ACK:
-                self._write(_frame(PING, ACK, 0, payload))
+                self._write(encode_frame(PING, ACK, 0, payload))
             elif kind == WINDOW_UPDATE:
                 self.send_window += int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
                 self.window_opened.set()
@@ -186,7 +186,7 @@ class _Connection(asyncio.Protocol):
                     stream.send_window += delta
             elif key == SETTINGS_MAX_FRAME_SIZE:
                 self.max_send_frame = value
-        self._write(_frame(SETTINGS, ACK, 0))
+        self._write(encode_frame(SETTINGS, ACK, 0))
         self.window_opened.set()
 
     def _header_block(self, stream: _Stream, kind: int, flags: int, fragment: bytes) -> None:
@@ -243,16 +243,16 @@ class _Connection(asyncio.Protocol):
         self.received += size
         if self.received > MAX_WINDOW // 2:
             increment, self.received = self.received, 0
-            self._write(_frame(WINDOW_UPDATE, 0, 0, increment.to_bytes(4, "big")))
+            self._write(encode_frame(WINDOW_UPDATE, 0, 0, increment.to_bytes(4, "big")))
         stream.unacknowledged += size
         if stream.unacknowledged > MAX_WINDOW // 2:
             increment, stream.unacknowledged = stream.unacknowledged, 0
-            self._write(_frame(WINDOW_UPDATE, 0, stream.id, increment.to_bytes(4, "big")))
+            self._write(encode_frame(WINDOW_UPDATE, 0, stream.id, increment.to_bytes(4, "big")))
 
     def _end(self, stream: _Stream, error: CallError | None, reset: bool = False) -> None:
         self.streams.pop(stream.id, None)
         if reset:
-            self._write(_frame(RST_STREAM, 0, stream.id, CANCEL_ERROR.to_bytes(4, "big")))
+            self._write(encode_frame(RST_STREAM, 0, stream.id, CANCEL_ERROR.to_bytes(4, "big")))
         stream.finish(None if error is not None and error.code == "OK" else error)
 
     def _write(self, data: bytes) -> None:
@@ -278,10 +278,10 @@ class _Connection(asyncio.Protocol):
         if len(message) <= min(self.send_window, stream.send_window, self.max_send_frame):
             self.send_window -= len(message)
             stream.send_window -= len(message)
-            self._write(_frame(HEADERS, END_HEADERS, stream.id, encode_headers(headers))
-                        + _frame(DATA, END_STREAM, stream.id, message))
+            self._write(encode_frame(HEADERS, END_HEADERS, stream.id, encode_headers(headers))
+                        + encode_frame(DATA, END_STREAM, stream.id, message))
             return stream
-        self._write(_frame(HEADERS, END_HEADERS, stream.id, encode_headers(headers)))
+        self._write(encode_frame(HEADERS, END_HEADERS, stream.id, encode_headers(headers)))
         view = memoryview(message)
         while view:
             while min(self.send_window, stream.send_window) <= 0:
@@ -293,12 +293,12 @@ class _Connection(asyncio.Protocol):
             self.send_window -= size
             stream.send_window -= size
             chunk, view = view[:size], view[size:]
-            self._write(_frame(DATA, 0 if view else END_STREAM, stream.id, bytes(chunk)))
+            self._write(encode_frame(DATA, 0 if view else END_STREAM, stream.id, bytes(chunk)))
         return stream
 
     def cancel(self, stream: _Stream, error: CallError | None = None) -> None:
         if self.streams.pop(stream.id, None) is not None:
-            self._write(_frame(RST_STREAM, 0, stream.id, CANCEL_ERROR.to_bytes(4, "big")))
+            self._write(encode_frame(RST_STREAM, 0, stream.id, CANCEL_ERROR.to_bytes(4, "big")))
         stream.finish(error or CallError("CANCELLED", "call cancelled"))
 
     def close(self) -> None:
@@ -420,4 +420,4 @@ def _status(headers: dict[str, str]) -> CallError:
         code = CODES[int(headers["grpc-status"])]
     except (ValueError, IndexError):
         code = "UNKNOWN"
-    return CallError(code, _percent_decode(headers.get("grpc-message", "")) or code)
+    return CallError(code, percent_decode(headers.get("grpc-message", "")) or code)

@@ -12,7 +12,7 @@ and the shim's table (this module's `MethodHandler`: the same fields, no grpcio,
 shim must not import: 20 MB and threads) with a `Context` that has the part of grpc.aio's
 ServicerContext the services use, so the services do not know which server runs them. What it speaks: HTTP/2
 (RFC 9113) without TLS, priorities or push; flow control both ways; HPACK decoding with
-ctl/client/wire.py's decoder and literal-only encoding; gRPC's length-prefixed messages,
+runtimed/http2.py's decoder and literal-only encoding; gRPC's length-prefixed messages,
 grpc-timeout deadlines, percent-encoded grpc-message; no compression (a compressed
 request is refused with UNIMPLEMENTED).
 """
@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ctl.client.wire import (
+from runtimed.http2 import (
     ACK,
     CONTINUATION,
     DATA,
@@ -53,7 +53,7 @@ from ctl.client.wire import (
     WINDOW_UPDATE,
     HeaderDecoder,
     RpcError,
-    _frame,
+    encode_frame,
     encode_headers,
 )
 
@@ -293,7 +293,7 @@ class Stream:
         """Window back to the client once a quarter of it is used, unless the handler is
         behind (then when it catches up): back-pressure on a client stream."""
         if self.unacked >= STREAM_WINDOW // 4 and self.queued < STREAM_WINDOW // 2:
-            self.conn.write(_frame(WINDOW_UPDATE, 0, self.id, self.unacked.to_bytes(4, "big")))
+            self.conn.write(encode_frame(WINDOW_UPDATE, 0, self.id, self.unacked.to_bytes(4, "big")))
             self.unacked = 0
 
     async def next_request(self) -> bytes | bytearray | None:
@@ -329,7 +329,7 @@ class Stream:
         size = 5 + len(body)
         if not self.headers_sent:
             self.headers_sent = True
-            conn.write(_frame(HEADERS, END_HEADERS, self.id, _RESPONSE_HEADERS))
+            conn.write(encode_frame(HEADERS, END_HEADERS, self.id, _RESPONSE_HEADERS))
         if size <= frame_limit and size <= conn.send_window and size <= self.send_window:
             conn.send_window -= size
             self.send_window -= size
@@ -378,9 +378,9 @@ class Stream:
         if not self.headers_sent:
             self.headers_sent = True
             block = _RESPONSE_HEADERS + block  # trailers-only response
-        frames = _frame(HEADERS, END_HEADERS | END_STREAM, self.id, block)
+        frames = encode_frame(HEADERS, END_HEADERS | END_STREAM, self.id, block)
         if not self.closed_remote:  # answered before the request ended: the client may stop
-            frames += _frame(RST_STREAM, 0, self.id, NO_ERROR.to_bytes(4, "big"))
+            frames += encode_frame(RST_STREAM, 0, self.id, NO_ERROR.to_bytes(4, "big"))
         conn.write(frames)
         self._done()
 
@@ -444,8 +444,8 @@ class Connection(asyncio.Protocol):
         self.server.connections.add(self)
         settings = b"".join(key.to_bytes(2, "big") + value.to_bytes(4, "big") for key, value in (
             (SETTINGS_MAX_FRAME_SIZE, RECEIVE_FRAME_SIZE), (SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW)))
-        transport.write(_frame(SETTINGS, 0, 0, settings)
-                        + _frame(WINDOW_UPDATE, 0, 0, (MAX_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big")))
+        transport.write(encode_frame(SETTINGS, 0, 0, settings)
+                        + encode_frame(WINDOW_UPDATE, 0, 0, (MAX_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big")))
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -493,7 +493,7 @@ class Connection(asyncio.Protocol):
         self.out_size = 0
 
     def goaway(self, code: int, message: str = "") -> None:
-        self.write(_frame(GOAWAY, 0, 0, self.last_stream.to_bytes(4, "big") + code.to_bytes(4, "big")
+        self.write(encode_frame(GOAWAY, 0, 0, self.last_stream.to_bytes(4, "big") + code.to_bytes(4, "big")
                           + message.encode()))
 
     def data_received(self, data: bytes) -> None:
@@ -564,7 +564,7 @@ class Connection(asyncio.Protocol):
                 self._settings(payload)
         elif kind == PING:
             if not flags & ACK:
-                self.write(_frame(PING, ACK, 0, payload))
+                self.write(encode_frame(PING, ACK, 0, payload))
         elif kind == WINDOW_UPDATE:
             increment = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
             if sid == 0:
@@ -593,7 +593,7 @@ class Connection(asyncio.Protocol):
             payload = payload[1:size - payload[0]]
         self.received += size
         if self.received >= MAX_WINDOW // 4:
-            self.write(_frame(WINDOW_UPDATE, 0, 0, self.received.to_bytes(4, "big")))
+            self.write(encode_frame(WINDOW_UPDATE, 0, 0, self.received.to_bytes(4, "big")))
             self.received = 0
         stream = self.streams.get(sid)
         if stream is None or stream.closed_remote:
@@ -645,7 +645,7 @@ class Connection(asyncio.Protocol):
                 if not 16384 <= value <= (1 << 24) - 1:
                     raise _ConnectionError(PROTOCOL_ERROR, f"max frame size {value}")
                 self.peer_max_frame = value
-        self.write(_frame(SETTINGS, ACK, 0))
+        self.write(encode_frame(SETTINGS, ACK, 0))
 
     def _header_block(self, stream: Stream) -> None:
         block = bytes(stream.header_block)
@@ -658,7 +658,7 @@ class Connection(asyncio.Protocol):
                     self.server.start_call(stream)
             return
         if self.server.stopping:
-            self.write(_frame(RST_STREAM, 0, stream.id, REFUSED_STREAM.to_bytes(4, "big")))
+            self.write(encode_frame(RST_STREAM, 0, stream.id, REFUSED_STREAM.to_bytes(4, "big")))
             stream.finished = True
             self.streams.pop(stream.id, None)
             return
@@ -728,7 +728,7 @@ class Server:
             stream.closed_remote = True
         if method != "POST" or not (content_type or "").startswith("application/grpc"):
             status = "405" if method != "POST" else "415"
-            conn.write(_frame(HEADERS, END_HEADERS | END_STREAM, stream.id,
+            conn.write(encode_frame(HEADERS, END_HEADERS | END_STREAM, stream.id,
                               encode_headers([(":status", status)])))
             stream.cancel()
             return

@@ -339,14 +339,14 @@ def test_writes_of_one_loop_pass_leave_as_one_send():
     (each send woke runtimed on its own: 16 -> 5 sends per exec, strace), in order."""
     import asyncio
 
-    from ctl.client.wire import (
+    from runtimed.http2 import (
         ACK,
         END_HEADERS,
         END_STREAM,
         HEADERS,
         PREFACE,
         SETTINGS,
-        _frame,
+        encode_frame,
         encode_headers,
     )
     from runtimed.services.h2server import Connection
@@ -377,9 +377,9 @@ def test_writes_of_one_loop_pass_leave_as_one_send():
         headers = encode_headers([(":method", "POST"), (":scheme", "http"), (":path",
                                   "/runtimed.shim.v1.Shim/Connect"), (":authority", "shim"),
                                   ("content-type", "application/grpc")])
-        conn.data_received(PREFACE + _frame(SETTINGS, 0, 0, b"")
-                           + _frame(HEADERS, END_HEADERS, 1, headers)
-                           + _frame(0, END_STREAM, 1, b"\x00" + len(body).to_bytes(4, "big") + body))
+        conn.data_received(PREFACE + encode_frame(SETTINGS, 0, 0, b"")
+                           + encode_frame(HEADERS, END_HEADERS, 1, headers)
+                           + encode_frame(0, END_STREAM, 1, b"\x00" + len(body).to_bytes(4, "big") + body))
         assert len(transport.sent) == 1  # nothing more within this pass
         await asyncio.sleep(0)
         assert len(transport.sent) == 2  # then one write: ack, headers, message, trailers

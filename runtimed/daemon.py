@@ -6,20 +6,12 @@ service adapters to them; `main` is the `runtimed` command.
 
 from __future__ import annotations
 
-import os
-
-# For the grpc.aio server (RUNTIMED_GRPC_SERVER=grpcio). Read by grpc once, when it is
-# imported, so set before anything imports it. grpc's classic I/O manager serves accepted
-# connections with fewer thread hand-offs than its EventEngine listener: a unary call costs
-# the daemon ~11 context switches instead of ~17, ~20% less CPU (docs/architecture.md).
-# `serve` drops the variable again before starting any child.
-os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_listener")
-
 import argparse
 import asyncio
 import ctypes
 import fcntl
 import logging
+import os
 import signal
 import sys
 import uuid
@@ -170,40 +162,13 @@ def _server_uuid(root: Path) -> str:
 
 def create_server(daemon: Daemon):
     """The daemon's gRPC server over every service: our own HTTP/2 server
-    (runtimed/services/h2server.py), or grpc.aio when RUNTIMED_GRPC_SERVER=grpcio (kept to
-    compare the two and as a way back while the new server is young)."""
+    (runtimed/services/h2server.py; docs/architecture.md says why not grpc.aio)."""
     from runtimed.services import base, catalog
+    from runtimed.services.h2server import Server
 
     table = base.MethodTable()
     catalog.register_all(table, daemon)
-    if os.environ.get("RUNTIMED_GRPC_SERVER") == "grpcio":
-        import grpc
-
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
-                ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
-            ]
-        )
-        server.add_generic_rpc_handlers((table,))
-        return _AioServer(server)
-    from runtimed.services.h2server import Server
-
     return Server(table, MAX_MESSAGE_SIZE)
-
-
-class _AioServer:
-    """grpc.aio's server behind the same start/stop as h2server.Server."""
-
-    def __init__(self, server):
-        self.server = server
-
-    async def start(self, address: str) -> None:
-        self.server.add_insecure_port(f"unix://{address}")
-        await self.server.start()
-
-    async def stop(self, grace: float | None) -> None:
-        await self.server.stop(grace)
 
 
 def _prepare_socket(address: str, group: str) -> None:
@@ -227,8 +192,6 @@ def _secure_socket(address: str, group: str) -> None:
 
 
 async def serve(config: Config) -> None:
-    if os.environ.get("GRPC_EXPERIMENTS") == "-event_engine_listener":
-        del os.environ["GRPC_EXPERIMENTS"]  # ours, not the shims'
     daemon = Daemon(config)
     _prepare_socket(config.address, config.socket_group)
     server = create_server(daemon)

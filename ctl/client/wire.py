@@ -24,7 +24,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
 
-from runtimed.http2 import (  # noqa: F401 - RpcError, CODES... are this module's API too
+from runtimed.http2 import (
     ACK,
     CANCEL_ERROR,
     CODES,
@@ -106,7 +106,7 @@ class _Connection:
         except OSError:
             pass
 
-    def readencode_frame(self) -> tuple[int, int, int, bytes]:
+    def read_frame(self) -> tuple[int, int, int, bytes]:
         buffer = self.buffer
         while len(buffer) < 9:
             self._fill()
@@ -185,7 +185,7 @@ class _Connection:
             while select.select([self.sock], [], [], 0)[0]:
                 self._fill()
             while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
-                self.handle(*self.readencode_frame())
+                self.handle(*self.read_frame())
         except (_Closed, OSError, RpcError):
             return False
         return self.usable
@@ -380,7 +380,7 @@ class _Call:
             connection.sock.settimeout(remaining)
         elif connection.sock.gettimeout() is not None:
             connection.sock.settimeout(None)
-        connection.handle(*connection.readencode_frame())
+        connection.handle(*connection.read_frame())
 
     def frame(self, kind: int, flags: int, payload: bytes) -> None:
         if kind == DATA:
@@ -524,5 +524,3 @@ class _Call:
         with connection.lock:
             connection.lock.notify_all()
 
-
-_frame = encode_frame  # for runtimed/services/h2server.py until it imports runtimed.http2

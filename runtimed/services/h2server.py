@@ -487,7 +487,7 @@ class Connection(asyncio.Protocol):
 
     def flush(self) -> None:
         out = self.out
-        if out and not self.closed:
+        if out and not self.closed and not self.transport.is_closing():
             self.transport.writelines(out)
         out.clear()
         self.out_size = 0
@@ -756,17 +756,24 @@ class Server:
             self.start_call(stream)
 
     def start_call(self, stream: Stream) -> None:
-        """Run the call's handler at once, up to its first wait, as Python 3.12's eager
-        tasks do: a call that never waits (Version, a cached Get) costs no task and no loop
-        round; one that does goes on in a task."""
+        """Run the call's handler at once, up to its first wait (an eager task): a call
+        that never waits (Version, a cached Get) costs no loop round."""
         context = contextvars.copy_context()
-        call = self.run(stream)
         stream.task = _EAGER
-        try:
-            waiting_on = context.run(call.send, None)
-        except StopIteration:
-            return
-        task = self.loop.create_task(_resume(call, waiting_on), context=context)
+        if _EAGER_TASKS is not None:
+            task = _EAGER_TASKS(self.loop, self.run(stream), context=context)
+            if task.done():
+                return
+        else:
+            # Python 3.11 has no eager tasks: the first step runs outside any task, so
+            # asyncio.current_task() is None and asyncio.timeout() refuses until the
+            # handler's first wait (no handler of ours needs either that early)
+            call = self.run(stream)
+            try:
+                waiting_on = context.run(call.send, None)
+            except StopIteration:
+                return
+            task = self.loop.create_task(_resume(call, waiting_on), context=context)
         stream.task = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -859,6 +866,7 @@ class _Eager:
 
 
 _EAGER = _Eager()
+_EAGER_TASKS = getattr(asyncio, "eager_task_factory", None)  # Python >= 3.12
 
 
 @types.coroutine

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ctl.client import wire
+from runtimed import http2
 from runtimed.errors import DeadlineExceeded, NotFound
 from tests.cli.conftest import REPO
 
@@ -32,20 +32,20 @@ def test_decoder_reads_what_hpack_writes(blocks, huffman):
 
     encoder = hpack.Encoder()
     encoder.header_table_size = 256  # small, so entries get evicted
-    decoder = wire.HeaderDecoder()
+    decoder = http2.HeaderDecoder()
     for headers in blocks:
         block = encoder.encode(headers, huffman=huffman)
         assert decoder.decode(block) == headers
 
 
 def test_decoder_rfc7541_examples():
-    decoder = wire.HeaderDecoder()  # C.4: requests with Huffman coding, one table
+    decoder = http2.HeaderDecoder()  # C.4: requests with Huffman coding, one table
     assert decoder.decode(bytes.fromhex("828684418cf1e3c2e5f23a6ba0ab90f4ff")) == [
         (":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "www.example.com")]
     assert decoder.decode(bytes.fromhex("828684be5886a8eb10649cbf")) == [
         (":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "www.example.com"),
         ("cache-control", "no-cache")]
-    with pytest.raises(wire.RpcError):
+    with pytest.raises(http2.RpcError):
         decoder.decode(bytes.fromhex("ff"))  # a truncated integer
 
 
@@ -53,7 +53,7 @@ def test_decoder_rfc7541_examples():
 def test_encoded_headers_decode_with_hpack(headers):
     import hpack
 
-    assert hpack.Decoder().decode(wire.encode_headers(headers)) == headers
+    assert hpack.Decoder().decode(http2.encode_headers(headers)) == headers
 
 
 def test_client_process_does_not_import_grpc(ctl, busybox):

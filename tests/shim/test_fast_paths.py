@@ -366,6 +366,9 @@ def test_writes_of_one_loop_pass_leave_as_one_send():
         def close(self):
             self.closed = True
 
+        def is_closing(self):
+            return self.closed
+
     async def scenario():
         server = ShimServer([ShimService(None)])
         server.loop = asyncio.get_running_loop()

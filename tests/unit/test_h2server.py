@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import threading
 
 import grpc
@@ -17,6 +18,7 @@ import pytest
 import uvloop
 
 from ctl.client import wire
+from runtimed import http2
 from runtimed.api.containerd.services.version.v1 import version_pb2
 from runtimed.services import base, version
 from runtimed.services.h2server import STREAM_WINDOW, Server, parse_timeout, percent_encode
@@ -77,6 +79,15 @@ class Handlers:
         async for message in requests:
             yield message.upper()
 
+    async def in_task(self, request, context):
+        """What a handler may rely on: a task (and asyncio.timeout) from its first wait on;
+        on Python >= 3.12 from its start too (eager tasks)."""
+        eager = asyncio.current_task() is not None
+        await asyncio.sleep(0)
+        async with asyncio.timeout(5):
+            await asyncio.sleep(0)
+        return f"{eager} {asyncio.current_task() is not None}".encode()
+
 
 @pytest.fixture
 def served(tmp_path):
@@ -98,6 +109,7 @@ def served(tmp_path):
         "Chunks": grpc.unary_stream_rpc_method_handler(handlers.chunks),
         "Writes": grpc.unary_stream_rpc_method_handler(handlers.writes),
         "Bidi": grpc.stream_stream_rpc_method_handler(handlers.bidi),
+        "InTask": grpc.unary_unary_rpc_method_handler(handlers.in_task),
     })
     path = str(tmp_path / "s.sock")
     loop = uvloop.new_event_loop()
@@ -258,6 +270,11 @@ def test_a_table_of_its_own_handlers_without_grpcio(tmp_path):
 
 
 
+def test_a_handler_runs_in_a_task_from_its_first_wait(channel):
+    eager = sys.version_info >= (3, 12)
+    assert _unary(channel, "InTask")(b"") == f"{eager} True".encode()
+
+
 def test_unknown_method_is_unimplemented(channel):
     with pytest.raises(grpc.RpcError) as err:
         channel.unary_unary("/no.such.Service/Nothing")(b"")
@@ -340,21 +357,21 @@ class Peer:
         self.sock.settimeout(10)
         self.sock.connect(path)
         self.buffer = bytearray()
-        self.decoder = wire.HeaderDecoder()
-        self.sock.sendall(wire.PREFACE + wire._frame(wire.SETTINGS, 0, 0, settings))
+        self.decoder = http2.HeaderDecoder()
+        self.sock.sendall(http2.PREFACE + http2.encode_frame(http2.SETTINGS, 0, 0, settings))
 
     def send(self, kind: int, flags: int, stream: int, payload: bytes = b"") -> None:
-        self.sock.sendall(wire._frame(kind, flags, stream, payload))
+        self.sock.sendall(http2.encode_frame(kind, flags, stream, payload))
 
     def call(self, stream: int, path: str, extra=(), end: bool = False) -> None:
         headers = [(":method", "POST"), (":scheme", "http"), (":path", path),
                    (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers"),
                    *extra]
-        self.send(wire.HEADERS, wire.END_HEADERS | (wire.END_STREAM if end else 0), stream,
-                  wire.encode_headers(headers))
+        self.send(http2.HEADERS, http2.END_HEADERS | (http2.END_STREAM if end else 0), stream,
+                  http2.encode_headers(headers))
 
     def message(self, stream: int, body: bytes, end: bool = True) -> None:
-        self.send(wire.DATA, wire.END_STREAM if end else 0, stream,
+        self.send(http2.DATA, http2.END_STREAM if end else 0, stream,
                   b"\x00" + len(body).to_bytes(4, "big") + body)
 
     def read(self) -> tuple[int, int, int, bytes] | None:
@@ -369,7 +386,7 @@ class Peer:
         stream = int.from_bytes(self.buffer[5:9], "big")
         payload = bytes(self.buffer[9:9 + length])
         del self.buffer[:9 + length]
-        if kind == wire.HEADERS:
+        if kind == http2.HEADERS:
             payload = dict(self.decoder.decode(payload))
         return kind, flags, stream, payload
 
@@ -384,10 +401,10 @@ class Peer:
 
     def sync(self, seen: list | None = None) -> None:
         """Returns once the server has handled everything sent before (a PING round trip)."""
-        self.send(wire.PING, 0, 0, b"syncsync")
+        self.send(http2.PING, 0, 0, b"syncsync")
         while True:
-            frame = self.until(wire.PING, 0, seen)
-            if frame[1] & wire.ACK and frame[3] == b"syncsync":
+            frame = self.until(http2.PING, 0, seen)
+            if frame[1] & http2.ACK and frame[3] == b"syncsync":
                 return
 
     def close(self) -> None:
@@ -403,38 +420,38 @@ def peer(served):
 
 def test_settings_and_ping(peer):
     kind, flags, _, payload = peer.read()
-    assert kind == wire.SETTINGS and not flags & wire.ACK
+    assert kind == http2.SETTINGS and not flags & http2.ACK
     settings = {int.from_bytes(payload[i:i + 2], "big"): int.from_bytes(payload[i + 2:i + 6], "big")
                 for i in range(0, len(payload), 6)}
-    assert settings[wire.SETTINGS_MAX_FRAME_SIZE] >= 1 << 20
-    assert settings[wire.SETTINGS_INITIAL_WINDOW_SIZE] == STREAM_WINDOW
-    assert peer.until(wire.SETTINGS)[1] & wire.ACK  # ours acknowledged
-    peer.send(wire.PING, 0, 0, b"12345678")
-    assert peer.until(wire.PING)[1:] == (wire.ACK, 0, b"12345678")
+    assert settings[http2.SETTINGS_MAX_FRAME_SIZE] >= 1 << 20
+    assert settings[http2.SETTINGS_INITIAL_WINDOW_SIZE] == STREAM_WINDOW
+    assert peer.until(http2.SETTINGS)[1] & http2.ACK  # ours acknowledged
+    peer.send(http2.PING, 0, 0, b"12345678")
+    assert peer.until(http2.PING)[1:] == (http2.ACK, 0, b"12345678")
 
 
 def test_unary_without_a_message_is_internal(peer):
     peer.call(1, f"/{SERVICE}/Echo", end=True)
-    _, flags, _, headers = peer.until(wire.HEADERS, 1)
-    assert flags & wire.END_STREAM
+    _, flags, _, headers = peer.until(http2.HEADERS, 1)
+    assert flags & http2.END_STREAM
     assert headers["grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0])
 
 
 def test_not_grpc_is_refused_by_http_status(peer):
-    peer.send(wire.HEADERS, wire.END_HEADERS | wire.END_STREAM, 1, wire.encode_headers(
+    peer.send(http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, 1, http2.encode_headers(
         [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "x")]))
-    assert peer.until(wire.HEADERS, 1)[3][":status"] == "405"
+    assert peer.until(http2.HEADERS, 1)[3][":status"] == "405"
 
 
 def test_rst_stream_cancels_the_handler(served, peer):
     peer.call(1, f"/{SERVICE}/Hold")
     peer.message(1, b"")
     assert served[1].started.wait(10)
-    peer.send(wire.RST_STREAM, 0, 1, wire.CANCEL_ERROR.to_bytes(4, "big"))
+    peer.send(http2.RST_STREAM, 0, 1, http2.CANCEL_ERROR.to_bytes(4, "big"))
     assert served[1].cancelled.wait(10)
     peer.call(3, f"/{SERVICE}/Echo")  # the connection carries on
     peer.message(3, b"after")
-    assert peer.until(wire.DATA, 3)[3] == b"\x00\x00\x00\x00\x05after"
+    assert peer.until(http2.DATA, 3)[3] == b"\x00\x00\x00\x00\x05after"
 
 
 def test_connection_loss_cancels_the_handler(served, peer):
@@ -454,22 +471,22 @@ def test_client_stream_back_pressure(served, peer):
     window, sent = STREAM_WINDOW, 0
     while True:
         while window >= len(piece):
-            peer.send(wire.DATA, 0, 1, piece)
+            peer.send(http2.DATA, 0, 1, piece)
             window -= len(piece)
             sent += len(piece)
         seen: list = []
         peer.sync(seen)
-        granted = sum(int.from_bytes(f[3], "big") for f in seen if f[0] == wire.WINDOW_UPDATE and f[2] == 1)
+        granted = sum(int.from_bytes(f[3], "big") for f in seen if f[0] == http2.WINDOW_UPDATE and f[2] == 1)
         if not granted:
             break
         window += granted
         assert sent < 4 * STREAM_WINDOW
     assert sent <= 2 * STREAM_WINDOW
     _set(served[3], served[1].read_gate)  # the handler reads: window comes back
-    assert int.from_bytes(peer.until(wire.WINDOW_UPDATE, 1)[3], "big") > 0
-    peer.send(wire.DATA, wire.END_STREAM, 1, piece)
+    assert int.from_bytes(peer.until(http2.WINDOW_UPDATE, 1)[3], "big") > 0
+    peer.send(http2.DATA, http2.END_STREAM, 1, piece)
     pieces = sent // len(piece) + 1
-    data = peer.until(wire.DATA, 1)[3]
+    data = peer.until(http2.DATA, 1)[3]
     assert data[5:] == f"{pieces} {pieces * (16 << 10)}".encode()
 
 
@@ -477,31 +494,31 @@ def test_server_stream_respects_the_client_window(peer):
     peer.call(1, f"/{SERVICE}/Chunks")
     peer.message(1, b"4 100000")
     received = 0
-    while received < wire.DEFAULT_WINDOW:
+    while received < http2.DEFAULT_WINDOW:
         kind, _, stream, payload = peer.read()
-        if kind == wire.DATA and stream == 1:
+        if kind == http2.DATA and stream == 1:
             received += len(payload)
     seen: list = []
     peer.sync(seen)
-    assert received == wire.DEFAULT_WINDOW
-    assert not [f for f in seen if f[0] == wire.DATA]
+    assert received == http2.DEFAULT_WINDOW
+    assert not [f for f in seen if f[0] == http2.DATA]
     more = (1 << 20).to_bytes(4, "big")
-    peer.send(wire.WINDOW_UPDATE, 0, 0, more)
-    peer.send(wire.WINDOW_UPDATE, 0, 1, more)
+    peer.send(http2.WINDOW_UPDATE, 0, 0, more)
+    peer.send(http2.WINDOW_UPDATE, 0, 1, more)
     while True:
         kind, flags, stream, payload = peer.read()
-        if kind == wire.DATA and stream == 1:
+        if kind == http2.DATA and stream == 1:
             received += len(payload)
-        if kind == wire.HEADERS and stream == 1:
-            assert payload["grpc-status"] == "0" and flags & wire.END_STREAM
+        if kind == http2.HEADERS and stream == 1:
+            assert payload["grpc-status"] == "0" and flags & http2.END_STREAM
             break
     assert received == 4 * (100000 + 5)
 
 
 def test_compressed_message_without_encoding_is_internal(peer):
     peer.call(1, f"/{SERVICE}/Echo")
-    peer.send(wire.DATA, wire.END_STREAM, 1, b"\x01\x00\x00\x00\x01z")
-    headers = peer.until(wire.HEADERS, 1)[3]
+    peer.send(http2.DATA, http2.END_STREAM, 1, b"\x01\x00\x00\x00\x01z")
+    headers = peer.until(http2.HEADERS, 1)[3]
     assert headers["grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0])
 
 
@@ -511,15 +528,15 @@ def test_stop_sends_goaway_and_drains(served, peer):
     peer.message(1, b"")
     assert handlers.started.wait(10)
     stopped = asyncio.run_coroutine_threadsafe(server.stop(30), loop)
-    _, _, _, payload = peer.until(wire.GOAWAY)
+    _, _, _, payload = peer.until(http2.GOAWAY)
     assert int.from_bytes(payload[:4], "big") == 1  # the last stream it will serve
     assert int.from_bytes(payload[4:8], "big") == 0  # NO_ERROR
     peer.call(3, f"/{SERVICE}/Echo")  # too late: refused
-    assert peer.until(wire.RST_STREAM, 3)[3] == (0x7).to_bytes(4, "big")
+    assert peer.until(http2.RST_STREAM, 3)[3] == (0x7).to_bytes(4, "big")
     _set(loop, handlers.release)  # the call in flight still completes
-    data = peer.until(wire.DATA, 1)[3]
+    data = peer.until(http2.DATA, 1)[3]
     assert data[5:] == b"released"
-    assert peer.until(wire.HEADERS, 1)[3]["grpc-status"] == "0"
+    assert peer.until(http2.HEADERS, 1)[3]["grpc-status"] == "0"
     stopped.result(10)
     while peer.read() is not None:
         pass  # then the server closes the connection
@@ -534,28 +551,28 @@ def test_stop_cancels_what_outlives_the_grace(served, peer):
     assert handlers.started.wait(10)
     asyncio.run_coroutine_threadsafe(server.stop(0.1), loop).result(10)
     assert handlers.cancelled.is_set()
-    headers = peer.until(wire.HEADERS, 1)[3]
+    headers = peer.until(http2.HEADERS, 1)[3]
     assert headers["grpc-status"] == str(grpc.StatusCode.UNAVAILABLE.value[0])
 
 
 def test_messages_split_anywhere_between_frames(served):
     """Prefixes and messages cut at any point across DATA frames, several in one frame."""
-    big_window = (wire.SETTINGS_INITIAL_WINDOW_SIZE.to_bytes(2, "big") + (1 << 24).to_bytes(4, "big"))
+    big_window = (http2.SETTINGS_INITIAL_WINDOW_SIZE.to_bytes(2, "big") + (1 << 24).to_bytes(4, "big"))
     peer = Peer(served[0], big_window)
     try:
-        peer.send(wire.WINDOW_UPDATE, 0, 0, (1 << 24).to_bytes(4, "big"))
+        peer.send(http2.WINDOW_UPDATE, 0, 0, (1 << 24).to_bytes(4, "big"))
         messages = [b"a", b"", b"x" * 70000, b"bc", b"d" * 5]
         body = b"".join(b"\x00" + len(m).to_bytes(4, "big") + m for m in messages)
         peer.call(1, f"/{SERVICE}/Bidi")
         cuts = [0, 3, 4, 11, 20000, 70010, len(body)]
         for start, stop in zip(cuts, cuts[1:], strict=False):
-            peer.send(wire.DATA, wire.END_STREAM if stop == len(body) else 0, 1, body[start:stop])
+            peer.send(http2.DATA, http2.END_STREAM if stop == len(body) else 0, 1, body[start:stop])
         received = bytearray()
         while True:
             kind, _, stream, payload = peer.read()
-            if kind == wire.DATA and stream == 1:
+            if kind == http2.DATA and stream == 1:
                 received += payload
-            elif kind == wire.HEADERS and stream == 1 and "grpc-status" in payload:
+            elif kind == http2.HEADERS and stream == 1 and "grpc-status" in payload:
                 assert payload["grpc-status"] == "0"
                 break
         assert received == b"".join(b"\x00" + len(m).to_bytes(4, "big") + m.upper() for m in messages)
@@ -566,8 +583,8 @@ def test_messages_split_anywhere_between_frames(served):
 def test_request_ending_inside_a_message_is_internal(served, peer):
     _set(served[3], served[1].read_gate)
     peer.call(1, f"/{SERVICE}/Total")
-    peer.send(wire.DATA, wire.END_STREAM, 1, b"\x00\x00\x00\x00\x09abc")
-    headers = peer.until(wire.HEADERS, 1)[3]
+    peer.send(http2.DATA, http2.END_STREAM, 1, b"\x00\x00\x00\x00\x09abc")
+    headers = peer.until(http2.HEADERS, 1)[3]
     assert headers["grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0])
 
 
@@ -591,7 +608,7 @@ def test_no_call_state_outlives_its_call(served, channel):
     peer = Peer(path)
     peer.call(1, f"/{SERVICE}/Hold")
     peer.message(1, b"")
-    peer.send(wire.RST_STREAM, 0, 1, wire.CANCEL_ERROR.to_bytes(4, "big"))
+    peer.send(http2.RST_STREAM, 0, 1, http2.CANCEL_ERROR.to_bytes(4, "big"))
     peer.sync()
     peer.close()
 

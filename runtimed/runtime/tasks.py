@@ -396,6 +396,8 @@ class TaskManager:
 
     async def wait(self, namespace: str, id: str, exec_id: str = "") -> ExitStatus:
         task = self.get(namespace, id)
+        if not exec_id and task.init_exit is None and not task.init_exit_published:
+            await self._relayed_exit(task)
         if not exec_id and task.init_exit is not None:
             return task.init_exit
         try:
@@ -410,6 +412,26 @@ class TaskManager:
                     await asyncio.sleep(0.05)
             raise
         return ExitStatus(r.pid, r.exit_status, r.exited_at)
+
+    async def _relayed_exit(self, task: Task) -> None:
+        """Until init's exit is relayed or the relay is over (the shim died: its exit is
+        set then too; the task deleted or runtimed stopping). The shim reports the exit as
+        an event anyway, so waiting for the relay costs the shim nothing, where a Wait call
+        held a stream open on both sides per container. The caller asks the shim when the
+        exit is still unknown after this (or was relayed before a restart)."""
+        relay = task.forwarder
+        if relay is None or relay.done():
+            return
+
+        async def exit_relayed() -> None:
+            async with task.progress:
+                await task.progress.wait_for(lambda: task.init_exit is not None)
+
+        waiter = asyncio.ensure_future(exit_relayed())
+        try:
+            await asyncio.wait({waiter, relay}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
 
     async def kill(self, namespace: str, id: str, exec_id: str, signal: int, all: bool) -> None:
         task = self.get(namespace, id)
@@ -569,11 +591,12 @@ class TaskManager:
                 continue
             await self._publish(task, _record_to_event(record))
         if not task.init_exit_published and (task.bundle / "init.pid").exists():
-            now = time.time()
+            pid, exited_at = _init_pid(task.bundle), _ts(time.time())
             self.exchange.publish(task.namespace, "/tasks/exit", events.TaskExit(
-                container_id=task.id, id=task.id, pid=_init_pid(task.bundle),
-                exit_status=DEAD_SHIM_EXIT, exited_at=_ts(now)))
+                container_id=task.id, id=task.id, pid=pid,
+                exit_status=DEAD_SHIM_EXIT, exited_at=exited_at))
             task.init_exit_published = True
+            task.init_exit = ExitStatus(pid, DEAD_SHIM_EXIT, exited_at)  # for a Wait on it
             _record_published(task)
 
     # --- restart ---------------------------------------------------------------------

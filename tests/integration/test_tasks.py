@@ -305,6 +305,22 @@ def test_dead_shim_is_cleaned_up_with_exit_255(client, daemon):
     events.close()
 
 
+def test_a_pending_wait_answers_255_when_the_shim_dies(client, daemon):
+    """Wait on the init is answered from the relayed exit (no Wait call held open on the
+    shim): when the shim is killed under it, the relay's cleanup reports 255."""
+    client.run("orphan", ["sleep", "1000"])
+    shim_pid = int((daemon.state / "tasks" / "tt" / "orphan" / "shim.pid").read_text())
+    waits = [client.tasks.Wait.future(tasks_pb2.WaitRequest(container_id="orphan"),
+                                      metadata=MD, timeout=30) for _ in range(3)]
+    time.sleep(0.2)
+    assert not any(w.done() for w in waits)
+    os.kill(shim_pid, signal.SIGKILL)
+    assert {w.result().exit_status for w in waits} == {255}
+    with pytest.raises(grpc.RpcError) as info:
+        client.tasks.Wait(tasks_pb2.WaitRequest(container_id="orphan"), metadata=MD, timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_many_waits_and_subscribers_do_not_slow_other_calls(client):
     client.run("busy", ["sleep", "1000"])
 

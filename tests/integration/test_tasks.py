@@ -321,6 +321,20 @@ def test_a_pending_wait_answers_255_when_the_shim_dies(client, daemon):
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_wait_on_a_created_task_is_answered_when_the_task_is_deleted(client):
+    """A Wait pending on an init that never started ends with the delete: answered with
+    the status of the init the delete killed (not left hanging on the relay)."""
+    client.container("unstarted", ["true"])
+    client.create_task("unstarted")
+    waiting = client.tasks.Wait.future(tasks_pb2.WaitRequest(container_id="unstarted"),
+                                       metadata=MD, timeout=30)
+    time.sleep(0.2)
+    assert not waiting.done()
+    client.tasks.Delete(tasks_pb2.DeleteTaskRequest(container_id="unstarted"), metadata=MD,
+                        timeout=10)
+    assert waiting.result().exit_status == 137  # the created init, killed by the delete
+
+
 def test_many_waits_and_subscribers_do_not_slow_other_calls(client):
     client.run("busy", ["sleep", "1000"])
 

@@ -464,9 +464,14 @@ class Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     async def drain(self) -> None:
+        """Wait until the transport takes writes again. Every stream sending on this
+        connection may wait here at once: they share one future (with one each, only the
+        last to wait would be woken), shielded so that a cancelled stream does not cancel
+        it under the others."""
         while self.paused and not self.closed:
-            self.drain_waiter = self.loop.create_future()
-            await self.drain_waiter
+            if self.drain_waiter is None or self.drain_waiter.done():
+                self.drain_waiter = self.loop.create_future()
+            await asyncio.shield(self.drain_waiter)
 
     def write(self, data: bytes | memoryview) -> None:
         """Frames go out together at the end of the loop's current round (one sendmsg for
@@ -773,6 +778,10 @@ class Server:
                 waiting_on = context.run(call.send, None)
             except StopIteration:
                 return
+            if getattr(waiting_on, "_asyncio_future_blocking", False):
+                # taken, as a task takes what an await yields: until this flag is down,
+                # anyone else awaiting the same future fails ("await wasn't used with future")
+                waiting_on._asyncio_future_blocking = False
             task = self.loop.create_task(_resume(call, waiting_on), context=context)
         stream.task = task
         self.tasks.add(task)
@@ -873,6 +882,8 @@ _EAGER_TASKS = getattr(asyncio, "eager_task_factory", None)  # Python >= 3.12
 def _carry_on(call, waiting_on):
     """Drive `call`, whose first step ran outside a task and now waits on `waiting_on`,
     from the task that awaits this: what the task sends or throws goes to `call`."""
+    if getattr(waiting_on, "_asyncio_future_blocking", None) is False:
+        waiting_on._asyncio_future_blocking = True  # yielded by an await, for this task to take
     while True:
         try:
             value = yield waiting_on

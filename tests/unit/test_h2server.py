@@ -12,6 +12,7 @@ import asyncio
 import socket
 import sys
 import threading
+import time
 
 import grpc
 import pytest
@@ -513,6 +514,33 @@ def test_server_stream_respects_the_client_window(peer):
             assert payload["grpc-status"] == "0" and flags & http2.END_STREAM
             break
     assert received == 4 * (100000 + 5)
+
+
+def test_streams_held_by_a_full_socket_all_resume(served):
+    """Several server streams wait for the socket's buffer to drain at once (a client that
+    reads slowly, as `ctr push` reading three layers): every one of them must go on when
+    it drains, not only the last to wait (a hang seen with `ctr push` of a big image), and
+    one of them giving up must not end the others."""
+    windows = http2.SETTINGS_INITIAL_WINDOW_SIZE.to_bytes(2, "big") + (1 << 30).to_bytes(4, "big")
+    peer = Peer(served[0], windows)
+    try:
+        peer.send(http2.WINDOW_UPDATE, 0, 0, ((1 << 31) - 1 - http2.DEFAULT_WINDOW).to_bytes(4, "big"))
+        streams = (1, 3, 5, 7)
+        for sid in streams:
+            peer.call(sid, f"/{SERVICE}/Chunks")
+            peer.message(sid, b"40 100000")  # 4 MB each: far more than the socket buffers
+        time.sleep(0.5)  # not reading: the server's transport pauses with all four sending
+        peer.send(http2.RST_STREAM, 0, 1, http2.CANCEL_ERROR.to_bytes(4, "big"))  # one gives up
+        done = {1}
+        while done != set(streams):
+            frame = peer.read()
+            assert frame is not None, "connection closed"
+            kind, flags, sid, payload = frame
+            if kind == http2.HEADERS and flags & http2.END_STREAM and sid != 1:
+                assert payload["grpc-status"] == "0", payload
+                done.add(sid)
+    finally:
+        peer.close()
 
 
 def test_compressed_message_without_encoding_is_internal(peer):

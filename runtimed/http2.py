@@ -234,5 +234,30 @@ def percent_decode(text: str) -> str:
     return out.decode("utf-8", errors="replace")
 
 
+class ProtocolError(RpcError):
+    """The peer broke HTTP/2's framing: the connection cannot go on."""
+
+    def __init__(self, details: str):
+        super().__init__("INTERNAL", f"HTTP/2: {details}")
+
+
+def unpad(flags: int, payload, priority: bool = False):
+    """A DATA or HEADERS payload without its padding (and, for HEADERS, `priority`, without
+    its priority fields). Flow control counts what it strips: take the size before."""
+    if flags & PADDED:
+        if not payload or payload[0] >= len(payload):
+            raise ProtocolError("bad padding")
+        payload = payload[1:len(payload) - payload[0]]
+    if priority and flags & PRIORITY_FLAG:
+        payload = payload[5:]
+    return payload
+
+
+def settings(payload: bytes) -> list[tuple[int, int]]:
+    """A SETTINGS frame's (identifier, value) pairs."""
+    return [(int.from_bytes(payload[i:i + 2], "big"), int.from_bytes(payload[i + 2:i + 6], "big"))
+            for i in range(0, len(payload) - 5, 6)]
+
+
 def encode_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
     return len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload

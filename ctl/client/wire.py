@@ -37,10 +37,8 @@ from runtimed.http2 import (
     HEADERS,
     HTTP_CODES,
     MAX_WINDOW,
-    PADDED,
     PING,
     PREFACE,
-    PRIORITY_FLAG,
     PUSH_PROMISE,
     REFUSED_STREAM,
     RST_STREAM,
@@ -54,6 +52,8 @@ from runtimed.http2 import (
     encode_frame,
     encode_headers,
     percent_decode,
+    settings,
+    unpad,
 )
 
 RECEIVE_FRAME_SIZE = 1 << 20  # what we accept; the peer's limit bounds what we send
@@ -155,9 +155,7 @@ class _Connection:
 
     def _settings(self, payload: bytes) -> None:
         with self.lock:
-            for i in range(0, len(payload) - 5, 6):
-                key = int.from_bytes(payload[i:i + 2], "big")
-                value = int.from_bytes(payload[i + 2:i + 6], "big")
+            for key, value in settings(payload):
                 if key == SETTINGS_INITIAL_WINDOW_SIZE:
                     delta = value - self.stream_window_initial
                     self.stream_window_initial = value
@@ -385,8 +383,7 @@ class _Call:
     def frame(self, kind: int, flags: int, payload: bytes) -> None:
         if kind == DATA:
             size = len(payload)  # flow control counts the padding too
-            if flags & PADDED:
-                payload = payload[1:len(payload) - payload[0]]
+            payload = unpad(flags, payload)
             self.connection.acknowledge(size)
             self.received += size
             if self.received > MAX_WINDOW // 2 and not flags & END_STREAM:
@@ -398,13 +395,7 @@ class _Call:
                 self._end({})
         elif kind in (HEADERS, CONTINUATION):
             if kind == HEADERS:
-                start = 0
-                if flags & PADDED:
-                    start = 1
-                    payload = payload[:len(payload) - payload[0]]
-                if flags & PRIORITY_FLAG:
-                    start += 5
-                self.header_block = bytearray(payload[start:])
+                self.header_block = bytearray(unpad(flags, payload, priority=True))
                 self.header_flags = flags
             else:
                 self.header_block += payload

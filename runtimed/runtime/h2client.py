@@ -34,10 +34,8 @@ from runtimed.http2 import (
     GOAWAY,
     HEADERS,
     MAX_WINDOW,
-    PADDED,
     PING,
     PREFACE,
-    PRIORITY_FLAG,
     RST_STREAM,
     SETTINGS,
     SETTINGS_ENABLE_PUSH,
@@ -49,6 +47,8 @@ from runtimed.http2 import (
     encode_frame,
     encode_headers,
     percent_decode,
+    settings,
+    unpad,
 )
 
 RECEIVE_FRAME_SIZE = 1 << 20
@@ -161,12 +161,12 @@ class _Connection(asyncio.Protocol):
         stream = self.streams.get(id)
         if kind in (HEADERS, CONTINUATION):
             if kind == HEADERS:
-                payload = _unpad(flags, payload, priority=True)
+                payload = unpad(flags, payload, priority=True)
             self._header_block(stream or self.orphan, kind, flags, payload)
         elif stream is None:
             return  # a stream we gave up on (cancelled, timed out)
         elif kind == DATA:
-            self._data(stream, flags, _unpad(flags, payload))
+            self._data(stream, flags, unpad(flags, payload))
         elif kind == RST_STREAM:
             code = int.from_bytes(payload[:4], "big")
             name = "CANCELLED" if code == CANCEL_ERROR else "INTERNAL"
@@ -176,9 +176,7 @@ class _Connection(asyncio.Protocol):
             self.window_opened.set()
 
     def _settings(self, payload: bytes) -> None:
-        for i in range(0, len(payload) - 5, 6):
-            key = int.from_bytes(payload[i:i + 2], "big")
-            value = int.from_bytes(payload[i + 2:i + 6], "big")
+        for key, value in settings(payload):
             if key == SETTINGS_INITIAL_WINDOW_SIZE:
                 delta = value - self.stream_window_initial
                 self.stream_window_initial = value
@@ -403,16 +401,6 @@ class Channel:
             for stream in list(self._connection.streams.values()):
                 stream.finish(self._connection.lost)
             self._connection.streams.clear()
-
-
-def _unpad(flags: int, payload: bytes, priority: bool = False) -> bytes:
-    if flags & PADDED:
-        if not payload or payload[0] >= len(payload):
-            raise CallError("INTERNAL", "HTTP/2: bad padding")
-        payload = payload[1:len(payload) - payload[0]]
-    if priority and flags & PRIORITY_FLAG:
-        payload = payload[5:]
-    return payload
 
 
 def _status(headers: dict[str, str]) -> CallError:

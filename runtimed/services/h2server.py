@@ -41,10 +41,8 @@ from runtimed.http2 import (
     GOAWAY,
     HEADERS,
     MAX_WINDOW,
-    PADDED,
     PING,
     PREFACE,
-    PRIORITY_FLAG,
     PUSH_PROMISE,
     RST_STREAM,
     SETTINGS,
@@ -52,9 +50,12 @@ from runtimed.http2 import (
     SETTINGS_MAX_FRAME_SIZE,
     WINDOW_UPDATE,
     HeaderDecoder,
+    ProtocolError,
     RpcError,
     encode_frame,
     encode_headers,
+    settings,
+    unpad,
 )
 
 log = logging.getLogger("runtimed.grpc")
@@ -538,6 +539,9 @@ class Connection(asyncio.Protocol):
             except _ConnectionError as exc:
                 self.abandon(exc.code, str(exc))
                 return
+            except ProtocolError as exc:  # bad padding
+                self.abandon(PROTOCOL_ERROR, exc.details)
+                return
             except RpcError as exc:  # the HPACK decoder's
                 self.abandon(COMPRESSION_ERROR, exc.details)
                 return
@@ -594,8 +598,7 @@ class Connection(asyncio.Protocol):
 
     def _data(self, flags: int, sid: int, payload: memoryview) -> None:
         size = len(payload)  # flow control counts the padding too
-        if flags & PADDED:
-            payload = payload[1:size - payload[0]]
+        payload = unpad(flags, payload)
         self.received += size
         if self.received >= MAX_WINDOW // 4:
             self.write(encode_frame(WINDOW_UPDATE, 0, 0, self.received.to_bytes(4, "big")))
@@ -609,12 +612,7 @@ class Connection(asyncio.Protocol):
             self.server.start_call(stream)
 
     def _headers(self, flags: int, sid: int, payload: bytes) -> None:
-        start = 0
-        if flags & PADDED:
-            start = 1
-            payload = payload[:len(payload) - payload[0]]
-        if flags & PRIORITY_FLAG:
-            start += 5
+        payload = unpad(flags, payload, priority=True)
         stream = self.streams.get(sid)
         if stream is None:
             if not sid & 1:
@@ -625,7 +623,7 @@ class Connection(asyncio.Protocol):
                 self.streams[sid] = stream
             else:
                 stream.finished = True  # trailers of a stream we ended: decoded, then dropped
-        stream.header_block = bytearray(payload[start:])
+        stream.header_block = bytearray(payload)
         stream.end_with_headers = bool(flags & END_STREAM)
         if flags & END_HEADERS:
             self._header_block(stream)
@@ -635,9 +633,7 @@ class Connection(asyncio.Protocol):
     def _settings(self, payload: bytes) -> None:
         if len(payload) % 6:
             raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS payload not a multiple of 6")
-        for i in range(0, len(payload), 6):
-            key = int.from_bytes(payload[i:i + 2], "big")
-            value = int.from_bytes(payload[i + 2:i + 6], "big")
+        for key, value in settings(payload):
             if key == SETTINGS_INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise _ConnectionError(FLOW_CONTROL_ERROR, "initial window above 2^31-1")

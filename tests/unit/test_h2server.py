@@ -438,6 +438,27 @@ def test_unary_without_a_message_is_internal(peer):
     assert headers["grpc-status"] == str(grpc.StatusCode.INTERNAL.value[0])
 
 
+def test_padding_and_priority_fields_are_stripped(peer):
+    headers = http2.encode_headers([(":method", "POST"), (":scheme", "http"),
+                                    (":path", f"/{SERVICE}/Echo"), (":authority", "x"),
+                                    ("content-type", "application/grpc")])
+    pad = 3
+    peer.send(http2.HEADERS, http2.END_HEADERS | http2.PADDED | http2.PRIORITY_FLAG, 1,
+              bytes([pad]) + b"\x00\x00\x00\x00\x10" + headers + b"\x00" * pad)
+    peer.send(http2.DATA, http2.END_STREAM | http2.PADDED, 1,
+              bytes([pad]) + b"\x00\x00\x00\x00\x02hi" + b"\x00" * pad)
+    kind, _, _, payload = peer.until(http2.DATA, 1)
+    assert payload == b"\x00\x00\x00\x00\x02hi"
+    assert peer.until(http2.HEADERS, 1)[3]["grpc-status"] == "0"
+
+
+def test_bad_padding_ends_the_connection(peer):
+    peer.call(1, f"/{SERVICE}/Echo")
+    peer.send(http2.DATA, http2.END_STREAM | http2.PADDED, 1, b"\x09abc")  # pads past the end
+    _, _, _, payload = peer.until(http2.GOAWAY)
+    assert int.from_bytes(payload[4:8], "big") == 0x1  # PROTOCOL_ERROR
+
+
 def test_not_grpc_is_refused_by_http_status(peer):
     peer.send(http2.HEADERS, http2.END_HEADERS | http2.END_STREAM, 1, http2.encode_headers(
         [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "x")]))

@@ -19,7 +19,10 @@ SETTINGS_HEADER_TABLE_SIZE, SETTINGS_ENABLE_PUSH = 1, 2
 SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE = 4, 5
 MAX_WINDOW = (1 << 31) - 1
 DEFAULT_WINDOW = 65535
-NO_ERROR, PROTOCOL_ERROR, CANCEL_ERROR, REFUSED_STREAM = 0x0, 0x1, 0x8, 0x7
+RECEIVE_FRAME_SIZE = 1 << 20  # the max frame size each of our peers advertises
+# error codes of RST_STREAM and GOAWAY
+NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR = 0x0, 0x1, 0x3, 0x6
+REFUSED_STREAM, CANCEL_ERROR, COMPRESSION_ERROR = 0x7, 0x8, 0x9
 
 CODES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
          "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
@@ -234,6 +237,14 @@ def percent_decode(text: str) -> str:
     return out.decode("utf-8", errors="replace")
 
 
+def status_name(value: str | None) -> str:
+    """The status code name a grpc-status value stands for (UNKNOWN if it is none)."""
+    try:
+        return CODES[int(value)]
+    except (TypeError, ValueError, IndexError):
+        return "UNKNOWN"
+
+
 class ProtocolError(RpcError):
     """The peer broke HTTP/2's framing: the connection cannot go on."""
 
@@ -257,6 +268,11 @@ def settings(payload: bytes) -> list[tuple[int, int]]:
     """A SETTINGS frame's (identifier, value) pairs."""
     return [(int.from_bytes(payload[i:i + 2], "big"), int.from_bytes(payload[i + 2:i + 6], "big"))
             for i in range(0, len(payload) - 5, 6)]
+
+
+def encode_settings(*pairs: tuple[int, int]) -> bytes:
+    """A SETTINGS frame's payload from (identifier, value) pairs."""
+    return b"".join(key.to_bytes(2, "big") + value.to_bytes(4, "big") for key, value in pairs)
 
 
 def encode_frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:

@@ -27,7 +27,6 @@ from collections.abc import Iterable, Iterator
 from runtimed.http2 import (
     ACK,
     CANCEL_ERROR,
-    CODES,
     CONTINUATION,
     DATA,
     DEFAULT_WINDOW,
@@ -40,6 +39,7 @@ from runtimed.http2 import (
     PING,
     PREFACE,
     PUSH_PROMISE,
+    RECEIVE_FRAME_SIZE,
     REFUSED_STREAM,
     RST_STREAM,
     SETTINGS,
@@ -51,12 +51,13 @@ from runtimed.http2 import (
     RpcError,
     encode_frame,
     encode_headers,
+    encode_settings,
     percent_decode,
     settings,
+    status_name,
     unpad,
 )
 
-RECEIVE_FRAME_SIZE = 1 << 20  # what we accept; the peer's limit bounds what we send
 
 class _Unsent(Exception):
     """A reused connection failed before any of the request was sent."""
@@ -89,9 +90,11 @@ class _Connection:
         self.received = 0  # bytes since our last connection WINDOW_UPDATE
         self.goaway_last: int | None = None
         self.call: _Call | None = None
-        settings = b"".join(key.to_bytes(2, "big") + value.to_bytes(4, "big") for key, value in (
-            (SETTINGS_ENABLE_PUSH, 0), (SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW),
-            (SETTINGS_MAX_FRAME_SIZE, RECEIVE_FRAME_SIZE)))
+        settings = encode_settings(
+            (SETTINGS_ENABLE_PUSH, 0),
+            (SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW),
+            (SETTINGS_MAX_FRAME_SIZE, RECEIVE_FRAME_SIZE),
+        )
         self.sock.sendall(PREFACE + encode_frame(SETTINGS, 0, 0, settings)
                           + encode_frame(WINDOW_UPDATE, 0, 0, (MAX_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big")))
 
@@ -442,10 +445,7 @@ class _Call:
             name = HTTP_CODES.get(code, "UNKNOWN") if code != 200 else "INTERNAL"
             error: RpcError | None = RpcError(name, f"stream ended without a gRPC status (HTTP {code})")
         else:
-            try:
-                name = CODES[int(status)]
-            except (ValueError, IndexError):
-                name = "UNKNOWN"
+            name = status_name(status)
             message = percent_decode(trailers.get("grpc-message", ""))
             error = None if name == "OK" else RpcError(name, message)
         if self.data and error is None:

@@ -25,7 +25,6 @@ from collections import deque
 from runtimed.http2 import (
     ACK,
     CANCEL_ERROR,
-    CODES,
     CONTINUATION,
     DATA,
     DEFAULT_WINDOW,
@@ -33,9 +32,11 @@ from runtimed.http2 import (
     END_STREAM,
     GOAWAY,
     HEADERS,
+    HTTP_CODES,
     MAX_WINDOW,
     PING,
     PREFACE,
+    RECEIVE_FRAME_SIZE,
     RST_STREAM,
     SETTINGS,
     SETTINGS_ENABLE_PUSH,
@@ -46,22 +47,14 @@ from runtimed.http2 import (
     RpcError,
     encode_frame,
     encode_headers,
+    encode_settings,
     percent_decode,
     settings,
+    status_name,
     unpad,
 )
 
-RECEIVE_FRAME_SIZE = 1 << 20
 MAX_MESSAGE = 64 << 20
-
-
-class CallError(Exception):
-    """A call's non-OK status; `code` is the status name (`NOT_FOUND`)."""
-
-    def __init__(self, code: str, details: str):
-        super().__init__(f"{code}: {details}")
-        self.code = code
-        self.details = details
 
 
 class _Stream:
@@ -75,12 +68,12 @@ class _Stream:
         self.block = bytearray()  # a header block still waiting for its CONTINUATION
         self.block_ends = False
         self.headers_seen = False
-        self.error: CallError | None = None
+        self.error: RpcError | None = None
         self.done = False
         self.unacknowledged = 0
         self.changed = asyncio.Event()
 
-    def finish(self, error: CallError | None) -> None:
+    def finish(self, error: RpcError | None) -> None:
         if not self.done:
             self.done, self.error = True, error
         self.changed.set()
@@ -95,7 +88,7 @@ class _Connection(asyncio.Protocol):
         self.decoder = HeaderDecoder()
         self.buffer = bytearray()
         self.usable = True
-        self.lost = CallError("UNAVAILABLE", f"connection to {address} closed")
+        self.lost = RpcError("UNAVAILABLE", f"connection to {address} closed")
         self.send_window = DEFAULT_WINDOW
         self.stream_window_initial = DEFAULT_WINDOW
         self.max_send_frame = 16384
@@ -107,16 +100,18 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport) -> None:
         self.transport = transport
-        settings = b"".join(key.to_bytes(2, "big") + value.to_bytes(4, "big") for key, value in (
-            (SETTINGS_ENABLE_PUSH, 0), (SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW),
-            (SETTINGS_MAX_FRAME_SIZE, RECEIVE_FRAME_SIZE)))
+        settings = encode_settings(
+            (SETTINGS_ENABLE_PUSH, 0),
+            (SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW),
+            (SETTINGS_MAX_FRAME_SIZE, RECEIVE_FRAME_SIZE),
+        )
         transport.write(PREFACE + encode_frame(SETTINGS, 0, 0, settings) + encode_frame(
             WINDOW_UPDATE, 0, 0, (MAX_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big")))
 
     def connection_lost(self, exc) -> None:
         self.usable = False
         if exc is not None:
-            self.lost = CallError("UNAVAILABLE", f"connection to {self.address} lost: {exc}")
+            self.lost = RpcError("UNAVAILABLE", f"connection to {self.address} lost: {exc}")
         for stream in list(self.streams.values()):
             stream.finish(self.lost)
         self.streams.clear()
@@ -135,8 +130,8 @@ class _Connection(asyncio.Protocol):
                 payload = bytes(buffer[9:9 + length])
                 del buffer[:9 + length]
                 self._frame(kind, flags, stream, payload)
-        except (CallError, RpcError) as exc:  # the peer broke HTTP/2 or HPACK: nothing is sound
-            self.lost = CallError("UNAVAILABLE", f"connection to {self.address}: {exc}")
+        except RpcError as exc:  # the peer broke HTTP/2 or HPACK: nothing is sound
+            self.lost = RpcError("UNAVAILABLE", f"connection to {self.address}: {exc}")
             self.close()
 
     # --- frames ----------------------------------------------------------------------
@@ -155,7 +150,7 @@ class _Connection(asyncio.Protocol):
                 last = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
                 for stream_id, stream in list(self.streams.items()):
                     if stream_id > last:
-                        stream.finish(CallError("UNAVAILABLE", "the shim is going away"))
+                        stream.finish(RpcError("UNAVAILABLE", "the shim is going away"))
                         del self.streams[stream_id]
             return
         stream = self.streams.get(id)
@@ -170,7 +165,7 @@ class _Connection(asyncio.Protocol):
         elif kind == RST_STREAM:
             code = int.from_bytes(payload[:4], "big")
             name = "CANCELLED" if code == CANCEL_ERROR else "INTERNAL"
-            self._end(stream, CallError(name, f"stream reset by the shim (HTTP/2 error {code})"))
+            self._end(stream, RpcError(name, f"stream reset by the shim (HTTP/2 error {code})"))
         elif kind == WINDOW_UPDATE:
             stream.send_window += int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
             self.window_opened.set()
@@ -207,13 +202,13 @@ class _Connection(asyncio.Protocol):
             stream.headers_seen = True
             status = headers.get(":status", "200")
             if status != "200":
-                self._end(stream, CallError("UNAVAILABLE" if status in ("502", "503", "504")
-                                            else "INTERNAL", f"HTTP status {status} from the shim"))
+                self._end(stream, RpcError(HTTP_CODES.get(int(status), "INTERNAL") if status.isdigit()
+                                           else "INTERNAL", f"HTTP status {status} from the shim"))
                 return
             if ends:
-                self._end(stream, CallError("INTERNAL", "the shim answered without a status"))
+                self._end(stream, RpcError("INTERNAL", "the shim answered without a status"))
         elif ends:
-            self._end(stream, CallError("INTERNAL", "the shim's trailers have no grpc-status"))
+            self._end(stream, RpcError("INTERNAL", "the shim's trailers have no grpc-status"))
 
     def _data(self, stream: _Stream, flags: int, payload: bytes) -> None:
         stream.buffer += payload
@@ -221,11 +216,11 @@ class _Connection(asyncio.Protocol):
         buffer = stream.buffer
         while len(buffer) >= 5:
             if buffer[0]:
-                self._end(stream, CallError("UNIMPLEMENTED", "a compressed message"), reset=True)
+                self._end(stream, RpcError("UNIMPLEMENTED", "a compressed message"), reset=True)
                 return
             size = int.from_bytes(buffer[1:5], "big")
             if size > MAX_MESSAGE:
-                self._end(stream, CallError("RESOURCE_EXHAUSTED", f"a message of {size} bytes"),
+                self._end(stream, RpcError("RESOURCE_EXHAUSTED", f"a message of {size} bytes"),
                           reset=True)
                 return
             if len(buffer) < 5 + size:
@@ -234,7 +229,7 @@ class _Connection(asyncio.Protocol):
             del buffer[:5 + size]
             stream.changed.set()
         if flags & END_STREAM:
-            self._end(stream, CallError("INTERNAL", "the shim ended the call without a status"))
+            self._end(stream, RpcError("INTERNAL", "the shim ended the call without a status"))
 
     def _acknowledge(self, stream: _Stream, size: int) -> None:
         """Give back receive window once half of it is used (we opened it fully)."""
@@ -247,7 +242,7 @@ class _Connection(asyncio.Protocol):
             increment, stream.unacknowledged = stream.unacknowledged, 0
             self._write(encode_frame(WINDOW_UPDATE, 0, stream.id, increment.to_bytes(4, "big")))
 
-    def _end(self, stream: _Stream, error: CallError | None, reset: bool = False) -> None:
+    def _end(self, stream: _Stream, error: RpcError | None, reset: bool = False) -> None:
         self.streams.pop(stream.id, None)
         if reset:
             self._write(encode_frame(RST_STREAM, 0, stream.id, CANCEL_ERROR.to_bytes(4, "big")))
@@ -294,10 +289,10 @@ class _Connection(asyncio.Protocol):
             self._write(encode_frame(DATA, 0 if view else END_STREAM, stream.id, bytes(chunk)))
         return stream
 
-    def cancel(self, stream: _Stream, error: CallError | None = None) -> None:
+    def cancel(self, stream: _Stream, error: RpcError | None = None) -> None:
         if self.streams.pop(stream.id, None) is not None:
             self._write(encode_frame(RST_STREAM, 0, stream.id, CANCEL_ERROR.to_bytes(4, "big")))
-        stream.finish(error or CallError("CANCELLED", "call cancelled"))
+        stream.finish(error or RpcError("CANCELLED", "call cancelled"))
 
     def close(self) -> None:
         self.usable = False
@@ -321,7 +316,7 @@ class Channel:
         if connection is not None and connection.usable:
             return connection
         if self._closed:
-            raise CallError("UNAVAILABLE", f"channel to {self.address} closed")
+            raise RpcError("UNAVAILABLE", f"channel to {self.address} closed")
         if self._dialling is None:
             self._dialling = asyncio.ensure_future(self._dial())
         dialling = self._dialling
@@ -337,11 +332,11 @@ class Channel:
             _, connection = await loop.create_unix_connection(
                 lambda: _Connection(self.address), self.path)
         except OSError as exc:
-            raise CallError("UNAVAILABLE", f"failed to connect to {self.address}: "
+            raise RpcError("UNAVAILABLE", f"failed to connect to {self.address}: "
                             f"{exc.strerror or exc}") from None
         if self._closed:
             connection.close()
-            raise CallError("UNAVAILABLE", f"channel to {self.address} closed")
+            raise RpcError("UNAVAILABLE", f"channel to {self.address} closed")
         if self._connection is not None:
             self._connection.close()
         self._connection = connection
@@ -353,7 +348,7 @@ class Channel:
         # a timer, not asyncio.timeout: the daemon's server may run a handler outside a Task
         expiry = None if timeout is None else asyncio.get_running_loop().call_later(
             timeout, connection.cancel, stream,
-            CallError("DEADLINE_EXCEEDED", f"{path}: no answer in {timeout} s"))
+            RpcError("DEADLINE_EXCEEDED", f"{path}: no answer in {timeout} s"))
         try:
             while not stream.done:
                 stream.changed.clear()
@@ -367,7 +362,7 @@ class Channel:
         if stream.error is not None:
             raise stream.error
         if len(stream.messages) != 1:
-            raise CallError("INTERNAL", f"{path}: {len(stream.messages)} messages to a unary call")
+            raise RpcError("INTERNAL", f"{path}: {len(stream.messages)} messages to a unary call")
         return stream.messages[0]
 
     async def stream(self, path: str, body: bytes):
@@ -396,16 +391,13 @@ class Channel:
             with contextlib.suppress(BaseException):
                 await self._dialling
         if self._connection is not None:
-            self._connection.lost = CallError("UNAVAILABLE", f"channel to {self.address} closed")
+            self._connection.lost = RpcError("UNAVAILABLE", f"channel to {self.address} closed")
             self._connection.close()
             for stream in list(self._connection.streams.values()):
                 stream.finish(self._connection.lost)
             self._connection.streams.clear()
 
 
-def _status(headers: dict[str, str]) -> CallError:
-    try:
-        code = CODES[int(headers["grpc-status"])]
-    except (ValueError, IndexError):
-        code = "UNKNOWN"
-    return CallError(code, percent_decode(headers.get("grpc-message", "")) or code)
+def _status(headers: dict[str, str]) -> RpcError:
+    code = status_name(headers.get("grpc-status"))
+    return RpcError(code, percent_decode(headers.get("grpc-message", "")) or code)

@@ -23,7 +23,8 @@ from google.protobuf.message_factory import GetMessageClass
 
 from runtimed.api.shim.v1 import shim_pb2
 from runtimed.errors import RuntimedError, Unavailable, from_code
-from runtimed.runtime.h2client import CallError, Channel
+from runtimed.http2 import RpcError
+from runtimed.runtime.h2client import Channel
 from runtimed.snapshots import mount as mounts
 
 log = logging.getLogger("runtimed.runtime")
@@ -48,7 +49,7 @@ class ShimClient:
         try:
             reply = await self.channel.unary(f"/{SERVICE}/{method}", request.SerializeToString(),
                                              timeout)
-        except CallError as exc:
+        except RpcError as exc:
             raise _typed(exc, self.id) from None
         try:
             return reply_type.FromString(reply)
@@ -67,7 +68,7 @@ class ShimClient:
                     raise Unavailable(f"shim of task {self.id!r} sent an event that does not "
                                       f"parse: {exc}") from None
                 yield event
-        except CallError as exc:
+        except RpcError as exc:
             raise _typed(exc, self.id) from None
         raise Unavailable(f"shim of task {self.id!r} ended its event stream")
 
@@ -82,7 +83,7 @@ _REPLIES = {
 }
 
 
-def _typed(exc: CallError, id: str) -> RuntimedError:
+def _typed(exc: RpcError, id: str) -> RuntimedError:
     if exc.code in ("UNAVAILABLE", "CANCELLED"):
         return Unavailable(f"shim of task {id!r} is not reachable: {exc.details}")
     return from_code(exc.code, exc.details or exc.code)

@@ -33,17 +33,25 @@ from typing import Any
 
 from runtimed.http2 import (
     ACK,
+    CODES,
+    COMPRESSION_ERROR,
     CONTINUATION,
     DATA,
     DEFAULT_WINDOW,
     END_HEADERS,
     END_STREAM,
+    FLOW_CONTROL_ERROR,
+    FRAME_SIZE_ERROR,
     GOAWAY,
     HEADERS,
     MAX_WINDOW,
+    NO_ERROR,
     PING,
     PREFACE,
+    PROTOCOL_ERROR,
     PUSH_PROMISE,
+    RECEIVE_FRAME_SIZE,
+    REFUSED_STREAM,
     RST_STREAM,
     SETTINGS,
     SETTINGS_INITIAL_WINDOW_SIZE,
@@ -54,42 +62,22 @@ from runtimed.http2 import (
     RpcError,
     encode_frame,
     encode_headers,
+    encode_settings,
     settings,
     unpad,
 )
 
 log = logging.getLogger("runtimed.grpc")
 
-RECEIVE_FRAME_SIZE = 1 << 20  # advertised: big messages arrive in few frames
 STREAM_WINDOW = 4 << 20  # how far a client may stream ahead of its handler
 FLUSH_SIZE = 256 << 10  # frames held for one write at most
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR = 0x0, 0x1, 0x3, 0x6
-REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x7, 0x8, 0x9
 
 
-
-class StatusCode(enum.Enum):
-    """gRPC's status codes, as grpc.StatusCode spells them (same names, same `(code, text)`
-    values), so that the shim, which must not import grpcio, has them too. A handler may
-    pass either enum to `Context.abort`/`set_code`: only `.value[0]` goes on the wire."""
-
-    OK = (0, "ok")
-    CANCELLED = (1, "cancelled")
-    UNKNOWN = (2, "unknown")
-    INVALID_ARGUMENT = (3, "invalid argument")
-    DEADLINE_EXCEEDED = (4, "deadline exceeded")
-    NOT_FOUND = (5, "not found")
-    ALREADY_EXISTS = (6, "already exists")
-    PERMISSION_DENIED = (7, "permission denied")
-    RESOURCE_EXHAUSTED = (8, "resource exhausted")
-    FAILED_PRECONDITION = (9, "failed precondition")
-    ABORTED = (10, "aborted")
-    OUT_OF_RANGE = (11, "out of range")
-    UNIMPLEMENTED = (12, "unimplemented")
-    INTERNAL = (13, "internal")
-    UNAVAILABLE = (14, "unavailable")
-    DATA_LOSS = (15, "data loss")
-    UNAUTHENTICATED = (16, "unauthenticated")
+# gRPC's status codes as grpc.StatusCode spells them (same names, same `(code, text)`
+# values), so that the shim, which must not import grpcio, has them too. A handler may pass
+# either enum to `Context.abort`/`set_code`: only `.value[0]` goes on the wire.
+StatusCode = enum.Enum("StatusCode", {name: (number, name.lower().replace("_", " "))
+                                      for number, name in enumerate(CODES)})
 
 
 class AbortError(Exception):
@@ -122,6 +110,7 @@ def unary_stream(behaviour, request_deserializer=None, response_serializer=None)
 
 def _is_ok(code) -> bool:
     return code.value[0] == 0
+
 
 _RESPONSE_HEADERS = encode_headers([(":status", "200"), ("content-type", "application/grpc")])
 _OK_TRAILERS = encode_headers([("grpc-status", "0")])
@@ -443,8 +432,10 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.server.connections.add(self)
-        settings = b"".join(key.to_bytes(2, "big") + value.to_bytes(4, "big") for key, value in (
-            (SETTINGS_MAX_FRAME_SIZE, RECEIVE_FRAME_SIZE), (SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW)))
+        settings = encode_settings(
+            (SETTINGS_MAX_FRAME_SIZE, RECEIVE_FRAME_SIZE),
+            (SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+        )
         transport.write(encode_frame(SETTINGS, 0, 0, settings)
                         + encode_frame(WINDOW_UPDATE, 0, 0, (MAX_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big")))
 

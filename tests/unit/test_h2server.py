@@ -302,6 +302,12 @@ def test_abort_message_survives_percent_encoding(channel):
     assert err.value.details() == message
 
 
+def test_status_codes_are_grpcs():
+    from runtimed.services.h2server import StatusCode
+
+    assert [(c.name, c.value) for c in StatusCode] == [(c.name, c.value) for c in grpc.StatusCode]
+
+
 def test_percent_encode():
     assert percent_encode("plain text: ok") == "plain text: ok"
     assert percent_encode("50%") == "50%25"

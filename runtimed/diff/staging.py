@@ -4,7 +4,8 @@
 one reply per MiB, and only then prepares a snapshot and calls Diff.Apply layer after
 layer. While a blob streams in, the daemon waits for the client most of the time (the
 client hashes and frames each MiB before it sends it). So a blob that looks like a layer
-is applied, as soon as it is committed, on a background thread into a private directory
+is applied while it arrives (followed write by write; a blob not followed, at its
+commit) by a helper process (`runtimed/diff/stager.py`) into a private directory
 (`<tmpmounts>/.staged/`); when Diff.Apply then asks for that blob onto an empty target,
 the staged tree is renamed into place instead of being extracted again.
 
@@ -38,20 +39,20 @@ import sys
 import threading
 from pathlib import Path
 
+from runtimed.diff import compression
 from runtimed.diff.apply import ApplyResult, adopt_parents
 from runtimed.diff.stager import NICENESS
 
 log = logging.getLogger("runtimed.diff.staging")
 
 STAGED_DIR = ".staged"
-_GZIP, _ZSTD = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
 MIN_FREE_BYTES = 4 << 30
 WAIT_TIMEOUT = 300.0  # Diff.Apply waits this long at most for a staging still running
 
 
 def looks_like_layer(head: bytes) -> bool:
     """gzip or zstd data, or a tar (its first header's magic): what a layer blob is."""
-    return head[:2] == _GZIP or head[:4] == _ZSTD or head[257:262] == b"ustar"
+    return compression.detect(head) != compression.NONE or head[257:262] == b"ustar"
 
 
 def _head(path: str | os.PathLike) -> bytes:

@@ -112,13 +112,18 @@ def test_staged_layer_over_lowers_is_the_tree_an_apply_writes(env, tmp_path):
     os.setxattr(lower / "top", "user.lower", b"1")
     settled(differ)
     assert len(staged_dirs(differ)) == 1
+    # a mark no extraction writes: finding it in the target proves the staged tree was moved
+    staged_file = differ.tmp_dir / STAGED_DIR / staged_dirs(differ)[0] / "top" / "file"
+    os.setxattr(staged_file, "user.test-staged", b"1")
     upper = tmp_path / "upper"
     upper.mkdir()
     os.chmod(upper, 0o755)
     mounts = [Mount("overlay", "overlay", [f"lowerdir={lower}", f"upperdir={upper}",
                                            f"workdir={tmp_path / 'work'}"])]
     applied = differ.apply("default", desc, mounts)
-    assert staged_dirs(differ) == []  # moved, not copied
+    assert staged_dirs(differ) == []
+    assert os.getxattr(upper / "top" / "file", "user.test-staged") == b"1"
+    os.removexattr(upper / "top" / "file", "user.test-staged")
     assert applied.digest == "sha256:" + hashlib.sha256(LAYER).hexdigest()
     assert applied.size == len(LAYER)
 
@@ -280,6 +285,7 @@ def test_an_ingest_is_staged_as_it_arrives_and_dropped_when_abandoned(env, tmp_p
     other = igzip.compress(tar(E("new", data=b"n" * 5000)))
     for i in range(0, len(other), 100):
         w.write(other[i:i + 100])
+    assert differ.staged._following == 1  # staged as it arrives, not only at the commit
     streamed = w.commit(len(other))
     settled(differ)
     assert len(staged_dirs(differ)) == 2

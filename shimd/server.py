@@ -198,14 +198,14 @@ async def _serve(id: str | None, bundle: Path | None, ready_fd: int | None,
     reaper = Reaper()
     reaper.install()
     api = service.ShimService(None)
-    server = service.ShimServer([api])
+    server = service.ShimServer(api)
     sock = spare[0] if spare else socket_path(bundle)
     sock.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
     if sock.exists():
         sock.unlink()
     old_umask = os.umask(0o177)  # the socket is 0600 from the start
     try:
-        await server.start(path=str(sock))
+        await server.start(str(sock))
     finally:
         os.umask(old_umask)
     writer = None
@@ -214,8 +214,7 @@ async def _serve(id: str | None, bundle: Path | None, ready_fd: int | None,
         os.close(ready_fd)
         claimed = await _claim(spare[1])
         if claimed is None:
-            server.close()
-            await server.wait_closed()
+            await server.stop(0)
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
             return 0
@@ -228,8 +227,7 @@ async def _serve(id: str | None, bundle: Path | None, ready_fd: int | None,
         write_atomic(bundle / "shim.pid", str(os.getpid()).encode())
     except OSError as exc:  # the bundle is gone (a claim whose runtimed died, then cleaned up)
         log.error("cannot serve %s: %s", bundle, exc)
-        server.close()
-        await server.wait_closed()
+        await server.stop(0)
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
         return 1
@@ -257,8 +255,7 @@ async def _serve(id: str | None, bundle: Path | None, ready_fd: int | None,
     # with EPIPE even though the answer is in its socket
     while server.connections and loop.time() < deadline:
         await asyncio.sleep(0.005)
-    server.close()
-    await server.wait_closed()
+    await server.stop(0)
     shim.close()
     for path in (bundle / "address", sock):
         try:

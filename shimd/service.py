@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from types import SimpleNamespace
 
 from google.protobuf import empty_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -41,32 +42,10 @@ def _stdio(message: shim_pb2.Stdio) -> StdioConfig:
 
 
 class ShimServer(h2server.Server):
-    """h2server's server with the shim's methods (`services`: ShimService objects)."""
+    """h2server's server over one ShimService's methods."""
 
-    def __init__(self, services) -> None:
-        methods = {}
-        for api in services:
-            methods.update(api.methods())
-        super().__init__(_Methods(methods), name="the shim")
-
-    async def start(self, path: str) -> None:
-        await super().start(path)
-
-    def close(self) -> None:
-        """Stop accepting; calls still running are cut short by `wait_closed`."""
-        self.stopping = True
-        if self.listener is not None:
-            self.listener.close()
-
-    async def wait_closed(self) -> None:
-        await self.stop(grace=0)
-
-
-class _Methods:
-    __slots__ = ("methods",)
-
-    def __init__(self, methods: dict) -> None:
-        self.methods = methods
+    def __init__(self, api: ShimService) -> None:
+        super().__init__(SimpleNamespace(methods=api.methods()), name="the shim")
 
 
 async def _abort(context, exc: Exception) -> None:

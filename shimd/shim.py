@@ -191,9 +191,7 @@ class Shim:
 
     async def _on_exit(self, exec_id: str, pid: int, code: int, at: float) -> None:
         """Report an exit: the outbox records it (appended before any Wait or the event
-        stream hears of it); init's exit ends the container. (Until session 3 each exit
-        was first written to `exits/<name>.json` as well, by temp + rename, which nothing
-        ever read: a journal transaction between the reap and the answer to Wait.)"""
+        stream hears of it; the one durable record of it); init's exit ends the container."""
         if exec_id not in self.lifecycle.processes:
             return
         events = self.lifecycle.exited(exec_id, code, at)

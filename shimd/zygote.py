@@ -76,8 +76,8 @@ async def _warm_up() -> None:
 
     with tempfile.TemporaryDirectory(prefix="shimd-zygote-") as tmp:
         path = os.path.join(tmp, "warm.sock")
-        server = ShimServer([ShimService(Shim("warm-up", Path(tmp), Reaper()))])
-        await server.start(path=path)
+        server = ShimServer(ShimService(Shim("warm-up", Path(tmp), Reaper())))
+        await server.start(path)
         channel = Channel(path)
         try:
             answer = await channel.unary("/runtimed.shim.v1.Shim/Connect",
@@ -85,8 +85,7 @@ async def _warm_up() -> None:
             shim_pb2.ConnectResponse.FromString(answer)
         finally:
             await channel.close()
-            server.close()
-            await server.wait_closed()
+            await server.stop(0)
 
 
 class ForkFailed(Exception):

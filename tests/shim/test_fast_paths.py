@@ -332,7 +332,6 @@ def test_exec_installs_the_filter_compiled_at_create(shims, workdir):
     os.close(rerr)
 
 
-
 def test_writes_of_one_loop_pass_leave_as_one_send():
     """The shim's server (runtimed/services/h2server.py) sends the SETTINGS ack and a unary
     answer's headers, message and trailers as one write at the end of the loop's pass
@@ -370,7 +369,7 @@ def test_writes_of_one_loop_pass_leave_as_one_send():
             return self.closed
 
     async def scenario():
-        server = ShimServer([ShimService(None)])
+        server = ShimServer(ShimService(None))
         server.loop = asyncio.get_running_loop()
         transport = Transport()
         conn = Connection(server)

@@ -103,12 +103,11 @@ class BundleInfo:
 class Spare:
     """A spare shim forked ahead of need: connected, waiting on `writer`'s connection to
     learn its container. Closing that connection (or runtimed dying) ends it; `pidfd`
-    (opened while it answered) kills it when a claim went wrong."""
+    (of `client.pid`, opened while it answered) kills it when a claim went wrong."""
 
     client: ShimClient
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
-    pid: int
     pidfd: int
 
     def release(self) -> None:
@@ -285,7 +284,7 @@ class ShimManager:
                 log.warning("no spare shim: %s", exc)
                 return None
             raise
-        return Spare(client, reader, writer, client.pid, pidfd)
+        return Spare(client, reader, writer, pidfd)
 
     async def close_spare(self) -> None:
         """Let the spare go (it exits when its connection closes); no new ones."""

@@ -213,7 +213,7 @@ async def ready_spare(manager: ShimManager, rootfs_template: Path) -> int:
     first = bundle_for(manager, rootfs_template, "first", ["true"])
     assert await run_true(await manager.start("sp", "first", first), "first", first) == 0
     spare = await asyncio.wait_for(asyncio.shield(manager._spare), 30)
-    return spare.pid
+    return spare.client.pid
 
 
 def test_a_spare_that_does_not_answer_its_claim_is_killed(state, rootfs_template,
@@ -295,7 +295,7 @@ def test_a_claim_whose_runtimed_died_is_refused(state, rootfs_template, cgroup_c
             first, bundle = Path({str(first)!r}), Path({str(bundle)!r})
             assert await run_true(await manager.start("sp", "lone", first), "lone", first) == 0
             spare = await asyncio.wait_for(asyncio.shield(manager._spare), 30)
-            print(spare.pid, flush=True)
+            print(spare.client.pid, flush=True)
             sys.stdin.readline()  # the test has stopped the spare
             starting = asyncio.ensure_future(manager.start("sp", "orphan", bundle))
             await asyncio.sleep(0.3)

@@ -93,7 +93,28 @@ def test_run_rm_rpcs(tmp_path, daemon, ctl, busybox):
     assert methods.index("Snapshots/Prepare") < methods.index("Tasks/Create")
     assert methods[-3:] == ["Tasks/Delete", "Containers/Delete", "Snapshots/Remove"]
     assert "hashlib" not in data["modules"]  # a one-layer image has no chain ID to hash
+    assert "inspect" not in data["modules"]  # dataclasses is imported without it
     assert ctl("ps", "-a", "-q").stdout == ""
+
+
+def test_dataclasses_without_inspect_still_document_classes():
+    """ctl imports dataclasses with a stand-in for inspect; a class without a docstring
+    still gets dataclasses' signature docstring, through the real inspect."""
+    code = (
+        "import sys\n"
+        "import ctl.__main__ as m\n"
+        "sys.meta_path.insert(0, m._DataclassesWithoutInspect())\n"
+        "import dataclasses\n"
+        "assert 'inspect' not in sys.modules\n"
+        "@dataclasses.dataclass\n"
+        "class Point:\n"
+        "    x: int\n"
+        "    y: int = 0\n"
+        "print(Point.__doc__, type(sys.modules['inspect']).__name__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["Point(x:", "int,", "y:", "int", "=", "0)", "module"]
 
 
 def test_exec_rpcs(tmp_path, daemon, ctl, busybox):

@@ -41,7 +41,7 @@ class ShimClient:
         self.id = id
         self.address = address
         self.bundle = bundle
-        self.pid = 0  # the shim's pid as its Connect reported it (0: not connected by us)
+        self.pid = 0  # the shim's pid as its Connect (or its bundle) reported it; 0: unknown
         self.channel = Channel(address)
 
     async def call(self, method: str, request, timeout: float | None = None):
@@ -172,9 +172,10 @@ class ShimManager:
                 return client
         return await self._launch(namespace, id, bundle)
 
-    async def dispose(self, client: ShimClient) -> None:
-        """Shut down a shim that never got its task (Shutdown, else SIGKILL) and wait until
-        its process is gone, so nothing it writes lands in a bundle being removed."""
+    async def dispose(self, client: ShimClient, exit_timeout: float = CONNECT_TIMEOUT) -> None:
+        """Shut down a shim that never got its task, or whose task was deleted (Shutdown,
+        else SIGKILL after `exit_timeout`) and wait until its process is gone, so nothing it
+        writes lands in a bundle being removed."""
         pidfd = pidfd_of(client.pid)
         try:
             with contextlib.suppress(RuntimedError):
@@ -182,7 +183,7 @@ class ShimManager:
                                   CONNECT_TIMEOUT)
             await client.close()
             if pidfd >= 0:
-                await await_exit(pidfd, CONNECT_TIMEOUT, f"shim {client.pid} of {client.id}")
+                await await_exit(pidfd, exit_timeout, f"shim {client.pid} of {client.id}")
         finally:
             if pidfd >= 0:
                 os.close(pidfd)

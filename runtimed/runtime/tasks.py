@@ -356,12 +356,12 @@ class TaskManager:
         if not self.trash.is_dir():
             return
         for retired in sorted(self.trash.iterdir()):
-            pid = _retired_shim_pid(retired)
+            pid = _shim_pid_in(retired)
             if pid:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
                 deadline = time.monotonic() + 2
-                while _retired_shim_pid(retired) and time.monotonic() < deadline:
+                while _shim_pid_in(retired) and time.monotonic() < deadline:
                     time.sleep(0.01)
             with contextlib.suppress(OSError):
                 _unmount_rootfs(retired / "rootfs")
@@ -626,6 +626,7 @@ class TaskManager:
             except RuntimedError as exc:  # alive: keep it; the relay retries until it answers
                 log.warning("%s/%s: shim alive but not answering yet (%s)", namespace, id, exc)
                 shim = ShimClient(id, address, bundle)
+                shim.pid = _shim_pid_in(bundle)  # the one working in it, to wait for
             task = Task(namespace, id, bundle, shim, info, published, init_exit)
             try:
                 await shim.call("State", shim_pb2.StateRequest(id=id), CONNECT_TIMEOUT)
@@ -641,11 +642,7 @@ class TaskManager:
                 await self._wait_published(task, Outbox(bundle / "events.jsonl").seq)
                 task.removing = True
                 await self._stop_relay(task)
-                with contextlib.suppress(RuntimedError):
-                    await shim.call("Shutdown", shim_pb2.ShutdownRequest(id=id, now=True),
-                                    SHUTDOWN_TIMEOUT)
-                await shim.close()
-                await _wait_shim_exit(bundle, SHIM_EXIT_TIMEOUT)
+                await self.shims.dispose(shim, SHIM_EXIT_TIMEOUT)
                 await self.shims.cleanup(info, bundle)
                 continue
             except RuntimedError as exc:
@@ -765,24 +762,25 @@ def _unmount_rootfs(rootfs: Path) -> None:
         raise
 
 
-def _retired_shim_pid(retired: Path) -> int:
-    """The pid of the shim still running in a retired bundle (its working directory), or 0."""
+def _shim_pid_in(bundle: Path) -> int:
+    """The pid of the shim still running in a bundle, retired or not (its working
+    directory), or 0."""
     try:
-        pid = int((retired / "shim.pid").read_text())
+        pid = int((bundle / "shim.pid").read_text())
         cwd = os.readlink(f"/proc/{pid}/cwd")
     except (OSError, ValueError):
         return 0
-    return pid if cwd == os.path.realpath(retired) else 0
+    return pid if cwd == os.path.realpath(bundle) else 0
 
 
 async def _wait_shim_exit(retired: Path, timeout: float) -> None:
     """Until the shim working in a (retired) bundle has exited; killed after `timeout`."""
-    pid = _retired_shim_pid(retired)
+    pid = _shim_pid_in(retired)
     pidfd = pidfd_of(pid or 0)
     if pidfd < 0:
         return
     try:
-        if _retired_shim_pid(retired) == pid:  # else it exited (or is not ours) before we watched
+        if _shim_pid_in(retired) == pid:  # else it exited (or is not ours) before we watched
             await await_exit(pidfd, timeout, f"shim {pid} of a deleted task")
     finally:
         os.close(pidfd)

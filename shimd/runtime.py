@@ -55,9 +55,12 @@ class OciRuntime:
         """Run the built-in runtime's light commands in this process (no hooks to run), and
         fork the init from here unless a new user namespace needs the intermediate child."""
         self.in_process = self.command == BUILTIN and not spec.get("hooks")
-        namespaces = (spec.get("linux") or {}).get("namespaces") or ()
-        self.fork_create = self.in_process and not any(
-            ns.get("type") == "user" and not ns.get("path") for ns in namespaces)
+        if self.in_process:
+            from shimd.oci import commands
+
+            self.fork_create = not commands.needs_intermediate(spec)
+        else:
+            self.fork_create = False
 
     async def _library(self, verb: str, function, *args, thread: bool = True):
         """A `shimd.oci.commands` function with the command line's errors and log line."""
@@ -167,12 +170,10 @@ class OciRuntime:
         except Exception as exc:  # noqa: BLE001 - typed as the CLI's exit would be
             raise self._error("create", exc) from None
         try:
-            sync, creation.sync = creation.sync, -1  # _read_to_eof closes it
-            report = (await _read_to_eof(sync)).decode(errors="replace").splitlines()
+            sync, creation.sync = creation.sync, -1  # _read_report closes it
+            report = await _read_report(sync, commands.SyncReport(creation.pid))
             creation.close()
-            error = next((line for line in report if line.startswith("error ")), None)
-            result = error or ("ready" if "ready" in report else None)
-            commands.finish_create(creation, creation.pid, result, pid_file)
+            commands.finish_create(creation, report.pid, report.result, pid_file)
         except BaseException as exc:
             creation.abort()
             if isinstance(exc, Exception):
@@ -190,9 +191,9 @@ class OciRuntime:
                                            console_socket)
         except Exception as exc:  # noqa: BLE001 - typed as the CLI's exit would be
             raise self._error("exec", exc) from None
-        report = (await _read_to_eof(sync)).decode(errors="replace")
-        if report.startswith("error "):
-            raise self._error("exec", f"exec failed: {report[6:].strip()}")
+        result = (await _read_report(sync, commands.SyncReport())).result
+        if result is not None:  # "error ...": the process did not exec
+            raise self._error("exec", f"exec failed: {result[6:].strip()}")
         return pid
 
     async def _before_fork(self) -> None:
@@ -265,11 +266,11 @@ class OciRuntime:
         return json.loads(out.splitlines()[0]) if out.strip() else {}
 
 
-async def _read_to_eof(fd: int) -> bytes:
-    """What a pipe's writers write until they have all closed it; the fd is closed after."""
+async def _read_report(fd: int, report):
+    """The forked children's `commands.SyncReport` on `fd`, read on the loop until it is
+    complete (a read error is reported as theirs would be); the fd is closed after."""
     loop = asyncio.get_running_loop()
     done = loop.create_future()
-    chunks: list[bytes] = []
 
     def readable() -> None:
         try:
@@ -277,11 +278,8 @@ async def _read_to_eof(fd: int) -> bytes:
         except BlockingIOError:
             return
         except OSError as exc:
-            chunk = b""
-            chunks.append(f"error {exc.strerror}".encode())
-        if chunk:
-            chunks.append(chunk)
-        elif not done.done():
+            chunk = f"error {exc.strerror}\n".encode()
+        if not done.done() and report.feed(chunk):
             done.set_result(None)
 
     os.set_blocking(fd, False)
@@ -291,7 +289,7 @@ async def _read_to_eof(fd: int) -> bytes:
     finally:
         loop.remove_reader(fd)
         os.close(fd)
-    return b"".join(chunks)
+    return report
 
 
 def _read_all(fd: int) -> bytes:

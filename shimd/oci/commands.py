@@ -59,38 +59,65 @@ def _connect_console(path: str | None):
     return sock
 
 
-def _read_sync(fd: int, on_hooks=None, on_userns=None, pid: int = 0) -> tuple[int, str | None]:
-    """Messages from the forked children: "pid N" (unless `pid` is known), maybe "hooks"
-    (the init waits for on_hooks(pid) to run the runtime's hooks), then "ready", or
-    "error ..."; EOF ends."""
-    buf, hooks_pending, ready = b"", False, False
-    while True:
-        chunk = os.read(fd, 4096)
+class SyncReport:
+    """What the forked children report on the sync pipe: "pid N" (unless `pid` is known),
+    maybe "hooks" (the init waits for on_hooks(pid) to run the runtime's hooks), then
+    "ready", or "error ..."; EOF ends. Fed what is read, by whoever reads the pipe (this
+    module blocking, the shim on its event loop)."""
+
+    def __init__(self, pid: int = 0, on_hooks=None, on_userns=None) -> None:
+        self.pid = pid
+        self.result: str | None = None  # "ready", "error ...", or None: no report
+        self._on_hooks = on_hooks
+        self._on_userns = on_userns
+        self._buf = b""
+        self._hooks_pending = self._ready = False
+
+    def feed(self, chunk: bytes) -> bool:
+        """Take what was read (b"" at EOF); True once `pid` and `result` are final."""
         if not chunk:
-            return pid, "ready" if ready and pid else None
-        buf += chunk
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
+            self.result = "ready" if self._ready and self.pid else None
+            return True
+        self._buf += chunk
+        while b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
             text = line.decode(errors="replace")
             if text.startswith("pid "):
-                pid = int(text[4:])
+                self.pid = int(text[4:])
             elif text == "ready":
                 # The init may get this far before its parent has even reported its pid.
-                if pid:
-                    return pid, "ready"
-                ready = True
-            elif text == "hooks" and on_hooks is not None:
-                hooks_pending = True
-            elif text.startswith("userns ") and on_userns is not None:
-                on_userns(int(text[7:]))
+                self._ready = True
+            elif text == "hooks" and self._on_hooks is not None:
+                self._hooks_pending = True
+            elif text.startswith("userns ") and self._on_userns is not None:
+                self._on_userns(int(text[7:]))
             elif text.startswith("error "):
-                return pid, text
-            if ready and pid:
-                return pid, "ready"
-            if hooks_pending and pid:
+                self.result = text
+                return True
+            if self._ready and self.pid:
+                self.result = "ready"
+                return True
+            if self._hooks_pending and self.pid:
                 # The init can ask before its parent has reported the init's pid.
-                hooks_pending = False
-                on_hooks(pid)
+                self._hooks_pending = False
+                self._on_hooks(self.pid)
+        return False
+
+
+def _read_sync(fd: int, on_hooks=None, on_userns=None, pid: int = 0) -> tuple[int, str | None]:
+    """The children's report (`SyncReport`), read from `fd` until it is complete."""
+    report = SyncReport(pid, on_hooks, on_userns)
+    while not report.feed(os.read(fd, 4096)):
+        pass
+    return report.pid, report.result
+
+
+def needs_intermediate(spec: dict) -> bool:
+    """Whether the init is forked by an intermediate child rather than by the caller: a
+    new user namespace must own the container's other namespaces, so a child unshares it
+    first (the caller cannot: it stays in the host's)."""
+    namespaces = (spec.get("linux") or {}).get("namespaces") or ()
+    return any(ns.get("type") == "user" and not ns.get("path") for ns in namespaces)
 
 
 def _load_spec(bundle: str) -> dict:
@@ -224,7 +251,6 @@ def begin_create(store: Store, container_id: str, bundle: str, console_socket: s
         raise InvalidArgument("process.terminal is set but no --console-socket was given")
     lin = spec.get("linux") or {}
     namespaces = lin.get("namespaces") or []
-    new_userns = any(ns.get("type") == "user" and not ns.get("path") for ns in namespaces)
     cgroup_path = cgroups.normalize(lin.get("cgroupsPath") or f"/{container_id}")
     program = cache_key = None
     if lin.get("seccomp"):
@@ -258,7 +284,7 @@ def begin_create(store: Store, container_id: str, bundle: str, console_socket: s
         child_fds += [w, hook_r]
         args = (spec, root, fifo_fd, procs_fds, cgroup, console, no_pivot, hook_r, container_id,
                 bundle)
-        if new_userns:
+        if needs_intermediate(spec):
             child = os.fork()
             if child == 0:
                 init.child_main(_intermediate, w, stdio, preserve_fds, *args)

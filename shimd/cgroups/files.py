@@ -6,8 +6,16 @@ import os
 
 
 def read(path: str) -> str:
-    with open(path) as f:
-        return f.read()
+    """A control file's text: open, read, close (a Python file object adds an fstat, an
+    ioctl and two lseeks to every read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode()
 
 
 def read_int(path: str) -> int:

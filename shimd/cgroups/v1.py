@@ -70,19 +70,37 @@ class V1:
             if ctrl == "cpuset":
                 self._create_cpuset(d)
             else:
-                os.makedirs(d, exist_ok=True)
+                try:
+                    os.mkdir(d)  # the parent is there but for the first container
+                except FileExistsError:
+                    pass
+                except FileNotFoundError:
+                    os.makedirs(d, exist_ok=True)
 
     def _create_cpuset(self, target: str) -> None:
-        """A new cpuset is empty and refuses tasks: fill cpus and mems from the parent."""
-        root = self.mounts["cpuset"]
-        current = root
+        """A new cpuset is empty and refuses tasks: fill cpus and mems from the parent.
+        A level made here is filled with its parent's values, known from the level above
+        (read once), without reading its own empty files first."""
+        current = self.mounts["cpuset"]
+        above: dict[str, str] = {}  # the parent level's cpus and mems, once read
         for part in self.path.strip("/").split("/"):
             parent, current = current, os.path.join(current, part)
-            os.makedirs(current, exist_ok=True)
+            try:
+                os.mkdir(current)
+                made = True
+            except FileExistsError:
+                made = False
+            values = {}
             for name in ("cpuset.cpus", "cpuset.mems"):
                 mine = os.path.join(current, name)
-                if os.path.exists(mine) and not files.read(mine).strip():
-                    files.write(mine, files.read(os.path.join(parent, name)).strip())
+                value = "" if made else files.read(mine).strip()
+                if not value:
+                    if name not in above:
+                        above[name] = files.read(os.path.join(parent, name)).strip()
+                    value = above[name]
+                    files.write(mine, value)
+                values[name] = value
+            above = values
 
     def procs_files(self) -> list[str]:
         """The `tasks` files: the joining process is single-threaded (a child just forked),

@@ -299,7 +299,10 @@ def container_init(sync_w: int, spec: dict, root: str, fifo_fd: int, procs_fds: 
     if propagation is None:
         raise ContainerError(f"invalid rootfsPropagation {lin.get('rootfsPropagation')!r}")
     linux.mount(None, "/", None, propagation)
-    rootfs.make_parent_mount_private(root)
+    if not propagation & linux.MS_REC or propagation & linux.MS_SHARED:
+        # else no mount is shared any more (rprivate, rslave, runbindable): no need to
+        # read and parse the host's whole mount table
+        rootfs.make_parent_mount_private(root)
     linux.mount(root, root, None, linux.MS_BIND | linux.MS_REC)
     mounts = spec.get("mounts") or []
     for m in mounts:

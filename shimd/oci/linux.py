@@ -70,6 +70,10 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _libc.syscall.restype = ctypes.c_long
+CLOSE_RANGE_CLOEXEC = 4
+_close_range = getattr(_libc, "close_range", None)  # glibc >= 2.34
+if _close_range is not None:
+    _close_range.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
 
 
 def _check(ret: int, what: str) -> int:
@@ -157,7 +161,14 @@ def set_personality(spec: dict) -> None:
 
 
 def cloexec_from(first: int, keep: range = range(0)) -> None:
-    """Mark every fd >= first close-on-exec except those in keep (--preserve-fds)."""
+    """Mark every fd >= first close-on-exec except those in keep (--preserve-fds): one
+    close_range(CLOSE_RANGE_CLOEXEC) per run of fds (Linux 5.11), else fd by fd from
+    /proc/self/fd (a forked shim has ~35 open: as many ioctls)."""
+    if _close_range is not None and keep.step == 1:
+        runs = [(first, keep.start - 1), (max(first, keep.stop), 0xFFFFFFFF)] if keep else \
+            [(first, 0xFFFFFFFF)]
+        if all(_close_range(lo, hi, CLOSE_RANGE_CLOEXEC) == 0 for lo, hi in runs if lo <= hi):
+            return
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd >= first and fd not in keep:

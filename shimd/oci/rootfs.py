@@ -203,18 +203,27 @@ def create_devices(rootfs: str, extra: list[dict] | None, bind: bool = False) ->
                for n, ma, mi in DEFAULT_DEVICES]
     seen = {d["path"] for d in extra or ()}
     devices = [d for d in devices if d["path"] not in seen] + list(extra or ())
+    parents: set[str] = set()
     for dev in devices:
         path = secure_join(rootfs, dev["path"])
-        os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+        parent = os.path.dirname(path)
+        if parent not in parents:  # /dev once, not once per device
+            os.makedirs(parent, 0o755, exist_ok=True)
+            parents.add(parent)
         kind = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}[dev["type"]]
         mode = dev.get("fileMode", 0o666) & 0o7777
-        if os.path.lexists(path):
-            os.unlink(path)
         if bind:
+            if os.path.lexists(path):
+                os.unlink(path)
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
             linux.mount(dev["path"], path, None, MS_BIND)
             continue
-        os.mknod(path, kind | mode, os.makedev(dev.get("major", 0), dev.get("minor", 0)))
+        number = os.makedev(dev.get("major", 0), dev.get("minor", 0))
+        try:
+            os.mknod(path, kind | mode, number)
+        except FileExistsError:  # the image has one there: ours replaces it
+            os.unlink(path)
+            os.mknod(path, kind | mode, number)
         os.chown(path, dev.get("uid", 0), dev.get("gid", 0))
 
 

@@ -616,6 +616,41 @@ def test_mount_propagation_to_host(runtime, tmp_path, propagation):
         subprocess.run(["umount", "-R", "-l", str(src)], check=False)
 
 
+@pytest.mark.parametrize("propagation", ["rslave", "rprivate", "private", "rshared"])
+def test_rootfs_under_a_shared_mount(runtime, tmp_path, propagation):
+    """pivot_root refuses a new root whose parent mount is shared: the rootfs lies under a
+    shared mount, and every rootfsPropagation still gets its container (the recursive ones
+    but rshared leave nothing shared; the others make that parent mount private)."""
+    import subprocess
+
+    shared = tmp_path / f"shared-root-{runtime.name}"
+    shared.mkdir()
+    subprocess.run(["mount", "--bind", str(shared), str(shared)], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", str(shared)], check=True)
+        spec = runtime.spec(sh("echo in"))
+        spec["linux"]["rootfsPropagation"] = propagation
+        c = runtime.run_to_exit(spec, rootfs=make_rootfs(shared / "rootfs"))
+        assert (c.wait(), c.stdout) == (0, "in\n"), c.stderr
+    finally:
+        subprocess.run(["umount", "-R", "-l", str(shared)], check=False)
+
+
+def test_a_device_node_in_the_image_is_replaced(builtin, tmp_path):
+    """Without a tmpfs on /dev the default devices are made in the image's own /dev,
+    replacing what the image has at their paths (runc prints nothing here: not compared)."""
+    runtime = builtin
+    rootfs = make_rootfs(tmp_path / "rootfs")
+    (rootfs / "dev" / "null").write_text("not a device")
+    spec = runtime.spec(sh("stat -c '%n %F %t:%T' /dev/null /dev/zero"))
+    spec["mounts"] = [m for m in spec["mounts"] if not m["destination"].startswith("/dev")]
+    spec["root"]["readonly"] = False
+    c = runtime.run_to_exit(spec, rootfs=rootfs)
+    assert c.wait() == 0, c.stderr
+    assert c.stdout.splitlines() == ["/dev/null character special file 1:3",
+                                     "/dev/zero character special file 1:5"]
+
+
 def test_hooks(runtime, tmp_path):
     """Every hook kind runs once, in order, with the state on stdin (pid = the init's host pid)."""
     out = tmp_path / f"hooks-{runtime.name}"

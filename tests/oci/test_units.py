@@ -110,3 +110,37 @@ def test_seccomp_cache_key_and_untrusted_entries(tmp_path, monkeypatch):
     assert seccomp.cached_program(key_a) is None  # never followed
     seccomp.cache_program(key_b, b"")  # nothing to keep
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [entry.name]
+
+
+@pytest.mark.parametrize("walk", [False, True], ids=["close_range", "proc-walk"])
+@pytest.mark.parametrize("keep", [range(0), range(1, 2), range(2, 3)])
+def test_cloexec_from_marks_every_fd_but_the_kept_ones(keep, walk):
+    """In a forked child (it marks the whole fd table): fds from `first` on are close-on-exec
+    after it, but for those kept; fds below `first` stay as they were. Through
+    close_range and through the /proc/self/fd walk (no close_range in libc)."""
+    import fcntl
+
+    fds = []
+    for _ in range(3):
+        r, w = os.pipe()
+        fds += [r, w]
+    for fd in fds:
+        os.set_inheritable(fd, True)
+    first = fds[1]
+    kept = [fds[1] + i for i in keep]
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            if walk:
+                linux._close_range = None
+            linux.cloexec_from(first, range(first + keep.start, first + keep.stop))
+            flags = {fd: bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC) for fd in fds}
+            want = {fd: fd >= first and fd not in kept for fd in fds}
+            code = 0 if flags == want else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    for fd in fds:
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0

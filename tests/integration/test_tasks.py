@@ -21,6 +21,7 @@ from runtimed.api.containerd.services.events.v1 import events_pb2, events_pb2_gr
 from runtimed.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from runtimed.api.containerd.types import mount_pb2
 from runtimed.api.containerd.types.task import task_pb2
+from tests.conftest import DaemonProcess
 from tests.shim.conftest import cgroup_check, make_rootfs, make_spec  # noqa: F401
 from tests.shim.test_shim import read_until_eof
 
@@ -116,6 +117,43 @@ def client(daemon, rootfs):
     c = Client(daemon, rootfs)
     yield c
     c.cleanup()
+
+
+# runtimed with ShimClient.call wrapped: each call that goes to a shim is written to the
+# file named first ("<method> <exec id>"), then made as usual
+RECORDING_RUNTIMED = """
+import sys
+from runtimed import daemon
+from runtimed.runtime.shim import ShimClient
+
+record, call = open(sys.argv[1], "a", buffering=1), ShimClient.call
+
+async def recorded(self, method, request, timeout=None):
+    record.write(f"{method} {getattr(request, 'exec_id', '')}\\n")
+    return await call(self, method, request, timeout)
+
+ShimClient.call = recorded
+sys.exit(daemon.main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture
+def shim_calls(client, daemon, monkeypatch):
+    """The daemon under test restarted with every call it makes to a shim recorded; a
+    function that returns those calls so far, as (method, exec id)."""
+    calls = daemon.base / "shim-calls"
+    command = DaemonProcess.command.fget
+
+    def recording(self) -> list[str]:
+        argv = command(self)
+        return [sys.executable, "-c", RECORDING_RUNTIMED, str(calls),
+                *argv[argv.index("runtimed.daemon") + 1:]]
+
+    monkeypatch.setattr(DaemonProcess, "command", property(recording))
+    client.channel.close()
+    daemon.restart()
+    client.connect()
+    return lambda: [tuple(line.split(" ")) for line in calls.read_text().splitlines()]
 
 
 class Collector:
@@ -305,9 +343,9 @@ def test_dead_shim_is_cleaned_up_with_exit_255(client, daemon):
     events.close()
 
 
-def test_a_pending_wait_answers_255_when_the_shim_dies(client, daemon):
-    """Wait on the init is answered from the relayed exit (no Wait call held open on the
-    shim): when the shim is killed under it, the relay's cleanup reports 255."""
+def test_a_pending_wait_answers_255_when_the_shim_dies(shim_calls, client, daemon):
+    """Wait on the init is answered from the relayed exit, never by a Wait call held open
+    on the shim: when the shim is killed under it, the relay's cleanup reports 255."""
     client.run("orphan", ["sleep", "1000"])
     shim_pid = int((daemon.state / "tasks" / "tt" / "orphan" / "shim.pid").read_text())
     waits = [client.tasks.Wait.future(tasks_pb2.WaitRequest(container_id="orphan"),
@@ -319,11 +357,13 @@ def test_a_pending_wait_answers_255_when_the_shim_dies(client, daemon):
     with pytest.raises(grpc.RpcError) as info:
         client.tasks.Wait(tasks_pb2.WaitRequest(container_id="orphan"), metadata=MD, timeout=10)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert ("Wait", "") not in shim_calls()
 
 
-def test_a_wait_on_a_created_task_is_answered_when_the_task_is_deleted(client):
-    """A Wait pending on an init that never started ends with the delete: answered with
-    the status of the init the delete killed (not left hanging on the relay)."""
+def test_a_wait_on_a_created_task_is_answered_when_the_task_is_deleted(shim_calls, client):
+    """A Wait pending on an init that never started ends with the delete: answered from
+    the relay with the status of the init the delete killed (not left hanging on the
+    relay, nor asked of the shim)."""
     client.container("unstarted", ["true"])
     client.create_task("unstarted")
     waiting = client.tasks.Wait.future(tasks_pb2.WaitRequest(container_id="unstarted"),
@@ -333,9 +373,12 @@ def test_a_wait_on_a_created_task_is_answered_when_the_task_is_deleted(client):
     client.tasks.Delete(tasks_pb2.DeleteTaskRequest(container_id="unstarted"), metadata=MD,
                         timeout=10)
     assert waiting.result().exit_status == 137  # the created init, killed by the delete
+    assert ("Delete", "") in shim_calls() and ("Wait", "") not in shim_calls()
 
 
-def test_many_waits_and_subscribers_do_not_slow_other_calls(client):
+def test_many_waits_and_subscribers_do_not_slow_other_calls(shim_calls, client):
+    """100 pending Waits and 10 subscribers leave Get's latency alone; the Waits are no
+    calls held open on the shim (the relayed exit answers them all)."""
     client.run("busy", ["sleep", "1000"])
 
     def get_latency() -> float:
@@ -359,6 +402,7 @@ def test_many_waits_and_subscribers_do_not_slow_other_calls(client):
         subscriber.wait_for("busy", "/tasks/exit")
         assert subscriber.topics("busy", exec_id="busy").count("/tasks/exit") == 1
         subscriber.close()
+    assert ("Wait", "") not in shim_calls()
 
 
 def _ppid(pid: str) -> int:

@@ -7,14 +7,18 @@ interpreter (and the machine's other core).
 
 One JSON object per line on stdin, answers on stdout:
 
-    {"op": "start", "id": N, "path": ingest data file, "root": directory to apply into}
+    {"op": "start", "id": N, "path": ingest data file, "root": directory to apply into,
+     optionally "limit" and "final" as below}
     {"op": "grow", "id": N, "limit": bytes written so far}
     {"op": "final", "id": N}       the ingest was committed: its end is the last limit
     {"op": "abandon", "id": N}     it was not: stop
     -> {"id": N, "ok": true, "result": {ApplyResult's fields}} | {"id": N, "ok": false, "error": ...}
 
-It exits when stdin closes (the daemon stopped or died), abandoning what runs, and
-after IDLE_EXIT seconds without work.
+The daemon owns the directories: it removes one when the answer says it is not used.
+It exits after IDLE_EXIT seconds without work, and when stdin closes (the daemon
+stopped or died): then it abandons what runs and removes those directories itself, once
+nothing writes into them (nobody is left to read the answers, and a daemon started
+again at once may have emptied the staging directory already).
 """
 
 from __future__ import annotations
@@ -24,14 +28,18 @@ import errno
 import io
 import json
 import os
+import shutil
 import sys
 import threading
+
+from runtimed.diff.apply import apply_layer
 
 IDLE_TIMEOUT = 60.0  # an ingest sending nothing for this long is not followed further
 # below the daemon and its clients: staging uses a core they leave idle, and on a busy
 # machine does not slow down the transfer it runs beside
 NICENESS = 10
 IDLE_EXIT = 300.0  # with nothing to do for this long, exit (the daemon starts another)
+STOP_TIMEOUT = 10.0  # at exit, wait this long at most for an abandoned staging to stop
 
 
 class Growing(io.RawIOBase):
@@ -78,11 +86,12 @@ class Growing(io.RawIOBase):
 
 
 class Stager:
-    def __init__(self, out):
-        self.out = out
+    def __init__(self, out: int):
+        self.out = out  # a file descriptor
         self.out_lock = threading.Lock()
-        self.jobs: dict[int, Growing] = {}
+        self.jobs: dict[int, tuple[Growing, threading.Thread]] = {}
         self.slots = threading.BoundedSemaphore(2)
+        self.stopping = False
 
     def handle(self, msg: dict) -> None:
         op, job = msg["op"], msg["id"]
@@ -92,10 +101,13 @@ class Stager:
             except OSError as exc:
                 self.answer({"id": job, "ok": False, "error": str(exc)})
                 return
-            self.jobs[job] = source
-            threading.Thread(target=self.run, args=(job, source, msg["root"]), daemon=True).start()
+            source.update(limit=msg.get("limit"), final=msg.get("final", False))
+            thread = threading.Thread(target=self.run, args=(job, source, msg["root"]),
+                                      daemon=True)
+            self.jobs[job] = (source, thread)
+            thread.start()
             return
-        source = self.jobs.get(job)
+        source = self.jobs.get(job, (None,))[0]
         if source is None:
             return
         if op == "grow":
@@ -106,8 +118,6 @@ class Stager:
             source.update(gone=True)
 
     def run(self, job: int, source: Growing, root: str) -> None:
-        from runtimed.diff.apply import apply_layer
-
         with self.slots:
             try:
                 with source:
@@ -116,23 +126,35 @@ class Stager:
             except Exception as exc:  # noqa: BLE001 - reported: the daemon extracts instead
                 answer = {"id": job, "ok": False, "error": str(exc)}
         self.jobs.pop(job, None)
-        self.answer(answer)
+        if self.stopping:  # the daemon is gone: nobody else removes it
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            self.answer(answer)
 
     def answer(self, message: dict) -> None:
+        data = (json.dumps(message) + "\n").encode()
         with self.out_lock:
-            self.out.write(json.dumps(message) + "\n")
-            self.out.flush()
+            try:
+                while data:
+                    data = data[os.write(self.out, data):]
+            except OSError:
+                pass  # the daemon is gone: stop() follows
 
-    def abandon_all(self) -> None:
-        for source in list(self.jobs.values()):
+    def stop(self) -> None:
+        """Abandon what runs; return once it stopped and removed its directories."""
+        self.stopping = True
+        jobs = list(self.jobs.values())
+        for source, _ in jobs:
             source.update(gone=True)
+        for _, thread in jobs:
+            thread.join(STOP_TIMEOUT)
 
 
 def main() -> int:
     import select
 
     os.nice(NICENESS)
-    stager = Stager(sys.stdout)
+    stager = Stager(sys.stdout.fileno())
     stdin = sys.stdin.buffer
     pending = b""
     while True:
@@ -150,7 +172,7 @@ def main() -> int:
                 stager.handle(json.loads(line))
             except (ValueError, KeyError, TypeError) as exc:
                 print(f"stager: bad request {line!r}: {exc}", file=sys.stderr)
-    stager.abandon_all()
+    stager.stop()
     return 0
 
 

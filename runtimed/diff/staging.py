@@ -22,9 +22,17 @@ The staged tree is exactly what an apply would have written, or it is not used:
 - the namespace must hold the blob (checked by the differ before it asks), and the diff
   ID and size come from the same bytes.
 
-A staged tree nobody asked for is removed after `ttl` seconds; at most `max_entries`
-wait at a time, and nothing is staged when the filesystem is short of space. A crash
-leaves only the directory, which the differ empties at start.
+A staging that fails or is dropped (its ingest restarted, was closed or was committed as
+a blob staged already) is removed at once; a finished one nobody asked for after `ttl`
+seconds. At most `max_entries` directories exist at a time, and nothing is staged when
+the filesystem is short of space. Who removes a directory, once no stager writes into it:
+`_finish` when the staging is dropped, else whoever takes it out of `_entries` (Diff.Apply,
+the TTL's timer, `close`).
+
+A crash leaves at most `.staged/`, which the differ removes at start. A stager whose
+daemon died removes the directories it was applying into before it exits (a daemon
+restarted at once could empty `.staged/` while it still wrote). A stager killed writes
+no more, and the daemon removes what it was staging when its pipe closes.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import stat
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtimed.diff import compression
@@ -63,18 +72,19 @@ def _head(path: str | os.PathLike) -> bytes:
         return b""
 
 
+@dataclass(eq=False)
 class _Entry:
-    def __init__(self, job: int, digest: str | None, root: str):
-        self.job = job
-        self.digest = digest  # None while its ingest is followed
-        self.dir = root  # where the stager applies it
-        self.fd: int | None = None  # the blob or ingest file, open for the stager
-        self.following = False
-        self.orphan = False  # committed as a digest staged already: dropped when done
-        self.state = "running"  # -> done | failed
-        self.done = threading.Event()
-        self.root: str | None = None  # the staged tree, once done and until used
-        self.result: ApplyResult | None = None
+    """One staging. Its directory exists while it is in `StagedLayers._entries`."""
+
+    job: int
+    digest: str | None  # None until its ingest is committed, or when nobody will use it
+    dir: str  # where the stager applies it
+    helper: subprocess.Popen | None = None  # the stager it was sent to
+    fd: int | None = None  # the blob or ingest file, open for the stager until it answers
+    done: threading.Event = field(default_factory=threading.Event)  # the stager answered
+    result: ApplyResult | None = None  # set when done if the tree is kept
+    claimed: bool = False  # Diff.Apply took it: no other may, and no timer removes it
+    timer: threading.Timer | None = None  # removes it unused after the TTL
 
 
 class _Follower:
@@ -85,14 +95,13 @@ class _Follower:
         self.entry = entry
 
     def grow(self, offset: int) -> None:
-        self.staged._send({"op": "grow", "id": self.entry.job, "limit": offset})
+        self.staged._tell(self.entry, {"op": "grow", "id": self.entry.job, "limit": offset})
 
     def committed(self, digest: str) -> None:
         self.staged._name(self.entry, digest)
-        self.staged._send({"op": "final", "id": self.entry.job})
 
     def abandon(self) -> None:
-        self.staged._send({"op": "abandon", "id": self.entry.job})
+        self.staged._tell(self.entry, {"op": "abandon", "id": self.entry.job})
 
 
 class StagedLayers:
@@ -105,44 +114,50 @@ class StagedLayers:
         self.ttl = ttl
         self.max_entries = max_entries
         self._lock = threading.Lock()
-        self._entries: dict[str, _Entry] = {}  # committed blobs, staged or being staged
-        self._jobs: dict[int, _Entry] = {}  # what the stager works on
-        self._following = 0  # ingests being staged as they arrive, not committed yet
+        self._entries: dict[int, _Entry] = {}  # by job: every staging that has a directory
         self._next_job = 0
-        self._helper: subprocess.Popen | None = None
+        self._helper: subprocess.Popen | None = None  # the stager new stagings go to
         self._send_lock = threading.Lock()
 
     # -- the helper process -------------------------------------------------------------
 
-    def _start(self, entry: _Entry, path: str) -> None:
-        # the ingest's name goes at its commit, maybe before the stager opens it: it opens
-        # the daemon's descriptor instead, kept until the stager answers
-        entry.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        path = f"/proc/{os.getpid()}/fd/{entry.fd}"
-        with self._send_lock:
-            if self._helper is None or self._helper.poll() is not None:
-                self._helper = subprocess.Popen(
-                    [sys.executable, "-m", "runtimed.diff.stager"], stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE, text=True, close_fds=True)
-                # a stager that stops reading must not stall the Write calls telling it
-                # of their progress: a full pipe ends it instead (see _write)
-                os.set_blocking(self._helper.stdin.fileno(), False)
-                threading.Thread(target=self._read, args=(self._helper,), name="layer-stager",
-                                 daemon=True).start()
-            started = self._write({"op": "start", "id": entry.job, "path": path,
-                                   "root": entry.dir})
-        if not started:  # it exited just now (idle): no reader may answer for it
-            with self._lock:
-                mine = self._jobs.pop(entry.job, None) is not None
-            if mine:
-                self._finish(entry, None, "the stager exited")
+    def _start(self, entry: _Entry, path: str, **fields) -> None:
+        try:
+            # the ingest's name goes at its commit, maybe before the stager opens it: it
+            # opens the daemon's descriptor instead, kept until the stager answers
+            entry.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            message = {"op": "start", "id": entry.job, "path": f"/proc/{os.getpid()}/fd/{entry.fd}",
+                       "root": entry.dir, **fields}
+            with self._send_lock:
+                if self._helper is None or self._helper.poll() is not None:
+                    self._helper = self._spawn()
+                entry.helper = self._helper
+                started = self._write(entry.helper, message)
+        except Exception as exc:  # noqa: BLE001 - an optimisation: the layer is extracted
+            log.warning("staging layer %s: %s", entry.digest, exc)
+            started = False
+        if not started:
+            # gone just now (idle) or never started: no reader may answer for it (if one
+            # does, _finish ignores the second answer)
+            self._finish(entry, None, "the stager did not take it")
 
-    def _send(self, message: dict) -> None:
-        with self._send_lock:
-            self._write(message)
+    def _spawn(self) -> subprocess.Popen:
+        helper = subprocess.Popen([sys.executable, "-m", "runtimed.diff.stager"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        # a stager that stops reading must not stall the Write calls telling it of their
+        # progress: a full pipe ends it instead (see _write)
+        os.set_blocking(helper.stdin.fileno(), False)
+        threading.Thread(target=self._read, args=(helper,), name="layer-stager",
+                         daemon=True).start()
+        return helper
 
-    def _write(self, message: dict) -> bool:
-        helper = self._helper
+    def _tell(self, entry: _Entry, message: dict) -> None:
+        if not entry.done.is_set():
+            with self._send_lock:
+                self._write(entry.helper, message)
+
+    @staticmethod
+    def _write(helper: subprocess.Popen | None, message: dict) -> bool:
         if helper is None:
             return False
         line = (json.dumps(message) + "\n").encode()
@@ -156,23 +171,23 @@ class StagedLayers:
         return True
 
     def _read(self, helper: subprocess.Popen) -> None:
+        """Answers of `helper` until it exits; then what it still had fails (only what
+        was sent to it: a stager started after it died may be at work already)."""
         for line in helper.stdout:
             try:
                 message = json.loads(line)
-            except ValueError:
+                job, result = message["id"], message.get("result") if message["ok"] else None
+            except (ValueError, KeyError, TypeError):
                 continue
             with self._lock:
-                entry = self._jobs.pop(message.get("id"), None)
-            if entry is not None:
-                result = message.get("result") if message.get("ok") else None
+                entry = self._entries.get(job)
+            if entry is not None and entry.helper is helper:
                 self._finish(entry, ApplyResult(**result) if result else None,
                              message.get("error", ""))
         helper.wait()
         with self._lock:
-            mine = [e for e in self._jobs.values() if e.state == "running"]
-            for entry in mine:
-                del self._jobs[entry.job]
-        for entry in mine:
+            left = [e for e in self._entries.values() if e.helper is helper and not e.done.is_set()]
+        for entry in left:
             self._finish(entry, None, "the stager exited")
 
     @staticmethod
@@ -190,7 +205,8 @@ class StagedLayers:
                 pass  # gone, or not ours to raise (without CAP_SYS_NICE): it only waits longer
 
     def close(self) -> None:
-        """Stop the helper (the daemon needs not: its exit closes the pipe)."""
+        """Stop the helper and remove what is staged (the daemon needs not: its exit
+        closes the pipe, and its next start empties the directory)."""
         with self._send_lock:
             helper, self._helper = self._helper, None
         if helper is not None:
@@ -200,6 +216,11 @@ class StagedLayers:
             except subprocess.TimeoutExpired:
                 helper.kill()
                 helper.wait()
+        with self._lock:
+            entries = list(self._entries.values())
+        for entry in entries:
+            self._finish(entry, None, "closed")  # its reader may not have come to it yet
+            self._expire(entry)
 
     # -- staging ------------------------------------------------------------------------
 
@@ -213,57 +234,53 @@ class StagedLayers:
             entry = self._new(None)
             if entry is None:
                 return None
-            entry.following = True
             self._start(entry, os.fspath(path))
             return _Follower(self, entry)
         except Exception:  # noqa: BLE001 - an optimisation: never fail the write for it
             log.exception("following ingest %s", path)
             return None
 
+    def _find(self, digest: str) -> _Entry | None:
+        """The staging of blob `digest` Diff.Apply may take (under the lock)."""
+        return next((e for e in self._entries.values()
+                     if e.digest == digest and not e.claimed), None)
+
     def _new(self, digest: str | None) -> _Entry | None:
         with self._lock:
-            if digest is not None and digest in self._entries:
+            if len(self._entries) >= self.max_entries:
                 return None
-            if len(self._entries) + self._following >= self.max_entries:
+            if digest is not None and self._find(digest) is not None:
                 return None
             self._next_job += 1
             entry = _Entry(self._next_job, digest, str(self.dir / os.urandom(8).hex()))
             os.mkdir(entry.dir, 0o755)
-            self._jobs[entry.job] = entry
-            if digest is None:
-                self._following += 1
-            else:
-                self._entries[digest] = entry
+            self._entries[entry.job] = entry
             return entry
 
     def _name(self, entry: _Entry, digest: str) -> None:
-        """A followed ingest was committed as `digest`: Diff.Apply can find its staging."""
+        """A followed ingest was committed as `digest`: Diff.Apply can find its staging,
+        unless that blob is staged already (the same blob in another namespace)."""
         with self._lock:
-            if not entry.following:
-                return  # its staging failed already
-            self._following -= 1
-            entry.following = False
-            entry.digest = digest
-            if digest in self._entries:
-                entry.orphan = True  # staged already (the same blob in another namespace)
-                return
-            self._entries[digest] = entry
+            if entry.done.is_set():
+                return  # it failed (or ended before the commit): the blob is offered again
+            duplicate = self._find(digest) is not None
+            if not duplicate:
+                entry.digest = digest
+        self._tell(entry, {"op": "abandon" if duplicate else "final", "id": entry.job})
 
     def offer(self, digest: str, path: str | os.PathLike) -> None:
         """A blob was just committed: stage it if it looks like a layer and was not
         followed while it was written. Never raises."""
         try:
             with self._lock:
-                if digest in self._entries:
+                if self._find(digest) is not None:
                     return
             if not looks_like_layer(_head(path)) or not self._room():
                 return
+            size = os.stat(path).st_size
             entry = self._new(digest)
-            if entry is None:
-                return
-            self._start(entry, os.fspath(path))
-            self._send({"op": "grow", "id": entry.job, "limit": os.stat(path).st_size})
-            self._send({"op": "final", "id": entry.job})
+            if entry is not None:
+                self._start(entry, os.fspath(path), limit=size, final=True)
         except Exception:  # noqa: BLE001 - an optimisation: never fail the commit for it
             log.exception("staging layer %s", digest)
 
@@ -273,39 +290,38 @@ class StagedLayers:
         return st.f_bavail * st.f_frsize >= MIN_FREE_BYTES
 
     def _finish(self, entry: _Entry, result: ApplyResult | None, error: str) -> None:
+        """The stager answered for `entry` (or cannot): keep its tree if it is a committed
+        blob's, else remove it now. A second call does nothing."""
+        with self._lock:
+            if entry.done.is_set():
+                return
+            keep = result is not None and entry.digest is not None
+            if keep:
+                entry.result = result
+                if not entry.claimed:
+                    entry.timer = threading.Timer(self.ttl, self._expire, (entry,))
+                    entry.timer.daemon = True
+                    entry.timer.start()
+            entry.done.set()
         if entry.fd is not None:
             os.close(entry.fd)
             entry.fd = None
-        with self._lock:
-            if entry.following:  # never committed
-                entry.following = False
-                self._following -= 1
-                result = None
-            keep = result is not None and not entry.orphan
-            entry.result = result
-            entry.state = "done" if keep else "failed"
-            if keep:
-                entry.root = entry.dir
         if not keep:
             log.debug("layer %s not staged: %s", entry.digest, error or "dropped")
             shutil.rmtree(entry.dir, ignore_errors=True)
-        entry.done.set()
-        timer = threading.Timer(self.ttl, self._expire, (entry,))
-        timer.daemon = True
-        timer.start()
+            with self._lock:
+                del self._entries[entry.job]
 
     def _expire(self, entry: _Entry) -> None:
+        """Remove a finished staging nobody took."""
         with self._lock:
-            if entry.digest is None or self._entries.get(entry.digest) is not entry:
-                return  # taken
-            del self._entries[entry.digest]
-        self._discard(entry)
-
-    @staticmethod
-    def _discard(entry: _Entry) -> None:
-        if entry.root is not None:
-            shutil.rmtree(entry.root, ignore_errors=True)
-            entry.root = None
+            if (entry.claimed or entry.result is None
+                    or self._entries.get(entry.job) is not entry):
+                return
+            del self._entries[entry.job]
+            if entry.timer is not None:
+                entry.timer.cancel()
+        shutil.rmtree(entry.dir, ignore_errors=True)
 
     # -- use ----------------------------------------------------------------------------
 
@@ -315,48 +331,65 @@ class StagedLayers:
         return its apply result; None when there is none or it would differ from an
         apply, and the caller extracts the layer itself."""
         with self._lock:
-            entry = self._entries.pop(digest, None)
+            entry = self._find(digest)
             if entry is None:
                 return None
-        if not entry.done.is_set():
-            # the caller waits for it now: the stager's low priority would slow it down
-            helper = self._helper
-            self._renice(helper, 0)
-            finished = entry.done.wait(WAIT_TIMEOUT)
-            self._renice(helper, NICENESS)
-            if not finished:
-                self._send({"op": "abandon", "id": entry.job})
-                return None
+            entry.claimed = True
+            if entry.timer is not None:
+                entry.timer.cancel()
+        if not entry.done.is_set() and not self._wait(entry):
+            return None
         try:
             result = entry.result
-            if entry.state != "done" or result is None:
-                return None
+            if result is None:
+                return None  # it failed: _finish removed it
             if not overlay and result.whiteouts:
                 return None
             if os.listdir(target):
                 return None
             st = os.stat(target)
-            if st.st_dev != os.stat(entry.root).st_dev:
+            if st.st_dev != os.stat(entry.dir).st_dev:
                 return None
             if overlay and result.made_parents and lowers:
                 if result.rewrote_parent:
                     return None
-                if not adopt_parents(entry.root, result.made_parents, lowers):
+                if not adopt_parents(entry.dir, result.made_parents, lowers):
                     return None
-            os.chown(entry.root, st.st_uid, st.st_gid)
-            os.chmod(entry.root, stat.S_IMODE(st.st_mode))
+            os.chown(entry.dir, st.st_uid, st.st_gid)
+            os.chmod(entry.dir, stat.S_IMODE(st.st_mode))
             for key in os.listxattr(target):
-                os.setxattr(entry.root, key, os.getxattr(target, key))
-            os.rename(entry.root, target)  # replaces the empty directory in one step
-            entry.root = None
+                os.setxattr(entry.dir, key, os.getxattr(target, key))
+            os.rename(entry.dir, target)  # replaces the empty directory in one step
             return result
         except OSError as exc:
             log.debug("staged layer %s not used: %s", digest, exc)
             return None
         finally:
-            self._discard(entry)
+            if entry.result is not None:  # kept (else _finish removes it)
+                with self._lock:
+                    del self._entries[entry.job]
+                shutil.rmtree(entry.dir, ignore_errors=True)  # nothing left once renamed
+
+    def _wait(self, entry: _Entry) -> bool:
+        """Wait for a staging Diff.Apply took while it runs. The stager's low priority
+        would slow the caller down: it is raised meanwhile. False when it took too long:
+        it is then removed once the stager stopped writing into it."""
+        helper = entry.helper
+        self._renice(helper, 0)
+        entry.done.wait(WAIT_TIMEOUT)
+        with self._lock:
+            finished = entry.done.is_set()
+            if not finished:
+                entry.digest = None  # its answer drops it
+            if not any(e.claimed and e is not entry and e.helper is helper
+                       and not e.done.is_set() for e in self._entries.values()):
+                self._renice(helper, NICENESS)  # (under the lock: another may raise it now)
+        if not finished:
+            self._tell(entry, {"op": "abandon", "id": entry.job})
+        return finished
 
     def pending(self) -> int:
+        """Stagings that have a directory (running, or finished and not yet used)."""
         with self._lock:
             return len(self._entries)
 
@@ -364,4 +397,3 @@ class StagedLayers:
     def repair(directory: str | os.PathLike) -> None:
         """Remove what a crash left staged."""
         shutil.rmtree(directory, ignore_errors=True)
-

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import signal
 import stat
+import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from test_diff_property import build, trees  # noqa: E402
 from test_layer_builder import E, d, tar  # noqa: E402
 
 from runtimed.content.store import ContentStore  # noqa: E402
+from runtimed.diff import staging  # noqa: E402
 from runtimed.diff.apply import adopt_parents, apply_layer  # noqa: E402
 from runtimed.diff.differ import Differ  # noqa: E402
 from runtimed.diff.staging import STAGED_DIR  # noqa: E402
@@ -57,11 +62,11 @@ def settled(differ) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         with differ.staged._lock:
-            if (differ.staged._following == 0
-                    and all(e.done.is_set() for e in differ.staged._entries.values())):
+            # the stager answered for all, and those dropped are removed
+            if all(e.result is not None for e in differ.staged._entries.values()):
                 return
         time.sleep(0.01)
-    raise AssertionError("staging did not finish")
+    raise AssertionError(f"staging did not finish: {differ.staged._entries}")
 
 
 def staged_dirs(differ) -> list[str]:
@@ -285,7 +290,8 @@ def test_an_ingest_is_staged_as_it_arrives_and_dropped_when_abandoned(env, tmp_p
     other = igzip.compress(tar(E("new", data=b"n" * 5000)))
     for i in range(0, len(other), 100):
         w.write(other[i:i + 100])
-    assert differ.staged._following == 1  # staged as it arrives, not only at the commit
+    # staged as it arrives, not only at the commit
+    assert [e.digest for e in differ.staged._entries.values() if not e.done.is_set()] == [None]
     streamed = w.commit(len(other))
     settled(differ)
     assert len(staged_dirs(differ)) == 2
@@ -369,9 +375,6 @@ def test_a_stager_that_dies_costs_only_its_stagings(env, tmp_path):
 def test_a_stager_that_stops_reading_never_stalls_the_writes(env, tmp_path):
     """Writes tell the stager of their progress through a pipe: once that pipe is full
     the stager is killed, not waited for; the layer is then staged again at its commit."""
-    import signal
-    import threading
-
     content, differ = env
     blob = igzip.compress(tar(E("top/file", data=os.urandom(400_000))))
     w = content.writer("default", "stalled", announce=True)
@@ -406,3 +409,115 @@ def test_an_idle_stager_exits_and_the_next_layer_starts_another(env, monkeypatch
     settled(differ)
     assert differ.staged._helper is not first
     assert len(staged_dirs(differ)) == 2
+
+
+def _timers() -> set:
+    return {t for t in threading.enumerate() if isinstance(t, threading.Timer)}
+
+
+def test_a_failed_or_dropped_staging_is_released_at_once(env):
+    """Only a finished staging nobody took waits for the TTL: a failed one (a broken
+    layer) or a dropped one (an ingest closed before its commit) frees its slot and its
+    directory as soon as the stager answers, and leaves no timer behind."""
+    content, differ = env
+    differ.staged.max_entries = 1
+    before = _timers()
+    commit(content, igzip.compress(LAYER)[:-40])
+    settled(differ)
+    assert differ.staged.pending() == 0 and staged_dirs(differ) == []
+    w = content.writer("default", "dropped", announce=True)
+    w.write(igzip.compress(LAYER)[:1000])
+    assert differ.staged.pending() == 1  # the one slot was free again: it is followed
+    w.close()
+    settled(differ)
+    assert differ.staged.pending() == 0 and staged_dirs(differ) == []
+    assert _timers() - before == set()
+    commit(content, igzip.compress(tar(E("next", data=b"n"))))
+    settled(differ)
+    assert differ.staged.pending() == 1 and len(staged_dirs(differ)) == 1
+    assert len(_timers() - before) == 1  # a finished staging waits for the TTL
+
+
+def test_the_same_blob_followed_twice_is_staged_once(env, tmp_path):
+    content, differ = env
+    blob = igzip.compress(LAYER)
+    commit(content, blob, ns="a")
+    desc = commit(content, blob, ns="b")
+    settled(differ)
+    assert differ.staged.pending() == 1 and len(staged_dirs(differ)) == 1
+    target = tmp_path / "target"
+    target.mkdir()
+    differ.apply("b", desc, [Mount("bind", str(target), ["rw", "rbind"])])
+    assert (target / "top" / "file").read_bytes() == b"content " * 1000
+    assert differ.staged.pending() == 0 and staged_dirs(differ) == []
+
+
+def test_a_dead_stagers_reader_fails_only_what_was_sent_to_it(env):
+    """A stager died and the next layer started another before the first one's reader
+    came to its end: that reader leaves the new stager's stagings alone."""
+    content, differ = env
+    commit(content, igzip.compress(LAYER))
+    settled(differ)
+    first = differ.staged._helper
+    first.kill()
+    first.wait()
+    blob = igzip.compress(tar(E("top/file", data=os.urandom(300_000))))
+    w = content.writer("default", "late", announce=True)
+    w.write(blob[:1000])
+    assert differ.staged._helper is not first
+    differ.staged._read(first)  # its reader comes to its end only now
+    running = [e for e in differ.staged._entries.values() if not e.done.is_set()]
+    assert [e.digest for e in running] == [None] and len(staged_dirs(differ)) == 2
+    w.write(blob[1000:])
+    w.commit(len(blob))
+    settled(differ)
+    assert running[0].result is not None and len(staged_dirs(differ)) == 2
+
+
+def test_a_staging_apply_gave_up_on_is_removed_once_the_stager_is_done(env, tmp_path,
+                                                                       monkeypatch):
+    """Diff.Apply waits for a running staging at most WAIT_TIMEOUT, then extracts the
+    layer itself: the staging is removed when the stager answers (not under it, and not
+    left behind)."""
+    content, differ = env
+    commit(content, igzip.compress(LAYER))
+    settled(differ)
+    helper = differ.staged._helper
+    monkeypatch.setattr(staging, "WAIT_TIMEOUT", 0.1)
+    os.kill(helper.pid, signal.SIGSTOP)
+    try:
+        desc = commit(content, igzip.compress(tar(E("slow", data=b"s" * 1000))))
+        target = tmp_path / "target"
+        target.mkdir()
+        differ.apply("default", desc, [Mount("bind", str(target), ["rw", "rbind"])])
+        assert (target / "slow").read_bytes() == b"s" * 1000
+        assert len(staged_dirs(differ)) == 2
+    finally:
+        os.kill(helper.pid, signal.SIGCONT)
+    settled(differ)
+    assert differ.staged.pending() == 1 and len(staged_dirs(differ)) == 1  # LAYER's
+
+
+def test_a_stager_whose_daemon_died_removes_what_it_was_staging(tmp_path):
+    """Its stdin closes with a layer half applied: it stops, removes that directory
+    (the daemon's next start may have emptied `.staged` already) and exits."""
+    data = tmp_path / "data"
+    layer = tar(E("small", data=b"s"), E("big", data=os.urandom(4 << 20)))
+    data.write_bytes(igzip.compress(layer)[:3_000_000])  # its reads go by the MiB
+    root = tmp_path / "root"
+    root.mkdir()
+    stager = subprocess.Popen([sys.executable, "-m", "runtimed.diff.stager"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    for message in ({"op": "start", "id": 1, "path": str(data), "root": str(root)},
+                    {"op": "grow", "id": 1, "limit": 3_000_000}):
+        stager.stdin.write(json.dumps(message).encode() + b"\n")
+    stager.stdin.flush()
+    deadline = time.monotonic() + 20
+    while not os.listdir(root) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "small" in os.listdir(root)  # it is applying, waiting for more of the blob
+    stager.stdin.close()
+    assert stager.wait(30) == 0
+    assert not root.exists()
+    assert stager.stdout.read() == b""  # nobody to answer
+    stager.stdout.close()

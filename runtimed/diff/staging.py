@@ -176,14 +176,14 @@ class StagedLayers:
         for line in helper.stdout:
             try:
                 message = json.loads(line)
-                job, result = message["id"], message.get("result") if message["ok"] else None
+                job = message["id"]
+                result = ApplyResult(**message["result"]) if message["ok"] else None
             except (ValueError, KeyError, TypeError):
                 continue
             with self._lock:
                 entry = self._entries.get(job)
             if entry is not None and entry.helper is helper:
-                self._finish(entry, ApplyResult(**result) if result else None,
-                             message.get("error", ""))
+                self._finish(entry, result, message.get("error", ""))
         helper.wait()
         with self._lock:
             left = [e for e in self._entries.values() if e.helper is helper and not e.done.is_set()]

@@ -107,9 +107,10 @@ class Stager:
             self.jobs[job] = (source, thread)
             thread.start()
             return
-        source = self.jobs.get(job, (None,))[0]
-        if source is None:
+        running = self.jobs.get(job)
+        if running is None:
             return
+        source = running[0]
         if op == "grow":
             source.update(limit=msg["limit"])
         elif op == "final":
@@ -125,11 +126,11 @@ class Stager:
                 answer = {"id": job, "ok": True, "result": dataclasses.asdict(result)}
             except Exception as exc:  # noqa: BLE001 - reported: the daemon extracts instead
                 answer = {"id": job, "ok": False, "error": str(exc)}
-        self.jobs.pop(job, None)
         if self.stopping:  # the daemon is gone: nobody else removes it
             shutil.rmtree(root, ignore_errors=True)
         else:
             self.answer(answer)
+        self.jobs.pop(job, None)  # (after: stop() waits for what it finds here)
 
     def answer(self, message: dict) -> None:
         data = (json.dumps(message) + "\n").encode()

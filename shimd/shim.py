@@ -76,32 +76,44 @@ class Shim:
         self.runtime.use_library(spec)
         pid_file = self.bundle / "init.pid"
         io = ProcessIO(stdio)
-        await self._run_with_io(
-            io,
-            lambda: self.runtime.create(
-                self.id, str(self.bundle), str(pid_file), io.console_socket, io.child_fds
-            ),
-        )
+        # armed while the init sets up (the runtime has made the cgroup by the time it
+        # waits for the init's report), not after it on Create's path; again below if
+        # that was too early (a runtime command that had not made the cgroup yet)
+        early_oom = asyncio.get_running_loop().call_soon(self._watch_oom, True)
+        try:
+            await self._run_with_io(
+                io,
+                lambda: self.runtime.create(
+                    self.id, str(self.bundle), str(pid_file), io.console_socket, io.child_fds
+                ),
+            )
+        except BaseException:
+            early_oom.cancel()
+            self._stop_oom()
+            raise
         pid = int(pid_file.read_text())
         self.io[INIT] = io
         self.stdio[INIT] = stdio
         self._exited[INIT] = asyncio.Event()
         events = self.lifecycle.created(pid)
         self._watch(INIT, pid)
-        self._watch_oom()
+        if self._oom is None:
+            self._watch_oom()
         await self._emit(events)
         return pid
 
-    def _watch_oom(self) -> None:
-        """Report OOM kills in the container's cgroup as /tasks/oom (containerd's topic)."""
-        if not self._cgroup_path:
+    def _watch_oom(self, early: bool = False) -> None:
+        """Report OOM kills in the container's cgroup as /tasks/oom (containerd's topic).
+        `early`: the cgroup may not exist yet; a failure is tried again after create."""
+        if not self._cgroup_path or self._oom is not None:
             return
         try:
             from shimd import cgroups
 
             self._oom = cgroups.open(self._cgroup_path).oom_events()
         except Exception as exc:  # noqa: BLE001 - no OOM events is not worth failing Create
-            log.warning("OOM events unavailable for %s: %s", self._cgroup_path, exc)
+            if not early:
+                log.warning("OOM events unavailable for %s: %s", self._cgroup_path, exc)
             return
         asyncio.get_running_loop().add_reader(self._oom.fileno(), self._on_oom)
 

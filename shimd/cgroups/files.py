@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 
@@ -88,9 +89,17 @@ def procs(path: str, recursive: bool = True) -> list[int]:
 
 
 def rmdir_tree(path: str) -> None:
-    """Remove a cgroup and its children, deepest first; a missing one is already gone."""
-    if not os.path.isdir(path):
+    """Remove a cgroup and its children, deepest first; a missing one is already gone.
+    A cgroup without children (a container's, usually) goes with one rmdir: no walk of a
+    directory of control files per hierarchy."""
+    try:
+        os.rmdir(path)
         return
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as e:
+        if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):  # busy: children, or tasks leaving
+            raise OSError(e.errno, f"remove cgroup {path}: {os.strerror(e.errno)}") from None
     for dirpath, dirs, _files in os.walk(path, topdown=False):
         for d in dirs:
             _rmdir(os.path.join(dirpath, d))

@@ -296,3 +296,15 @@ def test_v1_device_rules_in_order(v1_group):
     assert "c 1:3 rwm" in listed  # denied, then allowed again by the defaults that follow
     with pytest.raises(OSError, match="devices.allow"):
         v1_group.update({"devices": [{"allow": True, "type": "x", "access": "rwm"}]})
+
+
+def test_v1_delete_removes_child_cgroups_too(v1_group):
+    """A container's cgroup with cgroups below it (made inside the container): delete
+    removes them all, deepest first, in every hierarchy; deleting again is a no-op."""
+    child = V1(v1_group.path + "/inner/deeper", v1_group.mounts)
+    child.create()
+    assert all(os.path.isdir(d) for d in child.dirs.values())
+    assert (Path(child.dirs["cpuset"]) / "cpuset.cpus").read_text().strip()  # filled from above
+    v1_group.delete()
+    assert not v1_group.exists() and not child.exists()
+    v1_group.delete()

@@ -124,9 +124,11 @@ def test_create_and_exec_fork_from_the_single_threaded_shim(shims):
 def test_a_failed_create_in_the_shim_is_typed_and_leaves_nothing(shims):
     shim = shims(["no-such-binary"])
     own = namespaces(shim.pid)
+    eventfds = _eventfds(shim.pid)
     with pytest.raises(grpc.RpcError) as info:
         shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert _eventfds(shim.pid) == eventfds  # the OOM watch armed during the setup is closed
     assert "executable file not found" in info.value.details(), info.value.details()
     assert not (shim.bundle / "runtime" / shim.id).exists()  # state gone (cgroup: cgroup_check)
     deadline = time.monotonic() + 5
@@ -152,6 +154,18 @@ def test_a_failed_create_in_the_shim_is_typed_and_leaves_nothing(shims):
     shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
     assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
     shim.stub.Delete(pb.DeleteRequest(id=shim.id), timeout=20)
+
+
+def _eventfds(pid: int) -> int:
+    fds = os.listdir(f"/proc/{pid}/fd")
+    return sum(_readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[eventfd]" for fd in fds)
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except FileNotFoundError:
+        return ""
 
 
 def test_light_commands_spawn_nothing(shims):

@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 FIFO_ROOT_CANDIDATES = ("/run/ctl/fifo",)
+# After the process exited, its output gets OUTPUT_GRACE seconds to reach EOF (docker waits
+# 2 s for a container's or an exec's streams, containerd's shim 2 s for its copies before
+# Delete closes them); past it the copying stops once no byte has moved for OUTPUT_QUIET
+# seconds, and OUTPUT_LIMIT seconds after the exit at the latest.
+OUTPUT_GRACE = 2.0
+OUTPUT_QUIET = 0.2
+OUTPUT_LIMIT = 10.0
 
 
 @dataclass
@@ -112,6 +120,9 @@ class Attachment:
     _outputs: list[threading.Thread] = field(default_factory=list)
     _stdin_fd: int | None = None
     _cancelled: bool = False
+    _stopped: bool = False  # output is no longer copied (`wait` gave up on it)
+    _moved_at: float = 0.0  # monotonic time of the last byte read or written on
+    _moving: int = 0  # copiers between a read that returned data and its write's end
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> None:
@@ -179,27 +190,58 @@ class Attachment:
                 data = os.read(fd, 32768)
                 if not data:
                     break
-                if out is not None:
-                    _write_all(out, data)
-                if self.tee is not None:
-                    if self.tee_encode is not None:
-                        stream = "stderr" if path == self.fifos.stdio.stderr else "stdout"
-                        data = self.tee_encode(data, stream)
+                with self._lock:
+                    if self._stopped:
+                        continue  # read on (and drop) so the shim is never blocked
+                    self._moving += 1
+                try:
+                    if out is not None:
+                        _write_all(out, data)
+                    if self.tee is not None:
+                        if self.tee_encode is not None:
+                            stream = "stderr" if path == self.fifos.stdio.stderr else "stdout"
+                            data = self.tee_encode(data, stream)
+                        with self._lock:
+                            self.tee.write(data)
+                            self.tee.flush()
+                finally:
                     with self._lock:
-                        self.tee.write(data)
-                        self.tee.flush()
+                        self._moving -= 1
+                        self._moved_at = time.monotonic()
         except OSError:
             pass
         finally:
             os.close(fd)
 
-    def wait(self, timeout: float | None = 5.0) -> None:
-        """Wait for the output copiers to drain (the shim closes its ends when the process
-        side reaches EOF). The default gives up after `timeout` seconds, as an interactive
-        command must when a background child of an exec'd process keeps the output open;
-        whoever needs the whole output (a capture) passes None."""
+    def wait(self, grace: float | None = OUTPUT_GRACE, limit: float = OUTPUT_LIMIT) -> bool:
+        """After the process exited: wait until its output reached EOF (the shim closes its
+        ends when no process holds the output open any more); True if it did.
+
+        Something else may hold it open: a background child of an exec'd process (it lives
+        as long as the container), or a process outside the container's pid namespace (one
+        that reopened /proc/<pid>/fd/1, or was passed the descriptor), which the end of the
+        container does not kill. So after `grace` seconds the copying stops as soon as no
+        copier has moved a byte for OUTPUT_QUIET seconds (output still draining late on a
+        busy machine, or into a slow local reader, is not cut), and after `limit` seconds
+        in any case (a background writer that never pauses); what arrives later is
+        dropped. `grace=None`: until EOF, however long (a capture: a cut tar is a corrupt
+        copy)."""
+        if grace is None:
+            for t in self._outputs:
+                t.join()
+            return True
+        now = time.monotonic()
+        soft, hard = now + grace, now + max(grace, limit)
         for t in self._outputs:
-            t.join(timeout)
+            t.join(max(soft - time.monotonic(), 0))
+        while any(t.is_alive() for t in self._outputs):
+            with self._lock:
+                now = time.monotonic()
+                if now >= hard or (not self._moving and now - self._moved_at >= OUTPUT_QUIET):
+                    self._stopped = True
+                    return False
+            next(t for t in self._outputs if t.is_alive()).join(OUTPUT_QUIET / 2)
+        return True
 
     def cancel(self) -> None:
         """Unblock copiers still waiting for the shim to open a FIFO (creation failed)."""

@@ -238,18 +238,19 @@ class RunningContainer:
         return self.client.tasks.start(self.id)
 
     def wait(self, timeout: float | None = None) -> ExitStatus:
+        """The exit status (TimeoutError when the process runs on past `timeout`). The
+        output is then whole: its end is waited for, except when something outside the
+        container holds it open past `cio.OUTPUT_GRACE` (see `Attachment.wait`)."""
         status = self._exit.result(timeout=timeout)
         if self._attachment:
-            self._attachment.wait(timeout)  # output() is then whole
+            self._attachment.wait()
         return status
 
     def output(self) -> bytes:
-        self._out.seek(0)
-        return self._out.read()
+        return _contents(self._out)
 
     def errors(self) -> bytes:
-        self._err.seek(0)
-        return self._err.read()
+        return _contents(self._err)
 
     def cleanup(self) -> None:
         try:
@@ -261,6 +262,13 @@ class RunningContainer:
             self._attachment.close()
         self._out.close()
         self._err.close()
+
+
+def _contents(file) -> bytes:
+    """What a copier wrote to `file` so far. pread: the copier writes at the file's offset,
+    which a seek here would move (it may still be running when `wait` gave up on it)."""
+    fd = file.fileno()
+    return os.pread(fd, os.fstat(fd).st_size, 0)
 
 
 __all__ = ["Client", "RunningContainer", "DEFAULT_ADDRESS"]

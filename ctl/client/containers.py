@@ -2,7 +2,8 @@
 
 create: resolve the image → make sure its snapshot chain exists → Snapshots.Prepare(key =
 container id, parent = chain ID) → Containers.Create (spec as JSON in an Any).
-run: create → Tasks.Create (rootfs mounts from Snapshots.Mounts, stdio) → Wait (before
+run: create → Tasks.Create (rootfs mounts: those Prepare answered, carried by the record
+`create` returns, else Snapshots.Mounts; stdio) → Wait (before
 Start, so the exit is never missed) → Start. remove: Tasks.Delete if a task is left →
 Containers.Delete → Snapshots.Remove.
 """
@@ -168,11 +169,7 @@ class ContainersAPI:
                     except NotFound:
                         pass
                 raise
-        container = Container.from_pb(created)
-        # Prepare answered the snapshot's mounts: `tasks.create(..., container=)` given this
-        # record needs no Snapshots.Mounts (a private attribute: not part of the record)
-        container._rootfs = prepared.mounts
-        return container
+        return Container.from_pb(created, rootfs=prepared.mounts)
 
     def _resolve_volumes(self, spec_options: SpecOptions, image: ImageConfig) -> _Volumes:
         """Named and anonymous volume mounts (and the image's VOLUMEs) become binds of the
@@ -223,13 +220,13 @@ class ContainersAPI:
         try:
             if force and not restarts:
                 # a task that has exited (`run --rm`, the usual case) goes in one call; a
-                # live one is refused (FailedPrecondition; containerd says UNKNOWN) and is
-                # killed below
+                # live one is refused, looked up and killed below; any other error (the
+                # daemon unavailable, a deadline) is the caller's
                 try:
                     tasks.delete(container_id)
-                except NotFound:
-                    raise
-                except RuntimedError:
+                except RuntimedError as exc:
+                    if not _refused_while_live(exc):
+                        raise
                     task = tasks.get(container_id)
             else:
                 task = tasks.get(container_id)
@@ -277,6 +274,12 @@ class ContainersAPI:
                     pass
 
 
+def _refused_while_live(exc: RuntimedError) -> bool:
+    """Tasks.Delete's answer for a task whose process has not exited: FAILED_PRECONDITION
+    from runtimed, UNKNOWN ("cannot delete a running process") from containerd's runc shim."""
+    return isinstance(exc, FailedPrecondition) or exc.code == "UNKNOWN"
+
+
 @dataclass
 class _Volumes:
     """The volumes `create` made or will fill for a container."""
@@ -304,7 +307,8 @@ class TasksAPI:
     def create(self, container_id: str, stdio: Stdio | None = None, *,
                container: Container | None = None) -> Process:
         """Mount the container's snapshot and start its shim; the process waits for start.
-        `container`: its record, when the caller has it at hand (saves a round trip)."""
+        `container`: its record, when the caller has it at hand (saves a round trip; one
+        from `containers.create` carries its snapshot's mounts, which saves another)."""
         if stdio is None:
             from ctl.client.cio import Stdio
 
@@ -316,14 +320,14 @@ class TasksAPI:
             container_id=container_id, stdin=stdio.stdin, stdout=stdio.stdout,
             stderr=stdio.stderr, terminal=stdio.terminal,
         )
-        mounts = getattr(container, "_rootfs", None)  # from `containers.create`
-        if mounts is None and container.snapshot_key:
+        if container.rootfs is not None:  # the record came from `containers.create`
+            for m in container.rootfs:
+                request.rootfs.add(type=m.type, source=m.source, target=m.target, options=m.options)
+        elif container.snapshot_key:
             snaps = self._client._stub("snapshots")
-            mounts = snaps.Mounts(
+            request.rootfs.extend(snaps.Mounts(
                 snaps.pb.MountsRequest(snapshotter=container.snapshotter, key=container.snapshot_key)
-            ).mounts
-        if mounts:
-            request.rootfs.extend(mounts)
+            ).mounts)
         response = self._stub.Create(request)
         return Process(container_id, container_id, response.pid, "CREATED", terminal=stdio.terminal)
 

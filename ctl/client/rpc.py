@@ -29,7 +29,10 @@ def typed_error(exc: RpcError, address: str) -> RuntimedError:
         if not os.path.exists(address):
             return Unavailable(f"cannot connect to runtimed at {address}: is the daemon running?")
         return Unavailable(f"cannot connect to runtimed at {address}: {details}")
-    return from_code(exc.code, details)
+    error = from_code(exc.code, details)
+    if type(error) is RuntimedError:  # no class of its own (UNKNOWN, DATA_LOSS...): keep its name
+        error.code = exc.code
+    return error
 
 
 class Stub:

@@ -54,6 +54,21 @@ class Image:
         )
 
 
+@dataclass(frozen=True)
+class RootfsMount:
+    """One mount of a container's root filesystem as its snapshotter describes it
+    (containerd's `types.Mount`); Tasks.Create mounts the list at the bundle's rootfs."""
+
+    type: str
+    source: str
+    target: str = ""
+    options: tuple[str, ...] = ()
+
+    @classmethod
+    def from_pb(cls, pb) -> RootfsMount:
+        return cls(pb.type, pb.source, pb.target, tuple(pb.options))
+
+
 @dataclass
 class Container:
     """A container record, its OCI spec decoded from JSON."""
@@ -67,9 +82,14 @@ class Container:
     snapshot_key: str = ""
     created_at: datetime | None = None
     updated_at: datetime | None = None
+    # The mounts of its snapshot, when known without asking: `containers.create` fills them
+    # from Snapshots.Prepare's answer, and `tasks.create` then needs no Snapshots.Mounts.
+    # None for a record from Get or List. Not part of the stored record (not compared).
+    rootfs: list[RootfsMount] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_pb(cls, pb) -> Container:
+    def from_pb(cls, pb, rootfs=None) -> Container:
+        """`rootfs`: the snapshot's mounts (protobuf `types.Mount`s), when at hand."""
         import json
 
         spec = {}
@@ -88,6 +108,7 @@ class Container:
             snapshot_key=pb.snapshot_key,
             created_at=timestamp(pb.created_at),
             updated_at=timestamp(pb.updated_at),
+            rootfs=None if rootfs is None else [RootfsMount.from_pb(m) for m in rootfs],
         )
 
 

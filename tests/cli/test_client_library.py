@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -108,3 +109,108 @@ def test_a_lease_belongs_to_the_thread_that_took_it(daemon):
         thread.join(10)
     assert seen["other"] is None
     assert seen["own"] != seen["holder"]
+
+
+def _record_calls(monkeypatch, fail: dict[str, list[tuple[str, str]]] | None = None) -> list[str]:
+    """The RPC methods (`Tasks/Delete`) the client calls from now on; `fail` makes the next
+    calls of a method answer with the given (code, details) statuses, as a daemon would."""
+    import ctl.client.wire as wire
+
+    calls: list[str] = []
+    real = wire.Channel.call
+
+    def call(self, path, *args, **kwargs):
+        method = path.rsplit(".", 1)[-1]
+        calls.append(method)
+        if fail and fail.get(method):
+            raise wire.RpcError(*fail[method].pop(0))
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(wire.Channel, "call", call)
+    return calls
+
+
+def test_a_created_record_carries_its_snapshot_mounts(daemon, busybox, monkeypatch):
+    """The record `containers.create` returns carries the mounts Snapshots.Prepare answered
+    (a field, not stored: a record from Get has none and compares equal); a task created
+    from a record without them asks Snapshots.Mounts, with them it does not."""
+    from ctl.client.types import RootfsMount
+
+    with Client(daemon.address) as c:
+        created = c.containers.create("mnt1", "busybox", SpecOptions(args=["echo", "from get"]))
+        fetched = c.containers.get("mnt1")
+        snaps = c._stub("snapshots")
+        asked = snaps.Mounts(snaps.pb.MountsRequest(snapshotter=created.snapshotter, key="mnt1")).mounts
+        assert created.rootfs == [RootfsMount.from_pb(m) for m in asked] and created.rootfs
+        assert created.rootfs[0].type == "overlay" and any(o.startswith("upperdir=") for o in created.rootfs[0].options)
+        assert fetched.rootfs is None and fetched == created
+        calls = _record_calls(monkeypatch)
+        c.tasks.create("mnt1", container=fetched)
+        assert calls == ["Snapshots/Mounts", "Tasks/Create"]
+        c.containers.remove("mnt1", force=True, container=fetched)
+        del calls[:]
+        with c.run("mnt2", "busybox", SpecOptions(args=["sh", "-c", "echo ok"])) as box:
+            assert box.wait(timeout=30).code == 0 and box.output() == b"ok\n"
+        created_at = calls.index("Tasks/Create")
+        assert "Snapshots/Mounts" not in calls and "Containers/Get" not in calls[:created_at]
+        assert c.containers.list() == []
+
+
+def test_force_remove_falls_back_only_for_a_live_task(daemon, busybox, monkeypatch):
+    """remove(force=True) tries Tasks.Delete first. Only a refusal for a live task
+    (runtimed's FAILED_PRECONDITION, containerd's UNKNOWN) leads to looking the task up and
+    killing it; any other error (UNAVAILABLE, a deadline) is raised as it came, the
+    container left as it was."""
+    from runtimed.errors import DeadlineExceeded
+
+    with Client(daemon.address) as c:
+        records = {}
+        for name in ("live1", "live2"):
+            records[name] = c.containers.create(name, "busybox", SpecOptions(args=["sleep", "1000"]))
+            c.tasks.create(name, container=records[name])
+            c.tasks.start(name)
+        fail = {"Tasks/Delete": [("UNAVAILABLE", "shim not reachable"),
+                                 ("DEADLINE_EXCEEDED", "Deadline Exceeded")]}
+        calls = _record_calls(monkeypatch, fail)
+        with pytest.raises(Unavailable, match="shim not reachable"):
+            c.containers.remove("live1", force=True, container=records["live1"])
+        with pytest.raises(DeadlineExceeded):
+            c.containers.remove("live1", force=True, container=records["live1"])
+        assert calls == ["Tasks/Delete", "Tasks/Delete"]  # not asked again, nothing killed
+        assert c.tasks.get("live1").status == "RUNNING" and c.containers.get("live1")
+
+        fail["Tasks/Delete"] = [("UNKNOWN", "cannot delete a running process")]  # containerd
+        del calls[:]
+        c.containers.remove("live1", force=True, container=records["live1"])
+        assert calls[:3] == ["Tasks/Delete", "Tasks/Get", "Tasks/Wait"] and "Tasks/Kill" in calls
+        del calls[:]
+        c.containers.remove("live2", force=True, container=records["live2"])  # runtimed's refusal
+        assert calls[:2] == ["Tasks/Delete", "Tasks/Get"] and "Tasks/Kill" in calls
+        assert c.containers.list() == [] and c.tasks.list() == []
+
+
+def test_wait_returns_when_something_outside_holds_the_output_open(daemon, busybox):
+    """The end of a container kills every process in its pid namespace, so only a process
+    outside it can keep its output open: here the test itself, holding the init's stdout
+    (reopened through /proc). `wait()` (no timeout) still returns, with what was written,
+    once the grace after the exit is over; it waited for EOF without a limit before."""
+    import os
+
+    with Client(daemon.address) as c:
+        with c.run("held", "busybox", SpecOptions(args=["sh", "-c", "echo started; exec sleep 1000"])) as box:
+            holder = os.open(f"/proc/{c.tasks.get('held').pid}/fd/1", os.O_WRONLY)
+            try:
+                for _ in range(600):  # the echo has reached the client
+                    if box.output():
+                        break
+                    time.sleep(0.05)
+                c.tasks.kill("held", 9)
+                result = {}
+                waiter = threading.Thread(target=lambda: result.update(status=box.wait()), daemon=True)
+                waiter.start()
+                waiter.join(120)
+                assert not waiter.is_alive(), "wait() did not return while the output was held open"
+                assert result["status"].code == 137 and box.output() == b"started\n"
+            finally:
+                os.close(holder)
+        assert c.containers.list() == []

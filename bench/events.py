@@ -27,10 +27,12 @@ import contextlib
 import json
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,9 +49,11 @@ def _subscriber(address: str, topic: str, count: int) -> None:
     from runtimed.api.containerd.services.events.v1 import events_pb2
 
     def parent_gone() -> None:
-        sys.stdin.buffer.read()  # EOF: the parent closed our stdin or died
-        os._exit(0)
+        while os.read(0, 4096):  # unbuffered: no lock left held at interpreter exit
+            pass
+        os._exit(0)  # EOF: the parent closed our stdin, or died
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is the parent's to handle; it kills us
     threading.Thread(target=parent_gone, daemon=True).start()
     out = sys.stdout
     channel = Channel(address)
@@ -177,22 +181,23 @@ def run(channel, address: str, daemon_pid: int, topic: str, *, subscribers_n: in
                between=lambda: stub.Publish(request(0, PROBE), metadata=md))
         cpu = _cpu_seconds(daemon_pid)
         start = time.monotonic_ns()
-        in_flight = []
+        in_flight: deque = deque()
         next_at = time.monotonic()
-        for seq in range(events):
-            if interval:
-                delay = next_at - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                next_at += interval
-            if window == 1:
-                stub.Publish(request(seq), metadata=md)
-                continue
-            if len(in_flight) >= window:
-                in_flight.pop(0).result()
-            in_flight.append(stub.Publish.future(request(seq), metadata=md))
-        for future in in_flight:
-            future.result()
+        try:
+            for seq in range(events):
+                if interval:
+                    delay = next_at - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    next_at += interval
+                if len(in_flight) >= window:
+                    in_flight.popleft().result()
+                in_flight.append(stub.Publish.future(request(seq), metadata=md))
+            while in_flight:
+                in_flight.popleft().result()
+        finally:  # a call left behind would hold up the channel's close for good
+            for future in in_flight:
+                future.cancel()
         results = [json.loads(line) for line in _lines(procs, None, until)]
         cpu = _cpu_seconds(daemon_pid) - cpu
     delivered = sum(r["received"] for r in results)

@@ -8,6 +8,9 @@ InvalidArgument naming the member or blob at fault.
 
 Export writes an OCI layout (plus Docker's manifest.json, as containerd does, so `docker
 load` reads it too) or a docker-archive; an OCI export imports back with the same digests.
+Every blob it will send is put on a lease of the export's own before it is read, and the
+lease goes when the stream ends however it ends: an image deleted and collected mid-export
+still streams whole, and its blobs are collectable once the stream is over.
 The rules for names, platforms and the Docker conversion follow containerd's
 `images/archive` package and `ctr images import/export`.
 """
@@ -20,6 +23,7 @@ import logging
 import posixpath
 import secrets
 import tarfile
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -45,11 +49,15 @@ from runtimed.images.manifest import (
     walk,
 )
 from runtimed.metadata.images import Image
+from runtimed.metadata.leases import CONTENT, EXPIRE_LABEL, Resource
 
 log = logging.getLogger("runtimed.images.archive")
 
 CHUNK = 1 << 20
 IMPORT_LEASE_TTL = timedelta(hours=1)  # a crashed import's blobs go at a later collection
+# as containerd's transfer service leases its exports; a daemon that died mid-export
+# leaves the lease until then
+EXPORT_LEASE_TTL = timedelta(hours=24)
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _SPECIAL_FILES = ("oci-layout", "index.json", "manifest.json", "repositories")
@@ -132,11 +140,7 @@ class Archives:
         report = progress or (lambda p: None)
         own_lease = None
         if lease is None:
-            expires = (datetime.now(UTC) + IMPORT_LEASE_TTL).strftime("%Y-%m-%dT%H:%M:%SZ")
-            own_lease = self.leases.create(
-                ns, f"import-{secrets.token_hex(8)}", {"containerd.io/gc.expire": expires}
-            ).id
-            lease = own_lease
+            own_lease = lease = self._temporary_lease(ns, "import", IMPORT_LEASE_TTL)
         try:
             imported = _Import(self, ns, options, report, lease).run(reader)
         except BaseException:
@@ -146,6 +150,10 @@ class Archives:
         if own_lease is not None:
             self._drop_lease(ns, own_lease, collect=False)
         return imported
+
+    def _temporary_lease(self, ns: str, kind: str, ttl: timedelta) -> str:
+        expires = (datetime.now(UTC) + ttl).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return self.leases.create(ns, f"{kind}-{secrets.token_hex(8)}", {EXPIRE_LABEL: expires}).id
 
     def _drop_lease(self, ns: str, lease: str, collect: bool) -> None:
         try:
@@ -162,24 +170,32 @@ class Archives:
 
     def export_chunks(
         self, ns: str, names: list[str], options: ExportOptions | None = None
-    ) -> Iterator[bytes]:
+    ) -> ExportStream:
         """The archive of images `names`, as chunks of about 1 MiB. Names and blobs are
-        resolved before the first chunk, so a missing image fails before any output."""
+        resolved before the first chunk, so a missing image fails before any output. Each
+        blob is leased before it is first read; the caller ends the stream by exhausting
+        it or with `close()`, which drops the lease."""
         options = options or ExportOptions()
         if not names:
             raise InvalidArgument("export needs at least one image name")
-        plan = _ExportPlan(self, ns, options)
-        for name in names:
-            plan.add_image(name)
-        return _coalesce(plan.records())
+        lease = self._temporary_lease(ns, "export", EXPORT_LEASE_TTL)
+        try:
+            plan = _ExportPlan(self, ns, options, lease)
+            for name in names:
+                plan.add_image(name)
+        except BaseException:
+            self._drop_lease(ns, lease, collect=False)
+            raise
+        return ExportStream(self, ns, lease, _coalesce(plan.records()))
 
     def export_archive(
         self, ns: str, names: list[str], out: BinaryIO, options: ExportOptions | None = None
     ) -> int:
         written = 0
-        for chunk in self.export_chunks(ns, names, options):
-            out.write(chunk)
-            written += len(chunk)
+        with self.export_chunks(ns, names, options) as chunks:
+            for chunk in chunks:
+                out.write(chunk)
+                written += len(chunk)
         return written
 
     # -- helpers shared by import and export ----------------------------------------------
@@ -205,6 +221,55 @@ class Archives:
                 f"{_kind(desc)} {desc.digest}: descriptor says {desc.size} bytes, blob has {info.size}"
             )
         return info
+
+
+class ExportStream:
+    """The chunks of one export and the lease holding its blobs. The lease goes when the
+    chunks run out, when producing one fails, or at `close()` (a client that went away);
+    `close()` may come from another thread while a chunk is being read: it waits for it."""
+
+    def __init__(self, archives: Archives, ns: str, lease: str, chunks: Iterator[bytes]):
+        self._archives = archives
+        self._ns = ns
+        self._lease: str | None = lease
+        self._chunks: Iterator[bytes] | None = chunks
+        self._lock = threading.Lock()
+
+    @property
+    def lease(self) -> str | None:
+        """The lease while the stream is open, None once it ended."""
+        return self._lease
+
+    def __iter__(self) -> ExportStream:
+        return self
+
+    def __next__(self) -> bytes:
+        with self._lock:
+            if self._chunks is None:
+                raise StopIteration
+            try:
+                return next(self._chunks)
+            except BaseException:  # StopIteration included: the stream is over
+                self._end()
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            if self._chunks is not None:
+                self._chunks.close()  # type: ignore[attr-defined]
+            self._end()
+
+    def __enter__(self) -> ExportStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _end(self) -> None:
+        self._chunks = None
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            self._archives._drop_lease(self._ns, lease, collect=False)
 
 
 def _kind(desc: Descriptor) -> str:
@@ -685,10 +750,12 @@ class _DockerEntry:
 
 
 class _ExportPlan:
-    def __init__(self, archives: Archives, ns: str, options: ExportOptions):
+    def __init__(self, archives: Archives, ns: str, options: ExportOptions, lease: str):
         self.a = archives
         self.ns = ns
         self.options = options
+        self.lease = lease
+        self.held: set[str] = set()  # digests on the lease
         if options.all_platforms:
             self.matcher: platforms.Matcher = platforms.ALL
         elif options.platforms:
@@ -701,7 +768,15 @@ class _ExportPlan:
         self.blobs: dict[str, Descriptor] = {}  # digest -> descriptor, in write order
         self.docker: dict[str, _DockerEntry] = {}
 
+    def _hold(self, desc: Descriptor) -> None:
+        """Lease the blob before anything reads it: once leased, a collection cannot take
+        it; if one took it before, the read that follows says it is missing."""
+        if desc.digest not in self.held:
+            self.a.leases.add_resource(self.ns, self.lease, Resource(desc.digest, CONTENT))
+            self.held.add(desc.digest)
+
     def _read(self, desc: Descriptor) -> bytes:
+        self._hold(desc)
         return self.a.read_json_blob(self.ns, desc)
 
     def _add_tree(self, desc: Descriptor) -> None:
@@ -709,6 +784,7 @@ class _ExportPlan:
             d = node.descriptor
             if self.options.skip_non_distributable and mediatypes.is_non_distributable(d.media_type):
                 continue
+            self._hold(d)
             self.a._present(self.ns, d)
             self.blobs.setdefault(d.digest, d)
 
@@ -728,6 +804,7 @@ class _ExportPlan:
             self._add_tree(desc)
             self.docker.setdefault(desc.digest, _DockerEntry(desc)).names.append(name)
         elif mediatypes.is_index(desc.media_type):
+            self._hold(desc)
             self.a._present(self.ns, desc)
             self.blobs.setdefault(desc.digest, desc)
             chosen = []

@@ -2,7 +2,8 @@
 
 The core reads and writes plain file objects on a worker thread; this adapter bridges the
 gRPC streams to them with a bounded pipe (so a fast client cannot buffer a whole archive
-in memory) and relays progress back as it happens.
+in memory) and relays progress back as it happens. An export stream is closed however the
+call ends, which drops the lease on the blobs it sends.
 """
 
 from __future__ import annotations
@@ -166,11 +167,17 @@ class ArchivesService(archive_pb2_grpc.ArchivesServicer):
             docker=request.format == archive_pb2.ExportRequest.DOCKER,
         )
         chunks = await asyncio.to_thread(self.archives.export_chunks, ns, list(request.names), options)
-        while True:
-            chunk = await asyncio.to_thread(next, chunks, None)
-            if chunk is None:
-                return
-            yield archive_pb2.ExportResponse(data=chunk)
+        try:
+            while True:
+                chunk = await asyncio.to_thread(next, chunks, None)
+                if chunk is None:
+                    return
+                yield archive_pb2.ExportResponse(data=chunk)
+        finally:
+            # done, failed, or the client went away (cancelled here, or closed at the
+            # yield): the export's lease goes. Shielded: a second cancellation must not
+            # leave the lease behind; close waits for a chunk still being read.
+            await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, chunks.close))
 
 
 def _progress(p: Progress) -> archive_pb2.ImportResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import tarfile
 import time
 
@@ -175,3 +176,104 @@ def test_cancelled_import_leaves_nothing(daemon, images):
         assert daemon.ctr("leases", "ls", "-q").stdout.strip() == ""
         assert stored(channel) == set() and image_names(channel) == []
         assert not any((daemon.root / "content" / "ingest").iterdir())
+
+
+HELD = "example.com/export/held:1"
+
+
+def held_image(tmp_path) -> tuple[bytes, dict, list[str]]:
+    """An image of three 4 MiB incompressible layers (so an export of it is far larger
+    than what HTTP/2 flow control lets the daemon send ahead of a paused reader): the
+    archive, its manifest descriptor and every blob digest."""
+    layout = testimages.Layout()
+    rng = random.Random("export-lease")
+    layers = [(testimages.gzip_bytes(rng.randbytes(4 << 20), level=1), testimages.sha256(bytes([n])))
+              for n in range(3)]
+    manifest, _ = layout.image(layers, {"Cmd": ["sh"]}, testimages.host_arch())
+    path = tmp_path / "held.tar"
+    layout.write(path, [testimages.named(manifest, HELD)])
+    return path.read_bytes(), manifest, sorted(layout.blobs)
+
+
+def small_window_channel(daemon):
+    """A channel whose receive window stays at HTTP/2's 64 KiB (no BDP growth), so a
+    reader that stops reading stops the daemon a few chunks into the archive."""
+    return grpc.insecure_channel(f"unix://{daemon.address}", options=[
+        ("grpc.http2.bdp_probe", 0), ("grpc.max_receive_message_length", 16 << 20)])
+
+
+def blob_files(daemon, digests) -> set[str]:
+    base = daemon.root / "content" / "blobs" / "sha256"
+    return {d for d in digests if (base / d.removeprefix("sha256:")).exists()}
+
+
+def export_leases(daemon) -> list[str]:
+    return [line for line in daemon.ctr("leases", "ls", "-q").stdout.split()
+            if line.startswith("export-")]
+
+
+def wait_for(check, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return check()
+
+
+def test_export_holds_its_blobs_while_the_image_is_deleted_and_collected(daemon, tmp_path):
+    data, manifest, digests = held_image(tmp_path)
+    with daemon.channel() as channel:
+        run_import(channel, data)
+    with small_window_channel(daemon) as channel:
+        call = archive_pb2_grpc.ArchivesStub(channel).Export(
+            archive_pb2.ExportRequest(names=[HELD]), metadata=MD, timeout=120)
+        first = next(call).data  # then the reader pauses: the daemon is mid-archive
+        assert len(export_leases(daemon)) == 1
+        images_pb2_grpc.ImagesStub(channel).Delete(
+            images_pb2.DeleteImageRequest(name=HELD, sync=True), metadata=MD)  # + a GC run
+        assert image_names(channel) == []
+        # the export's lease kept every blob it is still to send through the collection
+        assert blob_files(daemon, digests) == set(digests)
+        archive = first + b"".join(r.data for r in call)
+        assert call.code() == grpc.StatusCode.OK
+
+        md = [("containerd-namespace", "copy")]
+        _, result = run_import(channel, archive, metadata=md)
+        assert [(i.name, i.target.digest) for i in result.images] == [(HELD, manifest["digest"])]
+        assert set(digests) <= stored(channel, md)
+
+        # the stream is over: its lease is gone and the deleted image's blobs are collected
+        # (the lease's removal schedules a collection)
+        assert export_leases(daemon) == []
+        assert wait_for(lambda: not (set(digests) & stored(channel)))
+        assert set(digests) & stored(channel) == set()
+
+
+def test_cancelled_export_drops_its_lease(daemon, tmp_path):
+    data, _, digests = held_image(tmp_path)
+    with daemon.channel() as channel:
+        run_import(channel, data)
+    with small_window_channel(daemon) as channel:
+        call = archive_pb2_grpc.ArchivesStub(channel).Export(
+            archive_pb2.ExportRequest(names=[HELD]), metadata=MD, timeout=120)
+        next(call)
+        images_pb2_grpc.ImagesStub(channel).Delete(
+            images_pb2.DeleteImageRequest(name=HELD, sync=True), metadata=MD)
+        assert len(export_leases(daemon)) == 1 and blob_files(daemon, digests) == set(digests)
+        call.cancel()
+        assert wait_for(lambda: export_leases(daemon) == [])
+        assert export_leases(daemon) == []
+        assert wait_for(lambda: not blob_files(daemon, digests))
+        assert blob_files(daemon, digests) == set() and stored(channel) == set()
+
+
+def test_failed_export_leaves_no_lease(daemon, images):
+    with daemon.channel() as channel:
+        run_import(channel, images["busybox"].path.read_bytes())
+        stub = archive_pb2_grpc.ArchivesStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Export(archive_pb2.ExportRequest(
+                names=[images["busybox"].name, "docker.io/library/nope:1"]), metadata=MD))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert export_leases(daemon) == []

@@ -11,7 +11,10 @@ from runtimed.errors import InvalidArgument
 
 def _split(name: str) -> tuple[str, str]:
     from ctl.client.images import familiar
+    from runtimed.build.dangling import is_dangling
 
+    if is_dangling(name):  # an untagged build's image: docker's <none>:<none>
+        return "<none>", "<none>"
     short = familiar(name)
     if "@" in short:
         return short.split("@", 1)[0], "<none>"
@@ -146,8 +149,10 @@ def rm(args) -> int:
                 )
             c.images.remove(image.name)
             from ctl.client.images import familiar
+            from runtimed.build.dangling import is_dangling
 
-            out(f"Untagged: {familiar(image.name)}")
+            if not is_dangling(image.name):
+                out(f"Untagged: {familiar(image.name)}")
             out(f"Deleted: {image.target.digest}")
         except Exception as exc:  # noqa: BLE001 - report each, keep going
             from ctl.commands import describe_error

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from runtimed.build import dangling
 from runtimed.build import dockerfile as df
 from runtimed.build.context import Context, content_hash
 from runtimed.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -777,10 +778,32 @@ class _Run:
             except AlreadyExists:
                 self.b.images.update(ns, record, ["target"])
             self.b.unpacker.unpack(ns, record, self.sn.name, lease=self.lease)
-        if not names:  # keep the snapshots labelled from the config even without a tag
-            self.b.unpacker._label(ns, config_desc.digest, {
-                f"containerd.io/gc.ref.snapshot.{self.sn.name}": state.chain} if state.chain else {})
+        if names:
+            self._drop_dangling(target)
+        else:
+            self.b.unpacker.unpack(ns, self._keep_untagged(target), self.sn.name, lease=self.lease)
         return BuildResult(names, target, config_desc.digest)
+
+    def _keep_untagged(self, target: Descriptor):
+        """The record that keeps an untagged result: an image already naming this
+        manifest (a rebuild of a tagged image), else a dangling one, as docker keeps it."""
+        from runtimed.metadata.images import Image
+
+        for image in self.b.images.list(self.ns):
+            if image.target.digest == target.digest:
+                return image
+        record = Image(dangling.name(target.digest), target, labels={})
+        try:
+            return self.b.images.create(self.ns, record)
+        except AlreadyExists:  # made by a build that finished meanwhile
+            return self.b.images.get(self.ns, record.name)
+
+    def _drop_dangling(self, target: Descriptor) -> None:
+        """A tagged result is no longer dangling (Docker's TagImage drops the record too)."""
+        try:
+            self.b.images.delete(self.ns, dangling.name(target.digest))
+        except NotFound:
+            pass
 
 
 # -- helpers -----------------------------------------------------------------------------

@@ -229,3 +229,17 @@ def test_stdin_dockerfile_network_modes_and_history(ctl, busybox):
     assert set(host_net) & set(os.listdir("/sys/class/net")) - {"lo"}
     history = ctl("history", "--no-trunc", "nets").stdout
     assert "/bin/sh -c ls /sys/class/net > /default-net" in history
+
+
+def test_untagged_build_is_a_dangling_image_run_by_its_id(ctl, busybox, tmp_path):
+    ctx = _context(tmp_path, 'FROM busybox\nCMD ["echo", "no tag"]\n')
+    built = ctl("build", str(ctx)).stdout
+    assert "Successfully built" in built and "Successfully tagged" not in built
+    short = built.split("Successfully built ")[1].split()[0]
+    row = next(r.split() for r in ctl("images").stdout.splitlines()[1:] if short in r)
+    assert row[:3] == ["<none>", "<none>", short]  # as `docker images` shows it
+    assert ctl("run", "--rm", short).stdout == "no tag\n"
+    assert json.loads(ctl("image", "inspect", short).stdout)[0]["RepoTags"] == []
+    removed = ctl("rmi", short).stdout
+    assert "Untagged" not in removed and "Deleted: sha256:" in removed
+    assert short not in ctl("images").stdout

@@ -215,3 +215,33 @@ def test_onbuild_triggers_run_in_the_child_build(client, daemon, tmp_path):
     assert "triggered" in [p.text for p in seen if p.kind == "log"]
     child = client.images.resolve("docker.io/library/child:latest").config["config"]
     assert "OnBuild" not in child and "CHILD=1" in child["Env"]
+
+
+def test_untagged_build_keeps_a_dangling_image(client, daemon, images):
+    dockerfile = "FROM busybox\nRUN echo untagged > /hi\n"
+    result = build(client, None, dockerfile, BuildOptions())
+    assert result.names == []
+    dangling = f"moby-dangling@{result.target.digest}"  # Docker's name in a containerd store
+    assert [i.name for i in client.images.list() if i.target.digest == result.target.digest] \
+        == [dangling]
+    # a collection (the base image's removal, synchronous) keeps it: the record holds it
+    daemon.ctr("images", "rm", "--sync", "docker.io/library/busybox:latest", namespace=NAMESPACE)
+    short = result.image_id.removeprefix("sha256:")[:12]
+    assert client.images.get(short).name == dangling
+    ctl = Ctl(daemon.address, NAMESPACE)
+    assert ctl("run", "--rm", short, "cat", "/hi").stdout == "untagged\n"
+    assert ctl("run", "--rm", result.image_id, "cat", "/hi").stdout == "untagged\n"
+    rows = ctl("images").stdout.splitlines()
+    assert any(r.split()[:3] == ["<none>", "<none>", short] for r in rows)
+
+    # tagging it by building it again with -t: the dangling record goes, the tag has it
+    daemon.ctr("images", "import", images["busybox"].archive, namespace=NAMESPACE)
+    tagged = build(client, None, dockerfile, BuildOptions(tags=["now-tagged"]))
+    assert tagged.target.digest == result.target.digest
+    names = [i.name for i in client.images.list() if i.target.digest == result.target.digest]
+    assert names == ["docker.io/library/now-tagged:latest"]
+    # an untagged rebuild of a tagged image adds no dangling record
+    assert build(client, None, dockerfile, BuildOptions()).target.digest == result.target.digest
+    names = [i.name for i in client.images.list() if i.target.digest == result.target.digest]
+    assert names == ["docker.io/library/now-tagged:latest"]
+    ctl("rmi", "now-tagged")

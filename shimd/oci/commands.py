@@ -306,15 +306,16 @@ def begin_create(store: Store, container_id: str, bundle: str, console_socket: s
             _prime_cgroup_attach(cgroup)
         if seccomp_fd is not None:
             seccomp.PRECOMPILED_FD = None  # the init's copy of it; not ours to use again
+            cached = program is not None
             if not program:
                 try:
                     # compiled here while the init sets up its mounts; loaded by it after start
                     seccomp.precompile_into(seccomp_fd, lin["seccomp"])
                     program = os.pread(seccomp_fd, os.fstat(seccomp_fd).st_size, 0)
-                    seccomp.cache_program(cache_key, program)
+                    cached = seccomp.cache_program(cache_key, program)
                 except OSError:
                     os.ftruncate(seccomp_fd, 0)  # the init builds it itself and reports why not
-            if program:
+            if program and not cached:  # a cached one is found by exec there (_open_program)
                 try:
                     _save_program(store, container_id, program)  # for every exec (same profile)
                 except OSError:
@@ -378,12 +379,17 @@ def _save_program(store: Store, container_id: str, program: bytes) -> None:
         os.close(out)
 
 
-def _open_program(store: Store, container_id: str) -> int | None:
+def _open_program(store: Store, container_id: str, profile: dict) -> int | None:
+    """The container's compiled filter: its own copy, kept when the program was not
+    cached, else the cache's entry for its profile (no file per container for that);
+    None: the exec'd process builds the filter."""
     try:
         return os.open(os.path.join(store.dir(container_id), SECCOMP_PROGRAM),
                        os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return None  # made by an older version: the exec'd process builds the filter
+        from shimd.oci import seccomp
+
+        return seccomp.open_cached(seccomp.cache_key(profile))
 
 
 def _prime_cgroup_attach(cgroup) -> None:
@@ -715,7 +721,8 @@ def _fork_exec(state: State, store: Store, proc: dict, stdio: tuple[int, int, in
     own_pidns = -1
     try:
         if (spec.get("linux") or {}).get("seccomp"):
-            program_fd = seccomp.PRECOMPILED_FD = _open_program(store, container_id)
+            program_fd = seccomp.PRECOMPILED_FD = _open_program(store, container_id,
+                                                                spec["linux"]["seccomp"])
         ns_fds = _open_namespaces(state)
         procs_fds = [os.open(p, os.O_WRONLY | os.O_CLOEXEC) for p in _cgroup(state).procs_files()]
         console = _connect_console(console_socket)

@@ -161,9 +161,9 @@ def _cache_dir_fd(create: bool) -> int | None:
     return fd
 
 
-def cached_program(key: str) -> bytes | None:
-    """The program compiled earlier for the profile whose `cache_key` is `key`, or None
-    (not cached, or not trusted)."""
+def open_cached(key: str) -> int | None:
+    """An fd on the program compiled earlier for the profile whose `cache_key` is `key`,
+    or None (not cached, or not trusted)."""
     dir_fd = _cache_dir_fd(create=False)
     if dir_fd is None:
         return None
@@ -173,25 +173,36 @@ def cached_program(key: str) -> bytes | None:
         return None
     finally:
         os.close(dir_fd)
+    st = os.fstat(fd)
+    if (st.st_uid != os.geteuid() or st.st_mode & 0o022 or not 0 < st.st_size <= _MAX_PROGRAM
+            or st.st_size % 8):
+        os.close(fd)
+        return None
+    return fd
+
+
+def cached_program(key: str) -> bytes | None:
+    """The program compiled earlier for the profile whose `cache_key` is `key`, or None
+    (not cached, or not trusted)."""
+    fd = open_cached(key)
+    if fd is None:
+        return None
     try:
-        st = os.fstat(fd)
-        if (st.st_uid != os.geteuid() or st.st_mode & 0o022 or not 0 < st.st_size <= _MAX_PROGRAM
-                or st.st_size % 8):
-            return None
-        program = os.pread(fd, st.st_size, 0)
-        return program if len(program) == st.st_size else None
+        size = os.fstat(fd).st_size
+        program = os.pread(fd, size, 0)
+        return program if len(program) == size else None
     finally:
         os.close(fd)
 
 
-def cache_program(key: str, program: bytes) -> None:
+def cache_program(key: str, program: bytes) -> bool:
     """Keep `program` (just compiled for the profile of `key`) for the next container.
-    Best effort."""
+    Best effort: whether it is in the cache now."""
     if not program or len(program) > _MAX_PROGRAM or len(program) % 8:
-        return
+        return False
     dir_fd = _cache_dir_fd(create=True)
     if dir_fd is None:
-        return
+        return False
     try:
         names = os.listdir(dir_fd)
         if len(names) >= CACHE_MAX_ENTRIES:  # many distinct profiles: start over
@@ -206,10 +217,11 @@ def cache_program(key: str, program: bytes) -> None:
             os.close(fd)
         if complete:
             os.rename(tmp, key, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        else:
-            os.unlink(tmp, dir_fd=dir_fd)
+            return True
+        os.unlink(tmp, dir_fd=dir_fd)
+        return False
     except OSError:
-        pass
+        return False
     finally:
         os.close(dir_fd)
 

@@ -300,8 +300,14 @@ def test_seccomp_filter_is_compiled_during_create_and_enforced_after_start(shims
     os.close(rerr)
 
 
-def test_exec_installs_the_filter_compiled_at_create(shims, workdir):
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "no-cache"])
+def test_exec_installs_the_filter_compiled_at_create(shims, workdir, monkeypatch, cache):
+    """exec installs the program create compiled: the seccomp cache's entry for the
+    profile (no copy per container), or the container's own seccomp.bpf without a cache."""
     from tests.shim.test_shim import fifos, read_until_eof
+
+    cache_dir = workdir / "seccomp-cache"
+    monkeypatch.setenv("SHIMD_OCI_SECCOMP_CACHE", str(cache_dir) if cache else "")
 
     def deny_mkdir(spec):
         spec["linux"]["seccomp"] = {
@@ -313,7 +319,9 @@ def test_exec_installs_the_filter_compiled_at_create(shims, workdir):
 
     shim = shims(["sleep", "1000"], spec_edit=deny_mkdir)
     shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
-    program = shim.bundle / "runtime" / shim.id / "seccomp.bpf"
+    kept = shim.bundle / "runtime" / shim.id / "seccomp.bpf"
+    assert kept.exists() != cache
+    program = next(cache_dir.iterdir()) if cache else kept
     assert program.stat().st_size > 0 and program.stat().st_size % 8 == 0  # sock_filter[]
     shim.stub.Start(pb.StartRequest(id=shim.id))
     out, err, rout, rerr = fifos(workdir, "x")
@@ -341,7 +349,7 @@ def test_exec_installs_the_filter_compiled_at_create(shims, workdir):
     shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
     assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
     shim.stub.Delete(pb.DeleteRequest(id=shim.id), timeout=20)
-    assert not program.exists()  # removed with the container's runtime state
+    assert program.exists() == cache  # a kept copy goes with the container's runtime state
     os.close(rout)
     os.close(rerr)
 

@@ -11,9 +11,12 @@ publish→delivery latency.
 Subscribers read with ctl's standard-library gRPC client (ctl/client/wire.py), the same
 code for both daemons: it reads frames in the iterating thread, where grpcio's sync
 stream hands every message between its C core's threads. Measured here (10 subscribers,
-2 cores), the subscribers' CPU per delivery was ~75-120 µs with it against ~180-250 µs
-with grpcio, the daemons' own ~10-40 µs: with grpcio the machine's two cores went to the
-clients and the figure barely moved with the daemon.
+2000 events, 16 publishes in flight), the subscribers spent ~10-15 µs of CPU per delivery
+with it and ~70-90 µs with grpcio, the publisher (grpcio futures) ~8-10 µs per delivery
+and each daemon ~5-12 µs: with grpcio subscribers the two cores went to the clients.
+The clients still share the machine with the daemon, so delivered/s moves with their
+cost too; the daemon's own CPU per delivery (`cpu_per_delivery`) is the figure that is
+the daemon's alone.
 
 Child protocol, one line each on stdout: `open` once its stream is started, `probe` at
 the first probe event (the subscription has reached the daemon: the parent publishes
@@ -156,8 +159,9 @@ def run(channel, address: str, daemon_pid: int, topic: str, *, subscribers_n: in
     """Publish `events` TaskExit events on `topic` (at most `window` Publish calls in flight,
     at least `interval` s apart) to `subscribers_n` subscriber processes that each must
     get all of them. Returns delivered/s over all subscribers (first publish to last
-    delivery), the median publish→delivery latency in seconds, and the daemon's CPU
-    seconds per delivery."""
+    delivery), the median publish→delivery latency in seconds, and CPU seconds per
+    delivery of the daemon, of the subscribers together (from their first event on) and
+    of this process (publishing)."""
     import statistics
 
     from runtimed.api.containerd.events import task_pb2
@@ -180,6 +184,7 @@ def run(channel, address: str, daemon_pid: int, topic: str, *, subscribers_n: in
         _lines(procs, "probe", until,
                between=lambda: stub.Publish(request(0, PROBE), metadata=md))
         cpu = _cpu_seconds(daemon_pid)
+        own_cpu = time.process_time()
         start = time.monotonic_ns()
         in_flight: deque = deque()
         next_at = time.monotonic()
@@ -195,6 +200,7 @@ def run(channel, address: str, daemon_pid: int, topic: str, *, subscribers_n: in
                 in_flight.append(stub.Publish.future(request(seq), metadata=md))
             while in_flight:
                 in_flight.popleft().result()
+            own_cpu = time.process_time() - own_cpu
         finally:  # a call left behind would hold up the channel's close for good
             for future in in_flight:
                 future.cancel()
@@ -207,7 +213,8 @@ def run(channel, address: str, daemon_pid: int, topic: str, *, subscribers_n: in
     latencies = [ns for r in results for ns in r["latencies"]]
     return {"throughput": delivered / elapsed, "latency": statistics.median(latencies) / 1e9,
             "cpu_per_delivery": cpu / delivered,
-            "subscriber_cpu_per_delivery": sum(r["cpu"] for r in results) / delivered}
+            "subscriber_cpu_per_delivery": sum(r["cpu"] for r in results) / delivered,
+            "publisher_cpu_per_delivery": own_cpu / delivered}
 
 
 if __name__ == "__main__":

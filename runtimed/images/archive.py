@@ -58,6 +58,7 @@ IMPORT_LEASE_TTL = timedelta(hours=1)  # a crashed import's blobs go at a later 
 # as containerd's transfer service leases its exports; a daemon that died mid-export
 # leaves the lease until then
 EXPORT_LEASE_TTL = timedelta(hours=24)
+ARCHIVE_LABEL = "runtimed.io/archive"  # on the leases imports and exports make: import|export
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _SPECIAL_FILES = ("oci-layout", "index.json", "manifest.json", "repositories")
@@ -153,7 +154,20 @@ class Archives:
 
     def _temporary_lease(self, ns: str, kind: str, ttl: timedelta) -> str:
         expires = (datetime.now(UTC) + ttl).strftime("%Y-%m-%dT%H:%M:%SZ")
-        return self.leases.create(ns, f"{kind}-{secrets.token_hex(8)}", {EXPIRE_LABEL: expires}).id
+        return self.leases.create(ns, f"{kind}-{secrets.token_hex(8)}",
+                                  {EXPIRE_LABEL: expires, ARCHIVE_LABEL: kind}).id
+
+    def recover(self, namespaces: Callable[[], list]) -> None:
+        """At daemon start: the leases of imports and exports a crash cut off are dropped
+        (their streams are gone), so what they alone held goes at the next collection
+        rather than at their expiry."""
+        for namespace in namespaces():
+            for lease in self.leases.list(namespace.name):
+                if lease.labels.get(ARCHIVE_LABEL) in ("import", "export"):
+                    try:
+                        self.leases.delete(namespace.name, lease.id)
+                    except NotFound:
+                        pass
 
     def _drop_lease(self, ns: str, lease: str, collect: bool) -> None:
         try:

@@ -195,6 +195,8 @@ def register(server: grpc.aio.Server, daemon) -> None:
     archives = Archives(daemon.content, daemon.images, daemon.leases, daemon.gc,
                         _unpacker_factory(daemon))
     daemon.archives = archives
+    if hasattr(daemon, "on_start") and hasattr(daemon, "namespaces"):
+        daemon.on_start.append(lambda: asyncio.to_thread(archives.recover, daemon.namespaces.list))
     servicer = ArchivesService(archives)
     archive_pb2_grpc.add_ArchivesServicer_to_server(servicer, server)
     serve_stream_with_parser(server, SERVICE, "Import", servicer.Import, parse_import_request,

@@ -277,3 +277,24 @@ def test_failed_export_leaves_no_lease(daemon, images):
                 names=[images["busybox"].name, "docker.io/library/nope:1"]), metadata=MD))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert export_leases(daemon) == []
+
+
+def test_daemon_crash_mid_export_drops_the_lease_at_restart(daemon, tmp_path):
+    data, _, digests = held_image(tmp_path)
+    with daemon.channel() as channel:
+        run_import(channel, data)
+    with small_window_channel(daemon) as channel:
+        call = archive_pb2_grpc.ArchivesStub(channel).Export(
+            archive_pb2.ExportRequest(names=[HELD]), metadata=MD, timeout=120)
+        next(call)
+        images_pb2_grpc.ImagesStub(channel).Delete(
+            images_pb2.DeleteImageRequest(name=HELD, sync=True), metadata=MD)
+        assert len(export_leases(daemon)) == 1
+        daemon.kill9()
+        call.cancel()
+    daemon.start()
+    # the stream died with the daemon: its lease (24 h expiry) is dropped at start, and
+    # what it alone held is collected
+    assert export_leases(daemon) == []
+    assert wait_for(lambda: not blob_files(daemon, digests))
+    assert blob_files(daemon, digests) == set()

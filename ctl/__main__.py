@@ -137,7 +137,7 @@ def _run_flags(p: Parser) -> None:
     a("-l", "--label", action="append", default=[], help="set a label KEY=VALUE")
     a("--init", action="store_true", help="run tini as PID 1 (reaps zombies, forwards signals)")
     a("--restart", default="no", help="no, always, unless-stopped or on-failure[:N]")
-    a("--log-opt", action="append", default=[], help="log driver option (path=FILE)")
+    a("--log-opt", action="append", default=[], help="log option: path=FILE, format=cri|raw, max-size=10m, max-file=3")
     a("--pull", choices=["missing", "always", "never"], default="missing", help="pull the image")
     a("--platform", help="platform of the image (os/arch[/variant])")
     a("--runtime", default=os.environ.get("CTL_RUNTIME") or "io.containerd.runc.v2",
@@ -201,6 +201,7 @@ def build_parser(only: str | None = None) -> Parser:
     p.add_argument("--tail", default="all", help="lines from the end")
     p.add_argument("-t", "--timestamps", action="store_true", help="show each line's time")
     p.add_argument("--since", help="only lines after a time (RFC 3339, Unix time, or 10m ago)")
+    p.add_argument("--until", help="only lines before a time (RFC 3339, Unix time, or 10m ago)")
     p.add_argument("container")
     p = _add(sub, "exec", "containers:exec_", "run a command in a running container")
     for flag, kw in ((("-i", "--interactive"), {"action": "store_true"}),

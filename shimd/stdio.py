@@ -15,7 +15,8 @@ A `file://` URI ending in `?format=cri` asks for a log with a timestamp per line
 process then writes into a pipe and the shim appends records in the CRI log format that
 containerd's CRI plugin and the kubelet use, `<RFC3339Nano> <stdout|stderr> <F|P> <data>`
 (F: the data ended a line, P: it did not; the newline itself is not stored), each read
-stamped as it arrives, so `ctl logs -t/--since` need no other index.
+stamped as it arrives, so `ctl logs -t/--since` need no other index. `max-size=N&max-file=M`
+in a `file://` URI's query rotate the file (docker's json-file options, see RotatingLog).
 """
 
 from __future__ import annotations
@@ -54,6 +55,77 @@ def cri_records(data: bytes, stream: bytes, now_ns: int | None = None) -> bytes:
     return out
 
 
+class RotatingLog:
+    """A `file://` log that is rotated before a write would take it past max-size: PATH
+    becomes PATH.1 (PATH.1 PATH.2 …, the one past max-file − 1 replaced) and writing goes
+    on in a fresh PATH; max-file 1 truncates PATH (docker's json-file). Writes are cut at
+    line ends where one fits. Shared by a process's stdout and stderr pumps (one file).
+    ctl's twin for a foreground run's copy: ctl.client.logs.RotatingFile."""
+
+    def __init__(self, path: str, max_size: int, max_file: int):
+        self.path, self.max_size, self.max_file = path, max_size, max_file
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self.size = os.fstat(self.fd).st_size
+        self.users = 0
+
+    def write(self, data: bytes | bytearray) -> int:
+        done, total = 0, len(data)
+        with memoryview(data) as view:
+            while done < total:
+                room = self.max_size - self.size
+                end = total
+                if total - done > room:
+                    cut = data.rfind(b"\n", done, done + max(room, 0))
+                    if cut >= 0:
+                        end = cut + 1
+                    elif self.size:
+                        self._rotate()
+                        continue
+                    else:  # one line longer than max-size on its own: cut it
+                        end = done + room
+                written = os.write(self.fd, view[done:end])
+                done += written
+                self.size += written
+        return total
+
+    def _rotate(self) -> None:
+        if self.max_file < 2:
+            os.ftruncate(self.fd, 0)
+            self.size = 0
+            return
+        for n in range(self.max_file - 1, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.path if n == 1 else f"{self.path}.{n - 1}", f"{self.path}.{n}")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        os.close(self.fd)
+        self.fd, self.size = fd, 0
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0 and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _rotation(uri: str) -> tuple[int, int] | None:
+    """(max-size, max-file) from a `file://` URI's query; None: not rotated."""
+    options = _options(uri)
+    try:
+        max_size, max_file = int(options.get("max-size", 0)), int(options.get("max-file", 1))
+    except ValueError:
+        raise InvalidArgument(f"invalid log rotation options in {uri!r}") from None
+    return (max_size, max(max_file, 1)) if max_size > 0 else None
+
+
+def _options(uri: str) -> dict[str, str]:
+    query = uri.partition("?")[2] if uri.startswith("file://") else ""
+    return dict(item.partition("=")[::2] for item in query.split("&") if item)
+
+
+def _is_cri(uri: str) -> bool:
+    return _options(uri).get("format") == "cri"
+
+
 @dataclass(frozen=True)
 class StdioConfig:
     stdin: str = ""
@@ -65,7 +137,7 @@ class StdioConfig:
 class Pump:
     """Copy bytes from `src` to `dst` without ever blocking the event loop."""
 
-    def __init__(self, src: int, dst: int | None, close_dst: bool = True, stamp: bytes = b"",
+    def __init__(self, src: int, dst: int | RotatingLog | None, close_dst: bool = True, stamp: bytes = b"",
                  output: bool = True):
         self.src, self.dst = src, dst
         self.output = output  # output may be dropped once its reader is gone; stdin never
@@ -80,7 +152,9 @@ class Pump:
         self._dropping = False  # output whose reader stalled: keep the newest BUFFER_LIMIT
         self._stall_timer: asyncio.TimerHandle | None = None
         os.set_blocking(src, False)
-        if dst is not None:
+        if isinstance(dst, RotatingLog):
+            dst.users += 1
+        elif dst is not None:
             with contextlib.suppress(OSError):
                 os.set_blocking(dst, False)
         self._loop.add_reader(src, self._read)
@@ -134,7 +208,10 @@ class Pump:
     def _flush(self) -> None:
         while self.buffer and self.dst is not None:
             try:
-                written = os.write(self.dst, self.buffer)
+                if isinstance(self.dst, RotatingLog):
+                    written = self.dst.write(self.buffer)
+                else:
+                    written = os.write(self.dst, self.buffer)
             except BlockingIOError:
                 if not self._writing:
                     self._loop.add_writer(self.dst, self._flush)
@@ -171,7 +248,10 @@ class Pump:
             self._loop.remove_writer(self.dst)
         with contextlib.suppress(OSError):
             os.close(self.src)
-        if self.dst is not None and self.close_dst:
+        if isinstance(self.dst, RotatingLog):
+            with contextlib.suppress(OSError):
+                self.dst.release()
+        elif self.dst is not None and self.close_dst:
             with contextlib.suppress(OSError):
                 os.close(self.dst)
         self.done.set_result(None)
@@ -186,7 +266,7 @@ def _is_fifo(path: str) -> bool:
 
 def _file_path(uri: str) -> str | None:
     if uri.startswith("file://"):
-        return uri[len("file://"):].removesuffix(CRI_SUFFIX)
+        return uri[len("file://"):].split("?", 1)[0]
     if uri.startswith("binary://"):
         raise InvalidArgument("binary:// stdio (logging binaries) is not supported by shimd")
     return None
@@ -208,7 +288,8 @@ class ProcessIO:
         self._console_dir: str | None = None
         self._listener: socket.socket | None = None
         self._to_close: list[int] = []
-        self._pending: list[tuple[int, int | None, bool, bytes]] = []
+        self._pending: list[tuple[int, int | RotatingLog | None, bool, bytes]] = []
+        self._logs: dict[str, RotatingLog] = {}  # stdout and stderr into one rotated file
         self.console_socket: str | None = None
         if config.terminal:
             self._open_console_socket()
@@ -274,11 +355,11 @@ class ProcessIO:
             self._to_close.append(fd)
             return fd
         file = _file_path(path)
-        if file is not None and path.endswith(CRI_SUFFIX):
+        if file is not None and (_is_cri(path) or _rotation(path)):
             read_end, write_end = os.pipe()
             self._to_close.append(write_end)
-            log = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-            self._pending.append((read_end, log, False, stream))
+            log = self._log(file, path)
+            self._pending.append((read_end, log, False, stream if _is_cri(path) else b""))
             return write_end
         if file is not None or not _is_fifo(path):
             fd = os.open(file or path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -289,6 +370,14 @@ class ProcessIO:
         fifo = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         self._pending.append((read_end, fifo, False, b""))
         return write_end
+
+    def _log(self, file: str, uri: str) -> int | RotatingLog:
+        rotation = _rotation(uri)
+        if rotation is None:
+            return os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        if file not in self._logs:
+            self._logs[file] = RotatingLog(file, *rotation)
+        return self._logs[file]
 
     def spawned(self) -> None:
         """The runtime holds the child ends now: drop ours, start pumping."""
@@ -304,7 +393,7 @@ class ProcessIO:
         self._pending.clear()
         if self.console is not None:
             if self.config.stdout:
-                stamp = b"stdout" if self.config.stdout.endswith(CRI_SUFFIX) else b""
+                stamp = b"stdout" if _is_cri(self.config.stdout) else b""
                 self.pumps.append(Pump(os.dup(self.console), self._console_out(), stamp=stamp))
             if self.config.stdin and not _file_path(self.config.stdin):
                 fifo = os.open(self.config.stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -314,8 +403,10 @@ class ProcessIO:
     def _console_out(self) -> int:
         path = self.config.stdout
         file = _file_path(path)
-        if file is not None or not _is_fifo(path):
-            return os.open(file or path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        if file is not None:
+            return self._log(file, path)
+        if not _is_fifo(path):
+            return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
 
     def close_stdin(self) -> None:
@@ -346,6 +437,9 @@ class ProcessIO:
                 with contextlib.suppress(OSError, TypeError):
                     os.close(fd)
         self._pending.clear()
+        for log in self._logs.values():  # never handed to a pump
+            if log.users <= 0:
+                log.release()
         for pump in self.pumps:
             pump.close()
         if self.console is not None:

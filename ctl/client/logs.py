@@ -3,11 +3,19 @@ stdout URI (see shimd/stdio.py) and ctl's own copy of a foreground run does.
 
 One record per line: `<RFC3339Nano UTC> <stdout|stderr> <F|P> <data>`; `P` records are
 parts of a line whose rest follows (no newline after them). The fixed-width UTC
-timestamps compare as strings, so `--since` needs no date parsing per line.
+timestamps compare as strings, so `--since`/`--until` need no date parsing per line.
+
+Rotation (`--log-opt max-size=… max-file=…`, docker's json-file options): the URI carries
+them, `file://PATH?format=cri&max-size=N&max-file=M`; every writer (the shim for a detached
+task, `RotatingFile` for ctl's copy of a foreground run) renames PATH to PATH.1 (PATH.1 to
+PATH.2 …, the one past max-file − 1 overwritten) before a write would take PATH past
+max-size, and goes on in a fresh PATH; max-file 1 truncates PATH instead. `open_set` reads
+the set oldest first and `Follower` follows PATH across rotations.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -19,8 +27,28 @@ from runtimed.errors import InvalidArgument
 CRI_SUFFIX = "?format=cri"
 
 
-def uri(path: str) -> str:
-    return "file://" + path + CRI_SUFFIX
+def uri(path: str, cri: bool = True, max_size: int = 0, max_file: int = 1) -> str:
+    """The stdout/stderr URI of a container's log file (the label the restart manager reuses)."""
+    query = ["format=cri"] if cri else []
+    if max_size:
+        query += [f"max-size={max_size}", f"max-file={max_file}"]
+    return "file://" + path + ("?" + "&".join(query) if query else "")
+
+
+def uri_options(value: str) -> dict[str, str]:
+    """`file://PATH?a=1&b=2` → {"a": "1", "b": "2"}."""
+    _, _, query = value.partition("?")
+    return dict(item.partition("=")[::2] for item in query.split("&") if item)
+
+
+def rotation(value: str) -> tuple[int, int] | None:
+    """(max-size, max-file) from a log URI; None when its file is not rotated."""
+    options = uri_options(value)
+    try:
+        max_size, max_file = int(options.get("max-size", 0)), int(options.get("max-file", 1))
+    except ValueError:
+        return None
+    return (max_size, max(max_file, 1)) if max_size > 0 else None
 
 
 def timestamp(ns: int) -> bytes:
@@ -87,9 +115,9 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
 
 
-def since(value: str, now: float | None = None) -> bytes:
-    """docker's `--since`: an RFC 3339 time, a Unix time, or a duration ago (`10m`,
-    `1h30m`); as the timestamp string records compare against."""
+def since(value: str, now: float | None = None, flag: str = "--since") -> bytes:
+    """docker's `--since` and `--until`: an RFC 3339 time, a Unix time, or a duration ago
+    (`10m`, `1h30m`); as the timestamp string records compare against."""
     now = time.time() if now is None else now
     text = value.strip()
     if re.fullmatch(r"\d+(\.\d+)?", text):
@@ -105,9 +133,159 @@ def since(value: str, now: float | None = None) -> bytes:
         parsed = datetime.fromisoformat(whole.replace("Z", "+00:00"))
     except ValueError:
         raise InvalidArgument(
-            f"invalid --since {value!r}: use an RFC 3339 time, a Unix time or a duration like 10m"
+            f"invalid {flag} {value!r}: use an RFC 3339 time, a Unix time or a duration like 10m"
         ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     nanoseconds = int(fraction.group(1)[:9].ljust(9, "0")) if fraction else 0
     return timestamp(int(parsed.timestamp()) * 10**9 + nanoseconds)
+
+
+class RotatingFile:
+    """An append-only log file that rotates before a write would take it past `max_size`
+    (ctl's copy of a foreground run; the shim's twin is shimd.stdio.RotatingLog). Writes
+    are cut at line ends where one fits, so a record stays whole in one file unless it is
+    longer than `max_size` by itself."""
+
+    def __init__(self, path: str, max_size: int, max_file: int):
+        self.path, self.max_size, self.max_file = path, max_size, max_file
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self.size = os.fstat(self.fd).st_size
+
+    def write(self, data: bytes) -> int:
+        done, total = 0, len(data)
+        with memoryview(data) as view:
+            while done < total:
+                room = self.max_size - self.size
+                end = total
+                if total - done > room:
+                    cut = data.rfind(b"\n", done, done + max(room, 0))
+                    if cut >= 0:
+                        end = cut + 1
+                    elif self.size:
+                        self._rotate()
+                        continue
+                    else:  # one line longer than max-size on its own: cut it
+                        end = done + room
+                written = os.write(self.fd, view[done:end])
+                done += written
+                self.size += written
+        return total
+
+    def _rotate(self) -> None:
+        if self.max_file < 2:  # docker's json-file with max-file 1: start the file over
+            os.ftruncate(self.fd, 0)
+            self.size = 0
+            return
+        for n in range(self.max_file - 1, 0, -1):
+            try:
+                os.rename(self.path if n == 1 else f"{self.path}.{n - 1}", f"{self.path}.{n}")
+            except FileNotFoundError:
+                pass
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        os.close(self.fd)
+        self.fd, self.size = fd, 0
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def rotated_paths(path: str) -> list[str]:
+    """PATH.1, PATH.2 … that exist, newest first."""
+    directory, base = os.path.split(path)
+    try:
+        names = os.listdir(directory or ".")
+    except FileNotFoundError:
+        return []
+    numbers = sorted(int(name[len(base) + 1:]) for name in names
+                     if name.startswith(base + ".") and name[len(base) + 1:].isdigit())
+    return [f"{path}.{n}" for n in numbers]
+
+
+def open_set(path: str) -> list:
+    """The log file and its rotated files, open, oldest first (the live one last, or no
+    live one when it does not exist yet). Opened newest first and each inode once: a
+    rotation meanwhile only shifts names, so no file is read twice or out of order."""
+    files, seen = [], set()
+    live = None
+    for n, name in enumerate([path, *rotated_paths(path)]):
+        try:
+            f = open(name, "rb")
+        except FileNotFoundError:
+            continue
+        st = os.fstat(f.fileno())
+        if (st.st_dev, st.st_ino) in seen:
+            f.close()
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        if n == 0:
+            live = f
+        else:
+            files.append(f)
+    files.reverse()
+    return files + ([live] if live is not None else [])
+
+
+def remove_set(path: str) -> None:
+    """The log file and its rotated files (`rm`)."""
+    for name in [path, *rotated_paths(path)]:
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
+
+
+class Follower:
+    """`logs -f`: what was appended to PATH since the last read, across rotations (the
+    rest of the file that was renamed away, any rotated while we slept, then the new PATH)
+    and a truncation (max-file 1)."""
+
+    def __init__(self, path: str, file=None):
+        self.path, self.file = path, file
+
+    def read(self) -> bytes:
+        if self.file is None:
+            try:
+                self.file = open(self.path, "rb")
+            except FileNotFoundError:
+                return b""
+        data = self.file.read()
+        ours = os.fstat(self.file.fileno())
+        try:
+            current = os.stat(self.path)
+        except FileNotFoundError:  # between a rotation's rename and its new file
+            return data
+        if (current.st_dev, current.st_ino) == (ours.st_dev, ours.st_ino):
+            if ours.st_size < self.file.tell():  # truncated: read it from the start
+                self.file.seek(0)
+                data += self.file.read()
+            return data
+        data += self.file.read()  # written before the rotation, after our last read
+        self.file.close()
+        newer = []
+        for name in rotated_paths(self.path):
+            try:
+                st = os.stat(name)
+            except FileNotFoundError:
+                continue
+            if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
+                break
+            newer.append(name)
+        for name in reversed(newer):  # rotated away before we looked: oldest first
+            try:
+                with open(name, "rb") as f:
+                    data += f.read()
+            except FileNotFoundError:
+                pass
+        self.file = None
+        return data + self.read()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None

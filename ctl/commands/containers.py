@@ -20,8 +20,6 @@ from ctl.format import ago, binary_size, emit, human_duration
 from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound, RuntimedError
 from runtimed.restart import policy as rp
 
-CRI_SUFFIX = "?format=cri"  # ctl.client.logs.CRI_SUFFIX, without importing it for every command
-
 LABEL_PREFIX = "io.runtimed.ctl."
 LABEL_LOG = LABEL_PREFIX + "log-path"
 LABEL_EXIT = LABEL_PREFIX + "exit-code"
@@ -187,6 +185,7 @@ def _create(args):
     from ctl.commands.network import attach_for_run
 
     policy = rp.Policy.parse(args.restart)
+    log_options = _log_options(args.log_opt)
     autoremove = getattr(args, "rm", False)
     if autoremove and policy.name != "no":
         raise InvalidArgument("conflicting options: --restart and --rm")
@@ -205,7 +204,8 @@ def _create(args):
 
     attached = attaching.result()
     try:
-        return (container_id, *_create_container(c, args, container_id, resolved, opts, policy, autoremove))
+        return (container_id, *_create_container(c, args, container_id, resolved, opts, policy,
+                                                  autoremove, log_options))
     except BaseException:
         if attached is not None:
             from ctl.client import networks
@@ -228,26 +228,56 @@ def _detach_quietly(c, container_id: str, attaching: _InBackground) -> None:
             pass
 
 
-def _create_container(c, args, container_id: str, resolved, opts, policy, autoremove: bool):
+def _log_options(values: list[str]) -> dict:
+    """`--log-opt`: path=FILE, format=cri|raw, and docker's json-file rotation options
+    max-size (k/m/g, binary; unlimited by default) and max-file (default 1, only with
+    max-size). Checked before anything is created."""
+    options = {"path": None, "format": "", "max_size": 0, "max_file": 1}
+    for opt in values:
+        key, _, value = opt.partition("=")
+        if key == "path" and value:
+            options["path"] = os.path.abspath(value)
+        elif key == "format" and value in ("cri", "raw"):
+            options["format"] = value
+        elif key == "max-size":
+            from runtimed.oci.spec import parse_memory
+
+            try:
+                options["max_size"] = parse_memory(value) if value else 0
+            except InvalidArgument:
+                options["max_size"] = 0
+            if options["max_size"] <= 0:
+                raise InvalidArgument(
+                    f"invalid --log-opt max-size={value!r}: a positive size like 10m (k, m or g)")
+        elif key == "max-file":
+            try:
+                options["max_file"] = int(value)
+            except ValueError:
+                options["max_file"] = 0
+            if options["max_file"] < 1:
+                raise InvalidArgument(f"invalid --log-opt max-file={value!r}: a positive integer")
+        else:
+            raise InvalidArgument(f"unknown log option {opt!r}: use path=FILE, format=cri|raw, "
+                                  "max-size=SIZE or max-file=N")
+    return options
+
+
+def _create_container(c, args, container_id: str, resolved, opts, policy, autoremove: bool,
+                      log_options: dict):
     from ctl.client.containers import CreateOptions
 
     labels = parse_labels(args.label)
-    log_path, log_format = None, ""
-    for opt in args.log_opt:
-        key, _, value = opt.partition("=")
-        if key == "path":
-            log_path = os.path.abspath(value)
-        elif key == "format" and value in ("cri", "raw"):
-            log_format = value
-        else:
-            raise InvalidArgument(f"unknown log option {opt!r}: use path=FILE or format=cri|raw")
+    log_path = log_options["path"]
     # ctl's own log files are stamped (logs -t, --since); a file the user names gets the
     # plain output unless format=cri asks otherwise
-    log_format = log_format or ("raw" if log_path else "cri")
+    log_format = log_options["format"] or ("raw" if log_path else "cri")
     if log_path is None:
         log_path = os.path.join(log_dir(args), args.namespace, f"{container_id}.log")
     labels[LABEL_LOG] = log_path
-    labels[rp.LABEL_LOG_URI] = "file://" + log_path + (CRI_SUFFIX if log_format == "cri" else "")
+    query = ["format=cri"] if log_format == "cri" else []
+    if log_options["max_size"]:  # the URI carries them: the shim and a restart rotate too
+        query += [f"max-size={log_options['max_size']}", f"max-file={log_options['max_file']}"]
+    labels[rp.LABEL_LOG_URI] = "file://" + log_path + ("?" + "&".join(query) if query else "")
     if policy.name != "no":
         labels[rp.LABEL_POLICY] = str(policy)
     if autoremove and getattr(args, "detach", False):
@@ -278,8 +308,14 @@ def create(args) -> int:
     return 0
 
 
-def _open_log(path: str):
+def _open_log(path: str, container):
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    if container is not None and _log_query(container).get("max-size"):
+        from ctl.client.logs import RotatingFile, rotation
+
+        rotate = rotation(container.labels.get(rp.LABEL_LOG_URI, ""))
+        if rotate is not None:
+            return RotatingFile(path, *rotate)
     return open(path, "ab")
 
 
@@ -294,7 +330,7 @@ def _start_detached(c, container_id: str, container=None) -> None:
         os.makedirs(os.path.dirname(log_path), mode=0o700, exist_ok=True)
         stdio = Stdio.file(log_path)
         uri = container.labels.get(rp.LABEL_LOG_URI, "")
-        if uri.endswith(CRI_SUFFIX):
+        if _log_query(container):  # stamped or rotated: the shim's to do
             stdio.stdout = stdio.stderr = uri
     if (container.spec.get("process") or {}).get("terminal"):  # run -dt: a pty, logged
         stdio.terminal, stdio.stderr = True, ""
@@ -378,7 +414,7 @@ def attach_and_wait(c, container_id: str, *, exec_args: list[str] | None = None,
     if tty and stdin and sys.stdin.isatty():
         terminal = Terminal(sys.stdin.fileno())
     detached = threading.Event()
-    tee = _open_log(log_path) if log_path else None
+    tee = _open_log(log_path, container) if log_path else None
     attachment = Attachment(
         fifos,
         stdin=sys.stdin.buffer if stdin else None,
@@ -468,8 +504,15 @@ def _cri_encoder():
     return encode
 
 
+def _log_query(container) -> dict[str, str]:
+    """The options of the container's log URI (ctl.client.logs.uri_options, without
+    importing it for every command)."""
+    _, _, query = container.labels.get(rp.LABEL_LOG_URI, "").partition("?")
+    return dict(item.partition("=")[::2] for item in query.split("&") if item)
+
+
 def _has_cri_log(container) -> bool:
-    return container.labels.get(rp.LABEL_LOG_URI, "").endswith(CRI_SUFFIX)
+    return _log_query(container).get("format") == "cri"
 
 
 def run(args) -> int:
@@ -518,10 +561,9 @@ def _remove_quietly(c, container_id: str, container=None) -> None:
 def _remove_log(container) -> None:
     path = container.labels.get(LABEL_LOG)
     if path:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+        from ctl.client.logs import remove_set
+
+        remove_set(path)
 
 
 def _each(args, names, action) -> int:
@@ -551,7 +593,7 @@ def start(args) -> int:
         try:
             code = attach_and_wait(c, container_id, stdin=args.interactive, tty=tty,
                                    log_path=container.labels.get(LABEL_LOG), detach_keys="ctrl-p,ctrl-q",
-                                   cri_log=_has_cri_log(container))
+                                   cri_log=_has_cri_log(container), container=container)
         except ExitCode as exc:
             err(f"ctl: {exc}")
             return exc.code
@@ -873,36 +915,42 @@ def logs(args) -> int:
             raise InvalidArgument(f"invalid --tail {args.tail!r}: a number or 'all'") from None
     if _has_cri_log(container):
         return _cri_logs(c, container_id, path, args, tail)
-    if args.timestamps or args.since:
+    if args.timestamps or args.since or args.until:
         raise InvalidArgument(
-            "--timestamps/--since: this container's log holds raw output without timestamps "
-            "(created before ctl stamped logs)"
+            "--timestamps/--since/--until: this container's log holds raw output without "
+            "timestamps (--log-opt path=FILE without format=cri, or created before ctl stamped logs)"
         )
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
+    from ctl.client.logs import Follower, open_set
+
+    files = open_set(path)
+    live = files[-1] if args.follow and files and files[-1].name == path else None
+    data = b""
+    for f in files:
+        data += f.read()
+        if f is not live:
+            f.close()
+    if tail is not None:
+        lines = data.splitlines(keepends=True)
+        data = b"".join(lines[-tail:]) if tail > 0 else b""
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+    if not args.follow:
         return 0
-    with f:
-        data = f.read()
-        if tail is not None:
-            lines = data.splitlines(keepends=True)
-            data = b"".join(lines[-tail:]) if tail > 0 else b""
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-        if not args.follow:
-            return 0
+    follower = Follower(path, live)
+    try:
         while True:
-            chunk = f.read(65536)
+            chunk = follower.read()
             if chunk:
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.buffer.flush()
                 continue
             if not _task_running(c, container_id):
-                rest = f.read()
-                sys.stdout.buffer.write(rest)
+                sys.stdout.buffer.write(follower.read())
                 sys.stdout.buffer.flush()
                 return 0
             time.sleep(0.2)
+    finally:
+        follower.close()
 
 
 def _task_running(c, container_id: str) -> bool:
@@ -913,17 +961,28 @@ def _task_running(c, container_id: str) -> bool:
 
 
 def _cri_logs(c, container_id: str, path: str, args, tail: int | None) -> int:
-    """Lines from a CRI-format log: stdout and stderr to ours, `-t` puts the time first."""
-    from ctl.client.logs import Decoder, since
+    """Lines from a CRI-format log and its rotated files: stdout and stderr to ours, `-t`
+    puts the time first. --since/--until select lines by their stamp (--until's inclusive,
+    as docker's), before --tail counts them; with -f, following stops at --until."""
+    from ctl.client.logs import Decoder, Follower, open_set, since, timestamp
 
-    cutoff = since(args.since) if args.since else b""
+    start = since(args.since) if args.since else b""
+    until = since(args.until, flag="--until") if args.until else b""
     decoder = Decoder()
     outputs = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
 
+    def selected(lines) -> tuple[list, bool]:
+        """The lines in [start, until]; True once a line is past `until` (no more to come)."""
+        kept = []
+        for line in lines:
+            if until and line.timestamp > until:
+                return kept, True
+            if line.timestamp >= start:
+                kept.append(line)
+        return kept, False
+
     def emit(lines) -> None:
         for line in lines:
-            if line.timestamp < cutoff:
-                continue
             out = outputs.get(line.stream, sys.stdout.buffer)
             if args.timestamps:
                 out.write(line.timestamp + b" ")
@@ -931,28 +990,43 @@ def _cri_logs(c, container_id: str, path: str, args, tail: int | None) -> int:
         for out in outputs.values():
             out.flush()
 
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
+    files = open_set(path)
+    live = None
+    lines = []
+    for f in files:
+        lines += decoder.feed(f.read())
+        if f is files[-1] and f.name == path and args.follow:
+            live = f
+        else:
+            f.close()
+    if not args.follow:
+        lines += decoder.flush()
+    lines, past = selected(lines)
+    if tail is not None:
+        lines = lines[-tail:] if tail > 0 else []
+    emit(lines)
+    if not args.follow or past:
+        if live is not None:
+            live.close()
         return 0
-    with f:
-        lines = list(decoder.feed(f.read()))
-        if not args.follow:
-            lines += decoder.flush()
-        if tail is not None:
-            lines = lines[-tail:] if tail > 0 else []
-        emit(lines)
-        while args.follow:
-            chunk = f.read(65536)
+    follower = Follower(path, live)
+    try:
+        while True:
+            chunk = follower.read()
             if chunk:
-                emit(decoder.feed(chunk))
+                lines, past = selected(decoder.feed(chunk))
+                emit(lines)
+                if past:
+                    return 0
                 continue
-            if not _task_running(c, container_id):
-                emit(decoder.feed(f.read()))
-                emit(decoder.flush())
+            ended = not _task_running(c, container_id)
+            if ended or (until and timestamp(time.time_ns()) > until):
+                lines, _ = selected([*decoder.feed(follower.read()), *(decoder.flush() if ended else ())])
+                emit(lines)
                 return 0
             time.sleep(0.2)
-    return 0
+    finally:
+        follower.close()
 
 
 # exec ---------------------------------------------------------------------------------------

@@ -1,0 +1,149 @@
+"""`ctl logs --until` and log rotation (`--log-opt max-size=… max-file=…`): the shim rotates
+a detached container's log (also after a restart), ctl rotates its copy of a foreground run,
+`ctl logs` reads the rotated set oldest first, `rm` removes it all."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from datetime import datetime
+
+from ctl.client.logs import Follower, RotatingFile, open_set, rotated_paths, since, timestamp
+from tests.cli.test_containers_cli import wait_for
+
+STAMP = re.compile(r"^(\S+) (.*)$")
+
+
+def status(ctl, name: str) -> str:
+    return ctl("ps", "-a", "--filter", f"name={name}", "--format", "{{.State}}").stdout.strip()
+
+
+def log_path(ctl, name: str) -> str:
+    return ctl("inspect", "--format", "{{.LogPath}}", name).stdout.strip()
+
+
+def stamped(ctl, name: str, *flags: str) -> list[tuple[str, str]]:
+    lines = ctl("logs", "-t", *flags, name).stdout.splitlines()
+    return [STAMP.match(line).groups() for line in lines]
+
+
+def unix(stamp: str) -> float:
+    return datetime.fromisoformat(stamp[:26] + "+00:00").timestamp()
+
+
+def test_until_cuts_at_the_line_absolute_and_relative(ctl, busybox):
+    # the pauses only give the lines distinct stamps; every cut is taken from those stamps
+    ctl("run", "-d", "--name", "lgu-cut", "busybox", "sh", "-c",
+        "echo one; sleep 0.3; echo two >&2; sleep 0.3; echo three; sleep 3; echo four")
+    assert ctl("wait", "lgu-cut").stdout.strip() == "0"
+    out = stamped(ctl, "lgu-cut")
+    assert [text for _, text in out] == ["one", "three", "four"]
+    first, third, fourth = (stamp for stamp, _ in out)
+    # absolute: inclusive, as docker's; stderr is cut the same way
+    upto_one = ctl("logs", "--until", first, "lgu-cut")
+    assert upto_one.stdout == "one\n" and upto_one.stderr == ""
+    upto_three = ctl("logs", "--until", third, "lgu-cut")
+    assert upto_three.stdout == "one\nthree\n" and upto_three.stderr == "two\n"
+    assert ctl("logs", "--until", str(unix(third) + 0.5), "lgu-cut").stdout == "one\nthree\n"
+    # combined with --since, --tail and -t
+    assert ctl("logs", "--since", third, "--until", third, "lgu-cut").stdout == "three\n"
+    assert [t for _, t in stamped(ctl, "lgu-cut", "--until", fourth, "--tail", "2")] == ["three", "four"]
+    # relative: a duration ago, cut between three and four (3 s apart)
+    ago = time.time() - (unix(third) + 1.0)
+    assert ctl("logs", "--until", f"{ago:.3f}s", "lgu-cut").stdout == "one\nthree\n"
+    assert ctl("logs", "--until", "10m", "lgu-cut").stdout == ""
+    assert ctl("logs", "--until", "0s", "lgu-cut").stdout == "one\nthree\nfour\n"
+    bad = ctl("logs", "--until", "tomorrow", "lgu-cut", check=False)
+    assert bad.returncode == 125 and "--until" in bad.stderr
+
+
+def test_follow_stops_at_until(ctl, busybox):
+    ctl("run", "-d", "--name", "lgu-endless", "busybox", "sh", "-c", "echo one; sleep 0.3; echo two; sleep 1000")
+    wait_for(lambda: ctl("logs", "lgu-endless").stdout == "one\ntwo\n")
+    (first, _), _ = stamped(ctl, "lgu-endless")
+    # the task runs on: without --until, -f would not return
+    assert ctl("logs", "-f", "--until", first, "lgu-endless", timeout=60).stdout == "one\n"
+    future = timestamp(time.time_ns() + 1_000_000_000).decode()
+    assert ctl("logs", "-f", "--until", future, "lgu-endless", timeout=60).stdout == "one\ntwo\n"
+    ctl("rm", "-f", "lgu-endless")
+
+
+def test_until_refused_on_raw_logs(ctl, busybox, tmp_path):
+    ctl("run", "--name", "lgu-raw", "--log-opt", f"path={tmp_path / 'raw.log'}", "busybox", "echo", "x")
+    refused = ctl("logs", "--until", "1h", "lgu-raw", check=False)
+    assert refused.returncode == 125 and "--until" in refused.stderr
+    assert ctl("logs", "lgu-raw").stdout == "x\n"
+
+
+def retained(path: str) -> list[str]:
+    return [path, *rotated_paths(path)]
+
+
+def test_detached_container_rotates_and_keeps_rotating_after_a_restart(ctl, busybox):
+    ctl("run", "-d", "--name", "lgu-chatty", "--restart", "on-failure:1",
+        "--log-opt", "max-size=1k", "--log-opt", "max-file=3",
+        "busybox", "sh", "-c", "seq 1 200; exit 1")
+    path = log_path(ctl, "lgu-chatty")
+    wait_for(lambda: status(ctl, "lgu-chatty") == "exited"
+             and ctl("inspect", "--format", "{{.RestartCount}}", "lgu-chatty").stdout.strip() == "1", timeout=30)
+    files = retained(path)
+    assert files == [path, path + ".1", path + ".2"]  # max-file 3: the oldest are gone
+    assert all(0 < os.path.getsize(name) <= 1024 for name in files)
+    numbers = [int(line) for line in ctl("logs", "lgu-chatty").stdout.split()]
+    # two runs of 1..200 (~14 KB of records); what is kept is the newest, complete and in order
+    assert numbers[-1] == 200 and 1 < numbers[0]
+    assert numbers == list(range(numbers[0], 201))
+    joined = b"".join(open(name, "rb").read() for name in reversed(files))
+    assert len(numbers) == joined.count(b" stdout F ")
+    ctl("rm", "lgu-chatty")
+    assert not os.path.exists(path) and rotated_paths(path) == []
+
+
+def test_foreground_run_rotates_its_copy(ctl, busybox):
+    run = ctl("run", "--name", "lgu-fg", "--log-opt", "max-size=2k", "--log-opt", "max-file=2",
+              "busybox", "seq", "1", "300")
+    assert run.stdout.split() == [str(n) for n in range(1, 301)]
+    path = log_path(ctl, "lgu-fg")
+    assert retained(path) == [path, path + ".1"]
+    assert all(0 < os.path.getsize(name) <= 2048 for name in retained(path))
+    numbers = [int(line) for line in ctl("logs", "lgu-fg").stdout.split()]
+    assert numbers == list(range(numbers[0], 301)) and numbers[0] > 1
+    assert [int(t) for _, t in stamped(ctl, "lgu-fg", "--tail", "3")] == [298, 299, 300]
+    ctl("rm", "lgu-fg")
+    assert not os.path.exists(path) and rotated_paths(path) == []
+
+
+def test_bad_rotation_options_are_usage_errors_before_anything_is_made(ctl, busybox):
+    for opt in ("max-size=abc", "max-size=0", "max-size=-1", "max-file=0", "max-file=two"):
+        result = ctl("run", "-d", "--name", "lgu-bad", "--log-opt", "max-size=1m", "--log-opt", opt,
+                     "busybox", "true", check=False)
+        assert result.returncode == 125, result
+        assert opt.split("=")[0] in result.stderr and "Traceback" not in result.stderr
+        assert ctl("ps", "-aq").stdout == ""
+
+
+def test_rotating_file_and_follower_without_a_daemon(tmp_path):
+    path = str(tmp_path / "c.log")
+    writer = RotatingFile(path, max_size=100, max_file=3)
+    follower = Follower(path)
+    seen = b""
+    lines = [b"%02d-" % n + b"x" * 26 + b"\n" for n in range(40)]  # 30 bytes each
+    for n, line in enumerate(lines):
+        writer.write(line)
+        if n % 5 == 0:  # the follower reads now and then, across one or more rotations
+            seen += follower.read()
+    seen += follower.read()
+    assert seen == b"".join(lines)  # nothing lost, nothing twice, in order
+    assert retained(path) == [path, path + ".1", path + ".2"]
+    assert all(os.path.getsize(name) <= 100 for name in retained(path))
+    kept = b"".join(f.read() for f in open_set(path))
+    assert b"".join(lines).endswith(kept) and kept.count(b"\n") == 7  # 3 + 3 + the live 1
+    # a line longer than max-size is cut; max-file 1 starts the file over
+    writer.close()
+    single = RotatingFile(str(tmp_path / "one.log"), max_size=10, max_file=1)
+    single.write(b"0123456789abcdef\n")
+    assert open(tmp_path / "one.log", "rb").read() == b"abcdef\n"
+    single.close()
+    follower.close()
+    assert since("90s", now=100.0, flag="--until") == timestamp(10_000_000_000)

@@ -110,6 +110,9 @@ class Subscription:
     pending: deque = field(default_factory=deque)
     dropped: int = 0
     _waiter: asyncio.Future | None = None
+    # the reader's loop, looked up once: on 3.11 asyncio.get_running_loop() makes a
+    # getpid() system call each time, which was one per delivery
+    _loop: asyncio.AbstractEventLoop | None = None
 
     def put(self, event: Event | None) -> None:
         """Queue an event (None: the overflow marker); on the event loop's thread."""
@@ -124,7 +127,9 @@ class Subscription:
         """Every event queued now (at least one, waiting for it), in order. Raises
         ResourceExhausted once the events before the overflow are handed over."""
         while not self.pending:
-            self._waiter = asyncio.get_running_loop().create_future()
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:

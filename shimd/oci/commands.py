@@ -189,6 +189,7 @@ class Creation:
         self.intermediate = 0
         self.sync = -1
         self.hook_w = -1
+        self.state: State | None = None  # saved once the init's host pid is known
 
     def close(self) -> None:
         for fd in (self.sync, self.hook_w):
@@ -320,6 +321,10 @@ def begin_create(store: Store, container_id: str, bundle: str, console_socket: s
                     _save_program(store, container_id, program)  # for every exec (same profile)
                 except OSError:
                     pass  # an exec builds the filter itself
+        if creation.pid:
+            # saved while the init sets up, not after its report: off the caller's wait,
+            # and a caller that dies meanwhile leaves what `delete --force` cleans up with
+            creation.state = _save_state(creation, creation.pid)
         return creation
     except BaseException:
         creation.abort()
@@ -344,16 +349,23 @@ def finish_create(creation: Creation, pid: int, result: str | None,
         creation.abort(pid)
         raise FailedPrecondition(
             f"container init failed: {result[6:]}" if result else "container init exited during setup")
-    info = proc_start_time(pid)
-    state = State(id=creation.id, bundle=creation.bundle, rootfs=creation.root, pid=pid,
-                  start_time=info[0] if info else 0, created=now_rfc3339(),
-                  cgroup_path=creation.cgroup_path, config=creation.spec)
+    state = creation.state
     try:
-        creation.store.save(state)
+        if state is None or state.pid != pid:  # an intermediate child forked the init
+            state = creation.state = _save_state(creation, pid)
         _write_pid_file(pid_file, pid)
     except BaseException:
         creation.abort(pid)
         raise
+    return state
+
+
+def _save_state(creation: Creation, pid: int) -> State:
+    info = proc_start_time(pid)
+    state = State(id=creation.id, bundle=creation.bundle, rootfs=creation.root, pid=pid,
+                  start_time=info[0] if info else 0, created=now_rfc3339(),
+                  cgroup_path=creation.cgroup_path, config=creation.spec)
+    creation.store.save(state)
     return state
 
 

@@ -983,3 +983,35 @@ def test_no_signal_is_ignored_or_blocked_in_the_container(runtime):
     assert "Broken pipe" not in r.stdout
     runtime.check("kill", c.id, "KILL")
     c.wait()
+
+
+def test_the_state_is_saved_while_the_init_sets_up(builtin, tmp_path):
+    """begin_create saves the state once it has forked the init, before the caller waits
+    for the init's report: a caller (the shim) that dies during the init's setup leaves
+    what `delete --force` (runtimed's cleanup after a dead shim) needs to kill the init
+    and remove its cgroup."""
+    from shimd.oci import commands
+    from shimd.oci.state import Store
+
+    bundle = tmp_path / "early"
+    bundle.mkdir()
+    spec = builtin.spec(["true"])
+    spec["root"]["path"] = str(make_rootfs(bundle / "rootfs"))
+    spec["linux"]["cgroupsPath"] = f"/{builtin.cgroup_parent}/early"
+    (bundle / "config.json").write_text(json.dumps(spec))
+    store = Store(str(tmp_path / "state"))
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        creation = commands.begin_create(store, "early", str(bundle), stdio=(null, null, null))
+    finally:
+        os.close(null)
+    try:
+        state = store.load("early")  # before the report is read
+        assert state.pid == creation.pid and state.start_time
+        cgroup = commands._cgroup(state)
+        assert cgroup.exists()
+    finally:
+        creation.close()  # the caller is gone: nobody reads the report
+    commands.delete(store, "early", force=True)
+    assert os.waitpid(creation.pid, 0)[0] == creation.pid
+    assert not cgroup.exists() and store.ids() == []

@@ -101,12 +101,11 @@ def subscribers(address: str, topic: str, count: int, n: int) -> Iterator[list[s
     """`n` subscriber processes, each expecting `count` events on `topic`; every one is
     killed and reaped on the way out, whatever happened."""
     procs: list[subprocess.Popen] = []
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     try:
         for _ in range(n):
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "bench.events", address, topic, str(count)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO, env=env))
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO))
         yield procs
     finally:
         for proc in procs:
@@ -122,7 +121,8 @@ def subscribers(address: str, topic: str, count: int, n: int) -> Iterator[list[s
 def _lines(procs: list[subprocess.Popen], want: str | None, until: float,
            between=None) -> list[str]:
     """One line from each child: the line `want` (or any line when None), read as they
-    come; `between()` runs whenever no child spoke for 20 ms."""
+    come; `between()` runs whenever no child spoke for 20 ms. (A child writes its next
+    line only after the parent's next step, so no line waits unseen in a read buffer.)"""
     got: dict[int, str] = {}
     with selectors.DefaultSelector() as sel:
         for i, proc in enumerate(procs):

@@ -241,9 +241,11 @@ class StagedLayers:
             return None
 
     def _find(self, digest: str) -> _Entry | None:
-        """The staging of blob `digest` Diff.Apply may take (under the lock)."""
+        """The staging of blob `digest` Diff.Apply may take (under the lock): running or
+        kept, not one dropped whose directory is being removed."""
         return next((e for e in self._entries.values()
-                     if e.digest == digest and not e.claimed), None)
+                     if e.digest == digest and not e.claimed
+                     and (e.result is not None or not e.done.is_set())), None)
 
     def _new(self, digest: str | None) -> _Entry | None:
         with self._lock:

@@ -55,9 +55,7 @@ log = logging.getLogger("runtimed.images.archive")
 
 CHUNK = 1 << 20
 IMPORT_LEASE_TTL = timedelta(hours=1)  # a crashed import's blobs go at a later collection
-# as containerd's transfer service leases its exports; a daemon that died mid-export
-# leaves the lease until then
-EXPORT_LEASE_TTL = timedelta(hours=24)
+EXPORT_LEASE_TTL = timedelta(hours=24)  # as containerd's transfer service leases its work
 ARCHIVE_LABEL = "runtimed.io/archive"  # on the leases imports and exports make: import|export
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -248,11 +246,6 @@ class ExportStream:
         self._lease: str | None = lease
         self._chunks: Iterator[bytes] | None = chunks
         self._lock = threading.Lock()
-
-    @property
-    def lease(self) -> str | None:
-        """The lease while the stream is open, None once it ended."""
-        return self._lease
 
     def __iter__(self) -> ExportStream:
         return self

@@ -166,7 +166,13 @@ class ArchivesService(archive_pb2_grpc.ArchivesServicer):
             skip_non_distributable=request.skip_non_distributable,
             docker=request.format == archive_pb2.ExportRequest.DOCKER,
         )
-        chunks = await asyncio.to_thread(self.archives.export_chunks, ns, list(request.names), options)
+        opening = asyncio.ensure_future(
+            asyncio.to_thread(self.archives.export_chunks, ns, list(request.names), options))
+        try:
+            chunks = await asyncio.shield(opening)
+        except asyncio.CancelledError:  # the client went away while the export was planned
+            opening.add_done_callback(_close_when_opened)
+            raise
         try:
             while True:
                 chunk = await asyncio.to_thread(next, chunks, None)
@@ -178,6 +184,11 @@ class ArchivesService(archive_pb2_grpc.ArchivesServicer):
             # yield): the export's lease goes. Shielded: a second cancellation must not
             # leave the lease behind; close waits for a chunk still being read.
             await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, chunks.close))
+
+
+def _close_when_opened(opening: asyncio.Future) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        asyncio.get_running_loop().run_in_executor(None, opening.result().close)
 
 
 def _progress(p: Progress) -> archive_pb2.ImportResponse:

@@ -308,3 +308,52 @@ def test_v1_delete_removes_child_cgroups_too(v1_group):
     v1_group.delete()
     assert not v1_group.exists() and not child.exists()
     v1_group.delete()
+
+
+def test_the_mount_table_is_read_again_only_after_a_change(tmp_path):
+    """cgroups.open reads /proc/self/mounts once and again only after a mount or unmount
+    in this namespace (the file polls POLLPRI then); a forked child reads its own. Run in
+    a child with a private mount namespace, so other mounts on this machine stay out."""
+    from shimd.cgroups import _mount_lines
+    from shimd.oci import linux
+
+    def scenario() -> None:
+        linux.unshare(linux.CLONE_NEWNS)
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+        first = _mount_lines()
+        assert _mount_lines() is first  # nothing changed: not read again
+        target = tmp_path / "m"
+        target.mkdir()
+        linux.mount("s4test", str(target), "tmpfs", 0, "size=1m")
+        mounted = _mount_lines()
+        assert mounted is not first and [str(target), "tmpfs"] in [f[1:3] for f in mounted]
+        assert _mount_lines() is mounted
+        linux.umount(str(target))
+        assert [f[1:3] for f in _mount_lines()] == [f[1:3] for f in first]
+        pid = os.fork()
+        if pid == 0:  # as a worker does: every inherited fd closed first
+            code = 3
+            try:
+                os.closerange(3, 4096)
+                code = 0 if _mount_lines() == first else 2
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        assert _mount_lines() == first  # the parent's reads are still right
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        code = 1
+        try:
+            scenario()
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            os.write(w, repr(e).encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        error = f.read().decode()
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, error

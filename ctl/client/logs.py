@@ -231,9 +231,10 @@ def open_set(path: str) -> list:
     return files + ([live] if live is not None else [])
 
 
-def remove_set(path: str) -> None:
-    """The log file and its rotated files (`rm`)."""
-    for name in [path, *rotated_paths(path)]:
+def remove_set(path: str, rotated: bool = True) -> None:
+    """The log file and, when it is rotated, PATH.1 … (`rm`; a user's file that is not
+    rotated by us may have neighbours of that name that are not ours)."""
+    for name in [path, *(rotated_paths(path) if rotated else ())]:
         try:
             os.unlink(name)
         except FileNotFoundError:

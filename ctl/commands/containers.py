@@ -563,7 +563,7 @@ def _remove_log(container) -> None:
     if path:
         from ctl.client.logs import remove_set
 
-        remove_set(path)
+        remove_set(path, rotated="max-size" in _log_query(container))
 
 
 def _each(args, names, action) -> int:
@@ -848,6 +848,8 @@ def inspect_container(c, container_id: str) -> dict:
                               "MaximumRetryCount": rp.policy_of(container.labels).max_retries},
             "AutoRemove": container.labels.get(rp.LABEL_AUTOREMOVE) == "true",
             "Init": ((process.get("args") or [""])[0] == INIT_PATH),
+            # docker's shape; Config is the log URI's options (format, max-size in bytes, max-file)
+            "LogConfig": {"Type": "file", "Config": _log_query(container)},
         },
         "Runtime": container.runtime,
         "Snapshotter": container.snapshotter,
@@ -973,6 +975,8 @@ def _cri_logs(c, container_id: str, path: str, args, tail: int | None) -> int:
 
     def selected(lines) -> tuple[list, bool]:
         """The lines in [start, until]; True once a line is past `until` (no more to come)."""
+        if not start and not until:
+            return lines if isinstance(lines, list) else list(lines), False
         kept = []
         for line in lines:
             if until and line.timestamp > until:

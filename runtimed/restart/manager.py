@@ -217,8 +217,13 @@ class RestartManager:
                     await asyncio.to_thread(self.volumes.remove, namespace, name)
         uri = rp.log_uri(container.labels)
         if uri.startswith("file://"):
-            with contextlib.suppress(OSError):
-                os.unlink(uri[len("file://"):].split("?", 1)[0])
+            path, _, query = uri[len("file://"):].partition("?")
+            options = dict(item.partition("=")[::2] for item in query.split("&") if item)
+            kept = options.get("max-file", "1") if "max-size" in options else "1"
+            # PATH.1 … PATH.<max-file − 1>: the rotated files (docs/cli.md, log rotation)
+            for name in [path, *(f"{path}.{n}" for n in range(1, int(kept) if kept.isdigit() else 1))]:
+                with contextlib.suppress(OSError):
+                    os.unlink(name)
         log.info("%s/%s exited and was removed (autoremove)", namespace, container.id)
 
     async def _restore(self) -> None:

@@ -4,6 +4,7 @@ a detached container's log (also after a restart), ctl rotates its copy of a for
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -85,6 +86,8 @@ def test_detached_container_rotates_and_keeps_rotating_after_a_restart(ctl, busy
         "--log-opt", "max-size=1k", "--log-opt", "max-file=3",
         "busybox", "sh", "-c", "seq 1 200; exit 1")
     path = log_path(ctl, "lgu-chatty")
+    config = ctl("inspect", "--format", "{{json .HostConfig.LogConfig.Config}}", "lgu-chatty").stdout
+    assert json.loads(config) == {"format": "cri", "max-size": "1024", "max-file": "3"}
     wait_for(lambda: status(ctl, "lgu-chatty") == "exited"
              and ctl("inspect", "--format", "{{.RestartCount}}", "lgu-chatty").stdout.strip() == "1", timeout=30)
     files = retained(path)
@@ -147,3 +150,11 @@ def test_rotating_file_and_follower_without_a_daemon(tmp_path):
     single.close()
     follower.close()
     assert since("90s", now=100.0, flag="--until") == timestamp(10_000_000_000)
+
+
+def test_autoremoved_container_takes_its_rotated_logs(ctl, busybox):
+    ctl("run", "-d", "--rm", "--name", "lgu-gone", "--log-opt", "max-size=1k", "--log-opt", "max-file=3",
+        "busybox", "seq", "1", "300")
+    path = os.path.join(os.path.dirname(ctl.address), "logs", "default", "lgu-gone.log")
+    wait_for(lambda: ctl("ps", "-aq", "--filter", "name=lgu-gone").stdout == "", timeout=30)
+    assert not os.path.exists(path) and rotated_paths(path) == []

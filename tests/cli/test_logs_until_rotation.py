@@ -158,3 +158,40 @@ def test_autoremoved_container_takes_its_rotated_logs(ctl, busybox):
     path = os.path.join(os.path.dirname(ctl.address), "logs", "default", "lgu-gone.log")
     wait_for(lambda: ctl("ps", "-aq", "--filter", "name=lgu-gone").stdout == "", timeout=30)
     assert not os.path.exists(path) and rotated_paths(path) == []
+
+
+
+def test_shim_rotates_stdout_and_stderr_as_one_file(tmp_path):
+    """shimd's ProcessIO on its own: the two streams of a `file://…?max-size` URI share one
+    writer, so interleaved output rotates as one sequence (two writers, each with its own
+    size and its own idea of which file is PATH, would overfill or lose lines)."""
+    import asyncio
+
+    from ctl.client.logs import Decoder
+    from shimd.stdio import ProcessIO, StdioConfig
+
+    path = str(tmp_path / "c.log")
+    uri = f"file://{path}?format=cri&max-size=400&max-file=3"
+    expected = []
+
+    async def main() -> None:
+        io = ProcessIO(StdioConfig(stdout=uri, stderr=uri))
+        out, err = os.dup(io.child_fds[1]), os.dup(io.child_fds[2])
+        io.spawned()
+        for n in range(60):
+            for fd, stream, text in ((out, "stdout", b"o%d\n" % n), (err, "stderr", b"e%d\n" % n)):
+                os.write(fd, text)
+                expected.append((stream, text))
+                for _ in range(3):  # let the pump take it before the next write
+                    await asyncio.sleep(0)
+        os.close(out)
+        os.close(err)
+        await io.wait_output(10)
+        io.close()
+
+    asyncio.run(main())
+    assert retained(path) == [path, path + ".1", path + ".2"]
+    assert all(0 < os.path.getsize(name) <= 400 for name in retained(path))
+    decoder = Decoder()
+    kept = [(line.stream, line.data) for f in open_set(path) for line in decoder.feed(f.read())]
+    assert len(kept) > 12 and kept == expected[-len(kept):]

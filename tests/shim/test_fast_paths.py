@@ -129,6 +129,8 @@ def test_a_failed_create_in_the_shim_is_typed_and_leaves_nothing(shims):
         shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert _eventfds(shim.pid) == eventfds  # the OOM watch armed during the setup is closed
+    # the outbox file was made during the setup, and holds no event of the failed create
+    assert (shim.bundle / "events.jsonl").read_bytes() == b""
     assert "executable file not found" in info.value.details(), info.value.details()
     assert not (shim.bundle / "runtime" / shim.id).exists()  # state gone (cgroup: cgroup_check)
     deadline = time.monotonic() + 5

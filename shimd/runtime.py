@@ -166,7 +166,7 @@ class OciRuntime:
         await self._before_fork()
         try:
             creation = commands.begin_create(Store(str(self.root)), id, bundle, console_socket,
-                                             stdio=stdio)
+                                             stdio=stdio, pid_file=pid_file)
         except Exception as exc:  # noqa: BLE001 - typed as the CLI's exit would be
             raise self._error("create", exc) from None
         try:

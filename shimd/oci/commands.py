@@ -190,6 +190,7 @@ class Creation:
         self.sync = -1
         self.hook_w = -1
         self.state: State | None = None  # saved once the init's host pid is known
+        self.pid_file: str | None = None  # written with the state, removed by abort
 
     def close(self) -> None:
         for fd in (self.sync, self.hook_w):
@@ -230,11 +231,16 @@ class Creation:
             except OSError:
                 pass  # the setup error is the one to report
         self.store.remove(self.id)
+        if self.pid_file:
+            try:
+                os.unlink(self.pid_file)
+            except OSError:
+                pass
 
 
 def begin_create(store: Store, container_id: str, bundle: str, console_socket: str | None = None,
                  no_pivot: bool = False, stdio: tuple[int, int, int] = (0, 1, 2),
-                 preserve_fds: int = 0) -> Creation:
+                 preserve_fds: int = 0, pid_file: str | None = None) -> Creation:
     """Everything of `create` up to the init's report: the state dir, cgroup, fifo, and the
     init forked. Without a new user namespace this process forks the init itself: it makes
     (or joins) the container's pid namespace for its children only (`unshare` or `setns`
@@ -325,6 +331,9 @@ def begin_create(store: Store, container_id: str, bundle: str, console_socket: s
             # saved while the init sets up, not after its report: off the caller's wait,
             # and a caller that dies meanwhile leaves what `delete --force` cleans up with
             creation.state = _save_state(creation, creation.pid)
+            if pid_file:  # the shim's (the command line writes it once the init is ready)
+                _write_pid_file(pid_file, creation.pid)
+                creation.pid_file = pid_file
         return creation
     except BaseException:
         creation.abort()
@@ -353,7 +362,8 @@ def finish_create(creation: Creation, pid: int, result: str | None,
     try:
         if state is None or state.pid != pid:  # an intermediate child forked the init
             state = creation.state = _save_state(creation, pid)
-        _write_pid_file(pid_file, pid)
+        if pid_file != creation.pid_file or pid != creation.pid:
+            _write_pid_file(pid_file, pid)
     except BaseException:
         creation.abort(pid)
         raise

@@ -1002,12 +1002,14 @@ def test_the_state_is_saved_while_the_init_sets_up(builtin, tmp_path):
     store = Store(str(tmp_path / "state"))
     null = os.open(os.devnull, os.O_RDWR)
     try:
-        creation = commands.begin_create(store, "early", str(bundle), stdio=(null, null, null))
+        creation = commands.begin_create(store, "early", str(bundle), stdio=(null, null, null),
+                                         pid_file=str(tmp_path / "init.pid"))
     finally:
         os.close(null)
     try:
         state = store.load("early")  # before the report is read
         assert state.pid == creation.pid and state.start_time
+        assert (tmp_path / "init.pid").read_text() == str(creation.pid)  # the shim's, likewise
         cgroup = commands._cgroup(state)
         assert cgroup.exists()
     finally:

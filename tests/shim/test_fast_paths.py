@@ -131,6 +131,7 @@ def test_a_failed_create_in_the_shim_is_typed_and_leaves_nothing(shims):
     assert _eventfds(shim.pid) == eventfds  # the OOM watch armed during the setup is closed
     # the outbox file was made during the setup, and holds no event of the failed create
     assert (shim.bundle / "events.jsonl").read_bytes() == b""
+    assert not (shim.bundle / "init.pid").exists()  # written with the state, removed again
     assert "executable file not found" in info.value.details(), info.value.details()
     assert not (shim.bundle / "runtime" / shim.id).exists()  # state gone (cgroup: cgroup_check)
     deadline = time.monotonic() + 5

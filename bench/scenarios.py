@@ -4,6 +4,7 @@ containerd's v1 API (runtimed speaks it), so one client serves for both."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -147,7 +148,10 @@ _counter = iter(range(10**9))
 
 
 def next_id(prefix: str) -> str:
-    return f"{prefix}{next(_counter)}"
+    """A container id unique on this machine: containerd's runc shims keep their state in
+    one place for every containerd (/run/containerd/runc/<namespace>/<id>), so two
+    benchmarks at once must not use the same ids."""
+    return f"{prefix}{os.getpid()}-{next(_counter)}"
 
 
 def ensure_busybox(t: Target) -> None:

@@ -448,46 +448,58 @@ def _network_commands(sub) -> None:
     p.add_argument("container")
 
 
-class _InspectOnFirstUse(types.ModuleType):
-    """Stands in for `inspect` while dataclasses is imported: dataclasses uses inspect
-    only to write a docstring for a class that has none (ours all have one), and importing
-    inspect (ast, dis, tokenize) is ~6 ms, a sixth of a short command. The real module is
-    imported on the first attribute asked of this one."""
+# Modules ctl imports that import another only for functions a command seldom calls; that
+# one is imported on its first use instead: dataclasses → inspect (a docstring for a class
+# without one; inspect brings ast, dis and tokenize: ~6 ms, a sixth of a short command),
+# protobuf's well-known types → calendar (Timestamp.FromDatetime; with locale, ~3 ms).
+DEFERRED_IMPORTS = {
+    "dataclasses": "inspect",
+    "google.protobuf.internal.well_known_types": "calendar",
+}
 
-    def __getattr__(self, name):
+
+class _OnFirstUse(types.ModuleType):
+    """Holds a deferred module's place; the first attribute asked imports the real one."""
+
+    def __getattr__(self, attribute):
         import importlib
 
-        return getattr(importlib.import_module("inspect"), name)
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), attribute)
 
 
-class _DataclassesWithoutInspect:
-    """A meta path finder for `dataclasses` alone: the module is imported as usual, with
-    `_InspectOnFirstUse` as its inspect."""
+class _DeferringFinder:
+    """A meta path finder for the modules of DEFERRED_IMPORTS: each is imported as usual,
+    while an `_OnFirstUse` stands in for the module it defers."""
 
     def find_spec(self, name, path=None, target=None):
-        if name != "dataclasses" or "inspect" in sys.modules:
+        deferred = DEFERRED_IMPORTS.get(name)
+        if deferred is None or deferred in sys.modules:
             return None
         import importlib.machinery
 
-        spec = importlib.machinery.PathFinder.find_spec(name)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is not None:
-            spec.loader = _WithInspectStandIn(spec.loader)
+            spec.loader = _WithStandIn(spec.loader, deferred)
         return spec
 
 
-class _WithInspectStandIn:
-    def __init__(self, loader):
+class _WithStandIn:
+    def __init__(self, loader, deferred: str):
         self.loader = loader
+        self.deferred = deferred
 
     def create_module(self, spec):
         return None
 
     def exec_module(self, module):
-        sys.modules["inspect"] = _InspectOnFirstUse("inspect")
+        stand_in = sys.modules[self.deferred] = _OnFirstUse(self.deferred)
         try:
             self.loader.exec_module(module)
         finally:
-            del sys.modules["inspect"]
+            if sys.modules.get(self.deferred) is stand_in:
+                del sys.modules[self.deferred]
 
 
 def _load(handler: str):
@@ -499,7 +511,7 @@ def _load(handler: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    sys.meta_path.insert(0, _DataclassesWithoutInspect())
+    sys.meta_path.insert(0, _DeferringFinder())
     parser = _parser_for(argv)
     debug = "--debug" in argv or "-D" in argv
     try:

@@ -93,28 +93,34 @@ def test_run_rm_rpcs(tmp_path, daemon, ctl, busybox):
     assert methods.index("Snapshots/Prepare") < methods.index("Tasks/Create")
     assert methods[-3:] == ["Tasks/Delete", "Containers/Delete", "Snapshots/Remove"]
     assert "hashlib" not in data["modules"]  # a one-layer image has no chain ID to hash
-    assert "inspect" not in data["modules"]  # dataclasses is imported without it
+    assert {"inspect", "calendar"}.isdisjoint(data["modules"])  # deferred (DEFERRED_IMPORTS)
     assert ctl("ps", "-a", "-q").stdout == ""
 
 
-def test_dataclasses_without_inspect_still_document_classes():
-    """ctl imports dataclasses with a stand-in for inspect; a class without a docstring
-    still gets dataclasses' signature docstring, through the real inspect."""
+def test_deferred_imports_still_work_when_used():
+    """ctl imports dataclasses and protobuf's well-known types with stand-ins for inspect
+    and calendar; what needs them still gets the real modules: a class without a docstring
+    is documented by dataclasses, Timestamp.FromDatetime converts."""
     code = (
-        "import sys\n"
+        "import sys, datetime\n"
         "import ctl.__main__ as m\n"
-        "sys.meta_path.insert(0, m._DataclassesWithoutInspect())\n"
+        "sys.meta_path.insert(0, m._DeferringFinder())\n"
         "import dataclasses\n"
-        "assert 'inspect' not in sys.modules\n"
+        "from google.protobuf import timestamp_pb2\n"
+        "assert 'inspect' not in sys.modules and 'calendar' not in sys.modules\n"
         "@dataclasses.dataclass\n"
         "class Point:\n"
         "    x: int\n"
         "    y: int = 0\n"
-        "print(Point.__doc__, type(sys.modules['inspect']).__name__)\n"
+        "stamp = timestamp_pb2.Timestamp()\n"
+        "stamp.FromDatetime(datetime.datetime(2020, 1, 1))\n"
+        "print(Point.__doc__, stamp.seconds, type(sys.modules['inspect']).__name__,\n"
+        "      type(sys.modules['calendar']).__name__)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["Point(x:", "int,", "y:", "int", "=", "0)", "module"]
+    assert result.stdout.split() == ["Point(x:", "int,", "y:", "int", "=", "0)", "1577836800",
+                                     "module", "module"]
 
 
 def test_exec_rpcs(tmp_path, daemon, ctl, busybox):

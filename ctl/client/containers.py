@@ -32,6 +32,8 @@ PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 DEFAULT_RUNTIME = "io.containerd.runc.v2"
 RUNC_OPTIONS_TYPE_URL = "containerd.runc.v1.Options"
 DEFAULT_SNAPSHOTTER = "overlayfs"
+# lists the anonymous volumes made for a container (removed by `rm -v`, `run --rm`)
+LABEL_ANONYMOUS = "io.runtimed.volumes.anonymous"
 
 
 def _any(type_url: str, value: dict):
@@ -123,8 +125,6 @@ class ContainersAPI:
         image_config = resolved.runtime_config
         volumes = self._resolve_volumes(spec_options, image_config)
         if volumes.anonymous:
-            from ctl.client.volumes import LABEL_ANONYMOUS
-
             options.labels = {**options.labels, LABEL_ANONYMOUS: ",".join(volumes.anonymous)}
         wants_lookup = _needs_passwd(spec_options.user if spec_options.user is not None else image_config.user)
         reader = (lambda path: images.read_file(resolved, path)) if wants_lookup else None
@@ -265,8 +265,6 @@ class ContainersAPI:
             except NotFound:
                 pass
         if volumes:
-            from ctl.client.volumes import LABEL_ANONYMOUS
-
             for name in filter(None, container.labels.get(LABEL_ANONYMOUS, "").split(",")):
                 try:
                     self._client.volumes.remove(name)

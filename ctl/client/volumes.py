@@ -9,9 +9,6 @@ from ctl.client.types import timestamp
 
 MODULE = "runtimed.api.volumes.v1.volumes"
 
-# container label listing the anonymous volumes made for it (removed by `rm -v`, `run --rm`)
-LABEL_ANONYMOUS = "io.runtimed.volumes.anonymous"
-
 
 @dataclass
 class Volume:

@@ -197,38 +197,87 @@ class RotatingFile:
 
 def rotated_paths(path: str) -> list[str]:
     """PATH.1, PATH.2 … that exist, newest first."""
+    return [f"{path}.{n}" for n in sorted(_numbers(path))]
+
+
+def _key(f) -> tuple[int, int]:
+    st = os.fstat(f.fileno())
+    return st.st_dev, st.st_ino
+
+
+def _open_rotated(path: str, live: tuple | None, stop_at: tuple | None) -> list:
+    """PATH.1, PATH.2 … open, newest first, each inode once, up to the file `stop_at`
+    (`live`: the file opened as PATH, skipped if met).
+
+    A rotation meanwhile moves files to higher numbers, from the top down, so a name may
+    be missing for a moment: walking the numbers upwards, a file not yet opened stays
+    ahead, one opened already is recognised by its inode, and files are met newest first
+    as long as PATH itself was not renamed (`_snapshot` checks that). Past the highest
+    number, the directory is listed again in case the set grew."""
+    files: list = []
+    seen = {live}
+    highest = max(_numbers(path), default=0)
+    n = 0
+    while True:
+        n += 1
+        try:
+            f = open(f"{path}.{n}", "rb")
+        except FileNotFoundError:
+            if n >= highest:
+                highest = max(_numbers(path), default=0)
+                if n >= highest:
+                    return files
+            continue
+        key = _key(f)
+        if key == stop_at or key in seen:
+            f.close()
+            if key == stop_at:
+                return files
+            continue
+        seen.add(key)
+        files.append(f)
+
+
+def _numbers(path: str) -> list[int]:
     directory, base = os.path.split(path)
     try:
         names = os.listdir(directory or ".")
     except FileNotFoundError:
         return []
-    numbers = sorted(int(name[len(base) + 1:]) for name in names
-                     if name.startswith(base + ".") and name[len(base) + 1:].isdigit())
-    return [f"{path}.{n}" for n in numbers]
+    return [int(name[len(base) + 1:]) for name in names
+            if name.startswith(base + ".") and name[len(base) + 1:].isdigit()]
+
+
+def _snapshot(path: str, stop_at: tuple | None = None, attempts: int = 50):
+    """(PATH open or None, the rotated files newer than `stop_at` open, newest first), as
+    of one moment: taken again while PATH was renamed during the walk (a rotation
+    finished), which is what could reorder it."""
+    for attempt in range(attempts):
+        try:
+            live = open(path, "rb")
+            key = _key(live)
+        except FileNotFoundError:
+            live, key = None, None
+        rotated = _open_rotated(path, key, stop_at)
+        try:
+            st = os.stat(path)
+            now = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            now = None
+        if now == key or attempt == attempts - 1:
+            return live, rotated
+        for f in [live, *rotated]:
+            if f is not None:
+                f.close()
+    raise AssertionError("unreachable")
 
 
 def open_set(path: str) -> list:
-    """The log file and its rotated files, open, oldest first (the live one last, or no
-    live one when it does not exist yet). Opened newest first and each inode once: a
-    rotation meanwhile only shifts names, so no file is read twice or out of order."""
-    files, seen = [], set()
-    live = None
-    for n, name in enumerate([path, *rotated_paths(path)]):
-        try:
-            f = open(name, "rb")
-        except FileNotFoundError:
-            continue
-        st = os.fstat(f.fileno())
-        if (st.st_dev, st.st_ino) in seen:
-            f.close()
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        if n == 0:
-            live = f
-        else:
-            files.append(f)
-    files.reverse()
-    return files + ([live] if live is not None else [])
+    """The log file and its rotated files, open, oldest first: the live one last (none
+    while it does not exist)."""
+    live, rotated = _snapshot(path)
+    rotated.reverse()
+    return rotated + ([live] if live is not None else [])
 
 
 def remove_set(path: str, rotated: bool = True) -> None:
@@ -244,47 +293,40 @@ def remove_set(path: str, rotated: bool = True) -> None:
 class Follower:
     """`logs -f`: what was appended to PATH since the last read, across rotations (the
     rest of the file that was renamed away, any rotated while we slept, then the new PATH)
-    and a truncation (max-file 1)."""
+    and a truncation (max-file 1). `files`: what `open_set` gave and was read (the live
+    one is kept open and followed; the others may be closed)."""
 
-    def __init__(self, path: str, file=None):
-        self.path, self.file = path, file
+    def __init__(self, path: str, files: list):
+        self.path = path
+        self.file = files[-1] if files and files[-1].name == path else None
+        self.last = _key(files[-1]) if files and self.file is None else None  # read already
 
     def read(self) -> bytes:
-        if self.file is None:
+        data = b""
+        if self.file is not None:
+            data = self.file.read()
+            ours = _key(self.file)
             try:
-                self.file = open(self.path, "rb")
-            except FileNotFoundError:
-                return b""
-        data = self.file.read()
-        ours = os.fstat(self.file.fileno())
-        try:
-            current = os.stat(self.path)
-        except FileNotFoundError:  # between a rotation's rename and its new file
-            return data
-        if (current.st_dev, current.st_ino) == (ours.st_dev, ours.st_ino):
-            if ours.st_size < self.file.tell():  # truncated: read it from the start
-                self.file.seek(0)
-                data += self.file.read()
-            return data
-        data += self.file.read()  # written before the rotation, after our last read
-        self.file.close()
-        newer = []
-        for name in rotated_paths(self.path):
-            try:
-                st = os.stat(name)
-            except FileNotFoundError:
-                continue
-            if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
-                break
-            newer.append(name)
-        for name in reversed(newer):  # rotated away before we looked: oldest first
-            try:
-                with open(name, "rb") as f:
-                    data += f.read()
-            except FileNotFoundError:
-                pass
-        self.file = None
-        return data + self.read()
+                current = os.stat(self.path)
+            except FileNotFoundError:  # between a rotation's rename and its new file
+                return data
+            if (current.st_dev, current.st_ino) == ours:
+                if os.fstat(self.file.fileno()).st_size < self.file.tell():  # truncated
+                    self.file.seek(0)
+                    data += self.file.read()
+                return data
+            data += self.file.read()  # written before the rotation, after our last read
+            self.file.close()
+            self.file, self.last = None, ours
+        live, newer = _snapshot(self.path, self.last)
+        for f in reversed(newer):  # rotated away before we looked: oldest first
+            with f:
+                data += f.read()
+                self.last = _key(f)
+        if live is not None:
+            self.file = live
+            data += live.read()
+        return data
 
     def close(self) -> None:
         if self.file is not None:

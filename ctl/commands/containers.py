@@ -925,20 +925,19 @@ def logs(args) -> int:
     from ctl.client.logs import Follower, open_set
 
     files = open_set(path)
-    live = files[-1] if args.follow and files and files[-1].name == path else None
+    follower = Follower(path, files) if args.follow else None
     data = b""
     for f in files:
         data += f.read()
-        if f is not live:
+        if follower is None or f is not follower.file:
             f.close()
     if tail is not None:
         lines = data.splitlines(keepends=True)
         data = b"".join(lines[-tail:]) if tail > 0 else b""
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
-    if not args.follow:
+    if follower is None:
         return 0
-    follower = Follower(path, live)
     try:
         while True:
             chunk = follower.read()
@@ -995,25 +994,22 @@ def _cri_logs(c, container_id: str, path: str, args, tail: int | None) -> int:
             out.flush()
 
     files = open_set(path)
-    live = None
+    follower = Follower(path, files) if args.follow else None
     lines = []
     for f in files:
         lines += decoder.feed(f.read())
-        if f is files[-1] and f.name == path and args.follow:
-            live = f
-        else:
+        if follower is None or f is not follower.file:
             f.close()
-    if not args.follow:
+    if follower is None:
         lines += decoder.flush()
     lines, past = selected(lines)
     if tail is not None:
         lines = lines[-tail:] if tail > 0 else []
     emit(lines)
-    if not args.follow or past:
-        if live is not None:
-            live.close()
+    if follower is None or past:
+        if follower is not None:
+            follower.close()
         return 0
-    follower = Follower(path, live)
     try:
         while True:
             chunk = follower.read()

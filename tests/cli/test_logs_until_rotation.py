@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import time
 from datetime import datetime
 
@@ -129,7 +130,7 @@ def test_bad_rotation_options_are_usage_errors_before_anything_is_made(ctl, busy
 def test_rotating_file_and_follower_without_a_daemon(tmp_path):
     path = str(tmp_path / "c.log")
     writer = RotatingFile(path, max_size=100, max_file=3)
-    follower = Follower(path)
+    follower = Follower(path, [])
     seen = b""
     lines = [b"%02d-" % n + b"x" * 26 + b"\n" for n in range(40)]  # 30 bytes each
     for n, line in enumerate(lines):
@@ -195,3 +196,29 @@ def test_shim_rotates_stdout_and_stderr_as_one_file(tmp_path):
     decoder = Decoder()
     kept = [(line.stream, line.data) for f in open_set(path) for line in decoder.feed(f.read())]
     assert len(kept) > 12 and kept == expected[-len(kept):]
+
+
+def test_follow_reads_across_the_shims_rotations(ctl, busybox, tmp_path):
+    # every rotated file is kept (~42 of max-file 60), so whenever `logs -f` looks, nothing
+    # it has not read yet is gone: it must print every line once, in order. The second
+    # half is written only once `logs -f` has printed the first (the container waits for
+    # the file `go`), so it is read while the shim rotates
+    ctl("run", "-d", "--name", "lgu-follow", "--log-opt", "max-size=4k", "--log-opt", "max-file=60",
+        "-v", f"{tmp_path}:/sync", "busybox", "sh", "-c",
+        "seq 1 2000; until [ -e /sync/go ]; do sleep 0.05; done; "
+        "for i in $(seq 21 40); do seq $((i * 100 - 99)) $((i * 100)); done")
+    follow = subprocess.Popen(ctl.command("logs", "-f", "lgu-follow"), stdout=subprocess.PIPE, text=True)
+    try:
+        followed = []
+        while not followed or followed[-1] != "2000":
+            followed.append(follow.stdout.readline().strip())
+        (tmp_path / "go").touch()
+        followed += follow.communicate(timeout=60)[0].split()
+    finally:
+        follow.kill()
+        follow.wait()
+    assert followed == [str(n) for n in range(1, 4001)]
+    path = log_path(ctl, "lgu-follow")
+    assert len(rotated_paths(path)) > 30
+    ctl("rm", "lgu-follow")
+    assert rotated_paths(path) == []

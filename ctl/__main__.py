@@ -13,10 +13,6 @@ import os
 import sys
 import types
 
-# ctl speaks English only. argparse passes each of its own messages through gettext, which
-# imports locale and looks for catalogs on every call: 3 ms of a 40 ms start.
-argparse._ = str
-
 EXIT_DAEMON = 125
 EXIT_CANNOT_INVOKE = 126
 EXIT_NOT_FOUND = 127
@@ -502,6 +498,15 @@ class _WithStandIn:
                 del sys.modules[self.deferred]
 
 
+def _start_lean() -> None:
+    """What a command's process imports is trimmed: DEFERRED_IMPORTS, and argparse's
+    messages skip gettext (ctl speaks English only; gettext imports locale and looks for
+    catalogs on every message: 3 ms of a 40 ms start)."""
+    argparse._ = str
+    if not any(isinstance(finder, _DeferringFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _DeferringFinder())
+
+
 def _load(handler: str):
     import importlib
 
@@ -511,7 +516,7 @@ def _load(handler: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    sys.meta_path.insert(0, _DeferringFinder())
+    _start_lean()
     parser = _parser_for(argv)
     debug = "--debug" in argv or "-D" in argv
     try:

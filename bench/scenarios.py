@@ -463,13 +463,25 @@ _EVENT_FLOOD = {"events": 2000, "window": 16}
 _EVENT_PACED = {"events": 300, "window": 1, "interval": 0.002}
 
 
+def _flood(t: Target) -> dict[str, float]:
+    """One flood, kept for the daemon-CPU row, which reads the floods the throughput row
+    made (the same number of runs in the same A/B order) instead of flooding again."""
+    result = event_delivery(t, **_EVENT_FLOOD)
+    t.floods = [*getattr(t, "floods", []), result]
+    return result
+
+
+def _flooded(t: Target) -> dict[str, float]:
+    floods = getattr(t, "floods", [])
+    return floods.pop(0) if floods else event_delivery(t, **_EVENT_FLOOD)
+
+
 def event_scenarios() -> list[Scenario]:
     return [
         Scenario("events: 10 subscribers, delivered/s", "ev/s", ">= 1.0",
-                 lambda t: event_delivery(t, **_EVENT_FLOOD)["throughput"], runs=5,
-                 higher_is_better=True),
+                 lambda t: _flood(t)["throughput"], runs=5, higher_is_better=True),
         Scenario("events: daemon CPU per delivery", "µs", "<= 1.0",
-                 lambda t: event_delivery(t, **_EVENT_FLOOD)["cpu_per_delivery"] * 1e6, runs=5),
+                 lambda t: _flooded(t)["cpu_per_delivery"] * 1e6, runs=5),
         Scenario("events: publish→delivery latency", "ms", "<= 1.0",
                  lambda t: event_delivery(t, **_EVENT_PACED)["latency"] * 1e3, runs=5),
     ]

@@ -18,7 +18,8 @@ The daemon owns the directories: it removes one when the answer says it is not u
 It exits after IDLE_EXIT seconds without work, and when stdin closes (the daemon
 stopped or died): then it abandons what runs and removes those directories itself, once
 nothing writes into them (nobody is left to read the answers, and a daemon started
-again at once may have emptied the staging directory already).
+again at once may have emptied the staging directory already). So does it with the
+directory of an answer it could not send (the daemon died before stdin told it so).
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ class Stager:
             try:
                 source = Growing(msg["path"])
             except OSError as exc:
-                self.answer({"id": job, "ok": False, "error": str(exc)})
+                if not self.answer({"id": job, "ok": False, "error": str(exc)}):
+                    shutil.rmtree(msg["root"], ignore_errors=True)  # as run() does
                 return
             source.update(limit=msg.get("limit"), final=msg.get("final", False))
             thread = threading.Thread(target=self.run, args=(job, source, msg["root"]),
@@ -126,20 +128,22 @@ class Stager:
                 answer = {"id": job, "ok": True, "result": dataclasses.asdict(result)}
             except Exception as exc:  # noqa: BLE001 - reported: the daemon extracts instead
                 answer = {"id": job, "ok": False, "error": str(exc)}
-        if self.stopping:  # the daemon is gone: nobody else removes it
+        # the daemon is gone (it stopped, or died before we saw stdin close, and the
+        # answer fails): nobody else removes it
+        if self.stopping or not self.answer(answer):
             shutil.rmtree(root, ignore_errors=True)
-        else:
-            self.answer(answer)
         self.jobs.pop(job, None)  # (after: stop() waits for what it finds here)
 
-    def answer(self, message: dict) -> None:
+    def answer(self, message: dict) -> bool:
+        """Send `message`; False when the daemon is gone (stop() follows)."""
         data = (json.dumps(message) + "\n").encode()
         with self.out_lock:
             try:
                 while data:
                     data = data[os.write(self.out, data):]
             except OSError:
-                pass  # the daemon is gone: stop() follows
+                return False
+        return True
 
     def stop(self) -> None:
         """Abandon what runs; return once it stopped and removed its directories."""

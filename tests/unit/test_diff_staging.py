@@ -521,3 +521,30 @@ def test_a_stager_whose_daemon_died_removes_what_it_was_staging(tmp_path):
     assert not root.exists()
     assert stager.stdout.read() == b""  # nobody to answer
     stager.stdout.close()
+
+
+def test_a_stager_that_cannot_answer_removes_what_it_staged(tmp_path):
+    """The daemon died after a staging finished but before the stager saw its stdin
+    close: the answer fails (EPIPE), and the stager removes that directory itself
+    (nobody else will: the daemon's next start may have emptied `.staged` already)."""
+    data = tmp_path / "data"
+    blob = igzip.compress(LAYER)
+    data.write_bytes(blob)
+    root = tmp_path / "root"
+    root.mkdir()
+    stager = subprocess.Popen([sys.executable, "-m", "runtimed.diff.stager"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    stager.stdout.close()  # the daemon's end of the answers is gone; its stdin not yet
+    try:
+        stager.stdin.write(json.dumps({"op": "start", "id": 1, "path": str(data),
+                                       "root": str(root), "limit": len(blob),
+                                       "final": True}).encode() + b"\n")
+        stager.stdin.flush()
+        deadline = time.monotonic() + 20
+        while root.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not root.exists()
+    finally:
+        stager.stdin.close()
+        assert stager.wait(30) == 0
+    assert not root.exists()

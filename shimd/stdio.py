@@ -16,7 +16,7 @@ process then writes into a pipe and the shim appends records in the CRI log form
 containerd's CRI plugin and the kubelet use, `<RFC3339Nano> <stdout|stderr> <F|P> <data>`
 (F: the data ended a line, P: it did not; the newline itself is not stored), each read
 stamped as it arrives, so `ctl logs -t/--since` need no other index. `max-size=N&max-file=M`
-in a `file://` URI's query rotate the file (docker's json-file options, see RotatingLog).
+in a `file://` URI's query rotate the file (docker's json-file options, see runtimed.logfile).
 """
 
 from __future__ import annotations
@@ -32,98 +32,28 @@ import stat
 import struct
 import tempfile
 import termios
-import time
 from dataclasses import dataclass
 
+from runtimed import logfile
 from runtimed.errors import InvalidArgument
 
 BUFFER_LIMIT = 1 << 20
 OUTPUT_STALL = 5.0  # seconds without progress, buffer full: the reader is gone
-CRI_SUFFIX = "?format=cri"
 
 
-def cri_records(data: bytes, stream: bytes, now_ns: int | None = None) -> bytes:
-    """One read of output as CRI log records, all with the same timestamp."""
-    now_ns = time.time_ns() if now_ns is None else now_ns
-    seconds, nanos = divmod(now_ns, 1_000_000_000)
-    prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)).encode() + b".%09dZ " % nanos + stream
-    lines = data.split(b"\n")
-    last = lines.pop()
-    out = b"".join(prefix + b" F " + line + b"\n" for line in lines)
-    if last:
-        out += prefix + b" P " + last + b"\n"
-    return out
-
-
-class RotatingLog:
-    """A `file://` log that is rotated before a write would take it past max-size: PATH
-    becomes PATH.1 (PATH.1 PATH.2 …, the one past max-file − 1 replaced) and writing goes
-    on in a fresh PATH; max-file 1 truncates PATH (docker's json-file). Writes are cut at
-    line ends where one fits. Shared by a process's stdout and stderr pumps (one file).
-    ctl's twin for a foreground run's copy: ctl.client.logs.RotatingFile."""
+class RotatingLog(logfile.RotatingFile):
+    """A rotated `file://` log (runtimed.logfile.RotatingFile) shared by a process's stdout
+    and stderr pumps, so their interleaved output rotates as one file; closed when the
+    last pump releases it."""
 
     def __init__(self, path: str, max_size: int, max_file: int):
-        self.path, self.max_size, self.max_file = path, max_size, max_file
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        self.size = os.fstat(self.fd).st_size
+        super().__init__(path, max_size, max_file)
         self.users = 0
-
-    def write(self, data: bytes | bytearray) -> int:
-        done, total = 0, len(data)
-        with memoryview(data) as view:
-            while done < total:
-                room = self.max_size - self.size
-                end = total
-                if total - done > room:
-                    cut = data.rfind(b"\n", done, done + max(room, 0))
-                    if cut >= 0:
-                        end = cut + 1
-                    elif self.size:
-                        self._rotate()
-                        continue
-                    else:  # one line longer than max-size on its own: cut it
-                        end = done + room
-                written = os.write(self.fd, view[done:end])
-                done += written
-                self.size += written
-        return total
-
-    def _rotate(self) -> None:
-        if self.max_file < 2:
-            os.ftruncate(self.fd, 0)
-            self.size = 0
-            return
-        for n in range(self.max_file - 1, 0, -1):
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(self.path if n == 1 else f"{self.path}.{n - 1}", f"{self.path}.{n}")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        os.close(self.fd)
-        self.fd, self.size = fd, 0
 
     def release(self) -> None:
         self.users -= 1
-        if self.users <= 0 and self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def _rotation(uri: str) -> tuple[int, int] | None:
-    """(max-size, max-file) from a `file://` URI's query; None: not rotated."""
-    options = _options(uri)
-    try:
-        max_size, max_file = int(options.get("max-size", 0)), int(options.get("max-file", 1))
-    except ValueError:
-        raise InvalidArgument(f"invalid log rotation options in {uri!r}") from None
-    return (max_size, max(max_file, 1)) if max_size > 0 else None
-
-
-def _options(uri: str) -> dict[str, str]:
-    query = uri.partition("?")[2] if uri.startswith("file://") else ""
-    return dict(item.partition("=")[::2] for item in query.split("&") if item)
-
-
-def _is_cri(uri: str) -> bool:
-    return _options(uri).get("format") == "cri"
+        if self.users <= 0:
+            self.close()
 
 
 @dataclass(frozen=True)
@@ -176,7 +106,7 @@ class Pump:
         if self.dst is None:
             return
         if self.stamp:
-            data = cri_records(data, self.stamp)
+            data = logfile.encode(data, self.stamp)
         self.buffer += data
         if len(self.buffer) > BUFFER_LIMIT:
             if self._dropping:
@@ -265,8 +195,8 @@ def _is_fifo(path: str) -> bool:
 
 
 def _file_path(uri: str) -> str | None:
-    if uri.startswith("file://"):
-        return uri[len("file://"):].split("?", 1)[0]
+    if uri.startswith(logfile.PREFIX):
+        return logfile.path_of(uri)
     if uri.startswith("binary://"):
         raise InvalidArgument("binary:// stdio (logging binaries) is not supported by shimd")
     return None
@@ -355,11 +285,11 @@ class ProcessIO:
             self._to_close.append(fd)
             return fd
         file = _file_path(path)
-        if file is not None and (_is_cri(path) or _rotation(path)):
+        if file is not None and (logfile.is_cri(path) or logfile.rotation(path)):
             read_end, write_end = os.pipe()
             self._to_close.append(write_end)
             log = self._log(file, path)
-            self._pending.append((read_end, log, False, stream if _is_cri(path) else b""))
+            self._pending.append((read_end, log, False, stream if logfile.is_cri(path) else b""))
             return write_end
         if file is not None or not _is_fifo(path):
             fd = os.open(file or path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
@@ -372,7 +302,7 @@ class ProcessIO:
         return write_end
 
     def _log(self, file: str, uri: str) -> int | RotatingLog:
-        rotation = _rotation(uri)
+        rotation = logfile.rotation(uri)
         if rotation is None:
             return os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         if file not in self._logs:
@@ -393,7 +323,7 @@ class ProcessIO:
         self._pending.clear()
         if self.console is not None:
             if self.config.stdout:
-                stamp = b"stdout" if _is_cri(self.config.stdout) else b""
+                stamp = b"stdout" if logfile.is_cri(self.config.stdout) else b""
                 self.pumps.append(Pump(os.dup(self.console), self._console_out(), stamp=stamp))
             if self.config.stdin and not _file_path(self.config.stdin):
                 fifo = os.open(self.config.stdin, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)

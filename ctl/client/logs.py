@@ -6,11 +6,12 @@ parts of a line whose rest follows (no newline after them). The fixed-width UTC
 timestamps compare as strings, so `--since`/`--until` need no date parsing per line.
 
 Rotation (`--log-opt max-size=… max-file=…`, docker's json-file options): the URI carries
-them, `file://PATH?format=cri&max-size=N&max-file=M`; every writer (the shim for a detached
-task, `RotatingFile` for ctl's copy of a foreground run) renames PATH to PATH.1 (PATH.1 to
-PATH.2 …, the one past max-file − 1 overwritten) before a write would take PATH past
-max-size, and goes on in a fresh PATH; max-file 1 truncates PATH instead. `open_set` reads
-the set oldest first and `Follower` follows PATH across rotations.
+them, `file://PATH?format=cri&max-size=N&max-file=M`; both writers (the shim for a detached
+task, ctl for its copy of a foreground run) use runtimed.logfile's `RotatingFile`, which
+renames PATH to PATH.1 (PATH.1 to PATH.2 …) before a write would take PATH past max-size;
+max-file 1 truncates PATH instead. The URI, the records' encoding and the rotation live in
+runtimed.logfile (re-exported here). `open_set` reads the set oldest first and `Follower`
+follows PATH across rotations.
 """
 
 from __future__ import annotations
@@ -24,47 +25,15 @@ from datetime import UTC, datetime
 
 from runtimed.errors import InvalidArgument
 
-CRI_SUFFIX = "?format=cri"
-
-
-def uri(path: str, cri: bool = True, max_size: int = 0, max_file: int = 1) -> str:
-    """The stdout/stderr URI of a container's log file (the label the restart manager reuses)."""
-    query = ["format=cri"] if cri else []
-    if max_size:
-        query += [f"max-size={max_size}", f"max-file={max_file}"]
-    return "file://" + path + ("?" + "&".join(query) if query else "")
-
-
-def uri_options(value: str) -> dict[str, str]:
-    """`file://PATH?a=1&b=2` → {"a": "1", "b": "2"}."""
-    _, _, query = value.partition("?")
-    return dict(item.partition("=")[::2] for item in query.split("&") if item)
-
-
-def rotation(value: str) -> tuple[int, int] | None:
-    """(max-size, max-file) from a log URI; None when its file is not rotated."""
-    options = uri_options(value)
-    try:
-        max_size, max_file = int(options.get("max-size", 0)), int(options.get("max-file", 1))
-    except ValueError:
-        return None
-    return (max_size, max(max_file, 1)) if max_size > 0 else None
-
-
-def timestamp(ns: int) -> bytes:
-    seconds, nanos = divmod(ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)).encode() + b".%09dZ" % nanos
-
-
-def encode(data: bytes, stream: str, now_ns: int | None = None) -> bytes:
-    """One chunk of output as records with one timestamp (what the shim writes)."""
-    prefix = timestamp(time.time_ns() if now_ns is None else now_ns) + b" " + stream.encode()
-    lines = data.split(b"\n")
-    last = lines.pop()
-    out = b"".join(prefix + b" F " + line + b"\n" for line in lines)
-    if last:
-        out += prefix + b" P " + last + b"\n"
-    return out
+# the file's format, URI and rotation are the shim's too: one implementation
+from runtimed.logfile import (  # noqa: F401 - re-exported, ctl.client's log API
+    RotatingFile,
+    encode,
+    rotation,
+    timestamp,
+    uri,
+)
+from runtimed.logfile import options as uri_options  # noqa: F401
 
 
 @dataclass
@@ -139,60 +108,6 @@ def since(value: str, now: float | None = None, flag: str = "--since") -> bytes:
         parsed = parsed.replace(tzinfo=UTC)
     nanoseconds = int(fraction.group(1)[:9].ljust(9, "0")) if fraction else 0
     return timestamp(int(parsed.timestamp()) * 10**9 + nanoseconds)
-
-
-class RotatingFile:
-    """An append-only log file that rotates before a write would take it past `max_size`
-    (ctl's copy of a foreground run; the shim's twin is shimd.stdio.RotatingLog). Writes
-    are cut at line ends where one fits, so a record stays whole in one file unless it is
-    longer than `max_size` by itself."""
-
-    def __init__(self, path: str, max_size: int, max_file: int):
-        self.path, self.max_size, self.max_file = path, max_size, max_file
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        self.size = os.fstat(self.fd).st_size
-
-    def write(self, data: bytes) -> int:
-        done, total = 0, len(data)
-        with memoryview(data) as view:
-            while done < total:
-                room = self.max_size - self.size
-                end = total
-                if total - done > room:
-                    cut = data.rfind(b"\n", done, done + max(room, 0))
-                    if cut >= 0:
-                        end = cut + 1
-                    elif self.size:
-                        self._rotate()
-                        continue
-                    else:  # one line longer than max-size on its own: cut it
-                        end = done + room
-                written = os.write(self.fd, view[done:end])
-                done += written
-                self.size += written
-        return total
-
-    def _rotate(self) -> None:
-        if self.max_file < 2:  # docker's json-file with max-file 1: start the file over
-            os.ftruncate(self.fd, 0)
-            self.size = 0
-            return
-        for n in range(self.max_file - 1, 0, -1):
-            try:
-                os.rename(self.path if n == 1 else f"{self.path}.{n - 1}", f"{self.path}.{n}")
-            except FileNotFoundError:
-                pass
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        os.close(self.fd)
-        self.fd, self.size = fd, 0
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 def rotated_paths(path: str) -> list[str]:

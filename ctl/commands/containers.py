@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 
 from ctl.commands import EXIT_DAEMON, client, describe_error, err, out, out_documents, parse_labels
 from ctl.format import ago, binary_size, emit, human_duration
+from runtimed import logfile
 from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound, RuntimedError
 from runtimed.restart import policy as rp
 
@@ -274,10 +275,10 @@ def _create_container(c, args, container_id: str, resolved, opts, policy, autore
     if log_path is None:
         log_path = os.path.join(log_dir(args), args.namespace, f"{container_id}.log")
     labels[LABEL_LOG] = log_path
-    query = ["format=cri"] if log_format == "cri" else []
-    if log_options["max_size"]:  # the URI carries them: the shim and a restart rotate too
-        query += [f"max-size={log_options['max_size']}", f"max-file={log_options['max_file']}"]
-    labels[rp.LABEL_LOG_URI] = "file://" + log_path + ("?" + "&".join(query) if query else "")
+    # the URI carries the rotation options: the shim and a restart rotate too
+    labels[rp.LABEL_LOG_URI] = logfile.uri(log_path, cri=log_format == "cri",
+                                           max_size=log_options["max_size"],
+                                           max_file=log_options["max_file"])
     if policy.name != "no":
         labels[rp.LABEL_POLICY] = str(policy)
     if autoremove and getattr(args, "detach", False):
@@ -310,12 +311,10 @@ def create(args) -> int:
 
 def _open_log(path: str, container):
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    if container is not None and _log_query(container).get("max-size"):
-        from ctl.client.logs import RotatingFile, rotation
-
-        rotate = rotation(container.labels.get(rp.LABEL_LOG_URI, ""))
+    if container is not None:
+        rotate = logfile.rotation(container.labels.get(rp.LABEL_LOG_URI, ""))
         if rotate is not None:
-            return RotatingFile(path, *rotate)
+            return logfile.RotatingFile(path, *rotate)
     return open(path, "ab")
 
 
@@ -421,7 +420,7 @@ def attach_and_wait(c, container_id: str, *, exec_args: list[str] | None = None,
         stdout=sys.stdout.buffer,
         stderr=sys.stderr.buffer,
         tee=tee,
-        tee_encode=_cri_encoder() if cri_log and tee is not None else None,
+        tee_encode=logfile.encode if cri_log and tee is not None else None,
         on_stdin_eof=lambda: c.tasks.close_stdin(container_id, exec_id),
         stdin_filter=DetachKeys(detach_keys) if (tty and stdin) else None,
         on_detach=detached.set,
@@ -498,17 +497,9 @@ def attach_and_wait(c, container_id: str, *, exec_args: list[str] | None = None,
             tee.close()
 
 
-def _cri_encoder():
-    from ctl.client.logs import encode
-
-    return encode
-
-
 def _log_query(container) -> dict[str, str]:
-    """The options of the container's log URI (ctl.client.logs.uri_options, without
-    importing it for every command)."""
-    _, _, query = container.labels.get(rp.LABEL_LOG_URI, "").partition("?")
-    return dict(item.partition("=")[::2] for item in query.split("&") if item)
+    """The options of the container's log URI."""
+    return logfile.options(container.labels.get(rp.LABEL_LOG_URI, ""))
 
 
 def _has_cri_log(container) -> bool:

@@ -20,8 +20,9 @@ import os
 import time
 from datetime import UTC, datetime
 
+from runtimed import logfile
 from runtimed.api.containerd.types.task import task_pb2
-from runtimed.errors import NotFound, RuntimedError
+from runtimed.errors import InvalidArgument, NotFound, RuntimedError
 from runtimed.metadata.containers import AnyValue, Container
 from runtimed.restart import policy as rp
 from runtimed.runtime.tasks import Stdio
@@ -216,12 +217,14 @@ class RestartManager:
                 with contextlib.suppress(RuntimedError):
                     await asyncio.to_thread(self.volumes.remove, namespace, name)
         uri = rp.log_uri(container.labels)
-        if uri.startswith("file://"):
-            path, _, query = uri[len("file://"):].partition("?")
-            options = dict(item.partition("=")[::2] for item in query.split("&") if item)
-            kept = options.get("max-file", "1") if "max-size" in options else "1"
+        path = logfile.path_of(uri)
+        if path is not None:
+            try:
+                rotate = logfile.rotation(uri)
+            except InvalidArgument:  # not a URI ctl wrote: its file only
+                rotate = None
             # PATH.1 … PATH.<max-file − 1>: the rotated files (docs/cli.md, log rotation)
-            for name in [path, *(f"{path}.{n}" for n in range(1, int(kept) if kept.isdigit() else 1))]:
+            for name in [path, *(logfile.rotated_names(path, rotate[1]) if rotate else ())]:
                 with contextlib.suppress(OSError):
                     os.unlink(name)
         log.info("%s/%s exited and was removed (autoremove)", namespace, container.id)

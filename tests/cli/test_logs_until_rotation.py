@@ -222,3 +222,32 @@ def test_follow_reads_across_the_shims_rotations(ctl, busybox, tmp_path):
     assert len(rotated_paths(path)) > 30
     ctl("rm", "lgu-follow")
     assert rotated_paths(path) == []
+
+
+def test_one_log_file_implementation_for_shim_and_ctl(tmp_path):
+    """The log URI, its records and its rotation are runtimed.logfile's, for the shim and
+    for ctl alike (they were two copies that could drift), and it loads nothing heavy."""
+    import sys
+
+    import pytest
+
+    from ctl.client import logs
+    from runtimed import logfile
+    from runtimed.errors import InvalidArgument
+    from shimd import stdio
+
+    assert issubclass(stdio.RotatingLog, logfile.RotatingFile) and logs.RotatingFile is logfile.RotatingFile
+    assert logs.encode is logfile.encode and logs.uri is logfile.uri and logs.rotation is logfile.rotation
+    uri = logfile.uri("/l/c.log", max_size=1024, max_file=3)
+    assert uri == "file:///l/c.log?format=cri&max-size=1024&max-file=3"
+    assert logfile.path_of(uri) == "/l/c.log" and logfile.is_cri(uri) and logfile.rotation(uri) == (1024, 3)
+    assert logfile.rotation(logfile.uri("/l/c.log")) is None and logfile.options("/fifo?format=cri") == {}
+    with pytest.raises(InvalidArgument):  # one rule: a bad value is an error, not "not rotated"
+        logfile.rotation("file:///l/c.log?max-size=big")
+    with pytest.raises(InvalidArgument):
+        stdio.ProcessIO(stdio.StdioConfig(stdout=f"file://{tmp_path}/x.log?max-size=big"))
+    assert logfile.encode(b"a\nb", b"stderr", 1) == logfile.encode(b"a\nb", "stderr", 1) == (
+        b"1970-01-01T00:00:00.000000001Z stderr F a\n1970-01-01T00:00:00.000000001Z stderr P b\n")
+    loaded = subprocess.run([sys.executable, "-c", "import sys, runtimed.logfile; print(sorted(sys.modules))"],
+                            capture_output=True, text=True, check=True).stdout
+    assert "grpc" not in loaded and "google" not in loaded

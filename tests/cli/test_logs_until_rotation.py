@@ -211,7 +211,10 @@ def test_follow_reads_across_the_shims_rotations(ctl, busybox, tmp_path):
     try:
         followed = []
         while not followed or followed[-1] != "2000":
-            followed.append(follow.stdout.readline().strip())
+            line = follow.stdout.readline()
+            if not line:  # EOF: logs -f ended before the first half; a bare loop would spin on ""
+                raise AssertionError(f"ctl logs -f exited early ({follow.wait()}) after {followed[-3:]}")
+            followed.append(line.strip())
         (tmp_path / "go").touch()
         followed += follow.communicate(timeout=60)[0].split()
     finally:

@@ -132,7 +132,8 @@ class Shim:
         except OSError:
             kills = 0
             self._stop_oom()
-        if kills:
+        # none before /tasks/create: runtimed takes any event it relayed for "created"
+        if kills and INIT in self.lifecycle.processes:
             asyncio.ensure_future(self._emit([Emitted("/tasks/oom")]))
 
     def _stop_oom(self) -> None:

@@ -574,8 +574,8 @@ class TaskManager:
 
     async def _shim_died(self, task: Task) -> None:
         """The shim is gone: publish what it left in its outbox, an exit (status 255) if
-        init was created but its exit never reported, and clean up the bundle, mounts and
-        container."""
+        init's create was reported but its exit never was, and clean up the bundle, mounts
+        and container."""
         log.warning("%s/%s: shim died; cleaning up", task.namespace, task.id)
         if self.tasks.get((task.namespace, task.id)) is task:
             del self.tasks[(task.namespace, task.id)]
@@ -586,11 +586,18 @@ class TaskManager:
     async def _publish_leftovers(self, task: Task) -> None:
         from shimd.outbox import Outbox
 
+        # Created means /tasks/create reported, not init.pid there: the shim writes
+        # init.pid while the init still sets up, and a shim killed then leaves no created
+        # task (an exit of it would come with no create before it). The relay starts only
+        # once Create answered, after the shim appended /tasks/create (its seq 1), so
+        # anything relayed means the create was.
+        created = task.published > 0
         for record in Outbox(task.bundle / "events.jsonl").after(task.published):
+            created = created or record["topic"] == "/tasks/create"
             if record["topic"] == "/tasks/delete":
                 continue
             await self._publish(task, _record_to_event(record))
-        if not task.init_exit_published and (task.bundle / "init.pid").exists():
+        if not task.init_exit_published and created:
             pid, exited_at = _init_pid(task.bundle), _ts(time.time())
             self.exchange.publish(task.namespace, "/tasks/exit", events.TaskExit(
                 container_id=task.id, id=task.id, pid=pid,

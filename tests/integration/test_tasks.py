@@ -509,6 +509,45 @@ def test_shim_that_died_while_runtimed_was_down_is_cleaned_up_on_restart(client,
                              timeout=30).exit_status == 137
 
 
+class _RecordedExchange:
+    def __init__(self):
+        self.topics: list[tuple[str, str]] = []  # (container id, topic)
+
+    def forward(self, event):
+        self.topics.append((event.message.container_id, event.topic))
+
+    def publish(self, namespace, topic, message):
+        self.topics.append((message.container_id, topic))
+
+
+def test_a_shim_killed_while_its_init_sets_up_leaves_no_exit_on_restart(tmp_path):
+    """The shim writes init.pid while the init sets up, before it reports /tasks/create.
+    runtimed and the shim both killed then: the restart publishes no /tasks/exit for a task
+    whose create was never reported; once the create is in the outbox, create then 255."""
+    import asyncio
+
+    from runtimed.runtime.tasks import TaskManager
+
+    state = tmp_path / "state"
+    for id, outbox in (("setup", b""), ("made", json.dumps(
+            {"seq": 1, "topic": "/tasks/create", "timestamp": time.time(), "id": "made",
+             "pid": 4242}).encode() + b"\n")):
+        bundle = state / "tasks" / "tt" / id
+        bundle.mkdir(parents=True)
+        (bundle / "runtimed.json").write_text(json.dumps(
+            {"namespace": "tt", "id": id, "runtime": "", "rootfs_mounted": False}))
+        (bundle / "init.pid").write_text("4242")
+        (bundle / "events.jsonl").write_bytes(outbox)  # the shim makes it empty early too
+    exchange = _RecordedExchange()
+
+    async def restart():
+        await TaskManager(state, None, exchange).load()
+
+    asyncio.run(restart())
+    assert exchange.topics == [("made", "/tasks/create"), ("made", "/tasks/exit")]
+    assert not (state / "tasks" / "tt").exists()  # both cleaned up
+
+
 def _private_mb(pid: int) -> float:
     kb = 0
     for line in open(f"/proc/{pid}/smaps_rollup"):

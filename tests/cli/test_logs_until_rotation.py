@@ -155,13 +155,17 @@ def test_rotating_file_and_follower_without_a_daemon(tmp_path):
     assert since("90s", now=100.0, flag="--until") == timestamp(10_000_000_000)
 
 
-def test_autoremoved_container_takes_its_rotated_logs(ctl, busybox):
+def test_autoremoved_container_takes_its_rotated_logs(ctl, busybox, tmp_path):
+    # the container waits (for the file `go`) once it has written 300 lines, so the rotated
+    # files are seen while it runs, before the daemon's autoremove takes them
     ctl("run", "-d", "--rm", "--name", "lgu-gone", "--log-opt", "max-size=1k", "--log-opt", "max-file=3",
-        "busybox", "seq", "1", "300")
-    path = os.path.join(os.path.dirname(ctl.address), "logs", "default", "lgu-gone.log")
+        "-v", f"{tmp_path}:/sync", "busybox", "sh", "-c",
+        "seq 1 300; until [ -e /sync/go ]; do sleep 0.05; done")
+    path = log_path(ctl, "lgu-gone")
+    wait_for(lambda: retained(path) == [path, path + ".1", path + ".2"], timeout=30)
+    (tmp_path / "go").touch()
     wait_for(lambda: ctl("ps", "-aq", "--filter", "name=lgu-gone").stdout == "", timeout=30)
     assert not os.path.exists(path) and rotated_paths(path) == []
-
 
 
 def test_shim_rotates_stdout_and_stderr_as_one_file(tmp_path):

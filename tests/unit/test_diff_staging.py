@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -15,6 +16,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,7 @@ from runtimed.content.store import ContentStore  # noqa: E402
 from runtimed.diff import staging  # noqa: E402
 from runtimed.diff.apply import adopt_parents, apply_layer  # noqa: E402
 from runtimed.diff.differ import Differ  # noqa: E402
+from runtimed.diff.stager import Stager  # noqa: E402
 from runtimed.diff.staging import STAGED_DIR  # noqa: E402
 from runtimed.errors import InvalidArgument, NotFound  # noqa: E402
 from runtimed.images.manifest import Descriptor  # noqa: E402
@@ -548,3 +551,86 @@ def test_a_stager_that_cannot_answer_removes_what_it_staged(tmp_path):
         stager.stdin.close()
         assert stager.wait(30) == 0
     assert not root.exists()
+
+
+def test_a_dropped_staging_being_removed_is_not_the_blobs_staging(env, tmp_path,
+                                                                   monkeypatch):
+    """While the directory of a dropped staging (here: the stager did not take it) is
+    being removed, the blob is offered again (committed in another namespace): it is
+    staged anew, not refused as a duplicate of the one going away."""
+    content, differ = env
+    staged = differ.staged
+    desc = commit(content, igzip.compress(LAYER), announce=False)  # not staged
+    path = content.blob_path("default", desc.digest)
+    write, refused, again = staged._write, [], []
+    # (an instance attribute: called as a plain function, like the static method)
+    monkeypatch.setattr(staged, "_write", lambda helper, message: (
+        False if message["op"] == "start" and not refused and not refused.append(1)
+        else write(helper, message)))
+    real_rmtree = shutil.rmtree
+
+    def rmtree(directory, ignore_errors=False):
+        if refused and not again:  # the dropped one's: offer the blob again meanwhile
+            again.append(staged._find(desc.digest))
+            staged.offer(desc.digest, path)
+        real_rmtree(directory, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(staging, "shutil", types.SimpleNamespace(rmtree=rmtree))
+    staged.offer(desc.digest, path)
+    assert refused and again  # (the offer ran while the directory was being removed)
+    settled(differ)
+    assert staged.pending() == 1 and len(staged_dirs(differ)) == 1
+    target = tmp_path / "target"
+    target.mkdir()
+    differ.apply("default", desc, [Mount("bind", str(target), ["rw", "rbind"])])
+    assert (target / "top" / "file").read_bytes() == b"content " * 1000
+    assert staged.pending() == 0 and staged_dirs(differ) == []
+
+
+def _frames(thread: threading.Thread) -> list[str]:
+    frame, names = sys._current_frames().get(thread.ident), []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return names
+
+
+def test_stop_waits_for_a_staging_still_answering(tmp_path):
+    """A job leaves the stager's table only once it answered or removed its directory:
+    stop() (the daemon is gone) waits for one still writing its answer into a full pipe,
+    which then fails and removes the directory; the stager exits only after."""
+    data = tmp_path / "data"
+    blob = igzip.compress(LAYER)
+    data.write_bytes(blob)
+    root = tmp_path / "root"
+    root.mkdir()
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"x" * 65536)  # the daemon reads no answers
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    stager = Stager(w)
+    stopper = threading.Thread(target=stager.stop)
+    try:
+        stager.handle({"op": "start", "id": 1, "path": str(data), "root": str(root),
+                       "limit": len(blob), "final": True})
+        job = stager.jobs[1][1]
+        deadline = time.monotonic() + 20
+        while "answer" not in _frames(job) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "answer" in _frames(job)  # its answer waits for room in the pipe
+        stopper.start()
+        while (stopper.is_alive() and "join" not in _frames(stopper)
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        waited = stopper.is_alive()  # (or it returned with the job still running)
+    finally:
+        os.close(r)  # the daemon's end goes: the answer fails
+        if stopper.ident is not None:
+            stopper.join(30)
+        os.close(w)
+    assert waited
+    assert not job.is_alive() and not root.exists()

@@ -60,61 +60,72 @@ class Cgroup(Protocol):
 
 
 class _MountTable:
-    """This process's /proc/self/mounts, split in fields, read again only when the kernel
-    says the table changed (the file polls POLLPRI after a mount or unmount in the
-    namespace; reading it through the same fd clears that). A shim opens its container's
-    cgroup several times (create, the OOM watch, kill, delete): each read of the file
-    takes the namespace's lock, which mounts and unmounts (every container's) hold, and
-    costs 0.2 ms here, 5 ms at the tail. A forked child opens its own (the open file
-    description, with its offset and change mark, would be its parent's too) and leaves
-    the inherited fd alone: a worker closes every fd it inherits, and the number may name
-    another file by then (close-on-exec, it goes with the child's execve)."""
+    """What this process needs of its /proc/self/mounts (whether CGROUP_ROOT is cgroup2,
+    and the v1 hierarchies' mount points), derived again only when the kernel says the
+    table changed: the file polls POLLPRI once after a mount or unmount in the namespace
+    (the kernel's mounts_poll clears that mark when it reports it, so one poll sees each
+    change once; reading does not touch it). Only the answer is kept, not the table, which
+    grows with every container's mounts on the host (~0.5 KB a line) and would sit in
+    every shim's private memory. A shim opens its container's cgroup several times
+    (create, the OOM watch, kill, delete): each read of the file takes the namespace's
+    lock, which mounts and unmounts (every container's) hold, and costs 0.2 ms here, 5 ms
+    at the tail. A forked child opens its own (the open file description, with its offset
+    and change mark, would be its parent's too) and leaves the inherited fd alone: a
+    worker closes every fd it inherits, and the number may name another file by then
+    (close-on-exec, it goes with the child's execve)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._fd = -1
         self._pid = 0
-        self._fields: list[list[str]] | None = None
+        self._answer: tuple[bool, dict[str, str]] | None = None
 
-    def get(self) -> list[list[str]]:
+    def get(self) -> tuple[bool, dict[str, str]]:
+        """(is v2, v1 controller → mount point); the same object until the table changes."""
         import select
 
         with self._lock:
             if self._pid != os.getpid():
-                self._fd, self._fields, self._pid = -1, None, os.getpid()
+                self._fd, self._answer, self._pid = -1, None, os.getpid()
             if self._fd < 0:
                 self._fd = os.open("/proc/self/mounts", os.O_RDONLY | os.O_CLOEXEC)
-            elif self._fields is not None:
+            elif self._answer is not None:
                 poll = select.poll()
                 poll.register(self._fd, select.POLLPRI)
                 if not poll.poll(0):
-                    return self._fields
+                    return self._answer
             os.lseek(self._fd, 0, os.SEEK_SET)
             chunks = []
             while chunk := os.read(self._fd, 65536):
                 chunks.append(chunk)
-            self._fields = [line.split() for line in b"".join(chunks).decode().splitlines()]
-            return self._fields
+            table = [line.split() for line in b"".join(chunks).decode().splitlines()]
+            self._answer = (_is_v2(table), _v1_mounts(table))
+            return self._answer
 
 
 _mounts = _MountTable()
 
 
-def _mount_lines() -> list[list[str]]:
-    return _mounts.get()
+def is_v2() -> bool:
+    """Whether this machine's cgroup hierarchy (at CGROUP_ROOT) is cgroup2."""
+    return _mounts.get()[0]
 
 
-def is_v2(root: str = CGROUP_ROOT, mounts: list[list[str]] | None = None) -> bool:
-    for fields in mounts if mounts is not None else _mount_lines():
-        if fields[1] == root:
+def v1_mounts() -> dict[str, str]:
+    """Controller (or name=...) → mount point of each cgroup v1 hierarchy."""
+    return dict(_mounts.get()[1])
+
+
+def _is_v2(table: list[list[str]]) -> bool:
+    for fields in table:
+        if fields[1] == CGROUP_ROOT:
             return fields[2] == "cgroup2"
     return False
 
 
-def v1_mounts(table: list[list[str]] | None = None) -> dict[str, str]:
-    """Controller (or name=...) → mount point of each cgroup v1 hierarchy."""
+def _v1_mounts(table: list[list[str]]) -> dict[str, str]:
     mounts: dict[str, str] = {}
-    for fields in table if table is not None else _mount_lines():
+    for fields in table:
         if fields[2] != "cgroup":
             continue
         for opt in fields[3].split(","):
@@ -145,11 +156,11 @@ def open(path: str) -> Cgroup:  # noqa: A001 - the name the shim contract agreed
     limits; used by the tests)."""
     path = normalize(path)
     forced = os.environ.get("SHIMD_CGROUP2_ROOT")
-    table = None if forced else _mount_lines()  # read once for both questions
-    if forced or is_v2(mounts=table):
+    v2, mounts = (True, {}) if forced else _mounts.get()  # both answers from one look
+    if v2:
         from shimd.cgroups.v2 import V2
 
         return V2(path, root=forced or CGROUP_ROOT)
     from shimd.cgroups.v1 import V1
 
-    return V1(path, v1_mounts(table))
+    return V1(path, dict(mounts))

@@ -311,35 +311,41 @@ def test_v1_delete_removes_child_cgroups_too(v1_group):
 
 
 def test_the_mount_table_is_read_again_only_after_a_change(tmp_path):
-    """cgroups.open reads /proc/self/mounts once and again only after a mount or unmount
-    in this namespace (the file polls POLLPRI then); a forked child reads its own. Run in
-    a child with a private mount namespace, so other mounts on this machine stay out."""
-    from shimd.cgroups import _mount_lines
+    """cgroups.open derives its answer (v2?, the v1 mount points) from /proc/self/mounts
+    once and again only after a mount or unmount in this namespace (the file polls POLLPRI
+    then); only that answer is kept, not the table; a forked child reads its own. Run in a
+    child with a private mount namespace, so other mounts on this machine stay out."""
+    from shimd.cgroups import _mounts
     from shimd.oci import linux
 
     def scenario() -> None:
         linux.unshare(linux.CLONE_NEWNS)
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-        first = _mount_lines()
-        assert _mount_lines() is first  # nothing changed: not read again
+        first = _mounts.get()
+        assert first[0] is False and first[1]["memory"] == "/sys/fs/cgroup/memory"
+        assert _mounts.get() is first  # nothing changed: not read again
+        assert [type(v) for v in vars(_mounts).values()].count(list) == 0  # no table kept
         target = tmp_path / "m"
         target.mkdir()
         linux.mount("s4test", str(target), "tmpfs", 0, "size=1m")
-        mounted = _mount_lines()
-        assert mounted is not first and [str(target), "tmpfs"] in [f[1:3] for f in mounted]
-        assert _mount_lines() is mounted
+        mounted = _mounts.get()
+        assert mounted is not first and mounted == first  # read again, the same answer
+        assert _mounts.get() is mounted
         linux.umount(str(target))
-        assert [f[1:3] for f in _mount_lines()] == [f[1:3] for f in first]
+        linux.umount("/sys/fs/cgroup/memory", linux.MNT_DETACH)  # this namespace's only
+        unmounted = _mounts.get()
+        assert "memory" not in unmounted[1] and "cpuset" in unmounted[1]
+        assert cgroups.v1_mounts() == unmounted[1]
         pid = os.fork()
         if pid == 0:  # as a worker does: every inherited fd closed first
             code = 3
             try:
                 os.closerange(3, 4096)
-                code = 0 if _mount_lines() == first else 2
+                code = 0 if _mounts.get() == unmounted else 2
             finally:
                 os._exit(code)
         assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
-        assert _mount_lines() == first  # the parent's reads are still right
+        assert _mounts.get() is unmounted  # the parent's answer still stands
 
     r, w = os.pipe()
     pid = os.fork()

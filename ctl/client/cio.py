@@ -188,11 +188,9 @@ class Attachment:
             out = dest.fileno() if dest is not None else None
             while True:
                 data = os.read(fd, 32768)
-                if not data:
-                    break
                 with self._lock:
-                    if self._stopped:
-                        continue  # read on (and drop) so the shim is never blocked
+                    if not data or self._stopped:  # given up: our end closes, the holder is
+                        break  # taken for gone (the shim buffers, then drops, never blocks)
                     self._moving += 1
                 try:
                     if out is not None:
@@ -202,8 +200,9 @@ class Attachment:
                             stream = "stderr" if path == self.fifos.stdio.stderr else "stdout"
                             data = self.tee_encode(data, stream)
                         with self._lock:
-                            self.tee.write(data)
-                            self.tee.flush()
+                            if not self._stopped:  # once wait() gave up, its caller closes the tee
+                                self.tee.write(data)
+                                self.tee.flush()
                 finally:
                     with self._lock:
                         self._moving -= 1
@@ -223,8 +222,9 @@ class Attachment:
         container does not kill. So after `grace` seconds the copying stops as soon as no
         copier has moved a byte for OUTPUT_QUIET seconds (output still draining late on a
         busy machine, or into a slow local reader, is not cut), and after `limit` seconds
-        in any case (a background writer that never pauses); what arrives later is
-        dropped. `grace=None`: until EOF, however long (a capture: a cut tar is a corrupt
+        in any case (a background writer that never pauses); the copiers then close their
+        FIFO ends and return (what arrives later is not read: the shim drops it once its
+        buffer is full) and never write to the tee again, so the caller may close it. `grace=None`: until EOF, however long (a capture: a cut tar is a corrupt
         copy)."""
         if grace is None:
             for t in self._outputs:
@@ -239,9 +239,31 @@ class Attachment:
                 now = time.monotonic()
                 if now >= hard or (not self._moving and now - self._moved_at >= OUTPUT_QUIET):
                     self._stopped = True
-                    return False
+                    break
             next(t for t in self._outputs if t.is_alive()).join(OUTPUT_QUIET / 2)
-        return True
+        else:
+            return True
+        self._wake_copiers()
+        return False
+
+    def _wake_copiers(self) -> None:
+        """A copier that `wait` gave up on may be blocked reading a FIFO nobody writes to:
+        one byte (dropped) wakes it, so it closes its end and returns instead of living on
+        with its fd until the holder closes. A full FIFO needs none (its copier has data to
+        read); a FIFO without a reader any more refuses the open (ENXIO)."""
+        for path in (self.fifos.stdio.stdout, self.fifos.stdio.stderr):
+            if not path:
+                continue
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                os.write(fd, b"\0")
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     def cancel(self) -> None:
         """Unblock copiers still waiting for the shim to open a FIFO (creation failed)."""

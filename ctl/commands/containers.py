@@ -236,7 +236,9 @@ def _log_options(values: list[str]) -> dict:
     options = {"path": None, "format": "", "max_size": 0, "max_file": 1}
     for opt in values:
         key, _, value = opt.partition("=")
-        if key == "path" and value:
+        if key == "path":
+            if not value:
+                raise InvalidArgument("invalid --log-opt path=: path needs a FILE")
             options["path"] = os.path.abspath(value)
         elif key == "format" and value in ("cri", "raw"):
             options["format"] = value

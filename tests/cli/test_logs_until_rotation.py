@@ -127,6 +127,9 @@ def test_bad_rotation_options_are_usage_errors_before_anything_is_made(ctl, busy
         assert result.returncode == 125, result
         assert opt.split("=")[0] in result.stderr and "Traceback" not in result.stderr
         assert ctl("ps", "-aq").stdout == ""
+    empty = ctl("run", "-d", "--log-opt", "path=", "busybox", "true", check=False)
+    assert empty.returncode == 125 and "path needs a FILE" in empty.stderr, empty
+    assert ctl("ps", "-aq").stdout == ""
 
 
 def test_rotating_file_and_follower_without_a_daemon(tmp_path):

@@ -298,3 +298,20 @@ def test_daemon_crash_mid_export_drops_the_lease_at_restart(daemon, tmp_path):
     assert export_leases(daemon) == []
     assert wait_for(lambda: not blob_files(daemon, digests))
     assert blob_files(daemon, digests) == set()
+
+
+def test_export_cancelled_while_planned_leaves_no_lease(daemon, images):
+    """The client cancels an Export while the daemon still resolves its images (one
+    image named many times over): the stream is closed once the planning ends, and the
+    export's lease goes with it (it was left until a restart or its 24 h expiry)."""
+    bb = images["busybox"]
+    with daemon.channel() as channel:
+        run_import(channel, bb.path.read_bytes())
+        # (~2-4 s of planning here; the lease is made first)
+        call = archive_pb2_grpc.ArchivesStub(channel).Export(
+            archive_pb2.ExportRequest(names=[bb.name] * 20000), metadata=MD, timeout=120)
+        assert wait_for(lambda: len(export_leases(daemon)) == 1)  # being planned
+        call.cancel()
+        assert call.code() == grpc.StatusCode.CANCELLED
+        assert wait_for(lambda: export_leases(daemon) == [])
+        assert export_leases(daemon) == []

@@ -73,6 +73,10 @@ class Decoder:
                 line.data += b"\n"
                 yield line
 
+    def open_since(self, stamp: bytes) -> bool:
+        """True if a line still open (its end not read yet) began at or before `stamp`."""
+        return any(line.timestamp <= stamp for line in self._open.values())
+
     def flush(self) -> Iterator[Line]:
         """Parts never completed (the process ended without a newline)."""
         lines = sorted(self._open.values(), key=lambda line: line.timestamp)

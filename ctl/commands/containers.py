@@ -966,16 +966,19 @@ def _cri_logs(c, container_id: str, path: str, args, tail: int | None) -> int:
     outputs = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
 
     def selected(lines) -> tuple[list, bool]:
-        """The lines in [start, until]; True once a line is past `until` (no more to come)."""
+        """The lines in [start, until]; True once no more can come: a line was past `until`
+        and no line still open began before it. A line has its first record's stamp but
+        comes when it ends, so a stdout line begun (P) before an stderr line may come after
+        it: every line is looked at, none is taken for the end of the selection."""
         if not start and not until:
             return lines if isinstance(lines, list) else list(lines), False
-        kept = []
+        kept, past = [], False
         for line in lines:
             if until and line.timestamp > until:
-                return kept, True
-            if line.timestamp >= start:
+                past = True
+            elif line.timestamp >= start:
                 kept.append(line)
-        return kept, False
+        return kept, past and not decoder.open_since(until)
 
     def emit(lines) -> None:
         for line in lines:

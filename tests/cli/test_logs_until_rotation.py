@@ -263,3 +263,19 @@ def test_one_log_file_implementation_for_shim_and_ctl(tmp_path):
     loaded = subprocess.run([sys.executable, "-c", "import sys, runtimed.logfile; print(sorted(sys.modules))"],
                             capture_output=True, text=True, check=True).stdout
     assert "grpc" not in loaded and "google" not in loaded
+
+
+def test_until_keeps_a_line_begun_before_it_that_ends_after_a_later_line(ctl, busybox, tmp_path):
+    """A stdout line begun with a P record before an stderr line has the earlier stamp but
+    comes after it: --until keeps it (it was dropped, the selection stopping at the first
+    line past --until), with and without -f."""
+    path = tmp_path / "c.log"
+    ctl("run", "-d", "--name", "lgu-partial", "--log-opt", f"path={path}", "--log-opt", "format=cri",
+        "busybox", "sleep", "1000")
+    t1, t2, t3, t4 = (timestamp(n * 1_000_000_000).decode() for n in (1, 2, 3, 4))
+    path.write_text(f"{t1} stdout P a\n{t3} stderr F late\n{t4} stdout F b\n")
+    upto = ctl("logs", "--until", t2, "lgu-partial")
+    assert upto.stdout == "ab\n" and upto.stderr == ""
+    followed = ctl("logs", "-f", "--until", t2, "lgu-partial", timeout=60)
+    assert followed.stdout == "ab\n" and followed.stderr == ""
+    ctl("rm", "-f", "lgu-partial")

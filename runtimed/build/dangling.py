@@ -17,8 +17,6 @@ def name(digest: str) -> str:
     return PREFIX + digest
 
 
-def is_dangling(image_name: str, target_digest: str | None = None) -> bool:
-    """Whether the name is a dangling image's (and names `target_digest`, when given)."""
-    if target_digest is not None:
-        return image_name == name(target_digest)
+def is_dangling(image_name: str) -> bool:
+    """Whether the name is a dangling image's."""
     return image_name.startswith(PREFIX)

@@ -196,18 +196,11 @@ def _progress(p: Progress) -> archive_pb2.ImportResponse:
         action=p.action, ref=p.ref, offset=p.offset, total=p.total))
 
 
-def _unpacker_factory(daemon):
-    """The daemon's Unpacker (runtimed.images.unpack), when this daemon has one."""
-    unpacker = getattr(daemon, "unpacker", None)
-    return (lambda: unpacker) if unpacker is not None else None
-
-
 def register(server: grpc.aio.Server, daemon) -> None:
     archives = Archives(daemon.content, daemon.images, daemon.leases, daemon.gc,
-                        _unpacker_factory(daemon))
+                        lambda: daemon.unpacker)
     daemon.archives = archives
-    if hasattr(daemon, "on_start") and hasattr(daemon, "namespaces"):
-        daemon.on_start.append(lambda: asyncio.to_thread(archives.recover, daemon.namespaces.list))
+    daemon.on_start.append(lambda: asyncio.to_thread(archives.recover, daemon.namespaces.list))
     servicer = ArchivesService(archives)
     archive_pb2_grpc.add_ArchivesServicer_to_server(servicer, server)
     serve_stream_with_parser(server, SERVICE, "Import", servicer.Import, parse_import_request,

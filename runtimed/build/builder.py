@@ -786,17 +786,20 @@ class _Run:
 
     def _keep_untagged(self, target: Descriptor):
         """The record that keeps an untagged result: an image already naming this
-        manifest (a rebuild of a tagged image), else a dangling one, as docker keeps it."""
+        manifest (a rebuild of a tagged image), else a dangling one, as docker keeps it.
+
+        The check and the creation are one metadata transaction: a tagged build of the
+        same manifest creates its tag, then drops the dangling record (_drop_dangling),
+        so it either comes after the record and drops it, or before and is found here;
+        with the two apart, a dangling record could stay next to the tag."""
         from runtimed.metadata.images import Image
 
-        for image in self.b.images.list(self.ns):
-            if image.target.digest == target.digest:
-                return image
-        record = Image(dangling.name(target.digest), target, labels={})
-        try:
-            return self.b.images.create(self.ns, record)
-        except AlreadyExists:  # made by a build that finished meanwhile
-            return self.b.images.get(self.ns, record.name)
+        images = self.b.images
+        with images.db.transaction():  # (the store's calls below join it)
+            named = images.list(self.ns, [f"target.digest=={target.digest}"])
+            if named:
+                return named[0]
+            return images.create(self.ns, Image(dangling.name(target.digest), target, labels={}))
 
     def _drop_dangling(self, target: Descriptor) -> None:
         """A tagged result is no longer dangling (Docker's TagImage drops the record too)."""

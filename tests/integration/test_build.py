@@ -245,3 +245,46 @@ def test_untagged_build_keeps_a_dangling_image(client, daemon, images):
     names = [i.name for i in client.images.list() if i.target.digest == result.target.digest]
     assert names == ["docker.io/library/now-tagged:latest"]
     ctl("rmi", "now-tagged")
+
+
+def test_an_untagged_result_racing_a_tagged_build_of_it_leaves_no_dangling_record(tmp_path):
+    """An untagged build finds no image naming its manifest; before it records the
+    dangling image, a tagged build of the same manifest creates its tag and drops the
+    dangling record (none yet). The check and the creation are one transaction, so the
+    tagged build's steps wait for it and drop the record: only the tag is left."""
+    import threading
+    import types
+
+    from runtimed.build.builder import _Run
+    from runtimed.images.manifest import Descriptor
+    from runtimed.metadata.db import Database
+    from runtimed.metadata.images import Image, ImageStore
+
+    db = Database(tmp_path / "meta.db")
+    store = ImageStore(db)
+    target = Descriptor("application/vnd.oci.image.manifest.v1+json", "sha256:" + "1" * 64, 100)
+    run = _Run.__new__(_Run)  # only what the two record steps use
+    run.b, run.ns = types.SimpleNamespace(images=store), NAMESPACE
+
+    def tagged_build() -> None:  # builder.py: create the tag, then drop the dangling record
+        store.create(NAMESPACE, Image("docker.io/library/tagged:latest", target))
+        run._drop_dangling(target)
+
+    tagger = threading.Thread(target=tagged_build)
+    listed = store.list
+
+    def list_then_race(ns, filters=None):
+        images = listed(ns, filters)
+        if tagger.ident is None:  # the first listing: the tagged build runs now
+            tagger.start()
+            tagger.join(1.0)  # (it waits for the transaction: the join times out)
+        return images
+
+    store.list = list_then_race
+    try:
+        run._keep_untagged(target)
+    finally:
+        tagger.join(30)
+        store.list = listed
+    assert [i.name for i in store.list(NAMESPACE)] == ["docker.io/library/tagged:latest"]
+    db.close()

@@ -191,7 +191,10 @@ class OciRuntime:
                                            console_socket)
         except Exception as exc:  # noqa: BLE001 - typed as the CLI's exit would be
             raise self._error("exec", exc) from None
-        result = (await _read_report(sync, commands.SyncReport())).result
+        try:
+            result = (await _read_report(sync, commands.SyncReport())).result
+        except Exception as exc:  # noqa: BLE001 - a report that does not parse
+            raise self._error("exec", exc) from None
         if result is not None:  # "error ...": the process did not exec
             raise self._error("exec", f"exec failed: {result[6:].strip()}")
         return pid
@@ -268,7 +271,8 @@ class OciRuntime:
 
 async def _read_report(fd: int, report):
     """The forked children's `commands.SyncReport` on `fd`, read on the loop until it is
-    complete (a read error is reported as theirs would be); the fd is closed after."""
+    complete (a read error is reported as theirs would be); the fd is closed after. What
+    the report raises (a malformed line, a failing callback) is raised here."""
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
@@ -279,7 +283,14 @@ async def _read_report(fd: int, report):
             return
         except OSError as exc:
             chunk = f"error {exc.strerror}\n".encode()
-        if not done.done() and report.feed(chunk):
+        if done.done():
+            return
+        try:
+            complete = report.feed(chunk)
+        except Exception as exc:  # noqa: BLE001 - the caller's; else the loop's handler's
+            done.set_exception(exc)
+            return
+        if complete:
             done.set_result(None)
 
     os.set_blocking(fd, False)

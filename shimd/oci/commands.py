@@ -83,6 +83,8 @@ class SyncReport:
             line, self._buf = self._buf.split(b"\n", 1)
             text = line.decode(errors="replace")
             if text.startswith("pid "):
+                if not text[4:].isdigit():
+                    raise ValueError(f"malformed report from the container's process: {text!r}")
                 self.pid = int(text[4:])
             elif text == "ready":
                 # The init may get this far before its parent has even reported its pid.

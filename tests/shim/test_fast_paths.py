@@ -436,3 +436,32 @@ def test_the_zygote_imports_no_grpc_stack():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          timeout=60, check=True).stdout.split()
     assert out == ["[]", "1", "True"]
+
+
+@pytest.mark.parametrize("lines, error", [
+    (b"pid 12x\nready\n", "malformed report"),
+    (b"userns 7\n", "id maps failed"),
+])
+def test_a_report_that_raises_fails_the_wait_on_it(lines, error):
+    """What the report raises while it is fed on the loop (a malformed "pid" line, a
+    failing callback) fails the create or exec waiting on it, instead of going to the
+    loop's exception handler and leaving the wait unanswered."""
+    import asyncio
+
+    from shimd.oci.commands import SyncReport
+    from shimd.runtime import _read_report
+
+    def on_userns(pid: int) -> None:
+        raise OSError(f"id maps failed for {pid}")
+
+    r, w = os.pipe()
+    os.write(w, lines)  # the writer stays open: only the report can end the wait
+
+    async def read():
+        return await asyncio.wait_for(_read_report(r, SyncReport(on_userns=on_userns)), 10)
+
+    try:
+        with pytest.raises((ValueError, OSError), match=error):
+            asyncio.run(read())
+    finally:
+        os.close(w)

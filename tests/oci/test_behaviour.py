@@ -1012,8 +1012,19 @@ def test_the_state_is_saved_while_the_init_sets_up(builtin, tmp_path):
         assert (tmp_path / "init.pid").read_text() == str(creation.pid)  # the shim's, likewise
         cgroup = commands._cgroup(state)
         assert cgroup.exists()
+        # the caller is gone, nobody reads the report; the sync pipe stays open (a closed
+        # one would end the init by itself: its "ready" fails), so only the delete ends it
+        commands.delete(store, "early", force=True)
+        for _ in range(200):
+            reaped, status = os.waitpid(creation.pid, os.WNOHANG)
+            if reaped:
+                break
+            time.sleep(0.05)
+        else:  # never ended by the delete: ended here (not waited for forever)
+            os.kill(creation.pid, signal.SIGKILL)
+            os.waitpid(creation.pid, 0)
+            pytest.fail("delete --force left the init running")
+        assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
     finally:
-        creation.close()  # the caller is gone: nobody reads the report
-    commands.delete(store, "early", force=True)
-    assert os.waitpid(creation.pid, 0)[0] == creation.pid
+        creation.close()
     assert not cgroup.exists() and store.ids() == []

@@ -124,11 +124,11 @@ def test_create_and_exec_fork_from_the_single_threaded_shim(shims):
 def test_a_failed_create_in_the_shim_is_typed_and_leaves_nothing(shims):
     shim = shims(["no-such-binary"])
     own = namespaces(shim.pid)
-    eventfds = _eventfds(shim.pid)
+    watch_fds = _oom_watch_fds(shim.pid)
     with pytest.raises(grpc.RpcError) as info:
         shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert _eventfds(shim.pid) == eventfds  # the OOM watch armed during the setup is closed
+    assert _oom_watch_fds(shim.pid) == watch_fds  # the OOM watch armed in the setup is closed
     # the outbox file was made during the setup, and holds no event of the failed create
     assert (shim.bundle / "events.jsonl").read_bytes() == b""
     assert not (shim.bundle / "init.pid").exists()  # written with the state, removed again
@@ -159,9 +159,11 @@ def test_a_failed_create_in_the_shim_is_typed_and_leaves_nothing(shims):
     shim.stub.Delete(pb.DeleteRequest(id=shim.id), timeout=20)
 
 
-def _eventfds(pid: int) -> int:
+def _oom_watch_fds(pid: int) -> int:
+    """The fds an OOM watcher holds: an eventfd (cgroup v1) or an inotify (v2)."""
     fds = os.listdir(f"/proc/{pid}/fd")
-    return sum(_readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[eventfd]" for fd in fds)
+    return sum(_readlink(f"/proc/{pid}/fd/{fd}") in ("anon_inode:[eventfd]", "anon_inode:inotify")
+               for fd in fds)
 
 
 def _readlink(path: str) -> str:

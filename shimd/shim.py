@@ -101,10 +101,10 @@ class Shim:
 
     def _during_setup(self) -> None:
         """What needs no init, done while it sets up (the runtime waits for its report by
-        the time this runs) instead of after its report, on Create's path: the OOM watch
-        (the cgroup exists then; armed again after create if it did not yet: a runtime
-        command still starting), and the outbox file made empty (a new inode: ~0.4 ms on
-        this disk; empty reads as no events, and the first append finds it)."""
+        the time this runs), off Create's wait: the OOM watch (the cgroup exists then;
+        armed again after create if it did not yet: a runtime command still starting), and
+        the outbox file made empty (a new inode: ~0.4 ms on this disk; empty reads as no
+        events, and the first append finds it)."""
         self._watch_oom(early=True)
         try:
             os.close(os.open(self.outbox.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))

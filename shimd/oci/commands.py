@@ -330,10 +330,10 @@ def begin_create(store: Store, container_id: str, bundle: str, console_socket: s
                 except OSError:
                     pass  # an exec builds the filter itself
         if creation.pid:
-            # saved while the init sets up, not after its report: off the caller's wait,
-            # and a caller that dies meanwhile leaves what `delete --force` cleans up with
+            # saved while the init sets up (off the caller's wait for its report): a caller
+            # that dies meanwhile leaves what `delete --force` cleans up with
             creation.state = _save_state(creation, creation.pid)
-            if pid_file:  # the shim's (the command line writes it once the init is ready)
+            if pid_file:  # the shim's; the command line writes its own once the init is ready
                 _write_pid_file(pid_file, creation.pid)
                 creation.pid_file = pid_file
         return creation

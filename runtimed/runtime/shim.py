@@ -172,11 +172,17 @@ class ShimManager:
                 return client
         return await self._launch(namespace, id, bundle)
 
-    async def dispose(self, client: ShimClient, exit_timeout: float = CONNECT_TIMEOUT) -> None:
+    async def dispose(self, client: ShimClient, exit_timeout: float = CONNECT_TIMEOUT,
+                      bundle: Path | None = None) -> None:
         """Shut down a shim that never got its task, or whose task was deleted (Shutdown,
         else SIGKILL after `exit_timeout`) and wait until its process is gone, so nothing it
-        writes lands in a bundle being removed."""
-        pidfd = pidfd_of(client.pid)
+        writes lands in a bundle being removed. `bundle`: where the shim works now, when
+        its bundle was moved (to the trash) since; its pid is taken for it only while the
+        process with that pid works there."""
+        where = bundle or client.bundle
+        pidfd = shim_pidfd(shim_pid_file(where), where)  # the one working there, as it says
+        if pidfd < 0 and client.pid:  # its pid file not written yet
+            pidfd = shim_pidfd(client.pid, where)
         try:
             with contextlib.suppress(RuntimedError):
                 await client.call("Shutdown", shim_pb2.ShutdownRequest(id=client.id, now=True),
@@ -455,6 +461,34 @@ def pidfd_of(pid: int) -> int:
         return os.pidfd_open(pid)
     except OSError:
         return -1
+
+
+def shim_pid_file(bundle: Path) -> int:
+    """The pid the shim of `bundle` wrote there (0: none); not proof it still runs."""
+    try:
+        return int((bundle / "shim.pid").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def works_in(pid: int, bundle: Path) -> bool:
+    """Whether process `pid` works in `bundle`: a shim's cwd is its bundle (and follows a
+    rename of it), so a pid some other process got since is never taken for the shim."""
+    try:
+        return os.readlink(f"/proc/{pid}/cwd") == os.path.realpath(bundle)
+    except OSError:
+        return False
+
+
+def shim_pidfd(pid: int, bundle: Path) -> int:
+    """A pidfd for the shim `pid` working in `bundle`, or -1 (gone, or the pid is another
+    process's by now). Checked after the open: the pidfd then names the shim, whatever
+    happens to the number later."""
+    pidfd = pidfd_of(pid)
+    if pidfd >= 0 and not works_in(pid, bundle):
+        os.close(pidfd)
+        return -1
+    return pidfd
 
 
 async def _exited(pidfd: int, timeout: float) -> bool:

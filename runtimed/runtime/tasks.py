@@ -50,10 +50,10 @@ from runtimed.runtime.shim import (
     BundleInfo,
     ShimClient,
     ShimManager,
-    await_exit,
-    pidfd_of,
     read_info,
     remove_bundle,
+    shim_pid_file,
+    works_in,
 )
 from runtimed.snapshots import mount as mounts
 
@@ -65,7 +65,6 @@ DEAD_SHIM_EXIT = 255
 PUBLISH_WAIT = 5.0
 ACK_DELAY = 1.0  # seconds without new events before the shim's outbox is trimmed
 ACK_BATCH = 256  # or this many unacknowledged events
-SHUTDOWN_TIMEOUT = 5.0
 SHIM_EXIT_TIMEOUT = 10.0  # after Shutdown; then the shim of a deleted task is killed
 STOPPED = 3  # containerd.v1.types.Status
 PUBLISHED_SIZE = 64  # bytes of the `published` record; longer records are written whole
@@ -211,10 +210,8 @@ class TaskManager:
                                      stderr=stdio.stderr, terminal=stdio.terminal),
             ))
         except BaseException:
-            if shim is not None:
-                with contextlib.suppress(RuntimedError):
-                    await shim.call("Shutdown", shim_pb2.ShutdownRequest(id=id, now=True), 5)
-                await shim.close()
+            if shim is not None:  # gone before its bundle is (it writes there until it exits)
+                await self.shims.dispose(shim)
             with contextlib.suppress(Exception):
                 await self.shims.cleanup(info, bundle)
             raise
@@ -340,12 +337,7 @@ class TaskManager:
         except Exception:  # noqa: BLE001 - reported to the Delete that retired it
             retired = None
         try:
-            with contextlib.suppress(RuntimedError):
-                await task.shim.call("Shutdown", shim_pb2.ShutdownRequest(id=task.id, now=True),
-                                     SHUTDOWN_TIMEOUT)
-            await task.shim.close()
-            if retired is not None:
-                await _wait_shim_exit(retired, SHIM_EXIT_TIMEOUT)
+            await self.shims.dispose(task.shim, SHIM_EXIT_TIMEOUT, retired)
         finally:
             if retired is not None:
                 await asyncio.to_thread(shutil.rmtree, retired, True)
@@ -772,25 +764,8 @@ def _unmount_rootfs(rootfs: Path) -> None:
 def _shim_pid_in(bundle: Path) -> int:
     """The pid of the shim still running in a bundle, retired or not (its working
     directory), or 0."""
-    try:
-        pid = int((bundle / "shim.pid").read_text())
-        cwd = os.readlink(f"/proc/{pid}/cwd")
-    except (OSError, ValueError):
-        return 0
-    return pid if cwd == os.path.realpath(bundle) else 0
-
-
-async def _wait_shim_exit(retired: Path, timeout: float) -> None:
-    """Until the shim working in a (retired) bundle has exited; killed after `timeout`."""
-    pid = _shim_pid_in(retired)
-    pidfd = pidfd_of(pid or 0)
-    if pidfd < 0:
-        return
-    try:
-        if _shim_pid_in(retired) == pid:  # else it exited (or is not ours) before we watched
-            await await_exit(pidfd, timeout, f"shim {pid} of a deleted task")
-    finally:
-        os.close(pidfd)
+    pid = shim_pid_file(bundle)
+    return pid if pid and works_in(pid, bundle) else 0
 
 
 def _shim_alive(bundle: Path) -> bool:

@@ -3,6 +3,7 @@ API with a busybox spec, root filesystems as bind mounts, real shims and runc.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -57,8 +58,10 @@ class Client:
         self.tasks = tasks_pb2_grpc.TasksStub(self.channel)
         self.events = events_pb2_grpc.EventsStub(self.channel)
 
-    def container(self, id: str, args: list[str], binary: str = "runc"):
+    def container(self, id: str, args: list[str], binary: str = "runc", edit=None):
         spec = make_spec(args)
+        if edit is not None:
+            edit(spec)
         container = containers_pb2.Container(id=id, snapshotter="overlayfs")
         container.runtime.name = "io.containerd.runc.v2"
         if binary:
@@ -71,11 +74,11 @@ class Client:
         self.created.append(id)
         return spec
 
-    def create_task(self, id: str, **stdio) -> int:
+    def create_task(self, id: str, timeout: float = 60, **stdio) -> int:
         rootfs = [mount_pb2.Mount(type="bind", source=str(self.rootfs), options=["rbind", "rw"])]
         return self.tasks.Create(
             tasks_pb2.CreateTaskRequest(container_id=id, rootfs=rootfs, **stdio),
-            metadata=MD, timeout=60).pid
+            metadata=MD, timeout=timeout).pid
 
     def run(self, id: str, args: list[str], **stdio) -> int:
         self.container(id, args)
@@ -507,6 +510,77 @@ def test_shim_that_died_while_runtimed_was_down_is_cleaned_up_on_restart(client,
     client.tasks.Kill(tasks_pb2.KillRequest(container_id="lost", signal=9), metadata=MD)
     assert client.tasks.Wait(tasks_pb2.WaitRequest(container_id="lost"), metadata=MD,
                              timeout=30).exit_status == 137
+
+
+# a createRuntime hook that stops the shim running the create (from the bundle's shim.pid,
+# written to argv[1] too) and fails it: the shim answers nothing until it is killed
+STOP_THE_SHIM = """
+import json, os, signal, sys
+pid = int(open(os.path.join(json.load(sys.stdin)["bundle"], "shim.pid")).read())
+open(sys.argv[1], "w").write(str(pid))
+os.kill(pid, signal.SIGSTOP)
+sys.exit(1)
+"""
+
+
+def test_a_failed_create_removes_the_bundle_only_once_its_shim_is_gone(client, daemon,
+                                                                         tmp_path):
+    """Create's error path shuts the shim down and waits until its process is gone (killed
+    when it does not go) before the bundle is removed: a shim still running writes there
+    (outbox, init.pid). Here the shim stops answering in the middle of Create."""
+    out = tmp_path / "shim-pid"
+
+    def hook(spec):
+        spec["hooks"] = {"createRuntime": [
+            {"path": sys.executable, "args": [sys.executable, "-c", STOP_THE_SHIM, str(out)]}]}
+
+    client.container("stuck", ["true"], edit=hook)
+    bundle = daemon.state / "tasks" / "tt" / "stuck"
+    with pytest.raises(grpc.RpcError):
+        client.create_task("stuck", timeout=3)
+    pid = int(out.read_text())
+    try:
+        for _ in range(600):
+            if not bundle.exists():
+                break
+            time.sleep(0.05)
+        assert not bundle.exists()
+        assert not _alive(pid)  # gone before its bundle was
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGCONT)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_dispose_never_kills_a_process_that_got_the_shims_pid(tmp_path):
+    """A shim known by its pid (from Connect) that is gone by the time it is disposed of:
+    the number may be another process's by then, which is not killed (nor waited for)."""
+    import asyncio
+
+    from runtimed.runtime.shim import ShimClient, ShimManager
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    other = subprocess.Popen(["sleep", "1000"], cwd=tmp_path)  # the pid's new owner
+    try:
+        async def dispose():
+            client = ShimClient("gone", f"unix://{tmp_path}/no.sock", bundle)
+            client.pid = other.pid
+            await ShimManager(tmp_path / "state").dispose(client, exit_timeout=0.1)
+
+        asyncio.run(dispose())
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
 
 
 class _RecordedExchange:

@@ -62,6 +62,25 @@ def rotated_names(path: str, max_file: int) -> list[str]:
     return [f"{path}.{n}" for n in range(1, max_file)]
 
 
+def remove_set(value: str) -> None:
+    """Remove the log file of a `file://` URI and, when the URI rotates it, PATH.1 …
+    PATH.<max-file − 1> (`rm`, and the daemon's autoremove). Only those: a user's FILE may
+    have neighbours named FILE.N that are not ours; a URI with bad rotation options takes
+    PATH only."""
+    path = path_of(value)
+    if path is None:
+        return
+    try:
+        rotate = rotation(value)
+    except InvalidArgument:
+        rotate = None
+    for name in [path, *(rotated_names(path, rotate[1]) if rotate else ())]:
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
+
+
 def timestamp(ns: int) -> bytes:
     """A record's stamp: fixed width, so stamps compare as strings."""
     seconds, nanos = divmod(ns, 1_000_000_000)

@@ -29,6 +29,7 @@ from runtimed.errors import InvalidArgument
 from runtimed.logfile import (  # noqa: F401 - re-exported, ctl.client's log API
     RotatingFile,
     encode,
+    remove_set,
     rotation,
     timestamp,
     uri,
@@ -197,16 +198,6 @@ def open_set(path: str) -> list:
     live, rotated = _snapshot(path)
     rotated.reverse()
     return rotated + ([live] if live is not None else [])
-
-
-def remove_set(path: str, rotated: bool = True) -> None:
-    """The log file and, when it is rotated, PATH.1 … (`rm`; a user's file that is not
-    rotated by us may have neighbours of that name that are not ours)."""
-    for name in [path, *(rotated_paths(path) if rotated else ())]:
-        try:
-            os.unlink(name)
-        except FileNotFoundError:
-            pass
 
 
 class Follower:

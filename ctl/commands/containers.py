@@ -553,10 +553,8 @@ def _remove_quietly(c, container_id: str, container=None) -> None:
 
 def _remove_log(container) -> None:
     path = container.labels.get(LABEL_LOG)
-    if path:
-        from ctl.client.logs import remove_set
-
-        remove_set(path, rotated="max-size" in _log_query(container))
+    if path:  # the URI says which rotated files are ours
+        logfile.remove_set(container.labels.get(rp.LABEL_LOG_URI) or logfile.uri(path, cri=False))
 
 
 def _each(args, names, action) -> int:

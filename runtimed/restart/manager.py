@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 from runtimed import logfile
 from runtimed.api.containerd.types.task import task_pb2
-from runtimed.errors import InvalidArgument, NotFound, RuntimedError
+from runtimed.errors import NotFound, RuntimedError
 from runtimed.metadata.containers import AnyValue, Container
 from runtimed.restart import policy as rp
 from runtimed.runtime.tasks import Stdio
@@ -216,17 +216,8 @@ class RestartManager:
             for name in filter(None, container.labels.get("io.runtimed.volumes.anonymous", "").split(",")):
                 with contextlib.suppress(RuntimedError):
                     await asyncio.to_thread(self.volumes.remove, namespace, name)
-        uri = rp.log_uri(container.labels)
-        path = logfile.path_of(uri)
-        if path is not None:
-            try:
-                rotate = logfile.rotation(uri)
-            except InvalidArgument:  # not a URI ctl wrote: its file only
-                rotate = None
-            # PATH.1 … PATH.<max-file − 1>: the rotated files (docs/cli.md, log rotation)
-            for name in [path, *(logfile.rotated_names(path, rotate[1]) if rotate else ())]:
-                with contextlib.suppress(OSError):
-                    os.unlink(name)
+        with contextlib.suppress(OSError):  # PATH and its rotated files (docs/cli.md)
+            logfile.remove_set(rp.log_uri(container.labels))
         log.info("%s/%s exited and was removed (autoremove)", namespace, container.id)
 
     async def _restore(self) -> None:

@@ -260,6 +260,13 @@ def test_one_log_file_implementation_for_shim_and_ctl(tmp_path):
         stdio.ProcessIO(stdio.StdioConfig(stdout=f"file://{tmp_path}/x.log?max-size=big"))
     assert logfile.encode(b"a\nb", b"stderr", 1) == logfile.encode(b"a\nb", "stderr", 1) == (
         b"1970-01-01T00:00:00.000000001Z stderr F a\n1970-01-01T00:00:00.000000001Z stderr P b\n")
+    # rm and the autoremove take PATH and the rotated files its URI may have made, no others
+    names = ["c.log", "c.log.1", "c.log.2", "c.log.3", "d.log", "d.log.1"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    logfile.remove_set(logfile.uri(f"{tmp_path}/c.log", max_size=10, max_file=3))
+    logfile.remove_set(logfile.uri(f"{tmp_path}/d.log", cri=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.log.3", "d.log.1"]
     loaded = subprocess.run([sys.executable, "-c", "import sys, runtimed.logfile; print(sorted(sys.modules))"],
                             capture_output=True, text=True, check=True).stdout
     assert "grpc" not in loaded and "google" not in loaded

@@ -60,16 +60,17 @@ def _connect_console(path: str | None):
 
 
 class SyncReport:
-    """What the forked children report on the sync pipe: "pid N" (unless `pid` is known),
-    maybe "hooks" (the init waits for on_hooks(pid) to run the runtime's hooks), then
-    "ready", or "error ..."; EOF ends. Fed what is read, by whoever reads the pipe (this
-    module blocking, the shim on its event loop)."""
+    """What the forked children report on the sync pipe: "pid N" (unless `pid` is known;
+    on_pid(N) runs then), maybe "hooks" (the init waits for on_hooks(pid) to run the
+    runtime's hooks), then "ready", or "error ..."; EOF ends. Fed what is read, by whoever
+    reads the pipe (this module blocking, the shim on its event loop)."""
 
-    def __init__(self, pid: int = 0, on_hooks=None, on_userns=None) -> None:
+    def __init__(self, pid: int = 0, on_hooks=None, on_userns=None, on_pid=None) -> None:
         self.pid = pid
         self.result: str | None = None  # "ready", "error ...", or None: no report
         self._on_hooks = on_hooks
         self._on_userns = on_userns
+        self._on_pid = on_pid
         self._buf = b""
         self._hooks_pending = self._ready = False
 
@@ -86,6 +87,8 @@ class SyncReport:
                 if not text[4:].isdigit():
                     raise ValueError(f"malformed report from the container's process: {text!r}")
                 self.pid = int(text[4:])
+                if self._on_pid is not None:
+                    self._on_pid(self.pid)
             elif text == "ready":
                 # The init may get this far before its parent has even reported its pid.
                 self._ready = True
@@ -106,9 +109,10 @@ class SyncReport:
         return False
 
 
-def _read_sync(fd: int, on_hooks=None, on_userns=None, pid: int = 0) -> tuple[int, str | None]:
+def _read_sync(fd: int, on_hooks=None, on_userns=None, pid: int = 0,
+               on_pid=None) -> tuple[int, str | None]:
     """The children's report (`SyncReport`), read from `fd` until it is complete."""
-    report = SyncReport(pid, on_hooks, on_userns)
+    report = SyncReport(pid, on_hooks, on_userns, on_pid)
     while not report.feed(os.read(fd, 4096)):
         pass
     return report.pid, report.result
@@ -161,7 +165,7 @@ def create(store: Store, container_id: str, bundle: str, pid_file: str | None = 
                             preserve_fds=preserve_fds)
     try:
         pid, result = _read_sync(creation.sync, creation.on_hooks, creation.on_userns,
-                                 creation.pid)
+                                 creation.pid, creation.on_pid)
     except BaseException:
         creation.abort()
         raise
@@ -208,6 +212,11 @@ class Creation:
             raise
         os.write(self.hook_w, b"mapped")
 
+    def on_pid(self, pid: int) -> None:
+        """The init's host pid, as the intermediate child reports it: the state saved at
+        once, while the init sets up (as when this process forked the init itself)."""
+        self.state = _save_state(self, pid)
+
     def on_hooks(self, init_pid: int) -> None:
         from shimd.oci import hooks
 
@@ -222,7 +231,7 @@ class Creation:
 
     def abort(self, pid: int = 0) -> None:
         self.close()
-        for victim in {pid, self.pid} - {0}:
+        for victim in {pid, self.pid, self.state.pid if self.state else 0} - {0}:
             try:
                 os.kill(victim, signal.SIGKILL)
             except ProcessLookupError:

@@ -7,10 +7,12 @@ where spelling out the expectation would only restate runc.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -1028,3 +1030,65 @@ def test_the_state_is_saved_while_the_init_sets_up(builtin, tmp_path):
     finally:
         creation.close()
     assert not cgroup.exists() and store.ids() == []
+
+
+def test_with_a_user_namespace_the_state_is_saved_on_the_pid_line(builtin):
+    """With a new user namespace an intermediate child forks the init and reports its host
+    pid ("pid N"): the state is saved then, while the init sets up, so a caller that dies
+    before the init's report leaves what `delete --force` needs here too."""
+    import shutil
+    import tempfile
+
+    from shimd.oci import commands
+    from shimd.oci.state import Store
+
+    base = Path(tempfile.mkdtemp(prefix="runtimed-userns-", dir="/tmp"))
+    try:
+        base.chmod(0o755)  # the mapped root must reach the rootfs
+        bundle = base / "early"
+        bundle.mkdir()
+        spec = builtin.spec(["true"])
+        spec["root"]["path"] = str(make_rootfs(bundle / "rootfs"))
+        spec["linux"]["cgroupsPath"] = f"/{builtin.cgroup_parent}/early-userns"
+        spec["linux"]["namespaces"].append({"type": "user"})
+        spec["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+        spec["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 65536}]
+        (bundle / "config.json").write_text(json.dumps(spec))
+        store = Store(str(base / "state"))
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            creation = commands.begin_create(store, "early", str(bundle),
+                                             stdio=(null, null, null))
+        finally:
+            os.close(null)
+        try:
+            assert creation.pid == 0 and creation.intermediate  # the init's pid comes later
+            report = commands.SyncReport(0, creation.on_hooks, creation.on_userns,
+                                         creation.on_pid)
+            while not report.pid and not report.feed(os.read(creation.sync, 4096)):
+                pass
+            state = store.load("early")  # saved on the "pid" line: nobody finished the create
+            assert state.pid == report.pid > 0 and state.start_time
+            cgroup = commands._cgroup(state)
+            # the caller is gone; the sync pipe stays open, so only the delete ends the init
+            commands.delete(store, "early", force=True)
+            for _ in range(200):
+                if not _alive(state.pid):
+                    break
+                time.sleep(0.05)
+            assert not _alive(state.pid)
+        finally:
+            creation.close()
+            os.waitpid(creation.intermediate, 0)
+        assert not cgroup.exists() and store.ids() == []
+    finally:
+        shutil.rmtree(base)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # ours to reap when this process is a subreaper
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -227,8 +227,12 @@ class ProcessIO:
             self._to_close.append(null)
             self.child_fds = (null, null, null)
         else:
-            self.child_fds = (self._stdin(), self._output(config.stdout, b"stdout"),
-                              self._output(config.stderr, b"stderr"))
+            try:
+                self.child_fds = (self._stdin(), self._output(config.stdout, b"stdout"),
+                                  self._output(config.stderr, b"stderr"))
+            except BaseException:  # a bad URI, a missing FIFO: nothing opened stays open
+                self.close()
+                raise
 
     def _open_console_socket(self) -> None:
         self._console_dir = tempfile.mkdtemp(prefix="shimd-pty-")
@@ -273,11 +277,7 @@ class ProcessIO:
             fd = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
             self._to_close.append(fd)
             return fd
-        read_end, write_end = os.pipe()
-        self._to_close.append(read_end)
-        fifo = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._pending.append((fifo, write_end, True, b""))
-        return read_end
+        return self._pipe(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), is_stdin=True)
 
     def _output(self, path: str, stream: bytes) -> int:
         if not path:
@@ -286,19 +286,29 @@ class ProcessIO:
             return fd
         file = _file_path(path)
         if file is not None and (logfile.is_cri(path) or logfile.rotation(path)):
-            read_end, write_end = os.pipe()
-            self._to_close.append(write_end)
-            log = self._log(file, path)
-            self._pending.append((read_end, log, False, stream if logfile.is_cri(path) else b""))
-            return write_end
+            return self._pipe(self._log(file, path), stamp=stream if logfile.is_cri(path) else b"")
         if file is not None or not _is_fifo(path):
             fd = os.open(file or path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             self._to_close.append(fd)
             return fd
-        read_end, write_end = os.pipe()
+        return self._pipe(os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
+
+    def _pipe(self, other: int | RotatingLog, is_stdin: bool = False, stamp: bytes = b"") -> int:
+        """A pipe between the process and `other` (open already: a FIFO, a log), pumped
+        once the process is spawned; the process's end is returned. Every fd is held
+        where `close` finds it, or closed, whatever fails."""
+        try:
+            read_end, write_end = os.pipe()
+        except OSError:
+            if isinstance(other, int):
+                os.close(other)
+            raise
+        if is_stdin:
+            self._to_close.append(read_end)
+            self._pending.append((other, write_end, True, stamp))
+            return read_end
         self._to_close.append(write_end)
-        fifo = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._pending.append((read_end, fifo, False, b""))
+        self._pending.append((read_end, other, False, stamp))
         return write_end
 
     def _log(self, file: str, uri: str) -> int | RotatingLog:

@@ -24,62 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtimed.errors import FailedPrecondition, InvalidArgument
+from shimd.oci.linux import MNT_DETACH, MS_BIND, MS_RDONLY, MS_REC, MS_REMOUNT
+from shimd.oci.rootfs import parse_options  # runc's option table: one for daemon and shim
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_SYNCHRONOUS = 0x10
-MS_REMOUNT = 0x20
-MS_MANDLOCK = 0x40
-MS_DIRSYNC = 0x80
-MS_NOATIME = 0x400
-MS_NODIRATIME = 0x800
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 1 << 18
-MS_SLAVE = 1 << 19
-MS_SHARED = 1 << 20
-MS_RELATIME = 1 << 21
-MS_STRICTATIME = 1 << 24
-MNT_DETACH = 0x2
 UMOUNT_NOFOLLOW = 0x8
-
-# option -> (clear?, flag); containerd's mount_linux.go table
-_FLAGS: dict[str, tuple[bool, int]] = {
-    "async": (True, MS_SYNCHRONOUS),
-    "atime": (True, MS_NOATIME),
-    "bind": (False, MS_BIND),
-    "defaults": (False, 0),
-    "dev": (True, MS_NODEV),
-    "diratime": (True, MS_NODIRATIME),
-    "dirsync": (False, MS_DIRSYNC),
-    "exec": (True, MS_NOEXEC),
-    "mand": (False, MS_MANDLOCK),
-    "noatime": (False, MS_NOATIME),
-    "nodev": (False, MS_NODEV),
-    "nodiratime": (False, MS_NODIRATIME),
-    "noexec": (False, MS_NOEXEC),
-    "nomand": (True, MS_MANDLOCK),
-    "norelatime": (True, MS_RELATIME),
-    "nostrictatime": (True, MS_STRICTATIME),
-    "nosuid": (False, MS_NOSUID),
-    "rbind": (False, MS_BIND | MS_REC),
-    "relatime": (False, MS_RELATIME),
-    "remount": (False, MS_REMOUNT),
-    "ro": (False, MS_RDONLY),
-    "rw": (True, MS_RDONLY),
-    "strictatime": (False, MS_STRICTATIME),
-    "suid": (True, MS_NOSUID),
-    "sync": (False, MS_SYNCHRONOUS),
-}
-_PROPAGATION = {
-    "private": MS_PRIVATE, "rprivate": MS_PRIVATE | MS_REC,
-    "shared": MS_SHARED, "rshared": MS_SHARED | MS_REC,
-    "slave": MS_SLAVE, "rslave": MS_SLAVE | MS_REC,
-}
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
@@ -124,20 +74,6 @@ def _sys_mount(source: str, target: str, fstype: str, flags: int, data: str) -> 
         raise OSError(err, f"mount {fstype or 'none'} {source} on {target}: {os.strerror(err)}")
 
 
-def _parse(options: list[str]) -> tuple[int, int, list[str]]:
-    flags = propagation = 0
-    data: list[str] = []
-    for o in options:
-        if o in _FLAGS:
-            clear, flag = _FLAGS[o]
-            flags = flags & ~flag if clear else flags | flag
-        elif o in _PROPAGATION:
-            propagation |= _PROPAGATION[o]
-        else:
-            data.append(o)
-    return flags, propagation, data
-
-
 def compact_lowerdirs(options: list[str]) -> tuple[str | None, list[str]]:
     """Factor the common parent out of overlay lowerdirs: (chdir, options with relative
     lowerdirs), or (None, options) when there is nothing to gain."""
@@ -161,28 +97,25 @@ def compact_lowerdirs(options: list[str]) -> tuple[str | None, list[str]]:
 def mount(m: Mount, target: str | os.PathLike) -> None:
     """Mount one `Mount` at `target` (an existing directory)."""
     target = os.fspath(target)
-    flags, propagation, data = _parse(m.options)
+    flags, propagation, data = parse_options(m.options)
     fstype = m.type
     if fstype == "bind" or flags & MS_BIND:
         fstype = ""
         flags |= MS_BIND
-    if m.type == "overlay":
-        text = ",".join(data)
-        if len(text) >= PAGE_SIZE:
-            _mount_overlay_compacted(m, target, flags)
-            return
-    _sys_mount(m.source, target, fstype, flags, ",".join(data))
+    if m.type == "overlay" and len(data) >= PAGE_SIZE:
+        _mount_overlay_compacted(m, target, flags)
+        return
+    _sys_mount(m.source, target, fstype, flags, data)
     if flags & MS_BIND and flags & MS_RDONLY:
         # a bind mount ignores MS_RDONLY until remounted
         _sys_mount("", target, "", MS_REMOUNT | MS_BIND | (flags & ~MS_REC), "")
-    if propagation:
-        _sys_mount("", target, "", propagation, "")
+    for change in propagation:  # one propagation type per call, as the kernel wants
+        _sys_mount("", target, "", change, "")
 
 
 def _mount_overlay_compacted(m: Mount, target: str, flags: int) -> None:
     chdir, options = compact_lowerdirs(m.options)
-    _, _, data = _parse(options)
-    text = ",".join(data)
+    _, _, text = parse_options(options)
     if chdir is None or len(text) >= PAGE_SIZE:
         raise InvalidArgument(
             f"overlay mount options are {len(text)} bytes even with relative lowerdirs, "

@@ -50,6 +50,13 @@ def _probe(tmp_path, address: str, *args: str) -> dict:
     return data
 
 
+def _python(code: str) -> str:
+    """What a fresh interpreter running `code` prints (it must succeed)."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def test_protobuf_python_implementation_is_not_loaded():
     """Under upb the generated modules still import python_message (and text_format, the
     Python decoders...); ctl registers them lazily, and they still work when used."""
@@ -66,12 +73,11 @@ def test_protobuf_python_implementation_is_not_loaded():
         "from google.protobuf import text_format\n"
         "print(text_format.MessageToString(m, as_one_line=True))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr
-    implementation, _, rest = result.stdout.splitlines()[0].partition(" ")
+    output = _python(code)
+    implementation, _, rest = output.splitlines()[0].partition(" ")
     if implementation == "upb":
         assert rest == "['google.protobuf.internal.python_message', 'google.protobuf.text_format']"
-    assert result.stdout.splitlines()[1] == 'container_id: "c1" stdout: "/x"'
+    assert output.splitlines()[1] == 'container_id: "c1" stdout: "/x"'
 
 
 def test_version_imports_no_formatting(tmp_path, daemon):
@@ -117,9 +123,7 @@ def test_deferred_imports_still_work_when_used():
         "print(Point.__doc__, stamp.seconds, type(sys.modules['inspect']).__name__,\n"
         "      type(sys.modules['calendar']).__name__)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["Point(x:", "int,", "y:", "int", "=", "0)", "1577836800",
+    assert _python(code).split() == ["Point(x:", "int,", "y:", "int", "=", "0)", "1577836800",
                                      "module", "module"]
 
 

@@ -189,6 +189,27 @@ class Runtime:
                     pass
 
 
+def in_child(check) -> None:
+    """Run `check()` in a forked child (namespaces, fds or libc state it changes stay
+    there) and fail the test with what it raised."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        code = 1
+        try:
+            check()
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            os.write(w, repr(e).encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        error = f.read().decode()
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, error
+
+
 def wait_pid(pid: int, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while True:

@@ -19,6 +19,7 @@ from runtimed.errors import InvalidArgument
 from shimd import cgroups
 from shimd.cgroups.v1 import V1
 from shimd.cgroups.v2 import V2, shares_to_weight
+from tests.oci.conftest import in_child
 
 MiB = 1024 * 1024
 UNIFIED = "/sys/fs/cgroup/unified"
@@ -347,19 +348,4 @@ def test_the_mount_table_is_read_again_only_after_a_change(tmp_path):
         assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
         assert _mounts.get() is unmounted  # the parent's answer still stands
 
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        code = 1
-        try:
-            scenario()
-            code = 0
-        except BaseException as e:  # noqa: BLE001 - reported to the test
-            os.write(w, repr(e).encode())
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        error = f.read().decode()
-    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, error
+    in_child(scenario)

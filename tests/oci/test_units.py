@@ -13,6 +13,7 @@ from shimd.oci import caps, linux, rootfs, seccomp
 from shimd.oci.__main__ import UsageError, parse
 from shimd.oci.commands import parse_signal
 from shimd.oci.state import State, Store
+from tests.oci.conftest import in_child
 
 
 def test_mount_options_split_into_flags_propagation_and_data():
@@ -128,19 +129,16 @@ def test_cloexec_from_marks_every_fd_but_the_kept_ones(keep, walk):
         os.set_inheritable(fd, True)
     first = fds[1]
     kept = [fds[1] + i for i in keep]
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            if walk:
-                linux._close_range = None
-            linux.cloexec_from(first, range(first + keep.start, first + keep.stop))
-            flags = {fd: bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC) for fd in fds}
-            want = {fd: fd >= first and fd not in kept for fd in fds}
-            code = 0 if flags == want else 3
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    for fd in fds:
-        os.close(fd)
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def check() -> None:
+        if walk:
+            linux._close_range = None
+        linux.cloexec_from(first, range(first + keep.start, first + keep.stop))
+        flags = {fd: bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC) for fd in fds}
+        assert flags == {fd: fd >= first and fd not in kept for fd in fds}
+
+    try:
+        in_child(check)
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -30,6 +30,32 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def parse(data: bytes) -> tuple[int, list[dict]]:
+    """(acked, events not acknowledged) of an outbox's bytes; a last line without its
+    newline (an append in progress, or torn by a crash) is not an event yet."""
+    acked, events = 0, []
+    for line in data[: data.rfind(b"\n") + 1].splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if "acked" in record:
+            acked = record["acked"]
+        elif record["seq"] > acked:
+            events.append(record)
+    return acked, events
+
+
+def read_after(path: Path, seq: int) -> list[dict]:
+    """The events in the outbox at `path` after `seq`, read without changing the file:
+    how runtimed follows a shim's outbox while the shim appends to it."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    return [e for e in parse(data)[1] if e["seq"] > seq]
+
+
 class Outbox:
     def __init__(self, path: Path):
         self.path = path
@@ -48,15 +74,7 @@ class Outbox:
             data = data[: data.rfind(b"\n") + 1]
             with open(self.path, "r+b") as f:
                 f.truncate(len(data))
-        for line in data.splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if "acked" in record:
-                self.acked = record["acked"]
-            elif record["seq"] > self.acked:
-                self.events.append(record)
+        self.acked, self.events = parse(data)
 
     async def append(self, topic: str, **fields) -> dict:
         self.seq += 1

@@ -13,7 +13,9 @@ What it speaks, to the shim's server (h2server, as the daemon's): HTTP/2 without
 HPACK through ctl/client/wire.py's decoder and literal-only encoder, gRPC's 5-byte message
 prefix, grpc-timeout deadlines, trailers (or trailers-only answers), RST_STREAM and
 GOAWAY. No compression. A connection that is lost fails its calls with UNAVAILABLE; the
-next call dials again.
+next call dials again. A connection no call has used for IDLE_CLOSE seconds is closed
+(the channel stays usable: the next call dials again), so an idle shim serves no
+connection and can let its API worker go.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from runtimed.http2 import (
 )
 
 MAX_MESSAGE = 64 << 20
+IDLE_CLOSE = 2.0  # seconds without a call before a channel closes its connection
 
 
 class _Stream:
@@ -302,14 +305,19 @@ class _Connection(asyncio.Protocol):
 
 class Channel:
     """Calls to one shim (`unix:///path` or a path) over one HTTP/2 connection, dialled on
-    first use and again after it was lost."""
+    first use and again after it was lost or closed for idleness: once no call has been
+    in flight for `idle_close` seconds (None: never)."""
 
     def __init__(self, address: str):
         self.address = address
         self.path = address.removeprefix("unix://")
+        self.idle_close: float | None = IDLE_CLOSE
         self._connection: _Connection | None = None
         self._dialling: asyncio.Future | None = None
         self._closed = False
+        self._calls = 0  # in flight, from before they have a connection until they end
+        self._last_call = 0.0  # loop time the last call ended
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     async def _connect(self) -> _Connection:
         connection = self._connection
@@ -342,7 +350,47 @@ class Channel:
         self._connection = connection
         return connection
 
+    def _call_started(self) -> None:
+        self._calls += 1
+
+    def _call_ended(self) -> None:
+        """Arms the idle check when the last call in flight ends (one timer per channel)."""
+        self._calls -= 1
+        if self._calls or self.idle_close is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._last_call = loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = loop.call_later(self.idle_close, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """Close the connection if no call was in flight since `idle_close` ago; calls count
+        from before they ask for a connection, so none can start on one being closed."""
+        self._idle_timer = None
+        connection = self._connection
+        if self._calls or self.idle_close is None or connection is None or not connection.usable:
+            return
+        loop = asyncio.get_running_loop()
+        left = self._last_call + self.idle_close - loop.time()
+        if left > 0:  # calls came and went meanwhile
+            self._idle_timer = loop.call_later(left, self._idle_check)
+            return
+        connection.lost = RpcError("UNAVAILABLE", f"connection to {self.address} closed idle")
+        connection.close()
+
     async def unary(self, path: str, body: bytes, timeout: float | None = None) -> bytes:
+        self._call_started()
+        try:
+            stream = await self._unary(path, body, timeout)
+        finally:
+            self._call_ended()
+        if stream.error is not None:
+            raise stream.error
+        if len(stream.messages) != 1:
+            raise RpcError("INTERNAL", f"{path}: {len(stream.messages)} messages to a unary call")
+        return stream.messages[0]
+
+    async def _unary(self, path: str, body: bytes, timeout: float | None) -> _Stream:
         connection = await self._connect()
         stream = await connection.start(path, body, timeout)
         # a timer, not asyncio.timeout: the daemon's server may run a handler outside a Task
@@ -359,33 +407,36 @@ class Channel:
         finally:
             if expiry is not None:
                 expiry.cancel()
-        if stream.error is not None:
-            raise stream.error
-        if len(stream.messages) != 1:
-            raise RpcError("INTERNAL", f"{path}: {len(stream.messages)} messages to a unary call")
-        return stream.messages[0]
+        return stream
 
     async def stream(self, path: str, body: bytes):
         """The response messages of a server-streaming call, as they come."""
-        connection = await self._connect()
-        stream = await connection.start(path, body, None)
+        self._call_started()
         try:
-            while True:
-                while stream.messages:
-                    yield stream.messages.popleft()
-                if stream.done:
-                    break
-                stream.changed.clear()
-                await stream.changed.wait()
+            connection = await self._connect()
+            stream = await connection.start(path, body, None)
+            try:
+                while True:
+                    while stream.messages:
+                        yield stream.messages.popleft()
+                    if stream.done:
+                        break
+                    stream.changed.clear()
+                    await stream.changed.wait()
+            finally:
+                if not stream.done:
+                    connection.cancel(stream)
         finally:
-            if not stream.done:
-                connection.cancel(stream)
+            self._call_ended()
         if stream.error is not None:
             raise stream.error
 
     async def close(self) -> None:
         """Close the connection; calls on it fail with UNAVAILABLE."""
         self._closed = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         if self._dialling is not None and not self._dialling.done():
             self._dialling.cancel()
             with contextlib.suppress(BaseException):

@@ -24,6 +24,7 @@ from google.protobuf.message_factory import GetMessageClass
 from runtimed.api.shim.v1 import shim_pb2
 from runtimed.errors import RuntimedError, Unavailable, from_code
 from runtimed.http2 import RpcError
+from runtimed.runtime import h2client
 from runtimed.runtime.h2client import Channel
 from runtimed.snapshots import mount as mounts
 
@@ -38,11 +39,22 @@ class ShimClient:
     Over runtimed's own HTTP/2 client on the event loop (runtimed/runtime/h2client.py)."""
 
     def __init__(self, id: str, address: str, bundle: Path):
-        self.id = id
         self.address = address
         self.bundle = bundle
         self.pid = 0  # the shim's pid as its Connect (or its bundle) reported it; 0: unknown
         self.channel = Channel(address)
+        self.id = id
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @id.setter
+    def id(self, id: str) -> None:
+        """A spare (no id yet) keeps its connection open: its claim is followed at once by
+        Create on it. A shim's connection closes when idle (h2client.IDLE_CLOSE)."""
+        self._id = id
+        self.channel.idle_close = h2client.IDLE_CLOSE if id else None
 
     async def call(self, method: str, request, timeout: float | None = None):
         reply_type = _REPLIES[method]
@@ -56,21 +68,6 @@ class ShimClient:
         except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError
             raise Unavailable(f"shim of task {self.id!r} answered {method} with a message that "
                               f"does not parse: {exc}") from None
-
-    async def events(self, after: int):
-        """The shim's events after `after`, as they come; typed errors when the stream ends."""
-        request = shim_pb2.EventsRequest(after=after).SerializeToString()
-        try:
-            async for message in self.channel.stream(f"/{SERVICE}/Events", request):
-                try:
-                    event = shim_pb2.Event.FromString(message)
-                except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError
-                    raise Unavailable(f"shim of task {self.id!r} sent an event that does not "
-                                      f"parse: {exc}") from None
-                yield event
-        except RpcError as exc:
-            raise _typed(exc, self.id) from None
-        raise Unavailable(f"shim of task {self.id!r} ended its event stream")
 
     async def close(self) -> None:
         await self.channel.close()

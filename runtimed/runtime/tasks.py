@@ -4,9 +4,10 @@
 API asks to the right shim and relays each shim's events into the exchange. Shim events
 are published in order and exactly once: runtimed records the last published sequence
 number in the bundle (`published`) and resumes from there after a restart, so exits that
-happened while runtimed was down are published once. Acknowledging to the shim only trims
-its outbox, so it is done lazily: once events stop coming for ACK_DELAY (or ACK_BATCH are
-unacknowledged), never on the path of a call.
+happened while runtimed was down are published once. The relay holds nothing open to the
+shim: it follows the shim's outbox file with inotify (runtimed/runtime/outboxes.py) and
+learns that the shim died from a pidfd, so an idle shim has no call or connection from
+runtimed to serve. The shim trims its outbox itself, from `published`.
 
 Delete unmounts the rootfs and moves the bundle out of `<state>/tasks` (a rename into
 `<state>/trash`) before it answers; the shim's shutdown and the removal of the moved
@@ -45,6 +46,7 @@ from runtimed.errors import (
     Unavailable,
 )
 from runtimed.events.exchange import Event
+from runtimed.runtime.outboxes import OUTBOX, OutboxReader, OutboxWatcher
 from runtimed.runtime.shim import (
     CONNECT_TIMEOUT,
     BundleInfo,
@@ -53,9 +55,11 @@ from runtimed.runtime.shim import (
     read_info,
     remove_bundle,
     shim_pid_file,
+    shim_pidfd,
     works_in,
 )
 from runtimed.snapshots import mount as mounts
+from shimd.outbox import read_after
 
 log = logging.getLogger("runtimed.tasks")
 
@@ -63,8 +67,6 @@ RUNTIME_NAMES = {"io.containerd.runc.v2", "io.containerd.runc.v1", "io.container
 RUNC_OPTIONS = "containerd.runc.v1.Options"
 DEAD_SHIM_EXIT = 255
 PUBLISH_WAIT = 5.0
-ACK_DELAY = 1.0  # seconds without new events before the shim's outbox is trimmed
-ACK_BATCH = 256  # or this many unacknowledged events
 SHIM_EXIT_TIMEOUT = 10.0  # after Shutdown; then the shim of a deleted task is killed
 STOPPED = 3  # containerd.v1.types.Status
 PUBLISHED_SIZE = 64  # bytes of the `published` record; longer records are written whole
@@ -105,10 +107,7 @@ class Task:
     info: BundleInfo
     published: int = 0
     init_exit_published: bool = False
-    forwarder: asyncio.Task | None = None
-    acked: int = 0
-    ack_timer: asyncio.TimerHandle | None = None
-    acking: asyncio.Task | None = None
+    forwarder: asyncio.Task | None = None  # the relay (`TaskManager._relay`)
     dying: bool = False  # the relay found the shim dead and is cleaning up after it
     removing: bool = False  # deleted: the relay leaves the cleanup to `_remove`
     # init's exit once its /tasks/exit is relayed: final, so Get and Wait answer from it
@@ -153,6 +152,7 @@ class TaskManager:
         self.containers = containers
         self.exchange = exchange
         self.tasks: dict[tuple[str, str], Task] = {}
+        self.outboxes = OutboxWatcher()
         self.trash = state / "trash"
         self._creating: set[tuple[str, str]] = set()
         # deleted tasks whose shim is still shutting down: their bundle is in the trash
@@ -219,7 +219,7 @@ class TaskManager:
             self._creating.discard(key)
         task = Task(namespace, id, bundle, shim, info, created_io=stdio, rootfs=list(rootfs))
         self.tasks[key] = task
-        task.forwarder = asyncio.ensure_future(self._forward(task))
+        task.forwarder = asyncio.ensure_future(self._relay(task))
         return response.pid
 
     def _write_bundle(self, bundle: Path, info: BundleInfo, spec: dict,
@@ -308,8 +308,7 @@ class TaskManager:
         removal.add_done_callback(forget)
 
     async def _stop_relay(self, task: Task) -> None:
-        """Stop relaying events and acknowledging them (before the shim is told to go)."""
-        await self._stop_acks(task)
+        """Stop relaying events (before the shim is told to go)."""
         if task.forwarder is not None and not task.forwarder.done():
             task.forwarder.cancel()
             with contextlib.suppress(BaseException):
@@ -485,61 +484,52 @@ class TaskManager:
 
     # --- events ----------------------------------------------------------------------
 
-    async def _forward(self, task: Task) -> None:
-        """Relay the shim's outbox into the exchange, in order, until the shim is gone."""
-        failures = 0
-        while True:
-            try:
-                async for event in task.shim.events(task.published):
-                    failures = 0
-                    await self._publish(task, event)
-                    self._ack_later(task)
-            except asyncio.CancelledError:
-                raise
-            except RuntimedError as exc:
-                log.debug("%s/%s: event stream: %s", task.namespace, task.id, exc)
-            failures += 1
-            if task.removing:
-                return
-            if not _shim_alive(task.bundle):
-                task.dying = True
-                self._track_removal((task.namespace, task.id), asyncio.current_task())
-                await self._stop_acks(task)
-                await self._shim_died(task)
-                return
-            if failures % 30 == 0:  # alive but not answering: keep trying, never kill it
-                log.warning("%s/%s: shim alive but not answering", task.namespace, task.id)
-            await asyncio.sleep(min(0.1 * failures, 1.0))
+    async def _relay(self, task: Task) -> None:
+        """Relay the shim's outbox into the exchange, in order, until the shim is gone: a
+        read of what was appended on every inotify notification of the outbox (and one
+        right away, for what came before the watch), until the shim's pidfd says it
+        exited; then clean up after it. No call to the shim is held open for this."""
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+        reader = pidfd = None
+        exited = False
 
-    def _ack_later(self, task: Task) -> None:
-        if task.published - task.acked >= ACK_BATCH:
-            self._ack_now(task)
-        elif task.ack_timer is None:
-            task.ack_timer = asyncio.get_running_loop().call_later(
-                ACK_DELAY, self._ack_now, task)
+        def shim_exited() -> None:
+            nonlocal exited
+            loop.remove_reader(pidfd)
+            exited = True
+            changed.set()
 
-    def _ack_now(self, task: Task) -> None:
-        if task.ack_timer is not None:
-            task.ack_timer.cancel()
-            task.ack_timer = None
-        if task.acking is None or task.acking.done():
-            task.acking = asyncio.ensure_future(self._ack(task, task.published))
-        else:  # events published meanwhile are acknowledged by a later round
-            task.ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._ack_now, task)
-
-    async def _ack(self, task: Task, seq: int) -> None:
-        with contextlib.suppress(RuntimedError):
-            await task.shim.call("Ack", shim_pb2.AckRequest(seq=seq), 5)
-            task.acked = max(task.acked, seq)
-
-    async def _stop_acks(self, task: Task) -> None:
-        if task.ack_timer is not None:
-            task.ack_timer.cancel()
-            task.ack_timer = None
-        if task.acking is not None and not task.acking.done():
-            task.acking.cancel()
-            with contextlib.suppress(BaseException):
-                await task.acking
+        try:
+            reader = OutboxReader(task.bundle)  # follows the bundle when Delete retires it
+            self.outboxes.watch(task.bundle, changed.set)
+            pidfd = _shim_pidfd(task)
+            if pidfd < 0:  # gone already, or its pid is some other process's by now
+                exited = True
+            else:
+                loop.add_reader(pidfd, shim_exited)
+            while True:
+                changed.clear()
+                for record in reader.read():
+                    if record["seq"] > task.published:
+                        await self._publish(task, _record_to_event(record))
+                if exited:
+                    break
+                await changed.wait()
+        except OSError as exc:  # the bundle is gone: so is the shim that worked in it
+            log.warning("%s/%s: cannot follow the outbox: %s", task.namespace, task.id, exc)
+        finally:
+            self.outboxes.unwatch(task.bundle)
+            if pidfd is not None and pidfd >= 0:
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
+            if reader is not None:
+                reader.close()
+        if task.removing:
+            return
+        task.dying = True
+        self._track_removal((task.namespace, task.id), asyncio.current_task())
+        await self._shim_died(task)
 
     async def _publish(self, task: Task, event: shim_pb2.Event) -> None:
         message = _containerd_event(task, event)
@@ -576,15 +566,13 @@ class TaskManager:
         await self.shims.cleanup(task.info, task.bundle)
 
     async def _publish_leftovers(self, task: Task) -> None:
-        from shimd.outbox import Outbox
-
         # Created means /tasks/create reported, not init.pid there: the shim writes
         # init.pid while the init still sets up, and a shim killed then leaves no created
         # task (an exit of it would come with no create before it). The relay starts only
         # once Create answered, after the shim appended /tasks/create (its seq 1), so
         # anything relayed means the create was.
         created = task.published > 0
-        for record in Outbox(task.bundle / "events.jsonl").after(task.published):
+        for record in read_after(task.bundle / OUTBOX, task.published):
             created = created or record["topic"] == "/tasks/create"
             if record["topic"] == "/tasks/delete":
                 continue
@@ -635,10 +623,9 @@ class TaskManager:
                 # its cgroup) removed once the shim, and any create it ran, are over
                 log.info("%s/%s: task deleted or never created; removing its shim and bundle",
                          namespace, id)
-                from shimd.outbox import Outbox
-
-                task.forwarder = asyncio.ensure_future(self._forward(task))
-                await self._wait_published(task, Outbox(bundle / "events.jsonl").seq)
+                left = read_after(bundle / OUTBOX, published)
+                task.forwarder = asyncio.ensure_future(self._relay(task))
+                await self._wait_published(task, left[-1]["seq"] if left else published)
                 task.removing = True
                 await self._stop_relay(task)
                 await self.shims.dispose(shim, SHIM_EXIT_TIMEOUT)
@@ -647,7 +634,7 @@ class TaskManager:
             except RuntimedError as exc:
                 log.warning("%s/%s: shim state: %s", namespace, id, exc)
             self.tasks[(namespace, id)] = task
-            task.forwarder = asyncio.ensure_future(self._forward(task))
+            task.forwarder = asyncio.ensure_future(self._relay(task))
             log.info("%s/%s: reconnected to shim at %s", namespace, id, address)
 
     async def close(self) -> None:
@@ -658,6 +645,7 @@ class TaskManager:
             await task.shim.close()
         if self._removals:
             await asyncio.wait(list(self._removals.values()), timeout=SHIM_EXIT_TIMEOUT + 5)
+        self.outboxes.close()
         await self.shims.stop_zygote()
 
 
@@ -766,6 +754,17 @@ def _shim_pid_in(bundle: Path) -> int:
     directory), or 0."""
     pid = shim_pid_file(bundle)
     return pid if pid and works_in(pid, bundle) else 0
+
+
+def _shim_pidfd(task: Task) -> int:
+    """A pidfd for the task's shim, or -1 when it is gone (or its pid is some other
+    process's by now: the process must work in the bundle). The pid the shim wrote in its
+    bundle first (the long-lived process that holds the container), else the one its
+    Connect reported."""
+    pidfd = shim_pidfd(shim_pid_file(task.bundle), task.bundle)
+    if pidfd < 0 and task.shim.pid:
+        pidfd = shim_pidfd(task.shim.pid, task.bundle)
+    return pidfd
 
 
 def _shim_alive(bundle: Path) -> bool:

@@ -1,0 +1,145 @@
+"""Following shims' outboxes (`<bundle>/events.jsonl`) with inotify, so runtimed relays
+their events without holding a call open to any shim.
+
+One inotify fd for all tasks, read on the event loop; a watch per bundle directory (the
+shim appends to the file, and replaces it by temp + rename when it trims it), filtered to
+the outbox's name. A notification only says "look again": `OutboxReader` reads what was
+appended since its last read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+from shimd.outbox import parse
+
+OUTBOX = "events.jsonl"
+
+IN_MODIFY = 0x2
+IN_CLOSE_WRITE = 0x8
+IN_MOVED_TO = 0x80
+IN_CREATE = 0x100
+IN_IGNORED = 0x8000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+MASK = IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then the name, NUL-padded)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.inotify_init1.argtypes = [ctypes.c_int]
+_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+_libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+
+
+class OutboxWatcher:
+    """Calls `callback()` whenever the outbox of a watched bundle may have changed."""
+
+    def __init__(self) -> None:
+        self._fd = -1
+        self._callbacks: dict[int, Callable[[], None]] = {}  # wd → callback
+        self._wds: dict[Path, int] = {}
+
+    def _open(self) -> int:
+        if self._fd < 0:
+            fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+            if fd < 0:
+                raise _oserror("inotify_init1")
+            self._fd = fd
+            asyncio.get_running_loop().add_reader(fd, self._read)
+        return self._fd
+
+    def watch(self, bundle: Path, callback: Callable[[], None]) -> None:
+        """Call `callback` on changes to `bundle`'s outbox until `unwatch(bundle)`. Raises
+        OSError when the bundle is gone."""
+        wd = _libc.inotify_add_watch(self._open(), os.fsencode(bundle), MASK)
+        if wd < 0:
+            raise _oserror(f"inotify_add_watch {bundle}")
+        self._wds[bundle] = wd
+        self._callbacks[wd] = callback
+
+    def unwatch(self, bundle: Path) -> None:
+        wd = self._wds.pop(bundle, None)
+        if wd is None:
+            return
+        self._callbacks.pop(wd, None)
+        _libc.inotify_rm_watch(self._fd, wd)  # EINVAL when the directory went: fine
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            asyncio.get_running_loop().remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        self._callbacks.clear()
+        self._wds.clear()
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self._fd, 65536)
+        except BlockingIOError:
+            return
+        woken = set()
+        offset = 0
+        while offset + _EVENT.size <= len(data):
+            wd, mask, _, size = _EVENT.unpack_from(data, offset)
+            name = data[offset + _EVENT.size: offset + _EVENT.size + size].rstrip(b"\0")
+            offset += _EVENT.size + size
+            if mask & IN_IGNORED:  # the directory was removed (or the watch taken off)
+                callback = self._callbacks.pop(wd, None)
+                for bundle, known in list(self._wds.items()):
+                    if known == wd:
+                        del self._wds[bundle]
+            else:
+                callback = self._callbacks.get(wd) if name == OUTBOX.encode() else None
+            if callback is not None and wd not in woken:
+                woken.add(wd)
+                callback()
+
+
+class OutboxReader:
+    """Reads a live outbox incrementally, without ever changing it: from where the last
+    read ended, or from the start when the shim replaced the file (a trim). Opened through
+    the bundle directory's fd, so it follows the bundle when it is moved (Delete retires
+    it to the trash while the last events are relayed). Raises OSError when the bundle is
+    gone."""
+
+    def __init__(self, bundle: Path):
+        self._dir = os.open(bundle, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._inode = 0
+        self._offset = 0
+
+    def read(self) -> list[dict]:
+        """The events appended since the last read (a replaced file: all it holds); a last
+        line still without its newline is left for the next read."""
+        try:
+            fd = os.open(OUTBOX, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir)
+        except FileNotFoundError:
+            return []
+        try:
+            st = os.fstat(fd)
+            if st.st_ino != self._inode or st.st_size < self._offset:
+                self._inode, self._offset = st.st_ino, 0
+            data = b""
+            while chunk := os.pread(fd, max(st.st_size - self._offset, 1 << 16),
+                                    self._offset + len(data)):
+                data += chunk
+        finally:
+            os.close(fd)
+        whole = data.rfind(b"\n") + 1
+        self._offset += whole
+        return parse(data[:whole])[1]
+
+    def close(self) -> None:
+        if self._dir >= 0:
+            os.close(self._dir)
+            self._dir = -1
+
+
+def _oserror(what: str) -> OSError:
+    errno = ctypes.get_errno()
+    return OSError(errno, f"{what}: {os.strerror(errno)}")

@@ -1,0 +1,89 @@
+"""runtimed's side of following a shim's outbox (runtimed/runtime/outboxes.py), against the
+shim's own Outbox writing the file: inotify wakes the follower on appends and on the
+trim's temp + rename, reads return the events in order (after a trim, the new file from
+its start: the relay skips what it published), a line still being written is left for
+the next read, and the reader follows its bundle when it is moved."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from runtimed.runtime.outboxes import OUTBOX, OutboxReader, OutboxWatcher
+from shimd.outbox import Outbox
+
+
+def test_appends_and_trims_are_followed_once_in_order(tmp_path):
+    async def scenario():
+        bundle = tmp_path / "bundle"
+        bundle.mkdir()
+        outbox = Outbox(bundle / OUTBOX)
+        await outbox.append("/tasks/create", pid=1)  # before the watch: read at once
+        watcher, woken = OutboxWatcher(), asyncio.Event()
+        watcher.watch(bundle, woken.set)
+        reader = OutboxReader(bundle)
+        seen = [e["seq"] for e in reader.read()]
+        assert seen == [1]
+
+        async def next_events() -> list[int]:
+            await asyncio.wait_for(woken.wait(), 10)
+            woken.clear()
+            return [e["seq"] for e in reader.read()]
+
+        await outbox.append("/tasks/start", pid=1)
+        assert await next_events() == [2]
+        (bundle / "published").write_text("{}")  # other files of the bundle wake nobody
+        await asyncio.sleep(0.05)
+        assert not woken.is_set()
+        await outbox.append("/tasks/exec-added", exec_id="e")
+        outbox.ack(2)  # the shim's trim: temp + rename
+        await outbox.append("/tasks/exec-started", exec_id="e", pid=2)
+        # the file was replaced: read again from its start (what follows its ack line)
+        got = []
+        while got[-1:] != [4]:
+            got += await next_events()
+        assert got in ([3, 4], [3, 3, 4]), got
+
+        # an append in progress (no newline yet) is no event until it is complete
+        fd = os.open(bundle / OUTBOX, os.O_WRONLY | os.O_APPEND)
+        os.write(fd, b'{"seq":5,"topic":"/tasks/exit","timestamp":1')
+        assert await next_events() == []
+        os.write(fd, b"}\n")
+        os.close(fd)
+        outbox.seq = 5
+        assert await next_events() == [5]
+
+        # the bundle moved (Delete retires it to the trash): followed through its fd
+        moved = tmp_path / "trash"
+        os.rename(bundle, moved)
+        outbox.path = moved / OUTBOX
+        await outbox.append("/tasks/delete", pid=1)
+        assert await next_events() == [6]
+        watcher.unwatch(moved)  # a path it never watched: nothing happens
+        watcher.unwatch(bundle)
+        await outbox.append("/tasks/exit", pid=3)
+        await asyncio.sleep(0.05)
+        assert not woken.is_set()
+        reader.close()
+        watcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_removed_bundle_ends_its_watch(tmp_path):
+    async def scenario():
+        watcher = OutboxWatcher()
+        bundles = [tmp_path / name for name in ("a", "b")]
+        woken = {b.name: asyncio.Event() for b in bundles}
+        for bundle in bundles:
+            bundle.mkdir()
+            watcher.watch(bundle, woken[bundle.name].set)
+        (bundles[0] / OUTBOX).write_text("")
+        os.unlink(bundles[0] / OUTBOX)
+        os.rmdir(bundles[0])
+        (bundles[1] / OUTBOX).write_text('{"seq":1,"topic":"/tasks/oom"}\n')
+        await asyncio.wait_for(woken["b"].wait(), 10)
+        assert list(watcher._wds) == [bundles[1]]  # the removed one's watch is forgotten
+        watcher.close()
+
+    asyncio.run(scenario())

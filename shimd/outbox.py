@@ -17,6 +17,8 @@ import json
 import os
 from pathlib import Path
 
+TRIM_AFTER = 256  # unacknowledged events before an append trims what runtimed published
+
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temp file, rename: readers (and a process killed mid-write) see the old
@@ -86,6 +88,8 @@ class Outbox:
         finally:
             os.close(fd)
         self.events.append(event)
+        if len(self.events) >= TRIM_AFTER:
+            self.trim()
         async with self._changed:
             self._changed.notify_all()
         return event
@@ -98,6 +102,17 @@ class Outbox:
         async with self._changed:
             await self._changed.wait_for(lambda: self.seq > seq)
         return self.after(seq)
+
+    def trim(self) -> None:
+        """Drop what runtimed has published: its record `published`, next to the outbox
+        (`{"seq": N, ...}`, written in place). runtimed follows the file and sends no Acks
+        (a call would wake a retired worker, shimd/keeper.py); the shim trims when its
+        worker retires and whenever many events have piled up."""
+        try:
+            seq = int(json.loads(self.path.with_name("published").read_bytes())["seq"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        self.ack(seq)
 
     def ack(self, seq: int) -> None:
         if seq <= self.acked:

@@ -1,5 +1,6 @@
-"""One reaper owns waitpid for every child of the shim: the OCI runtime commands it runs,
-and, as child subreaper, the container processes reparented to it.
+"""One reaper owns waitpid for every child of the shim's worker: the OCI runtime commands it
+runs, and, as child subreaper, the container processes reparented to it. Exits the
+keeper reaped (shimd/keeper.py) arrive through `deliver`.
 
 Exits are dispatched by pid. An exit can arrive before anyone asks for it (a container
 init that dies before its pid file is read), so unclaimed exits are kept for a while.
@@ -31,6 +32,7 @@ class Reaper:
         self._waiters: dict[int, asyncio.Future] = {}
         self._unclaimed: OrderedDict[int, tuple[int, float]] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.deliveries = 0  # exits handed out so far (a worker retires only after a quiet look)
 
     def install(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -45,14 +47,20 @@ class Reaper:
                 return
             if pid == 0:
                 return
-            result = (exit_code(status), time.time())
-            future = self._waiters.pop(pid, None)
-            if future is not None and not future.done():
-                future.set_result(result)
-            else:
-                self._unclaimed[pid] = result
-                while len(self._unclaimed) > MAX_UNCLAIMED:
-                    self._unclaimed.popitem(last=False)
+            self.deliver(pid, exit_code(status), time.time())
+
+    def deliver(self, pid: int, code: int, at: float) -> None:
+        """An exit: reaped here, or by the shim's keeper (a process orphaned by a retired
+        worker is the keeper's child, shimd/keeper.py)."""
+        self.deliveries += 1
+        result = (code, at)
+        future = self._waiters.pop(pid, None)
+        if future is not None and not future.done():
+            future.set_result(result)
+        else:
+            self._unclaimed[pid] = result
+            while len(self._unclaimed) > MAX_UNCLAIMED:
+                self._unclaimed.popitem(last=False)
 
     def wait(self, pid: int) -> asyncio.Future:
         """A future of (exit code, exit time) for `pid`, which must be our child."""

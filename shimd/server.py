@@ -40,11 +40,12 @@ def set_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-def set_name(id: str) -> None:
-    """`shimd-<id>` as the process name (top, ps -o comm): forked shims keep the zygote's
-    command line, so this is what tells them apart at a glance."""
+def set_name(id: str, worker: bool = False) -> None:
+    """`shimd-<id>` as the process name (top, ps -o comm), `shimw-<id>` for its worker
+    (shimd/keeper.py): forked shims keep the zygote's command line, so this is what tells
+    them apart at a glance."""
     PR_SET_NAME = 15
-    name = f"shimd-{id}"[:15].encode()
+    name = f"{'shimw' if worker else 'shimd'}-{id}"[:15].encode()
     ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
@@ -106,12 +107,31 @@ def _prepare_process() -> None:
 
 
 def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None) -> int:
-    import asyncio
+    """Be the shim of `bundle`: its keeper (shimd/keeper.py), forking workers to serve."""
+    from shimd.keeper import Keeper
+    from shimd.outbox import write_atomic
 
     bundle = bundle.resolve()
     _become(id, namespace, bundle)
     _prepare_process()
-    return asyncio.run(_serve(id, bundle, ready_fd))
+    sock = socket_path(bundle)
+    listener = _listen(sock)
+    address = f"unix://{sock}"
+    try:
+        write_atomic(bundle / "address", address.encode())
+        write_atomic(bundle / "shim.pid", str(os.getpid()).encode())
+    except OSError:
+        _remove(bundle, sock)
+        raise
+    logging.getLogger("shimd").info("serving on %s", address)
+    if ready_fd is not None:
+        os.write(ready_fd, address.encode())
+        os.close(ready_fd)
+    keeper = Keeper(listener, lambda keeper, channel: _work(keeper, channel, (id, namespace, bundle)))
+    try:
+        return keeper.run()
+    finally:
+        _remove(bundle, sock)
 
 
 def run_spare(sock: Path, ready_fd: int, control_fd: int) -> int:
@@ -119,16 +139,60 @@ def run_spare(sock: Path, ready_fd: int, control_fd: int) -> int:
     one JSON line on `control_fd` (`{"id", "namespace", "bundle"}`), answers
     `{"address": ...}` there, and from then on is that container's shim, still on `sock`
     (runtimed's channel to it stays valid; `<bundle>/address` names it). EOF on
-    `control_fd` before a claim (runtimed stopped or died) ends it."""
-    import asyncio
+    `control_fd` before a claim (runtimed stopped or died) ends it. Its first worker
+    serves and reads the claim; the keeper takes the container's name when told."""
+    from shimd.keeper import Keeper
 
     _prepare_process()
     set_name("spare")
-    return asyncio.run(_serve(None, None, ready_fd, spare=(sock, control_fd)))
+    listener = _listen(sock)
+    os.write(ready_fd, f"unix://{sock}".encode())
+    os.close(ready_fd)
+    claimed: list[Path] = []
+
+    def on_claim(claim: dict) -> None:
+        bundle = Path(claim["bundle"])
+        _become(claim["id"], claim["namespace"], bundle)
+        claimed.append(bundle)
+
+    keeper = Keeper(listener, lambda keeper, channel: _work(keeper, channel, None, control_fd),
+                    on_claim=on_claim, lifeline=control_fd)
+    try:
+        return keeper.run()
+    finally:
+        _remove(claimed[0] if claimed else None, sock)
+
+
+def _listen(sock: Path):
+    import socket
+
+    sock.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+    if sock.exists():
+        sock.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket is 0600 from the start
+    try:
+        listener.bind(str(sock))
+    finally:
+        os.umask(old_umask)
+    listener.listen(128)
+    return listener
+
+
+def _remove(bundle: Path | None, sock: Path) -> None:
+    """What a shim leaves when it ends: nothing runtimed could take for a live shim (the
+    bundle's `address` only while it names this shim's socket)."""
+    with contextlib.suppress(OSError):
+        if bundle and (bundle / "address").read_text() == f"unix://{sock}":
+            (bundle / "address").unlink()
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
 
 
 SHUTDOWN_GRACE = 1.0
 CLAIM_LINE_MAX = 65536
+IDLE_RETIRE = 1.0  # seconds a worker waits, idle, before handing back to its keeper
+IDLE_CHECK = 0.25
 
 
 async def _claim(control_fd: int):
@@ -184,8 +248,18 @@ def _hung_up(fd: int) -> bool:
         probe.close()
 
 
-async def _serve(id: str | None, bundle: Path | None, ready_fd: int | None,
-                 spare: tuple[Path, int] | None = None) -> int:
+def _work(keeper, channel, placement: tuple[str, str, Path] | None, lifeline: int = -1) -> int:
+    """A worker's life (shimd/keeper.py): serve until idle, then hand back; or until the
+    shim ends. `placement` (id, namespace, bundle) for a shim's first worker; a spare's
+    first reads it from `lifeline`; later ones restore what the last one left."""
+    import asyncio
+
+    set_subreaper()
+    set_name(placement[0] if placement else "spare", worker=True)
+    return asyncio.run(_serve(keeper, channel, placement, lifeline))
+
+
+async def _serve(keeper, channel, placement, lifeline: int) -> int:
     import asyncio
     import json
 
@@ -195,56 +269,64 @@ async def _serve(id: str | None, bundle: Path | None, ready_fd: int | None,
     from shimd.shim import Shim
 
     log = logging.getLogger("shimd")
+    loop = asyncio.get_running_loop()
     reaper = Reaper()
     reaper.install()
+    link = _KeeperLink(channel, reaper)
     api = service.ShimService(None)
+    api.shim_pid = os.getppid()
     server = service.ShimServer(api)
-    sock = spare[0] if spare else socket_path(bundle)
-    sock.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
-    if sock.exists():
-        sock.unlink()
-    old_umask = os.umask(0o177)  # the socket is 0600 from the start
-    try:
-        await server.start(str(sock))
-    finally:
-        os.umask(old_umask)
+    await server.start(sock=keeper.listener)
+    sock = Path(keeper.listener.getsockname())
     writer = None
-    if spare:
-        os.write(ready_fd, f"unix://{sock}".encode())
-        os.close(ready_fd)
-        claimed = await _claim(spare[1])
+    if keeper.state is None and placement is None:  # a spare's first worker
+        claimed = await _claim(lifeline)
         if claimed is None:
             await server.stop(0)
-            with contextlib.suppress(FileNotFoundError):
-                sock.unlink()
+            link.send({"shutdown": True})
             return 0
-        _, writer, (id, namespace, bundle) = claimed
-    address = f"unix://{sock}"
-    try:
-        if spare:
+        _, writer, placement = claimed
+        id, namespace, bundle = placement
+        # the keeper takes the container's name, log and cwd before anything is answered
+        # (a keeper that cannot, stopped or gone, leaves runtimed's claim to time out)
+        answer = await link.request({"claim": {"id": id, "namespace": namespace,
+                                               "bundle": str(bundle)}})
+        try:
+            if not answer.get("claimed"):
+                raise OSError(answer.get("error", "the keeper refused the claim"))
+            if _hung_up(lifeline):
+                raise OSError("runtimed hung up after its claim")
             _become(id, namespace, bundle)
-        write_atomic(bundle / "address", address.encode())
-        write_atomic(bundle / "shim.pid", str(os.getpid()).encode())
-    except OSError as exc:  # the bundle is gone (a claim whose runtimed died, then cleaned up)
-        log.error("cannot serve %s: %s", bundle, exc)
-        await server.stop(0)
-        with contextlib.suppress(FileNotFoundError):
-            sock.unlink()
-        return 1
-    shim = Shim(id, bundle, reaper)
+            write_atomic(bundle / "address", f"unix://{sock}".encode())
+            write_atomic(bundle / "shim.pid", str(api.shim_pid).encode())
+        except OSError as exc:  # the bundle is gone (a claim whose runtimed died, then cleaned up)
+            log.error("cannot serve %s: %s", bundle, exc)
+            await server.stop(0)
+            link.send({"shutdown": True})
+            return 1
+        log.info("serving on unix://%s (a spare, claimed)", sock)
+    if keeper.state is not None:
+        shim = Shim.restore(keeper.state, keeper.fds, reaper)
+    else:
+        shim = Shim(placement[0], placement[2], reaper)
+    set_name(shim.id, worker=True)
+    shim.shim_pid = api.shim_pid
     api.shim = shim
-    log.info("serving on %s%s", address, " (a spare, claimed)" if spare else "")
+    link.catch_up(keeper.exits)
     if writer is not None:
-        writer.write(json.dumps({"address": address}).encode() + b"\n")
+        writer.write(json.dumps({"address": f"unix://{sock}"}).encode() + b"\n")
         with contextlib.suppress(OSError):
             await writer.drain()
         writer.close()
-    elif ready_fd is not None:
-        os.write(ready_fd, address.encode())
-        os.close(ready_fd)
-    loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, lambda: shim.shutdown(now=True))
-    await shim.shutdown_requested.wait()
+    ending = asyncio.ensure_future(shim.shutdown_requested.wait())
+    idle = asyncio.ensure_future(_retire_when_idle(server, api, shim, reaper, link,
+                                                   {ending, asyncio.current_task()}))
+    await asyncio.wait({ending, idle}, return_when=asyncio.FIRST_COMPLETED)
+    if not ending.done():  # the idle watch failed (a bug): serve on, never retire
+        log.error("idle watch failed, this worker will not retire: %r", idle.exception())
+        await ending
+    idle.cancel()
     log.info("shutting down")
     # let the calls in flight (Shutdown's own answer) finish before closing connections
     deadline = loop.time() + SHUTDOWN_GRACE
@@ -257,9 +339,118 @@ async def _serve(id: str | None, bundle: Path | None, ready_fd: int | None,
         await asyncio.sleep(0.005)
     await server.stop(0)
     shim.close()
-    for path in (bundle / "address", sock):
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
+    link.send({"shutdown": True})
     return 0
+
+
+async def _retire_when_idle(server, api, shim, reaper, link, ours: set) -> None:
+    """Hand back to the keeper and exit once the worker has had nothing to do for
+    IDLE_RETIRE seconds: no connection, no call, no exit delivered since the last look
+    (its report may not have started yet), no task of its own (an exit being reported,
+    an OOM event), the shim quiescent (nothing buffered, no start in flight). The last
+    look and the exit run with no await between them: nothing can be accepted after it."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    since = None
+    deliveries = reaper.deliveries
+    while True:
+        await asyncio.sleep(IDLE_CHECK)
+        busy = (server.connections or api.active or reaper.deliveries != deliveries
+                or asyncio.all_tasks() - ours - {asyncio.current_task()}
+                or not shim.quiescent())
+        deliveries = reaper.deliveries
+        if busy:
+            since = None
+        elif since is None:
+            since = loop.time()
+        elif loop.time() - since >= IDLE_RETIRE and _retire(shim, link):
+            os._exit(0)  # nothing to tear down: every fd it needed is the keeper's now
+
+
+def _retire(shim, link) -> bool:
+    """Hand the shim's state and fds to the keeper. False (and serve on) when they do not
+    fit in one message."""
+    import json
+    import socket
+
+    fds: list[int] = []
+    wake: list[int] = []
+
+    def keep(fd: int, wake_on: bool = False) -> int:
+        fds.append(fd)
+        if wake_on:
+            wake.append(len(fds) - 1)
+        return len(fds) - 1
+
+    shim.outbox.trim()
+    state = shim.snapshot(lambda fd, wake=False: keep(fd, wake))
+    state["wake"] = wake
+    message = json.dumps({"retire": state, "seen": link.seen}).encode()
+    try:
+        socket.send_fds(link.channel, [message], fds)
+    except OSError as exc:  # EMSGSIZE, too many fds
+        logging.getLogger("shimd").warning("cannot hand over to the keeper (%s): serving on", exc)
+        return False
+    return True
+
+
+class _KeeperLink:
+    """The worker's end of the keeper's channel: exits the keeper reaped go to the reaper."""
+
+    def __init__(self, channel, reaper) -> None:
+        import asyncio
+
+        self.channel = channel
+        self.reaper = reaper
+        self.seen = 0
+        self._answer = None
+        channel.setblocking(False)
+        asyncio.get_running_loop().add_reader(channel.fileno(), self._receive)
+
+    def catch_up(self, exits: list[list]) -> None:
+        """Exits reaped before this worker was forked."""
+        for exit in exits:
+            self._deliver(exit)
+
+    def _deliver(self, exit: list) -> None:
+        number, pid, code, at = exit
+        if number > self.seen:
+            self.seen = number
+            self.reaper.deliver(pid, code, at)
+
+    def _receive(self) -> None:
+        import json
+
+        while True:
+            try:
+                data = self.channel.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:  # the keeper is gone; PDEATHSIG ends this worker
+                import asyncio
+
+                asyncio.get_running_loop().remove_reader(self.channel.fileno())
+                return
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                message = json.loads(data)
+                if "exit" in message:
+                    self._deliver(message["exit"])
+                elif self._answer is not None and not self._answer.done():
+                    self._answer.set_result(message)
+
+    def send(self, message: dict) -> None:
+        import json
+
+        with contextlib.suppress(OSError):
+            self.channel.send(json.dumps(message).encode())
+
+    async def request(self, message: dict) -> dict:
+        """Send `message`, wait for the keeper's answer."""
+        import asyncio
+
+        self._answer = asyncio.get_running_loop().create_future()
+        self.send(message)
+        return await self._answer

@@ -63,6 +63,7 @@ class ShimService:
 
     def __init__(self, shim: Shim | None):
         self.shim = shim  # None while a spare shim waits to be claimed
+        self.shim_pid = os.getpid()  # the keeper's in a worker (shimd/keeper.py)
         self.active = 0  # unary calls in flight: Shutdown waits for their answers
 
     def _check(self, id: str) -> None:
@@ -163,7 +164,7 @@ class ShimService:
 
     async def Connect(self, request):
         if self.shim is None and not request.id:  # runtimed connecting to its spare
-            return shim_pb2.ConnectResponse(shim_pid=os.getpid(), version=__version__)
+            return shim_pb2.ConnectResponse(shim_pid=self.shim_pid, version=__version__)
         self._check(request.id)
         shim_pid, task_pid, version = self.shim.connect()
         return shim_pb2.ConnectResponse(shim_pid=shim_pid, task_pid=task_pid, version=version)

@@ -51,6 +51,7 @@ class Shim:
         self.runtime: OciRuntime | None = None
         self.has_pid_namespace = True
         self.shutdown_requested = asyncio.Event()
+        self.shim_pid = os.getpid()  # the keeper's, when a worker runs this (shimd/keeper.py)
         self._cgroup_path = ""
         self._oom = None
 
@@ -359,7 +360,7 @@ class Shim:
 
     def connect(self) -> tuple[int, int, str]:
         init = self.lifecycle.processes.get(INIT)
-        return os.getpid(), init.pid if init else 0, __version__
+        return self.shim_pid, init.pid if init else 0, __version__
 
     def ack(self, seq: int) -> None:
         """runtimed has published events up to `seq`. Once shutting down the outbox is
@@ -374,6 +375,65 @@ class Shim:
             return False
         self.shutdown_requested.set()
         return True
+
+    # --- handing over to the next worker (shimd/keeper.py) ----------------------------
+
+    def quiescent(self) -> bool:
+        """Nothing in progress that lives only in this process: no start in flight, every
+        stdio pump set up and idle, no thread running a runtime command."""
+        return (not self.shutdown_requested.is_set()
+                and all(not p.starting and p.held_exit is None
+                        for p in self.lifecycle.processes.values())
+                and all(io.quiescent() for io in self.io.values())
+                and (self.runtime is None or not self.runtime.threads.running))
+
+    def snapshot(self, keep) -> dict:
+        """This shim's state for `restore` in the next worker; `keep(fd, wake)` hands an
+        fd over (to be polled by the keeper when `wake`) and returns its index."""
+        runtime = self.runtime
+        return {
+            "id": self.id,
+            "bundle": str(self.bundle),
+            "processes": [[p.exec_id, int(p.status), p.pid, p.exit_status, p.exited_at]
+                          for p in self.lifecycle.processes.values()],
+            "stdio": {e: [c.stdin, c.stdout, c.stderr, c.terminal] for e, c in self.stdio.items()},
+            "exec_specs": self._exec_specs,
+            "io": {e: io.snapshot(keep) for e, io in self.io.items()},
+            "runtime": None if runtime is None else
+            [runtime.command, runtime.in_process, runtime.fork_create],
+            "has_pid_namespace": self.has_pid_namespace,
+            "cgroup_path": self._cgroup_path,
+            "oom": None if self._oom is None else self._oom.snapshot(keep),
+        }
+
+    @classmethod
+    def restore(cls, state: dict, fds: list[int], reaper: Reaper) -> Shim:
+        """The shim a retired worker left (`snapshot`), its fds at `fds`' numbers."""
+        shim = cls(state["id"], Path(state["bundle"]), reaper)
+        shim.has_pid_namespace = state["has_pid_namespace"]
+        shim._cgroup_path = state["cgroup_path"]
+        shim.stdio = {e: StdioConfig(*c) for e, c in state["stdio"].items()}
+        shim._exec_specs = state["exec_specs"]
+        if state["runtime"] is not None:
+            command, in_process, fork_create = state["runtime"]
+            shim.runtime = OciRuntime(command, shim.bundle / "runtime",
+                                      shim.bundle / "runtime.log", reaper)
+            shim.runtime.in_process, shim.runtime.fork_create = in_process, fork_create
+        shim.io = {e: ProcessIO.restore(record, fds) for e, record in state["io"].items()}
+        for exec_id, status, pid, exit_status, exited_at in state["processes"]:
+            shim.lifecycle.processes[exec_id] = ProcessState(
+                exec_id, Status(status), pid, exit_status, exited_at)
+            shim._exited[exec_id] = asyncio.Event()
+            if status == Status.STOPPED:
+                shim._exited[exec_id].set()
+            elif pid:
+                shim._watch(exec_id, pid)
+        if state["oom"] is not None:
+            from shimd import cgroups
+
+            shim._oom = cgroups.restore_oom_watcher(state["oom"], fds)
+            asyncio.get_running_loop().add_reader(shim._oom.fileno(), shim._on_oom)
+        return shim
 
     def close(self) -> None:
         self._stop_oom()

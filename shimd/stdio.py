@@ -161,6 +161,34 @@ class Pump:
         if self.eof:
             self.close()
 
+    def idle(self) -> bool:
+        """Nothing buffered or waiting: the pump can be handed over as its two fds."""
+        return (not self.buffer and not self._writing and not self._paused
+                and self._stall_timer is None and not self.eof)
+
+    def snapshot(self, keep) -> dict:
+        """What restores this pump in the next worker (shimd/keeper.py); `keep(fd, wake)`
+        hands an fd over and returns its index."""
+        if isinstance(self.dst, RotatingLog):
+            dst = {"log": [self.dst.path, self.dst.max_size, self.dst.max_file]}
+        else:
+            dst = None if self.dst is None else {"fd": keep(self.dst)}
+        return {"src": keep(self.src, wake=True), "dst": dst, "close_dst": self.close_dst,
+                "stamp": self.stamp.decode(), "output": self.output}
+
+    @classmethod
+    def restore(cls, record: dict, fds: list[int], logs: dict[str, RotatingLog]) -> Pump:
+        dst = record["dst"]
+        if dst is not None and "log" in dst:
+            path, max_size, max_file = dst["log"]
+            if path not in logs:
+                logs[path] = RotatingLog(path, max_size, max_file)
+            dst = logs[path]
+        elif dst is not None:
+            dst = fds[dst["fd"]]
+        return cls(fds[record["src"]], dst, close_dst=record["close_dst"],
+                   stamp=record["stamp"].encode(), output=record["output"])
+
     def drain(self) -> None:
         """Read what is already waiting in `src` (used before closing stdin)."""
         while not self.eof:
@@ -209,7 +237,8 @@ class ProcessIO:
     `spawned()` once the runtime command has started so the shim holds no child ends.
     """
 
-    def __init__(self, config: StdioConfig):
+    def __init__(self, config: StdioConfig, *, set_up: bool = True):
+        """`set_up=False`: an empty one, for `restore`."""
         self.config = config
         self.child_fds: tuple[int, int, int] = (-1, -1, -1)
         self.pumps: list[Pump] = []
@@ -221,6 +250,8 @@ class ProcessIO:
         self._pending: list[tuple[int, int | RotatingLog | None, bool, bytes]] = []
         self._logs: dict[str, RotatingLog] = {}  # stdout and stderr into one rotated file
         self.console_socket: str | None = None
+        if not set_up:
+            return
         if config.terminal:
             self._open_console_socket()
             null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -348,6 +379,32 @@ class ProcessIO:
         if not _is_fifo(path):
             return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def quiescent(self) -> bool:
+        """Set up, every pump idle: it can be handed over to the shim's keeper."""
+        return (not self._pending and self._listener is None
+                and all(p.idle() for p in self.pumps if not p.done.done()))
+
+    def snapshot(self, keep) -> dict:
+        pumps = [p for p in self.pumps if not p.done.done()]
+        c = self.config
+        return {
+            "config": [c.stdin, c.stdout, c.stderr, c.terminal],
+            "console": None if self.console is None else keep(self.console),
+            "pumps": [p.snapshot(keep) for p in pumps],
+            "stdin": pumps.index(self.stdin_pump) if self.stdin_pump in pumps else None,
+        }
+
+    @classmethod
+    def restore(cls, record: dict, fds: list[int]) -> ProcessIO:
+        io = cls(StdioConfig(*record["config"]), set_up=False)
+        if record["console"] is not None:
+            io.console = fds[record["console"]]
+        logs: dict[str, RotatingLog] = {}
+        io.pumps = [Pump.restore(p, fds, logs) for p in record["pumps"]]
+        if record["stdin"] is not None:
+            io.stdin_pump = io.pumps[record["stdin"]]
+        return io
 
     def close_stdin(self) -> None:
         if self.stdin_pump is not None:

@@ -687,10 +687,12 @@ class Server:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.listener: asyncio.AbstractServer | None = None
 
-    async def start(self, address: str) -> None:
+    async def start(self, address: str | None = None, sock=None) -> None:
+        """Listen on the unix socket `address`, or serve the listening socket `sock` (a
+        shim worker serves its keeper's, shimd/keeper.py)."""
         self.loop = asyncio.get_running_loop()
         self.listener = await self.loop.create_unix_server(lambda: Connection(self), address,
-                                                           backlog=128)
+                                                           sock=sock, backlog=128)
 
     def accept(self, stream: Stream, headers: list[tuple[str, str]]) -> None:
         """A new call's request headers: find its handler, or answer at once."""

@@ -27,6 +27,20 @@ class OOMWatcher(Protocol):
 
     def close(self) -> None: ...
 
+    def snapshot(self, keep) -> dict:
+        """What `restore_oom_watcher` needs in the shim's next worker (shimd/keeper.py)."""
+        ...
+
+
+def restore_oom_watcher(record: dict, fds: list[int]) -> OOMWatcher:
+    if record["version"] == 1:
+        from shimd.cgroups.v1 import V1OOMWatcher
+
+        return V1OOMWatcher.restore(record, fds)
+    from shimd.cgroups.v2 import V2OOMWatcher
+
+    return V2OOMWatcher.restore(record, fds)
+
 
 class Cgroup(Protocol):
     path: str

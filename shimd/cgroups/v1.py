@@ -43,6 +43,16 @@ class V1OOMWatcher:
             return 0
         return count
 
+    def snapshot(self, keep) -> dict:
+        """For the shim's next worker (shimd/keeper.py): `keep(fd, wake)` hands the fd over."""
+        return {"version": 1, "fd": keep(self._efd, wake=True), "dir": self._dir}
+
+    @classmethod
+    def restore(cls, record: dict, fds: list[int]) -> V1OOMWatcher:
+        watcher = cls.__new__(cls)
+        watcher._dir, watcher._efd = record["dir"], fds[record["fd"]]
+        return watcher
+
     def close(self) -> None:
         if self._efd >= 0:
             os.close(self._efd)

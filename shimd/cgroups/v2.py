@@ -50,6 +50,18 @@ class V2OOMWatcher:
         new, self._seen = max(now - self._seen, 0), now
         return new
 
+    def snapshot(self, keep) -> dict:
+        """For the shim's next worker (shimd/keeper.py): `keep(fd, wake)` hands the fd over."""
+        return {"version": 2, "fd": keep(self._fd, wake=True), "events": self._events,
+                "seen": self._seen}
+
+    @classmethod
+    def restore(cls, record: dict, fds: list[int]) -> V2OOMWatcher:
+        watcher = cls.__new__(cls)
+        watcher._events, watcher._seen = record["events"], record["seen"]
+        watcher._fd = fds[record["fd"]]
+        return watcher
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

@@ -136,6 +136,17 @@ class ShimProcess:
         self.channel = grpc.insecure_channel(self.address)
         self.stub = shim_pb2_grpc.ShimStub(self.channel)
 
+    def worker(self) -> int:
+        """The worker serving for the shim's keeper (`pid`, shimd/keeper.py); woken by a
+        call when it had retired."""
+        for _ in range(100):
+            for child in Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split():
+                if _comm(int(child)).startswith("shimw-"):
+                    return int(child)
+            self.stub.Connect(shim_pb2.ConnectRequest(id=self.id), timeout=5)
+            time.sleep(0.02)
+        raise AssertionError(f"the shim {self.pid} has no worker")
+
     def log(self) -> str:
         try:
             return (self.bundle / "shim.log").read_text()
@@ -178,6 +189,13 @@ class ShimProcess:
             time.sleep(0.05)
         else:
             os.kill(self.pid, signal.SIGKILL)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _proc_state(pid: int) -> str:

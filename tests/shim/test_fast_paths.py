@@ -9,6 +9,7 @@ Python process faults pages in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -81,23 +82,23 @@ def nspid(pid: int) -> list[str]:
 
 def test_create_and_exec_fork_from_the_single_threaded_shim(shims):
     shim = shims(["sleep", "1000"])
-    assert threads(shim.pid) == 1  # h2server on asyncio: no gRPC core threads
-    assert children(shim.pid) == []  # no helper process either
-    own = namespaces(shim.pid)
-    before = reaped_faults(shim.pid)
+    assert threads(shim.worker()) == 1  # h2server on asyncio: no gRPC core threads
+    assert children(shim.worker()) == []  # no helper process either
+    own = namespaces(shim.worker())
+    before = reaped_faults(shim.worker())
     pid = shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30).pid
-    assert reaped_faults(shim.pid) == before  # forked by the shim itself: no worker reaped
-    assert ppid(pid) == shim.pid
+    assert reaped_faults(shim.worker()) == before  # forked by the shim itself: no worker reaped
+    assert ppid(pid) == shim.worker()
     assert nspid(pid) == [str(pid), "1"]  # pid 1 of its own pid namespace
     init_ns = namespaces(pid)
     assert all(init_ns[n] != own[n] for n in ("pid", "mnt", "uts", "ipc", "net"))
-    assert namespaces(shim.pid) == own  # the shim's next children are its own again
+    assert namespaces(shim.worker()) == own  # the shim's next children are its own again
     shim.stub.Start(pb.StartRequest(id=shim.id))
-    before = reaped_faults(shim.pid)
+    before = reaped_faults(shim.worker())
     exec_pid = exec_process(shim, "e1", ["sleep", "1000"])
-    assert reaped_faults(shim.pid) == before  # forked by the shim itself: no worker reaped
-    assert ppid(exec_pid) == shim.pid
-    assert sorted(children(shim.pid)) == sorted([pid, exec_pid])
+    assert reaped_faults(shim.worker()) == before  # forked by the shim itself: no worker reaped
+    assert ppid(exec_pid) == shim.worker()
+    assert sorted(children(shim.worker())) == sorted([pid, exec_pid])
     # in every namespace and cgroup of the init, the pid namespace included (its own pid
     # there is not 1); the shim joined that pid namespace for the fork only
     exec_ns = namespaces(exec_pid)
@@ -106,10 +107,10 @@ def test_create_and_exec_fork_from_the_single_threaded_shim(shims):
     assert nspid(exec_pid)[0] == str(exec_pid) and len(nspid(exec_pid)) == 2
     assert nspid(exec_pid)[1] != "1"
     assert cgroups_of(exec_pid) == cgroups_of(pid)
-    assert namespaces(shim.pid) == own
+    assert namespaces(shim.worker()) == own
     assert privileges(exec_pid) == privileges(pid)  # the same process spec as the init's
     assert privileges(pid)["NoNewPrivs"] == "1" and privileges(pid)["CapBnd"] != privileges(
-        shim.pid)["CapBnd"]  # (runc's spec: what the comparison compares is restricted)
+        shim.worker())["CapBnd"]  # (runc's spec: what the comparison compares is restricted)
     shim.stub.Kill(pb.KillRequest(id=shim.id, exec_id="e1", signal=signal.SIGKILL))
     assert shim.stub.Wait(pb.WaitRequest(id=shim.id, exec_id="e1"), timeout=20).exit_status == 137
     # the exit was in the outbox (the durable record) before Wait answered
@@ -118,26 +119,26 @@ def test_create_and_exec_fork_from_the_single_threaded_shim(shims):
                and r.get("exit_status") == 137 and r.get("pid") == exec_pid for r in records)
     shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
     assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
-    assert single_threaded_soon(shim.pid)
+    assert single_threaded_soon(shim.worker())
 
 
 def test_a_failed_create_in_the_shim_is_typed_and_leaves_nothing(shims):
     shim = shims(["no-such-binary"])
-    own = namespaces(shim.pid)
-    watch_fds = _oom_watch_fds(shim.pid)
+    own = namespaces(shim.worker())
+    watch_fds = _oom_watch_fds(shim.worker())
     with pytest.raises(grpc.RpcError) as info:
         shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert _oom_watch_fds(shim.pid) == watch_fds  # the OOM watch armed in the setup is closed
+    assert _oom_watch_fds(shim.worker()) == watch_fds  # the OOM watch armed in the setup is closed
     # the outbox file was made during the setup, and holds no event of the failed create
     assert (shim.bundle / "events.jsonl").read_bytes() == b""
     assert not (shim.bundle / "init.pid").exists()  # written with the state, removed again
     assert "executable file not found" in info.value.details(), info.value.details()
     assert not (shim.bundle / "runtime" / shim.id).exists()  # state gone (cgroup: cgroup_check)
     deadline = time.monotonic() + 5
-    while children(shim.pid) and time.monotonic() < deadline:  # killed, then reaped
+    while children(shim.worker()) and time.monotonic() < deadline:  # killed, then reaped
         time.sleep(0.01)
-    assert children(shim.pid) == [] and namespaces(shim.pid) == own
+    assert children(shim.worker()) == [] and namespaces(shim.worker()) == own
     last = json.loads((shim.bundle / "runtime.log").read_text().splitlines()[-1])
     assert last["level"] == "error" and "executable file not found" in last["msg"]
     # and exec of a missing binary, likewise
@@ -151,9 +152,9 @@ def test_a_failed_create_in_the_shim_is_typed_and_leaves_nothing(shims):
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "exec failed" in info.value.details() and "no-such-binary" in info.value.details()
     deadline = time.monotonic() + 5
-    while children(shim.pid) != [pid] and time.monotonic() < deadline:
+    while children(shim.worker()) != [pid] and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert children(shim.pid) == [pid]
+    assert children(shim.worker()) == [pid]
     shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
     assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
     shim.stub.Delete(pb.DeleteRequest(id=shim.id), timeout=20)
@@ -176,7 +177,7 @@ def _readlink(path: str) -> str:
 def test_light_commands_spawn_nothing(shims):
     shim = shims(["sleep", "1000"])
     shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
-    before = reaped_faults(shim.pid)
+    before = reaped_faults(shim.worker())
     shim.stub.Start(pb.StartRequest(id=shim.id))
     shim.stub.Pause(pb.PauseRequest(id=shim.id))
     assert shim.stub.State(pb.StateRequest(id=shim.id)).status == pb.PAUSED
@@ -185,8 +186,8 @@ def test_light_commands_spawn_nothing(shims):
     shim.stub.Update(pb.UpdateRequest(id=shim.id, resources=json.dumps(
         {"pids": {"limit": 50}}).encode()))
     assert shim.stub.Stats(pb.StatsRequest(id=shim.id)).stats.value
-    assert reaped_faults(shim.pid) == before  # no runtime process was started (or reaped)
-    assert single_threaded_soon(shim.pid)  # the blocking ones ran in threads that are gone
+    assert reaped_faults(shim.worker()) == before  # no runtime process was started (or reaped)
+    assert single_threaded_soon(shim.worker())  # the blocking ones ran in threads that are gone
     assert len(pids) == 1
     shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
     assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
@@ -221,10 +222,10 @@ def test_hooks_run_outside_the_shim_process(shims, workdir):
 
     shim = shims(["sleep", "1000"], spec_edit=hooks)
     shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
-    before = reaped_faults(shim.pid)
+    before = reaped_faults(shim.worker())
     shim.stub.Start(pb.StartRequest(id=shim.id))
     assert marker.read_text() == "ok\n"  # the hook's exit status was not reaped from under it
-    assert reaped_faults(shim.pid) > before  # `start` ran in a worker
+    assert reaped_faults(shim.worker()) > before  # `start` ran in a worker
     shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))
     assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
 
@@ -236,8 +237,10 @@ def test_a_failed_fork_is_resource_exhausted_and_the_shim_carries_on(shims):
     cgroup = PIDS_ROOT / f"runtimed-test-shim-{os.getpid()}"
     cgroup.mkdir()
     try:
-        (cgroup / "cgroup.procs").write_text(str(shim.pid))
-        (cgroup / "pids.max").write_text("1")  # the shim itself, no worker
+        shim_processes = [shim.pid, shim.worker()]  # its keeper and worker (shimd/keeper.py)
+        for pid in shim_processes:
+            (cgroup / "cgroup.procs").write_text(str(pid))
+        (cgroup / "pids.max").write_text("2")  # the shim itself, no room for a fork
         with pytest.raises(grpc.RpcError) as info:
             shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -246,9 +249,11 @@ def test_a_failed_fork_is_resource_exhausted_and_the_shim_carries_on(shims):
         (cgroup / "pids.max").write_text("max")
         pid = shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)),
                                timeout=30).pid
-        assert ppid(pid) == shim.pid
+        assert ppid(pid) == shim.worker()
     finally:
-        (PIDS_ROOT / "cgroup.procs").write_text(str(shim.pid))
+        for pid in shim_processes:
+            with contextlib.suppress(ProcessLookupError):
+                (PIDS_ROOT / "cgroup.procs").write_text(str(pid))
         cgroup.rmdir()
     shim.stub.Start(pb.StartRequest(id=shim.id))
     shim.stub.Kill(pb.KillRequest(id=shim.id, signal=signal.SIGKILL))

@@ -196,16 +196,19 @@ def test_a_spare_exits_when_its_runtimed_dies(state, rootfs_template, cgroup_che
 
 
 def shims_in(bundle: Path) -> list[int]:
-    """Processes working in `bundle` (a shim's cwd is its bundle)."""
-    found = []
+    """Shims working in `bundle` (a shim's cwd is its bundle), by their keeper's pid: a
+    worker (comm `shimw-…`, shimd/keeper.py) counts as the shim whose child it is."""
+    found = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.readlink(f"/proc/{entry}/cwd") == str(bundle):
-                    found.append(int(entry))
+                if os.readlink(f"/proc/{entry}/cwd") != str(bundle) or not alive(int(entry)):
+                    continue
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
-                pass
-    return [pid for pid in found if alive(pid)]
+                continue
+            found.add(int(stat[1]) if comm(int(entry)).startswith("shimw-") else int(entry))
+    return sorted(found)
 
 
 async def ready_spare(manager: ShimManager, rootfs_template: Path) -> int:

@@ -32,7 +32,7 @@ def zygote_pid(state: Path) -> int:
     marker = str(state / "shim-zygote.sock").encode()
     found = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit() and not comm(int(entry)).startswith("shimd-"):
+        if entry.isdigit() and not comm(int(entry)).startswith(("shimd-", "shimw-")):
             try:
                 if marker in Path(f"/proc/{entry}/cmdline").read_bytes():
                     found.append(int(entry))

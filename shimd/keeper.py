@@ -1,0 +1,252 @@
+"""The shim's keeper: the long-lived half of a shim, which runs no gRPC and touches little.
+
+A CPython process copies every page of its zygote that its code touches (reference counts,
+the specialising interpreter's counters), so a shim that serves gRPC and supervises a
+container keeps ~6 MB of its own for as long as the container runs (docs/shim.md). Most
+of that time it does nothing. So a shim is two processes while it works and one while it
+is idle:
+
+- the **keeper** (this module) is what runtimed knows as the shim: its pid is in
+  `shim.pid`, its cwd is the bundle, it is the child subreaper, it holds the listening
+  socket, and while nothing happens, every fd the container's stdio and OOM watch need.
+  It polls; it never imports or runs the server, so it stays at ~1.5 MB of its own.
+- the **worker** is forked by the keeper when there is work: a connection on the socket,
+  output or input on the container's stdio, an OOM event, an exit the keeper reaped. It is
+  the shim as before (shimd/server.py's worker: the gRPC server and the `Shim` core),
+  restored from the state the previous worker left. Idle for `IDLE_RETIRE` seconds (no
+  connection, no call, no task, nothing buffered) it sends its state and fds back
+  (SCM_RIGHTS) and exits, and the pages it touched are gone with it.
+
+A worker dies with its keeper (PDEATHSIG), so killing the shim's pid ends the shim as it
+did. A worker that exits without handing its state back (killed, crashed) ends the shim:
+what it knew is lost, and runtimed's dead-shim path cleans up, as for any dead shim.
+
+Exits: each process reaps its own children (the worker is a subreaper too); a process
+orphaned by a retired worker is the keeper's child, and the keeper numbers its exit and
+hands it to the running worker, or forks one for it. A retiring worker says up to which
+number it has seen them, so an exit sent while it was retiring goes to the next worker.
+
+Messages on the keeper-worker socket pair (SOCK_SEQPACKET, one JSON object each):
+keeper → worker `{"exit": [n, pid, code, at]}`; worker → keeper `{"claim": {"id",
+"namespace", "bundle"}}` (a spare was claimed; answered `{"claimed": true}` once the keeper
+took the container's name, log and cwd), `{"retire": state, "seen": n}` with the state's
+fds attached, `{"shutdown": true}` (the shim is ending).
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import time
+
+from shimd.reaper import exit_code
+
+log = logging.getLogger("shimd")
+
+PR_SET_PDEATHSIG = 1
+MESSAGE_MAX = 1 << 20
+FDS_MAX = 250  # SCM_MAX_FD is 253 per message
+
+
+class Keeper:
+    """The keeper's loop. `work(keeper, channel)` runs in each forked worker and returns
+    its exit status; `on_claim(claim)` makes this process the claimed spare's shim."""
+
+    def __init__(self, listener: socket.socket, work, on_claim=None, lifeline: int = -1):
+        self.listener = listener
+        self.work = work
+        self.on_claim = on_claim
+        self.lifeline = lifeline  # a spare's, for its first worker (which reads the claim)
+        self.state: dict | None = None  # what the last worker left, for the next one
+        self.fds: list[int] = []  # the fds it left: held here while no worker runs
+        self.exits: list[list] = []  # [n, pid, code, at] reaped here, not yet seen by a worker
+        self._numbered = 0
+        self.worker = 0
+        self.channel: socket.socket | None = None
+        self._retired: tuple[dict, list[int], int] | None = None
+        self._ending = False  # the worker said the shim ends
+        self._stopping = False  # SIGTERM with no worker to pass it to
+        self._wake = (-1, -1)
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def run(self) -> int:
+        self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._wake[1])
+        for signum in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(signum, _noted)
+        self._spawn()  # a shim starts with work to do: Create (or a spare's claim) follows
+        poll = select.poll()
+        while not self._stopping:
+            watched = self._watched()
+            for fd in watched:
+                poll.register(fd, select.POLLIN)
+            try:
+                ready = poll.poll()
+            finally:
+                for fd in watched:
+                    poll.unregister(fd)
+            for fd, _ in ready:
+                if fd == self._wake[0]:
+                    self._signals()
+                elif self.channel is not None and fd == self.channel.fileno():
+                    self._receive()
+                elif not self.worker:
+                    self._spawn()  # a connection, stdio or an OOM event: a worker's job
+            if self._ending and not self.worker:
+                return 0
+        return 0
+
+    def _watched(self) -> list[int]:
+        fds = [self._wake[0]]
+        if self.worker:
+            if self.channel is not None:
+                fds.append(self.channel.fileno())
+            return fds
+        fds.append(self.listener.fileno())
+        if self.state is not None:
+            fds += [self.fds[i] for i in self.state.get("wake", ())]
+        return fds
+
+    def _signals(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            received = os.read(self._wake[0], 64)
+            if signal.SIGTERM in received:
+                if self.worker:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.worker, signal.SIGTERM)
+                else:
+                    self._stopping = True
+        self._reap()
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.worker:
+                self._worker_exited(status)
+                continue
+            self._numbered += 1
+            exit = [self._numbered, pid, exit_code(status), time.time()]
+            self.exits.append(exit)
+            if self.worker and self.channel is not None:
+                with contextlib.suppress(OSError):
+                    self.channel.send(json.dumps({"exit": exit}).encode())
+        # after the loop: a worker spawned inside it would have its exit reaped as an orphan's
+        if self.exits and not self.worker and not self._ending:
+            self._spawn()
+
+    # --- workers -----------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        keeper = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                ours.close()
+                signal.set_wakeup_fd(-1)
+                for fd in self._wake:
+                    os.close(fd)
+                for signum in (signal.SIGCHLD, signal.SIGTERM):
+                    signal.signal(signum, signal.SIG_DFL)
+                ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                if os.getppid() == keeper:  # else the keeper died before the prctl
+                    code = self.work(self, theirs)
+            except BaseException:  # noqa: BLE001 - a forked child never returns into the loop
+                log.exception("shim worker failed")
+            finally:
+                os._exit(code)
+        theirs.close()
+        ours.setblocking(False)
+        for fd in self.fds:  # the worker has them now; a copy here would hold FIFOs open
+            os.close(fd)
+        if self.lifeline >= 0:  # the first worker reads the claim; runtimed sees its EOF
+            os.close(self.lifeline)
+            self.lifeline = -1
+        self.fds, self.state = [], None
+        self.worker, self.channel, self._retired = pid, ours, None
+
+    def _receive(self) -> None:
+        """Every message waiting on the channel (non-blocking)."""
+        while self.channel is not None:
+            try:
+                data, fds, flags = _receive_fds(self.channel)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.warning("shim worker channel: %s", exc)
+                data, fds, flags = b"", [], 0
+            if not data:  # the worker closed its end: its exit follows
+                self.channel.close()
+                self.channel = None
+                for fd in fds:
+                    os.close(fd)
+                return
+            try:
+                message = json.loads(data)
+                if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                    raise ValueError("truncated")
+            except ValueError as exc:
+                log.error("shim worker sent a message that cannot be read (%s)", exc)
+                for fd in fds:
+                    os.close(fd)
+                continue
+            if "retire" in message:
+                self._retired = (message["retire"], fds, int(message.get("seen", 0)))
+            elif "claim" in message and self.on_claim is not None:
+                try:
+                    self.on_claim(message["claim"])
+                    answer = {"claimed": True}
+                except OSError as exc:  # its bundle is gone
+                    answer = {"claimed": False, "error": str(exc)}
+                with contextlib.suppress(OSError):
+                    self.channel.send(json.dumps(answer).encode())
+            elif message.get("shutdown"):
+                self._ending = True
+
+    def _worker_exited(self, status: int) -> None:
+        self._receive()  # what it sent before exiting may still be unread
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        self.worker = 0
+        if self._ending:
+            return
+        if self._retired is None:
+            log.error("shim worker ended (status %d) without handing its state back: the shim "
+                      "ends", exit_code(status))
+            self._ending = True
+            return
+        self.state, self.fds, seen = self._retired
+        self._retired = None
+        self.exits = [e for e in self.exits if e[0] > seen]
+        # left for the loop: new exits start a worker once reaping is done
+
+
+def _receive_fds(channel: socket.socket) -> tuple[bytes, list[int], int]:
+    """One message and the fds attached, close-on-exec (socket.recv_fds of 3.11 drops
+    its flags argument)."""
+    data, ancillary, flags, _ = channel.recvmsg(
+        MESSAGE_MAX, socket.CMSG_SPACE(FDS_MAX * 4), socket.MSG_CMSG_CLOEXEC)
+    fds = array.array("i")
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data, list(fds), flags
+
+
+def _noted(signum, frame) -> None:
+    """The wake-up fd carries the signal; the loop acts on it."""

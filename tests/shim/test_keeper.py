@@ -1,0 +1,160 @@
+"""A shim is a keeper and, while there is work, a worker (shimd/keeper.py): an idle worker
+hands its state and fds back and exits; the keeper forks the next one for a call, for
+the container's stdio, for an OOM kill or for an exit it reaped, and that worker carries
+on where the last one stopped. Real shims, real containers (the built-in runtime)."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+
+from runtimed.api.shim.v1 import shim_pb2 as pb
+from runtimed.api.shim.v1 import shim_pb2_grpc
+from shimd.runtime import BUILTIN
+from tests.shim.conftest import REPO, _comm
+
+
+def workers(shim) -> list[int]:
+    children = Path(f"/proc/{shim.pid}/task/{shim.pid}/children").read_text().split()
+    return [int(c) for c in children if _comm(int(c)).startswith("shimw-")]
+
+
+def ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def eventually(predicate, timeout: float = 15, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
+
+
+def retire(shim) -> None:
+    """Hang up, and wait until the shim is its keeper alone."""
+    shim.channel.close()
+    eventually(lambda: not workers(shim), what="the worker retires")
+
+
+def reconnect(shim) -> None:
+    shim.channel = grpc.insecure_channel(shim.address)
+    shim.stub = shim_pb2_grpc.ShimStub(shim.channel)
+
+
+def outbox(shim) -> list[dict]:
+    path = shim.bundle / "events.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines if "seq" in line]
+
+
+def read_some(fd: int, timeout: float = 15) -> bytes:
+    ready, _, _ = select.select([fd], [], [], timeout)
+    assert ready, "no output"
+    return os.read(fd, 65536)
+
+
+def test_an_idle_shim_is_its_keeper_alone_and_wakes_for_stdin_calls_and_exits(shims, workdir):
+    shim = shims(["sh", "-c", "read line; echo got $line; sleep 1000"])
+    stdin, stdout = workdir / "in", workdir / "out"
+    os.mkfifo(stdin)
+    os.mkfifo(stdout)
+    reader = os.open(stdout, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        pid = shim.stub.Create(pb.CreateRequest(
+            id=shim.id, bundle=str(shim.bundle),
+            stdio=pb.Stdio(stdin=str(stdin), stdout=str(stdout))), timeout=30).pid
+        shim.stub.Start(pb.StartRequest(id=shim.id))
+        retire(shim)
+        assert ppid(pid) == shim.pid  # orphaned by its worker: the keeper's child now
+        # input for the container: the keeper forks a worker, which pumps it through
+        writer = os.open(stdin, os.O_WRONLY)
+        os.write(writer, b"hello\n")
+        assert read_some(reader) == b"got hello\n"
+        os.close(writer)
+        eventually(lambda: not workers(shim), what="the worker retires after the input")
+        # a call: the next worker knows the task and runs an exec
+        reconnect(shim)
+        assert shim.stub.State(pb.StateRequest(id=shim.id)).status == pb.RUNNING
+        process = json.loads((shim.bundle / "config.json").read_text())["process"]
+        process["args"] = ["sh", "-c", "exit 7"]
+        shim.stub.Exec(pb.ExecRequest(id=shim.id, exec_id="e1",
+                                      process=json.dumps(process).encode()))
+        shim.stub.Start(pb.StartRequest(id=shim.id, exec_id="e1"))
+        assert shim.stub.Wait(pb.WaitRequest(id=shim.id, exec_id="e1"),
+                              timeout=20).exit_status == 7
+        retire(shim)
+        # the init killed behind the shim's back: the keeper reaps it and a worker reports it
+        os.kill(pid, signal.SIGKILL)
+        eventually(lambda: any(e["topic"] == "/tasks/exit" and e.get("exec_id", "") == ""
+                               for e in outbox(shim)), what="the exit in the outbox")
+        exit = next(e for e in outbox(shim) if e["topic"] == "/tasks/exit" and not e["exec_id"])
+        assert exit["exit_status"] == 137 and exit["pid"] == pid
+        reconnect(shim)
+        assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
+        assert shim.stub.State(pb.StateRequest(id=shim.id)).status == pb.STOPPED
+    finally:
+        os.close(reader)
+
+
+def test_an_exit_the_keeper_reaps_reaches_the_running_worker(shims):
+    shim = shims(["sleep", "1000"])
+    pid = shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30).pid
+    shim.stub.Start(pb.StartRequest(id=shim.id))
+    retire(shim)
+    reconnect(shim)
+    waiting = shim.stub.Wait.future(pb.WaitRequest(id=shim.id), timeout=20)
+    eventually(lambda: workers(shim), what="a worker for the call")
+    assert ppid(pid) == shim.pid
+    os.kill(pid, signal.SIGKILL)
+    assert waiting.result().exit_status == 137
+
+
+def test_an_oom_kill_wakes_the_keeper(shims, workdir):
+    def limit(spec):
+        spec["linux"]["resources"]["memory"] = {"limit": 8 << 20, "swap": 8 << 20}
+
+    shim = shims(["sh", "-c", "while [ ! -e /go ]; do sleep 0.1; done; "
+                              "head -c 50000000 /dev/zero | sort >/dev/null; sleep 1000"],
+                 spec_edit=limit)
+    shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
+    shim.stub.Start(pb.StartRequest(id=shim.id))
+    retire(shim)
+    (shim.bundle / "rootfs" / "go").touch()
+    eventually(lambda: any(e["topic"] == "/tasks/oom" for e in outbox(shim)),
+               what="/tasks/oom in the outbox")
+    reconnect(shim)
+    assert shim.stub.State(pb.StateRequest(id=shim.id)).status == pb.RUNNING
+
+
+def test_a_worker_that_dies_ends_the_shim(shims):
+    shim = shims(["sleep", "1000"])
+    shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
+    os.kill(shim.worker(), signal.SIGKILL)
+    eventually(lambda: not shim.alive(), what="the keeper ends")
+    assert not (shim.bundle / "address").exists()
+    assert "without handing its state back" in shim.log()
+    remove_container(shim)
+
+
+def test_the_worker_dies_with_its_keeper(shims):
+    shim = shims(["sleep", "1000"])
+    shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
+    worker = shim.worker()
+    os.kill(shim.pid, signal.SIGKILL)
+    eventually(lambda: not Path(f"/proc/{worker}").exists()
+               or "Z" in Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0],
+               what="the worker goes with its keeper")
+    remove_container(shim)
+
+
+def remove_container(shim) -> None:
+    """What runtimed does after a dead shim: the runtime removes the container."""
+    subprocess.run([*BUILTIN, "--root", str(shim.bundle / "runtime"), "delete", "--force",
+                    shim.id], check=True, cwd=REPO, timeout=30)

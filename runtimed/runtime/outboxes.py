@@ -103,21 +103,29 @@ class OutboxWatcher:
 
 class OutboxReader:
     """Reads a live outbox incrementally, without ever changing it: from where the last
-    read ended, or from the start when the shim replaced the file (a trim). Opened through
-    the bundle directory's fd, so it follows the bundle when it is moved (Delete retires
-    it to the trash while the last events are relayed). Raises OSError when the bundle is
-    gone."""
+    read ended, or from the start when the shim replaced the file (a trim). By path, no fd
+    held between reads; `pin()` before the bundle is moved (Delete retires it to the trash
+    while its last events are relayed) and reads go through the directory's fd."""
 
     def __init__(self, bundle: Path):
-        self._dir = os.open(bundle, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._path = bundle / OUTBOX
+        self._dir = -1
         self._inode = 0
         self._offset = 0
+
+    def pin(self) -> None:
+        """Follow the bundle directory wherever it is moved from now on."""
+        if self._dir < 0:
+            self._dir = os.open(self._path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
 
     def read(self) -> list[dict]:
         """The events appended since the last read (a replaced file: all it holds); a last
         line still without its newline is left for the next read."""
         try:
-            fd = os.open(OUTBOX, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir)
+            if self._dir >= 0:
+                fd = os.open(OUTBOX, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir)
+            else:
+                fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return []
         try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import importlib.util
 import json
@@ -55,7 +56,6 @@ from runtimed.runtime.shim import (
     read_info,
     remove_bundle,
     shim_pid_file,
-    shim_pidfd,
     works_in,
 )
 from runtimed.snapshots import mount as mounts
@@ -67,6 +67,7 @@ RUNTIME_NAMES = {"io.containerd.runc.v2", "io.containerd.runc.v1", "io.container
 RUNC_OPTIONS = "containerd.runc.v1.Options"
 DEAD_SHIM_EXIT = 255
 PUBLISH_WAIT = 5.0
+POLL = 1.0  # seconds between looks at a shim when inotify or a pidfd cannot be had
 SHIM_EXIT_TIMEOUT = 10.0  # after Shutdown; then the shim of a deleted task is killed
 STOPPED = 3  # containerd.v1.types.Status
 PUBLISHED_SIZE = 64  # bytes of the `published` record; longer records are written whole
@@ -108,6 +109,7 @@ class Task:
     published: int = 0
     init_exit_published: bool = False
     forwarder: asyncio.Task | None = None  # the relay (`TaskManager._relay`)
+    outbox: OutboxReader | None = None  # the relay's reader of the shim's outbox
     dying: bool = False  # the relay found the shim dead and is cleaning up after it
     removing: bool = False  # deleted: the relay leaves the cleanup to `_remove`
     # init's exit once its /tasks/exit is relayed: final, so Get and Wait answer from it
@@ -287,6 +289,9 @@ class TaskManager:
                 await asyncio.shield(task.forwarder)
             return
         task.removing = True
+        if task.outbox is not None:  # the relay reads on from the trash
+            with contextlib.suppress(OSError):
+                task.outbox.pin()
         retiring = asyncio.ensure_future(asyncio.to_thread(self._retire, task.bundle))
         try:
             if published is not None:
@@ -492,7 +497,7 @@ class TaskManager:
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
         reader = pidfd = None
-        exited = False
+        exited = polling = False
 
         def shim_exited() -> None:
             nonlocal exited
@@ -501,29 +506,48 @@ class TaskManager:
             changed.set()
 
         try:
-            reader = OutboxReader(task.bundle)  # follows the bundle when Delete retires it
-            self.outboxes.watch(task.bundle, changed.set)
-            pidfd = _shim_pidfd(task)
-            if pidfd < 0:  # gone already, or its pid is some other process's by now
-                exited = True
-            else:
-                loop.add_reader(pidfd, shim_exited)
+            reader = task.outbox = OutboxReader(task.bundle)
+            try:
+                self.outboxes.watch(task.bundle, changed.set)
+            except OSError as exc:  # (no inotify fd or watch left: its outbox is polled)
+                log.warning("%s/%s: outbox not watched: %s", task.namespace, task.id, exc)
+                # a bundle that is gone: so is the shim that worked in it
+                exited = exc.errno in (errno.ENOENT, errno.ENOTDIR)
+                polling = True
+            if not exited:
+                pidfd = _shim_pidfd(task)
+                if pidfd is None:  # out of fds: whether it runs is polled
+                    polling = True
+                elif pidfd < 0:  # gone already, or its pid is some other process's by now
+                    exited = True
+                else:
+                    loop.add_reader(pidfd, shim_exited)
             while True:
                 changed.clear()
-                for record in reader.read():
-                    if record["seq"] > task.published:
-                        await self._publish(task, _record_to_event(record))
+                late = False
+                try:
+                    for record in reader.read():
+                        if record["seq"] > task.published:
+                            await self._publish(task, _record_to_event(record))
+                except OSError as exc:  # out of fds, say: read again in a while
+                    log.warning("%s/%s: outbox: %s", task.namespace, task.id, exc)
+                    late = True
                 if exited:
                     break
-                await changed.wait()
-        except OSError as exc:  # the bundle is gone: so is the shim that worked in it
-            log.warning("%s/%s: cannot follow the outbox: %s", task.namespace, task.id, exc)
+                if not (polling or late):
+                    await changed.wait()
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), POLL)
+                if pidfd is None and not _shim_alive(task.bundle):
+                    exited = True
         finally:
             self.outboxes.unwatch(task.bundle)
             if pidfd is not None and pidfd >= 0:
                 loop.remove_reader(pidfd)
                 os.close(pidfd)
             if reader is not None:
+                task.outbox = None
                 reader.close()
         if task.removing:
             return
@@ -756,15 +780,26 @@ def _shim_pid_in(bundle: Path) -> int:
     return pid if pid and works_in(pid, bundle) else 0
 
 
-def _shim_pidfd(task: Task) -> int:
-    """A pidfd for the task's shim, or -1 when it is gone (or its pid is some other
-    process's by now: the process must work in the bundle). The pid the shim wrote in its
-    bundle first (the long-lived process that holds the container), else the one its
-    Connect reported."""
-    pidfd = shim_pidfd(shim_pid_file(task.bundle), task.bundle)
-    if pidfd < 0 and task.shim.pid:
-        pidfd = shim_pidfd(task.shim.pid, task.bundle)
-    return pidfd
+def _shim_pidfd(task: Task) -> int | None:
+    """A pidfd for the task's shim; -1 when it is gone (or its pid is some other process's
+    by now: the process must work in the bundle); None when none can be opened (out of
+    fds). The pid the shim wrote in its bundle first (the long-lived process that holds
+    the container), else the one its Connect reported."""
+    for pid in dict.fromkeys((shim_pid_file(task.bundle), task.shim.pid)):
+        if pid <= 0:
+            continue
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        except OSError as exc:
+            log.warning("%s/%s: no pidfd for shim %d: %s; polling whether it runs",
+                        task.namespace, task.id, pid, exc)
+            return None
+        if works_in(pid, task.bundle):
+            return pidfd
+        os.close(pidfd)
+    return -1
 
 
 def _shim_alive(bundle: Path) -> bool:

@@ -46,19 +46,38 @@ def recorded_stream(self, path, body):
     return stream(self, path, body)
 
 h2client.Channel.unary, h2client.Channel.stream = recorded_unary, recorded_stream
-sys.exit(daemon.main(sys.argv[3:]))
+if sys.argv[3] == "starved":  # as out of inotify watches and of fds for pidfds
+    import errno
+    from runtimed.runtime import outboxes, tasks
+
+    def no_watch(self, bundle, callback):
+        raise OSError(errno.ENOSPC, "inotify_add_watch: No space left on device")
+
+    outboxes.OutboxWatcher.watch = no_watch
+    tasks._shim_pidfd = lambda task: None
+sys.exit(daemon.main(sys.argv[4:]))
 """
 
 
 @pytest.fixture
 def shim_requests(client, daemon, monkeypatch):
     """The daemon restarted recording its requests to shims; returns them so far."""
+    return _restart_recording(client, daemon, monkeypatch, "")
+
+
+@pytest.fixture
+def starved(client, daemon, monkeypatch):
+    """As `shim_requests`, with no inotify watch and no pidfd to be had."""
+    return _restart_recording(client, daemon, monkeypatch, "starved")
+
+
+def _restart_recording(client, daemon, monkeypatch, mode: str):
     requests = daemon.base / "shim-requests"
     command = DaemonProcess.command.fget
 
     def recording(self) -> list[str]:
         argv = command(self)
-        return [sys.executable, "-c", RECORDING_RUNTIMED, str(requests), str(IDLE_CLOSE),
+        return [sys.executable, "-c", RECORDING_RUNTIMED, str(requests), str(IDLE_CLOSE), mode,
                 *argv[argv.index("runtimed.daemon") + 1:]]
 
     monkeypatch.setattr(DaemonProcess, "command", property(recording))
@@ -158,3 +177,30 @@ def test_an_idle_shim_has_no_connection_and_its_death_is_seen(shim_requests, cli
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     _wait_until(lambda: not os.path.exists(f"/proc/{init_pid}"), "the container gone")
     assert not {"Events", "Ack"} & set(shim_requests())
+
+
+def test_without_inotify_or_pidfds_the_relay_polls(starved, client, daemon):
+    """Out of inotify watches and fds, the relay reads the outbox and checks the shim
+    every POLL: events still come, and a dead shim is still found (not a live one)."""
+    events = Collector(client)
+    client.container("poll", ["sh", "-c", "exit 4"])
+    client.create_task("poll")
+    client.tasks.Start(tasks_pb2.StartRequest(container_id="poll"), metadata=MD)
+    waited = client.tasks.Wait(tasks_pb2.WaitRequest(container_id="poll"), metadata=MD,
+                               timeout=30)
+    assert waited.exit_status == 4
+    client.tasks.Delete(tasks_pb2.DeleteTaskRequest(container_id="poll"), metadata=MD,
+                        timeout=30)
+    events.wait_for("poll", "/tasks/delete")
+    assert events.topics("poll") == ["/tasks/create", "/tasks/start", "/tasks/exit",
+                                     "/tasks/delete"]
+    client.run("lives", ["sleep", "1000"])
+    bundle = daemon.state / "tasks" / "tt" / "lives"
+    time.sleep(2.5)  # a few polls: a live shim stays
+    got = client.tasks.Get(tasks_pb2.GetRequest(container_id="lives"), metadata=MD, timeout=10)
+    assert got.process.status == task_pb2.RUNNING
+    os.kill(int((bundle / "shim.pid").read_text()), signal.SIGKILL)
+    events.wait_for("lives", "/tasks/exit")
+    _wait_until(lambda: not bundle.exists(), "the dead shim's bundle removed")
+    events.close()
+    assert "outbox not watched" in daemon.log_text()

@@ -53,7 +53,8 @@ def test_appends_and_trims_are_followed_once_in_order(tmp_path):
         outbox.seq = 5
         assert await next_events() == [5]
 
-        # the bundle moved (Delete retires it to the trash): followed through its fd
+        # the bundle moved (Delete retires it to the trash): followed once pinned
+        reader.pin()
         moved = tmp_path / "trash"
         os.rename(bundle, moved)
         outbox.path = moved / OUTBOX

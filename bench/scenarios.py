@@ -274,12 +274,18 @@ def shim_pids(t: Target) -> list[int]:
     return pids
 
 
+# Idle means settled: runtimed closes a shim's connection 2 s after its last call and the
+# shim's worker retires 1 s after that (docs/shim.md, "keeper and worker"); containerd's
+# shims do not change after their start.
+IDLE_SETTLE = 5.0
+
+
 def idle_memory(t: Target, kind: str, count: int = 20) -> float:
     """Per idle container: mean shim memory, or the machine's used memory delta."""
     before = machine_used_memory()
     sleepers = Sleepers(t, count)
     try:
-        time.sleep(1)
+        time.sleep(IDLE_SETTLE)
         if kind == "machine":
             return (machine_used_memory() - before) / count / 1e6
         pids = shim_pids(t)

@@ -29,8 +29,9 @@ number it has seen them, so an exit sent while it was retiring goes to the next 
 Messages on the keeper-worker socket pair (SOCK_SEQPACKET, one JSON object each):
 keeper → worker `{"exit": [n, pid, code, at]}`; worker → keeper `{"claim": {"id",
 "namespace", "bundle"}}` (a spare was claimed; answered `{"claimed": true}` once the keeper
-took the container's name, log and cwd), `{"retire": state, "seen": n}` with the state's
-fds attached, `{"shutdown": true}` (the shim is ending).
+took the container's name, log and cwd), `{"retire": true, "wake": [i…], "seen": n}` and
+on the next line the worker's state, with the state's fds attached (`wake`: which of them
+the keeper polls), `{"shutdown": true}` (the shim is ending).
 """
 
 from __future__ import annotations
@@ -59,13 +60,18 @@ class Keeper:
     """The keeper's loop. `work(keeper, channel)` runs in each forked worker and returns
     its exit status; `on_claim(claim)` makes this process the claimed spare's shim."""
 
-    def __init__(self, listener: socket.socket, work, on_claim=None, lifeline: int = -1):
+    def __init__(self, listener: socket.socket, work, placement: tuple | None = None,
+                 on_claim=None, lifeline: int = -1):
         self.listener = listener
         self.work = work
-        self.on_claim = on_claim
+        self.placement = placement  # (id, namespace, bundle); a spare's comes with its claim
+        self.on_claim = on_claim  # on_claim(id, bundle)
         self.lifeline = lifeline  # a spare's, for its first worker (which reads the claim)
-        self.state: dict | None = None  # what the last worker left, for the next one
-        self.fds: list[int] = []  # the fds it left: held here while no worker runs
+        # what the last worker left for the next one: its state as it sent it (bytes: parsed
+        # here it would be objects on pages of the keeper's own), the fds, which to poll
+        self.state: bytes | None = None
+        self.fds: list[int] = []
+        self.wake: list[int] = []
         self.exits: list[list] = []  # [n, pid, code, at] reaped here, not yet seen by a worker
         self._numbered = 0
         self.worker = 0
@@ -111,9 +117,7 @@ class Keeper:
                 fds.append(self.channel.fileno())
             return fds
         fds.append(self.listener.fileno())
-        if self.state is not None:
-            fds += [self.fds[i] for i in self.state.get("wake", ())]
-        return fds
+        return fds + [self.fds[i] for i in self.wake]
 
     def _signals(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -176,7 +180,7 @@ class Keeper:
         if self.lifeline >= 0:  # the first worker reads the claim; runtimed sees its EOF
             os.close(self.lifeline)
             self.lifeline = -1
-        self.fds, self.state = [], None
+        self.fds, self.wake, self.state = [], [], None
         self.worker, self.channel, self._retired = pid, ours, None
 
     def _receive(self) -> None:
@@ -195,8 +199,9 @@ class Keeper:
                 for fd in fds:
                     os.close(fd)
                 return
+            header, _, state = data.partition(b"\n")
             try:
-                message = json.loads(data)
+                message = json.loads(header)
                 if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                     raise ValueError("truncated")
             except ValueError as exc:
@@ -205,10 +210,12 @@ class Keeper:
                     os.close(fd)
                 continue
             if "retire" in message:
-                self._retired = (message["retire"], fds, int(message.get("seen", 0)))
+                self._retired = (state, fds, message["wake"], message["seen"])
             elif "claim" in message and self.on_claim is not None:
+                claim = message["claim"]
                 try:
-                    self.on_claim(message["claim"])
+                    self.on_claim(claim["id"], claim["bundle"])
+                    self.placement = (claim["id"], claim["namespace"], claim["bundle"])
                     answer = {"claimed": True}
                 except OSError as exc:  # its bundle is gone
                     answer = {"claimed": False, "error": str(exc)}
@@ -230,7 +237,7 @@ class Keeper:
                       "ends", exit_code(status))
             self._ending = True
             return
-        self.state, self.fds, seen = self._retired
+        self.state, self.fds, self.wake, seen = self._retired
         self._retired = None
         self.exits = [e for e in self.exits if e[0] > seen]
         # left for the loop: new exits start a worker once reaping is done

@@ -34,9 +34,12 @@ def socket_path(bundle: Path) -> Path:
     return FALLBACK_SOCKET_DIR / f"{digest}.sock"
 
 
+# bound once, in the zygote: a keeper that made its own CDLL would copy ~0.4 MB of pages
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
 def set_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    if _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
@@ -46,11 +49,12 @@ def set_name(id: str, worker: bool = False) -> None:
     them apart at a glance."""
     PR_SET_NAME = 15
     name = f"{'shimw' if worker else 'shimd'}-{id}"[:15].encode()
-    ctypes.CDLL(None).prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+    _prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
 def launch(id: str, namespace: str, bundle: Path) -> int:
     """Fork the shim; print its address once it serves. Exit status 0 on success."""
+    package_on_path()
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -83,27 +87,30 @@ def _redirect_stdio(bundle: Path) -> None:
     os.close(logfd)
 
 
-def _become(id: str, namespace: str, bundle: Path) -> None:
+def _become(id: str, bundle: Path, worker: bool = False) -> None:
     """What makes this process the shim of one container: its log, name and cwd."""
     _redirect_stdio(bundle)
+    set_name(id, worker)
+    os.chdir(bundle)
+
+
+def _configure_logging(id: str, namespace: str) -> None:
+    """A worker's log lines (the keeper logs only what goes wrong, through logging's
+    last-resort handler: configuring logging there would copy pages it keeps for good)."""
     logging.basicConfig(
         level=os.environ.get("SHIMD_LOG_LEVEL", "INFO"),
         format=f"%(asctime)s %(levelname)s shimd[{os.getpid()}] {namespace}/{id}: %(message)s",
         force=True,
     )
-    set_name(id)
-    os.chdir(bundle)
 
 
-def _prepare_process() -> None:
-    set_subreaper()
-    # the built-in runtime runs as `python -m shimd.oci` from the bundle dir: keep the
-    # package importable wherever it was found
+def package_on_path() -> None:
+    """The built-in runtime runs as `python -m shimd.oci` from the bundle dir: keep the
+    package importable wherever it was found. The zygote does it for every shim."""
     package_root = str(Path(__file__).resolve().parent.parent)
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     if package_root not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([package_root, *paths])
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
 
 
 def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None) -> int:
@@ -112,8 +119,8 @@ def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None) -> i
     from shimd.outbox import write_atomic
 
     bundle = bundle.resolve()
-    _become(id, namespace, bundle)
-    _prepare_process()
+    _become(id, bundle)
+    set_subreaper()
     sock = socket_path(bundle)
     listener = _listen(sock)
     address = f"unix://{sock}"
@@ -123,11 +130,10 @@ def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None) -> i
     except OSError:
         _remove(bundle, sock)
         raise
-    logging.getLogger("shimd").info("serving on %s", address)
     if ready_fd is not None:
         os.write(ready_fd, address.encode())
         os.close(ready_fd)
-    keeper = Keeper(listener, lambda keeper, channel: _work(keeper, channel, (id, namespace, bundle)))
+    keeper = Keeper(listener, _work, placement=(id, namespace, bundle))
     try:
         return keeper.run()
     finally:
@@ -143,24 +149,17 @@ def run_spare(sock: Path, ready_fd: int, control_fd: int) -> int:
     serves and reads the claim; the keeper takes the container's name when told."""
     from shimd.keeper import Keeper
 
-    _prepare_process()
+    set_subreaper()
     set_name("spare")
     listener = _listen(sock)
     os.write(ready_fd, f"unix://{sock}".encode())
     os.close(ready_fd)
-    claimed: list[Path] = []
-
-    def on_claim(claim: dict) -> None:
-        bundle = Path(claim["bundle"])
-        _become(claim["id"], claim["namespace"], bundle)
-        claimed.append(bundle)
-
-    keeper = Keeper(listener, lambda keeper, channel: _work(keeper, channel, None, control_fd),
-                    on_claim=on_claim, lifeline=control_fd)
+    keeper = Keeper(listener, _work, on_claim=lambda id, bundle: _become(id, Path(bundle)),
+                    lifeline=control_fd)
     try:
         return keeper.run()
     finally:
-        _remove(claimed[0] if claimed else None, sock)
+        _remove(Path(keeper.placement[2]) if keeper.placement else None, sock)
 
 
 def _listen(sock: Path):
@@ -248,18 +247,20 @@ def _hung_up(fd: int) -> bool:
         probe.close()
 
 
-def _work(keeper, channel, placement: tuple[str, str, Path] | None, lifeline: int = -1) -> int:
+def _work(keeper, channel) -> int:
     """A worker's life (shimd/keeper.py): serve until idle, then hand back; or until the
-    shim ends. `placement` (id, namespace, bundle) for a shim's first worker; a spare's
-    first reads it from `lifeline`; later ones restore what the last one left."""
+    shim ends. A spare's first worker learns its container from the lifeline; later ones
+    restore what the last one left."""
     import asyncio
 
     set_subreaper()
-    set_name(placement[0] if placement else "spare", worker=True)
-    return asyncio.run(_serve(keeper, channel, placement, lifeline))
+    set_name(keeper.placement[0] if keeper.placement else "spare", worker=True)
+    if keeper.placement:
+        _configure_logging(*keeper.placement[:2])
+    return asyncio.run(_serve(keeper, channel))
 
 
-async def _serve(keeper, channel, placement, lifeline: int) -> int:
+async def _serve(keeper, channel) -> int:
     import asyncio
     import json
 
@@ -279,14 +280,14 @@ async def _serve(keeper, channel, placement, lifeline: int) -> int:
     await server.start(sock=keeper.listener)
     sock = Path(keeper.listener.getsockname())
     writer = None
-    if keeper.state is None and placement is None:  # a spare's first worker
+    lifeline = keeper.lifeline
+    if keeper.placement is None:  # a spare's first worker
         claimed = await _claim(lifeline)
         if claimed is None:
             await server.stop(0)
             link.send({"shutdown": True})
             return 0
-        _, writer, placement = claimed
-        id, namespace, bundle = placement
+        _, writer, (id, namespace, bundle) = claimed
         # the keeper takes the container's name, log and cwd before anything is answered
         # (a keeper that cannot, stopped or gone, leaves runtimed's claim to time out)
         answer = await link.request({"claim": {"id": id, "namespace": namespace,
@@ -296,19 +297,21 @@ async def _serve(keeper, channel, placement, lifeline: int) -> int:
                 raise OSError(answer.get("error", "the keeper refused the claim"))
             if _hung_up(lifeline):
                 raise OSError("runtimed hung up after its claim")
-            _become(id, namespace, bundle)
+            _become(id, bundle, worker=True)
+            _configure_logging(id, namespace)
             write_atomic(bundle / "address", f"unix://{sock}".encode())
             write_atomic(bundle / "shim.pid", str(api.shim_pid).encode())
+            keeper.placement = (id, namespace, bundle)
         except OSError as exc:  # the bundle is gone (a claim whose runtimed died, then cleaned up)
             log.error("cannot serve %s: %s", bundle, exc)
             await server.stop(0)
             link.send({"shutdown": True})
             return 1
-        log.info("serving on unix://%s (a spare, claimed)", sock)
     if keeper.state is not None:
-        shim = Shim.restore(keeper.state, keeper.fds, reaper)
+        shim = Shim.restore(json.loads(keeper.state), keeper.fds, reaper)
     else:
-        shim = Shim(placement[0], placement[2], reaper)
+        shim = Shim(keeper.placement[0], Path(keeper.placement[2]), reaper)
+        log.info("serving on unix://%s%s", sock, " (a spare, claimed)" if writer else "")
     set_name(shim.id, worker=True)
     shim.shim_pid = api.shim_pid
     api.shim = shim
@@ -384,11 +387,11 @@ def _retire(shim, link) -> bool:
         return len(fds) - 1
 
     shim.outbox.trim()
-    state = shim.snapshot(lambda fd, wake=False: keep(fd, wake))
-    state["wake"] = wake
-    message = json.dumps({"retire": state, "seen": link.seen}).encode()
+    state = json.dumps(shim.snapshot(lambda fd, wake=False: keep(fd, wake)))
+    # the keeper reads the first line only and keeps the state as it is, for the next worker
+    message = json.dumps({"retire": True, "wake": wake, "seen": link.seen}) + "\n" + state
     try:
-        socket.send_fds(link.channel, [message], fds)
+        socket.send_fds(link.channel, [message.encode()], fds)
     except OSError as exc:  # EMSGSIZE, too many fds
         logging.getLogger("shimd").warning("cannot hand over to the keeper (%s): serving on", exc)
         return False

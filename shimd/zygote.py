@@ -42,6 +42,7 @@ def preload() -> None:
     import shimd.cgroups  # noqa: F401
     import shimd.cgroups.v1  # noqa: F401
     import shimd.cgroups.v2  # noqa: F401
+    import shimd.keeper  # noqa: F401 - what runs all the time: imported after the fork it would be private
     import shimd.lifecycle  # noqa: F401
     import shimd.metrics  # noqa: F401
     import shimd.oci.__main__  # noqa: F401 - the create/exec workers run the command line
@@ -204,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(log, 2)
     os.close(null)
     os.close(log)
+    from shimd.server import package_on_path
+
+    package_on_path()  # inherited by every shim
     preload()
     if args.socket.exists():
         args.socket.unlink()

@@ -212,10 +212,11 @@ class TaskManager:
                                      stderr=stdio.stderr, terminal=stdio.terminal),
             ))
         except BaseException:
-            if shim is not None:  # gone before its bundle is (it writes there until it exits)
-                await self.shims.dispose(shim)
-            with contextlib.suppress(Exception):
-                await self.shims.cleanup(info, bundle)
+            # runs to its end even when the caller goes (a client's deadline during it left
+            # the bundle and its mounts behind); a create of the same id waits for it
+            discarding = asyncio.ensure_future(self._discard(shim, info, bundle))
+            self._track_removal(key, discarding)
+            await asyncio.shield(discarding)
             raise
         finally:
             self._creating.discard(key)
@@ -223,6 +224,14 @@ class TaskManager:
         self.tasks[key] = task
         task.forwarder = asyncio.ensure_future(self._relay(task))
         return response.pid
+
+    async def _discard(self, shim: ShimClient | None, info: BundleInfo, bundle: Path) -> None:
+        """After a failed create: the shim gone before its bundle (it writes there until it
+        exits), then the runtime's leftovers, the mounts and the bundle."""
+        if shim is not None:
+            await self.shims.dispose(shim)
+        with contextlib.suppress(Exception):
+            await self.shims.cleanup(info, bundle)
 
     def _write_bundle(self, bundle: Path, info: BundleInfo, spec: dict,
                       rootfs: list[mounts.Mount]) -> None:

@@ -426,9 +426,9 @@ def _zygote_pids(daemon) -> list[int]:
                 cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
             except OSError:
                 continue
-            spare = open(f"/proc/{entry}/comm").read().strip() == "shimd-spare"
+            shim = open(f"/proc/{entry}/comm").read().strip().startswith(("shimd-", "shimw-"))
             if (b"shimd.zygote" in cmdline and marker in cmdline and _ppid(entry) not in shims
-                    and not spare):  # (a spare shim carries the zygote's command line too)
+                    and not shim):  # (a spare shim and workers carry its command line too)
                 found.append(int(entry))
     return found
 
@@ -518,21 +518,29 @@ STOP_THE_SHIM = """
 import json, os, signal, sys
 pid = int(open(os.path.join(json.load(sys.stdin)["bundle"], "shim.pid")).read())
 open(sys.argv[1], "w").write(str(pid))
+children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+if sys.argv[2] == "shim":  # its worker too, which serves Create (shimd/keeper.py)
+    for c in children:
+        if open(f"/proc/{c}/comm").read().startswith("shimw-"):
+            os.kill(int(c), signal.SIGSTOP)
 os.kill(pid, signal.SIGSTOP)
 sys.exit(1)
 """
 
 
+@pytest.mark.parametrize("stopped", ["shim", "keeper"])
 def test_a_failed_create_removes_the_bundle_only_once_its_shim_is_gone(client, daemon,
-                                                                         tmp_path):
+                                                                         tmp_path, stopped):
     """Create's error path shuts the shim down and waits until its process is gone (killed
     when it does not go) before the bundle is removed: a shim still running writes there
-    (outbox, init.pid). Here the shim stops answering in the middle of Create."""
+    (outbox, init.pid). Here the shim stops answering in the middle of Create ("shim"),
+    or only its keeper stops, so Create fails at once and the client's deadline comes
+    while runtimed waits for the keeper to go (the cleanup used to be cut short then)."""
     out = tmp_path / "shim-pid"
 
     def hook(spec):
-        spec["hooks"] = {"createRuntime": [
-            {"path": sys.executable, "args": [sys.executable, "-c", STOP_THE_SHIM, str(out)]}]}
+        spec["hooks"] = {"createRuntime": [{"path": sys.executable, "args": [
+            sys.executable, "-c", STOP_THE_SHIM, str(out), stopped]}]}
 
     client.container("stuck", ["true"], edit=hook)
     bundle = daemon.state / "tasks" / "tt" / "stuck"

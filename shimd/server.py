@@ -326,8 +326,9 @@ async def _serve(keeper, channel) -> int:
     idle = asyncio.ensure_future(_retire_when_idle(server, api, shim, reaper, link,
                                                    {ending, asyncio.current_task()}))
     await asyncio.wait({ending, idle}, return_when=asyncio.FIRST_COMPLETED)
-    if not ending.done():  # the idle watch failed (a bug): serve on, never retire
-        log.error("idle watch failed, this worker will not retire: %r", idle.exception())
+    if not ending.done():  # the state did not fit, or the idle watch failed: serve on
+        if idle.exception() is not None:
+            log.error("idle watch failed, this worker will not retire: %r", idle.exception())
         await ending
     idle.cancel()
     log.info("shutting down")
@@ -367,8 +368,10 @@ async def _retire_when_idle(server, api, shim, reaper, link, ours: set) -> None:
             since = None
         elif since is None:
             since = loop.time()
-        elif loop.time() - since >= IDLE_RETIRE and _retire(shim, link):
-            os._exit(0)  # nothing to tear down: every fd it needed is the keeper's now
+        elif loop.time() - since >= IDLE_RETIRE:
+            if _retire(shim, link):
+                os._exit(0)  # nothing to tear down: every fd it needed is the keeper's now
+            return  # its state does not fit in a message: this worker stays
 
 
 def _retire(shim, link) -> bool:
@@ -393,7 +396,8 @@ def _retire(shim, link) -> bool:
     try:
         socket.send_fds(link.channel, [message.encode()], fds)
     except OSError as exc:  # EMSGSIZE, too many fds
-        logging.getLogger("shimd").warning("cannot hand over to the keeper (%s): serving on", exc)
+        logging.getLogger("shimd").warning("cannot hand over to the keeper (%s): this worker "
+                                           "serves on and will not retire", exc)
         return False
     return True
 

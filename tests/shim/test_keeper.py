@@ -170,6 +170,28 @@ def test_an_oom_kill_wakes_the_keeper(shims, workdir):
     assert shim.stub.State(pb.StateRequest(id=shim.id)).status == pb.RUNNING
 
 
+def test_a_worker_whose_state_does_not_fit_a_message_stays(shims):
+    """An exec not started yet is part of the state; one with ~300 KB of environment does
+    not fit the keeper's socket: the worker serves on instead of losing it."""
+    shim = shims(["sleep", "1000"])
+    shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
+    shim.stub.Start(pb.StartRequest(id=shim.id))
+    process = json.loads((shim.bundle / "config.json").read_text())["process"]
+    process["args"] = ["sh", "-c", 'exit ${#B2}']
+    process["env"] = [*process.get("env", []), *(f"B{i}=" + "x" * 100_000 for i in range(3))]
+    shim.stub.Exec(pb.ExecRequest(id=shim.id, exec_id="big", process=json.dumps(process).encode()))
+    worker = shim.worker()
+    retire_attempt = "cannot hand over to the keeper"
+    shim.channel.close()
+    eventually(lambda: retire_attempt in shim.log(), what="a retirement tried")
+    assert workers(shim) == [worker]
+    shim.channel = grpc.insecure_channel(shim.address)
+    shim.stub = shim_pb2_grpc.ShimStub(shim.channel)
+    shim.stub.Start(pb.StartRequest(id=shim.id, exec_id="big"))
+    assert shim.stub.Wait(pb.WaitRequest(id=shim.id, exec_id="big"),
+                          timeout=20).exit_status == 100_000 % 256
+
+
 def test_a_worker_that_dies_ends_the_shim(shims):
     shim = shims(["sleep", "1000"])
     shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)

@@ -54,6 +54,7 @@ log = logging.getLogger("shimd")
 PR_SET_PDEATHSIG = 1
 MESSAGE_MAX = 1 << 20
 FDS_MAX = 250  # SCM_MAX_FD is 253 per message
+FORK_RETRY = 0.5  # seconds between tries to fork a worker when a fork failed
 
 
 class Keeper:
@@ -80,6 +81,7 @@ class Keeper:
         self._ending = False  # the worker said the shim ends
         self._stopping = False  # SIGTERM with no worker to pass it to
         self._wake = (-1, -1)
+        self._retry_at = 0.0  # a fork failed (a pids limit): work waits until then
 
     # --- the loop ----------------------------------------------------------------------
 
@@ -94,11 +96,16 @@ class Keeper:
             watched = self._watched()
             for fd in watched:
                 poll.register(fd, select.POLLIN)
+            backoff = self._retry_at - time.monotonic()
             try:
-                ready = poll.poll()
+                ready = poll.poll(max(backoff, 0) * 1000 if self._retry_at else None)
             finally:
                 for fd in watched:
                     poll.unregister(fd)
+            if self._retry_at and time.monotonic() >= self._retry_at:
+                self._retry_at = 0.0
+                if not self.worker and not self._ending:
+                    self._spawn()  # whatever was waiting is still there, or it goes idle again
             for fd, _ in ready:
                 if fd == self._wake[0]:
                     self._signals()
@@ -115,6 +122,8 @@ class Keeper:
         if self.worker:
             if self.channel is not None:
                 fds.append(self.channel.fileno())
+            return fds
+        if self._retry_at:  # readable as they are: polled again once a fork may work
             return fds
         fds.append(self.listener.fileno())
         return fds + [self.fds[i] for i in self.wake]
@@ -148,7 +157,7 @@ class Keeper:
                 with contextlib.suppress(OSError):
                     self.channel.send(json.dumps({"exit": exit}).encode())
         # after the loop: a worker spawned inside it would have its exit reaped as an orphan's
-        if self.exits and not self.worker and not self._ending:
+        if self.exits and not self.worker and not self._ending and not self._retry_at:
             self._spawn()
 
     # --- workers -----------------------------------------------------------------------
@@ -156,7 +165,15 @@ class Keeper:
     def _spawn(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         keeper = os.getpid()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # EAGAIN under a pids limit: the container keeps its shim
+            ours.close()
+            theirs.close()
+            log.warning("cannot fork a shim worker (%s): trying again in %.1f s",
+                        exc.strerror, FORK_RETRY)
+            self._retry_at = time.monotonic() + FORK_RETRY
+            return
         if pid == 0:
             code = 1
             try:

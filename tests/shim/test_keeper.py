@@ -192,6 +192,33 @@ def test_a_worker_whose_state_does_not_fit_a_message_stays(shims):
                           timeout=20).exit_status == 100_000 % 256
 
 
+PIDS_ROOT = Path("/sys/fs/cgroup/pids")
+
+
+def test_a_keeper_that_cannot_fork_a_worker_tries_again(shims):
+    """A pids limit on the keeper: a call waits (the connection in the socket's backlog)
+    until a fork works again; the shim and its container carry on."""
+    shim = shims(["sleep", "1000"])
+    shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
+    shim.stub.Start(pb.StartRequest(id=shim.id))
+    retire(shim)
+    cgroup = PIDS_ROOT / f"runtimed-test-keeper-{os.getpid()}"
+    cgroup.mkdir()
+    try:
+        (cgroup / "cgroup.procs").write_text(str(shim.pid))
+        (cgroup / "pids.max").write_text("1")
+        state = shim.stub.State.future(pb.StateRequest(id=shim.id), timeout=30)
+        eventually(lambda: "cannot fork a shim worker" in shim.log(), what="a failed fork")
+        assert not state.done() and shim.alive()
+        (cgroup / "pids.max").write_text("max")
+        assert state.result().status == pb.RUNNING
+    finally:
+        (PIDS_ROOT / "cgroup.procs").write_text(str(shim.pid))
+        for pid in (cgroup / "cgroup.procs").read_text().split():  # its worker, if any
+            (PIDS_ROOT / "cgroup.procs").write_text(pid)
+        cgroup.rmdir()
+
+
 def test_a_worker_that_dies_ends_the_shim(shims):
     shim = shims(["sleep", "1000"])
     shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)

@@ -1,5 +1,7 @@
 """Run one shim: detach from whoever started it, become child subreaper, serve the shim
-API on a unix socket, and publish the socket's address atomically in the bundle.
+API on a unix socket, and publish the socket's address atomically in the bundle. The
+process that stays is the shim's keeper (shimd/keeper.py); the serving is done by the
+workers it forks (`_work`), each until it has been idle for IDLE_RETIRE.
 
 `launch` is what the `shimd` command does: it forks, the child starts a new session and
 serves, and the parent prints the address once the child is ready and exits, leaving the
@@ -247,6 +249,36 @@ def _hung_up(fd: int) -> bool:
         probe.close()
 
 
+async def _take_claim(keeper, link, sock: Path):
+    """A spare's claim, read from its lifeline (`_claim`) and taken: the keeper takes the
+    container's name, log and cwd first (a keeper that cannot, stopped or gone, leaves
+    runtimed's claim to time out), then this worker, then `address` and `shim.pid`. The
+    writer to answer the claim on; None when there is none or it cannot be served."""
+    from shimd.outbox import write_atomic
+
+    claimed = await _claim(keeper.lifeline)
+    if claimed is None:
+        return None
+    _, writer, (id, namespace, bundle) = claimed
+    answer = await link.request({"claim": {"id": id, "namespace": namespace,
+                                           "bundle": str(bundle)}})
+    try:
+        if not answer.get("claimed"):
+            raise OSError(answer.get("error", "the keeper refused the claim"))
+        if _hung_up(keeper.lifeline):
+            raise OSError("runtimed hung up after its claim")
+        _become(id, bundle, worker=True)
+        _configure_logging(id, namespace)
+        write_atomic(bundle / "address", f"unix://{sock}".encode())
+        write_atomic(bundle / "shim.pid", str(os.getppid()).encode())
+    except OSError as exc:  # the bundle is gone (a claim whose runtimed died, then cleaned up)
+        logging.getLogger("shimd").error("cannot serve %s: %s", bundle, exc)
+        writer.close()
+        return None
+    keeper.placement = (id, namespace, bundle)
+    return writer
+
+
 def _work(keeper, channel) -> int:
     """A worker's life (shimd/keeper.py): serve until idle, then hand back; or until the
     shim ends. A spare's first worker learns its container from the lifeline; later ones
@@ -265,7 +297,6 @@ async def _serve(keeper, channel) -> int:
     import json
 
     from shimd import service
-    from shimd.outbox import write_atomic
     from shimd.reaper import Reaper
     from shimd.shim import Shim
 
@@ -280,39 +311,17 @@ async def _serve(keeper, channel) -> int:
     await server.start(sock=keeper.listener)
     sock = Path(keeper.listener.getsockname())
     writer = None
-    lifeline = keeper.lifeline
     if keeper.placement is None:  # a spare's first worker
-        claimed = await _claim(lifeline)
-        if claimed is None:
+        writer = await _take_claim(keeper, link, sock)
+        if writer is None:
             await server.stop(0)
             link.send({"shutdown": True})
             return 0
-        _, writer, (id, namespace, bundle) = claimed
-        # the keeper takes the container's name, log and cwd before anything is answered
-        # (a keeper that cannot, stopped or gone, leaves runtimed's claim to time out)
-        answer = await link.request({"claim": {"id": id, "namespace": namespace,
-                                               "bundle": str(bundle)}})
-        try:
-            if not answer.get("claimed"):
-                raise OSError(answer.get("error", "the keeper refused the claim"))
-            if _hung_up(lifeline):
-                raise OSError("runtimed hung up after its claim")
-            _become(id, bundle, worker=True)
-            _configure_logging(id, namespace)
-            write_atomic(bundle / "address", f"unix://{sock}".encode())
-            write_atomic(bundle / "shim.pid", str(api.shim_pid).encode())
-            keeper.placement = (id, namespace, bundle)
-        except OSError as exc:  # the bundle is gone (a claim whose runtimed died, then cleaned up)
-            log.error("cannot serve %s: %s", bundle, exc)
-            await server.stop(0)
-            link.send({"shutdown": True})
-            return 1
     if keeper.state is not None:
         shim = Shim.restore(json.loads(keeper.state), keeper.fds, reaper)
     else:
         shim = Shim(keeper.placement[0], Path(keeper.placement[2]), reaper)
         log.info("serving on unix://%s%s", sock, " (a spare, claimed)" if writer else "")
-    set_name(shim.id, worker=True)
     shim.shim_pid = api.shim_pid
     api.shim = shim
     link.catch_up(keeper.exits)

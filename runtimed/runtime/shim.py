@@ -468,21 +468,35 @@ def shim_pid_file(bundle: Path) -> int:
         return 0
 
 
-def works_in(pid: int, bundle: Path) -> bool:
-    """Whether process `pid` works in `bundle`: a shim's cwd is its bundle (and follows a
-    rename of it), so a pid some other process got since is never taken for the shim."""
-    try:
+def shim_running(bundle: Path, pid: int = 0) -> bool | None:
+    """Whether the shim of `bundle` runs: process `pid` (default: the one its shim.pid
+    names) alive and working in `bundle` (a shim's cwd is its bundle and follows a rename
+    of it, so a pid some other process got since is never taken for the shim). True: it
+    runs there; False: gone, a zombie (it has no cwd), working elsewhere, or no pid file;
+    None: cannot tell (out of fds, say), which a caller must never take for dead."""
+    if pid <= 0:
+        try:
+            pid = int((bundle / "shim.pid").read_text())
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            return False
+        except OSError:
+            return None
+        if pid <= 0:
+            return False
+    try:  # a readlink: no fd needed
         return os.readlink(f"/proc/{pid}/cwd") == os.path.realpath(bundle)
-    except OSError:
+    except (FileNotFoundError, ProcessLookupError):
         return False
+    except OSError:
+        return None
 
 
 def shim_pidfd(pid: int, bundle: Path) -> int:
     """A pidfd for the shim `pid` working in `bundle`, or -1 (gone, or the pid is another
-    process's by now). Checked after the open: the pidfd then names the shim, whatever
-    happens to the number later."""
+    process's by now, or that cannot be told). Checked after the open: the pidfd then
+    names the shim, whatever happens to the number later."""
     pidfd = pidfd_of(pid)
-    if pidfd >= 0 and not works_in(pid, bundle):
+    if pidfd >= 0 and not shim_running(bundle, pid):
         os.close(pidfd)
         return -1
     return pidfd

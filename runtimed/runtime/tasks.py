@@ -56,7 +56,7 @@ from runtimed.runtime.shim import (
     read_info,
     remove_bundle,
     shim_pid_file,
-    works_in,
+    shim_running,
 )
 from runtimed.snapshots import mount as mounts
 from shimd.outbox import read_after
@@ -199,11 +199,13 @@ class TaskManager:
         bundle = self.shims.bundle_path(namespace, id)
         shim: ShimClient | None = None
         info = BundleInfo(namespace, id, binary, bool(rootfs))
+        made = False  # the bundle: before it, nothing of this create's to discard
         try:
             pending = self._removals.get(key)
             if pending is not None:  # the previous shim of this id is still exiting
                 with contextlib.suppress(Exception):  # (its failure is not this create's)
                     await asyncio.shield(pending)
+            made = True
             await asyncio.to_thread(self._write_bundle, bundle, info, spec, rootfs)
             shim = await self.shims.start(namespace, id, bundle)
             response = await shim.call("Create", shim_pb2.CreateRequest(
@@ -212,6 +214,8 @@ class TaskManager:
                                      stderr=stdio.stderr, terminal=stdio.terminal),
             ))
         except BaseException:
+            if not made:  # cancelled while the previous shim exits: its bundle, not ours
+                raise
             # runs to its end even when the caller goes (a client's deadline during it left
             # the bundle and its mounts behind); a create of the same id waits for it
             discarding = asyncio.ensure_future(self._discard(shim, info, bundle))
@@ -312,7 +316,11 @@ class TaskManager:
 
     def _track_removal(self, key: tuple[str, str], removal: asyncio.Future) -> None:
         """A create of the same id waits for `removal` (the old shim must be gone first:
-        it removes its socket and address by path when it exits)."""
+        it removes its socket and address by path when it exits). One still pending is
+        waited for as well, never replaced."""
+        previous = self._removals.get(key)
+        if previous is not None and previous is not removal and not previous.done():
+            removal = asyncio.ensure_future(_after_both(previous, removal))
         self._removals[key] = removal
 
         def forget(done: asyncio.Future) -> None:
@@ -361,12 +369,12 @@ class TaskManager:
         if not self.trash.is_dir():
             return
         for retired in sorted(self.trash.iterdir()):
-            pid = _shim_pid_in(retired)
-            if pid:
+            pid = shim_pid_file(retired)
+            if pid and shim_running(retired, pid):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
                 deadline = time.monotonic() + 2
-                while _shim_pid_in(retired) and time.monotonic() < deadline:
+                while shim_running(retired, pid) is not False and time.monotonic() < deadline:
                     time.sleep(0.01)
             with contextlib.suppress(OSError):
                 _unmount_rootfs(retired / "rootfs")
@@ -410,7 +418,7 @@ class TaskManager:
         except Unavailable:
             if not exec_id:
                 for _ in range(40):  # a killed shim closes its sockets a moment before it dies
-                    if not _shim_alive(task.bundle):
+                    if shim_running(task.bundle) is False:
                         # the shim died under the wait: report what its TaskExit event says
                         return ExitStatus(_init_pid(task.bundle), DEAD_SHIM_EXIT,
                                           _ts(time.time()))
@@ -548,8 +556,8 @@ class TaskManager:
                     continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), POLL)
-                if pidfd is None and not _shim_alive(task.bundle):
-                    exited = True
+                if pidfd is None and shim_running(task.bundle) is False:
+                    exited = True  # (None, cannot tell: polled again)
         finally:
             self.outboxes.unwatch(task.bundle)
             if pidfd is not None and pidfd >= 0:
@@ -574,7 +582,7 @@ class TaskManager:
             task.init_exit_published = True
             task.init_exit = ExitStatus(event.pid, event.exit_status, event.exited_at)
         task.published = event.seq
-        _record_published(task)
+        _record_published(task)  # never raises: a failed write is logged
         async with task.progress:
             task.progress.notify_all()
 
@@ -635,7 +643,7 @@ class TaskManager:
                 address = (bundle / "address").read_text().strip()
             except FileNotFoundError:
                 address = ""
-            if not address or not _shim_alive(bundle):
+            if not address or shim_running(bundle) is False:  # (cannot tell: connect)
                 log.warning("%s/%s: shim is gone", namespace, id)
                 task = Task(namespace, id, bundle, ShimClient(id, "unix:///dev/null", bundle),
                             info, published, init_exit)
@@ -646,7 +654,8 @@ class TaskManager:
             except RuntimedError as exc:  # alive: keep it; the relay retries until it answers
                 log.warning("%s/%s: shim alive but not answering yet (%s)", namespace, id, exc)
                 shim = ShimClient(id, address, bundle)
-                shim.pid = _shim_pid_in(bundle)  # the one working in it, to wait for
+                pid = shim_pid_file(bundle)  # the one working in it, to wait for
+                shim.pid = pid if shim_running(bundle, pid) is not False else 0
             task = Task(namespace, id, bundle, shim, info, published, init_exit)
             try:
                 await shim.call("State", shim_pb2.StateRequest(id=id), CONNECT_TIMEOUT)
@@ -730,16 +739,22 @@ def _record_to_event(record: dict) -> shim_pb2.Event:
 def _record_published(task: Task) -> None:
     """Rewrite `published` in place: one pwrite of a fixed-size record (JSON padded with
     spaces), which a reader sees whole, where temp + rename cost a journal transaction per
-    event. The file only grows from empty (a crash right after creating it reads as 0)."""
+    event. The file only grows from empty (a crash right after creating it reads as 0).
+    A write that fails (out of fds, say) is logged and loses nothing: the event is
+    published, and the worst case is that a restart publishes it again; the shim only
+    trims later."""
     data = json.dumps({"seq": task.published, "init_exit": task.init_exit_published}).encode()
     try:
         fd = os.open(task.bundle / "published", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.pwrite(fd, data.ljust(PUBLISHED_SIZE), 0)
+        finally:
+            os.close(fd)
     except FileNotFoundError:  # the bundle is gone
-        return
-    try:
-        os.pwrite(fd, data.ljust(PUBLISHED_SIZE), 0)
-    finally:
-        os.close(fd)
+        pass
+    except OSError as exc:
+        log.warning("%s/%s: published not recorded (seq %d): %s", task.namespace, task.id,
+                    task.published, exc)
 
 
 def _write_new(path: Path, data: bytes) -> None:
@@ -782,17 +797,10 @@ def _unmount_rootfs(rootfs: Path) -> None:
         raise
 
 
-def _shim_pid_in(bundle: Path) -> int:
-    """The pid of the shim still running in a bundle, retired or not (its working
-    directory), or 0."""
-    pid = shim_pid_file(bundle)
-    return pid if pid and works_in(pid, bundle) else 0
-
-
 def _shim_pidfd(task: Task) -> int | None:
     """A pidfd for the task's shim; -1 when it is gone (or its pid is some other process's
-    by now: the process must work in the bundle); None when none can be opened (out of
-    fds). The pid the shim wrote in its bundle first (the long-lived process that holds
+    by now: the process must work in the bundle); None when none can be opened or that
+    cannot be told (out of fds). The pid the shim wrote in its bundle first (the long-lived process that holds
     the container), else the one its Connect reported."""
     for pid in dict.fromkeys((shim_pid_file(task.bundle), task.shim.pid)):
         if pid <= 0:
@@ -805,24 +813,19 @@ def _shim_pidfd(task: Task) -> int | None:
             log.warning("%s/%s: no pidfd for shim %d: %s; polling whether it runs",
                         task.namespace, task.id, pid, exc)
             return None
-        if works_in(pid, task.bundle):
+        running = shim_running(task.bundle, pid)
+        if running:
             return pidfd
         os.close(pidfd)
+        if running is None:
+            log.warning("%s/%s: cannot tell whether shim %d runs; polling", task.namespace,
+                        task.id, pid)
+            return None
+    if shim_running(task.bundle) is None:  # its pid file could not be read
+        return None
     return -1
 
 
-def _shim_alive(bundle: Path) -> bool:
-    try:
-        pid = int((bundle / "shim.pid").read_text())
-    except (FileNotFoundError, ValueError):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
+async def _after_both(first: asyncio.Future, second: asyncio.Future) -> None:
+    """Done once both are (a removal tracked while another of the same id was pending)."""
+    await asyncio.wait({first, second})

@@ -560,6 +560,46 @@ def test_a_failed_create_removes_the_bundle_only_once_its_shim_is_gone(client, d
             os.kill(pid, signal.SIGCONT)
 
 
+def test_a_create_cancelled_while_the_previous_shim_exits_leaves_that_shims_bundle(
+        client, daemon, tmp_path):
+    """A create that waits for the removal of a failed create's shim (the keeper stopped,
+    as above) and is cancelled meanwhile (its deadline) made nothing, so it discards
+    nothing: the bundle stays while that shim lives (it ran `runtime delete --force` and
+    removed the bundle under it, and replaced the pending removal with its own)."""
+    out = tmp_path / "shim-pid"
+
+    def hook(spec):
+        spec["hooks"] = {"createRuntime": [{"path": sys.executable, "args": [
+            sys.executable, "-c", STOP_THE_SHIM, str(out), "keeper"]}]}
+
+    client.container("stuck", ["true"], edit=hook)
+    bundle = daemon.state / "tasks" / "tt" / "stuck"
+    with pytest.raises(grpc.RpcError):
+        client.create_task("stuck", timeout=3)
+    pid = int(out.read_text())
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            client.create_task("stuck", timeout=1)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert _alive(pid)  # the first create's removal still waits for it
+        for _ in range(600):
+            alive = _alive(pid)
+            assert bundle.exists() or not alive
+            if not alive:
+                break
+            time.sleep(0.01)
+        assert not _alive(pid)
+        for _ in range(600):
+            if not bundle.exists():
+                break
+            time.sleep(0.05)
+        assert not bundle.exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGCONT)
+
+
 def _alive(pid: int) -> bool:
     try:
         stat = open(f"/proc/{pid}/stat").read()

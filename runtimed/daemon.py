@@ -247,8 +247,20 @@ def _setup_logging(level: str, fmt: str) -> None:
         )
 
 
+def _raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: runtimed holds a pidfd per task, so ~1000
+    tasks would hit systemd's default soft 1024 (containerd's unit sets
+    LimitNOFILE=infinity). Children inherit it, as containerd's shims do."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     _limit_malloc_retention()
+    _raise_fd_limit()
     parser = argparse.ArgumentParser(prog="runtimed", description="container runtime daemon")
     parser.add_argument("--config", help="TOML file with the same keys as these flags")
     parser.add_argument("--address", help="unix socket to serve on")

@@ -55,6 +55,11 @@ if sys.argv[3] == "starved":  # as out of inotify watches and of fds for pidfds
 
     outboxes.OutboxWatcher.watch = no_watch
     tasks._shim_pidfd = lambda task: None
+elif sys.argv[3] == "low-fd-limit":  # as systemd's default soft limit
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE,
+                       (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 sys.exit(daemon.main(sys.argv[4:]))
 """
 
@@ -204,3 +209,13 @@ def test_without_inotify_or_pidfds_the_relay_polls(starved, client, daemon):
     _wait_until(lambda: not bundle.exists(), "the dead shim's bundle removed")
     events.close()
     assert "outbox not watched" in daemon.log_text()
+
+
+def test_runtimed_raises_its_soft_fd_limit_to_the_hard_one(client, daemon, monkeypatch):
+    """One pidfd per task: a soft limit of 1024 (systemd's default) would run out at ~1000
+    tasks, so runtimed raises it to the hard limit at start."""
+    _restart_recording(client, daemon, monkeypatch, "low-fd-limit")
+    with open(f"/proc/{daemon.proc.pid}/limits") as limits:
+        line = next(line for line in limits if line.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    assert soft == hard != "1024", line

@@ -4,7 +4,11 @@ their events without holding a call open to any shim.
 One inotify fd for all tasks, read on the event loop; a watch per bundle directory (the
 shim appends to the file, and replaces it by temp + rename when it trims it), filtered to
 the outbox's name. A notification only says "look again": `OutboxReader` reads what was
-appended since its last read.
+appended since its last read. Only closes after a write and renames are watched: every
+writer of an outbox closes it after each append (shimd/outbox.py `Outbox.append`,
+`write_atomic`; the kernel closes a dead writer's fds), so a line is complete by then,
+and a modify per write would only double the wake-ups. When the kernel's queue
+overflows (notifications dropped), every callback is called.
 """
 
 from __future__ import annotations
@@ -21,14 +25,13 @@ from shimd.outbox import parse
 
 OUTBOX = "events.jsonl"
 
-IN_MODIFY = 0x2
 IN_CLOSE_WRITE = 0x8
 IN_MOVED_TO = 0x80
-IN_CREATE = 0x100
+IN_Q_OVERFLOW = 0x4000
 IN_IGNORED = 0x8000
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
-MASK = IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE
+MASK = IN_CLOSE_WRITE | IN_MOVED_TO
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then the name, NUL-padded)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -89,6 +92,12 @@ class OutboxWatcher:
             wd, mask, _, size = _EVENT.unpack_from(data, offset)
             name = data[offset + _EVENT.size: offset + _EVENT.size + size].rstrip(b"\0")
             offset += _EVENT.size + size
+            if mask & IN_Q_OVERFLOW:  # (wd -1) some were dropped: everyone looks again
+                for known, callback in list(self._callbacks.items()):
+                    if known not in woken:
+                        woken.add(known)
+                        callback()
+                continue
             if mask & IN_IGNORED:  # the directory was removed (or the watch taken off)
                 callback = self._callbacks.pop(wd, None)
                 for bundle, known in list(self._wds.items()):
@@ -103,8 +112,9 @@ class OutboxWatcher:
 
 class OutboxReader:
     """Reads a live outbox incrementally, without ever changing it: from where the last
-    read ended, or from the start when the shim replaced the file (a trim). By path, no fd
-    held between reads; `pin()` before the bundle is moved (Delete retires it to the trash
+    read ended, or from the start when the shim replaced the file (a trim: a new inode,
+    or the inode of a file removed since, then told by its first line, the trim's
+    `{"acked": N}` with N rising). By path, no fd held between reads; `pin()` before the bundle is moved (Delete retires it to the trash
     while its last events are relayed) and reads go through the directory's fd."""
 
     def __init__(self, bundle: Path):
@@ -112,6 +122,7 @@ class OutboxReader:
         self._dir = -1
         self._inode = 0
         self._offset = 0
+        self._head = b""  # the file's first line, once read
 
     def pin(self) -> None:
         """Follow the bundle directory wherever it is moved from now on."""
@@ -130,8 +141,9 @@ class OutboxReader:
             return []
         try:
             st = os.fstat(fd)
-            if st.st_ino != self._inode or st.st_size < self._offset:
-                self._inode, self._offset = st.st_ino, 0
+            if (st.st_ino != self._inode or st.st_size < self._offset
+                    or (self._head and os.pread(fd, len(self._head), 0) != self._head)):
+                self._inode, self._offset, self._head = st.st_ino, 0, b""
             data = b""
             while chunk := os.pread(fd, max(st.st_size - self._offset, 1 << 16),
                                     self._offset + len(data)):
@@ -139,6 +151,8 @@ class OutboxReader:
         finally:
             os.close(fd)
         whole = data.rfind(b"\n") + 1
+        if not self._head and self._offset == 0:
+            self._head = data[: data.find(b"\n") + 1]
         self._offset += whole
         return parse(data[:whole])[1]
 

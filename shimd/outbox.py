@@ -1,5 +1,7 @@
 """The event outbox: every lifecycle event is appended to a file in the bundle and kept
-until runtimed acknowledges it, so events survive a runtimed restart in order.
+until runtimed's record `published` (next to it) says runtimed has published it, so
+events survive a runtimed restart in order. runtimed follows the file; nothing is sent
+back: the shim trims by that record.
 
 No fsync here (nor in `write_atomic`): these files live in the state dir, which is per
 boot. A crash of runtimed or of the shim loses nothing the kernel already has; only a
@@ -7,7 +9,7 @@ machine crash would, and that takes every container and shim with it, so the fil
 would be stale anyway. fsyncs cost ~2.5 ms each on this disk, ~20 per lifecycle.
 
 File format: JSON lines. The first line may be `{"acked": N}`, the highest sequence
-number runtimed has acknowledged; sequence numbers keep rising past trims.
+number trimmed (runtimed had published it); sequence numbers keep rising past trims.
 """
 
 from __future__ import annotations
@@ -56,6 +58,25 @@ def read_after(path: Path, seq: int) -> list[dict]:
     except FileNotFoundError:
         return []
     return [e for e in parse(data)[1] if e["seq"] > seq]
+
+
+def published_seq(path: Path) -> int | None:
+    """The sequence number in runtimed's record `published`, or None. runtimed rewrites it
+    in place (one pwrite), so a read racing that write may be torn ("199" becoming "200"
+    read as "299", past what was published): it is read until two reads agree."""
+    last = None
+    for _ in range(20):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        if data == last:
+            try:
+                return int(json.loads(data)["seq"])
+            except (ValueError, KeyError, TypeError):
+                return None
+        last = data
+    return None
 
 
 class Outbox:
@@ -108,11 +129,9 @@ class Outbox:
         (`{"seq": N, ...}`, written in place). runtimed follows the file and sends no Acks
         (a call would wake a retired worker, shimd/keeper.py); the shim trims when its
         worker retires and whenever many events have piled up."""
-        try:
-            seq = int(json.loads(self.path.with_name("published").read_bytes())["seq"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return
-        self.ack(seq)
+        seq = published_seq(self.path.with_name("published"))
+        if seq is not None:
+            self.ack(seq)
 
     def ack(self, seq: int) -> None:
         if seq <= self.acked:

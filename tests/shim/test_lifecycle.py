@@ -99,6 +99,31 @@ def test_outbox_ignores_a_torn_last_line(tmp_path):
     assert [e["seq"] for e in Outbox(path).after(0)] == [1, 2]
 
 
+def test_outbox_trims_by_published_read_until_two_reads_agree(tmp_path, monkeypatch):
+    """runtimed rewrites `published` in place while the shim may read it: a torn read
+    ("19" becoming "20" read as "29") must not trim events runtimed has not published.
+    The race cannot be timed in a test, so the reads are scripted: torn, then whole."""
+    from pathlib import Path
+
+    path = tmp_path / "events.jsonl"
+    box = Outbox(path)
+
+    async def fill():
+        for _ in range(30):
+            await box.append("/tasks/oom")
+
+    asyncio.run(fill())
+    published = tmp_path / "published"
+    torn, whole = (b'{"seq": %d, "init_exit": false}'.ljust(64) % seq for seq in (29, 20))
+    reads = iter([torn, whole, whole])
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes",
+                        lambda self: next(reads) if self == published else read_bytes(self))
+    box.trim()
+    assert box.acked == 20
+    assert [e["seq"] for e in Outbox(path).after(0)] == list(range(21, 31))
+
+
 def test_reaper_keeps_early_exits_but_not_stale_ones():
     import os
     import time

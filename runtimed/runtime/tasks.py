@@ -741,8 +741,8 @@ def _record_published(task: Task) -> None:
     spaces), which a reader sees whole, where temp + rename cost a journal transaction per
     event. The file only grows from empty (a crash right after creating it reads as 0).
     A write that fails (out of fds, say) is logged and loses nothing: the event is
-    published, and the worst case is that a restart publishes it again; the shim only
-    trims later."""
+    published, the worst case is that a restart publishes it again, and the shim, which
+    trims its outbox by this record, only trims later."""
     data = json.dumps({"seq": task.published, "init_exit": task.init_exit_published}).encode()
     try:
         fd = os.open(task.bundle / "published", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)

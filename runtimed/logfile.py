@@ -105,9 +105,13 @@ class RotatingFile:
     Writes are cut at line ends where one fits, so a record stays whole in one file unless
     it is longer than `max_size` by itself."""
 
-    def __init__(self, path: str, max_size: int, max_file: int):
+    def __init__(self, path: str, max_size: int, max_file: int, fd: int | None = None):
+        """`fd`: the file already open (a shim's next worker takes it over, shimd/keeper.py:
+        the path may be gone or unwritable by then)."""
         self.path, self.max_size, self.max_file = path, max_size, max_file
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        if fd is None:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self.fd = fd
         self.size = os.fstat(self.fd).st_size
 
     def write(self, data: bytes | bytearray) -> int:

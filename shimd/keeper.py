@@ -53,13 +53,13 @@ log = logging.getLogger("shimd")
 
 PR_SET_PDEATHSIG = 1
 MESSAGE_MAX = 1 << 20
-FDS_MAX = 250  # SCM_MAX_FD is 253 per message
+FDS_MAX = 253  # SCM_MAX_FD: the most fds one message carries (a worker with more serves on)
 FORK_RETRY = 0.5  # seconds between tries to fork a worker when a fork failed
 
 
 class Keeper:
     """The keeper's loop. `work(keeper, channel)` runs in each forked worker and returns
-    its exit status; `on_claim(claim)` makes this process the claimed spare's shim."""
+    its exit status; `on_claim(id, bundle)` makes this process the claimed spare's shim."""
 
     def __init__(self, listener: socket.socket, work, placement: tuple | None = None,
                  on_claim=None, lifeline: int = -1):
@@ -75,19 +75,21 @@ class Keeper:
         self.wake: list[int] = []
         self.exits: list[list] = []  # [n, pid, code, at] reaped here, not yet seen by a worker
         self._numbered = 0
+        self._sent = 0  # the last exit number sent to the running worker
         self.worker = 0
         self.channel: socket.socket | None = None
-        self._retired: tuple[dict, list[int], int] | None = None
+        self._retired: tuple[bytes, list[int], list[int], int] | None = None
         self._ending = False  # the worker said the shim ends
         self._stopping = False  # SIGTERM with no worker to pass it to
-        self._wake = (-1, -1)
+        self._terminated = False  # SIGTERM passed to a worker, which may retire instead
+        self._signal_pipe = (-1, -1)
         self._retry_at = 0.0  # a fork failed (a pids limit): work waits until then
 
     # --- the loop ----------------------------------------------------------------------
 
     def run(self) -> int:
-        self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(self._wake[1])
+        self._signal_pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._signal_pipe[1])
         for signum in (signal.SIGCHLD, signal.SIGTERM):
             signal.signal(signum, _noted)
         self._spawn()  # a shim starts with work to do: Create (or a spare's claim) follows
@@ -96,6 +98,8 @@ class Keeper:
             watched = self._watched()
             for fd in watched:
                 poll.register(fd, select.POLLIN)
+            if self.channel is not None and self._sent < self._numbered:
+                poll.modify(self.channel, select.POLLIN | select.POLLOUT)  # exits to send
             backoff = self._retry_at - time.monotonic()
             try:
                 ready = poll.poll(max(backoff, 0) * 1000 if self._retry_at else None)
@@ -106,10 +110,12 @@ class Keeper:
                 self._retry_at = 0.0
                 if not self.worker and not self._ending:
                     self._spawn()  # whatever was waiting is still there, or it goes idle again
-            for fd, _ in ready:
-                if fd == self._wake[0]:
+            for fd, events in ready:
+                if fd == self._signal_pipe[0]:
                     self._signals()
                 elif self.channel is not None and fd == self.channel.fileno():
+                    if events & select.POLLOUT:
+                        self._send_exits()
                     self._receive()
                 elif not self.worker:
                     self._spawn()  # a connection, stdio or an OOM event: a worker's job
@@ -118,7 +124,7 @@ class Keeper:
         return 0
 
     def _watched(self) -> list[int]:
-        fds = [self._wake[0]]
+        fds = [self._signal_pipe[0]]
         if self.worker:
             if self.channel is not None:
                 fds.append(self.channel.fileno())
@@ -130,9 +136,10 @@ class Keeper:
 
     def _signals(self) -> None:
         with contextlib.suppress(BlockingIOError):
-            received = os.read(self._wake[0], 64)
+            received = os.read(self._signal_pipe[0], 64)
             if signal.SIGTERM in received:
-                if self.worker:
+                if self.worker:  # it shuts down; if it was retiring, that is done below
+                    self._terminated = True
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(self.worker, signal.SIGTERM)
                 else:
@@ -144,21 +151,33 @@ class Keeper:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
             if pid == self.worker:
                 self._worker_exited(status)
                 continue
             self._numbered += 1
-            exit = [self._numbered, pid, exit_code(status), time.time()]
-            self.exits.append(exit)
-            if self.worker and self.channel is not None:
-                with contextlib.suppress(OSError):
-                    self.channel.send(json.dumps({"exit": exit}).encode())
+            self.exits.append([self._numbered, pid, exit_code(status), time.time()])
+        if self.worker:
+            self._send_exits()
         # after the loop: a worker spawned inside it would have its exit reaped as an orphan's
-        if self.exits and not self.worker and not self._ending and not self._retry_at:
+        elif self.exits and not self._ending and not self._retry_at:
             self._spawn()
+
+    def _send_exits(self) -> None:
+        """The exits the running worker has not been sent, in order; what the channel does
+        not take now goes when it polls writable (a worker busy for long)."""
+        for exit in self.exits:
+            if exit[0] <= self._sent or self.channel is None:
+                continue
+            try:
+                self.channel.send(json.dumps({"exit": exit}).encode())
+            except BlockingIOError:
+                return
+            except OSError:  # the worker is gone: its exit is next
+                return
+            self._sent = exit[0]
 
     # --- workers -----------------------------------------------------------------------
 
@@ -179,7 +198,7 @@ class Keeper:
             try:
                 ours.close()
                 signal.set_wakeup_fd(-1)
-                for fd in self._wake:
+                for fd in self._signal_pipe:
                     os.close(fd)
                 for signum in (signal.SIGCHLD, signal.SIGTERM):
                     signal.signal(signum, signal.SIG_DFL)
@@ -199,6 +218,7 @@ class Keeper:
             self.lifeline = -1
         self.fds, self.wake, self.state = [], [], None
         self.worker, self.channel, self._retired = pid, ours, None
+        self._sent = self.exits[-1][0] if self.exits else 0  # it has them from the fork
 
     def _receive(self) -> None:
         """Every message waiting on the channel (non-blocking)."""
@@ -228,6 +248,8 @@ class Keeper:
                 continue
             if "retire" in message:
                 self._retired = (state, fds, message["wake"], message["seen"])
+            elif "seen" in message:  # exits up to there are the worker's now
+                self.exits = [e for e in self.exits if e[0] > message["seen"]]
             elif "claim" in message and self.on_claim is not None:
                 claim = message["claim"]
                 try:
@@ -249,6 +271,8 @@ class Keeper:
         self.worker = 0
         if self._ending:
             return
+        if self._terminated and self._retired is not None:  # SIGTERM came as it retired
+            self._stopping = True
         if self._retired is None:
             log.error("shim worker ended (status %d) without handing its state back: the shim "
                       "ends", exit_code(status))

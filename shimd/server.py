@@ -193,6 +193,7 @@ def _remove(bundle: Path | None, sock: Path) -> None:
 SHUTDOWN_GRACE = 1.0
 CLAIM_LINE_MAX = 65536
 IDLE_RETIRE = 1.0  # seconds a worker waits, idle, before handing back to its keeper
+RETIRE_RETRY_MAX = 600.0  # the longest wait before a worker that could not retire tries again
 IDLE_CHECK = 0.25
 
 
@@ -366,6 +367,7 @@ async def _retire_when_idle(server, api, shim, reaper, link, ours: set) -> None:
 
     loop = asyncio.get_running_loop()
     since = None
+    wait = IDLE_RETIRE
     deliveries = reaper.deliveries
     while True:
         await asyncio.sleep(IDLE_CHECK)
@@ -377,10 +379,12 @@ async def _retire_when_idle(server, api, shim, reaper, link, ours: set) -> None:
             since = None
         elif since is None:
             since = loop.time()
-        elif loop.time() - since >= IDLE_RETIRE:
+        elif loop.time() - since >= wait:
             if _retire(shim, link):
                 os._exit(0)  # nothing to tear down: every fd it needed is the keeper's now
-            return  # its state does not fit in a message: this worker stays
+            # its state does not fit in a message (an exec not started with a huge spec,
+            # more fds than a message carries): serve on, and try again much later
+            since, wait = None, min(wait * 8, RETIRE_RETRY_MAX)
 
 
 def _retire(shim, link) -> bool:
@@ -389,30 +393,36 @@ def _retire(shim, link) -> bool:
     import json
     import socket
 
-    fds: list[int] = []
-    wake: list[int] = []
+    from shimd.keeper import FDS_MAX
 
-    def keep(fd: int, wake_on: bool = False) -> int:
-        fds.append(fd)
-        if wake_on:
-            wake.append(len(fds) - 1)
-        return len(fds) - 1
+    index: dict[int, int] = {}  # fd → its place in the message (one fd kept once)
+    woken: set[int] = set()  # the places of those the keeper polls
+
+    def keep(fd: int, wake: bool = False) -> int:
+        at = index.setdefault(fd, len(index))
+        if wake:
+            woken.add(at)
+        return at
 
     shim.outbox.trim()
-    state = json.dumps(shim.snapshot(lambda fd, wake=False: keep(fd, wake)))
+    state = json.dumps(shim.snapshot(keep))
     # the keeper reads the first line only and keeps the state as it is, for the next worker
-    message = json.dumps({"retire": True, "wake": wake, "seen": link.seen}) + "\n" + state
+    message = json.dumps({"retire": True, "wake": sorted(woken), "seen": link.seen})
     try:
-        socket.send_fds(link.channel, [message.encode()], fds)
+        if len(index) > FDS_MAX:
+            raise OSError(f"{len(index)} fds, one message carries {FDS_MAX}")
+        socket.send_fds(link.channel, [(message + "\n" + state).encode()], list(index))
     except OSError as exc:  # EMSGSIZE, too many fds
         logging.getLogger("shimd").warning("cannot hand over to the keeper (%s): this worker "
-                                           "serves on and will not retire", exc)
+                                           "serves on", exc)
         return False
     return True
 
 
 class _KeeperLink:
-    """The worker's end of the keeper's channel: exits the keeper reaped go to the reaper."""
+    """The worker's end of the keeper's channel: exits the keeper reaped go to the reaper,
+    in their order, each acknowledged (the keeper forgets it then), none before
+    `catch_up` (the shim must be restored first, so that its processes are waited for)."""
 
     def __init__(self, channel, reaper) -> None:
         import asyncio
@@ -420,20 +430,26 @@ class _KeeperLink:
         self.channel = channel
         self.reaper = reaper
         self.seen = 0
+        self._held: list[list] | None = []  # exits received before catch_up
         self._answer = None
         channel.setblocking(False)
         asyncio.get_running_loop().add_reader(channel.fileno(), self._receive)
 
     def catch_up(self, exits: list[list]) -> None:
-        """Exits reaped before this worker was forked."""
-        for exit in exits:
+        """Exits reaped before this worker was forked, then those received since."""
+        held, self._held = self._held, None
+        for exit in [*exits, *held]:
             self._deliver(exit)
 
     def _deliver(self, exit: list) -> None:
+        if self._held is not None:
+            self._held.append(exit)
+            return
         number, pid, code, at = exit
         if number > self.seen:
             self.seen = number
             self.reaper.deliver(pid, code, at)
+            self.send({"seen": number})
 
     def _receive(self) -> None:
         import json

@@ -46,8 +46,8 @@ class RotatingLog(logfile.RotatingFile):
     and stderr pumps, so their interleaved output rotates as one file; closed when the
     last pump releases it."""
 
-    def __init__(self, path: str, max_size: int, max_file: int):
-        super().__init__(path, max_size, max_file)
+    def __init__(self, path: str, max_size: int, max_file: int, fd: int | None = None):
+        super().__init__(path, max_size, max_file, fd)
         self.users = 0
 
     def release(self) -> None:
@@ -170,7 +170,8 @@ class Pump:
         """What restores this pump in the next worker (shimd/keeper.py); `keep(fd, wake)`
         hands an fd over and returns its index."""
         if isinstance(self.dst, RotatingLog):
-            dst = {"log": [self.dst.path, self.dst.max_size, self.dst.max_file]}
+            dst = {"log": [self.dst.path, self.dst.max_size, self.dst.max_file],
+                   "fd": keep(self.dst.fd)}
         else:
             dst = None if self.dst is None else {"fd": keep(self.dst)}
         return {"src": keep(self.src, wake=True), "dst": dst, "close_dst": self.close_dst,
@@ -182,7 +183,7 @@ class Pump:
         if dst is not None and "log" in dst:
             path, max_size, max_file = dst["log"]
             if path not in logs:
-                logs[path] = RotatingLog(path, max_size, max_file)
+                logs[path] = RotatingLog(path, max_size, max_file, fds[dst["fd"]])
             dst = logs[path]
         elif dst is not None:
             dst = fds[dst["fd"]]

@@ -99,17 +99,44 @@ def test_an_idle_shim_is_its_keeper_alone_and_wakes_for_stdin_calls_and_exits(sh
         os.close(reader)
 
 
+def test_exits_of_a_retired_shim_with_no_stdio_are_reported(shims):
+    """Nothing but the exits wakes the keeper here (no pipe to hang up): the init's and a
+    running exec's, both reaped by the keeper, reach the outbox."""
+    shim = shims(["sh", "-c", "while [ ! -e /go2 ]; do sleep 0.1; done; exit 3"])
+    shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
+    shim.stub.Start(pb.StartRequest(id=shim.id))
+    process = json.loads((shim.bundle / "config.json").read_text())["process"]
+    process["args"] = ["sh", "-c", "while [ ! -e /go ]; do sleep 0.1; done; exit 4"]
+    shim.stub.Exec(pb.ExecRequest(id=shim.id, exec_id="e1", process=json.dumps(process).encode()))
+    shim.stub.Start(pb.StartRequest(id=shim.id, exec_id="e1"))
+    retire(shim)
+
+    def exits() -> dict[str, int]:
+        return {e["exec_id"]: e["exit_status"] for e in outbox(shim) if e["topic"] == "/tasks/exit"}
+
+    (shim.bundle / "rootfs" / "go").touch()
+    eventually(lambda: exits() == {"e1": 4}, what=f"the exec's exit in the outbox: {exits()}")
+    eventually(lambda: not workers(shim), what="the worker retires again")
+    (shim.bundle / "rootfs" / "go2").touch()
+    eventually(lambda: exits() == {"e1": 4, "": 3}, what=f"the init's exit: {exits()}")
+
+
 def test_a_rotated_cri_log_and_a_terminal_carry_on_across_workers(shims, workdir):
     """The pumps a worker restores write where the last one wrote: the same rotated CRI
-    log (stdout and stderr into one file), the same terminal."""
+    log (stdout and stderr into one file, the open file even when its directory moved),
+    the same terminal."""
     shim = shims(["sh", "-c", "read x; echo out-$x; echo err-$x >&2; sleep 1000"])
-    stdin, log = workdir / "in", workdir / "c.log"
+    stdin, logs = workdir / "in", workdir / "logs"
+    logs.mkdir()
     os.mkfifo(stdin)
-    uri = f"file://{log}?format=cri&max-size=100000&max-file=2"
+    uri = f"file://{logs / 'c.log'}?format=cri&max-size=100000&max-file=2"
     shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle), stdio=pb.Stdio(
         stdin=str(stdin), stdout=uri, stderr=uri)), timeout=30)
     shim.stub.Start(pb.StartRequest(id=shim.id))
     retire(shim)
+    # the next worker writes into the file the last one had open, wherever it is now
+    log = workdir / "moved" / "c.log"
+    logs.rename(log.parent)
     writer = os.open(stdin, os.O_WRONLY)
     try:
         os.write(writer, b"1\n")

@@ -9,7 +9,7 @@ is idle:
 - the **keeper** (this module) is what runtimed knows as the shim: its pid is in
   `shim.pid`, its cwd is the bundle, it is the child subreaper, it holds the listening
   socket, and while nothing happens, every fd the container's stdio and OOM watch need.
-  It polls; it never imports or runs the server, so it stays at ~1.5 MB of its own.
+  It polls; it never runs the server, so it stays at ~2.4 MB of its own (docs/shim.md).
 - the **worker** is forked by the keeper when there is work: a connection on the socket,
   output or input on the container's stdio, an OOM event, an exit the keeper reaped. It is
   the shim as before (shimd/server.py's worker: the gRPC server and the `Shim` core),
@@ -23,11 +23,12 @@ what it knew is lost, and runtimed's dead-shim path cleans up, as for any dead s
 
 Exits: each process reaps its own children (the worker is a subreaper too); a process
 orphaned by a retired worker is the keeper's child, and the keeper numbers its exit and
-hands it to the running worker, or forks one for it. A retiring worker says up to which
-number it has seen them, so an exit sent while it was retiring goes to the next worker.
+hands it to the running worker (queued while the channel is full), or forks one for it.
+The worker acknowledges each; one sent while it was retiring goes to the next worker.
 
 Messages on the keeper-worker socket pair (SOCK_SEQPACKET, one JSON object each):
-keeper → worker `{"exit": [n, pid, code, at]}`; worker → keeper `{"claim": {"id",
+keeper → worker `{"exit": [n, pid, code, at]}`; worker → keeper `{"seen": n}` (exits up
+to n are its own now), `{"claim": {"id",
 "namespace", "bundle"}}` (a spare was claimed; answered `{"claimed": true}` once the keeper
 took the container's name, log and cwd), `{"retire": true, "wake": [i…], "seen": n}` and
 on the next line the worker's state, with the state's fds attached (`wake`: which of them

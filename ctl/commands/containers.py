@@ -337,15 +337,18 @@ def _start_detached(c, container_id: str, container=None) -> None:
         stdio.terminal, stdio.stderr = True, ""
     try:
         c.tasks.create(container_id, stdio, container=container)
+        _mark_started(c, container_id)
         c.tasks.start(container_id)
     except RuntimedError as exc:
         _delete_task_quietly(c, container_id)
         raise _start_error(exc) from None
-    _mark_started(c, container_id)
 
 
 def _mark_started(c, container_id: str) -> None:
-    """A user's start: the restart count starts over and a user's stop is forgotten."""
+    """A user's start: the restart count starts over and a user's stop is forgotten.
+    Before the task starts: a process that exits at once is restarted by runtimed's
+    restart manager, and a later reset would undo that restart's count (one restart
+    too many; tests/cli/test_restart.py under load)."""
     c.containers.update_labels(container_id, {
         LABEL_STARTED: _now(), LABEL_EXIT: "", LABEL_EXITED: "",
         rp.LABEL_COUNT: "0", rp.LABEL_STOPPED: "", rp.LABEL_RESTARTING: "", rp.LABEL_EXIT_CODE: "",
@@ -463,6 +466,8 @@ def attach_and_wait(c, container_id: str, *, exec_args: list[str] | None = None,
                         signal.SIGUSR1, signal.SIGUSR2):
                 previous_handlers[sig] = signal.signal(sig, forward)
         try:
+            if exec_args is None:
+                _mark_started(c, container_id)
             c.tasks.start(container_id, exec_id)
         except RuntimedError as exc:
             attachment.cancel()
@@ -472,8 +477,6 @@ def attach_and_wait(c, container_id: str, *, exec_args: list[str] | None = None,
                 except RuntimedError:
                     pass
             raise _start_error(exc) from None
-        if exec_args is None:
-            _mark_started(c, container_id)
         while True:
             if detached.is_set():
                 return None

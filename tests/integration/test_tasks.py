@@ -528,6 +528,21 @@ sys.exit(1)
 """
 
 
+def _create_with_a_stopped_shim(client, tmp_path, stopped: str) -> int:
+    """A create of "stuck" whose createRuntime hook stops its shim ("shim": the keeper and
+    the worker serving Create) or the keeper alone, then fails; the keeper's pid."""
+    out = tmp_path / "shim-pid"
+
+    def hook(spec):
+        spec["hooks"] = {"createRuntime": [{"path": sys.executable, "args": [
+            sys.executable, "-c", STOP_THE_SHIM, str(out), stopped]}]}
+
+    client.container("stuck", ["true"], edit=hook)
+    with pytest.raises(grpc.RpcError):
+        client.create_task("stuck", timeout=3)
+    return int(out.read_text())
+
+
 @pytest.mark.parametrize("stopped", ["shim", "keeper"])
 def test_a_failed_create_removes_the_bundle_only_once_its_shim_is_gone(client, daemon,
                                                                          tmp_path, stopped):
@@ -536,17 +551,8 @@ def test_a_failed_create_removes_the_bundle_only_once_its_shim_is_gone(client, d
     (outbox, init.pid). Here the shim stops answering in the middle of Create ("shim"),
     or only its keeper stops, so Create fails at once and the client's deadline comes
     while runtimed waits for the keeper to go (the cleanup used to be cut short then)."""
-    out = tmp_path / "shim-pid"
-
-    def hook(spec):
-        spec["hooks"] = {"createRuntime": [{"path": sys.executable, "args": [
-            sys.executable, "-c", STOP_THE_SHIM, str(out), stopped]}]}
-
-    client.container("stuck", ["true"], edit=hook)
     bundle = daemon.state / "tasks" / "tt" / "stuck"
-    with pytest.raises(grpc.RpcError):
-        client.create_task("stuck", timeout=3)
-    pid = int(out.read_text())
+    pid = _create_with_a_stopped_shim(client, tmp_path, stopped)
     try:
         for _ in range(600):
             if not bundle.exists():
@@ -566,17 +572,8 @@ def test_a_create_cancelled_while_the_previous_shim_exits_leaves_that_shims_bund
     as above) and is cancelled meanwhile (its deadline) made nothing, so it discards
     nothing: the bundle stays while that shim lives (it ran `runtime delete --force` and
     removed the bundle under it, and replaced the pending removal with its own)."""
-    out = tmp_path / "shim-pid"
-
-    def hook(spec):
-        spec["hooks"] = {"createRuntime": [{"path": sys.executable, "args": [
-            sys.executable, "-c", STOP_THE_SHIM, str(out), "keeper"]}]}
-
-    client.container("stuck", ["true"], edit=hook)
     bundle = daemon.state / "tasks" / "tt" / "stuck"
-    with pytest.raises(grpc.RpcError):
-        client.create_task("stuck", timeout=3)
-    pid = int(out.read_text())
+    pid = _create_with_a_stopped_shim(client, tmp_path, "keeper")
     try:
         for _ in range(40):  # until runtimed has seen the first create's caller go
             with pytest.raises(grpc.RpcError) as info:

@@ -219,7 +219,7 @@ class Keeper:
             self.lifeline = -1
         self.fds, self.wake, self.state = [], [], None
         self.worker, self.channel, self._retired = pid, ours, None
-        self._sent = self.exits[-1][0] if self.exits else 0  # it has them from the fork
+        self._sent = self._numbered  # it has them from the fork (the rest are acknowledged)
 
     def _receive(self) -> None:
         """Every message waiting on the channel (non-blocking)."""

@@ -249,7 +249,8 @@ def test_memory_limit_oom_kill(runtime):
     c.start()
     assert c.wait() == 128 + signal.SIGKILL
     assert "survived" not in c.stdout
-    assert "oom_kill 1" in (memory / "memory.oom_control").read_text()
+    counters = dict(line.split() for line in (memory / "memory.oom_control").read_text().splitlines())
+    assert int(counters["oom_kill"]) >= 1  # (the kernel may kill the pipe's other end too)
 
 
 def test_busybox_true_under_6m(runtime):

@@ -48,7 +48,7 @@ import signal
 import socket
 import time
 
-from shimd.reaper import exit_code
+from shimd.reaper import exit_code, exited_children
 
 log = logging.getLogger("shimd")
 
@@ -148,13 +148,7 @@ class Keeper:
         self._reap()
 
     def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
+        for pid, status in exited_children():
             if pid == self.worker:
                 self._worker_exited(status)
                 continue

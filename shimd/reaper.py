@@ -27,6 +27,19 @@ def exit_code(wait_status: int) -> int:
     return os.WEXITSTATUS(wait_status)
 
 
+def exited_children():
+    """(pid, wait status) of every child that has exited, reaped, until none is left; for
+    the worker's Reaper and the keeper (shimd/keeper.py) alike."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
+
+
 class Reaper:
     def __init__(self) -> None:
         self._waiters: dict[int, asyncio.Future] = {}
@@ -40,13 +53,7 @@ class Reaper:
         self.reap()  # children that exited before the handler existed
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in exited_children():
             self.deliver(pid, exit_code(status), time.time())
 
     def deliver(self, pid: int, code: int, at: float) -> None:

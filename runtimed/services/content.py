@@ -10,6 +10,7 @@ restarts it, at any other offset it must equal the current one.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from google.protobuf import empty_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -23,6 +24,9 @@ from runtimed.services.base import lease, namespace, service
 from runtimed.services.wire import serve_stream_with_parser, split_bytes_field
 
 LIST_BATCH = 100
+# A Write message's bytes are written and hashed on the event loop while that takes less
+# than this; a slower write (the disk throttles) sends the stream's next one to a thread.
+INLINE_WRITE_LIMIT = 0.004
 SERVICE = "containerd.services.content.v1.Content"
 _DATA_FIELD = 6  # WriteContentRequest.data
 
@@ -43,6 +47,19 @@ def parse_write_request(raw: bytes) -> tuple[pb.WriteContentRequest, memoryview 
         return message, message.data
     rest, data = split
     return pb.WriteContentRequest.FromString(rest), data
+
+
+def _timed_write(writer, data) -> float:
+    """Write `data`; the seconds it took.
+
+    Why on the loop at all: the reply must wait for the bytes to be written and hashed,
+    and the hop to a worker thread and back cost more than the work on a busy machine
+    (each wake-up waits for a core the client or the layer stager holds; docs/content.md).
+    The loop spends about as long parsing the message's frames; a slow disk moves the
+    stream's writes back to a thread."""
+    started = time.perf_counter()
+    writer.write(data)
+    return time.perf_counter() - started
 
 
 def _timestamp(ns: int) -> Timestamp:
@@ -147,6 +164,7 @@ class ContentService(content_pb2_grpc.ContentServicer):
             self.store.writer, ns, ref, total=total, expected=expected, lease=lease_id,
             announce=True,
         )
+        inline = False  # the stream's last write was quick: write the next on the loop
         try:
             while True:
                 st = writer.status()
@@ -176,7 +194,11 @@ class ContentService(content_pb2_grpc.ContentServicer):
                         await asyncio.to_thread(writer.truncate, 0)
                         reply.offset = 0
                     if data:
-                        await asyncio.to_thread(writer.write, data)
+                        if inline:
+                            inline = _timed_write(writer, data) < INLINE_WRITE_LIMIT
+                        else:
+                            took = await asyncio.to_thread(_timed_write, writer, data)
+                            inline = took < INLINE_WRITE_LIMIT
                         reply.offset = writer.offset
                     if req.action == pb.COMMIT:
                         await asyncio.to_thread(

@@ -166,6 +166,13 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     _sync_file_range(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
 
 
+def _has_size(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except FileNotFoundError:
+        return False
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -763,9 +770,15 @@ class Writer:
                 self._fp = None
             target = store._disk_path(actual)
             with store.db.transaction() as tx:
-                tx.execute(
+                aborted = tx.execute(
                     "DELETE FROM content_ingests WHERE namespace = ? AND ref = ?", (self.ns, self.ref)
-                )
+                ).rowcount == 0
+                if aborted:  # its row kept a shared blob from the GC; its data dir is gone
+                    raise NotFound(f"ingest {self.ref!r} was aborted while being written: "
+                                   "write it again")
+                if self._shared and not _has_size(target, actual_size):
+                    raise NotFound(f"content {actual} left the disk before ref {self.ref!r} "
+                                   "committed it: write it again")
                 store.leases.remove_resource_tx(tx, self.ns, self.lease, INGESTS, self.ref)
                 store.leases.add_resource_tx(tx, self.ns, self.lease, CONTENT, actual)
                 now = now_ns()

@@ -235,3 +235,52 @@ def test_write_blob_of_content_another_namespace_holds(stores):
     assert (info.size, info.labels) == (len(data), {"k": "v"})
     with content.open_blob("b", digest) as f:
         assert f.read() == data
+
+
+def test_a_writer_whose_ingest_was_aborted_commits_nothing(stores, tmp_path):
+    """Content.Abort does not wait for the ref's writer (as containerd's does not). A shared
+    writer's ingest row was all that kept its blob from the GC: once aborted, the blob may
+    go, and the commit must not list it (it did: a row with no file). A writer with data
+    finds its ingest directory gone (it failed with FileNotFoundError: INTERNAL)."""
+    from runtimed.metadata.gc import GarbageCollector
+    from runtimed.metadata.images import ImageStore
+
+    content, _, db = stores
+    ImageStore(db)
+    gc = GarbageCollector(db, content)
+    data = b"shared" * 100
+    digest = digest_of(data)
+    content.write_blob("a", data, expected_digest=digest)
+    w = content.writer("b", "r", expected=digest)
+    assert w.shared
+    content.abort("b", "r")
+    content.delete("a", digest)  # nothing holds the blob now
+    assert gc.collect().swept == [f"content/{digest}"]
+    with pytest.raises(NotFound, match="aborted"):
+        w.commit(len(data), digest)
+    assert content.list("b") == []
+
+    w = content.writer("b", "r2")
+    w.write(b"abc")
+    content.abort("b", "r2")
+    with pytest.raises(NotFound, match="aborted"):
+        w.commit(3)
+    assert content.list("b") == [] and content.list_statuses("b") == []
+    assert list((tmp_path / "content" / "blobs" / "sha256").iterdir()) == []
+    gc.close()
+
+
+def test_a_shared_blob_gone_from_disk_is_not_committed(stores, tmp_path):
+    """The row of a shared commit is written only while the blob is on disk whole."""
+    content = stores[0]
+    data = b"gone" * 100
+    digest = digest_of(data)
+    content.write_blob("a", data, expected_digest=digest)
+    w = content.writer("b", "r", expected=digest)
+    assert w.shared
+    path = tmp_path / "content" / "blobs" / "sha256" / digest[7:]
+    path.unlink()
+    with pytest.raises(NotFound, match="left the disk"):
+        w.commit(len(data), digest)
+    assert content.list("b") == []
+    assert [s.ref for s in content.list_statuses("b")] == []  # its status needs the blob

@@ -515,7 +515,37 @@ def _load(handler: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run the command line `argv` and return its exit status. Without `argv` this is the
+    program itself (the console script, `python -m ctl`): it runs sys.argv and ends the
+    process at once (`_exit_now`)."""
+    if argv is None:
+        return _exit_now(_main(sys.argv[1:]))
+    return _main(argv)
+
+
+def _exit_now(code: int) -> int:
+    """End the process with `code` once stdout and stderr are flushed, skipping the
+    interpreter's teardown: freeing ~300 modules and protobuf's descriptor pools takes
+    10-14 ms, a tenth of a `ctl run --rm`, and a short-lived command has nothing to tear
+    down. Every file ctl writes is closed by then (`with` blocks, `finally`). Returns
+    `code` for the usual exit instead when something is still to run at exit: an atexit
+    callback, a thread that is not a daemon, or a flush that failed (the interpreter then
+    reports it as it always does)."""
+    import atexit
+
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        return code
+    threading = sys.modules.get("threading")  # no threads were started without it
+    if atexit._ncallbacks() or threading is not None and any(
+            not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        return code
+    os._exit(code)
+
+
+def _main(argv: list[str]) -> int:
     _start_lean()
     parser = _parser_for(argv)
     debug = "--debug" in argv or "-D" in argv

@@ -178,3 +178,43 @@ def test_library_run_creates_the_task_from_the_record(daemon, busybox, monkeypat
         assert c.containers.list() == []
     created = calls.index("Tasks/Create")
     assert "Containers/Get" not in calls[:created] and "Snapshots/Mounts" not in calls
+
+
+# a subprocess that runs ctl as the program (main() without argv) with something left for
+# the interpreter's teardown to do: a module-level object whose finalizer prints
+_AS_PROGRAM = """
+import sys
+class Finalized:
+    def __del__(self):
+        print("torn down", flush=True)
+kept = Finalized()
+SETUP
+sys.argv = ["ctl", "--address", "/nonexistent/runtimed.sock", "version"]
+from ctl.__main__ import main
+sys.exit(main())
+"""
+
+
+def _as_program(setup: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _AS_PROGRAM.replace("SETUP", setup)],
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
+def test_the_program_ends_without_the_interpreter_teardown():
+    """ctl as a program ends with os._exit once its output is flushed (the teardown costs
+    ~10 ms): same status and messages, no finalizer run."""
+    result = _as_program()
+    assert result.returncode == 125
+    assert result.stderr.startswith("ctl: cannot connect to runtimed at /nonexistent/runtimed.sock")
+    assert "torn down" not in result.stdout
+
+
+def test_the_program_exits_as_usual_when_something_is_left_to_run():
+    """An atexit callback or a thread that is not a daemon still runs: ctl then leaves the
+    exit to the interpreter."""
+    result = _as_program("import atexit; atexit.register(lambda: print('at exit', flush=True))")
+    assert result.returncode == 125 and "at exit" in result.stdout and "torn down" in result.stdout
+    thread = ("import threading, time\n"
+              "threading.Thread(target=lambda: (time.sleep(0.5), print('thread done', flush=True))).start()")
+    result = _as_program(thread)
+    assert result.returncode == 125 and "thread done" in result.stdout

@@ -402,8 +402,11 @@ class TaskManager:
         )
 
     async def states(self, namespace: str) -> list[ProcessStatus]:
+        tasks = self.list(namespace)
+        if not tasks:
+            return []
         results = await asyncio.gather(
-            *(self.state(namespace, t.id) for t in self.list(namespace)), return_exceptions=True
+            *(self.state(namespace, t.id) for t in tasks), return_exceptions=True
         )
         return [r for r in results if isinstance(r, ProcessStatus)]
 

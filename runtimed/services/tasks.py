@@ -76,12 +76,11 @@ class TasksService(tasks_pb2_grpc.TasksServicer):
         return pb.GetResponse(process=_process(state))
 
     async def List(self, request, context):
-        match = filters.parse([request.filter] if request.filter else [])
+        match = filters.parse([request.filter]) if request.filter else None
         states = await self.tasks.states(namespace(context))
-        return pb.ListTasksResponse(tasks=[
-            _process(s) for s in states
-            if match.match(lambda path, s=s: _task_field(s, path))
-        ])
+        if match is not None:
+            states = [s for s in states if match.match(lambda path, s=s: _task_field(s, path))]
+        return pb.ListTasksResponse(tasks=[_process(s) for s in states])
 
     async def Kill(self, request, context):
         await self.tasks.kill(namespace(context), request.container_id, request.exec_id,

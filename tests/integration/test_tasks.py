@@ -257,6 +257,16 @@ def test_exec_pause_pids_and_list(client, tmp_path):
     assert metrics[0].data.type_url.startswith("io.containerd.cgroups.v")
     only = client.tasks.Metrics(tasks_pb2.MetricsRequest(filters=["id==t2stopped"]), metadata=MD)
     assert list(only.metrics) == []
+    listed = client.tasks.List(tasks_pb2.ListTasksRequest(), metadata=MD).tasks
+    assert sorted((t.id, t.status) for t in listed) == [
+        ("t2", task_pb2.RUNNING), ("t2stopped", task_pb2.CREATED)]
+    for expression, ids in (("status==running", ["t2"]), ("id==t2stopped", ["t2stopped"]),
+                            ("status==running,id==t2stopped", [])):
+        request = tasks_pb2.ListTasksRequest(filter=expression)
+        assert [t.id for t in client.tasks.List(request, metadata=MD).tasks] == ids, expression
+    with pytest.raises(grpc.RpcError) as info:
+        client.tasks.List(tasks_pb2.ListTasksRequest(filter="status=="), metadata=MD)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     pids = client.tasks.ListPids(tasks_pb2.ListPidsRequest(container_id="t2"), metadata=MD)
     assert len(pids.processes) == 1
     client.tasks.Pause(tasks_pb2.PauseTaskRequest(container_id="t2"), metadata=MD)

@@ -59,6 +59,13 @@ def corrupt_blobs(root: Path) -> list[str]:
     return bad
 
 
+def list_content(channel: grpc.Channel, namespace: str) -> dict[str, int]:
+    """Digest → size of every blob the namespace holds."""
+    return {i.digest: i.size for reply in content_pb2_grpc.ContentStub(channel).List(
+        content_pb2.ListContentRequest(), metadata=md(namespace), timeout=30)
+        for i in reply.info}
+
+
 def _whole(root: Path, digest: str, size: int) -> bool:
     try:
         return blob_path(root, digest).stat().st_size == size

@@ -13,6 +13,7 @@ import hashlib
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -21,6 +22,7 @@ import grpc
 import pytest
 
 from runtimed.api.containerd.services.content.v1 import content_pb2, content_pb2_grpc
+from runtimed.api.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc
 from runtimed.api.containerd.services.tasks.v1 import tasks_pb2, tasks_pb2_grpc
 from runtimed.api.containerd.types.task import task_pb2
 from tests import testimages
@@ -29,6 +31,7 @@ from tests.torture.conftest import namespace_cgroups
 from tests.torture.helpers import (
     blob_path,
     corrupt_blobs,
+    list_content,
     list_tasks,
     md,
     metadata_problems,
@@ -319,12 +322,14 @@ def test_kill9_of_a_shim_reports_255_and_cleans_up(daemon, ns, busybox_archive):
     daemon.ctr("containers", "rm", "bystander", namespace=ns)
 
 
-def _write_blob(channel, ns: str, data: bytes, labels: dict[str, str]) -> str:
+def _write_blob(channel, ns: str, data: bytes, labels: dict[str, str],
+                lease: str = "") -> str:
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     request = content_pb2.WriteContentRequest(
         action=content_pb2.COMMIT, ref=f"blob-{digest}", total=len(data), expected=digest,
         data=data, labels=labels)
-    list(content_pb2_grpc.ContentStub(channel).Write(iter([request]), metadata=md(ns),
+    metadata = md(ns) + ((("containerd-lease", lease),) if lease else ())
+    list(content_pb2_grpc.ContentStub(channel).Write(iter([request]), metadata=metadata,
                                                       timeout=30))
     return digest
 
@@ -385,3 +390,86 @@ def test_the_check_takes_a_blob_collected_meanwhile_for_gone_a_missing_file_for_
         for digest in (broken, kept):
             content.Delete(content_pb2.DeleteContentRequest(digest=digest), metadata=md(ns),
                            timeout=10)
+
+
+def _kill_when_it_opens(daemon, path) -> subprocess.Popen:
+    """strace, attached to every thread of runtimed, kills it with SIGKILL as it opens
+    `path` (and before the open is done)."""
+    pid = daemon.proc.pid
+    tracer = subprocess.Popen(
+        ["strace", "-f", "-qq", "-p", str(pid), "-P", str(path), "-e", "trace=openat",
+         "-e", "inject=openat:signal=SIGKILL"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(400):
+        traced = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                status = open(f"/proc/{pid}/task/{tid}/status").read()
+            except FileNotFoundError:
+                continue
+            traced.append(f"TracerPid:\t{tracer.pid}\n" in status)
+        if traced and all(traced):
+            return tracer
+        time.sleep(0.05)
+    tracer.kill()
+    tracer.wait()
+    raise AssertionError("strace did not attach to runtimed")
+
+
+def _rows(daemon, digest: str) -> list[str]:
+    """The namespaces whose content_blobs rows name `digest`, read from the database of a
+    dead daemon."""
+    db = sqlite3.connect(daemon.root / "meta.db")
+    try:
+        return [r[0] for r in db.execute(
+            "SELECT namespace FROM content_blobs WHERE digest = ?", (digest,))]
+    finally:
+        db.close()
+
+
+def _died_of_sigkill(daemon, tracer: subprocess.Popen) -> None:
+    assert daemon.proc.wait(timeout=30) == -signal.SIGKILL
+    tracer.wait(timeout=30)
+    stats.record("crashes")
+
+
+@pytest.mark.parametrize("moment", ["gc-after-unlink", "commit-after-rename"])
+def test_kill9_where_a_blob_row_and_its_file_disagree(daemon, ns, moment):
+    """The two moments where a blob's row and its file part before COMMIT: the GC has
+    unlinked a collected blob (the row stays: rolled back), a commit has renamed the
+    verified data into blobs/ (no row yet). runtimed is killed there (strace, at the next
+    openat: the GC's scan of ingest/, the commit's fsync of blobs/sha256); the next start
+    repairs either before it serves: nothing listed without its file, no file left that
+    nothing names, and the blob can be written again."""
+    data = moment.encode() * 2000
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    path = blob_path(daemon.root, digest)
+    with daemon.channel() as channel:
+        if moment == "gc-after-unlink":
+            leases = leases_pb2_grpc.LeasesStub(channel)
+            leases.Create(leases_pb2.CreateRequest(id="held"), metadata=md(ns), timeout=10)
+            _write_blob(channel, ns, data, {}, lease="held")
+            tracer = _kill_when_it_opens(daemon, daemon.root / "content" / "ingest")
+            leases.Delete(leases_pb2.DeleteRequest(id="held"), metadata=md(ns),
+                          timeout=10)  # the blob is collected 100 ms later
+        else:
+            tracer = _kill_when_it_opens(daemon, path.parent)
+            with pytest.raises(grpc.RpcError) as info:
+                _write_blob(channel, ns, data, {})
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    _died_of_sigkill(daemon, tracer)
+    # killed where meant: the row and the file disagree
+    if moment == "gc-after-unlink":
+        assert (_rows(daemon, digest), path.exists()) == ([ns], False)
+    else:
+        assert (_rows(daemon, digest), path.exists()) == ([], True)
+    daemon.start()
+    with daemon.channel() as channel:
+        assert metadata_problems(channel, daemon.root) == []
+        assert digest not in list_content(channel, ns)
+        assert not path.exists()
+        _write_blob(channel, ns, data, {"containerd.io/gc.root": "1"})
+        assert list_content(channel, ns)[digest] == len(data)
+        assert path.read_bytes() == data
+        content_pb2_grpc.ContentStub(channel).Delete(
+            content_pb2.DeleteContentRequest(digest=digest), metadata=md(ns), timeout=10)

@@ -218,3 +218,12 @@ def test_the_program_exits_as_usual_when_something_is_left_to_run():
               "threading.Thread(target=lambda: (time.sleep(0.5), print('thread done', flush=True))).start()")
     result = _as_program(thread)
     assert result.returncode == 125 and "thread done" in result.stdout
+
+
+def test_the_program_starts_without_garbage_collections():
+    """Start-up makes many objects and little garbage: the collector's threshold is raised
+    for the program (25 collections in a `ctl run` at the default)."""
+    setup = ("import gc, ctl.__main__\n"  # collections from here on are main()'s
+             "gc.callbacks.append(lambda phase, info: phase == 'start' and print('collected', flush=True))")
+    result = _as_program(setup)
+    assert result.returncode == 125 and "collected" not in result.stdout

@@ -4,7 +4,7 @@
 VENV      := .venv
 PY        := $(VENV)/bin/python
 DEB_PKGS  := busybox-static containerd runc docker-registry libseccomp2 libarchive13 tini \
-             iproute2 iptables apache2-utils openssl procps util-linux python3-venv \
+             iproute2 iptables apache2-utils openssl procps util-linux python3-venv strace \
              golang-github-containerd-containerd-dev golang-github-containerd-cgroups-dev
 STAMP     := $(VENV)/.installed
 

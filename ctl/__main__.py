@@ -525,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         # functions, descriptors), nearly none of them garbage: the default threshold (700)
         # ran 25 collections, 4-8 ms of its CPU; a long-running command still collects
         gc.set_threshold(50_000)
+        from ctl.client import protobuf_imports
+
+        protobuf_imports.LAZY_MESSAGES = True
         return _exit_now(_main(sys.argv[1:]))
     return _main(argv)
 

@@ -7,6 +7,11 @@ containers (pickle, copy), and the Python descriptor database: ~10 ms of CPU, a 
 `ctl version`. `defer_pure_python()`, called before protobuf is first imported, registers
 those modules lazily (`importlib.util.LazyLoader`): one is executed on the first use of one
 of its attributes, so whatever does use one still gets it, only later.
+
+`LAZY_MESSAGES` (set by the ctl program, not for the library's embedders): a generated
+module's message classes are built on first use too. Each `_pb2` module builds a class for
+every message of its file at import (~40 µs each); a `ctl run` imports seven service
+modules, ~160 classes, and uses ~30 of them: ~5 ms of its CPU.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ DEFERRED = (
     "google.protobuf.text_encoding",
     "google.protobuf.internal.python_edition_defaults",
 )
+
+LAZY_MESSAGES = False
 
 
 def defer_pure_python() -> None:
@@ -44,3 +51,46 @@ def defer_pure_python() -> None:
         # import system would look at the module's __spec__, which loads it
         package, _, attribute = name.rpartition(".")
         setattr(sys.modules[package], attribute, module)
+    if LAZY_MESSAGES:
+        _build_messages_on_first_use()
+
+
+def _build_messages_on_first_use() -> None:
+    """Generated modules get their enums, services and descriptors as usual, and a module
+    `__getattr__` (PEP 562) that builds a message class when it is first asked for, with
+    protobuf's own builder: the same class, registered the same way. upb keeps one class
+    per descriptor, so a class made earlier another way (`GetMessageClass`, a nested type)
+    is the one returned."""
+    from google.protobuf.internal import builder
+
+    build_top = builder.BuildTopDescriptorsAndMessages
+    if getattr(build_top, "lazy", False):
+        return
+
+    def build_top_lazily(file_des, module_name: str, module: dict) -> None:
+        build_top(_WithoutMessages(file_des), module_name, module)
+        messages = file_des.message_types_by_name
+
+        def __getattr__(name: str):
+            des = messages.get(name)
+            if des is None:
+                raise AttributeError(f"module {module['__name__']!r} has no attribute {name!r}")
+            cls = module[name] = builder._BuildMessage(module_name, des, "")
+            return cls
+
+        module["__getattr__"] = __getattr__
+
+    build_top_lazily.lazy = True
+    builder.BuildTopDescriptorsAndMessages = build_top_lazily
+
+
+class _WithoutMessages:
+    """A file descriptor whose messages are hidden from the eager builder."""
+
+    message_types_by_name: dict = {}
+
+    def __init__(self, file_des):
+        self._file_des = file_des
+
+    def __getattr__(self, name: str):
+        return getattr(self._file_des, name)

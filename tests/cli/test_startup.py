@@ -227,3 +227,37 @@ def test_the_program_starts_without_garbage_collections():
              "gc.callbacks.append(lambda phase, info: phase == 'start' and print('collected', flush=True))")
     result = _as_program(setup)
     assert result.returncode == 125 and "collected" not in result.stdout
+
+
+def test_message_classes_built_on_first_use_are_protobufs_own():
+    """With LAZY_MESSAGES (the ctl program) a generated module builds a message class when
+    it is first asked for: the class protobuf's builder makes, the one GetMessageClass and
+    nested fields use; enums are there at once; a missing name is an AttributeError."""
+    code = (
+        "from ctl.client import protobuf_imports\n"
+        "protobuf_imports.LAZY_MESSAGES = True\n"
+        "import ctl.client.rpc\n"
+        "from google.protobuf import message_factory\n"
+        "from runtimed.api.containerd.services.tasks.v1 import tasks_pb2\n"
+        "from runtimed.api.containerd.types.task import task_pb2\n"
+        "print(sorted(n for n in ('WaitRequest', 'UpdateTaskRequest') if n in vars(tasks_pb2)))\n"
+        "print(task_pb2.RUNNING, task_pb2.Status.Name(3))\n"
+        "from runtimed.api.containerd.services.tasks.v1.tasks_pb2 import UpdateTaskRequest\n"
+        "m = UpdateTaskRequest(container_id='c1', annotations={'a': 'b'})\n"
+        "assert tasks_pb2.UpdateTaskRequest.FromString(m.SerializeToString()) == m\n"
+        "des = tasks_pb2.DESCRIPTOR.message_types_by_name\n"
+        "assert message_factory.GetMessageClass(des['UpdateTaskRequest']) is UpdateTaskRequest\n"
+        "wait = message_factory.GetMessageClass(des['WaitResponse'])\n"
+        "assert tasks_pb2.WaitResponse is wait\n"
+        "response = tasks_pb2.GetResponse.FromString(tasks_pb2.GetResponse(\n"
+        "    process=task_pb2.Process(pid=7, status=task_pb2.RUNNING)).SerializeToString())\n"
+        "assert type(response.process) is task_pb2.Process and response.process.pid == 7\n"
+        "try:\n"
+        "    tasks_pb2.NoSuchMessage\n"
+        "except AttributeError as exc:\n"
+        "    print(exc)\n"
+    )
+    assert _python(code).splitlines() == [
+        "[]", "2 STOPPED",
+        "module 'runtimed.api.containerd.services.tasks.v1.tasks_pb2' has no attribute 'NoSuchMessage'",
+    ]

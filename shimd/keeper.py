@@ -30,9 +30,11 @@ Messages on the keeper-worker socket pair (SOCK_SEQPACKET, one JSON object each)
 keeper → worker `{"exit": [n, pid, code, at]}`; worker → keeper `{"seen": n}` (exits up
 to n are its own now), `{"claim": {"id",
 "namespace", "bundle"}}` (a spare was claimed; answered `{"claimed": true}` once the keeper
-took the container's name, log and cwd), `{"retire": true, "wake": [i…], "seen": n}` and
-on the next line the worker's state, with the state's fds attached (`wake`: which of them
-the keeper polls), `{"shutdown": true}` (the shim is ending).
+took the container's name, log and cwd), `{"retire": true, "wake": [i…], "counters": {i:
+[file, key, value]…}, "seen": n}` and on the next line the worker's state, with the
+state's fds attached (`wake`: which of them the keeper polls; `counters`: inotify watches
+among them that need a worker only once `key` in `file` is no longer `value`, cgroup v2's
+memory.events), `{"shutdown": true}` (the shim is ending).
 """
 
 from __future__ import annotations
@@ -74,12 +76,13 @@ class Keeper:
         self.state: bytes | None = None
         self.fds: list[int] = []
         self.wake: list[int] = []
+        self.counters: dict[str, list] = {}  # place in fds → [file, key, value]
         self.exits: list[list] = []  # [n, pid, code, at] reaped here, not yet seen by a worker
         self._numbered = 0
         self._sent = 0  # the last exit number sent to the running worker
         self.worker = 0
         self.channel: socket.socket | None = None
-        self._retired: tuple[bytes, list[int], list[int], int] | None = None
+        self._retired: tuple[bytes, list[int], list[int], dict, int] | None = None
         self._ending = False  # the worker said the shim ends
         self._stopping = False  # SIGTERM with no worker to pass it to
         self._terminated = False  # SIGTERM passed to a worker, which may retire instead
@@ -118,7 +121,7 @@ class Keeper:
                     if events & select.POLLOUT:
                         self._send_exits()
                     self._receive()
-                elif not self.worker:
+                elif not self.worker and not self._unmoved(fd):
                     self._spawn()  # a connection, stdio or an OOM event: a worker's job
             if self._ending and not self.worker:
                 return 0
@@ -134,6 +137,19 @@ class Keeper:
             return fds
         fds.append(self.listener.fileno())
         return fds + [self.fds[i] for i in self.wake]
+
+    def _unmoved(self, fd: int) -> bool:
+        """`fd` is a counter's watch (see the channel's messages) and the counter has not
+        moved: drained, and no worker for it. Drained before the counter is read, so a
+        change after the read wakes the loop again; the worker forked for a change reads
+        its watch once at start whatever the fd says."""
+        for place, (path, key, value) in self.counters.items():
+            if self.fds[int(place)] == fd:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(fd, 4096):
+                        pass
+                return _counter(path, key) == value
+        return False
 
     def _signals(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -211,7 +227,7 @@ class Keeper:
         if self.lifeline >= 0:  # the first worker reads the claim; runtimed sees its EOF
             os.close(self.lifeline)
             self.lifeline = -1
-        self.fds, self.wake, self.state = [], [], None
+        self.fds, self.wake, self.counters, self.state = [], [], {}, None
         self.worker, self.channel, self._retired = pid, ours, None
         self._sent = self._numbered  # it has them from the fork (the rest are acknowledged)
 
@@ -242,7 +258,8 @@ class Keeper:
                     os.close(fd)
                 continue
             if "retire" in message:
-                self._retired = (state, fds, message["wake"], message["seen"])
+                self._retired = (state, fds, message["wake"], message.get("counters", {}),
+                                 message["seen"])
             elif "seen" in message:  # exits up to there are the worker's now
                 self.exits = [e for e in self.exits if e[0] > message["seen"]]
             elif "claim" in message and self.on_claim is not None:
@@ -273,7 +290,7 @@ class Keeper:
                       "ends", exit_code(status))
             self._ending = True
             return
-        self.state, self.fds, self.wake, seen = self._retired
+        self.state, self.fds, self.wake, self.counters, seen = self._retired
         self._retired = None
         self.exits = [e for e in self.exits if e[0] > seen]
         # left for the loop: new exits start a worker once reaping is done
@@ -289,6 +306,20 @@ def _receive_fds(channel: socket.socket) -> tuple[bytes, list[int], int]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
     return data, list(fds), flags
+
+
+def _counter(path: str, key: str) -> int | None:
+    """The value of the `key value` line of a cgroup file (None when unreadable: a worker
+    finds out what that means)."""
+    try:
+        with open(path, "rb") as f:
+            for line in f.read().splitlines():
+                name, _, value = line.partition(b" ")
+                if name == key.encode():
+                    return int(value)
+    except (OSError, ValueError):
+        return None
+    return 0
 
 
 def _noted(signum, frame) -> None:

@@ -390,33 +390,47 @@ async def _retire_when_idle(server, api, shim, reaper, link, ours: set) -> None:
 def _retire(shim, link) -> bool:
     """Hand the shim's state and fds to the keeper. False (and serve on) when they do not
     fit in one message."""
-    import json
     import socket
 
     from shimd.keeper import FDS_MAX
 
-    index: dict[int, int] = {}  # fd → its place in the message (one fd kept once)
-    woken: set[int] = set()  # the places of those the keeper polls
-
-    def keep(fd: int, wake: bool = False) -> int:
-        at = index.setdefault(fd, len(index))
-        if wake:
-            woken.add(at)
-        return at
-
     shim.outbox.trim()
-    state = json.dumps(shim.snapshot(keep))
-    # the keeper reads the first line only and keeps the state as it is, for the next worker
-    message = json.dumps({"retire": True, "wake": sorted(woken), "seen": link.seen})
+    data, fds = retirement(shim.snapshot, link.seen)
     try:
-        if len(index) > FDS_MAX:
-            raise OSError(f"{len(index)} fds, one message carries {FDS_MAX}")
-        socket.send_fds(link.channel, [(message + "\n" + state).encode()], list(index))
+        if len(fds) > FDS_MAX:
+            raise OSError(f"{len(fds)} fds, one message carries {FDS_MAX}")
+        socket.send_fds(link.channel, [data], fds)
     except OSError as exc:  # EMSGSIZE, too many fds
         logging.getLogger("shimd").warning("cannot hand over to the keeper (%s): this worker "
                                            "serves on", exc)
         return False
     return True
+
+
+def retirement(snapshot, seen: int) -> tuple[bytes, list[int]]:
+    """The retire message (shimd/keeper.py) for the state `snapshot(keep)` returns, and
+    the fds to attach to it. The keeper reads the first line only and keeps the state as
+    it is, for the next worker."""
+    import json
+
+    index: dict[int, int] = {}  # fd → its place in the message (one fd kept once)
+    woken: set[int] = set()  # the places of those the keeper polls
+    counters: dict[int, tuple] = {}  # place → (file, key, value): see keep
+
+    def keep(fd: int, wake: bool = False, counter: tuple | None = None) -> int:
+        """`counter`: (file, key, value) for an inotify watch on `file`, which wakes the
+        keeper for a worker only once the `key value` line there no longer says `value`."""
+        at = index.setdefault(fd, len(index))
+        if wake:
+            woken.add(at)
+        if counter is not None:
+            counters[at] = counter
+        return at
+
+    state = json.dumps(snapshot(keep))
+    header = json.dumps({"retire": True, "wake": sorted(woken), "counters": counters,
+                         "seen": seen})
+    return (header + "\n" + state).encode(), list(index)
 
 
 class _KeeperLink:

@@ -433,6 +433,9 @@ class Shim:
 
             shim._oom = cgroups.restore_oom_watcher(state["oom"], fds)
             asyncio.get_running_loop().add_reader(shim._oom.fileno(), shim._on_oom)
+            # read once anyway: a keeper that drained a v2 watch to look at its counter
+            # forked this worker for the kill it saw there
+            asyncio.get_running_loop().call_soon(shim._on_oom)
         return shim
 
     def close(self) -> None:

@@ -51,9 +51,11 @@ class V2OOMWatcher:
         return new
 
     def snapshot(self, keep) -> dict:
-        """For the shim's next worker (shimd/keeper.py): `keep(fd, wake)` hands the fd over."""
-        return {"version": 2, "fd": keep(self._fd, wake=True), "events": self._events,
-                "seen": self._seen}
+        """For the shim's next worker (shimd/keeper.py): `keep(fd, wake, counter)` hands the
+        fd over. memory.events changes on every reclaim at memory.max, so the keeper forks a
+        worker for it only once `oom_kill` is no longer what this worker saw."""
+        return {"version": 2, "events": self._events, "seen": self._seen,
+                "fd": keep(self._fd, wake=True, counter=(self._events, "oom_kill", self._seen))}
 
     @classmethod
     def restore(cls, record: dict, fds: list[int]) -> V2OOMWatcher:

@@ -9,6 +9,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -281,3 +282,61 @@ def remove_container(shim) -> None:
     """What runtimed does after a dead shim: the runtime removes the container."""
     subprocess.run([*BUILTIN, "--root", str(shim.bundle / "runtime"), "delete", "--force",
                     shim.id], check=True, cwd=REPO, timeout=30)
+
+
+def test_a_counter_watch_wakes_the_keeper_only_once_its_counter_moves(tmp_path):
+    """cgroup v2's memory.events changes on every reclaim at memory.max: the keeper forks a
+    worker for that watch only once `oom_kill` grows, and that worker reports the kill.
+    This machine's cgroups are v1, so a file stands in for memory.events (inotify sees it
+    the same) and a stand-in worker for the shim: the real V2 watcher, the real retire
+    message (shimd.server.retirement) and the real Keeper."""
+    from shimd.cgroups import restore_oom_watcher
+    from shimd.cgroups.v2 import V2OOMWatcher
+    from shimd.keeper import Keeper
+    from shimd.server import retirement
+
+    events = tmp_path / "memory.events"
+    events.write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n")
+    news_r, news_w = os.pipe()  # each worker writes what it saw: "retired", or the kills
+    keeper = os.fork()
+    if keeper == 0:
+        code = 1
+        try:
+            os.close(news_r)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(str(tmp_path / "keeper.sock"))
+            listener.listen()
+
+            def work(keeper, channel) -> int:
+                if keeper.state is None:  # the first: hand the watch over and go
+                    watcher = V2OOMWatcher(str(tmp_path))
+                    data, fds = retirement(lambda keep: {"oom": watcher.snapshot(keep)}, 0)
+                    socket.send_fds(channel, [data], fds)
+                    os.write(news_w, b"retired\n")
+                    return 0
+                watcher = restore_oom_watcher(json.loads(keeper.state)["oom"], keeper.fds)
+                os.write(news_w, f"kills {watcher.read()}\n".encode())
+                channel.send(json.dumps({"shutdown": True}).encode())
+                return 0
+
+            code = Keeper(listener, work).run()
+        finally:
+            os._exit(code)
+    os.close(news_w)
+    try:
+        assert read_some(news_r) == b"retired\n"
+        for high in range(1, 6):  # reclaim at the limit: the counters beside oom_kill move
+            events.write_text(f"low 0\nhigh {high}\nmax {high}\noom 0\noom_kill 0\n")
+            time.sleep(0.05)
+        ready, _, _ = select.select([news_r], [], [], 1.0)
+        assert not ready, os.read(news_r, 100)  # no worker for those
+        events.write_text("low 0\nhigh 6\nmax 6\noom 1\noom_kill 1\n")
+        assert read_some(news_r) == b"kills 1\n"
+        _, status = os.waitpid(keeper, 0)
+        assert os.waitstatus_to_exitcode(status) == 0  # the worker said the shim ends
+        keeper = 0
+    finally:
+        os.close(news_r)
+        if keeper:
+            os.kill(keeper, signal.SIGKILL)
+            os.waitpid(keeper, 0)

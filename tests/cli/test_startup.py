@@ -96,6 +96,7 @@ def test_run_rm_rpcs(tmp_path, daemon, ctl, busybox):
     assert data["stdout"] == "hello\n"
     methods = data["methods"]
     assert "Snapshots/Mounts" not in methods and "Tasks/Get" not in methods
+    assert "Snapshots/Stat" not in methods  # Prepare says when the image is not unpacked
     assert methods.index("Snapshots/Prepare") < methods.index("Tasks/Create")
     assert methods[-3:] == ["Tasks/Delete", "Containers/Delete", "Snapshots/Remove"]
     assert "hashlib" not in data["modules"]  # a one-layer image has no chain ID to hash
@@ -261,3 +262,23 @@ def test_message_classes_built_on_first_use_are_protobufs_own():
         "[]", "2 STOPPED",
         "module 'runtimed.api.containerd.services.tasks.v1.tasks_pb2' has no attribute 'NoSuchMessage'",
     ]
+
+
+def test_run_unpacks_an_image_whose_snapshot_is_gone(tmp_path, daemon, ctl, busybox):
+    """Snapshots.Prepare is tried first; a NotFound for the image's snapshot unpacks the
+    image, and the container is prepared again."""
+    with Client(daemon.address) as c:
+        chain_id = c.images.resolve(busybox).chain_id
+        snaps = c._stub("snapshots")
+        snaps.Remove(snaps.pb.RemoveSnapshotRequest(snapshotter="overlayfs", key=chain_id))
+        assert not c.images.is_unpacked(c.images.resolve(busybox), "overlayfs")
+    data = _probe(tmp_path, daemon.address, "run", "--rm", "--network", "none", "--pull", "never",
+                  "busybox", "echo", "again")
+    assert data["stdout"] == "again\n"
+    methods = data["methods"]
+    first = methods.index("Snapshots/Prepare")
+    assert methods[first + 1] == "Snapshots/Stat" and "Diff/Apply" in methods
+    assert methods.count("Snapshots/Prepare") == 3  # the container's, the layer's, the container's
+    with Client(daemon.address) as c:
+        assert c.images.is_unpacked(c.images.resolve(busybox), "overlayfs")
+    assert ctl("ps", "-a", "-q").stdout == ""

@@ -96,3 +96,32 @@ def test_fork_failures_in_the_zygote_are_clean(state, rootfs_template, cgroup_ch
         assert log.count("cannot fork a shim") == 2, log
 
     asyncio.run(scenario())
+
+
+def test_a_shim_slow_to_start_does_not_hold_up_the_next(state, rootfs_template, cgroup_check):
+    """The zygote forks the next shim while one it forked is still getting ready: here the
+    first blocks opening its log (a FIFO nobody reads yet) until the second has started
+    and run a container. The zygote used to wait for each shim's "ready" in turn (up to
+    its 30 s timeout), one create behind another."""
+    async def scenario() -> None:
+        manager = ShimManager(state)
+        manager.use_spare = False
+        warm = bundle_for(manager, rootfs_template, "warm", ["true"])  # the zygote runs
+        assert await run_true(await manager.start("sp", "warm", warm), "warm", warm) == 0
+        slow = bundle_for(manager, rootfs_template, "slow", ["true"])
+        os.mkfifo(slow / "shim.log")
+        slow_start = asyncio.ensure_future(manager.start("sp", "slow", slow))
+        try:
+            quick = bundle_for(manager, rootfs_template, "quick", ["true"])
+            client = await asyncio.wait_for(manager.start("sp", "quick", quick), 20)
+            assert await run_true(client, "quick", quick) == 0
+            assert not slow_start.done()  # still waiting for a reader of its log
+        finally:
+            reader = os.open(slow / "shim.log", os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            slow_client = await asyncio.wait_for(slow_start, 20)
+            assert await run_true(slow_client, "slow", slow) == 0
+        finally:
+            os.close(reader)
+
+    asyncio.run(scenario())

@@ -115,22 +115,30 @@ def _sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _write_small(path: Path, data: str) -> None:
-    """An ingest's bookkeeping file, replaced whole (a kill -9 never leaves half of it).
-    Not fsynced, as containerd's aren't: the `data` they describe is only fsynced at
-    commit, and after a power loss an empty or missing file reads as unknown (total 0,
-    a `ref` that does not match restarts the ingest)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(data)
-    os.replace(tmp, path)
+STATUS = "status"  # an ingest's bookkeeping, beside its `data`
 
 
-def _read_small(path: Path) -> str | None:
+def _write_status(directory: Path, status: dict, fresh: bool = False) -> None:
+    """An ingest's bookkeeping (`ref`, `startedat`, `updatedat`, `total`), one JSON file
+    replaced whole, so a kill -9 never leaves half of it; a fresh ingest's is written in
+    place (half of one reads as none, and the ingest starts again). One file, not
+    containerd's four: each file made costs ~0.5 ms on this VM's ext4. Not fsynced, as
+    containerd's aren't: the `data` it describes is only fsynced at commit, and after a
+    power loss a missing or empty status restarts the ingest."""
+    target = directory / STATUS if fresh else directory / (STATUS + ".tmp")
+    with open(target, "w") as f:
+        f.write(json.dumps(status))
+    if not fresh:
+        os.replace(target, directory / STATUS)
+
+
+def _read_status(directory: Path) -> dict:
+    """The ingest's bookkeeping; {} when missing or unreadable."""
     try:
-        return path.read_text()
-    except FileNotFoundError:
-        return None
+        status = json.loads((directory / STATUS).read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
 
 
 _writeback_pool = None
@@ -447,10 +455,10 @@ class ContentStore:
             st = (ingest / "data").stat()
         except FileNotFoundError:
             raise NotFound(f"no ingest data for ref {ref!r}") from None
-        started = int(_read_small(ingest / "startedat") or 0)
-        updated = max(int(_read_small(ingest / "updatedat") or 0), st.st_mtime_ns)
-        total = int(_read_small(ingest / "total") or 0)
-        return Status(ref, st.st_size, total, started, updated)
+        status = _read_status(ingest)
+        updated = max(int(status.get("updatedat", 0)), st.st_mtime_ns)
+        return Status(ref, st.st_size, int(status.get("total", 0)),
+                      int(status.get("startedat", 0)), updated)
 
     def list_statuses(self, ns: str, filters: list[str] | None = None) -> list[Status]:
         match = parse(filters)
@@ -558,7 +566,7 @@ class ContentStore:
         for path in self.ingests.iterdir():
             if path.name in keep:
                 continue
-            ref = _read_small(path / "ref") or path.name
+            ref = _read_status(path).get("ref") or path.name
             try:
                 shutil.rmtree(path)
                 removed.append(f"ingest/{ref}")
@@ -608,34 +616,35 @@ class Writer:
         path = self.path
         data = path / "data"
         resumed = False
-        if path.is_dir() and _read_small(path / "ref") == self.ref and data.exists():
-            saved_total = int(_read_small(path / "total") or 0)
+        saved = _read_status(path) if path.is_dir() else {}
+        if saved.get("ref") == self.ref and data.exists():
+            saved_total = int(saved.get("total", 0))
             if not (total > 0 and saved_total > 0 and total != saved_total):
                 resumed = True
                 self.total = saved_total or total
-                self.started_at = int(_read_small(path / "startedat") or now_ns())
-                self.updated_at = int(_read_small(path / "updatedat") or self.started_at)
+                self.started_at = int(saved.get("startedat") or now_ns())
+                self.updated_at = int(saved.get("updatedat") or self.started_at)
                 with open(data, "rb") as f:
                     while chunk := f.read(CHUNK):
                         self._hash.update(chunk)
                         self.offset += len(chunk)
                 if self.total == 0 and total > 0:
                     self.total = total
-                    _write_small(path / "total", str(total))
+                    self._save_status()
         if not resumed:
             shutil.rmtree(path, ignore_errors=True)
             path.mkdir(parents=True)
             self.total = total
-            _write_small(path / "ref", self.ref)
-            _write_small(path / "startedat", str(self.started_at))
-            _write_small(path / "updatedat", str(self.updated_at))
-            if total > 0:
-                _write_small(path / "total", str(total))
-            data.touch()
+            self._save_status(fresh=True)
         # unbuffered: once a WRITE is answered its bytes are the kernel's, so a kill -9 of
         # the daemon cannot take back an offset the client was told
-        self._fp = open(data, "r+b", buffering=0)
+        self._fp = open(os.open(data, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644), "r+b",
+                        buffering=0)
         self._fp.seek(self.offset)
+
+    def _save_status(self, fresh: bool = False) -> None:
+        _write_status(self.path, {"ref": self.ref, "startedat": self.started_at,
+                                  "updatedat": self.updated_at, "total": self.total}, fresh)
 
     def _materialize(self, keep: int) -> None:
         """Turn a shared (data-less) writer into a real ingest holding the first `keep`
@@ -670,7 +679,7 @@ class Writer:
     def set_total(self, total: int) -> None:
         if total > 0 and total != self.total and not self._shared:
             self.total = total
-            _write_small(self.path / "total", str(total))
+            self._save_status()
 
     @_serialized
     def write(self, data: bytes) -> int:
@@ -824,7 +833,7 @@ class Writer:
             try:
                 self._fp.flush()
                 self._fp.close()
-                _write_small(self.path / "updatedat", str(self.updated_at))
+                self._save_status()
             except OSError as exc:
                 log.warning("closing ingest %s: %s", self.ref, exc)
             self._fp = None

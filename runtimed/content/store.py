@@ -132,6 +132,25 @@ def _write_status(directory: Path, status: dict, fresh: bool = False) -> None:
         os.replace(target, directory / STATUS)
 
 
+def _remove_ingest_dir(directory: Path) -> None:
+    """Remove an ingest's directory, if there. What a writer leaves in it is known (its
+    status and data): removing those by name is a tenth of rmtree's cost, which a small
+    blob's commit paid twice (~0.3 ms each); anything else there falls back to rmtree."""
+    for name in (STATUS, STATUS + ".tmp", "data"):
+        try:
+            os.unlink(directory / name)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            break
+    try:
+        os.rmdir(directory)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def _read_status(directory: Path) -> dict:
     """The ingest's bookkeeping; {} when missing or unreadable."""
     try:
@@ -632,8 +651,11 @@ class Writer:
                     self.total = total
                     self._save_status()
         if not resumed:
-            shutil.rmtree(path, ignore_errors=True)
-            path.mkdir(parents=True)
+            try:
+                path.mkdir(parents=True)
+            except FileExistsError:  # a stale or mismatched ingest: start it again
+                _remove_ingest_dir(path)
+                path.mkdir()
             self.total = total
             self._save_status(fresh=True)
         # unbuffered: once a WRITE is answered its bytes are the kernel's, so a kill -9 of
@@ -813,7 +835,7 @@ class Writer:
         finally:
             self.close()
         if not self._shared:
-            shutil.rmtree(self.path, ignore_errors=True)  # a crash first: the GC sweeps it
+            _remove_ingest_dir(self.path)  # a crash first: the GC sweeps it
         if exists:
             raise AlreadyExists(f"content {actual} already exists in namespace {self.ns!r}")
         if self.announce and not self._shared:

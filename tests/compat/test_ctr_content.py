@@ -101,6 +101,33 @@ def test_two_writers_on_one_ref(daemon):
         first.close()
 
 
+def test_a_digest_committed_meanwhile_ends_a_later_message_naming_it(daemon):
+    """An `expected` digest the namespace got since the stream began ends the stream with
+    ALREADY_EXISTS at the WRITE or COMMIT naming it, and drops that stream's ingest."""
+    data = b"0123456789" * 50
+    md = [("containerd-namespace", "default")]
+    with daemon.channel() as channel:
+        stub = content_pb2_grpc.ContentStub(channel)
+        writing, committing = WriteStream(channel), WriteStream(channel)
+        assert writing.send(action=pb.WRITE, ref="late-write", data=data[:100]).offset == 100
+        assert committing.send(action=pb.WRITE, ref="late-commit", data=data).offset == len(data)
+        other = WriteStream(channel)
+        other.send(action=pb.COMMIT, ref="first", data=data, total=len(data),
+                   expected=digest_of(data))
+        other.close()
+        with pytest.raises(grpc.RpcError) as err:
+            writing.send(action=pb.WRITE, ref="late-write", offset=100, data=data[100:],
+                         expected=digest_of(data))
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        with pytest.raises(grpc.RpcError) as err:
+            committing.send(action=pb.COMMIT, ref="late-commit", offset=len(data),
+                            total=len(data), expected=digest_of(data))
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        statuses = stub.ListStatuses(pb.ListStatusesRequest(), metadata=md).statuses
+        assert [s.ref for s in statuses] == []
+        assert stub.Info(pb.InfoRequest(digest=digest_of(data)), metadata=md).info.size == len(data)
+
+
 def test_write_protocol_offsets_and_already_exists(daemon):
     data = b"abcdefghij" * 100
     with daemon.channel() as channel:

@@ -390,8 +390,13 @@ class TasksAPI:
         return ExitStatus(response.exit_status, timestamp(response.exited_at))
 
     def get(self, container_id: str, exec_id: str = "") -> Process:
+        return self.start_get(container_id, exec_id).result()
+
+    def start_get(self, container_id: str, exec_id: str = ""):
+        """`get`, with the request sent now: `.result()` is the Process (or the error)."""
         pb = self._stub.pb
-        return Process.from_pb(self._stub.Get(pb.GetRequest(container_id=container_id, exec_id=exec_id)).process)
+        request = pb.GetRequest(container_id=container_id, exec_id=exec_id)
+        return self._stub.Get.start(request).then(lambda response: Process.from_pb(response.process))
 
     def list(self) -> list[Process]:
         pb = self._stub.pb

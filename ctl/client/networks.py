@@ -159,6 +159,15 @@ def remove(client, name: str) -> None:
 def attach(client, container_id: str, network: str = "", *, hostname: str = "",
            aliases: list[str] | None = None, ports: list[Port] | None = None,
            ip: str = "") -> Attachment:
+    return start_attach(client, container_id, network, hostname=hostname, aliases=aliases,
+                        ports=ports, ip=ip).result()
+
+
+def start_attach(client, container_id: str, network: str = "", *, hostname: str = "",
+                 aliases: list[str] | None = None, ports: list[Port] | None = None,
+                 ip: str = ""):
+    """`attach`, with the request sent now: `.result()` is the Attachment. The daemon sets
+    the network up while the caller does something else (`ctl run` looks up the image)."""
     stub = _stub(client)
     pb = stub.pb
     request = pb.AttachRequest(
@@ -168,7 +177,7 @@ def attach(client, container_id: str, network: str = "", *, hostname: str = "",
                               container_port=p.container_port, protocol=p.protocol)
                for p in ports or []],
     )
-    return _attachment(stub.Attach(request).attachment)
+    return stub.Attach.start(request).then(lambda response: _attachment(response.attachment))
 
 
 def detach(client, container_id: str, network: str = "") -> None:

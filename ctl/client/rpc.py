@@ -61,11 +61,15 @@ class Stub:
         context = self._context
         client_streaming, server_streaming = method.client_streaming, method.server_streaming
 
-        def call(request, *, timeout: float | None = None, lease: str | None = None):
+        def metadata_for(lease: str | None) -> list[tuple[str, str]]:
             metadata = [("containerd-namespace", context.namespace)]
             lease = lease or context.lease_id
             if lease:
                 metadata.append(("containerd-lease", lease))
+            return metadata
+
+        def call(request, *, timeout: float | None = None, lease: str | None = None):
+            metadata = metadata_for(lease)
             body = (r.SerializeToString() for r in request) if client_streaming else request.SerializeToString()
             try:
                 if server_streaming:
@@ -74,9 +78,58 @@ class Stub:
             except RpcError as exc:
                 raise typed_error(exc, address) from None
 
+        def start(request, *, timeout: float | None = None, lease: str | None = None) -> Pending:
+            """Send a unary request now; `result()` reads the response."""
+            try:
+                return Pending(channel.call(path, request.SerializeToString(), metadata_for(lease), timeout),
+                               response_class, address)
+            except RpcError as exc:
+                raise typed_error(exc, address) from None
+
         call.__name__ = name
+        if not (client_streaming or server_streaming):
+            call.start = start
         self.__dict__[name] = call
         return call
+
+
+class Pending:
+    """A unary call whose request has been sent: the daemon works on it while the caller
+    does something else, a second call on another connection included, without a thread
+    (`Stub.<Method>.start`). `result()` returns the response or raises its typed error;
+    `cancel()` gives up on it."""
+
+    def __init__(self, call, response_class, address: str):
+        self._call = call
+        self._response_class = response_class
+        self._address = address
+        self._convert = None
+        self._read = False
+
+    def then(self, convert) -> Pending:
+        """Pass the response through `convert` in `result()`; returns this call."""
+        previous = self._convert
+        self._convert = convert if previous is None else lambda response: convert(previous(response))
+        return self
+
+    def result(self):
+        self._read = True
+        try:
+            messages = list(self._call)
+        except RpcError as exc:
+            raise typed_error(exc, self._address) from None
+        if len(messages) != 1:
+            raise typed_error(RpcError("INTERNAL", f"{len(messages)} response messages to a unary call"),
+                              self._address)
+        response = self._response_class.FromString(messages[0])
+        return response if self._convert is None else self._convert(response)
+
+    def cancel(self) -> None:
+        """Give up on the response (unless `result()` read it): the stream is reset and
+        its connection closed."""
+        if not self._read:
+            self._read = True
+            self._call.abandon()
 
 
 class StreamCall:

@@ -498,6 +498,15 @@ class _Call:
                         pass
                 connection.close()
 
+    def abandon(self) -> None:
+        """Give up on a call nobody reads (or will): the stream is reset and the connection
+        closed, with no frame read."""
+        if not self.finished:
+            self.cancel()
+        self.finished = True
+        self.connection.call = None
+        self.connection.close()
+
     def cancel(self) -> None:
         """End the call from any thread: the iterating thread sees CANCELLED."""
         if self.finished:

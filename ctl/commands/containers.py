@@ -183,7 +183,7 @@ class _InBackground:
 
 def _create(args):
     """Create the container from run/create flags: (id, log path, container record)."""
-    from ctl.commands.network import attach_for_run
+    from ctl.commands.network import start_attach_for_run
 
     policy = rp.Policy.parse(args.restart)
     log_options = _log_options(args.log_opt)
@@ -195,7 +195,7 @@ def _create(args):
     container_id = args.name or os.urandom(32).hex()
     # the network is set up while the image is looked up and resolved (the daemon's part
     # of an attach takes longer than all that); an image error still comes first
-    attaching = _InBackground(lambda: attach_for_run(c, args, container_id, opts))
+    attaching = start_attach_for_run(c, args, container_id, opts)
     try:
         resolved = c.images.resolve(_ensure_image(c, args), args.platform)
     except BaseException:
@@ -215,7 +215,7 @@ def _create(args):
         raise
 
 
-def _detach_quietly(c, container_id: str, attaching: _InBackground) -> None:
+def _detach_quietly(c, container_id: str, attaching) -> None:
     try:
         attached = attaching.result()
     except Exception:  # noqa: BLE001 - the first error is the one to report
@@ -1028,9 +1028,10 @@ def _cri_logs(c, container_id: str, path: str, args, tail: int | None) -> int:
 
 # exec ---------------------------------------------------------------------------------------
 
-def _task_or_none(c, container_id: str):
+def _task_or_none(c, container_id: str, asked=None):
+    """The task of the container, or None; `asked`: a `tasks.start_get` already sent."""
     try:
-        return c.tasks.get(container_id)
+        return (asked or c.tasks.start_get(container_id)).result()
     except NotFound:
         return None
 
@@ -1041,10 +1042,18 @@ def exec_(args) -> int:
     c = client(args)
     # the task is asked for while the container is looked up: one round trip instead of
     # two when the name is the full id, as it usually is
-    named_task = _InBackground(lambda: _task_or_none(c, args.container))
-    container = c.containers.resolve(args.container)
+    named_task = c.tasks.start_get(args.container)
+    try:
+        container = c.containers.resolve(args.container)
+    except BaseException:
+        named_task.cancel()
+        raise
     container_id = container.id
-    task = named_task.result() if container_id == args.container else _task_or_none(c, container_id)
+    if container_id == args.container:
+        task = _task_or_none(c, container_id, named_task)
+    else:
+        named_task.cancel()
+        task = _task_or_none(c, container_id)
     if task is None or task.status != "RUNNING":
         state = "paused" if task is not None and task.status == "PAUSED" else "not running"
         raise FailedPrecondition(f"container {container_id} is {state}")

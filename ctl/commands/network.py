@@ -87,20 +87,45 @@ def attachment(args) -> int:
     return 0
 
 
-def attach_for_run(c, args, container_id: str, opts):
-    """Give a container being created its network, before its spec is written. Returns
-    the attachment, or None for host networking (the spec keeps the host's netns and
-    mounts the host's name files)."""
+def start_attach_for_run(c, args, container_id: str, opts):
+    """Give a container being created its network, before its spec is written. The
+    request is sent at once and the daemon sets the network up while the caller looks up
+    the image; `result()` returns the attachment, already applied to `opts` (None for
+    host networking: the spec keeps the host's netns and mounts the host's name files)
+    or raises its error, a bad flag's too, so an image error still comes first."""
     from runtimed.errors import InvalidArgument
 
     networks = _networks()
-    ports = [networks.parse_publish(p) for p in args.publish]
-    network = args.network or "default"
-    if network in HOST_MODES:
-        if ports:
-            raise InvalidArgument(f"-p/--publish has no effect with --network {network}: use a bridge network")
-        return None
-    att = networks.attach(c, container_id, "" if network in ("default", "bridge") else network,
-                          hostname=args.hostname or "", ports=ports)
-    networks.apply_to_spec(att, opts)
-    return att
+    try:
+        ports = [networks.parse_publish(p) for p in args.publish]
+        network = args.network or "default"
+        if network in HOST_MODES:
+            if ports:
+                raise InvalidArgument(f"-p/--publish has no effect with --network {network}: use a bridge network")
+            return _Settled(None)
+        pending = networks.start_attach(c, container_id, "" if network in ("default", "bridge") else network,
+                                        hostname=args.hostname or "", ports=ports)
+    except Exception as exc:  # noqa: BLE001 - raised by result(), after the image's errors
+        return _Settled(error=exc)
+
+    def applied(att):
+        networks.apply_to_spec(att, opts)
+        return att
+
+    return pending.then(applied)
+
+
+class _Settled:
+    """An attachment known without asking (None), or the error in asking for one."""
+
+    def __init__(self, value=None, error: Exception | None = None):
+        self.value = value
+        self.error = error
+
+    def result(self):
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def cancel(self) -> None:
+        pass

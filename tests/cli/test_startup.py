@@ -282,3 +282,26 @@ def test_run_unpacks_an_image_whose_snapshot_is_gone(tmp_path, daemon, ctl, busy
     with Client(daemon.address) as c:
         assert c.images.is_unpacked(c.images.resolve(busybox), "overlayfs")
     assert ctl("ps", "-a", "-q").stdout == ""
+
+
+def test_exec_by_prefix_and_of_a_missing_container(tmp_path, daemon, ctl, busybox):
+    """The task asked for ahead of the container lookup is given up when the name is a
+    prefix (asked again by the full id) and when the container does not exist."""
+    ctl("run", "-d", "--name", "prefix-target", "--network", "none", "busybox", "sleep", "1000")
+    data = _probe(tmp_path, daemon.address, "exec", "prefix-tar", "echo", "by", "prefix")
+    assert data["stdout"] == "by prefix\n"
+    assert data["methods"].count("Tasks/Get") == 2 and "Containers/List" in data["methods"]
+    result = ctl("exec", "no-such-container", "true", check=False)
+    assert result.returncode == 125
+    assert result.stderr == "ctl: no such container: no-such-container\n"
+    ctl("rm", "-f", "prefix-target")
+
+
+def test_a_missing_image_is_reported_before_a_bad_publish_flag(ctl, busybox):
+    """The network is asked for before the image is looked up; a bad -p still comes after
+    the image's error, and alone it is the error reported."""
+    result = ctl("run", "--rm", "--pull", "never", "-p", "1:2:3:4", "no-such-image:1", "true", check=False)
+    assert result.returncode == 125 and "no such image: no-such-image:1" in result.stderr
+    result = ctl("run", "--rm", "--pull", "never", "-p", "1:2:3:4", "busybox", "true", check=False)
+    assert result.returncode == 125 and "invalid host IP '1:2'" in result.stderr
+    assert ctl("ps", "-a", "-q").stdout == ""

@@ -196,3 +196,27 @@ def test_one_client_many_threads(client):
     with ThreadPoolExecutor(16) as pool:
         assert sorted(pool.map(work, range(32))) == list(range(32))
     assert 1 <= len(client._connection.channel._idle) <= 16
+
+
+def test_started_calls_run_together_and_answer_in_any_order(client, busybox):
+    """`Stub.<Method>.start` sends a unary request at once, each on a connection of its
+    own; `result()` reads the answer whenever asked, a typed error included; `cancel()`
+    closes the connection of an answer nobody reads, and the channel goes on."""
+    tasks, containers = client._stub("tasks"), client._stub("containers")
+    missing_task = tasks.Get.start(tasks.pb.GetRequest(container_id="nosuch"))
+    missing = containers.Get.start(containers.pb.GetContainerRequest(id="nosuch"))
+    listed = containers.List.start(containers.pb.ListContainersRequest())
+    assert listed.then(lambda r: len(r.containers)).result() == 0
+    with pytest.raises(NotFound):
+        missing.result()
+    with pytest.raises(NotFound):
+        missing_task.then(lambda r: pytest.fail("converted an error")).result()
+    fds = len(os.listdir("/proc/self/fd"))
+    abandoned = containers.Get.start(containers.pb.GetContainerRequest(id="nosuch"))
+    abandoned.cancel()
+    abandoned.cancel()  # once is enough
+    assert len(os.listdir("/proc/self/fd")) <= fds  # its connection (a pooled one) closed
+    answered = containers.List.start(containers.pb.ListContainersRequest())
+    answered.result()
+    answered.cancel()  # after result(): the pooled connection stays usable
+    assert client.containers.list() == [] and client.version()["version"]

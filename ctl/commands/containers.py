@@ -15,11 +15,21 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from ctl.commands import EXIT_DAEMON, client, describe_error, err, out, out_documents, parse_labels
+from ctl.commands import (
+    EXIT_DAEMON,
+    client,
+    describe_error,
+    err,
+    lazy_module,
+    out,
+    out_documents,
+    parse_labels,
+)
 from ctl.format import ago, binary_size, emit, human_duration
 from runtimed import logfile
 from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound, RuntimedError
-from runtimed.restart import policy as rp
+
+rp = lazy_module("runtimed.restart.policy")  # exec needs none of it (~2 ms, with its dataclasses)
 
 LABEL_PREFIX = "io.runtimed.ctl."
 LABEL_LOG = LABEL_PREFIX + "log-path"

@@ -136,6 +136,7 @@ def test_exec_rpcs(tmp_path, daemon, ctl, busybox):
     assert sorted(methods[:2]) == ["Containers/Get", "Tasks/Get"]
     assert methods[2] == "Tasks/Exec" and methods[-1] == "Tasks/DeleteProcess"
     assert sorted(methods[3:-1]) == ["Tasks/Start", "Tasks/Wait"]
+    assert "runtimed.restart.policy" not in data["modules"]  # loaded on first use (lazy_module)
     ctl("rm", "-f", "ex1")
 
 

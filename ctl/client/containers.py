@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ctl.client.types import Container, ExitStatus, Process, Stats, timestamp
+from ctl.client.types import Container, ExitStatus, Process, timestamp
 from runtimed.errors import FailedPrecondition, InvalidArgument, NotFound, RuntimedError
 
 if TYPE_CHECKING:  # imported where used: `ctl ps`, `exec` and `rm` need none of them
@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # imported where used: `ctl ps`, `exec` and `rm` need none of
 
     from ctl.client.cio import Stdio
     from ctl.client.images import ResolvedImage
+    from ctl.client.monitor import Stats
     from runtimed.oci.spec import ImageConfig, SpecOptions
 
 SPEC_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Spec"
@@ -470,6 +471,7 @@ class TasksAPI:
 
 def _stats(metric) -> Stats:
     from ctl.client.decode import decode_any
+    from ctl.client.monitor import Stats  # noqa: F811 - the annotation's, at run time
 
     data = decode_any(metric.data)
     stats = Stats(container_id=metric.id, type_url=metric.data.type_url)
@@ -503,7 +505,7 @@ class EventStream:
 
     def __iter__(self) -> Iterator:
         from ctl.client.decode import decode_any
-        from ctl.client.types import Event
+        from ctl.client.monitor import Event
 
         for envelope in self._call:
             yield Event(

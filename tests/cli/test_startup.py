@@ -137,6 +137,7 @@ def test_exec_rpcs(tmp_path, daemon, ctl, busybox):
     assert methods[2] == "Tasks/Exec" and methods[-1] == "Tasks/DeleteProcess"
     assert sorted(methods[3:-1]) == ["Tasks/Start", "Tasks/Wait"]
     assert "runtimed.restart.policy" not in data["modules"]  # loaded on first use (lazy_module)
+    assert "ctl.client.monitor" not in data["modules"]  # Event and Stats: ctl.client.types' lazily
     ctl("rm", "-f", "ex1")
 
 

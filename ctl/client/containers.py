@@ -216,11 +216,15 @@ class ContainersAPI:
         return result
 
     def update_labels(self, container_id: str, labels: dict[str, str]) -> Container:
+        return self.start_update_labels(container_id, labels).result()
+
+    def start_update_labels(self, container_id: str, labels: dict[str, str]):
+        """`update_labels`, with the request sent now: `.result()` is the record."""
         pb = self._stub.pb
         record = pb.Container(id=container_id, labels=labels)
         request = pb.UpdateContainerRequest(container=record)
         request.update_mask.paths.extend(f"labels.{k}" for k in labels)
-        return Container.from_pb(self._stub.Update(request).container)
+        return self._stub.Update.start(request).then(lambda response: Container.from_pb(response.container))
 
     def remove(self, container_id: str, force: bool = False, volumes: bool = False, *,
                container: Container | None = None) -> None:

@@ -359,7 +359,13 @@ def _mark_started(c, container_id: str) -> None:
     Before the task starts: a process that exits at once is restarted by runtimed's
     restart manager, and a later reset would undo that restart's count (one restart
     too many; tests/cli/test_restart.py under load)."""
-    c.containers.update_labels(container_id, {
+    _start_marking(c, container_id).result()
+
+
+def _start_marking(c, container_id: str):
+    """`_mark_started`, sent now: `run --rm` has no restart policy to race with, so its
+    labels are updated while the task starts (`result()` once Tasks.Start answered)."""
+    return c.containers.start_update_labels(container_id, {
         LABEL_STARTED: _now(), LABEL_EXIT: "", LABEL_EXITED: "",
         rp.LABEL_COUNT: "0", rp.LABEL_STOPPED: "", rp.LABEL_RESTARTING: "", rp.LABEL_EXIT_CODE: "",
     })
@@ -413,9 +419,10 @@ class Terminal:
 def attach_and_wait(c, container_id: str, *, exec_args: list[str] | None = None,
                     exec_kwargs: dict | None = None, stdin: bool, tty: bool,
                     log_path: str | None, detach_keys: str, sig_proxy: bool = True,
-                    cri_log: bool = False, container=None) -> int | None:
+                    cri_log: bool = False, container=None, mark_with_start: bool = False) -> int | None:
     """Create the process with FIFOs, copy its stdio, wait for it; its exit code, or None
-    when the user detached."""
+    when the user detached. `mark_with_start`: the start labels go with Tasks.Start, not
+    before it (`run --rm`: no restart policy)."""
     import threading
 
     from ctl.client.cio import Attachment, DetachKeys, FifoSet
@@ -475,11 +482,18 @@ def attach_and_wait(c, container_id: str, *, exec_args: list[str] | None = None,
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                         signal.SIGUSR1, signal.SIGUSR2):
                 previous_handlers[sig] = signal.signal(sig, forward)
+        marking = None
         try:
-            if exec_args is None:
+            if exec_args is None and mark_with_start:
+                marking = _start_marking(c, container_id)
+            elif exec_args is None:
                 _mark_started(c, container_id)
             c.tasks.start(container_id, exec_id)
+            if marking is not None:
+                marking.result()
         except RuntimedError as exc:
+            if marking is not None:
+                marking.cancel()
             attachment.cancel()
             if exec_id:
                 try:
@@ -533,6 +547,7 @@ def run(args) -> int:
             c, container_id, stdin=args.interactive, tty=args.tty,
             log_path=None if args.rm else log_path, detach_keys=args.detach_keys,
             sig_proxy=args.sig_proxy == "true", cri_log=_has_cri_log(record), container=record,
+            mark_with_start=args.rm,
         )
     except ExitCode as exc:
         if args.rm:

@@ -19,12 +19,22 @@ from tests.cli.conftest import REPO
 _PROBE = """
 import sys, types
 import ctl.client.wire as wire
-calls = []
+calls, events = [], []
 _call = wire.Channel.call
 def call(self, path, *args, **kwargs):
     calls.append(path)
-    return _call(self, path, *args, **kwargs)
+    events.append("sent " + path.rsplit(".", 1)[-1])
+    started = _call(self, path, *args, **kwargs)
+    started.probe_path = path
+    return started
 wire.Channel.call = call
+_iter = wire._Call.__iter__
+def iterate(self):
+    try:
+        yield from _iter(self)
+    finally:
+        events.append("answered " + self.probe_path.rsplit(".", 1)[-1])
+wire._Call.__iter__ = iterate
 from ctl.__main__ import main
 try:
     code = main(sys.argv[2:])
@@ -32,7 +42,7 @@ finally:
     loaded = [name for name, m in list(sys.modules.items()) if type(m) is types.ModuleType]
     import json
     with open(sys.argv[1], "w") as f:
-        json.dump({"modules": loaded, "calls": calls}, f)
+        json.dump({"modules": loaded, "calls": calls, "events": events}, f)
 sys.exit(code)
 """
 
@@ -97,6 +107,8 @@ def test_run_rm_rpcs(tmp_path, daemon, ctl, busybox):
     methods = data["methods"]
     assert "Snapshots/Mounts" not in methods and "Tasks/Get" not in methods
     assert "Snapshots/Stat" not in methods  # Prepare says when the image is not unpacked
+    events = data["events"]  # no restart policy with --rm: the start labels go with the start
+    assert events.index("sent Tasks/Start") < events.index("answered Containers/Update")
     assert methods.index("Snapshots/Prepare") < methods.index("Tasks/Create")
     assert methods[-3:] == ["Tasks/Delete", "Containers/Delete", "Snapshots/Remove"]
     assert "hashlib" not in data["modules"]  # a one-layer image has no chain ID to hash
@@ -307,3 +319,13 @@ def test_a_missing_image_is_reported_before_a_bad_publish_flag(ctl, busybox):
     result = ctl("run", "--rm", "--pull", "never", "-p", "1:2:3:4", "busybox", "true", check=False)
     assert result.returncode == 125 and "invalid host IP '1:2'" in result.stderr
     assert ctl("ps", "-a", "-q").stdout == ""
+
+
+def test_a_run_with_a_restart_policy_labels_before_it_starts(tmp_path, daemon, ctl, busybox):
+    """Without --rm the start labels are answered before Tasks.Start is sent: the daemon's
+    restart manager must not see the task exit before its count was reset."""
+    data = _probe(tmp_path, daemon.address, "run", "--name", "labelled", "--network", "none",
+                  "--restart", "on-failure:1", "busybox", "true")
+    events = data["events"]
+    assert events.index("answered Containers/Update") < events.index("sent Tasks/Start")
+    ctl("rm", "-f", "labelled")

@@ -214,6 +214,8 @@ class Zygote:
             conn.settimeout(REQUEST_TIMEOUT)  # a caller that sends nothing holds no one up
             request = json.loads(conn.makefile("rb").readline() or b"{}")
             conn.settimeout(None)  # blocking again, as a spare's lifeline must be
+            if not isinstance(request, dict):  # `request.get` below would end the zygote
+                raise ValueError(f"not a JSON object: {request!r:.60}")
         except (OSError, ValueError) as exc:
             _reply(conn, {"error": f"bad request: {exc}"})
             return

@@ -125,3 +125,39 @@ def test_a_shim_slow_to_start_does_not_hold_up_the_next(state, rootfs_template, 
             os.close(reader)
 
     asyncio.run(scenario())
+
+
+def test_a_request_that_is_not_a_json_object_is_answered_and_the_zygote_serves_on(workdir):
+    """A line that is JSON but not an object (`[]`, `"x"`, `1`) is a bad request, answered
+    as such; the zygote used to end on it (AttributeError on `request.get`), failing every
+    create after. Served in this process: nothing is forked for a bad request."""
+    import json
+    import socket
+    import threading
+
+    from shimd.zygote import Zygote
+
+    path = str(workdir / "zygote.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    zygote = Zygote(listener)
+    serving = threading.Thread(target=zygote.serve, daemon=True)
+    serving.start()
+
+    def call(line: bytes) -> dict:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(10)
+            conn.connect(path)
+            conn.sendall(line + b"\n")
+            return json.loads(conn.makefile("rb").readline() or b"null")
+
+    try:
+        for line in (b"[]", b'"spare"', b"1", b"not json"):
+            answer = call(line)
+            assert "bad request" in answer["error"], (line, answer)
+        assert call(b'{"op": "exit"}') == {"ok": True}
+        serving.join(10)
+        assert not serving.is_alive()
+    finally:
+        listener.close()

@@ -500,9 +500,11 @@ class _Call:
 
     def abandon(self) -> None:
         """Give up on a call nobody reads (or will): the stream is reset and the connection
-        closed, with no frame read."""
-        if not self.finished:
-            self.cancel()
+        closed, with no frame read. A call read to its end already is left as it is (its
+        connection may be back in the pool)."""
+        if self.finished:
+            return
+        self.cancel()
         self.finished = True
         self.connection.call = None
         self.connection.close()

@@ -703,6 +703,17 @@ class Writer:
             self.total = total
             self._save_status()
 
+    def write_is_plain(self, size: int) -> bool:
+        """A write of `size` bytes now would only write and hash: no shared blob to copy
+        in first (`_materialize`), no ingest hook to run (the blob's first bytes: the layer
+        stager may start a process), no writeback start still running to wait for. What
+        Content.Write may run on the event loop."""
+        if self._shared is not None or self.offset == 0 or self._closed:
+            return False
+        if self.offset + size - self._written_back >= WRITEBACK_EVERY:
+            return self._writeback is None or self._writeback.done()
+        return True
+
     @_serialized
     def write(self, data: bytes) -> int:
         """Append `data`; returns its length, as a file's write does (`offset` is the new

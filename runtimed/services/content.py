@@ -25,7 +25,8 @@ from runtimed.services.wire import serve_stream_with_parser, split_bytes_field
 
 LIST_BATCH = 100
 # A Write message's bytes are written and hashed on the event loop while that takes less
-# than this; a slower write (the disk throttles) sends the stream's next one to a thread.
+# than this; a slower write (the disk throttles) sends the stream's next one to a thread,
+# and so does one that may block (Writer.write_is_plain: hooks, a writeback to wait for).
 INLINE_WRITE_LIMIT = 0.004
 SERVICE = "containerd.services.content.v1.Content"
 _DATA_FIELD = 6  # WriteContentRequest.data
@@ -194,7 +195,7 @@ class ContentService(content_pb2_grpc.ContentServicer):
                         await asyncio.to_thread(writer.truncate, 0)
                         reply.offset = 0
                     if data:
-                        if inline:
+                        if inline and writer.write_is_plain(len(data)):
                             inline = _timed_write(writer, data) < INLINE_WRITE_LIMIT
                         else:
                             took = await asyncio.to_thread(_timed_write, writer, data)

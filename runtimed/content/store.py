@@ -840,13 +840,16 @@ class Writer:
                     os.chmod(self.path / "data", 0o444)
                     os.rename(self.path / "data", target)
                     _fsync_dir(target.parent)
+            if not self._shared:
+                # while the ref is locked: a writer of the same ref opened once close()
+                # unlocks it would have its fresh status and data removed here (a crash
+                # first: the GC sweeps the directory)
+                _remove_ingest_dir(self.path)
             if self._follower is not None:
                 self._follower.committed(actual)
                 self._follower = None
         finally:
             self.close()
-        if not self._shared:
-            _remove_ingest_dir(self.path)  # a crash first: the GC sweeps it
         if exists:
             raise AlreadyExists(f"content {actual} already exists in namespace {self.ns!r}")
         if self.announce and not self._shared:

@@ -131,6 +131,40 @@ def test_bookkeeping_lost_to_a_power_cut_reads_as_unknown(stores):
     assert w.commit(len(data), digest_of(data)).digest == digest_of(data)
 
 
+def test_a_writer_of_the_ref_opened_as_a_commit_ends_keeps_its_ingest(stores, monkeypatch):
+    """A commit removes its ingest directory while it still holds the ref: a writer of the
+    same ref opened the moment the commit let go of it (here: from inside that removal,
+    as another thread could) had its fresh status and data removed under it, and its
+    own commit failed (FileNotFoundError: INTERNAL)."""
+    from runtimed.content import store as store_module
+    from runtimed.errors import Unavailable
+
+    content, _, _ = stores
+    first, second = os.urandom(3000), os.urandom(2000)
+    remove = store_module._remove_ingest_dir
+    opened = []  # the writer opened from inside the commit's removal, or None
+
+    def remove_while_another_opens(directory):
+        if not opened:  # once: that writer's own open may remove a stale directory
+            opened.append(None)
+            try:
+                opened[0] = content.writer("default", "same-ref")
+            except Unavailable:  # the ref is still the committing writer's
+                pass
+        remove(directory)
+
+    monkeypatch.setattr(store_module, "_remove_ingest_dir", remove_while_another_opens)
+    w = content.writer("default", "same-ref")
+    w.write(first)
+    assert w.commit(len(first), digest_of(first)).digest == digest_of(first)
+    later = opened[0] or content.writer("default", "same-ref")
+    assert later.status().offset == 0
+    later.write(second)
+    assert later.commit(len(second), digest_of(second)).digest == digest_of(second)
+    assert content.info("default", digest_of(second)).size == len(second)
+    assert not later.path.exists()
+
+
 def test_truncate_and_abort(stores):
     content, _, _ = stores
     w = content.writer("default", "t")

@@ -20,6 +20,7 @@ Core methods block on disk I/O; services call them through `asyncio.to_thread`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -155,9 +156,31 @@ def _read_status(directory: Path) -> dict:
     """The ingest's bookkeeping; {} when missing or unreadable."""
     try:
         status = json.loads((directory / STATUS).read_bytes())
+    except FileNotFoundError:
+        return _read_old_status(directory)
     except (OSError, ValueError):
         return {}
     return status if isinstance(status, dict) else {}
+
+
+_OLD_STATUS = ("ref", "startedat", "updatedat", "total")
+
+
+def _read_old_status(directory: Path) -> dict:
+    """The bookkeeping of an ingest written before the status file (one file per field,
+    as containerd's), so that it still resumes; {} when it is not one."""
+    status: dict = {}
+    for name in _OLD_STATUS:
+        try:
+            text = (directory / name).read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if name == "ref":
+            status[name] = text
+        else:
+            with contextlib.suppress(ValueError):
+                status[name] = int(text)
+    return status if "ref" in status else {}
 
 
 _writeback_pool = None

@@ -165,6 +165,28 @@ def test_a_writer_of_the_ref_opened_as_a_commit_ends_keeps_its_ingest(stores, mo
     assert not later.path.exists()
 
 
+def test_an_ingest_from_before_the_status_file_resumes(stores):
+    """An ingest written before its bookkeeping became one status file (a file per field,
+    as containerd's: ref, startedat, updatedat, total) reports its total and start and
+    resumes after an upgrade; its commit removes the old files too."""
+    content, _, _ = stores
+    data = os.urandom(30_000)
+    w = content.writer("default", "old", total=len(data))
+    w.write(data[:12_000])
+    w.close()
+    (w.path / "status").unlink()
+    for name, value in (("ref", "old"), ("startedat", "1000"), ("updatedat", "2000"),
+                        ("total", str(len(data)))):
+        (w.path / name).write_text(value)
+    st = content.status("default", "old")
+    assert (st.offset, st.total, st.started_at) == (12_000, len(data), 1000)
+    w = content.writer("default", "old")
+    assert (w.status().offset, w.status().total) == (12_000, len(data))
+    w.write(data[12_000:])
+    assert w.commit(len(data), digest_of(data)).digest == digest_of(data)
+    assert not w.path.exists()
+
+
 def test_truncate_and_abort(stores):
     content, _, _ = stores
     w = content.writer("default", "t")

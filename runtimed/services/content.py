@@ -162,10 +162,14 @@ class ContentService(content_pb2_grpc.ContentServicer):
             raise InvalidArgument("first message must have a reference")
         total, expected = req.total, req.expected
         # refuses an `expected` the namespace has already, as the check below does
-        writer = await asyncio.to_thread(
-            self.store.writer, ns, ref, total=total, expected=expected, lease=lease_id,
-            announce=True,
-        )
+        try:
+            writer = await asyncio.to_thread(
+                self.store.writer, ns, ref, total=total, expected=expected, lease=lease_id,
+                announce=True,
+            )
+        except AlreadyExists:  # and drops the ref's ingest, one an earlier stream left
+            await asyncio.to_thread(self._drop, ns, ref, lease_id)
+            raise
         inline = False  # the stream's last write was quick: write the next on the loop
         first = True
         try:
@@ -222,11 +226,14 @@ class ContentService(content_pb2_grpc.ContentServicer):
         ends with ALREADY_EXISTS, and its ingest is dropped."""
         if self.store.exists(ns, digest):
             writer.close()
-            try:
-                self.store.abort(ns, ref, lease_id)
-            except NotFound:
-                pass
+            self._drop(ns, ref, lease_id)
             raise AlreadyExists(f"blob with expected digest {digest} exists")
+
+    def _drop(self, ns: str, ref: str, lease_id: str | None) -> None:
+        try:
+            self.store.abort(ns, ref, lease_id)
+        except NotFound:
+            pass
 
     def _commit(self, writer, ns, ref, lease_id, check, total, expected, labels) -> None:
         """The commit, after `_refuse_present` when the message named a digest to check:

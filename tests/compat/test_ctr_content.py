@@ -7,6 +7,7 @@ import os
 import queue
 import subprocess
 import threading
+import time
 
 import grpc
 import pytest
@@ -126,6 +127,35 @@ def test_a_digest_committed_meanwhile_ends_a_later_message_naming_it(daemon):
         statuses = stub.ListStatuses(pb.ListStatusesRequest(), metadata=md).statuses
         assert [s.ref for s in statuses] == []
         assert stub.Info(pb.InfoRequest(digest=digest_of(data)), metadata=md).info.size == len(data)
+
+
+def test_a_present_digest_in_the_first_message_drops_an_earlier_streams_ingest(daemon):
+    """containerd aborts the ref before answering ALREADY_EXISTS for an `expected` digest
+    the namespace has: an ingest an interrupted stream left under that ref goes too (it
+    stayed, listed, until it expired)."""
+    data = b"first message " * 40
+    md = [("containerd-namespace", "default")]
+    with daemon.channel() as channel:
+        stub = content_pb2_grpc.ContentStub(channel)
+        interrupted = WriteStream(channel)
+        assert interrupted.send(action=pb.WRITE, ref="left", data=data[:100]).offset == 100
+        interrupted.close()
+        committer = WriteStream(channel)
+        committer.send(action=pb.COMMIT, ref="other", data=data, total=len(data),
+                       expected=digest_of(data))
+        committer.close()
+        assert [s.ref for s in stub.ListStatuses(pb.ListStatusesRequest(),
+                                                 metadata=md).statuses] == ["left"]
+        for _ in range(50):  # UNAVAILABLE while the cancelled stream still holds the ref
+            again = WriteStream(channel)
+            with pytest.raises(grpc.RpcError) as err:
+                again.send(action=pb.STAT, ref="left", expected=digest_of(data))
+            again.close()
+            if err.value.code() != grpc.StatusCode.UNAVAILABLE:
+                break
+            time.sleep(0.1)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert stub.ListStatuses(pb.ListStatusesRequest(), metadata=md).statuses == []
 
 
 def test_write_protocol_offsets_and_already_exists(daemon):

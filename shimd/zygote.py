@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(args.socket))
     os.chmod(args.socket, 0o600)
+    bound = args.socket.stat()
     listener.listen(64)
     os.write(write_end, b"1")
     os.close(write_end)
@@ -316,8 +317,13 @@ def main(argv: list[str] | None = None) -> int:
         Zygote(listener).serve()
     finally:
         listener.close()
+        # only if still ours: after an exit request this zygote waits for the shims it is
+        # starting (up to READY_TIMEOUT), and meanwhile runtimed may have started the next
+        # zygote on the same path; removing that one's socket orphaned it
         try:
-            args.socket.unlink()
+            now = args.socket.stat()
+            if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
+                args.socket.unlink()
         except FileNotFoundError:
             pass
     return 0

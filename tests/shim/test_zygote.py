@@ -42,6 +42,19 @@ def zygote_pid(state: Path) -> int:
     return found[0]
 
 
+def _running_on(socket_path: Path) -> bool:
+    """A process whose command line names `socket_path` (a zygote of it) is running."""
+    marker = str(socket_path).encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if marker in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    return True
+            except OSError:
+                pass
+    return False
+
+
 def release(cgroup: Path) -> None:
     """Move what is in `cgroup` back to the root and remove it (the shim forked while the
     zygote was in it may still be exiting: retried for a while)."""
@@ -161,3 +174,36 @@ def test_a_request_that_is_not_a_json_object_is_answered_and_the_zygote_serves_o
         assert not serving.is_alive()
     finally:
         listener.close()
+
+
+def test_a_zygote_ending_leaves_the_next_zygotes_socket(workdir):
+    """A zygote that ends (an exit request, answered once its starting shims are) removes
+    its socket only if the path still names it: the next zygote may listen there by then,
+    and removing its socket left it running with no one able to reach it."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    path = workdir / "zygote.sock"
+    subprocess.run([sys.executable, "-m", "shimd.zygote", "--socket", str(path)],
+                   check=True, timeout=60)  # returns once the zygote listens
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(10)
+    conn.connect(str(path))  # to the first zygote, before its path names another socket
+    path.unlink()
+    successor = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    successor.bind(str(path))
+    try:
+        conn.sendall(b'{"op": "exit"}\n')
+        assert json.loads(conn.makefile("rb").readline()) == {"ok": True}
+        assert conn.recv(1) == b""  # answered and closed
+        deadline = time.monotonic() + 10
+        while _running_on(path):
+            assert time.monotonic() < deadline, "the first zygote did not end"
+            time.sleep(0.05)
+        assert path.exists()  # the successor's socket
+    finally:
+        conn.close()
+        successor.close()
+        path.unlink(missing_ok=True)

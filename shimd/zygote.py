@@ -180,8 +180,10 @@ class Zygote:
     ~25 ms each on a busy 2-core machine: the last of 20 containers created at once
     waited ~0.5 s for its shim."""
 
-    def __init__(self, listener: socket.socket):
+    def __init__(self, listener: socket.socket, path: Path | None = None):
         self.listener = listener
+        self.path = path  # the listener's socket file, removed at an exit request
+        self._bound = path.stat() if path is not None else None
         self.selector = selectors.DefaultSelector()
         self.selector.register(listener, selectors.EVENT_READ)
         self.starting: dict[int, Starting] = {}  # by the read end of the ready pipe
@@ -206,6 +208,7 @@ class Zygote:
         finally:
             for fd in list(self.starting):
                 self._answer(fd, RuntimeError("the zygote stops"))
+            self.stop_listening()
             self.selector.close()
 
     def _accept(self) -> None:
@@ -220,9 +223,9 @@ class Zygote:
             _reply(conn, {"error": f"bad request: {exc}"})
             return
         if request.get("op") == "exit":
-            _reply(conn, {"ok": True})
-            self.selector.unregister(self.listener)
+            self.stop_listening()  # before the answer: the caller may start the next
             self.exiting = True
+            _reply(conn, {"ok": True})
             return
         others = [self.listener.fileno(), self.selector.fileno()]
         for fd, starting in self.starting.items():
@@ -239,6 +242,22 @@ class Zygote:
             return
         self.starting[fd] = Starting(conn, request, pid, time.monotonic() + READY_TIMEOUT)
         self.selector.register(fd, selectors.EVENT_READ)
+
+    def stop_listening(self) -> None:
+        """No more requests: the listener closed and its socket file removed at once, so
+        a caller meanwhile (the next runtimed) is refused and starts another zygote,
+        instead of waiting in the backlog of one that ends once its shims are started.
+        The file only if the path still names it (another zygote may listen there)."""
+        if self.listener.fileno() >= 0:
+            self.selector.unregister(self.listener)
+            self.listener.close()
+        if self.path is not None:
+            try:
+                now = self.path.stat()
+                if (now.st_dev, now.st_ino) == (self._bound.st_dev, self._bound.st_ino):
+                    self.path.unlink()
+            except FileNotFoundError:
+                pass
 
     def _read(self, fd: int) -> None:
         starting = self.starting[fd]
@@ -309,23 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(args.socket))
     os.chmod(args.socket, 0o600)
-    bound = args.socket.stat()
     listener.listen(64)
+    zygote = Zygote(listener, args.socket)
     os.write(write_end, b"1")
     os.close(write_end)
-    try:
-        Zygote(listener).serve()
-    finally:
-        listener.close()
-        # only if still ours: after an exit request this zygote waits for the shims it is
-        # starting (up to READY_TIMEOUT), and meanwhile runtimed may have started the next
-        # zygote on the same path; removing that one's socket orphaned it
-        try:
-            now = args.socket.stat()
-            if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
-                args.socket.unlink()
-        except FileNotFoundError:
-            pass
+    zygote.serve()  # removes the socket file at its end
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import selectors
 import time
 from pathlib import Path
 
@@ -206,4 +207,53 @@ def test_a_zygote_ending_leaves_the_next_zygotes_socket(workdir):
     finally:
         conn.close()
         successor.close()
+        path.unlink(missing_ok=True)
+
+
+def test_an_exiting_zygote_refuses_new_callers_while_its_shims_start(workdir):
+    """After an exit request the zygote answers the shims it is starting first; a caller
+    meanwhile (the next runtimed's first create) is refused at once, and starts another
+    zygote. It used to wait in the listener's backlog until this one ended, then read an
+    empty answer (KeyError 'address' in runtimed: UNKNOWN). Served in this process, with a
+    stand-in start: a ready pipe and the connection of its caller."""
+    import json
+    import socket
+    import threading
+
+    from shimd.zygote import READY_TIMEOUT, Starting, Zygote
+
+    path = workdir / "zygote.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(8)
+    zygote = Zygote(listener, path)
+    ready_read, ready_write = os.pipe()
+    caller, callers_conn = socket.socketpair()
+    zygote.starting[ready_read] = Starting(callers_conn, {"id": "s", "namespace": "n"},
+                                           -1, time.monotonic() + READY_TIMEOUT)
+    zygote.selector.register(ready_read, selectors.EVENT_READ)
+    serving = threading.Thread(target=zygote.serve, daemon=True)
+    serving.start()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(10)
+            conn.connect(str(path))
+            conn.sendall(b'{"op": "exit"}\n')
+            assert json.loads(conn.makefile("rb").readline()) == {"ok": True}
+        with pytest.raises((FileNotFoundError, ConnectionRefusedError)):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as late:
+                late.connect(str(path))
+        assert serving.is_alive()  # its shim has not answered yet
+        os.write(ready_write, b"unix:///run/s.sock")
+        os.close(ready_write)
+        ready_write = -1
+        serving.join(10)
+        assert not serving.is_alive()
+        caller.settimeout(10)
+        assert json.loads(caller.makefile("rb").readline()) == {"address": "unix:///run/s.sock"}
+    finally:
+        if ready_write >= 0:
+            os.close(ready_write)
+        caller.close()
+        listener.close()
         path.unlink(missing_ok=True)

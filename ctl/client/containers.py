@@ -414,7 +414,7 @@ class TasksAPI:
     ) -> None:
         """Add a process to a running task (started by `start(container_id, exec_id)`).
         `container`: its record, when the caller has it at hand (saves a round trip)."""
-        from runtimed.oci.spec import exec_process, resolve_user
+        from runtimed.oci.process import exec_process, resolve_user
 
         if stdio is None:
             from ctl.client.cio import Stdio

@@ -908,7 +908,7 @@ def _mkdirs(root: Path, path: str, uid: int, gid: int) -> Path:
 
 
 def _owner(spec: str, root: Path) -> tuple[int, int]:
-    from runtimed.oci.spec import resolve_user
+    from runtimed.oci.process import resolve_user
 
     def read(p: str) -> bytes | None:
         f = _resolve(root, p)

@@ -150,6 +150,7 @@ def test_exec_rpcs(tmp_path, daemon, ctl, busybox):
     assert sorted(methods[3:-1]) == ["Tasks/Start", "Tasks/Wait"]
     assert "runtimed.restart.policy" not in data["modules"]  # loaded on first use (lazy_module)
     assert "ctl.client.monitor" not in data["modules"]  # Event and Stats: ctl.client.types' lazily
+    assert "runtimed.oci.spec" not in data["modules"]  # exec's process: runtimed.oci.process
     ctl("rm", "-f", "ex1")
 
 

@@ -56,6 +56,30 @@ def _running_on(socket_path: Path) -> bool:
     return False
 
 
+def _oldest_zygote(state: Path) -> int:
+    """The zygote, while a shim it forked is still starting (that one has the zygote's
+    command line and name until it takes its own)."""
+    marker = str(state / "shim-zygote.sock").encode()
+    started = {}
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if entry.isdigit() and marker in Path(f"/proc/{entry}/cmdline").read_bytes():
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                started[int(entry)] = int(stat[19])  # starttime, field 22
+    return min(started, key=started.get)
+
+
+def _pipes_and_sockets(pid: int) -> set[str]:
+    """What `pid` has open of pipes and sockets ("pipe:[inode]", "socket:[inode]")."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith(("pipe:", "socket:")):
+                found.add(target)
+    return found
+
+
 def release(cgroup: Path) -> None:
     """Move what is in `cgroup` back to the root and remove it (the shim forked while the
     zygote was in it may still be exiting: retried for a while)."""
@@ -128,6 +152,10 @@ def test_a_shim_slow_to_start_does_not_hold_up_the_next(state, rootfs_template, 
         try:
             quick = bundle_for(manager, rootfs_template, "quick", ["true"])
             client = await asyncio.wait_for(manager.start("sp", "quick", quick), 20)
+            # forked while the slow one starts: none of the zygote's pipes and sockets
+            # (its listener, the slow one's ready pipe and its caller's connection)
+            quick_shim = int((quick / "shim.pid").read_text())
+            shared = _pipes_and_sockets(_oldest_zygote(state)) & _pipes_and_sockets(quick_shim)
             assert await run_true(client, "quick", quick) == 0
             assert not slow_start.done()  # still waiting for a reader of its log
         finally:
@@ -137,6 +165,7 @@ def test_a_shim_slow_to_start_does_not_hold_up_the_next(state, rootfs_template, 
             assert await run_true(slow_client, "slow", slow) == 0
         finally:
             os.close(reader)
+        assert not shared, shared  # once both shims are gone
 
     asyncio.run(scenario())
 

@@ -10,7 +10,8 @@ whole Python + grpcio (see docs/shim.md for the measurements).
 Protocol on the unix socket: one JSON line in, `{"id", "namespace", "bundle"}`, one
 JSON line out, `{"address": ...}` or `{"error": ..., "code": <gRPC status name>}`;
 `{"op": "spare", "socket": PATH}` forks a spare shim that keeps this connection (docs/shim.md);
-`{"op": "exit"}` stops the zygote (once the shims starting have answered). Each shim is
+`{"op": "exit"}` stops the zygote: it stops listening at once (its socket file goes) and
+ends once the shims starting have answered. Each shim is
 double-forked (new session, the intermediate exits), so it is neither the zygote's nor
 runtimed's child. Requests are forked as they come: the zygote answers each when its
 shim says it is ready, and forks the next meanwhile. A fork that fails (a pids limit) is

@@ -12,7 +12,7 @@ from runtimed.errors import InvalidArgument
 
 MAX_LENGTH = 76
 _ALNUM = r"[A-Za-z0-9]+"
-_IDENTIFIER = re.compile(rf"^{_ALNUM}(?:[._-]{_ALNUM})*$")
+_IDENTIFIER = re.compile(rf"{_ALNUM}(?:[._-]{_ALNUM})*")
 
 
 _KNOWN_VALID: set[str] = set()  # every call checks its namespace: most are seen before
@@ -29,7 +29,7 @@ def validate(identifier: str, kind: str = "identifier") -> str:
         raise InvalidArgument(
             f"{kind} {identifier[:MAX_LENGTH]}...: longer than {MAX_LENGTH} characters"
         )
-    if not _IDENTIFIER.match(identifier):
+    if not _IDENTIFIER.fullmatch(identifier):  # match's `$` lets a final newline in
         raise InvalidArgument(
             f"{kind} {identifier!r}: must be letters, digits, '.', '_' or '-', starting and "
             "ending with a letter or digit, with no two separators in a row"

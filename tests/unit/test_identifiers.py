@@ -9,7 +9,18 @@ def test_valid(good):
     assert validate(good) == good
 
 
-@pytest.mark.parametrize("bad", ["", "-a", "a-", "a..b", "a b", "a/b", "ü", "x" * 77, ".a"])
+@pytest.mark.parametrize("bad", ["", "-a", "a-", "a..b", "a b", "a/b", "ü", "x" * 77, ".a",
+                                 "default\n", "a\nb", "\na"])
 def test_invalid(bad):
     with pytest.raises(InvalidArgument):
         validate(bad, "namespace")
+
+
+def test_a_name_refused_once_stays_refused_after_a_valid_one():
+    """Valid names are remembered (every call checks its namespace): a refused one is
+    not, and "default" with a final newline (re.match's `$` let it through) is refused
+    even once "default" is known."""
+    assert validate("default") == "default"
+    for _ in range(2):
+        with pytest.raises(InvalidArgument):
+            validate("default\n", "namespace")

@@ -72,7 +72,7 @@ class Ignore:
         result = False
         for negate, rx in self.rules:
             for n in range(1, len(parts) + 1):
-                if rx.match("/".join(parts[:n])):
+                if rx.fullmatch("/".join(parts[:n])):
                     result = not negate
                     break
         return result

@@ -166,7 +166,7 @@ def parse(text: str) -> Dockerfile:
             name = ""
             if len(words) == 3 and words[1].lower() == "as":
                 name = words[2].lower()
-                if not _STAGE_NAME.match(name):
+                if not _STAGE_NAME.fullmatch(name):
                     raise inst.error(f"invalid name for build stage: {words[2]!r}, "
                                      "name can't start with a number or contain symbols")
                 if any(s.name == name for s in stages):
@@ -352,7 +352,7 @@ def pairs(inst: Instruction, env: dict[str, str], escape: str,
             raise inst.error(f"{inst.cmd.upper()} names can not be blank")
         if not eq and inst.cmd != "arg":
             raise inst.error(f"Syntax error - can't find = in {w!r}. Must be of the form: name=value")
-        if inst.cmd in ("env", "arg") and not _NAME.match(name):
+        if inst.cmd in ("env", "arg") and not _NAME.fullmatch(name):
             raise inst.error(f"invalid variable name {name!r}")
         out.append((name, value if eq else None))
     return out

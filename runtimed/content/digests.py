@@ -12,7 +12,7 @@ _DIGEST = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)$")
 
 def validate(digest: str) -> str:
     """Return `digest` when well formed, else InvalidArgument naming the problem."""
-    match = _DIGEST.match(digest or "")
+    match = _DIGEST.fullmatch(digest or "")
     if not match:
         raise InvalidArgument(f"digest {digest!r}: not of the form sha256:<64 hex digits>")
     algorithm, encoded = match.groups()

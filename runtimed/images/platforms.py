@@ -91,7 +91,7 @@ def parse(specifier: str) -> Platform:
         raise InvalidArgument(f"{specifier!r}: wildcards are not supported in platforms")
     parts = specifier.split("/")
     for part in parts:
-        if not _COMPONENT_RE.match(part):
+        if not _COMPONENT_RE.fullmatch(part):
             raise InvalidArgument(
                 f"{part!r} is an invalid component of platform {specifier!r}: "
                 "each component must match [A-Za-z0-9_-]+"

@@ -75,7 +75,7 @@ def _suffix(tag: str | None, digest: str | None) -> str:
 
 
 def validate_digest(digest: str) -> str:
-    if not _SHA256_RE.match(digest):
+    if not _SHA256_RE.fullmatch(digest):
         raise InvalidArgument(
             f"invalid digest {digest!r}: expected sha256: and 64 lowercase hex digits"
         )
@@ -101,9 +101,9 @@ def parse_strict(text: str, *, shown: str | None = None) -> Reference:
     `shown` is what the user typed, named in error messages instead of the expanded form.
     """
     shown = text if shown is None else shown
-    match = _REFERENCE_RE.match(text)
+    match = _REFERENCE_RE.fullmatch(text)
     if not match:
-        if _REFERENCE_RE.match(text.lower()):
+        if _REFERENCE_RE.fullmatch(text.lower()):
             raise InvalidArgument(f"invalid reference {shown!r}: repository name must be lowercase")
         raise InvalidArgument(
             f"invalid reference {shown!r}: expected [host[:port]/]name[:tag][@sha256:digest] "
@@ -116,7 +116,7 @@ def parse_strict(text: str, *, shown: str | None = None) -> Reference:
         )
     if digest is not None:
         validate_digest(digest)
-    name_match = _ANCHORED_NAME_RE.match(name)
+    name_match = _ANCHORED_NAME_RE.fullmatch(name)
     domain, path = name_match.groups() if name_match else (None, name)
     if not domain:
         raise InvalidArgument(f"invalid reference {shown!r}: no registry host (e.g. docker.io/)")
@@ -131,7 +131,7 @@ def parse(text: str, *, default_tag: bool = True) -> Reference:
     text = text.strip()
     if not text:
         raise InvalidArgument("invalid reference: empty")
-    if _IDENTIFIER_RE.match(text):
+    if _IDENTIFIER_RE.fullmatch(text):
         raise InvalidArgument(
             f"invalid reference {text!r}: a 64-character hex string is an image id, not a name"
         )

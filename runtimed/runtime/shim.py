@@ -325,6 +325,8 @@ class ShimManager:
         if "error" in reply:
             message = f"shim for {namespace}/{id} failed to start: {reply['error']}"
             raise from_code(reply["code"], message) if "code" in reply else Unavailable(message)
+        if "address" not in reply:  # it went away before answering: launch the shim directly
+            raise OSError(f"the shim zygote gave no answer for {namespace}/{id}")
         return reply["address"]
 
     async def _zygote_call(self, line: str) -> dict:

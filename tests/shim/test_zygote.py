@@ -286,3 +286,39 @@ def test_an_exiting_zygote_refuses_new_callers_while_its_shims_start(workdir):
         caller.close()
         listener.close()
         path.unlink(missing_ok=True)
+
+
+def test_a_zygote_that_answers_nothing_means_a_direct_launch(state, rootfs_template,
+                                                           cgroup_check):
+    """A zygote that closes a request without an answer (it was stopping): the create
+    launches its shim directly instead of failing with a KeyError (UNKNOWN)."""
+    import socket
+    import threading
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(state / "shim-zygote.sock"))
+    listener.listen()
+
+    def hang_up() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.recv(4096)
+            conn.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+
+    async def scenario() -> None:
+        manager = ShimManager(state)
+        manager.use_spare = False
+        bundle = bundle_for(manager, rootfs_template, "direct", ["true"])
+        client = await manager.start("sp", "direct", bundle)
+        assert await run_true(client, "direct", bundle) == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        listener.close()
+        (state / "shim-zygote.sock").unlink()

@@ -73,3 +73,16 @@ def test_with_digest_validates():
     assert ref.with_digest(DIGEST).digest == DIGEST
     with pytest.raises(InvalidArgument, match="invalid digest"):
         ref.with_digest("md5:00")
+
+
+@pytest.mark.parametrize("text", ["docker.io/library/busybox:latest\n",
+                                  "docker.io/library/busybox@sha256:" + "a" * 64 + "\n"])
+def test_a_final_newline_is_not_part_of_a_valid_reference_or_digest(text):
+    """Go's regexp `$` ends the text; Python's re.match lets it match before a final
+    newline, which accepted these."""
+    from runtimed.content import digests
+
+    with pytest.raises(InvalidArgument):
+        reference.parse_strict(text)
+    with pytest.raises(InvalidArgument):
+        digests.validate("sha256:" + "a" * 64 + "\n")

@@ -10,29 +10,30 @@ whole Python + grpcio (see docs/shim.md for the measurements).
 Protocol on the unix socket: one JSON line in, `{"id", "namespace", "bundle"}`, one
 JSON line out, `{"address": ...}` or `{"error": ..., "code": <gRPC status name>}`;
 `{"op": "spare", "socket": PATH}` forks a spare shim that keeps this connection (docs/shim.md);
-`{"op": "exit"}` stops the zygote: it stops listening at once (its socket file goes) and
-ends once the shims starting have answered. Each shim is
-double-forked (new session, the intermediate exits), so it is neither the zygote's nor
-runtimed's child. Requests are forked as they come: the zygote answers each when its
-shim says it is ready, and forks the next meanwhile. A fork that fails (a pids limit) is
-one log line and a RESOURCE_EXHAUSTED answer; the zygote carries on.
+`{"op": "exit"}` stops the zygote at once (its listener closed, its socket file gone).
+Each shim is double-forked (new session), so it is neither the zygote's nor runtimed's
+child; the intermediate waits for the shim's "ready" and answers the caller itself, then
+exits, while the zygote is back at its listener (shims start side by side, and one
+still starting when the zygote stops is answered for). A fork that fails (a pids limit)
+is one log line and a RESOURCE_EXHAUSTED answer; the zygote carries on.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import gc
 import json
 import os
-import selectors
+import select
 import signal
 import socket
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from shimd.server import run, run_spare
 
 READY_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 5.0
@@ -99,18 +100,14 @@ class ForkFailed(Exception):
     """A fork of the zygote failed (EAGAIN under a pids limit, ENOMEM)."""
 
 
-FORK_FAILED = b"!"  # first byte on the ready pipe when the intermediate could not fork
-
-
-def fork_shim(id: str, namespace: str, bundle: Path, conn: socket.socket,
-              not_for_the_shim: list[int], spare: Path | None = None) -> tuple[int, int]:
-    """Double-fork a shim: (the intermediate's pid, the read end of the shim's ready pipe).
-    The shim writes its address there once it serves, then closes it. A spare (serving
-    on the socket `spare`, see shimd.server.run_spare) keeps `conn` as its lifeline.
-    `not_for_the_shim`: the zygote's other descriptors (its listener, the connections
-    and pipes of other shims starting), closed in the child."""
-    from shimd.server import run, run_spare
-
+def fork_shim(request: dict, conn: socket.socket, listener: socket.socket) -> int:
+    """Double-fork the shim `request` asks for; the intermediate's pid. The intermediate
+    waits for the shim's "ready" and answers the caller on `conn` itself, so the zygote
+    is back at its listener at once (it serves the next request while this shim starts).
+    Until the shim is forked, neither process does more than it must: every page either
+    writes then becomes private to the shim once the intermediate exits (docs/shim.md).
+    A spare (serving on the socket `request["socket"]`, see shimd.server.run_spare) keeps
+    `conn` as its lifeline."""
     read_end, write_end = os.pipe()
     try:
         pid = os.fork()
@@ -121,167 +118,126 @@ def fork_shim(id: str, namespace: str, bundle: Path, conn: socket.socket,
     if pid == 0:
         code = 1
         try:
-            for fd in not_for_the_shim:
-                os.close(fd)
-            control = conn.detach()
-            if spare is None:
-                os.close(control)
-            os.close(read_end)
+            listener.close()
             os.setsid()
             try:
-                if os.fork() != 0:
-                    os._exit(0)
+                shim = os.fork()
             except OSError as exc:
-                os.write(write_end, FORK_FAILED + exc.strerror.encode())
+                os.close(write_end)
+                _reply(conn, _error(request, ForkFailed(f"cannot fork a shim: {exc.strerror}")))
                 os._exit(1)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            if spare is not None:
-                code = run_spare(spare, write_end, control)
+            if shim == 0:
+                code = _be_the_shim(request, conn, read_end, write_end)
             else:
-                code = run(id, namespace, bundle, ready_fd=write_end)
+                os.close(write_end)
+                try:
+                    answer = {"address": _ready_address(read_end, request)}
+                except Exception as exc:  # noqa: BLE001 - reported to the caller
+                    answer = _error(request, exc)
+                _reply(conn, answer)
+                code = 0
         except BaseException:  # noqa: BLE001 - a forked child must never return
             import traceback
 
             traceback.print_exc()
         finally:
             os._exit(code)
+    os.close(read_end)
     os.close(write_end)
-    return pid, read_end
+    return pid
 
 
-@dataclass
-class Starting:
-    """A shim forked for a caller and not serving yet: the caller waits on `conn`."""
-
-    conn: socket.socket
-    request: dict
-    intermediate: int  # the first fork's pid, reaped once the pipe closes
-    deadline: float
-    answer: bytearray = field(default_factory=bytearray)
-
-    @property
-    def name(self) -> str:
-        return f"{self.request.get('namespace', 'default')}/{self.request.get('id', 'spare')}"
-
-    def address(self) -> str:
-        """What the shim wrote on its ready pipe, as its address (or raise)."""
-        address = self.answer.decode(errors="replace").strip()
-        if address.startswith(FORK_FAILED.decode()):
-            raise ForkFailed(f"cannot fork a shim: {address[1:]}")
-        if not address:
-            where = (f"{self.request['bundle']}/shim.log" if "bundle" in self.request
-                     else "the zygote's log")
-            raise RuntimeError(f"shim for {self.name} failed to start, see {where}")
-        return address
+def _be_the_shim(request: dict, conn: socket.socket, read_end: int, write_end: int) -> int:
+    os.close(read_end)
+    control = conn.detach()
+    spare = request.get("op") == "spare"
+    if not spare:
+        os.close(control)
+    for signum in (signal.SIGTERM, signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
+    if spare:
+        return run_spare(Path(request["socket"]), write_end, control)
+    return run(request["id"], request.get("namespace", "default"), Path(request["bundle"]),
+               ready_fd=write_end)
 
 
-class Zygote:
-    """Serves fork requests; a shim's start (its keeper's setup until it listens) runs
-    while the next request is forked. Sequential, one start queued behind the other took
-    ~25 ms each on a busy 2-core machine: the last of 20 containers created at once
-    waited ~0.5 s for its shim."""
+def _ready_address(read_end: int, request: dict) -> str:
+    """What the shim writes on its ready pipe before closing it: its address."""
+    name = f"{request.get('namespace', 'default')}/{request.get('id', 'spare')}"
+    chunks = []
+    while True:
+        ready, _, _ = select.select([read_end], [], [], READY_TIMEOUT)
+        if not ready:
+            raise TimeoutError(f"shim for {name} not ready in {READY_TIMEOUT}s")
+        chunk = os.read(read_end, 4096)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    address = b"".join(chunks).decode(errors="replace").strip()
+    if not address:
+        where = f"{request['bundle']}/shim.log" if "bundle" in request else "the zygote's log"
+        raise RuntimeError(f"shim for {name} failed to start, see {where}")
+    return address
 
-    def __init__(self, listener: socket.socket, path: Path | None = None):
-        self.listener = listener
-        self.path = path  # the listener's socket file, removed at an exit request
-        self._bound = path.stat() if path is not None else None
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(listener, selectors.EVENT_READ)
-        self.starting: dict[int, Starting] = {}  # by the read end of the ready pipe
-        self.exiting = False
 
-    def serve(self) -> None:
-        """Until an exit request, then until the shims starting have answered."""
+def serve(listener: socket.socket, path: Path | None = None) -> None:
+    """Fork what is asked until an exit request. `path`: the listener's socket file."""
+    bound = path.stat() if path is not None else None
+    try:
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                try:
+                    conn.settimeout(REQUEST_TIMEOUT)  # a caller that sends nothing holds no one up
+                    request = json.loads(conn.makefile("rb").readline() or b"{}")
+                    conn.settimeout(None)  # blocking again, as a spare's lifeline must be
+                    if not isinstance(request, dict):
+                        raise ValueError(f"not a JSON object: {request!r:.60}")
+                    _check(request)
+                except (OSError, ValueError) as exc:
+                    _reply(conn, {"error": f"bad request: {exc}"})
+                    continue
+                if request.get("op") == "exit":
+                    # before the answer: the caller may start the next zygote at once
+                    _stop_listening(listener, path, bound)
+                    _reply(conn, {"ok": True})
+                    return
+                try:
+                    fork_shim(request, conn, listener)
+                except Exception as exc:  # noqa: BLE001 - reported to the caller
+                    _reply(conn, _error(request, exc))
+    finally:
+        _stop_listening(listener, path, bound)
+
+
+def _check(request: dict) -> None:
+    """A request has what its fork needs (checked here: the shim reads it after the fork)."""
+    op = request.get("op")
+    wanted = {None: ("id", "bundle"), "spare": ("socket",), "exit": ()}.get(op, None)
+    if wanted is None:
+        raise ValueError(f"unknown op {op!r:.60}")
+    for key in wanted:
+        if not isinstance(request.get(key), str) or not request[key]:
+            raise ValueError(f"{key!r} missing")
+
+
+def _stop_listening(listener: socket.socket, path: Path | None, bound) -> None:
+    """The listener closed and its socket file removed, so a caller from now on is refused
+    (and starts another zygote). The file only if the path still names it (another
+    zygote may listen there)."""
+    listener.close()
+    if path is not None:
         try:
-            while not (self.exiting and not self.starting):
-                deadline = min((s.deadline for s in self.starting.values()), default=None)
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                for key, _ in self.selector.select(timeout):
-                    if key.fileobj is self.listener:
-                        self._accept()
-                    else:
-                        self._read(key.fd)
-                now = time.monotonic()
-                for fd, starting in list(self.starting.items()):
-                    if starting.deadline <= now:
-                        self._answer(fd, TimeoutError(
-                            f"shim for {starting.name} not ready in {READY_TIMEOUT}s"))
-        finally:
-            for fd in list(self.starting):
-                self._answer(fd, RuntimeError("the zygote stops"))
-            self.stop_listening()
-            self.selector.close()
+            now = path.stat()
+            if (now.st_dev, now.st_ino) == (bound.st_dev, bound.st_ino):
+                path.unlink()
+        except FileNotFoundError:
+            pass
 
-    def _accept(self) -> None:
-        conn, _ = self.listener.accept()
-        try:
-            conn.settimeout(REQUEST_TIMEOUT)  # a caller that sends nothing holds no one up
-            request = json.loads(conn.makefile("rb").readline() or b"{}")
-            conn.settimeout(None)  # blocking again, as a spare's lifeline must be
-            if not isinstance(request, dict):  # `request.get` below would end the zygote
-                raise ValueError(f"not a JSON object: {request!r:.60}")
-        except (OSError, ValueError) as exc:
-            _reply(conn, {"error": f"bad request: {exc}"})
-            return
-        if request.get("op") == "exit":
-            self.stop_listening()  # before the answer: the caller may start the next
-            self.exiting = True
-            _reply(conn, {"ok": True})
-            return
-        others = [self.listener.fileno(), self.selector.fileno()]
-        for fd, starting in self.starting.items():
-            others += [fd, starting.conn.fileno()]
-        try:
-            if request.get("op") == "spare":
-                pid, fd = fork_shim("spare", "", Path(), conn, others,
-                                    spare=Path(request["socket"]))
-            else:
-                pid, fd = fork_shim(request["id"], request.get("namespace", "default"),
-                                    Path(request["bundle"]), conn, others)
-        except Exception as exc:  # noqa: BLE001 - reported to the caller
-            _reply(conn, _error(request, exc))
-            return
-        self.starting[fd] = Starting(conn, request, pid, time.monotonic() + READY_TIMEOUT)
-        self.selector.register(fd, selectors.EVENT_READ)
 
-    def stop_listening(self) -> None:
-        """No more requests: the listener closed and its socket file removed at once, so
-        a caller meanwhile (the next runtimed) is refused and starts another zygote,
-        instead of waiting in the backlog of one that ends once its shims are started.
-        The file only if the path still names it (another zygote may listen there)."""
-        if self.listener.fileno() >= 0:
-            self.selector.unregister(self.listener)
-            self.listener.close()
-        if self.path is not None:
-            try:
-                now = self.path.stat()
-                if (now.st_dev, now.st_ino) == (self._bound.st_dev, self._bound.st_ino):
-                    self.path.unlink()
-            except FileNotFoundError:
-                pass
-
-    def _read(self, fd: int) -> None:
-        starting = self.starting[fd]
-        chunk = os.read(fd, 4096)
-        if chunk:
-            starting.answer += chunk
-            return
-        try:
-            answer = {"address": starting.address()}
-        except Exception as exc:  # noqa: BLE001 - reported to the caller
-            answer = _error(starting.request, exc)
-        self._answer(fd, answer)
-
-    def _answer(self, fd: int, answer: dict | Exception) -> None:
-        """Tell the caller and forget the start. At the pipe's end the intermediate has
-        exited already (or is exiting: it closed its end), so its reaping does not wait."""
-        starting = self.starting.pop(fd)
-        self.selector.unregister(fd)
-        os.close(fd)
-        _reply(starting.conn, answer if isinstance(answer, dict) else _error(starting.request, answer))
-        try:
-            os.waitpid(starting.intermediate, 0 if isinstance(answer, dict) else os.WNOHANG)
-        except ChildProcessError:
+def _reap(signum=None, frame=None) -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
             pass
 
 
@@ -295,11 +251,10 @@ def _error(request: dict, exc: Exception) -> dict:
 
 
 def _reply(conn: socket.socket, answer: dict) -> None:
-    with conn:
-        try:
-            conn.sendall(json.dumps(answer).encode() + b"\n")
-        except OSError:
-            pass
+    try:
+        conn.sendall(json.dumps(answer).encode() + b"\n")
+    except OSError:
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,10 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     listener.bind(str(args.socket))
     os.chmod(args.socket, 0o600)
     listener.listen(64)
-    zygote = Zygote(listener, args.socket)
+    signal.signal(signal.SIGCHLD, _reap)  # the intermediates, as each answers and exits
     os.write(write_end, b"1")
     os.close(write_end)
-    zygote.serve()  # removes the socket file at its end
+    serve(listener, args.socket)  # removes the socket file at its end
     return 0
 
 

@@ -37,6 +37,7 @@ from shimd.server import run, run_spare
 
 READY_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 5.0
+REQUEST_MAX = 1 << 16
 
 
 def preload() -> None:
@@ -189,7 +190,7 @@ def serve(listener: socket.socket, path: Path | None = None) -> None:
             with conn:
                 try:
                     conn.settimeout(REQUEST_TIMEOUT)  # a caller that sends nothing holds no one up
-                    request = json.loads(conn.makefile("rb").readline() or b"{}")
+                    request = json.loads(_request_line(conn) or b"{}")
                     conn.settimeout(None)  # blocking again, as a spare's lifeline must be
                     if not isinstance(request, dict):
                         raise ValueError(f"not a JSON object: {request!r:.60}")
@@ -210,10 +211,28 @@ def serve(listener: socket.socket, path: Path | None = None) -> None:
         _stop_listening(listener, path, bound)
 
 
+def _request_line(conn: socket.socket) -> bytes:
+    """The request: one line, read with as few objects as can be (no file object): each
+    page the zygote writes while serving is one more private page of the shims it forked
+    before (docs/shim.md). 0.06 MB less per idle shim than makefile().readline()."""
+    data = conn.recv(REQUEST_MAX)
+    while data and not data.endswith(b"\n"):
+        more = conn.recv(REQUEST_MAX)
+        if not more:
+            break
+        data += more
+        if len(data) > REQUEST_MAX:
+            raise ValueError(f"request longer than {REQUEST_MAX} bytes")
+    return data
+
+
+_NEEDS = {None: ("id", "bundle"), "spare": ("socket",), "exit": ()}  # by "op"
+
+
 def _check(request: dict) -> None:
     """A request has what its fork needs (checked here: the shim reads it after the fork)."""
     op = request.get("op")
-    wanted = {None: ("id", "bundle"), "spare": ("socket",), "exit": ()}.get(op, None)
+    wanted = _NEEDS.get(op)
     if wanted is None:
         raise ValueError(f"unknown op {op!r:.60}")
     for key in wanted:

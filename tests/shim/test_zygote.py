@@ -200,7 +200,13 @@ def test_a_request_that_is_not_a_json_object_is_answered_and_the_zygote_serves_o
                      b'{"id": "x"}', b'{"op": "spare"}', b'{"id": 1, "bundle": "/b"}'):
             answer = call(line)
             assert "bad request" in answer["error"], (line, answer)
-        assert call(b'{"op": "exit"}') == {"ok": True}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:  # a line in two
+            conn.settimeout(10)
+            conn.connect(path)
+            conn.sendall(b'{"op": ')
+            time.sleep(0.05)
+            conn.sendall(b'"exit"}\n')
+            assert json.loads(conn.makefile("rb").readline()) == {"ok": True}
         serving.join(10)
         assert not serving.is_alive()
     finally:

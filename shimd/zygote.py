@@ -255,6 +255,7 @@ def _stop_listening(listener: socket.socket, path: Path | None, bound) -> None:
 
 
 def _reap(signum=None, frame=None) -> None:
+    """SIGCHLD: reap the intermediates, each once it has answered its caller."""
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(-1, os.WNOHANG)[0]:
             pass

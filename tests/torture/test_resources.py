@@ -10,6 +10,7 @@ import os
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -234,7 +235,16 @@ def test_fork_failures_are_clear_errors(daemon, ns, busybox_archive):
         out = daemon.ctr("run", "--rm", image, "fed", "echo", "fed", namespace=ns).stdout
         assert out == "fed\n"
     finally:
-        for pid in (cgroup / "cgroup.procs").read_text().split():
-            with contextlib.suppress(ProcessLookupError):  # a shim ending meanwhile
-                (PIDS_ROOT / "cgroup.procs").write_text(pid)
-        cgroup.rmdir()
+        # a shim forked while the zygote was in it may still be there, or exiting: retried
+        deadline = time.monotonic() + 10
+        while True:
+            for pid in (cgroup / "cgroup.procs").read_text().split():
+                with contextlib.suppress(ProcessLookupError):  # a shim ending meanwhile
+                    (PIDS_ROOT / "cgroup.procs").write_text(pid)
+            try:
+                cgroup.rmdir()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)

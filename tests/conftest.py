@@ -189,6 +189,25 @@ def remove_cgroups(dirs: set[str]) -> None:
             pass
 
 
+def release_cgroup(cgroup: Path, timeout: float = 10) -> None:
+    """Move what is in `cgroup` to its hierarchy's root (its parent) and remove it, retried
+    for a while: a shim forked while a zygote was in it may still be exiting."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for pid in (cgroup / "cgroup.procs").read_text().split():
+            try:
+                (cgroup.parent / "cgroup.procs").write_text(pid)
+            except ProcessLookupError:  # it ended meanwhile
+                pass
+        try:
+            cgroup.rmdir()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def daemon_namespaces(root: Path) -> set[str]:
     import sqlite3
 

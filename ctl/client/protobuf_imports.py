@@ -1,4 +1,5 @@
-"""Import google.protobuf without the pure-Python implementation that upb never runs.
+"""Import google.protobuf without the pure-Python implementation that upb never runs, and
+`lazy_module` for ctl's own modules that only some commands need.
 
 With the upb backend (protobuf's default) messages and descriptors are C objects, yet
 `descriptor_pool` and `internal.builder`, which every generated `_pb2` module imports,
@@ -28,29 +29,37 @@ DEFERRED = (
 LAZY_MESSAGES = False
 
 
+def lazy_module(name: str):
+    """The module `name`, executed on the first use of one of its attributes (importlib's
+    LazyLoader); None when there is no such module. For what only some paths need."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        return None
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    # `from package import module` reads the package's attribute; without it the import
+    # system would look at the module's __spec__, which loads it
+    package, _, attribute = name.rpartition(".")
+    setattr(sys.modules[package], attribute, module)
+    return module
+
+
 def defer_pure_python() -> None:
     if "google.protobuf.descriptor_pool" in sys.modules:
         return  # protobuf is in use already: nothing left to save
-    import importlib.util
-
     from google.protobuf.internal import api_implementation
 
     if api_implementation.Type() != "upb":
         return  # the Python (or C++) backend uses these modules at once
     for name in DEFERRED:
-        if name in sys.modules:
-            continue
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
-            continue
-        spec.loader = importlib.util.LazyLoader(spec.loader)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        # `from package import module` reads the package's attribute; without it the
-        # import system would look at the module's __spec__, which loads it
-        package, _, attribute = name.rpartition(".")
-        setattr(sys.modules[package], attribute, module)
+        lazy_module(name)
     if LAZY_MESSAGES:
         _build_messages_on_first_use()
 

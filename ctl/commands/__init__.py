@@ -21,24 +21,6 @@ def describe_error(exc: BaseException) -> tuple[str, int]:
     return f"{type(exc).__name__}: {exc}", EXIT_DAEMON
 
 
-def lazy_module(name: str):
-    """The module `name`, executed on the first use of one of its attributes (importlib's
-    LazyLoader): for what only some of a file's commands need."""
-    module = sys.modules.get(name)
-    if module is not None:
-        return module
-    import importlib.util
-
-    spec = importlib.util.find_spec(name)
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    package, _, attribute = name.rpartition(".")
-    setattr(sys.modules[package], attribute, module)
-    return module
-
-
 def client(args):
     """The library client for the global --address/--namespace (imports grpc now)."""
     cached = getattr(args, "_client", None)

@@ -15,12 +15,12 @@ import sys
 import time
 from datetime import UTC, datetime
 
+from ctl.client.protobuf_imports import lazy_module
 from ctl.commands import (
     EXIT_DAEMON,
     client,
     describe_error,
     err,
-    lazy_module,
     out,
     out_documents,
     parse_labels,

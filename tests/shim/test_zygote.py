@@ -14,6 +14,7 @@ import pytest
 
 from runtimed.errors import ResourceExhausted
 from runtimed.runtime.shim import ShimManager
+from tests.conftest import release_cgroup
 from tests.shim.test_spare import bundle_for, comm, run_true
 
 PIDS_ROOT = Path("/sys/fs/cgroup/pids")
@@ -79,23 +80,6 @@ def _pipes_and_sockets(pid: int) -> set[str]:
     return found
 
 
-def release(cgroup: Path) -> None:
-    """Move what is in `cgroup` back to the root and remove it (the shim forked while the
-    zygote was in it may still be exiting: retried for a while)."""
-    deadline = time.monotonic() + 10
-    while True:
-        for pid in (cgroup / "cgroup.procs").read_text().split():
-            with contextlib.suppress(ProcessLookupError):
-                (PIDS_ROOT / "cgroup.procs").write_text(pid)
-        try:
-            cgroup.rmdir()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 @pytest.mark.skipif(not (PIDS_ROOT / "cgroup.procs").exists(),
                     reason="needs the cgroup v1 pids hierarchy (this machine's layout)")
 def test_fork_failures_in_the_zygote_are_clean(state, rootfs_template, cgroup_check):
@@ -124,7 +108,7 @@ def test_fork_failures_in_the_zygote_are_clean(state, rootfs_template, cgroup_ch
             fed = bundle_for(manager, rootfs_template, "fed", ["true"])
             assert await run_true(await manager.start("sp", "fed", fed), "fed", fed) == 0
         finally:
-            release(cgroup)
+            release_cgroup(cgroup)
         assert zygote_pid(state) == zygote  # the same zygote served throughout
         deadline = time.monotonic() + 10  # an intermediate answers, then exits: reaped then
         while Path(f"/proc/{zygote}/task/{zygote}/children").read_text().split() != children_before:
@@ -137,6 +121,24 @@ def test_fork_failures_in_the_zygote_are_clean(state, rootfs_template, cgroup_ch
     asyncio.run(scenario())
 
 
+@contextlib.asynccontextmanager
+async def blocked_on_its_log(manager: ShimManager, rootfs_template: Path, id: str):
+    """The start of a shim that blocks opening its log (a FIFO nobody reads yet); on the
+    way out the log is read, and the shim must start and run its container to the end."""
+    bundle = bundle_for(manager, rootfs_template, id, ["true"])
+    os.mkfifo(bundle / "shim.log")
+    start = asyncio.ensure_future(manager.start("sp", id, bundle))
+    try:
+        yield start
+    finally:
+        reader = os.open(bundle / "shim.log", os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            client = await asyncio.wait_for(start, 20)
+            assert await run_true(client, id, bundle) == 0
+        finally:
+            os.close(reader)
+
+
 def test_a_shim_slow_to_start_does_not_hold_up_the_next(state, rootfs_template, cgroup_check):
     """The zygote forks the next shim while one it forked is still getting ready: here the
     first blocks opening its log (a FIFO nobody reads yet) until the second has started
@@ -147,10 +149,7 @@ def test_a_shim_slow_to_start_does_not_hold_up_the_next(state, rootfs_template, 
         manager.use_spare = False
         warm = bundle_for(manager, rootfs_template, "warm", ["true"])  # the zygote runs
         assert await run_true(await manager.start("sp", "warm", warm), "warm", warm) == 0
-        slow = bundle_for(manager, rootfs_template, "slow", ["true"])
-        os.mkfifo(slow / "shim.log")
-        slow_start = asyncio.ensure_future(manager.start("sp", "slow", slow))
-        try:
+        async with blocked_on_its_log(manager, rootfs_template, "slow") as slow_start:
             quick = bundle_for(manager, rootfs_template, "quick", ["true"])
             client = await asyncio.wait_for(manager.start("sp", "quick", quick), 20)
             # forked while the slow one starts: none of the zygote's pipes and sockets
@@ -159,13 +158,6 @@ def test_a_shim_slow_to_start_does_not_hold_up_the_next(state, rootfs_template, 
             shared = _pipes_and_sockets(_oldest_zygote(state)) & _pipes_and_sockets(quick_shim)
             assert await run_true(client, "quick", quick) == 0
             assert not slow_start.done()  # still waiting for a reader of its log
-        finally:
-            reader = os.open(slow / "shim.log", os.O_RDONLY | os.O_NONBLOCK)
-        try:
-            slow_client = await asyncio.wait_for(slow_start, 20)
-            assert await run_true(slow_client, "slow", slow) == 0
-        finally:
-            os.close(reader)
         assert not shared, shared  # once both shims are gone
 
     asyncio.run(scenario())
@@ -261,11 +253,7 @@ def test_an_exiting_zygote_refuses_new_callers_and_its_shims_still_start(
         warm = bundle_for(manager, rootfs_template, "warm", ["true"])  # the zygote runs
         assert await run_true(await manager.start("sp", "warm", warm), "warm", warm) == 0
         zygote = zygote_pid(state)
-        slow = bundle_for(manager, rootfs_template, "slow", ["true"])
-        os.mkfifo(slow / "shim.log")
-        slow_start = asyncio.ensure_future(manager.start("sp", "slow", slow))
-        reader = -1
-        try:
+        async with blocked_on_its_log(manager, rootfs_template, "slow") as slow_start:
             while not Path(f"/proc/{zygote}/task/{zygote}/children").read_text().split():
                 await asyncio.sleep(0.01)  # the slow one's intermediate is forked
             await manager.stop_zygote()
@@ -273,13 +261,6 @@ def test_an_exiting_zygote_refuses_new_callers_and_its_shims_still_start(
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as late:
                     late.connect(str(state / "shim-zygote.sock"))
             assert not slow_start.done()
-        finally:
-            reader = os.open(slow / "shim.log", os.O_RDONLY | os.O_NONBLOCK)
-        try:
-            slow_client = await asyncio.wait_for(slow_start, 20)
-            assert await run_true(slow_client, "slow", slow) == 0
-        finally:
-            os.close(reader)
         again = bundle_for(manager, rootfs_template, "again", ["true"])  # a new zygote
         assert await run_true(await manager.start("sp", "again", again), "again", again) == 0
         assert zygote_pid(state) != zygote

@@ -4,13 +4,11 @@ half-written becomes visible, and runtimed keeps serving and recovers once there
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import subprocess
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -19,7 +17,7 @@ import pytest
 from runtimed.api.containerd.services.containers.v1 import containers_pb2, containers_pb2_grpc
 from runtimed.api.containerd.services.content.v1 import content_pb2, content_pb2_grpc
 from runtimed.api.containerd.services.images.v1 import images_pb2, images_pb2_grpc
-from tests.conftest import DaemonProcess
+from tests.conftest import DaemonProcess, release_cgroup
 from tests.torture import stats
 from tests.torture.conftest import remove_namespace_cgroups, stop_and_check
 from tests.torture.helpers import blob_path, corrupt_blobs, md, metadata_problems, version
@@ -235,16 +233,4 @@ def test_fork_failures_are_clear_errors(daemon, ns, busybox_archive):
         out = daemon.ctr("run", "--rm", image, "fed", "echo", "fed", namespace=ns).stdout
         assert out == "fed\n"
     finally:
-        # a shim forked while the zygote was in it may still be there, or exiting: retried
-        deadline = time.monotonic() + 10
-        while True:
-            for pid in (cgroup / "cgroup.procs").read_text().split():
-                with contextlib.suppress(ProcessLookupError):  # a shim ending meanwhile
-                    (PIDS_ROOT / "cgroup.procs").write_text(pid)
-            try:
-                cgroup.rmdir()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        release_cgroup(cgroup)

@@ -230,6 +230,17 @@ def container_cgroups(new: set[str], namespaces: set[str]) -> set[str]:
     return found
 
 
+@pytest.fixture(scope="session", autouse=True)
+def namespace_cgroups_removed():
+    """The namespace-level cgroups (`<hierarchy>/<namespace>`) the session's containers
+    made, removed when it ends: runtimed, as containerd, leaves a namespace's parent
+    cgroup in place, which on a test machine is litter. Only empty ones go (a cgroup an
+    overlapping run still uses stays)."""
+    before = cgroup_dirs(depth=2)
+    yield
+    remove_cgroups(cgroup_dirs(depth=2) - before)
+
+
 @pytest.fixture
 def leak_check():
     """Yields a function the daemon fixture calls with its namespaces after stopping:

@@ -15,14 +15,8 @@ _ALNUM = r"[A-Za-z0-9]+"
 _IDENTIFIER = re.compile(rf"{_ALNUM}(?:[._-]{_ALNUM})*")
 
 
-_KNOWN_VALID: set[str] = set()  # every call checks its namespace: most are seen before
-_KNOWN_VALID_MAX = 4096
-
-
 def validate(identifier: str, kind: str = "identifier") -> str:
     """Return `identifier` when valid, else raise InvalidArgument saying what is wrong."""
-    if identifier in _KNOWN_VALID:
-        return identifier
     if not identifier:
         raise InvalidArgument(f"{kind} must not be empty")
     if len(identifier) > MAX_LENGTH:
@@ -34,6 +28,4 @@ def validate(identifier: str, kind: str = "identifier") -> str:
             f"{kind} {identifier!r}: must be letters, digits, '.', '_' or '-', starting and "
             "ending with a letter or digit, with no two separators in a row"
         )
-    if len(_KNOWN_VALID) < _KNOWN_VALID_MAX:
-        _KNOWN_VALID.add(identifier)
     return identifier

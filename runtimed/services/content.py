@@ -219,7 +219,6 @@ class ContentService(content_pb2_grpc.ContentServicer):
         finally:
             writer.close()
 
-
     def _refuse_present(self, writer, ns: str, ref: str, lease_id: str | None,
                         digest: str) -> None:
         """containerd's rule: a Write naming an `expected` digest the namespace has already

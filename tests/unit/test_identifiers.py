@@ -14,13 +14,3 @@ def test_valid(good):
 def test_invalid(bad):
     with pytest.raises(InvalidArgument):
         validate(bad, "namespace")
-
-
-def test_a_name_refused_once_stays_refused_after_a_valid_one():
-    """Valid names are remembered (every call checks its namespace): a refused one is
-    not, and "default" with a final newline (re.match's `$` let it through) is refused
-    even once "default" is known."""
-    assert validate("default") == "default"
-    for _ in range(2):
-        with pytest.raises(InvalidArgument):
-            validate("default\n", "namespace")

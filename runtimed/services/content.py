@@ -50,16 +50,15 @@ def parse_write_request(raw: bytes) -> tuple[pb.WriteContentRequest, memoryview 
     return pb.WriteContentRequest.FromString(rest), data
 
 
-def _timed_write(writer, data) -> float:
+def _timed_write(writer, data, hashed: bool = False) -> float:
     """Write `data`; the seconds it took.
 
-    Why on the loop at all: the reply must wait for the bytes to be written and hashed,
-    and the hop to a worker thread and back cost more than the work on a busy machine
-    (each wake-up waits for a core the client or the layer stager holds; docs/content.md).
-    The loop spends about as long parsing the message's frames; a slow disk moves the
-    stream's writes back to a thread."""
+    Why on the loop at all: the hop to a worker thread and back cost more than the work
+    on a busy machine (each wake-up waits for a core the client or the layer stager
+    holds; docs/content.md). The loop spends about as long parsing the message's frames;
+    a slow disk moves the stream's writes back to a thread."""
     started = time.perf_counter()
-    writer.write(data)
+    writer.write(data, hashed)
     return time.perf_counter() - started
 
 
@@ -171,6 +170,7 @@ class ContentService(content_pb2_grpc.ContentServicer):
             await asyncio.to_thread(self._drop, ns, ref, lease_id)
             raise
         inline = False  # the stream's last write was quick: write the next on the loop
+        unwritten = None  # a WRITE's bytes, hashed and answered, to write after the answer
         first = True
         try:
             while True:
@@ -198,18 +198,26 @@ class ContentService(content_pb2_grpc.ContentServicer):
                     if req.offset == 0 and st.offset > 0:
                         await asyncio.to_thread(writer.truncate, 0)
                         reply.offset = 0
-                    if data:
-                        if inline and writer.write_is_plain(len(data)):
-                            inline = _timed_write(writer, data) < INLINE_WRITE_LIMIT
+                    if data and inline and writer.write_is_plain(len(data)):
+                        if req.action == pb.WRITE:  # answered first, written after the answer
+                            reply.offset = writer.hash_ahead(data)
+                            unwritten = data
                         else:
-                            took = await asyncio.to_thread(_timed_write, writer, data)
-                            inline = took < INLINE_WRITE_LIMIT
+                            inline = _timed_write(writer, data) < INLINE_WRITE_LIMIT
+                            reply.offset = writer.offset
+                    elif data:
+                        took = await asyncio.to_thread(_timed_write, writer, data)
+                        inline = took < INLINE_WRITE_LIMIT
                         reply.offset = writer.offset
                     if req.action == pb.COMMIT:
                         await asyncio.to_thread(self._commit, writer, ns, ref, lease_id, check,
                                                 total, expected, dict(req.labels))
                     reply.digest = writer.digest()
                 yield reply
+                if unwritten is not None:
+                    await asyncio.sleep(0)  # the loop sends the answer, then the bytes go
+                    inline = _timed_write(writer, unwritten, hashed=True) < INLINE_WRITE_LIMIT
+                    unwritten = None
                 if req.action == pb.COMMIT:
                     return
                 try:

@@ -124,6 +124,39 @@ def test_a_full_root_refuses_writes_cleanly_and_recovers(small_root, busybox_arc
         assert corrupt_blobs(d.root) == []
 
 
+def test_a_write_failing_after_its_answer_leaves_an_ingest_that_resumes(small_root):
+    """Content.Write answers a quick WRITE before its bytes reach the file: when the disk
+    fills under the second MiB, the stream still fails with a clear status, and the ingest
+    holds exactly the bytes that reached the file: once there is room, a STAT reports them
+    and their digest, and the client resumes from there."""
+    d = small_root
+    with d.channel() as channel:
+        stub = content_pb2_grpc.ContentStub(channel)
+        write_blob(channel, os.urandom(1000), "warm")
+        filler = fill(d.root, leave=(3 << 20) // 2)
+        data = os.urandom(3 << 20)
+        with pytest.raises(grpc.RpcError) as info:
+            write_blob(channel, data, "half", commit=False)
+        assert info.value.code() in CLEAR, info.value
+        assert "space" in info.value.details()
+
+        def stat():
+            request = content_pb2.WriteContentRequest(action=content_pb2.STAT, ref="half")
+            return next(iter(stub.Write(iter([request]), metadata=md(NS), timeout=30)))
+
+        filler.unlink()  # (a STAT writes the ingest's row again)
+        status = stat()
+        assert 1 << 20 <= status.offset < len(data)  # the first MiB and part of the second
+        assert status.digest == "sha256:" + hashlib.sha256(data[:status.offset]).hexdigest()
+        rest = [content_pb2.WriteContentRequest(action=content_pb2.WRITE, ref="half",
+                                                offset=status.offset, data=data[status.offset:]),
+                content_pb2.WriteContentRequest(action=content_pb2.COMMIT, ref="half",
+                                                offset=len(data), total=len(data))]
+        replies = list(stub.Write(iter(rest), metadata=md(NS), timeout=30))
+        assert replies[-1].digest == "sha256:" + hashlib.sha256(data).hexdigest()
+        assert corrupt_blobs(d.root) == []
+
+
 class LowFdDaemon(DaemonProcess):
     """runtimed started under `prlimit --nofile=N`."""
 

@@ -64,7 +64,7 @@ def launch(id: str, namespace: str, bundle: Path) -> int:
         code = 1
         try:
             os.setsid()
-            code = run(id, namespace, bundle, ready_fd=write_end)
+            code = run(id, namespace, bundle, ready=lambda address: _tell(write_end, address))
         except BaseException:  # noqa: BLE001 - the child must never return into the caller
             logging.getLogger("shimd").exception("shim failed")
         finally:
@@ -115,8 +115,14 @@ def package_on_path() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([package_root, *paths])
 
 
-def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None) -> int:
-    """Be the shim of `bundle`: its keeper (shimd/keeper.py), forking workers to serve."""
+def _tell(fd: int, address: str) -> None:
+    os.write(fd, address.encode())
+    os.close(fd)
+
+
+def run(id: str, namespace: str, bundle: Path, ready=None) -> int:
+    """Be the shim of `bundle`: its keeper (shimd/keeper.py), forking workers to serve.
+    `ready(address)` once it serves."""
     from shimd.keeper import Keeper
     from shimd.outbox import write_atomic
 
@@ -132,9 +138,8 @@ def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None) -> i
     except OSError:
         _remove(bundle, sock)
         raise
-    if ready_fd is not None:
-        os.write(ready_fd, address.encode())
-        os.close(ready_fd)
+    if ready is not None:
+        ready(address)
     keeper = Keeper(listener, _work, placement=(id, namespace, bundle))
     try:
         return keeper.run()
@@ -142,7 +147,7 @@ def run(id: str, namespace: str, bundle: Path, ready_fd: int | None = None) -> i
         _remove(bundle, sock)
 
 
-def run_spare(sock: Path, ready_fd: int, control_fd: int) -> int:
+def run_spare(sock: Path, ready, control_fd: int) -> int:
     """A spare shim (docs/shim.md): serves on `sock` at once, learns its container from
     one JSON line on `control_fd` (`{"id", "namespace", "bundle"}`), answers
     `{"address": ...}` there, and from then on is that container's shim, still on `sock`
@@ -154,8 +159,7 @@ def run_spare(sock: Path, ready_fd: int, control_fd: int) -> int:
     set_subreaper()
     set_name("spare")
     listener = _listen(sock)
-    os.write(ready_fd, f"unix://{sock}".encode())
-    os.close(ready_fd)
+    ready(f"unix://{sock}")
     keeper = Keeper(listener, _work, on_claim=lambda id, bundle: _become(id, Path(bundle)),
                     lifeline=control_fd)
     try:

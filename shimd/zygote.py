@@ -11,11 +11,11 @@ Protocol on the unix socket: one JSON line in, `{"id", "namespace", "bundle"}`, 
 JSON line out, `{"address": ...}` or `{"error": ..., "code": <gRPC status name>}`;
 `{"op": "spare", "socket": PATH}` forks a spare shim that keeps this connection (docs/shim.md);
 `{"op": "exit"}` stops the zygote at once (its listener closed, its socket file gone).
-Each shim is double-forked (new session), so it is neither the zygote's nor runtimed's
-child; the intermediate waits for the shim's "ready" and answers the caller itself, then
-exits, while the zygote is back at its listener (shims start side by side, and one
-still starting when the zygote stops is answered for). A fork that fails (a pids limit)
-is one log line and a RESOURCE_EXHAUSTED answer; the zygote carries on.
+Each shim is forked once, into a session of its own, and answers its caller itself
+once it serves, while the zygote is back at its listener (shims start side by side, and
+one still starting when the zygote stops still answers); the zygote reaps the shims it
+forked. A fork that fails (a pids limit) is one log line and a RESOURCE_EXHAUSTED
+answer; the zygote carries on.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import ctypes
 import gc
 import json
 import os
-import select
 import signal
 import socket
 import sys
@@ -35,7 +34,6 @@ from pathlib import Path
 
 from shimd.server import run, run_spare
 
-READY_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 5.0
 REQUEST_MAX = 1 << 16
 
@@ -102,83 +100,58 @@ class ForkFailed(Exception):
 
 
 def fork_shim(request: dict, conn: socket.socket, listener: socket.socket) -> int:
-    """Double-fork the shim `request` asks for; the intermediate's pid. The intermediate
-    waits for the shim's "ready" and answers the caller on `conn` itself, so the zygote
-    is back at its listener at once (it serves the next request while this shim starts).
-    Until the shim is forked, neither process does more than it must: every page either
-    writes then becomes private to the shim once the intermediate exits (docs/shim.md).
+    """Fork the shim `request` asks for; its pid. The shim answers the caller on `conn`
+    itself once it serves (or says why it cannot), so the zygote is back at its listener
+    at once and serves the next request while this shim starts; it reaps the shim when
+    it exits (`_reap`). Until the shim is forked the zygote does no more than it must:
+    every page it writes becomes private to the shims it forked before (docs/shim.md).
     A spare (serving on the socket `request["socket"]`, see shimd.server.run_spare) keeps
     `conn` as its lifeline."""
-    read_end, write_end = os.pipe()
     try:
         pid = os.fork()
     except OSError as exc:
-        os.close(read_end)
-        os.close(write_end)
         raise ForkFailed(f"cannot fork a shim: {exc.strerror}") from None
     if pid == 0:
         code = 1
         try:
             listener.close()
-            os.setsid()
-            try:
-                shim = os.fork()
-            except OSError as exc:
-                os.close(write_end)
-                _reply(conn, _error(request, ForkFailed(f"cannot fork a shim: {exc.strerror}")))
-                os._exit(1)
-            if shim == 0:
-                code = _be_the_shim(request, conn, read_end, write_end)
-            else:
-                os.close(write_end)
-                try:
-                    answer = {"address": _ready_address(read_end, request)}
-                except Exception as exc:  # noqa: BLE001 - reported to the caller
-                    answer = _error(request, exc)
-                _reply(conn, answer)
-                code = 0
+            os.setsid()  # its own session: a signal to the zygote's group is not its
+            code = _be_the_shim(request, conn)
         except BaseException:  # noqa: BLE001 - a forked child must never return
             import traceback
 
             traceback.print_exc()
         finally:
             os._exit(code)
-    os.close(read_end)
-    os.close(write_end)
     return pid
 
 
-def _be_the_shim(request: dict, conn: socket.socket, read_end: int, write_end: int) -> int:
-    os.close(read_end)
-    control = conn.detach()
-    spare = request.get("op") == "spare"
-    if not spare:
-        os.close(control)
+def _be_the_shim(request: dict, conn: socket.socket) -> int:
+    """Run the shim; the caller hears its address once it serves, or why not."""
     for signum in (signal.SIGTERM, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_DFL)
-    if spare:
-        return run_spare(Path(request["socket"]), write_end, control)
-    return run(request["id"], request.get("namespace", "default"), Path(request["bundle"]),
-               ready_fd=write_end)
+    spare = request.get("op") == "spare"
+    caller = conn.detach()  # a spare's lifeline from then on
+    answered = False
 
+    def ready(address: str) -> None:
+        nonlocal answered
+        answered = True
+        _answer(caller, {"address": address})
+        if not spare:
+            os.close(caller)
 
-def _ready_address(read_end: int, request: dict) -> str:
-    """What the shim writes on its ready pipe before closing it: its address."""
-    name = f"{request.get('namespace', 'default')}/{request.get('id', 'spare')}"
-    chunks = []
-    while True:
-        ready, _, _ = select.select([read_end], [], [], READY_TIMEOUT)
-        if not ready:
-            raise TimeoutError(f"shim for {name} not ready in {READY_TIMEOUT}s")
-        chunk = os.read(read_end, 4096)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    address = b"".join(chunks).decode(errors="replace").strip()
-    if not address:
-        where = f"{request['bundle']}/shim.log" if "bundle" in request else "the zygote's log"
-        raise RuntimeError(f"shim for {name} failed to start, see {where}")
-    return address
+    try:
+        if spare:
+            return run_spare(Path(request["socket"]), ready, caller)
+        return run(request["id"], request.get("namespace", "default"),
+                   Path(request["bundle"]), ready=ready)
+    except BaseException:
+        if not answered:
+            name = f"{request.get('namespace', 'default')}/{request.get('id', 'spare')}"
+            where = f"{request['bundle']}/shim.log" if "bundle" in request else "the zygote's log"
+            _answer(caller, _error(request, RuntimeError(f"shim for {name} failed to start, see {where}")))
+        raise
 
 
 def serve(listener: socket.socket, path: Path | None = None) -> None:
@@ -255,7 +228,7 @@ def _stop_listening(listener: socket.socket, path: Path | None, bound) -> None:
 
 
 def _reap(signum=None, frame=None) -> None:
-    """SIGCHLD: reap the intermediates, each once it has answered its caller."""
+    """SIGCHLD: reap the shims this zygote forked, as each exits."""
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(-1, os.WNOHANG)[0]:
             pass
@@ -271,8 +244,14 @@ def _error(request: dict, exc: Exception) -> dict:
 
 
 def _reply(conn: socket.socket, answer: dict) -> None:
+    _answer(conn.fileno(), answer)
+
+
+def _answer(fd: int, answer: dict) -> None:
+    line = memoryview(json.dumps(answer).encode() + b"\n")
     try:
-        conn.sendall(json.dumps(answer).encode() + b"\n")
+        while line:
+            line = line[os.write(fd, line):]
     except OSError:
         pass
 
@@ -305,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     listener.bind(str(args.socket))
     os.chmod(args.socket, 0o600)
     listener.listen(64)
-    signal.signal(signal.SIGCHLD, _reap)  # the intermediates, as each answers and exits
+    signal.signal(signal.SIGCHLD, _reap)  # the shims, as each exits
     os.write(write_end, b"1")
     os.close(write_end)
     serve(listener, args.socket)  # removes the socket file at its end

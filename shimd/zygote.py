@@ -146,12 +146,23 @@ def _be_the_shim(request: dict, conn: socket.socket) -> int:
             return run_spare(Path(request["socket"]), ready, caller)
         return run(request["id"], request.get("namespace", "default"),
                    Path(request["bundle"]), ready=ready)
-    except BaseException:
+    except BaseException as exc:
         if not answered:
-            name = f"{request.get('namespace', 'default')}/{request.get('id', 'spare')}"
-            where = f"{request['bundle']}/shim.log" if "bundle" in request else "the zygote's log"
-            _answer(caller, _error(request, RuntimeError(f"shim for {name} failed to start, see {where}")))
+            _answer(caller, {"error": _why_not(request, exc)})
         raise
+
+
+def _why_not(request: dict, exc: BaseException) -> str:
+    """A shim's error before it served, for its caller: the error itself, and the log its
+    traceback goes to (the bundle's once the shim took it as its stderr, else the
+    zygote's: a bundle that is gone has no log)."""
+    where = "the shim zygote's log"
+    if "bundle" in request:
+        log = Path(request["bundle"]) / "shim.log"
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(2), log.stat()):
+                where = str(log)
+    return f"{type(exc).__name__}: {exc} (see {where})"
 
 
 def serve(listener: socket.socket, path: Path | None = None) -> None:

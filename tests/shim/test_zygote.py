@@ -309,3 +309,39 @@ def test_a_zygote_that_answers_nothing_means_a_direct_launch(state, rootfs_templ
     finally:
         listener.close()
         (state / "shim-zygote.sock").unlink()
+
+
+def test_a_shim_that_cannot_start_tells_its_caller_why(state, cgroup_check):
+    """A shim that fails before it serves answers its caller with the error itself, not
+    only a pointer to a log: for a bundle that is gone, the log it named did not exist
+    (the traceback went to the zygote's log). Nothing is left: no socket, no zombie
+    under the zygote."""
+    import errno
+
+    from runtimed.errors import Unavailable
+
+    async def scenario() -> None:
+        manager = ShimManager(state)
+        manager.use_spare = False
+        gone = manager.bundle_path("sp", "gone")
+        with pytest.raises(Unavailable) as info:
+            await manager.start("sp", "gone", gone)
+        message = str(info.value)
+        assert "No such file or directory" in message and "zygote's log" in message, message
+        taken = manager.bundle_path("sp", "taken")
+        (taken / "address").mkdir(parents=True)  # the shim cannot publish its address
+        with pytest.raises(Unavailable) as info:
+            await manager.start("sp", "taken", taken)
+        message = str(info.value)
+        assert os.strerror(errno.EISDIR) in message and f"{taken}/shim.log" in message, message
+        assert not (taken / "shim.sock").exists()
+        assert (taken / "address").is_dir()
+        zygote = zygote_pid(state)
+        deadline = time.monotonic() + 10
+        while zombies := [child for child in
+                          Path(f"/proc/{zygote}/task/{zygote}/children").read_text().split()
+                          if _state(int(child)) == "Z"]:
+            assert time.monotonic() < deadline, f"shims left unreaped: {zombies}"
+            await asyncio.sleep(0.02)
+
+    asyncio.run(scenario())

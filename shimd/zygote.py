@@ -179,7 +179,7 @@ def serve(listener: socket.socket, path: Path | None = None) -> None:
                     if not isinstance(request, dict):
                         raise ValueError(f"not a JSON object: {request!r:.60}")
                     _check(request)
-                except (OSError, ValueError) as exc:
+                except (OSError, ValueError, RecursionError) as exc:  # (a line nested too deep)
                     _reply(conn, {"error": f"bad request: {exc}"})
                     continue
                 if request.get("op") == "exit":

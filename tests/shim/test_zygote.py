@@ -196,7 +196,8 @@ def test_a_request_that_is_not_a_json_object_is_answered_and_the_zygote_serves_o
 
     try:
         for line in (b"[]", b'"spare"', b"1", b"not json", b'{"op": "nope"}',
-                     b'{"id": "x"}', b'{"op": "spare"}', b'{"id": 1, "bundle": "/b"}'):
+                     b'{"id": "x"}', b'{"op": "spare"}', b'{"id": 1, "bundle": "/b"}',
+                     b"[" * 50000):  # too deep for the parser: RecursionError
             answer = call(line)
             assert "bad request" in answer["error"], (line, answer)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:  # a line in two

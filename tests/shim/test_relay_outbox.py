@@ -139,3 +139,20 @@ def test_a_trimmed_file_on_a_reused_inode_is_read_from_its_start(tmp_path):
     with open(path, "ab") as f:
         f.write(lines(0, [8])[len(lines(0, [])):])
     assert [e["seq"] for e in reader.read()] == [8]  # an append: read on from the end
+
+
+def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path):
+    """`write_atomic` that cannot replace its target (here a directory) raises and leaves
+    neither the target changed nor its `.NAME.tmp` beside it (a shim that failed to
+    publish its address left one in the bundle)."""
+    import pytest
+
+    from shimd.outbox import write_atomic
+
+    (tmp_path / "address").mkdir()
+    with pytest.raises(IsADirectoryError):
+        write_atomic(tmp_path / "address", b"unix:///x.sock")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["address"]
+    write_atomic(tmp_path / "pid", b"42")
+    assert (tmp_path / "pid").read_bytes() == b"42"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["address", "pid"]

@@ -205,7 +205,7 @@ def test_a_quick_write_is_answered_before_its_bytes_are_written_and_written_befo
     finally:
         db.close()
     running = ["sha256:" + hashlib.sha256(whole[:n]).hexdigest() for n in (4, 8, 12, 12)]
-    assert replies == list(zip([4, 8, 12, 12], running))
+    assert replies == list(zip([4, 8, 12, 12], running, strict=True))
     assert events == [
         "read aaaa", "write aaaa", "answer 4",  # a blob's first bytes: written, then answered
         "read bbbb", "answer 8", "write bbbb",

@@ -62,9 +62,15 @@ def launch(id: str, namespace: str, bundle: Path) -> int:
     if pid == 0:
         os.close(read_end)
         code = 1
-        try:
+
+        def ready(address: str) -> None:
+            # in the launcher's process group until it serves: a caller that gives up on
+            # it kills the group (runtimed's ShimManager._launch), this shim included
             os.setsid()
-            code = run(id, namespace, bundle, ready=lambda address: _tell(write_end, address))
+            _tell(write_end, address)
+
+        try:
+            code = run(id, namespace, bundle, ready=ready)
         except BaseException:  # noqa: BLE001 - the child must never return into the caller
             logging.getLogger("shimd").exception("shim failed")
         finally:

@@ -7,8 +7,9 @@ whole Python + grpcio (see docs/shim.md for the measurements).
 
     python -m shimd.zygote --socket PATH
 
-Protocol on the unix socket: one JSON line in, `{"id", "namespace", "bundle"}`, one
-JSON line out, `{"address": ...}` or `{"error": ..., "code": <gRPC status name>}`;
+Protocol on the unix socket: one JSON line in, `{"id", "namespace", "bundle"}`; out, the
+forked shim's `{"pid": N}`, then one JSON line, `{"address": ...}` or `{"error": ...,
+"code": <gRPC status name>}` (a refused request or a failed fork: that line alone);
 `{"op": "spare", "socket": PATH}` forks a spare shim that keeps this connection (docs/shim.md);
 `{"op": "exit"}` stops the zygote at once (its listener closed, its socket file gone).
 Each shim is forked once, into a session of its own, and answers its caller itself
@@ -132,6 +133,9 @@ def _be_the_shim(request: dict, conn: socket.socket) -> int:
         signal.signal(signum, signal.SIG_DFL)
     spare = request.get("op") == "spare"
     caller = conn.detach()  # a spare's lifeline from then on
+    # first its pid, so that runtimed can end a shim that hangs before it serves (bytes
+    # formatted here, not json: every page this child writes is one more of its own)
+    os.write(caller, b'{"pid": %d}\n' % os.getpid())
     answered = False
 
     def ready(address: str) -> None:

@@ -269,8 +269,7 @@ class ShimManager:
         try:
             writer.write(request.encode() + b"\n")
             await writer.drain()
-            reply = json.loads(
-                await asyncio.wait_for(reader.readline(), LAUNCH_TIMEOUT) or b"{}")
+            reply = await _forked_answer(reader)
             if "address" not in reply:
                 log.warning("no spare shim: %s", reply.get("error", "no answer"))
                 writer.close()
@@ -334,7 +333,7 @@ class ShimManager:
         try:
             writer.write(line.encode() + b"\n")
             await writer.drain()
-            return json.loads(await asyncio.wait_for(reader.readline(), LAUNCH_TIMEOUT) or b"{}")
+            return await _forked_answer(reader)
         finally:
             writer.close()
 
@@ -366,7 +365,10 @@ class ShimManager:
         try:
             out, err = await asyncio.wait_for(proc.communicate(), LAUNCH_TIMEOUT)
         except TimeoutError:
-            proc.kill()
+            # the launcher and the shim it forked: the shim leaves the launcher's process
+            # group only once it serves (shimd.server.launch)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
             raise Unavailable(
                 f"shim for {namespace}/{id} did not start in {LAUNCH_TIMEOUT}s"
@@ -502,6 +504,31 @@ def shim_pidfd(pid: int, bundle: Path) -> int:
         os.close(pidfd)
         return -1
     return pidfd
+
+
+async def _forked_answer(reader: asyncio.StreamReader) -> dict:
+    """The zygote's answer (`{}` when the connection closes without one). A shim it forked
+    first says its pid, then its address once it serves: one that has not served within
+    LAUNCH_TIMEOUT is killed, so the caller's next try (a direct launch) does not leave
+    it to wake up later beside the shim that took its place."""
+    pidfd = -1
+    try:
+        async with asyncio.timeout(LAUNCH_TIMEOUT):
+            while True:
+                answer = json.loads(await reader.readline() or b"{}")
+                if not isinstance(answer, dict) or answer.keys() != {"pid"}:
+                    return answer
+                if pidfd < 0 and isinstance(answer["pid"], int):
+                    pidfd = pidfd_of(answer["pid"])
+    except TimeoutError:
+        if pidfd >= 0:  # it hung before it served (its log a FIFO nobody reads, say)
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            await _exited(pidfd, CONNECT_TIMEOUT)
+        raise
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
 
 
 async def _exited(pidfd: int, timeout: float) -> bool:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from runtimed.errors import ResourceExhausted
+from runtimed.errors import ResourceExhausted, Unavailable
 from runtimed.runtime.shim import ShimManager
 from tests.conftest import release_cgroup
-from tests.shim.test_spare import bundle_for, comm, run_true
+from tests.shim.test_spare import alive, bundle_for, comm, run_true, wait_until
 
 PIDS_ROOT = Path("/sys/fs/cgroup/pids")
 
@@ -346,3 +346,48 @@ def test_a_shim_that_cannot_start_tells_its_caller_why(state, cgroup_check):
             await asyncio.sleep(0.02)
 
     asyncio.run(scenario())
+
+
+def test_a_shim_that_hangs_before_it_serves_is_killed_not_left_beside_another(
+        state, rootfs_template, cgroup_check, monkeypatch):
+    """A shim that has not served within LAUNCH_TIMEOUT (its log a FIFO nobody reads) is
+    killed: the zygote's (it says its pid first), then the one the direct launch tries
+    next (killed with its launcher's process group, which it leaves only once it serves).
+    The create fails, and no shim is left to wake up later and serve the bundle beside
+    whatever serves it then; both used to stay, blocked on the log."""
+    monkeypatch.setattr("runtimed.runtime.shim.LAUNCH_TIMEOUT", 1.0)
+
+    def hung_shims(zygote: int, bundle: Path) -> list[int]:
+        forked = [int(c) for c in
+                  Path(f"/proc/{zygote}/task/{zygote}/children").read_text().split()]
+        launched = [int(e) for e in os.listdir("/proc")
+                    if e.isdigit() and _cmdline_names(int(e), bundle)]
+        return [pid for pid in forked + launched if alive(pid)]
+
+    async def scenario() -> None:
+        manager = ShimManager(state)
+        manager.use_spare = False
+        warm = bundle_for(manager, rootfs_template, "warm", ["true"])
+        assert await run_true(await manager.start("sp", "warm", warm), "warm", warm) == 0
+        zygote = zygote_pid(state)
+        wait_until(lambda: not hung_shims(zygote, warm))  # the warm shim has ended
+        bundle = bundle_for(manager, rootfs_template, "hung", ["true"])
+        os.mkfifo(bundle / "shim.log")
+        try:
+            with pytest.raises(Unavailable) as info:
+                await manager.start("sp", "hung", bundle)
+            assert "did not start in 1.0s" in str(info.value)
+            wait_until(lambda: not hung_shims(zygote, bundle), timeout=5)
+        finally:  # on the old code: let the hung shims go on, to their end
+            reader = os.open(bundle / "shim.log", os.O_RDONLY | os.O_NONBLOCK)
+            wait_until(lambda: not hung_shims(zygote, bundle), timeout=15)
+            os.close(reader)
+
+    asyncio.run(scenario())
+
+
+def _cmdline_names(pid: int, path: Path) -> bool:
+    try:
+        return str(path).encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False

@@ -134,8 +134,10 @@ def _be_the_shim(request: dict, conn: socket.socket) -> int:
     spare = request.get("op") == "spare"
     caller = conn.detach()  # a spare's lifeline from then on
     # first its pid, so that runtimed can end a shim that hangs before it serves (bytes
-    # formatted here, not json: every page this child writes is one more of its own)
-    os.write(caller, b'{"pid": %d}\n' % os.getpid())
+    # formatted here, not json: every page this child writes is one more of its own); a
+    # caller gone already changes nothing here, as for the answer (`_answer`)
+    with contextlib.suppress(OSError):
+        os.write(caller, b'{"pid": %d}\n' % os.getpid())
     answered = False
 
     def ready(address: str) -> None:

@@ -391,3 +391,36 @@ def _cmdline_names(pid: int, path: Path) -> bool:
         return str(path).encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
+
+
+def test_a_shim_whose_caller_left_at_once_still_starts_quietly(state, rootfs_template,
+                                                               cgroup_check):
+    """A caller that closes its connection right after its request (runtimed killed then)
+    still gets the shim it asked for, as before the pid line: the shim's writes to the
+    gone caller fail quietly, it serves the bundle (a restarted runtimed finds it there),
+    and the zygote's log has no traceback."""
+    import json
+    import signal
+    import socket
+
+    async def scenario() -> None:
+        manager = ShimManager(state)
+        manager.use_spare = False
+        warm = bundle_for(manager, rootfs_template, "warm", ["true"])
+        assert await run_true(await manager.start("sp", "warm", warm), "warm", warm) == 0
+
+    asyncio.run(scenario())
+    bundle = bundle_for(ShimManager(state), rootfs_template, "orphan", ["true"])
+    with socket.socket(socket.AF_UNIX) as caller:
+        caller.connect(str(state / "shim-zygote.sock"))
+        caller.sendall(json.dumps({"id": "orphan", "namespace": "sp",
+                                   "bundle": str(bundle)}).encode() + b"\n")
+    wait_until(lambda: (bundle / "shim.pid").exists())
+    pid = int((bundle / "shim.pid").read_text())
+    try:
+        assert alive(pid) and (bundle / "address").exists()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not alive(pid))
+    log = (state / "shim-zygote.sock.log").read_text()
+    assert "Traceback" not in log, log

@@ -3,6 +3,9 @@
 
 VENV      := .venv
 PY        := $(VENV)/bin/python
+# Debian's interpreter (python3-venv below), not whatever `python3` the PATH finds first:
+# it is built with PGO and LTO and links libpython statically (docs/benchmarks.md).
+PYTHON    := /usr/bin/python3
 DEB_PKGS  := busybox-static containerd runc docker-registry libseccomp2 libarchive13 tini \
              iproute2 iptables apache2-utils openssl procps util-linux python3-venv strace \
              golang-github-containerd-containerd-dev golang-github-containerd-cgroups-dev
@@ -23,8 +26,8 @@ deb:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat  # a path entry, not an import hook: ~10 ms less per ctl start
 	touch $(STAMP)

@@ -1296,8 +1296,9 @@ def _first_line(data: bytes) -> str:
 def cp(args) -> int:
     import io
     import shutil
-    import tarfile
     import tempfile
+
+    from runtimed.tarsafe import tarfile
 
     src_ctr, src = _split_target(args.source)
     dst_ctr, dst = _split_target(args.destination)

@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import stat
-import tarfile
 import tempfile
 import threading
 from collections.abc import AsyncIterator
@@ -42,6 +41,7 @@ from runtimed.metadata.containers import AnyValue, Container
 from runtimed.runtime.tasks import Stdio
 from runtimed.snapshots.base import SNAPSHOT_REF_LABEL
 from runtimed.snapshots.mount import temp_mount
+from runtimed.tarsafe import tarfile
 
 log = logging.getLogger("runtimed.build")
 

@@ -7,10 +7,10 @@ import fnmatch
 import hashlib
 import os
 import re
-import tarfile
 from pathlib import Path
 
 from runtimed.errors import InvalidArgument, NotFound
+from runtimed.tarsafe import tarfile
 
 
 def extract(archive: str | os.PathLike, target: Path) -> None:

@@ -739,18 +739,10 @@ class Writer:
             return self._writeback is None or self._writeback.done()
         return True
 
-    def hash_ahead(self, data: bytes) -> int:
-        """Hash `data` before `write(data, hashed=True)` writes it; returns the offset the
-        ingest will then have. Between the two, `digest()` counts bytes `offset` does not
-        yet: Content.Write answers a message with both before it writes its bytes, so
-        that the client prepares its next message while the daemon writes this one."""
-        self._hash.update(data)
-        return self.offset + len(data)
-
     @_serialized
-    def write(self, data: bytes, hashed: bool = False) -> int:
-        """Append `data` (already hashed by `hash_ahead` if `hashed`); returns its length,
-        as a file's write does (`offset` is the new end)."""
+    def write(self, data: bytes) -> int:
+        """Append `data`; returns its length, as a file's write does (`offset` is the new
+        end)."""
         if self._closed:
             raise FailedPrecondition(f"writer for ref {self.ref!r} is closed")
         if not data:
@@ -760,8 +752,7 @@ class Writer:
         view = memoryview(data)
         while view:
             view = view[self._fp.write(view):]
-        if not hashed:
-            self._hash.update(data)
+        self._hash.update(data)
         self.offset += len(data)
         self.updated_at = now_ns()
         if self._follower is not None:

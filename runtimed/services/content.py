@@ -50,7 +50,7 @@ def parse_write_request(raw: bytes) -> tuple[pb.WriteContentRequest, memoryview 
     return pb.WriteContentRequest.FromString(rest), data
 
 
-def _timed_write(writer, data, hashed: bool = False) -> float:
+def _timed_write(writer, data) -> float:
     """Write `data`; the seconds it took.
 
     Why on the loop at all: the hop to a worker thread and back cost more than the work
@@ -58,7 +58,7 @@ def _timed_write(writer, data, hashed: bool = False) -> float:
     holds; docs/content.md). The loop spends about as long parsing the message's frames;
     a slow disk moves the stream's writes back to a thread."""
     started = time.perf_counter()
-    writer.write(data, hashed)
+    writer.write(data)
     return time.perf_counter() - started
 
 
@@ -170,7 +170,7 @@ class ContentService(content_pb2_grpc.ContentServicer):
             await asyncio.to_thread(self._drop, ns, ref, lease_id)
             raise
         inline = False  # the stream's last write was quick: write the next on the loop
-        unwritten = None  # a WRITE's bytes, hashed and answered, to write after the answer
+        unwritten = None  # a WRITE's bytes, answered, to hash and write after the answer
         first = True
         try:
             while True:
@@ -199,8 +199,8 @@ class ContentService(content_pb2_grpc.ContentServicer):
                         await asyncio.to_thread(writer.truncate, 0)
                         reply.offset = 0
                     if data and inline and writer.write_is_plain(len(data)):
-                        if req.action == pb.WRITE:  # answered first, written after the answer
-                            reply.offset = writer.hash_ahead(data)
+                        if req.action == pb.WRITE:  # answered first, hashed and written after
+                            reply.offset = writer.offset + len(data)
                             unwritten = data
                         else:
                             inline = _timed_write(writer, data) < INLINE_WRITE_LIMIT
@@ -212,11 +212,12 @@ class ContentService(content_pb2_grpc.ContentServicer):
                     if req.action == pb.COMMIT:
                         await asyncio.to_thread(self._commit, writer, ns, ref, lease_id, check,
                                                 total, expected, dict(req.labels))
-                    reply.digest = writer.digest()
+                    if unwritten is None:  # optional but for COMMIT (content.proto): an
+                        reply.digest = writer.digest()  # answer ahead of its bytes has none
                 yield reply
                 if unwritten is not None:
                     await asyncio.sleep(0)  # the loop sends the answer, then the bytes go
-                    inline = _timed_write(writer, unwritten, hashed=True) < INLINE_WRITE_LIMIT
+                    inline = _timed_write(writer, unwritten) < INLINE_WRITE_LIMIT
                     unwritten = None
                 if req.action == pb.COMMIT:
                     return

@@ -85,9 +85,16 @@ class ResolvedImage:
         )
 
 
+#: How many small JSON blobs (indexes, manifests, configs) a client keeps, and how big each
+#: may be: enough for the images a program runs again and again.
+JSON_MEMO_ENTRIES = 64
+JSON_MEMO_MAX_BYTES = 1 << 20
+
+
 class ImagesAPI:
     def __init__(self, client):
         self._client = client
+        self._json_blobs: dict[tuple[str, str], bytes] = {}  # (namespace, digest) → bytes
 
     @property
     def _images(self):
@@ -174,8 +181,21 @@ class ImagesAPI:
             yield chunk.data
 
     def read_json(self, digest: str) -> dict:
+        """A JSON blob (index, manifest, config), parsed. A blob is named by its digest, so
+        its bytes never change: the client keeps the last few it read, and creating
+        container after container from one image reads them once (two Content.Read round
+        trips per create otherwise). The bytes are kept, not the dict: each caller gets
+        its own to change."""
+        key = (self._client.namespace, digest)
+        data = self._json_blobs.get(key)
+        if data is None:
+            data = self.read_blob(digest)
+            if len(data) <= JSON_MEMO_MAX_BYTES:
+                if len(self._json_blobs) >= JSON_MEMO_ENTRIES:  # the oldest goes
+                    self._json_blobs.pop(next(iter(self._json_blobs), None), None)
+                self._json_blobs[key] = data
         try:
-            return json.loads(self.read_blob(digest))
+            return json.loads(data)
         except ValueError as exc:
             raise InvalidArgument(f"blob {digest} is not valid JSON: {exc}") from None
 

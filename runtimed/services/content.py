@@ -50,6 +50,19 @@ def parse_write_request(raw: bytes) -> tuple[pb.WriteContentRequest, memoryview 
     return pb.WriteContentRequest.FromString(rest), data
 
 
+def _open_and_read(store, ns: str, digest: str, offset: int, size: int) -> tuple[object, bytes]:
+    """The blob open at `offset` and its first `size` bytes, in one hop to a worker thread:
+    most reads (manifests, indexes, configs) fit in one message, and each hop costs ~0.1 ms
+    of CPU and several context switches on a busy machine."""
+    f = store.open_blob(ns, digest)
+    try:
+        f.seek(offset)
+        return f, f.read(size)
+    except BaseException:
+        f.close()
+        raise
+
+
 def _timed_write(writer, data) -> float:
     """Write `data`; the seconds it took.
 
@@ -122,16 +135,14 @@ class ContentService(content_pb2_grpc.ContentServicer):
         size = request.size
         if size <= 0 or offset + size > info.size:
             size = info.size - offset
-        f = await asyncio.to_thread(self.store.open_blob, ns, request.digest)
+        f, data = await asyncio.to_thread(_open_and_read, self.store, ns, request.digest, offset,
+                                          min(CHUNK, size))
         try:
-            await asyncio.to_thread(f.seek, offset)
-            while size > 0:
-                data = await asyncio.to_thread(f.read, min(CHUNK, size))
-                if not data:
-                    break
+            while data:
                 yield pb.ReadContentResponse(offset=offset, data=data)
                 offset += len(data)
                 size -= len(data)
+                data = await asyncio.to_thread(f.read, min(CHUNK, size)) if size > 0 else b""
         finally:
             f.close()
 

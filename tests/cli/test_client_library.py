@@ -156,6 +156,23 @@ def test_a_created_record_carries_its_snapshot_mounts(daemon, busybox, monkeypat
         assert c.containers.list() == []
 
 
+def test_an_image_run_again_reads_its_manifest_and_config_once(daemon, busybox, monkeypatch):
+    """Blobs are named by their digest: the client keeps the JSON ones it read, so one image
+    run again and again costs no Content.Read after the first (the image record is still
+    asked each time: a tag may move). Each caller gets a dict of its own."""
+    with Client(daemon.address) as c:
+        calls = _record_calls(monkeypatch)
+        first = c.images.resolve("busybox")
+        assert calls.count("Content/Read") == 2  # the manifest, the config
+        first.config["changed"] = "by the caller"
+        del calls[:]
+        again = c.images.resolve("busybox")
+        with c.run("memo1", "busybox", SpecOptions(args=["true"])) as box:
+            assert box.wait(timeout=30).code == 0
+        assert "Content/Read" not in calls and calls.count("Images/Get") == 2
+        assert "changed" not in again.config and again.manifest == first.manifest
+
+
 def test_force_remove_falls_back_only_for_a_live_task(daemon, busybox, monkeypatch):
     """remove(force=True) tries Tasks.Delete first. Only a refusal for a live task
     (runtimed's FAILED_PRECONDITION, containerd's UNKNOWN) leads to looking the task up and

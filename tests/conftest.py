@@ -115,15 +115,26 @@ class DaemonProcess:
             options=[("grpc.max_receive_message_length", 16 << 20)],
         )
 
+    def ctr_command(self, *args: str, namespace: str | None = None) -> list[str]:
+        """The command line of the real containerd `ctr` against this daemon. `ctr run`,
+        `tasks start` and `tasks exec` make their FIFOs in /run/containerd/fifo/<random>
+        and leave them there when they do not wait for the process (-d) or are killed:
+        here they go under this daemon's directory, removed with it."""
+        cmd = ["ctr", "-a", self.address] + (["-n", namespace] if namespace else [])
+        takes_fifos = 1 if args[:1] == ("run",) else (
+            2 if args[:1] in (("tasks",), ("task",), ("t",)) and args[1:2] in (("start",), ("exec",))
+            else 0)
+        if takes_fifos:
+            args = (*args[:takes_fifos], "--fifo-dir", str(self.base / "fifo"), *args[takes_fifos:])
+        return [*cmd, *args]
+
     def ctr(self, *args: str, check: bool = True, input: str | bytes | None = None,
             namespace: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run the real containerd `ctr` against this daemon."""
-        cmd = ["ctr", "-a", self.address]
-        if namespace:
-            cmd += ["-n", namespace]
         text = not isinstance(input, bytes)
         result = subprocess.run(
-            [*cmd, *args], capture_output=True, input=input, text=text, timeout=timeout
+            self.ctr_command(*args, namespace=namespace), capture_output=True, input=input,
+            text=text, timeout=timeout,
         )
         if check and result.returncode != 0:
             raise AssertionError(

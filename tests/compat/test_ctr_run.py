@@ -128,7 +128,7 @@ def ctr_in_pty(rd, *args: str) -> tuple[int, str]:
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 97, 0, 0))
     proc = subprocess.Popen(
-        ["ctr", "-a", rd.address, *args],
+        rd.ctr_command(*args),
         stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
     )
     os.close(slave)
@@ -230,8 +230,8 @@ def test_stdin_reaches_the_container_and_its_eof_too(rd):
 
 def test_concurrent_runs(rd):
     procs = [
-        subprocess.Popen(["ctr", "-a", rd.address, "run", "--rm", *rd.run_flags(), IMAGE,
-                          f"par{i}", "sh", "-c", f"echo {i}; exit {i}"],
+        subprocess.Popen(rd.ctr_command("run", "--rm", *rd.run_flags(), IMAGE,
+                                        f"par{i}", "sh", "-c", f"echo {i}; exit {i}"),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(8)
     ]

@@ -69,7 +69,7 @@ class Crasher:
         return self.daemon.ctr(*args, namespace=self.ns, check=check, input=input)
 
     def spawn(self, *args: str) -> subprocess.Popen:
-        return subprocess.Popen(["ctr", "-a", self.daemon.address, "-n", self.ns, *args],
+        return subprocess.Popen(self.daemon.ctr_command(*args, namespace=self.ns),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
 

@@ -254,7 +254,7 @@ class RunningContainer:
 
     def cleanup(self) -> None:
         try:
-            self.client.containers.remove(self.id, force=True, volumes=True)
+            self.client.containers.remove(self.id, force=True, volumes=True, container=self._record)
         except NotFound:
             pass
         if self._attachment:

@@ -41,7 +41,7 @@ class ShimClient:
     def __init__(self, id: str, address: str, bundle: Path):
         self.address = address
         self.bundle = bundle
-        self.pid = 0  # the shim's pid as its Connect (or its bundle) reported it; 0: unknown
+        self.pid = 0  # the shim's pid as the zygote, its Connect or its bundle reported it; 0: unknown
         self.channel = Channel(address)
         self.id = id
 
@@ -160,11 +160,14 @@ class ShimManager:
             if client is not None:
                 return client
             try:
-                address = await self._fork_from_zygote(namespace, id, bundle)
-                client = await self.connect(id, address, bundle)
+                address, pid = await self._fork_from_zygote(namespace, id, bundle)
             except (OSError, ValueError, TimeoutError) as exc:
                 log.warning("shim zygote unusable (%s); launching the shim directly", exc)
             else:
+                # no Connect: the shim answered once it served, and the zygote's answer
+                # carries its pid (one round trip less to a worker it forks for it)
+                client = ShimClient(id, address, bundle)
+                client.pid = pid
                 self._replenish()
                 return client
         return await self._launch(namespace, id, bundle)
@@ -310,7 +313,8 @@ class ShimManager:
             finally:
                 os.close(pidfd)
 
-    async def _fork_from_zygote(self, namespace: str, id: str, bundle: Path) -> str:
+    async def _fork_from_zygote(self, namespace: str, id: str, bundle: Path) -> tuple[str, int]:
+        """The address and pid of a shim the zygote forked for `bundle`, serving."""
         request = json.dumps({"id": id, "namespace": namespace, "bundle": str(bundle)})
         try:
             reply = await self._zygote_call(request)
@@ -324,9 +328,10 @@ class ShimManager:
         if "error" in reply:
             message = f"shim for {namespace}/{id} failed to start: {reply['error']}"
             raise from_code(reply["code"], message) if "code" in reply else Unavailable(message)
-        if "address" not in reply:  # it went away before answering: launch the shim directly
+        if "address" not in reply or not isinstance(reply.get("pid"), int):
+            # it went away before answering: launch the shim directly
             raise OSError(f"the shim zygote gave no answer for {namespace}/{id}")
-        return reply["address"]
+        return reply["address"], reply["pid"]
 
     async def _zygote_call(self, line: str) -> dict:
         reader, writer = await asyncio.open_unix_connection(str(self.zygote_socket))
@@ -507,19 +512,23 @@ def shim_pidfd(pid: int, bundle: Path) -> int:
 
 
 async def _forked_answer(reader: asyncio.StreamReader) -> dict:
-    """The zygote's answer (`{}` when the connection closes without one). A shim it forked
-    first says its pid, then its address once it serves: one that has not served within
-    LAUNCH_TIMEOUT is killed, so the caller's next try (a direct launch) does not leave
-    it to wake up later beside the shim that took its place."""
-    pidfd = -1
+    """The zygote's answer (`{}` when the connection closes without one), with the pid the
+    shim said first (`pid`, when it did). A shim it forked first says its pid, then its
+    address once it serves: one that has not served within LAUNCH_TIMEOUT is killed, so
+    the caller's next try (a direct launch) does not leave it to wake up later beside the
+    shim that took its place."""
+    pidfd, pid = -1, None
     try:
         async with asyncio.timeout(LAUNCH_TIMEOUT):
             while True:
                 answer = json.loads(await reader.readline() or b"{}")
                 if not isinstance(answer, dict) or answer.keys() != {"pid"}:
+                    if isinstance(answer, dict) and pid is not None:
+                        answer.setdefault("pid", pid)
                     return answer
                 if pidfd < 0 and isinstance(answer["pid"], int):
-                    pidfd = pidfd_of(answer["pid"])
+                    pid = answer["pid"]
+                    pidfd = pidfd_of(pid)
     except TimeoutError:
         if pidfd >= 0:  # it hung before it served (its log a FIFO nobody reads, say)
             with contextlib.suppress(ProcessLookupError):

@@ -95,7 +95,10 @@ def test_fork_failures_in_the_zygote_are_clean(state, rootfs_template, cgroup_ch
         manager = ShimManager(state)
         manager.use_spare = False  # one fork per create, nothing in the background
         first = bundle_for(manager, rootfs_template, "first", ["true"])
-        assert await run_true(await manager.start("sp", "first", first), "first", first) == 0
+        shim = await manager.start("sp", "first", first)
+        # its pid is the zygote's answer (runtimed asks a forked shim no Connect)
+        assert shim.pid == int((first / "shim.pid").read_text())
+        assert await run_true(shim, "first", first) == 0
         zygote = zygote_pid(state)
         cgroup = PIDS_ROOT / f"runtimed-test-zygote-{os.getpid()}"
         cgroup.mkdir()

@@ -442,7 +442,7 @@ def image_scenarios() -> list[Scenario]:
         Scenario("import+unpack busybox (ctr)", "MB/s", ">= 2.0 (time <= 0.5)",
                  lambda t: import_rate(t, "busybox"), runs=10, higher_is_better=True),
         Scenario("import+unpack ~200 MB, 4 layers (ctr)", "MB/s", ">= 2.0 (time <= 0.5)",
-                 lambda t: import_rate(t, "large"), runs=3, higher_is_better=True),
+                 lambda t: import_rate(t, "large"), runs=10, higher_is_better=True),
         Scenario("pull ~200 MB with unpack (ctr --plain-http)", "MB/s", ">= 1.0",
                  pull_rate, runs=3, higher_is_better=True),
         Scenario("pull ~200 MB with unpack (ours: ctl pull)", "MB/s", ">= 1.0",

@@ -33,6 +33,10 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 pytest_plugins = ["tests.registry_server"]
 
 
+# the ctr subcommands that make FIFOs for the process's stdio (see ctr_command)
+CTR_TAKES_FIFOS = (("run",), *((t, v) for t in ("tasks", "task", "t") for v in ("start", "exec")))
+
+
 class DaemonProcess:
     """A runtimed process on its own root/state/socket (paths kept short for AF_UNIX)."""
 
@@ -121,11 +125,9 @@ class DaemonProcess:
         and leave them there when they do not wait for the process (-d) or are killed:
         here they go under this daemon's directory, removed with it."""
         cmd = ["ctr", "-a", self.address] + (["-n", namespace] if namespace else [])
-        takes_fifos = 1 if args[:1] == ("run",) else (
-            2 if args[:1] in (("tasks",), ("task",), ("t",)) and args[1:2] in (("start",), ("exec",))
-            else 0)
-        if takes_fifos:
-            args = (*args[:takes_fifos], "--fifo-dir", str(self.base / "fifo"), *args[takes_fifos:])
+        sub = next((c for c in CTR_TAKES_FIFOS if args[:len(c)] == c), ())
+        if sub:
+            args = (*sub, "--fifo-dir", str(self.base / "fifo"), *args[len(sub):])
         return [*cmd, *args]
 
     def ctr(self, *args: str, check: bool = True, input: str | bytes | None = None,

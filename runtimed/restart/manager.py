@@ -55,7 +55,7 @@ class RestartManager:
     async def start(self) -> None:
         """Start hook (after the task table is loaded)."""
         self._watcher = asyncio.ensure_future(self._watch())
-        self._spawn(self._restore())
+        self._spawn(self._restore(at_boot=True))
 
     async def close(self) -> None:
         for job in [self._watcher, *self._jobs]:
@@ -201,32 +201,37 @@ class RestartManager:
             log.warning("%s/%s: cannot delete the exited task: %s", namespace, container_id, exc)
 
     async def _autoremove(self, namespace: str, container: Container) -> None:
-        """`run --rm -d`: the task, the container, its snapshot, anonymous volumes, log."""
+        """`run --rm -d`: the task, the snapshot and the log, then the record, so that a
+        container gone from `ps` has taken them with it and one that a kill -9 interrupts
+        is still listed (and `_restore` finishes the job); then its anonymous volumes."""
         await self._delete_task(namespace, container.id)
-        try:
-            self.containers.delete(namespace, container.id)
-        except NotFound:
-            return  # a client removed it first
         if container.snapshot_key:
             snapshotter = self.snapshotters.get(container.snapshotter or "overlayfs")
             if snapshotter is not None:
                 with contextlib.suppress(RuntimedError):
                     await asyncio.to_thread(snapshotter.remove, namespace, container.snapshot_key)
-        if self.volumes is not None:
+        with contextlib.suppress(OSError):  # PATH and its rotated files (docs/cli.md)
+            logfile.remove_set(rp.log_uri(container.labels))
+        try:
+            self.containers.delete(namespace, container.id)
+        except NotFound:
+            return  # a client removed it first
+        if self.volumes is not None:  # after the record: a volume in use is not removed
             for name in filter(None, container.labels.get("io.runtimed.volumes.anonymous", "").split(",")):
                 with contextlib.suppress(RuntimedError):
                     await asyncio.to_thread(self.volumes.remove, namespace, name)
-        with contextlib.suppress(OSError):  # PATH and its rotated files (docs/cli.md)
-            logfile.remove_set(rp.log_uri(container.labels))
         log.info("%s/%s exited and was removed (autoremove)", namespace, container.id)
 
-    async def _restore(self) -> None:
-        """At daemon start: policy containers that were started once and whose task is
-        gone, or stopped with its exit published before runtimed went down."""
+    async def _restore(self, at_boot: bool = False) -> None:
+        """At daemon start, and after missed events: policy and autoremove containers that
+        were started once and whose task is stopped with its exit published, or gone.
+        A task gone is only trusted at boot for autoremove: later it may be one that a
+        client is starting right now."""
         for ns in self.namespaces.list():
             for container in self.containers.list(ns.name):
                 labels = container.labels
-                if rp.policy_of(labels).name == "no":
+                autoremove = labels.get(rp.LABEL_AUTOREMOVE) == "true"
+                if not autoremove and rp.policy_of(labels).name == "no":
                     continue
                 if rp.LABEL_COUNT not in labels and labels.get(rp.CONTAINERD_STATUS) != "running":
                     continue  # created, never started
@@ -234,6 +239,8 @@ class RestartManager:
                 task = self.tasks.tasks.get(key)
                 if task is not None and not task.init_exit_published:
                     continue  # running, or its exit event is on the way
+                if task is None and autoremove and not at_boot:
+                    continue
                 exit_status = int(labels.get(rp.LABEL_EXIT_CODE) or 0)
                 if task is not None:
                     with contextlib.suppress(RuntimedError):
@@ -248,6 +255,9 @@ class RestartManager:
             container = self._get(namespace, container_id)
             task = self.tasks.tasks.get((namespace, container_id))
             if container is None or (task is not None and not task.init_exit_published):
+                return
+            if container.labels.get(rp.LABEL_AUTOREMOVE) == "true":  # its exit was missed
+                await self._autoremove(namespace, container)
                 return
             await self._restart(namespace, container, exit_status, 0.0, at_boot=True)
 

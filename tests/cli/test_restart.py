@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import time
+from pathlib import Path
 
 from tests.cli.test_containers_cli import wait_for
 
@@ -58,6 +61,20 @@ def test_kill_marks_explicitly_stopped(ctl, busybox):
     assert doc["Config"]["Labels"]["io.runtimed.explicitly-stopped"] == "true"
 
 
+def reboot(daemon, *container_pids: int) -> None:
+    """The host "reboots": runtimed and every shim and container die; runtimed starts."""
+    daemon.kill9()
+    for pid_file in Path(daemon.state).rglob("shim.pid"):
+        # a stopped task the daemon was still deleting: its bundle may be gone by now, and
+        # its shim exited and reaped (by the zygote that forked it)
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    for pid in container_pids:
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists())
+    daemon.start()
+
+
 def test_daemon_restart_brings_back_always_and_unless_stopped(ctl, busybox, daemon):
     ctl("run", "-d", "--name", "keep", "--restart", "unless-stopped", "busybox", "sleep", "100")
     ctl("run", "-d", "--name", "parked", "--restart", "unless-stopped", "busybox", "sleep", "100")
@@ -65,20 +82,7 @@ def test_daemon_restart_brings_back_always_and_unless_stopped(ctl, busybox, daem
     ctl("stop", "-t", "0", "parked")
     pids = {n: inspect(ctl, n)["State"]["Pid"] for n in ("keep", "plain")}
     ctl("stop", "-t", "0", "plain")
-    # the host "reboots": runtimed and every shim and container die
-    daemon.kill9()
-    import os
-    import signal
-    from pathlib import Path
-
-    for pid_file in Path(daemon.state).rglob("shim.pid"):
-        # a stopped task the daemon was still deleting: its bundle may be gone by now, and
-        # its shim exited and reaped (by the zygote that forked it)
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
-    os.kill(pids["keep"], signal.SIGKILL)
-    wait_for(lambda: not Path(f"/proc/{pids['keep']}").exists())
-    daemon.start()
+    reboot(daemon, pids["keep"])
     wait_for(lambda: inspect(ctl, "keep")["State"]["Status"] == "running", timeout=15)
     assert inspect(ctl, "keep")["State"]["Pid"] != pids["keep"]
     assert inspect(ctl, "parked")["State"]["Status"] == "exited"
@@ -91,11 +95,28 @@ def test_run_detached_rm_removes_the_container_when_it_exits(ctl, busybox):
     log_path = inspect(ctl, cid)["LogPath"]
     wait_for(lambda: ctl("ps", "-a", "-q", "--no-trunc").stdout.strip() == "", timeout=10)
     assert ctl("inspect", cid, check=False).returncode != 0
-    import os
-
     assert not os.path.exists(log_path)
     conflict = ctl("run", "-d", "--rm", "--restart", "always", "busybox", "true", check=False)
     assert conflict.returncode == 125 and "--restart and --rm" in conflict.stderr
+
+
+def test_autoremove_containers_not_running_at_start_are_removed(ctl, busybox, daemon):
+    """dockerd's rule: an autoremove container found not running at start is removed: one
+    whose task died with the host, and one whose removal a kill -9 of runtimed cut short
+    after its task was deleted (made here with `ctr`: a started container, no task).
+    One created and never started stays."""
+    cid = ctl("run", "-d", "--rm", "busybox", "sleep", "100").stdout.strip()
+    state = inspect(ctl, cid)
+    for name, labels in [("cut-short", ["io.runtimed.restart-count=0"]), ("never-started", [])]:
+        flags = [arg for label in ["io.runtimed.autoremove=true", *labels] for arg in ("--label", label)]
+        daemon.ctr("containers", "create", *flags, busybox, name, "true", namespace="default")
+    snapshots = daemon.ctr("snapshots", "ls", namespace="default").stdout
+    assert all(key in snapshots for key in (cid, "cut-short")) and os.path.exists(state["LogPath"])
+    reboot(daemon, state["State"]["Pid"])
+    wait_for(lambda: ctl("ps", "-a", "-q", "--no-trunc").stdout.split() == ["never-started"], timeout=15)
+    snapshots = daemon.ctr("snapshots", "ls", namespace="default").stdout
+    assert not os.path.exists(state["LogPath"]) and cid not in snapshots and "cut-short" not in snapshots
+    ctl("rm", "never-started")
 
 
 ORPHAN = "sh -c 'sleep 0.2 &'; exec sleep 100"  # the orphan goes to PID 1, which then sleeps
@@ -129,7 +150,6 @@ def test_without_init_orphans_stay_zombies(ctl, busybox):
 
 def test_ctrl_c_on_a_foreground_init_container_stops_it(ctl, busybox):
     """Without an init, `sleep` as PID 1 ignores SIGINT; tini passes it on."""
-    import signal
     import subprocess
 
     proc = subprocess.Popen(ctl.command("run", "--init", "--name", "fgint", "busybox", "sleep", "100"),

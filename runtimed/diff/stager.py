@@ -40,16 +40,20 @@ IDLE_TIMEOUT = 60.0  # an ingest sending nothing for this long is not followed f
 # machine does not slow down the transfer it runs beside
 NICENESS = 10
 IDLE_EXIT = 300.0  # with nothing to do for this long, exit (the daemon starts another)
+DROP_BEHIND = 8 << 20  # the daemon starts the writeback every 8 MiB (content/store.py)
 STOP_TIMEOUT = 10.0  # at exit, wait this long at most for an abandoned staging to stop
 
 
 class Growing(io.RawIOBase):
     """A file read while it is written: a read waits for bytes not written yet; the end
-    is the size it was committed with."""
+    is the size it was committed with. What it read leaves the page cache, DROP_BEHIND
+    behind the reader: a staged blob is seldom read again (a push, a save), and its
+    pages, freed as the import goes, are the ones the next writes take (docs/snapshots.md)."""
 
     def __init__(self, path: str):
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.pos = 0
+        self.dropped = 0  # what was read before this offset is out of the page cache
         self.limit = 0
         self.final = False
         self.gone = False
@@ -78,10 +82,20 @@ class Growing(io.RawIOBase):
             return 0
         n = os.preadv(self.fd, [memoryview(buffer)[:available]], self.pos)
         self.pos += n
+        if self.pos - self.dropped >= 2 * DROP_BEHIND:
+            self._drop(self.pos - DROP_BEHIND)
         return n
+
+    def _drop(self, end: int) -> None:
+        """Take what was read before `end` out of the page cache (pages written back:
+        dirty ones stay)."""
+        if end > self.dropped:  # (a length of 0 means "to the end of the file")
+            os.posix_fadvise(self.fd, self.dropped, end - self.dropped, os.POSIX_FADV_DONTNEED)
+            self.dropped = end
 
     def close(self) -> None:
         if not self.closed:
+            self._drop(self.pos)
             os.close(self.fd)
         super().close()
 

@@ -308,6 +308,54 @@ def test_an_ingest_is_staged_as_it_arrives_and_dropped_when_abandoned(env, tmp_p
     assert (tmp_path / streamed.digest[7:15] / "new").read_bytes() == b"n" * 5000
 
 
+def resident(path) -> int:
+    """Bytes of the file in the page cache: mincore(2) over a mapping of it."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as f:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, f.fileno(), 0)
+    assert address not in (None, ctypes.c_void_p(-1).value)
+    try:
+        vector = ctypes.create_string_buffer(pages)
+        assert libc.mincore(address, size, vector) == 0, os.strerror(ctypes.get_errno())
+        return sum(byte & 1 for byte in vector.raw) * mmap.PAGESIZE
+    finally:
+        libc.munmap(address, size)
+
+
+def test_what_the_stager_read_leaves_the_page_cache(tmp_path):
+    """A staged blob is seldom read again: the stager drops what it read, DROP_BEHIND
+    behind itself, and the rest when it is done."""
+    from runtimed.diff.stager import DROP_BEHIND, Growing
+
+    path = tmp_path / "ingest"
+    size = 5 * DROP_BEHIND
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+        os.fsync(f.fileno())  # written back: as the daemon's writeback leaves it
+    assert resident(path) == size
+    source = Growing(str(path))
+    source.update(limit=size // 2)
+    buffer = bytearray(1 << 20)
+    while source.pos < size // 2:
+        source.readinto(buffer)
+    assert resident(path) <= size - (size // 2 - 2 * DROP_BEHIND)  # read, then dropped
+    assert resident(path) >= size // 2  # not what is still to be read
+    source.update(limit=size, final=True)
+    while source.readinto(buffer):
+        pass
+    source.close()
+    assert resident(path) == 0
+
+
 # -- property: staged, then adopted over the lowers == extracted over the lowers ----------
 
 _names = st.sampled_from(["a", "b", "c"])

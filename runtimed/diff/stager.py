@@ -24,6 +24,7 @@ directory of an answer it could not send (the daemon died before stdin told it s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import io
@@ -90,7 +91,8 @@ class Growing(io.RawIOBase):
         """Take what was read before `end` out of the page cache (pages written back:
         dirty ones stay)."""
         if end > self.dropped:  # (a length of 0 means "to the end of the file")
-            os.posix_fadvise(self.fd, self.dropped, end - self.dropped, os.POSIX_FADV_DONTNEED)
+            with contextlib.suppress(OSError):  # only advice: never fails a staging
+                os.posix_fadvise(self.fd, self.dropped, end - self.dropped, os.POSIX_FADV_DONTNEED)
             self.dropped = end
 
     def close(self) -> None:

@@ -331,29 +331,30 @@ def resident(path) -> int:
         libc.munmap(address, size)
 
 
-def test_what_the_stager_read_leaves_the_page_cache(tmp_path):
+def test_what_the_stager_read_leaves_the_page_cache():
     """A staged blob is seldom read again: the stager drops what it read, DROP_BEHIND
     behind itself, and the rest when it is done."""
     from runtimed.diff.stager import DROP_BEHIND, Growing
 
-    path = tmp_path / "ingest"
     size = 5 * DROP_BEHIND
-    with open(path, "wb") as f:
-        f.write(os.urandom(size))
-        os.fsync(f.fileno())  # written back: as the daemon's writeback leaves it
-    assert resident(path) == size
-    source = Growing(str(path))
-    source.update(limit=size // 2)
     buffer = bytearray(1 << 20)
-    while source.pos < size // 2:
-        source.readinto(buffer)
-    assert resident(path) <= size - (size // 2 - 2 * DROP_BEHIND)  # read, then dropped
-    assert resident(path) >= size // 2  # not what is still to be read
-    source.update(limit=size, final=True)
-    while source.readinto(buffer):
-        pass
-    source.close()
-    assert resident(path) == 0
+    # on a disk's filesystem, as the content store is: a tmpfs keeps its pages (a tmpfs /tmp)
+    with tempfile.NamedTemporaryFile(dir="/var/tmp") as f:
+        f.write(os.urandom(size))
+        f.flush()
+        os.fsync(f.fileno())  # written back: as the daemon's writeback leaves it
+        assert resident(f.name) == size
+        source = Growing(f.name)
+        source.update(limit=size // 2)
+        while source.pos < size // 2:
+            source.readinto(buffer)
+        assert resident(f.name) <= size - (size // 2 - 2 * DROP_BEHIND)  # read, then dropped
+        assert resident(f.name) >= size // 2  # not what is still to be read
+        source.update(limit=size, final=True)
+        while source.readinto(buffer):
+            pass
+        source.close()
+        assert resident(f.name) == 0
 
 
 # -- property: staged, then adopted over the lowers == extracted over the lowers ----------

@@ -865,7 +865,7 @@ def inspect_container(c, container_id: str) -> dict:
         "HostConfig": {
             "RestartPolicy": {"Name": rp.policy_of(container.labels).name,
                               "MaximumRetryCount": rp.policy_of(container.labels).max_retries},
-            "AutoRemove": container.labels.get(rp.LABEL_AUTOREMOVE) == "true",
+            "AutoRemove": rp.autoremove(container.labels),
             "Init": ((process.get("args") or [""])[0] == INIT_PATH),
             # docker's shape; Config is the log URI's options (format, max-size in bytes, max-file)
             "LogConfig": {"Type": "file", "Config": _log_query(container)},

@@ -112,7 +112,7 @@ class RestartManager:
                 self._started.pop(key, None)
                 return
             labels = container.labels
-            if labels.get(rp.LABEL_AUTOREMOVE) == "true":
+            if rp.autoremove(labels):
                 await self._autoremove(namespace, container)
                 return
             if rp.policy_of(labels).name == "no" or await self._running(namespace, container.id):
@@ -230,7 +230,7 @@ class RestartManager:
         for ns in self.namespaces.list():
             for container in self.containers.list(ns.name):
                 labels = container.labels
-                autoremove = labels.get(rp.LABEL_AUTOREMOVE) == "true"
+                autoremove = rp.autoremove(labels)
                 if not autoremove and rp.policy_of(labels).name == "no":
                     continue
                 if rp.LABEL_COUNT not in labels and labels.get(rp.CONTAINERD_STATUS) != "running":
@@ -256,7 +256,7 @@ class RestartManager:
             task = self.tasks.tasks.get((namespace, container_id))
             if container is None or (task is not None and not task.init_exit_published):
                 return
-            if container.labels.get(rp.LABEL_AUTOREMOVE) == "true":  # its exit was missed
+            if rp.autoremove(container.labels):  # its exit was missed
                 await self._autoremove(namespace, container)
                 return
             await self._restart(namespace, container, exit_status, 0.0, at_boot=True)

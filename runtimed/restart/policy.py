@@ -87,6 +87,11 @@ def stopped_by_user(labels: dict[str, str]) -> bool:
     return labels.get(LABEL_STOPPED) == "true" or labels.get(CONTAINERD_STATUS) == "stopped"
 
 
+def autoremove(labels: dict[str, str]) -> bool:
+    """`run -d --rm`: the daemon removes the container when its task exits."""
+    return labels.get(LABEL_AUTOREMOVE) == "true"
+
+
 def restart_count(labels: dict[str, str]) -> int:
     try:
         return int(labels.get(LABEL_COUNT) or 0)

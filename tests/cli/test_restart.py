@@ -92,7 +92,9 @@ def test_daemon_restart_brings_back_always_and_unless_stopped(ctl, busybox, daem
 
 def test_run_detached_rm_removes_the_container_when_it_exits(ctl, busybox):
     cid = ctl("run", "-d", "--rm", "busybox", "sh", "-c", "sleep 1.5").stdout.strip()
-    log_path = inspect(ctl, cid)["LogPath"]
+    doc = inspect(ctl, cid)
+    assert doc["HostConfig"]["AutoRemove"] is True
+    log_path = doc["LogPath"]
     wait_for(lambda: ctl("ps", "-a", "-q", "--no-trunc").stdout.strip() == "", timeout=10)
     assert ctl("inspect", cid, check=False).returncode != 0
     assert not os.path.exists(log_path)

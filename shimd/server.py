@@ -22,6 +22,8 @@ import signal
 import sys
 from pathlib import Path
 
+from shimd.keeper import prctl
+
 PR_SET_CHILD_SUBREAPER = 36
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes including the NUL
 FALLBACK_SOCKET_DIR = Path("/run/runtimed-shim")
@@ -36,12 +38,8 @@ def socket_path(bundle: Path) -> Path:
     return FALLBACK_SOCKET_DIR / f"{digest}.sock"
 
 
-# bound once, in the zygote: a keeper that made its own CDLL would copy ~0.4 MB of pages
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-
 def set_subreaper() -> None:
-    if _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    if prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
@@ -51,7 +49,7 @@ def set_name(id: str, worker: bool = False) -> None:
     them apart at a glance."""
     PR_SET_NAME = 15
     name = f"{'shimw' if worker else 'shimd'}-{id}"[:15].encode()
-    _prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+    prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
 
 
 def launch(id: str, namespace: str, bundle: Path) -> int:
@@ -300,7 +298,10 @@ def _work(keeper, channel) -> int:
     set_name(keeper.placement[0] if keeper.placement else "spare", worker=True)
     if keeper.placement:
         _configure_logging(*keeper.placement[:2])
-    return asyncio.run(_serve(keeper, channel))
+    from shimd.reaper import WorkerLoop
+
+    with asyncio.Runner(loop_factory=WorkerLoop) as runner:
+        return runner.run(_serve(keeper, channel))
 
 
 async def _serve(keeper, channel) -> int:

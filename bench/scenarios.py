@@ -354,8 +354,10 @@ def _images():
 
 
 def _ctr(t: Target, namespace: str, *args: str) -> None:
-    subprocess.run(["ctr", "-a", t.address, "-n", namespace, *args], check=True,
-                   capture_output=True)
+    done = subprocess.run(["ctr", "-a", t.address, "-n", namespace, *args], capture_output=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ctr {' '.join(args)} against {t.name} failed "
+                           f"(exit {done.returncode}): {done.stderr.decode(errors='replace').strip()}")
 
 
 def import_rate(t: Target, key: str) -> float:

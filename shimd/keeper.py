@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -50,13 +49,11 @@ import signal
 import socket
 import time
 
+from shimd.oci import linux  # libc bound in the zygote: a CDLL per shim is ~0.4 MB
 from shimd.reaper import exit_code, exited_children
 
 log = logging.getLogger("shimd")
 
-PR_SET_PDEATHSIG = 1
-# bound once, in the zygote: a shim that made its own CDLL would copy ~0.4 MB of pages
-prctl = ctypes.CDLL(None, use_errno=True).prctl
 MESSAGE_MAX = 1 << 20
 FDS_MAX = 253  # SCM_MAX_FD: the most fds one message carries (a worker with more serves on)
 FORK_RETRY = 0.5  # seconds between tries to fork a worker when a fork failed
@@ -215,7 +212,7 @@ class Keeper:
                     os.close(fd)
                 for signum in (signal.SIGCHLD, signal.SIGTERM):
                     signal.signal(signum, signal.SIG_DFL)
-                prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                linux.prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
                 if os.getppid() == keeper:  # else the keeper died before the prctl
                     code = self.work(self, theirs)
             except BaseException:  # noqa: BLE001 - a forked child never returns into the loop

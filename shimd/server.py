@@ -22,9 +22,8 @@ import signal
 import sys
 from pathlib import Path
 
-from shimd.keeper import prctl
+from shimd.oci import linux  # libc bound in the zygote: a CDLL per shim is ~0.4 MB
 
-PR_SET_CHILD_SUBREAPER = 36
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes including the NUL
 FALLBACK_SOCKET_DIR = Path("/run/runtimed-shim")
 
@@ -39,17 +38,15 @@ def socket_path(bundle: Path) -> Path:
 
 
 def set_subreaper() -> None:
-    if prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
 
 
 def set_name(id: str, worker: bool = False) -> None:
     """`shimd-<id>` as the process name (top, ps -o comm), `shimw-<id>` for its worker
     (shimd/keeper.py): forked shims keep the zygote's command line, so this is what tells
     them apart at a glance."""
-    PR_SET_NAME = 15
-    name = f"{'shimw' if worker else 'shimd'}-{id}"[:15].encode()
-    prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+    name = ctypes.create_string_buffer(f"{'shimw' if worker else 'shimd'}-{id}"[:15].encode())
+    linux.prctl(linux.PR_SET_NAME, ctypes.addressof(name))
 
 
 def launch(id: str, namespace: str, bundle: Path) -> int:

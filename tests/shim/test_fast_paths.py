@@ -9,6 +9,7 @@ Python process faults pages in.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -472,3 +473,29 @@ def test_a_report_that_raises_fails_the_wait_on_it(lines, error):
             asyncio.run(read())
     finally:
         os.close(w)
+
+
+def test_the_worker_loop_checks_signals_without_building_valid_signals(monkeypatch):
+    """A worker adds and removes its SIGCHLD and SIGTERM handlers without asyncio's
+    `signal.valid_signals()` (a set of ~65 enums built on every call), and still refuses
+    what is no signal."""
+    from shimd.reaper import WorkerLoop
+
+    calls = []
+    real = signal.valid_signals
+    monkeypatch.setattr(signal, "valid_signals", lambda: calls.append(1) or real())
+    loop = WorkerLoop()
+    try:
+        woken = []
+        loop.add_signal_handler(signal.SIGCHLD, woken.append, "chld")
+        loop.add_signal_handler(signal.SIGTERM, woken.append, "term")
+        os.kill(os.getpid(), signal.SIGCHLD)
+        loop.run_until_complete(asyncio.sleep(0.05))
+        assert woken == ["chld"]
+        assert loop.remove_signal_handler(signal.SIGTERM)
+        for bad, error in ((0, ValueError), (signal.NSIG, ValueError), ("15", TypeError)):
+            with pytest.raises(error):
+                loop.add_signal_handler(bad, woken.append)
+    finally:
+        loop.close()
+    assert calls == []

@@ -49,7 +49,7 @@ import signal
 import socket
 import time
 
-from shimd.oci import linux  # libc bound in the zygote: a CDLL per shim is ~0.4 MB
+from shimd.oci import linux
 from shimd.reaper import exit_code, exited_children
 
 log = logging.getLogger("shimd")

@@ -22,7 +22,7 @@ import signal
 import sys
 from pathlib import Path
 
-from shimd.oci import linux  # libc bound in the zygote: a CDLL per shim is ~0.4 MB
+from shimd.oci import linux
 
 SOCKET_PATH_MAX = 100  # sun_path is 108 bytes including the NUL
 FALLBACK_SOCKET_DIR = Path("/run/runtimed-shim")

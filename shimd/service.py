@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
-from types import SimpleNamespace
 
 from google.protobuf import empty_pb2
+from google.protobuf.message_factory import GetMessageClass
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from runtimed.api.shim.v1 import shim_pb2
@@ -41,11 +41,74 @@ def _stdio(message: shim_pb2.Stdio) -> StdioConfig:
     return StdioConfig(message.stdin, message.stdout, message.stderr, message.terminal)
 
 
+# path -> (method name, server streaming, request parser, response serializer), read
+# from the service descriptor once: in the zygote, which imports this module
+_ROUTES = {
+    f"/{SERVICE}/{method.name}": (method.name, method.server_streaming,
+                                  GetMessageClass(method.input_type).FromString,
+                                  GetMessageClass(method.output_type).SerializeToString)
+    for method in shim_pb2.DESCRIPTOR.services_by_name["Shim"].methods
+}
+
+
 class ShimServer(h2server.Server):
     """h2server's server over one ShimService's methods."""
 
     def __init__(self, api: ShimService) -> None:
-        super().__init__(SimpleNamespace(methods=api.methods()), name="the shim")
+        super().__init__(_Handlers(api), name="the shim")
+
+
+class _Handlers:
+    """The handler table h2server serves (`methods`, and `service` for a path not in it
+    yet): each handler is made on its method's first call. A worker calls a few of the
+    methods, and every object it makes in its fork costs it pages the zygote shares
+    (the whole table was ~0.3 ms of a worker's CPU)."""
+
+    def __init__(self, api: ShimService) -> None:
+        self.api = api
+        self.methods: dict[str, h2server.MethodHandler] = {}
+
+    def service(self, details) -> h2server.MethodHandler | None:
+        route = _ROUTES.get(details.method)
+        if route is None:
+            return None
+        name, streaming, parse, serialize = route
+        behaviour = getattr(self.api, name)
+        if streaming:
+            handler = h2server.unary_stream(self._stream(behaviour), parse, serialize)
+        else:
+            handler = h2server.unary_unary(self._unary(behaviour), parse, serialize)
+        self.methods[details.method] = handler
+        return handler
+
+    def _unary(self, method):
+        api = self.api
+
+        async def handle(request, context):
+            api.active += 1
+            try:
+                return await method(request)
+            except h2server.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a status, never UNKNOWN
+                await _abort(context, exc)
+            finally:
+                api.active -= 1
+
+        return handle
+
+    @staticmethod
+    def _stream(method):
+        async def handle(request, context):
+            try:
+                async for item in method(request):
+                    yield item
+            except (h2server.AbortError, GeneratorExit):
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await _abort(context, exc)
+
+        return handle
 
 
 async def _abort(context, exc: Exception) -> None:
@@ -186,51 +249,6 @@ class ShimService:
         self._check("")
         self.shim.ack(request.seq)
         return EMPTY
-
-    # --- the server's side -------------------------------------------------------
-
-    def methods(self) -> dict[str, h2server.MethodHandler]:
-        """The handler table, from the service descriptor in shim_pb2."""
-        from google.protobuf.message_factory import GetMessageClass
-
-        table = {}
-        for method in shim_pb2.DESCRIPTOR.services_by_name["Shim"].methods:
-            behaviour = getattr(self, method.name)
-            if method.server_streaming:
-                make, handle = h2server.unary_stream, self._stream(behaviour)
-            else:
-                make, handle = h2server.unary_unary, self._unary(behaviour)
-            table[f"/{SERVICE}/{method.name}"] = make(
-                handle, GetMessageClass(method.input_type).FromString,
-                GetMessageClass(method.output_type).SerializeToString)
-        return table
-
-    def _unary(self, method):
-        async def handle(request, context):
-            self.active += 1
-            try:
-                return await method(request)
-            except h2server.AbortError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - mapped to a status, never UNKNOWN
-                await _abort(context, exc)
-            finally:
-                self.active -= 1
-
-        return handle
-
-    def _stream(self, method):
-        async def handle(request, context):
-            try:
-                async for item in method(request):
-                    yield item
-            except (h2server.AbortError, GeneratorExit):
-                raise
-            except Exception as exc:  # noqa: BLE001
-                await _abort(context, exc)
-
-        return handle
-
 
 def _event(event: dict) -> shim_pb2.Event:
     return shim_pb2.Event(

@@ -291,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(log, 2)
     os.close(null)
     os.close(log)
-    from shimd.server import package_on_path
+    from shimd.server import configure_logging, package_on_path
 
     package_on_path()  # inherited by every shim
+    configure_logging()
     preload()
     if args.socket.exists():
         args.socket.unlink()

@@ -70,7 +70,9 @@ class Cgroup(Protocol):
 
     def exists(self) -> bool: ...
 
-    def delete(self) -> None: ...
+    def delete(self, wait: bool = True) -> bool:
+        """Remove it (and its children). Without `wait`, one that the kernel still holds
+        (its last tasks leaving) is left: False."""
 
 
 class _MountTable:

@@ -88,22 +88,26 @@ def procs(path: str, recursive: bool = True) -> list[int]:
     return pids
 
 
-def rmdir_tree(path: str) -> None:
+def rmdir_tree(path: str, wait: bool = True) -> bool:
     """Remove a cgroup and its children, deepest first; a missing one is already gone.
     A cgroup without children (a container's, usually) goes with one rmdir: no walk of a
-    directory of control files per hierarchy."""
+    directory of control files per hierarchy. Without `wait`, a busy cgroup (children, or
+    tasks still leaving) is left as it is: False."""
     try:
         os.rmdir(path)
-        return
+        return True
     except (FileNotFoundError, NotADirectoryError):
-        return
+        return True
     except OSError as e:
         if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):  # busy: children, or tasks leaving
             raise OSError(e.errno, f"remove cgroup {path}: {os.strerror(e.errno)}") from None
+        if not wait:
+            return False
     for dirpath, dirs, _files in os.walk(path, topdown=False):
         for d in dirs:
             _rmdir(os.path.join(dirpath, d))
     _rmdir(path)
+    return True
 
 
 def _rmdir(path: str) -> None:

@@ -302,6 +302,5 @@ class V1:
             raise OSError(2, "no memory cgroup hierarchy is mounted: OOM events are unavailable")
         return V1OOMWatcher(d)
 
-    def delete(self) -> None:
-        for d in self.dirs.values():
-            files.rmdir_tree(d)
+    def delete(self, wait: bool = True) -> bool:
+        return all([files.rmdir_tree(d, wait) for d in self.dirs.values()])

@@ -201,6 +201,6 @@ class V2:
     def oom_events(self) -> V2OOMWatcher:
         return V2OOMWatcher(self.dir)
 
-    def delete(self) -> None:
-        files.rmdir_tree(self.dir)
+    def delete(self, wait: bool = True) -> bool:
+        return files.rmdir_tree(self.dir, wait)
 

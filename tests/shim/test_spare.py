@@ -92,7 +92,9 @@ async def run_true(client, id: str, bundle: Path) -> int:
 
 
 def test_a_create_claims_the_spare_and_a_new_one_is_forked(state, rootfs_template,
-                                                          cgroup_check):
+                                                          cgroup_check, monkeypatch):
+    monkeypatch.setenv("SHIMD_LOG_LEVEL", "DEBUG")  # the zygote's shims log their start
+
     async def scenario() -> None:
         manager = ShimManager(state)
         first = bundle_for(manager, rootfs_template, "first", ["true"])
@@ -111,7 +113,7 @@ def test_a_create_claims_the_spare_and_a_new_one_is_forked(state, rootfs_templat
         socket = Path(address.removeprefix("unix://"))
         assert socket.parent == state / "shim-sockets" and socket.is_socket()
         assert int((second / "shim.pid").read_text()) == spare
-        assert "serving on" in (second / "shim.log").read_text()
+        assert "sp/second: serving on" in (second / "shim.log").read_text()
         assert await run_true(client, "second", second) == 0
         wait_until(lambda: not alive(spare))  # Shutdown: gone like any shim
         assert not socket.exists()

@@ -311,6 +311,25 @@ def test_v1_delete_removes_child_cgroups_too(v1_group):
     v1_group.delete()
 
 
+def test_v1_delete_without_waiting_leaves_a_busy_cgroup(v1_group):
+    """What a shim deletes without a thread: a cgroup a process still holds is left as it
+    is (False) for the delete that waits; once empty it goes at once (True)."""
+    proc = _spawn_in(v1_group, "sleep", "30")
+    try:
+        assert v1_group.delete(wait=False) is False
+        assert os.path.isdir(v1_group.dirs["pids"])
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while v1_group.pids() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    deadline = time.monotonic() + 10
+    while not v1_group.delete(wait=False) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the kernel lets go of a cgroup a moment after its last task
+    assert not v1_group.exists()
+
+
 def test_the_mount_table_is_read_again_only_after_a_change(tmp_path):
     """cgroups.open derives its answer (v2?, the v1 mount points) from /proc/self/mounts
     once and again only after a mount or unmount in this namespace (the file polls POLLPRI

@@ -261,6 +261,29 @@ def test_a_failed_fork_is_resource_exhausted_and_the_shim_carries_on(shims):
     assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 137
 
 
+def test_deleting_a_stopped_init_takes_no_thread(shims):
+    """Its delete waits for nothing (the init reaped, its cgroup empty), so it runs on
+    the shim's loop: under a pids limit that leaves room for no thread it still works."""
+    shim = shims(["true"])
+    shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
+    shim.stub.Start(pb.StartRequest(id=shim.id))
+    assert shim.stub.Wait(pb.WaitRequest(id=shim.id), timeout=20).exit_status == 0
+    cgroup = PIDS_ROOT / f"runtimed-test-shim-{os.getpid()}"
+    cgroup.mkdir()
+    shim_processes = [shim.pid, shim.worker()]
+    try:
+        for pid in shim_processes:
+            (cgroup / "cgroup.procs").write_text(str(pid))
+        (cgroup / "pids.max").write_text("2")  # the shim itself, no room for a thread
+        shim.stub.Delete(pb.DeleteRequest(id=shim.id), timeout=20)
+        assert not (shim.bundle / "runtime" / shim.id).exists()  # the runtime's state gone
+    finally:
+        for pid in shim_processes:
+            with contextlib.suppress(ProcessLookupError):
+                (PIDS_ROOT / "cgroup.procs").write_text(str(pid))
+        cgroup.rmdir()
+
+
 def test_an_ack_after_shutdown_writes_nothing_into_the_bundle(tmp_path):
     """runtimed removes the bundle right after Shutdown; a late Ack must not recreate
     events.jsonl in it (the torture suite's 100 lifecycles left such bundles behind)."""

@@ -49,6 +49,24 @@ def test_decoder_rfc7541_examples():
         decoder.decode(bytes.fromhex("ff"))  # a truncated integer
 
 
+def test_decoded_blocks_are_kept_only_when_they_leave_the_table_alone():
+    """A block of literals decodes the same on any connection (kept, decoded once); one
+    that adds to a connection's table adds on every connection that decodes it."""
+    literals = http2.encode_headers([(":path", "/a/B"), ("x-name", "value")])
+    assert http2.HeaderDecoder().decode(literals) == [(":path", "/a/B"), ("x-name", "value")]
+    assert literals in http2._PURE_BLOCKS
+    again = http2.HeaderDecoder().decode(literals)
+    again.append(("changed", "by the caller"))
+    assert http2.HeaderDecoder().decode(literals) == [(":path", "/a/B"), ("x-name", "value")]
+    adding = bytes.fromhex("828684418cf1e3c2e5f23a6ba0ab90f4ff")  # RFC 7541 C.4.1
+    using = bytes.fromhex("828684be5886a8eb10649cbf")  # C.4.2: entry 62 is C.4.1's
+    for _ in range(2):
+        decoder = http2.HeaderDecoder()
+        assert decoder.decode(adding)[-1] == (":authority", "www.example.com")
+        assert decoder.decode(using)[3] == (":authority", "www.example.com")
+    assert adding not in http2._PURE_BLOCKS and using not in http2._PURE_BLOCKS
+
+
 @given(st.lists(st.tuples(_header_name, _header_text), max_size=10))
 def test_encoded_headers_decode_with_hpack(headers):
     import hpack

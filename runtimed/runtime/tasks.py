@@ -110,6 +110,7 @@ class Task:
     init_exit_published: bool = False
     forwarder: asyncio.Task | None = None  # the relay (`TaskManager._relay`)
     outbox: OutboxReader | None = None  # the relay's reader of the shim's outbox
+    published_fd: int = -1  # `published`, open while the relay runs (`_record_published`)
     dying: bool = False  # the relay found the shim dead and is cleaning up after it
     removing: bool = False  # deleted: the relay leaves the cleanup to `_remove`
     # init's exit once its /tasks/exit is relayed: final, so Get and Wait answer from it
@@ -569,6 +570,9 @@ class TaskManager:
             if reader is not None:
                 task.outbox = None
                 reader.close()
+            if task.published_fd >= 0:
+                os.close(task.published_fd)
+                task.published_fd = -1
         if task.removing:
             return
         task.dying = True
@@ -742,17 +746,23 @@ def _record_to_event(record: dict) -> shim_pb2.Event:
 def _record_published(task: Task) -> None:
     """Rewrite `published` in place: one pwrite of a fixed-size record (JSON padded with
     spaces), which a reader sees whole, where temp + rename cost a journal transaction per
-    event. The file only grows from empty (a crash right after creating it reads as 0).
-    A write that fails (out of fds, say) is logged and loses nothing: the event is
-    published, the worst case is that a restart publishes it again, and the shim, which
-    trims its outbox by this record, only trims later."""
+    event; through one fd while the relay runs (the same file after Delete moved the
+    bundle to the trash). The file only grows from empty (a crash right after creating it
+    reads as 0). A write that fails (out of fds, say) is logged and loses nothing: the
+    event is published, the worst case is that a restart publishes it again, and the shim,
+    which trims its outbox by this record, only trims later."""
     data = json.dumps({"seq": task.published, "init_exit": task.init_exit_published}).encode()
     try:
-        fd = os.open(task.bundle / "published", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = task.published_fd
+        if fd < 0:
+            fd = os.open(task.bundle / "published", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             os.pwrite(fd, data.ljust(PUBLISHED_SIZE), 0)
         finally:
-            os.close(fd)
+            if task.outbox is not None:  # kept for the relay's next event (closed at its end)
+                task.published_fd = fd
+            elif fd != task.published_fd:
+                os.close(fd)
     except FileNotFoundError:  # the bundle is gone
         pass
     except OSError as exc:

@@ -816,6 +816,25 @@ def test_what_is_published_is_recorded_for_the_shim_to_trim(client, daemon):
         time.sleep(0.05)
     # /tasks/create, /tasks/start
     assert json.loads(published.read_text()) == {"seq": 2, "init_exit": False}
+    # written through one fd while the relay runs, closed once the task is gone
+    assert open_fds_on(daemon.proc.pid, "/acked/published") == 1
+    client.tasks.Kill(tasks_pb2.KillRequest(container_id="acked", signal=9), metadata=MD)
+    client.tasks.Wait(tasks_pb2.WaitRequest(container_id="acked"), metadata=MD, timeout=30)
+    client.tasks.Delete(tasks_pb2.DeleteTaskRequest(container_id="acked"), metadata=MD)
+    for _ in range(200):
+        if not open_fds_on(daemon.proc.pid, "/published"):
+            break
+        time.sleep(0.05)
+    assert open_fds_on(daemon.proc.pid, "/published") == 0
+
+
+def open_fds_on(pid: int, path: str) -> int:
+    """How many of `pid`'s fds name a file whose path has `path` in it (moved or not)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            count += path in os.readlink(f"/proc/{pid}/fd/{fd}")
+    return count
 
 
 def test_a_stopped_task_is_reported_without_asking_its_shim(client, daemon):

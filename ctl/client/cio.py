@@ -195,7 +195,7 @@ class Attachment:
         except OSError:
             return
         try:
-            out = dest.fileno() if dest is not None else None
+            out = None  # dest's fd, asked for with the first output (a spool makes its file then)
             while True:
                 data = os.read(fd, 32768)
                 with self._lock:
@@ -203,7 +203,9 @@ class Attachment:
                         break  # taken for gone (the shim buffers, then drops, never blocks)
                     self._moving += 1
                 try:
-                    if out is not None:
+                    if dest is not None:
+                        if out is None:
+                            out = dest.fileno()
                         _write_all(out, data)
                     if self.tee is not None:
                         if self.tee_encode is not None:

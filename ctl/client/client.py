@@ -208,13 +208,11 @@ class RunningContainer:
     def __init__(self, client: Client, container_id: str, *, container: Container | None = None):
         """`container`: the record `containers.create` returned, when at hand (its task is
         then created without a Containers.Get and a Snapshots.Mounts)."""
-        import tempfile
-
         self.client = client
         self.id = container_id
         self._record = container
-        self._out = tempfile.TemporaryFile()
-        self._err = tempfile.TemporaryFile()
+        self._out = _Spool()
+        self._err = _Spool()
         self._fifos: FifoSet | None = None
         self._attachment: Attachment | None = None
         self._exit = None
@@ -264,10 +262,31 @@ class RunningContainer:
         self._err.close()
 
 
-def _contents(file) -> bytes:
-    """What a copier wrote to `file` so far. pread: the copier writes at the file's offset,
-    which a seek here would move (it may still be running when `wait` gave up on it)."""
-    fd = file.fileno()
+class _Spool:
+    """A temporary file made when the first output arrives (its `fileno`): most programs
+    run this way print little or nothing, and each file is an inode made and freed."""
+
+    def __init__(self) -> None:
+        self.file = None
+
+    def fileno(self) -> int:
+        if self.file is None:
+            import tempfile
+
+            self.file = tempfile.TemporaryFile()
+        return self.file.fileno()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _contents(spool: _Spool) -> bytes:
+    """What a copier wrote so far. pread: the copier writes at the file's offset, which a
+    seek here would move (it may still be running when `wait` gave up on it)."""
+    if spool.file is None:
+        return b""
+    fd = spool.file.fileno()
     return os.pread(fd, os.fstat(fd).st_size, 0)
 
 

@@ -169,6 +169,8 @@ def test_an_image_run_again_reads_its_manifest_and_config_once(daemon, busybox, 
         again = c.images.resolve("busybox")
         with c.run("memo1", "busybox", SpecOptions(args=["true"])) as box:
             assert box.wait(timeout=30).code == 0
+            # no output, so no temporary file was made for it
+            assert (box.output(), box.errors()) == (b"", b"") and box._out.file is None
         assert "Content/Read" not in calls and calls.count("Images/Get") == 2
         assert "changed" not in again.config and again.manifest == first.manifest
 

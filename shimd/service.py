@@ -181,9 +181,12 @@ class ShimService:
     async def Delete(self, request):
         self._check(request.id)
         info = await self.shim.delete(request.exec_id, request.force)
+        shutting_down = request.shutdown and not request.exec_id
+        if shutting_down:  # exits once this answer is sent (its call is still active)
+            self.shim.shutdown(now=True)
         return shim_pb2.DeleteResponse(
             pid=info.pid, exit_status=info.exit_status, exited_at=_timestamp(info.exited_at),
-            event_seq=self.shim.outbox.seq,
+            event_seq=self.shim.outbox.seq, shutting_down=shutting_down,
         )
 
     async def Pids(self, request):

@@ -173,20 +173,22 @@ class ShimManager:
         return await self._launch(namespace, id, bundle)
 
     async def dispose(self, client: ShimClient, exit_timeout: float = CONNECT_TIMEOUT,
-                      bundle: Path | None = None) -> None:
+                      bundle: Path | None = None, told: bool = False) -> None:
         """Shut down a shim that never got its task, or whose task was deleted (Shutdown,
         else SIGKILL after `exit_timeout`) and wait until its process is gone, so nothing it
         writes lands in a bundle being removed. `bundle`: where the shim works now, when
         its bundle was moved (to the trash) since; its pid is taken for it only while the
-        process with that pid works there."""
+        process with that pid works there. `told`: it is exiting already (the init's
+        Delete asked it to): it waits only for this connection to close."""
         where = bundle or client.bundle
         pidfd = shim_pidfd(shim_pid_file(where), where)  # the one working there, as it says
         if pidfd < 0 and client.pid:  # its pid file not written yet
             pidfd = shim_pidfd(client.pid, where)
         try:
-            with contextlib.suppress(RuntimedError):
-                await client.call("Shutdown", shim_pb2.ShutdownRequest(id=client.id, now=True),
-                                  CONNECT_TIMEOUT)
+            if not told:
+                with contextlib.suppress(RuntimedError):
+                    await client.call("Shutdown", shim_pb2.ShutdownRequest(id=client.id, now=True),
+                                      CONNECT_TIMEOUT)
             await client.close()
             if pidfd >= 0:
                 await await_exit(pidfd, exit_timeout, f"shim {client.pid} of {client.id}")

@@ -111,6 +111,7 @@ class Task:
     forwarder: asyncio.Task | None = None  # the relay (`TaskManager._relay`)
     outbox: OutboxReader | None = None  # the relay's reader of the shim's outbox
     published_fd: int = -1  # `published`, open while the relay runs (`_record_published`)
+    shim_exiting: bool = False  # its Delete told the shim to exit: no Shutdown call
     dying: bool = False  # the relay found the shim dead and is cleaning up after it
     removing: bool = False  # deleted: the relay leaves the cleanup to `_remove`
     # init's exit once its /tasks/exit is relayed: final, so Get and Wait answer from it
@@ -275,7 +276,8 @@ class TaskManager:
             unmounting = asyncio.ensure_future(
                 asyncio.to_thread(_unmount_rootfs, task.bundle / "rootfs"))
         try:
-            response = await task.shim.call("Delete", shim_pb2.DeleteRequest(id=id))
+            response = await task.shim.call("Delete", shim_pb2.DeleteRequest(id=id, shutdown=True))
+            task.shim_exiting = response.shutting_down  # (a shim from before asks for Shutdown)
         finally:
             if unmounting is not None:
                 await asyncio.wait({unmounting})
@@ -359,7 +361,8 @@ class TaskManager:
         except Exception:  # noqa: BLE001 - reported to the Delete that retired it
             retired = None
         try:
-            await self.shims.dispose(task.shim, SHIM_EXIT_TIMEOUT, retired)
+            await self.shims.dispose(task.shim, SHIM_EXIT_TIMEOUT, retired,
+                                     told=task.shim_exiting)
         finally:
             if retired is not None:
                 await asyncio.to_thread(shutil.rmtree, retired, True)

@@ -389,6 +389,22 @@ def test_a_wait_on_a_created_task_is_answered_when_the_task_is_deleted(shim_call
     assert ("Delete", "") in shim_calls() and ("Wait", "") not in shim_calls()
 
 
+def test_a_deleted_tasks_shim_exits_without_a_shutdown_call(shim_calls, client, daemon):
+    """The init's Delete asks the shim to exit once it has answered: no Shutdown call,
+    and the shim (keeper and worker) is gone soon after, its bundle with it."""
+    client.run("brief", ["true"])
+    client.tasks.Wait(tasks_pb2.WaitRequest(container_id="brief"), metadata=MD, timeout=30)
+    bundle = daemon.state / "tasks" / "tt" / "brief"
+    shim = int((bundle / "shim.pid").read_text())
+    client.tasks.Delete(tasks_pb2.DeleteTaskRequest(container_id="brief"), metadata=MD,
+                        timeout=10)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{shim}") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not os.path.exists(f"/proc/{shim}") and not bundle.exists()
+    assert ("Delete", "") in shim_calls() and ("Shutdown", "") not in shim_calls()
+
+
 def test_many_waits_and_subscribers_do_not_slow_other_calls(shim_calls, client):
     """100 pending Waits and 10 subscribers leave Get's latency alone; the Waits are no
     calls held open on the shim (the relayed exit answers them all)."""

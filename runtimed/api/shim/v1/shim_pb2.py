@@ -27,15 +27,15 @@ from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bruntimed/shim/v1/shim.proto\x12\x10runtimed.shim.v1\x1a\x19google/protobuf/any.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\x05Stdio\x12\r\n\x05stdin\x18\x01 \x01(\t\x12\x0e\n\x06stdout\x18\x02 \x01(\t\x12\x0e\n\x06stderr\x18\x03 \x01(\t\x12\x10\n\x08terminal\x18\x04 \x01(\x08\"y\n\rCreateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x62undle\x18\x02 \x01(\t\x12&\n\x05stdio\x18\x03 \x01(\x0b\x32\x17.runtimed.shim.v1.Stdio\x12\x0f\n\x07runtime\x18\x04 \x01(\t\x12\x13\n\x0b\x63group_path\x18\x05 \x01(\t\"\x1d\n\x0e\x43reateResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\"+\n\x0cStartRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"\x1c\n\rStartResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\"+\n\x0cStateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"\xdf\x01\n\rStateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06\x62undle\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12(\n\x06status\x18\x05 \x01(\x0e\x32\x18.runtimed.shim.v1.Status\x12&\n\x05stdio\x18\x06 \x01(\x0b\x32\x17.runtimed.shim.v1.Stdio\x12\x13\n\x0b\x65xit_status\x18\x07 \x01(\r\x12-\n\texited_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\x0bKillRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\r\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"c\n\x0b\x45xecRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12&\n\x05stdio\x18\x03 \x01(\x0b\x32\x17.runtimed.shim.v1.Stdio\x12\x0f\n\x07process\x18\x04 \x01(\x0c\"*\n\x0bWaitRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"_\n\x0cWaitResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x13\n\x0b\x65xit_status\x18\x02 \x01(\r\x12-\n\texited_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\";\n\rDeleteRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\"t\n\x0e\x44\x65leteResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x13\n\x0b\x65xit_status\x18\x02 \x01(\r\x12-\n\texited_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tevent_seq\x18\x04 \x01(\x04\"\x19\n\x0bPidsRequest\x12\n\n\x02id\x18\x01 \x01(\t\"+\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"@\n\x0cPidsResponse\x12\x30\n\tprocesses\x18\x01 \x03(\x0b\x32\x1d.runtimed.shim.v1.ProcessInfo\"\x1a\n\x0cPauseRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1b\n\rResumeRequest\x12\n\n\x02id\x18\x01 \x01(\t\".\n\rUpdateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tresources\x18\x02 \x01(\x0c\"\x1a\n\x0cStatsRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\rStatsResponse\x12#\n\x05stats\x18\x01 \x01(\x0b\x32\x14.google.protobuf.Any\"N\n\x10ResizePtyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"<\n\x0e\x43loseIORequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\r\n\x05stdin\x18\x03 \x01(\x08\"\x1c\n\x0e\x43onnectRequest\x12\n\n\x02id\x18\x01 \x01(\t\"F\n\x0f\x43onnectResponse\x12\x10\n\x08shim_pid\x18\x01 \x01(\r\x12\x10\n\x08task_pid\x18\x02 \x01(\r\x12\x0f\n\x07version\x18\x03 \x01(\t\"*\n\x0fShutdownRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03now\x18\x02 \x01(\x08\"\x1e\n\rEventsRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\x04\"\xc0\x01\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05topic\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x13\n\x0b\x65xit_status\x18\x06 \x01(\r\x12-\n\texited_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\ttimestamp\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x19\n\nAckRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04*U\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07\x43REATED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\x0b\n\x07STOPPED\x10\x03\x12\n\n\x06PAUSED\x10\x04\x12\x0b\n\x07PAUSING\x10\x05\x32\xf9\t\n\x04Shim\x12K\n\x06\x43reate\x12\x1f.runtimed.shim.v1.CreateRequest\x1a .runtimed.shim.v1.CreateResponse\x12H\n\x05Start\x12\x1e.runtimed.shim.v1.StartRequest\x1a\x1f.runtimed.shim.v1.StartResponse\x12H\n\x05State\x12\x1e.runtimed.shim.v1.StateRequest\x1a\x1f.runtimed.shim.v1.StateResponse\x12=\n\x04Kill\x12\x1d.runtimed.shim.v1.KillRequest\x1a\x16.google.protobuf.Empty\x12=\n\x04\x45xec\x12\x1d.runtimed.shim.v1.ExecRequest\x1a\x16.google.protobuf.Empty\x12\x45\n\x04Wait\x12\x1d.runtimed.shim.v1.WaitRequest\x1a\x1e.runtimed.shim.v1.WaitResponse\x12K\n\x06\x44\x65lete\x12\x1f.runtimed.shim.v1.DeleteRequest\x1a .runtimed.shim.v1.DeleteResponse\x12\x45\n\x04Pids\x12\x1d.runtimed.shim.v1.PidsRequest\x1a\x1e.runtimed.shim.v1.PidsResponse\x12?\n\x05Pause\x12\x1e.runtimed.shim.v1.PauseRequest\x1a\x16.google.protobuf.Empty\x12\x41\n\x06Resume\x12\x1f.runtimed.shim.v1.ResumeRequest\x1a\x16.google.protobuf.Empty\x12\x41\n\x06Update\x12\x1f.runtimed.shim.v1.UpdateRequest\x1a\x16.google.protobuf.Empty\x12H\n\x05Stats\x12\x1e.runtimed.shim.v1.StatsRequest\x1a\x1f.runtimed.shim.v1.StatsResponse\x12G\n\tResizePty\x12\".runtimed.shim.v1.ResizePtyRequest\x1a\x16.google.protobuf.Empty\x12\x43\n\x07\x43loseIO\x12 .runtimed.shim.v1.CloseIORequest\x1a\x16.google.protobuf.Empty\x12N\n\x07\x43onnect\x12 .runtimed.shim.v1.ConnectRequest\x1a!.runtimed.shim.v1.ConnectResponse\x12\x45\n\x08Shutdown\x12!.runtimed.shim.v1.ShutdownRequest\x1a\x16.google.protobuf.Empty\x12\x44\n\x06\x45vents\x12\x1f.runtimed.shim.v1.EventsRequest\x1a\x17.runtimed.shim.v1.Event0\x01\x12;\n\x03\x41\x63k\x12\x1c.runtimed.shim.v1.AckRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bruntimed/shim/v1/shim.proto\x12\x10runtimed.shim.v1\x1a\x19google/protobuf/any.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"H\n\x05Stdio\x12\r\n\x05stdin\x18\x01 \x01(\t\x12\x0e\n\x06stdout\x18\x02 \x01(\t\x12\x0e\n\x06stderr\x18\x03 \x01(\t\x12\x10\n\x08terminal\x18\x04 \x01(\x08\"y\n\rCreateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x62undle\x18\x02 \x01(\t\x12&\n\x05stdio\x18\x03 \x01(\x0b\x32\x17.runtimed.shim.v1.Stdio\x12\x0f\n\x07runtime\x18\x04 \x01(\t\x12\x13\n\x0b\x63group_path\x18\x05 \x01(\t\"\x1d\n\x0e\x43reateResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\"+\n\x0cStartRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"\x1c\n\rStartResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\"+\n\x0cStateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"\xdf\x01\n\rStateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06\x62undle\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\r\x12(\n\x06status\x18\x05 \x01(\x0e\x32\x18.runtimed.shim.v1.Status\x12&\n\x05stdio\x18\x06 \x01(\x0b\x32\x17.runtimed.shim.v1.Stdio\x12\x13\n\x0b\x65xit_status\x18\x07 \x01(\r\x12-\n\texited_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"G\n\x0bKillRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\r\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"c\n\x0b\x45xecRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12&\n\x05stdio\x18\x03 \x01(\x0b\x32\x17.runtimed.shim.v1.Stdio\x12\x0f\n\x07process\x18\x04 \x01(\x0c\"*\n\x0bWaitRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"_\n\x0cWaitResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x13\n\x0b\x65xit_status\x18\x02 \x01(\r\x12-\n\texited_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"M\n\rDeleteRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\x12\x10\n\x08shutdown\x18\x04 \x01(\x08\"\x8b\x01\n\x0e\x44\x65leteResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x13\n\x0b\x65xit_status\x18\x02 \x01(\r\x12-\n\texited_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tevent_seq\x18\x04 \x01(\x04\x12\x15\n\rshutting_down\x18\x05 \x01(\x08\"\x19\n\x0bPidsRequest\x12\n\n\x02id\x18\x01 \x01(\t\"+\n\x0bProcessInfo\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"@\n\x0cPidsResponse\x12\x30\n\tprocesses\x18\x01 \x03(\x0b\x32\x1d.runtimed.shim.v1.ProcessInfo\"\x1a\n\x0cPauseRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1b\n\rResumeRequest\x12\n\n\x02id\x18\x01 \x01(\t\".\n\rUpdateRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tresources\x18\x02 \x01(\x0c\"\x1a\n\x0cStatsRequest\x12\n\n\x02id\x18\x01 \x01(\t\"4\n\rStatsResponse\x12#\n\x05stats\x18\x01 \x01(\x0b\x32\x14.google.protobuf.Any\"N\n\x10ResizePtyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"<\n\x0e\x43loseIORequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\r\n\x05stdin\x18\x03 \x01(\x08\"\x1c\n\x0e\x43onnectRequest\x12\n\n\x02id\x18\x01 \x01(\t\"F\n\x0f\x43onnectResponse\x12\x10\n\x08shim_pid\x18\x01 \x01(\r\x12\x10\n\x08task_pid\x18\x02 \x01(\r\x12\x0f\n\x07version\x18\x03 \x01(\t\"*\n\x0fShutdownRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03now\x18\x02 \x01(\x08\"\x1e\n\rEventsRequest\x12\r\n\x05\x61\x66ter\x18\x01 \x01(\x04\"\xc0\x01\n\x05\x45vent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05topic\x18\x02 \x01(\t\x12\n\n\x02id\x18\x03 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x13\n\x0b\x65xit_status\x18\x06 \x01(\r\x12-\n\texited_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\ttimestamp\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x19\n\nAckRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04*U\n\x06Status\x12\x0b\n\x07UNKNOWN\x10\x00\x12\x0b\n\x07\x43REATED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\x0b\n\x07STOPPED\x10\x03\x12\n\n\x06PAUSED\x10\x04\x12\x0b\n\x07PAUSING\x10\x05\x32\xf9\t\n\x04Shim\x12K\n\x06\x43reate\x12\x1f.runtimed.shim.v1.CreateRequest\x1a .runtimed.shim.v1.CreateResponse\x12H\n\x05Start\x12\x1e.runtimed.shim.v1.StartRequest\x1a\x1f.runtimed.shim.v1.StartResponse\x12H\n\x05State\x12\x1e.runtimed.shim.v1.StateRequest\x1a\x1f.runtimed.shim.v1.StateResponse\x12=\n\x04Kill\x12\x1d.runtimed.shim.v1.KillRequest\x1a\x16.google.protobuf.Empty\x12=\n\x04\x45xec\x12\x1d.runtimed.shim.v1.ExecRequest\x1a\x16.google.protobuf.Empty\x12\x45\n\x04Wait\x12\x1d.runtimed.shim.v1.WaitRequest\x1a\x1e.runtimed.shim.v1.WaitResponse\x12K\n\x06\x44\x65lete\x12\x1f.runtimed.shim.v1.DeleteRequest\x1a .runtimed.shim.v1.DeleteResponse\x12\x45\n\x04Pids\x12\x1d.runtimed.shim.v1.PidsRequest\x1a\x1e.runtimed.shim.v1.PidsResponse\x12?\n\x05Pause\x12\x1e.runtimed.shim.v1.PauseRequest\x1a\x16.google.protobuf.Empty\x12\x41\n\x06Resume\x12\x1f.runtimed.shim.v1.ResumeRequest\x1a\x16.google.protobuf.Empty\x12\x41\n\x06Update\x12\x1f.runtimed.shim.v1.UpdateRequest\x1a\x16.google.protobuf.Empty\x12H\n\x05Stats\x12\x1e.runtimed.shim.v1.StatsRequest\x1a\x1f.runtimed.shim.v1.StatsResponse\x12G\n\tResizePty\x12\".runtimed.shim.v1.ResizePtyRequest\x1a\x16.google.protobuf.Empty\x12\x43\n\x07\x43loseIO\x12 .runtimed.shim.v1.CloseIORequest\x1a\x16.google.protobuf.Empty\x12N\n\x07\x43onnect\x12 .runtimed.shim.v1.ConnectRequest\x1a!.runtimed.shim.v1.ConnectResponse\x12\x45\n\x08Shutdown\x12!.runtimed.shim.v1.ShutdownRequest\x1a\x16.google.protobuf.Empty\x12\x44\n\x06\x45vents\x12\x1f.runtimed.shim.v1.EventsRequest\x1a\x17.runtimed.shim.v1.Event0\x01\x12;\n\x03\x41\x63k\x12\x1c.runtimed.shim.v1.AckRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'runtimed.shim.v1.shim_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STATUS']._serialized_start=2073
-  _globals['_STATUS']._serialized_end=2158
+  _globals['_STATUS']._serialized_start=2115
+  _globals['_STATUS']._serialized_end=2200
   _globals['_STDIO']._serialized_start=138
   _globals['_STDIO']._serialized_end=210
   _globals['_CREATEREQUEST']._serialized_start=212
@@ -59,41 +59,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WAITRESPONSE']._serialized_start=930
   _globals['_WAITRESPONSE']._serialized_end=1025
   _globals['_DELETEREQUEST']._serialized_start=1027
-  _globals['_DELETEREQUEST']._serialized_end=1086
-  _globals['_DELETERESPONSE']._serialized_start=1088
-  _globals['_DELETERESPONSE']._serialized_end=1204
-  _globals['_PIDSREQUEST']._serialized_start=1206
-  _globals['_PIDSREQUEST']._serialized_end=1231
-  _globals['_PROCESSINFO']._serialized_start=1233
-  _globals['_PROCESSINFO']._serialized_end=1276
-  _globals['_PIDSRESPONSE']._serialized_start=1278
-  _globals['_PIDSRESPONSE']._serialized_end=1342
-  _globals['_PAUSEREQUEST']._serialized_start=1344
-  _globals['_PAUSEREQUEST']._serialized_end=1370
-  _globals['_RESUMEREQUEST']._serialized_start=1372
-  _globals['_RESUMEREQUEST']._serialized_end=1399
-  _globals['_UPDATEREQUEST']._serialized_start=1401
-  _globals['_UPDATEREQUEST']._serialized_end=1447
-  _globals['_STATSREQUEST']._serialized_start=1449
-  _globals['_STATSREQUEST']._serialized_end=1475
-  _globals['_STATSRESPONSE']._serialized_start=1477
-  _globals['_STATSRESPONSE']._serialized_end=1529
-  _globals['_RESIZEPTYREQUEST']._serialized_start=1531
-  _globals['_RESIZEPTYREQUEST']._serialized_end=1609
-  _globals['_CLOSEIOREQUEST']._serialized_start=1611
-  _globals['_CLOSEIOREQUEST']._serialized_end=1671
-  _globals['_CONNECTREQUEST']._serialized_start=1673
-  _globals['_CONNECTREQUEST']._serialized_end=1701
-  _globals['_CONNECTRESPONSE']._serialized_start=1703
-  _globals['_CONNECTRESPONSE']._serialized_end=1773
-  _globals['_SHUTDOWNREQUEST']._serialized_start=1775
-  _globals['_SHUTDOWNREQUEST']._serialized_end=1817
-  _globals['_EVENTSREQUEST']._serialized_start=1819
-  _globals['_EVENTSREQUEST']._serialized_end=1849
-  _globals['_EVENT']._serialized_start=1852
-  _globals['_EVENT']._serialized_end=2044
-  _globals['_ACKREQUEST']._serialized_start=2046
-  _globals['_ACKREQUEST']._serialized_end=2071
-  _globals['_SHIM']._serialized_start=2161
-  _globals['_SHIM']._serialized_end=3434
+  _globals['_DELETEREQUEST']._serialized_end=1104
+  _globals['_DELETERESPONSE']._serialized_start=1107
+  _globals['_DELETERESPONSE']._serialized_end=1246
+  _globals['_PIDSREQUEST']._serialized_start=1248
+  _globals['_PIDSREQUEST']._serialized_end=1273
+  _globals['_PROCESSINFO']._serialized_start=1275
+  _globals['_PROCESSINFO']._serialized_end=1318
+  _globals['_PIDSRESPONSE']._serialized_start=1320
+  _globals['_PIDSRESPONSE']._serialized_end=1384
+  _globals['_PAUSEREQUEST']._serialized_start=1386
+  _globals['_PAUSEREQUEST']._serialized_end=1412
+  _globals['_RESUMEREQUEST']._serialized_start=1414
+  _globals['_RESUMEREQUEST']._serialized_end=1441
+  _globals['_UPDATEREQUEST']._serialized_start=1443
+  _globals['_UPDATEREQUEST']._serialized_end=1489
+  _globals['_STATSREQUEST']._serialized_start=1491
+  _globals['_STATSREQUEST']._serialized_end=1517
+  _globals['_STATSRESPONSE']._serialized_start=1519
+  _globals['_STATSRESPONSE']._serialized_end=1571
+  _globals['_RESIZEPTYREQUEST']._serialized_start=1573
+  _globals['_RESIZEPTYREQUEST']._serialized_end=1651
+  _globals['_CLOSEIOREQUEST']._serialized_start=1653
+  _globals['_CLOSEIOREQUEST']._serialized_end=1713
+  _globals['_CONNECTREQUEST']._serialized_start=1715
+  _globals['_CONNECTREQUEST']._serialized_end=1743
+  _globals['_CONNECTRESPONSE']._serialized_start=1745
+  _globals['_CONNECTRESPONSE']._serialized_end=1815
+  _globals['_SHUTDOWNREQUEST']._serialized_start=1817
+  _globals['_SHUTDOWNREQUEST']._serialized_end=1859
+  _globals['_EVENTSREQUEST']._serialized_start=1861
+  _globals['_EVENTSREQUEST']._serialized_end=1891
+  _globals['_EVENT']._serialized_start=1894
+  _globals['_EVENT']._serialized_end=2086
+  _globals['_ACKREQUEST']._serialized_start=2088
+  _globals['_ACKREQUEST']._serialized_end=2113
+  _globals['_SHIM']._serialized_start=2203
+  _globals['_SHIM']._serialized_end=3476
 # @@protoc_insertion_point(module_scope)

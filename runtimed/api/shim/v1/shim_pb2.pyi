@@ -144,26 +144,30 @@ class WaitResponse(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., exit_status: _Optional[int] = ..., exited_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("id", "exec_id", "force")
+    __slots__ = ("id", "exec_id", "force", "shutdown")
     ID_FIELD_NUMBER: _ClassVar[int]
     EXEC_ID_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
+    SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
     id: str
     exec_id: str
     force: bool
-    def __init__(self, id: _Optional[str] = ..., exec_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+    shutdown: bool
+    def __init__(self, id: _Optional[str] = ..., exec_id: _Optional[str] = ..., force: _Optional[bool] = ..., shutdown: _Optional[bool] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
-    __slots__ = ("pid", "exit_status", "exited_at", "event_seq")
+    __slots__ = ("pid", "exit_status", "exited_at", "event_seq", "shutting_down")
     PID_FIELD_NUMBER: _ClassVar[int]
     EXIT_STATUS_FIELD_NUMBER: _ClassVar[int]
     EXITED_AT_FIELD_NUMBER: _ClassVar[int]
     EVENT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SHUTTING_DOWN_FIELD_NUMBER: _ClassVar[int]
     pid: int
     exit_status: int
     exited_at: _timestamp_pb2.Timestamp
     event_seq: int
-    def __init__(self, pid: _Optional[int] = ..., exit_status: _Optional[int] = ..., exited_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event_seq: _Optional[int] = ...) -> None: ...
+    shutting_down: bool
+    def __init__(self, pid: _Optional[int] = ..., exit_status: _Optional[int] = ..., exited_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., event_seq: _Optional[int] = ..., shutting_down: _Optional[bool] = ...) -> None: ...
 
 class PidsRequest(_message.Message):
     __slots__ = ("id",)

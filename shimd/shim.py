@@ -75,21 +75,20 @@ class Shim:
             command_for(runtime), state_root, self.bundle / "runtime.log", self.reaper
         )
         self.runtime.use_library(spec)
-        pid_file = self.bundle / "init.pid"
         io = ProcessIO(stdio)
         during_setup = asyncio.get_running_loop().call_soon(self._during_setup)
         try:
-            await self._run_with_io(
+            pid = await self._run_with_io(
                 io,
                 lambda: self.runtime.create(
-                    self.id, str(self.bundle), str(pid_file), io.console_socket, io.child_fds
+                    self.id, str(self.bundle), str(self.bundle / "init.pid"), io.console_socket,
+                    io.child_fds
                 ),
             )
         except BaseException:
             during_setup.cancel()
             self._stop_oom()
             raise
-        pid = int(pid_file.read_text())
         self.io[INIT] = io
         self.stdio[INIT] = stdio
         self._exited[INIT] = asyncio.Event()
@@ -144,10 +143,11 @@ class Shim:
             self._oom.close()
             self._oom = None
 
-    async def _run_with_io(self, io: ProcessIO, command) -> None:
+    async def _run_with_io(self, io: ProcessIO, command):
+        """`command()`'s result, with the process's console received and stdio set up."""
         receive = asyncio.ensure_future(io.receive_console()) if io.console_socket else None
         try:
-            await command()
+            result = await command()
             if receive is not None:
                 await receive
         except BaseException:
@@ -158,6 +158,7 @@ class Shim:
             io.close()
             raise
         io.spawned()
+        return result
 
     async def exec(self, exec_id: str, stdio: StdioConfig, process: bytes) -> None:
         identifiers.validate(exec_id, "exec id")

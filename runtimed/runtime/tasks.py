@@ -108,6 +108,9 @@ class Task:
     info: BundleInfo
     published: int = 0
     init_exit_published: bool = False
+    # init's pid, from its /tasks/create once published (kept in `published`, for a
+    # /tasks/exit runtimed reports itself after the shim died)
+    init_pid: int = 0
     forwarder: asyncio.Task | None = None  # the relay (`TaskManager._relay`)
     outbox: OutboxReader | None = None  # the relay's reader of the shim's outbox
     published_fd: int = -1  # `published`, open while the relay runs (`_record_published`)
@@ -427,7 +430,7 @@ class TaskManager:
                 for _ in range(40):  # a killed shim closes its sockets a moment before it dies
                     if shim_running(task.bundle) is False:
                         # the shim died under the wait: report what its TaskExit event says
-                        return ExitStatus(_init_pid(task.bundle), DEAD_SHIM_EXIT,
+                        return ExitStatus(_init_pid(task), DEAD_SHIM_EXIT,
                                           _ts(time.time()))
                     await asyncio.sleep(0.05)
             raise
@@ -588,7 +591,9 @@ class TaskManager:
             self.exchange.forward(
                 Event.of(task.namespace, event.topic, message, event.timestamp.ToNanoseconds())
             )
-        if event.topic == "/tasks/exit" and not event.exec_id:
+        if event.topic == "/tasks/create":
+            task.init_pid = event.pid
+        elif event.topic == "/tasks/exit" and not event.exec_id:
             task.init_exit_published = True
             task.init_exit = ExitStatus(event.pid, event.exit_status, event.exited_at)
         task.published = event.seq
@@ -629,7 +634,7 @@ class TaskManager:
                 continue
             await self._publish(task, _record_to_event(record))
         if not task.init_exit_published and created:
-            pid, exited_at = _init_pid(task.bundle), _ts(time.time())
+            pid, exited_at = _init_pid(task), _ts(time.time())
             self.exchange.publish(task.namespace, "/tasks/exit", events.TaskExit(
                 container_id=task.id, id=task.id, pid=pid,
                 exit_status=DEAD_SHIM_EXIT, exited_at=exited_at))
@@ -648,7 +653,7 @@ class TaskManager:
                 log.warning("%s: not a complete bundle; removing", bundle)
                 await asyncio.to_thread(remove_bundle, bundle)
                 continue
-            published, init_exit = _read_published(bundle)
+            published, init_exit, init_pid = _read_published(bundle)
             try:
                 address = (bundle / "address").read_text().strip()
             except FileNotFoundError:
@@ -656,7 +661,7 @@ class TaskManager:
             if not address or shim_running(bundle) is False:  # (cannot tell: connect)
                 log.warning("%s/%s: shim is gone", namespace, id)
                 task = Task(namespace, id, bundle, ShimClient(id, "unix:///dev/null", bundle),
-                            info, published, init_exit)
+                            info, published, init_exit, init_pid)
                 await self._shim_died(task)
                 continue
             try:
@@ -666,7 +671,7 @@ class TaskManager:
                 shim = ShimClient(id, address, bundle)
                 pid = shim_pid_file(bundle)  # the one working in it, to wait for
                 shim.pid = pid if shim_running(bundle, pid) is not False else 0
-            task = Task(namespace, id, bundle, shim, info, published, init_exit)
+            task = Task(namespace, id, bundle, shim, info, published, init_exit, init_pid)
             try:
                 await shim.call("State", shim_pb2.StateRequest(id=id), CONNECT_TIMEOUT)
             except NotFound:
@@ -754,7 +759,8 @@ def _record_published(task: Task) -> None:
     reads as 0). A write that fails (out of fds, say) is logged and loses nothing: the
     event is published, the worst case is that a restart publishes it again, and the shim,
     which trims its outbox by this record, only trims later."""
-    data = json.dumps({"seq": task.published, "init_exit": task.init_exit_published}).encode()
+    data = json.dumps({"seq": task.published, "init_exit": task.init_exit_published,
+                       "pid": task.init_pid}).encode()
     try:
         fd = task.published_fd
         if fd < 0:
@@ -781,17 +787,22 @@ def _write_new(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _read_published(bundle: Path) -> tuple[int, bool]:
+def _read_published(bundle: Path) -> tuple[int, bool, int]:
+    """(seq, init's exit published, init's pid) of runtimed's record `published`."""
     try:
         data = json.loads((bundle / "published").read_text())
-        return int(data["seq"]), bool(data.get("init_exit"))
+        return int(data["seq"]), bool(data.get("init_exit")), int(data.get("pid") or 0)
     except (FileNotFoundError, ValueError, KeyError):
-        return 0, False
+        return 0, False, 0
 
 
-def _init_pid(bundle: Path) -> int:
+def _init_pid(task: Task) -> int:
+    """The init's pid as its published /tasks/create said; else `init.pid`, which a shim
+    of a runtime's command line (runc) writes, and shims before session 12 always did."""
+    if task.init_pid:
+        return task.init_pid
     try:
-        return int((bundle / "init.pid").read_text())
+        return int((task.bundle / "init.pid").read_text())
     except (FileNotFoundError, ValueError):
         return 0
 

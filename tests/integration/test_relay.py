@@ -163,7 +163,7 @@ def test_an_idle_shim_has_no_connection_and_its_death_is_seen(shim_requests, cli
     _wait_until(lambda: "/tasks/exit" in events.topics("idle", exec_id="x"), "exec's exit")
 
     _wait_until(lambda: _connections(bundle) == 0, "the connection closed again")
-    init_pid = int((bundle / "init.pid").read_text())
+    init_pid = got.process.pid
     os.kill(int((bundle / "shim.pid").read_text()), signal.SIGKILL)
     events.wait_for("idle", "/tasks/exit")
     _wait_until(lambda: events.topics("idle", exec_id="idle").count("/tasks/exit") == 1,

@@ -329,10 +329,9 @@ def test_restart_recovers_tasks_and_exit_statuses(client, daemon):
 
 
 def test_dead_shim_is_cleaned_up_with_exit_255(client, daemon):
-    client.run("victim", ["sleep", "1000"])
+    init_pid = client.run("victim", ["sleep", "1000"])
     events = Collector(client)
     bundle = daemon.state / "tasks" / "tt" / "victim"
-    init_pid = int((bundle / "init.pid").read_text())
     shim_pid = int((bundle / "shim.pid").read_text())
     os.kill(shim_pid, signal.SIGKILL)
     events.wait_for("victim", "/tasks/exit")
@@ -340,6 +339,7 @@ def test_dead_shim_is_cleaned_up_with_exit_255(client, daemon):
     message = task_events.TaskExit()
     message.ParseFromString(exit_event.event.value)
     assert message.exit_status == 255
+    assert message.pid == init_pid  # as its /tasks/create said (kept in `published`)
     for _ in range(100):
         if not bundle.exists():
             break
@@ -512,9 +512,8 @@ def test_a_delete_interrupted_by_a_crash_is_finished_on_restart(client, daemon):
 
 
 def test_shim_that_died_while_runtimed_was_down_is_cleaned_up_on_restart(client, daemon):
-    client.run("lost", ["sleep", "1000"])
+    init_pid = client.run("lost", ["sleep", "1000"])
     bundle = daemon.state / "tasks" / "tt" / "lost"
-    init_pid = int((bundle / "init.pid").read_text())
     shim_pid = int((bundle / "shim.pid").read_text())
     client.channel.close()
     daemon.kill9()
@@ -661,18 +660,22 @@ def test_dispose_never_kills_a_process_that_got_the_shims_pid(tmp_path):
 class _RecordedExchange:
     def __init__(self):
         self.topics: list[tuple[str, str]] = []  # (container id, topic)
+        self.pids: list[int] = []  # of each event, in the same order
 
     def forward(self, event):
         self.topics.append((event.message.container_id, event.topic))
+        self.pids.append(event.message.pid)
 
     def publish(self, namespace, topic, message):
         self.topics.append((message.container_id, topic))
+        self.pids.append(message.pid)
 
 
 def test_a_shim_killed_while_its_init_sets_up_leaves_no_exit_on_restart(tmp_path):
-    """The shim writes init.pid while the init sets up, before it reports /tasks/create.
-    runtimed and the shim both killed then: the restart publishes no /tasks/exit for a task
-    whose create was never reported; once the create is in the outbox, create then 255."""
+    """runtimed and the shim both killed while the init sets up: the restart publishes no
+    /tasks/exit for a task whose create was never reported; once the create is in the
+    outbox, create then 255, with the pid the create reported (a shim of a runtime's command
+    line, or from before session 12, also left `init.pid`: the same pid)."""
     import asyncio
 
     from runtimed.runtime.tasks import TaskManager
@@ -694,6 +697,7 @@ def test_a_shim_killed_while_its_init_sets_up_leaves_no_exit_on_restart(tmp_path
 
     asyncio.run(restart())
     assert exchange.topics == [("made", "/tasks/create"), ("made", "/tasks/exit")]
+    assert exchange.pids == [4242, 4242]
     assert not (state / "tasks" / "tt").exists()  # both cleaned up
 
 
@@ -824,14 +828,14 @@ def test_restart_finishes_the_removals_a_crash_interrupted(client, daemon):
 def test_what_is_published_is_recorded_for_the_shim_to_trim(client, daemon):
     """runtimed sends no Acks: it records the last event it published in `published`,
     from which the shim trims its outbox (so the outbox does not keep every event)."""
-    client.run("acked", ["sleep", "1000"])
+    pid = client.run("acked", ["sleep", "1000"])
     published = daemon.state / "tasks" / "tt" / "acked" / "published"
     for _ in range(100):
         if published.exists() and json.loads(published.read_text())["seq"] >= 2:
             break
         time.sleep(0.05)
-    # /tasks/create, /tasks/start
-    assert json.loads(published.read_text()) == {"seq": 2, "init_exit": False}
+    # /tasks/create, /tasks/start; and the init's pid, for an exit runtimed reports itself
+    assert json.loads(published.read_text()) == {"seq": 2, "init_exit": False, "pid": pid}
     # written through one fd while the relay runs, closed once the task is gone
     assert open_fds_on(daemon.proc.pid, "/acked/published") == 1
     client.tasks.Kill(tasks_pb2.KillRequest(container_id="acked", signal=9), metadata=MD)

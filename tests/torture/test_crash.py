@@ -296,9 +296,9 @@ def test_kill9_of_a_shim_reports_255_and_cleans_up(daemon, ns, busybox_archive):
     daemon.ctr("run", "-d", IMAGE, "bystander", "sleep", "100000", namespace=ns)
     bundle = daemon.state / "tasks" / ns / "victim"
     shim_pid = int((bundle / "shim.pid").read_text())
-    init_pid = int((bundle / "init.pid").read_text())
     with daemon.channel() as channel:
         tasks = tasks_pb2_grpc.TasksStub(channel)
+        init_pid = tasks.Get(tasks_pb2.GetRequest(container_id="victim"), metadata=md(ns)).process.pid
         waiter = tasks.Wait.future(tasks_pb2.WaitRequest(container_id="victim"),
                                    metadata=md(ns), timeout=60)
         time.sleep(0.2)

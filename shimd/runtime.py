@@ -167,8 +167,9 @@ class OciRuntime:
 
         await self._before_fork()
         try:
-            creation = commands.begin_create(Store(str(self.root)), id, bundle, console_socket,
-                                             stdio=stdio)
+            # the root is this container's alone: its state directly in it (Store.single)
+            creation = commands.begin_create(Store(str(self.root), single=True), id, bundle,
+                                             console_socket, stdio=stdio)
         except Exception as exc:  # noqa: BLE001 - typed as the CLI's exit would be
             raise self._error("create", exc) from None
         try:

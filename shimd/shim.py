@@ -69,12 +69,13 @@ class Shim:
             ns.get("type") == "pid" and not ns.get("path") for ns in namespaces
         )
         self._cgroup_path = spec.get("linux", {}).get("cgroupsPath", "")
-        state_root = self.bundle / "runtime"
-        state_root.mkdir(mode=0o700, exist_ok=True)
         self.runtime = OciRuntime(
-            command_for(runtime), state_root, self.bundle / "runtime.log", self.reaper
+            command_for(runtime), self.bundle / "runtime", self.bundle / "runtime.log",
+            self.reaper
         )
         self.runtime.use_library(spec)
+        if not self.runtime.fork_create:  # (forked here, the init's state makes it itself)
+            self.runtime.root.mkdir(mode=0o700, exist_ok=True)
         io = ProcessIO(stdio)
         during_setup = asyncio.get_running_loop().call_soon(self._during_setup)
         try:

@@ -46,19 +46,26 @@ def validate_id(container_id: str) -> None:
 
 
 class Store:
-    def __init__(self, root: str) -> None:
+    """Containers' states under --root: `<root>/<id>/` each, as runc keeps them; or, for a
+    `single` root, the root itself is its one container's directory (a shim's in-process
+    runtime, whose root is in the bundle: one directory fewer per container). A root that
+    holds a `state.json` itself is taken for a single one (the command line on a shim's)."""
+
+    def __init__(self, root: str, single: bool = False) -> None:
         self.root = root
+        self.single = single or os.path.exists(os.path.join(root, "state.json"))
 
     def dir(self, container_id: str) -> str:
         validate_id(container_id)
-        return os.path.join(self.root, container_id)
+        return self.root if self.single else os.path.join(self.root, container_id)
 
     def fifo(self, container_id: str) -> str:
         return os.path.join(self.dir(container_id), "exec.fifo")
 
     def reserve(self, container_id: str) -> str:
-        os.makedirs(self.root, 0o711, exist_ok=True)
         d = self.dir(container_id)
+        if not self.single:
+            os.makedirs(self.root, 0o711, exist_ok=True)
         try:
             os.mkdir(d, 0o711)
         except FileExistsError:
@@ -75,11 +82,20 @@ class Store:
     def load(self, container_id: str) -> State:
         try:
             with open(os.path.join(self.dir(container_id), "state.json")) as f:
-                return State(**json.load(f))
+                state = State(**json.load(f))
         except FileNotFoundError:
             raise NotFound(f"container {container_id!r} does not exist") from None
+        if state.id != container_id:  # a single root's container is another one
+            raise NotFound(f"container {container_id!r} does not exist")
+        return state
 
     def ids(self) -> list[str]:
+        if self.single:
+            try:
+                with open(os.path.join(self.root, "state.json")) as f:
+                    return [json.load(f)["id"]]
+            except (FileNotFoundError, ValueError, KeyError):
+                return []
         try:
             return sorted(os.listdir(self.root))
         except FileNotFoundError:

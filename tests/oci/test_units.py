@@ -91,6 +91,25 @@ def test_store_roundtrip_and_errors(tmp_path):
             store.dir(bad)
 
 
+def test_a_single_root_is_its_one_containers_directory(tmp_path):
+    """A shim's in-process runtime keeps its container's state in the root itself; the
+    command line on that root (runtimed's `delete --force` after a dead shim) finds it."""
+    root = tmp_path / "runtime"
+    store = Store(str(root), single=True)
+    assert store.reserve("c1") == str(root)
+    with pytest.raises(AlreadyExists):
+        Store(str(root), single=True).reserve("c1")
+    store.save(State(id="c1", bundle="/b", rootfs="/b/rootfs", pid=42))
+    assert sorted(os.listdir(root)) == ["state.json"]  # no <root>/c1/
+    found = Store(str(root))  # as the command line opens it
+    assert found.single and found.ids() == ["c1"] and found.load("c1").pid == 42
+    with pytest.raises(NotFound):
+        found.load("c2")  # another container is not in it
+    found.remove("c1")
+    assert not root.exists()
+    assert not Store(str(root)).single and Store(str(root)).ids() == []
+
+
 def test_seccomp_cache_key_and_untrusted_entries(tmp_path, monkeypatch):
     monkeypatch.setattr(seccomp, "CACHE_DIR", str(tmp_path / "cache"))
     a = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}]}

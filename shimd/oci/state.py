@@ -66,8 +66,8 @@ class Store:
         d = self.dir(container_id)
         if not self.single:
             os.makedirs(self.root, 0o711, exist_ok=True)
-        try:
-            os.mkdir(d, 0o711)
+        try:  # a single root is the runtime's root too: private, as the shim made it before
+            os.mkdir(d, 0o700 if self.single else 0o711)
         except FileExistsError:
             raise AlreadyExists(f"container with id {container_id!r} already exists") from None
         return d

@@ -97,6 +97,7 @@ def test_a_single_root_is_its_one_containers_directory(tmp_path):
     root = tmp_path / "runtime"
     store = Store(str(root), single=True)
     assert store.reserve("c1") == str(root)
+    assert root.stat().st_mode & 0o777 == 0o700  # its state.json holds the spec (env too)
     with pytest.raises(AlreadyExists):
         Store(str(root), single=True).reserve("c1")
     store.save(State(id="c1", bundle="/b", rootfs="/b/rootfs", pid=42))

@@ -622,11 +622,13 @@ class TaskManager:
         await self.shims.cleanup(task.info, task.bundle)
 
     async def _publish_leftovers(self, task: Task) -> None:
-        # Created means /tasks/create reported, not init.pid there: the shim writes
-        # init.pid while the init still sets up, and a shim killed then leaves no created
-        # task (an exit of it would come with no create before it). The relay starts only
-        # once Create answered, after the shim appended /tasks/create (its seq 1), so
-        # anything relayed means the create was.
+        # Created means /tasks/create reported, not init.pid there: a shim of a runtime's
+        # command line writes init.pid while the init still sets up, and a shim killed then
+        # leaves no created task (an exit of it would come with no create before it). The
+        # relay starts only once Create answered, after the shim appended /tasks/create
+        # (its seq 1), so anything relayed means the create was. A /tasks/delete the shim
+        # recorded is not published here (nor was it before the init's Delete told the
+        # shim to exit; runtimed killed right after that answer now lands here too).
         created = task.published > 0
         for record in read_after(task.bundle / OUTBOX, task.published):
             created = created or record["topic"] == "/tasks/create"

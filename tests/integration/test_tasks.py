@@ -484,7 +484,11 @@ def test_kill9_of_the_shim_starter_leaves_container_and_shim_working(client, dae
                              timeout=30).exit_status == 0
 
 
-def test_a_delete_interrupted_by_a_crash_is_finished_on_restart(client, daemon):
+@pytest.mark.parametrize("shutdown", [False, True], ids=["shim-waits", "shim-exits"])
+def test_a_delete_interrupted_by_a_crash_is_finished_on_restart(client, daemon, shutdown):
+    """runtimed killed after the shim's Delete answered: the restart finds the shim still
+    waiting for its Shutdown, or (told by the Delete, as runtimed's own is) gone, and
+    finishes the removal either way."""
     client.run("gone", ["true"])
     client.tasks.Wait(tasks_pb2.WaitRequest(container_id="gone"), metadata=MD, timeout=30)
     bundle = daemon.state / "tasks" / "tt" / "gone"
@@ -492,12 +496,20 @@ def test_a_delete_interrupted_by_a_crash_is_finished_on_restart(client, daemon):
     shim_pid = int((bundle / "shim.pid").read_text())
     client.channel.close()
     daemon.kill9()
-    # what runtimed's Delete does first, then it "crashes" before Shutdown and cleanup
+    # what runtimed's Delete does first, then it "crashes" before the cleanup
     channel = grpc.insecure_channel(address)
     from runtimed.api.shim.v1 import shim_pb2, shim_pb2_grpc
 
-    shim_pb2_grpc.ShimStub(channel).Delete(shim_pb2.DeleteRequest(id="gone"), timeout=30)
+    answer = shim_pb2_grpc.ShimStub(channel).Delete(
+        shim_pb2.DeleteRequest(id="gone", shutdown=shutdown), timeout=30)
+    assert answer.shutting_down == shutdown
     channel.close()
+    if shutdown:  # gone once its caller hung up
+        for _ in range(100):
+            if not os.path.exists(f"/proc/{shim_pid}"):
+                break
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{shim_pid}")
     daemon.start()
     client.connect()
     with pytest.raises(grpc.RpcError) as info:

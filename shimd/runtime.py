@@ -62,16 +62,22 @@ class OciRuntime:
         else:
             self.fork_create = False
 
+    def _store(self):
+        """The built-in runtime's states: an init forked here keeps its state directly in
+        the root, one the command line created (a new user namespace) in `<root>/<id>/`."""
+        from shimd.oci.state import Store
+
+        return Store(str(self.root), single=self.fork_create)
+
     async def _library(self, verb: str, function, *args, thread: bool = True):
         """A `shimd.oci.commands` function with the command line's errors and log line."""
         from shimd.oci import commands
-        from shimd.oci.state import Store
 
         call = getattr(commands, function)
         try:
             if thread:
-                return await self.threads.run(call, Store(str(self.root)), *args)
-            return call(Store(str(self.root)), *args)
+                return await self.threads.run(call, self._store(), *args)
+            return call(self._store(), *args)
         except Exception as exc:  # noqa: BLE001 - typed as the CLI's exit would be
             raise self._error(verb, exc) from None
 
@@ -163,13 +169,11 @@ class OciRuntime:
         """`create` run here: the init is forked straight from the shim (one fork, where a
         worker and its command took two more), and its report is awaited on the loop."""
         from shimd.oci import commands
-        from shimd.oci.state import Store
 
         await self._before_fork()
         try:
-            # the root is this container's alone: its state directly in it (Store.single)
-            creation = commands.begin_create(Store(str(self.root), single=True), id, bundle,
-                                             console_socket, stdio=stdio)
+            creation = commands.begin_create(self._store(), id, bundle, console_socket,
+                                             stdio=stdio)
         except Exception as exc:  # noqa: BLE001 - typed as the CLI's exit would be
             raise self._error("create", exc) from None
         try:
@@ -186,12 +190,10 @@ class OciRuntime:
     async def _fork_exec(self, id: str, process: dict, console_socket: str | None,
                          stdio: tuple[int, int, int]) -> int:
         from shimd.oci import commands
-        from shimd.oci.state import Store
 
         await self._before_fork()
         try:
-            pid, sync = commands.fork_exec(Store(str(self.root)), id, process, stdio,
-                                           console_socket)
+            pid, sync = commands.fork_exec(self._store(), id, process, stdio, console_socket)
         except Exception as exc:  # noqa: BLE001 - typed as the CLI's exit would be
             raise self._error("exec", exc) from None
         try:

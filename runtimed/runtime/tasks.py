@@ -534,6 +534,8 @@ class TaskManager:
 
         try:
             reader = task.outbox = OutboxReader(task.bundle)
+            with contextlib.suppress(OSError):  # (else each record opens it)
+                task.published_fd = _open_published(task.bundle)
             try:
                 self.outboxes.watch(task.bundle, changed.set)
             except OSError as exc:  # (no inotify fd or watch left: its outbox is polled)
@@ -764,21 +766,21 @@ def _record_published(task: Task) -> None:
     data = json.dumps({"seq": task.published, "init_exit": task.init_exit_published,
                        "pid": task.init_pid}).encode()
     try:
-        fd = task.published_fd
-        if fd < 0:
-            fd = os.open(task.bundle / "published", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = task.published_fd if task.published_fd >= 0 else _open_published(task.bundle)
         try:
             os.pwrite(fd, data.ljust(PUBLISHED_SIZE), 0)
         finally:
-            if task.outbox is not None:  # kept for the relay's next event (closed at its end)
-                task.published_fd = fd
-            elif fd != task.published_fd:
+            if fd != task.published_fd:
                 os.close(fd)
     except FileNotFoundError:  # the bundle is gone
         pass
     except OSError as exc:
         log.warning("%s/%s: published not recorded (seq %d): %s", task.namespace, task.id,
                     task.published, exc)
+
+
+def _open_published(bundle: Path) -> int:
+    return os.open(bundle / "published", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
 def _write_new(path: Path, data: bytes) -> None:

@@ -48,12 +48,14 @@ def validate_id(container_id: str) -> None:
 class Store:
     """Containers' states under --root: `<root>/<id>/` each, as runc keeps them; or, for a
     `single` root, the root itself is its one container's directory (a shim's in-process
-    runtime, whose root is in the bundle: one directory fewer per container). A root that
-    holds a `state.json` itself is taken for a single one (the command line on a shim's)."""
+    runtime, whose root is in the bundle: one directory fewer per container). Without
+    `single` said, a root that holds a `state.json` itself is taken for a single one (the
+    command line on a shim's root)."""
 
-    def __init__(self, root: str, single: bool = False) -> None:
+    def __init__(self, root: str, single: bool | None = None) -> None:
         self.root = root
-        self.single = single or os.path.exists(os.path.join(root, "state.json"))
+        self.single = (os.path.exists(os.path.join(root, "state.json")) if single is None
+                       else single)
 
     def dir(self, container_id: str) -> str:
         validate_id(container_id)

@@ -91,6 +91,8 @@ def test_create_and_exec_fork_from_the_single_threaded_shim(shims):
     assert reaped_faults(shim.worker()) == before  # forked by the shim itself: no worker reaped
     assert ppid(pid) == shim.worker()
     assert nspid(pid) == [str(pid), "1"]  # pid 1 of its own pid namespace
+    assert not (shim.bundle / "init.pid").exists()  # its pid is Create's answer, no file
+    assert json.loads((shim.bundle / "runtime" / "state.json").read_text())["pid"] == pid
     init_ns = namespaces(pid)
     assert all(init_ns[n] != own[n] for n in ("pid", "mnt", "uts", "ipc", "net"))
     assert namespaces(shim.worker()) == own  # the shim's next children are its own again
@@ -133,7 +135,7 @@ def test_a_failed_create_in_the_shim_is_typed_and_leaves_nothing(shims):
     assert _oom_watch_fds(shim.worker()) == watch_fds  # the OOM watch armed in the setup is closed
     # the outbox file was made during the setup, and holds no event of the failed create
     assert (shim.bundle / "events.jsonl").read_bytes() == b""
-    assert not (shim.bundle / "init.pid").exists()  # written with the state, removed again
+    assert not (shim.bundle / "init.pid").exists()  # none: the shim forked the init itself
     assert "executable file not found" in info.value.details(), info.value.details()
     assert not (shim.bundle / "runtime").exists()  # state gone (cgroup: cgroup_check)
     deadline = time.monotonic() + 5

@@ -1,5 +1,5 @@
 """The event outbox: every lifecycle event is appended to a file in the bundle and kept
-until runtimed's record `published` (next to it) says runtimed has published it, so
+until runtimed's record `runtimed.json` (next to it) says runtimed has published it, so
 events survive a runtimed restart in order. runtimed follows the file; nothing is sent
 back: the shim trims by that record.
 
@@ -21,6 +21,8 @@ import os
 from pathlib import Path
 
 TRIM_AFTER = 256  # unacknowledged events before an append trims what runtimed published
+RECORD = "runtimed.json"  # runtimed's record of the bundle, next to the outbox: `seq` is
+# the last event it published (runtimed/runtime/tasks.py, `_record_published`)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -69,7 +71,7 @@ def read_after(path: Path, seq: int) -> list[dict]:
 
 
 def published_seq(path: Path) -> int | None:
-    """The sequence number in runtimed's record `published`, or None. runtimed rewrites it
+    """The sequence number in runtimed's record (`RECORD`), or None. runtimed rewrites it
     in place (one pwrite), so a read racing that write may be torn ("199" becoming "200"
     read as "299", past what was published): it is read until two reads agree."""
     last = None
@@ -133,11 +135,11 @@ class Outbox:
         return self.after(seq)
 
     def trim(self) -> None:
-        """Drop what runtimed has published: its record `published`, next to the outbox
-        (`{"seq": N, ...}`, written in place). runtimed follows the file and sends no Acks
+        """Drop what runtimed has published: its record (`RECORD`), next to the outbox
+        (`{..., "seq": N, ...}`, written in place). runtimed follows the file and sends no Acks
         (a call would wake a retired worker, shimd/keeper.py); the shim trims when its
         worker retires and whenever many events have piled up."""
-        seq = published_seq(self.path.with_name("published"))
+        seq = published_seq(self.path.with_name(RECORD))
         if seq is not None:
             self.ack(seq)
 

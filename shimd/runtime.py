@@ -40,13 +40,14 @@ class OciRuntimeError(FailedPrecondition):
 
 
 class OciRuntime:
-    def __init__(self, command: list[str], root: Path, log: Path, reaper: Reaper,
+    def __init__(self, command: list[str], bundle: Path, reaper: Reaper,
                  threads: Threads | None = None):
         self.command = command
         self.threads = threads or Threads()
         self.name = "shimd.oci" if command == BUILTIN else os.path.basename(command[0])
-        self.root = root
-        self.log = log
+        self.bundle = bundle
+        self.root = bundle / "runtime"  # the command line's --root
+        self.log = bundle / "runtime.log"
         self.reaper = reaper
         self.in_process = command == BUILTIN
         self.fork_create = False
@@ -64,10 +65,12 @@ class OciRuntime:
 
     def _store(self):
         """The built-in runtime's states: an init forked here keeps its state directly in
-        the root, one the command line created (a new user namespace) in `<root>/<id>/`."""
+        the bundle, one the command line created (a new user namespace) in `<root>/<id>/`."""
         from shimd.oci.state import Store
 
-        return Store(str(self.root), single=self.fork_create)
+        if self.fork_create:
+            return Store(str(self.bundle), single=True)
+        return Store(str(self.root), single=False)
 
     async def _library(self, verb: str, function, *args, thread: bool = True):
         """A `shimd.oci.commands` function with the command line's errors and log line."""

@@ -65,6 +65,7 @@ def launch(id: str, namespace: str, bundle: Path) -> int:
             _tell(write_end, address)
 
         try:
+            _redirect_stdio(bundle)
             configure_logging()
             code = run(id, namespace, bundle, ready=ready)
         except BaseException:  # noqa: BLE001 - the child must never return into the caller
@@ -82,6 +83,8 @@ def launch(id: str, namespace: str, bundle: Path) -> int:
 
 
 def _redirect_stdio(bundle: Path) -> None:
+    """The `shimd` command's child: its fds 0-2 are its caller's until here (a shim the
+    zygote forks has the zygote's: /dev/null, and the zygote's log as 2)."""
     null = os.open(os.devnull, os.O_RDWR)
     logfd = os.open(bundle / "shim.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     os.dup2(null, 0)
@@ -91,11 +94,48 @@ def _redirect_stdio(bundle: Path) -> None:
     os.close(logfd)
 
 
+class BundleLog:
+    """A shim's stdout and stderr: `<bundle>/shim.log`, made at its first line. Most shims
+    never write one, and each file made is an inode made and freed per container (on this
+    VM's disk each costs a scan of the inodes freed lately, docs/benchmarks.md). Writes
+    at the fd level (2) go to where the shim was forked from: the zygote's log."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = None
+
+    def _open(self):
+        if self.file is None:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                self.file = open(fd, "w", buffering=1, errors="backslashreplace")
+            except OSError:  # the bundle is gone: the zygote's log
+                self.file = sys.__stderr__
+        return self.file
+
+    def write(self, text: str) -> int:
+        return self._open().write(text)
+
+    def flush(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+
+    def fileno(self) -> int:
+        return self._open().fileno()
+
+    def isatty(self) -> bool:
+        return False
+
+
 def _become(id: str, bundle: Path, worker: bool = False) -> None:
-    """What makes this process the shim of one container: its log, name and cwd."""
-    _redirect_stdio(bundle)
-    set_name(id, worker)
+    """What makes this process the shim of one container: its cwd, log and name (a bundle
+    that is gone leaves its log where it was: the zygote's)."""
     os.chdir(bundle)
+    log = sys.stdout = sys.stderr = BundleLog(bundle / "shim.log")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(log)
+    set_name(id, worker)
 
 
 def configure_logging() -> None:

@@ -69,10 +69,7 @@ class Shim:
             ns.get("type") == "pid" and not ns.get("path") for ns in namespaces
         )
         self._cgroup_path = spec.get("linux", {}).get("cgroupsPath", "")
-        self.runtime = OciRuntime(
-            command_for(runtime), self.bundle / "runtime", self.bundle / "runtime.log",
-            self.reaper
-        )
+        self.runtime = OciRuntime(command_for(runtime), self.bundle, self.reaper)
         self.runtime.use_library(spec)
         if not self.runtime.fork_create:  # (forked here, the init's state makes it itself)
             self.runtime.root.mkdir(mode=0o700, exist_ok=True)
@@ -418,8 +415,7 @@ class Shim:
         shim._exec_specs = state["exec_specs"]
         if state["runtime"] is not None:
             command, in_process, fork_create = state["runtime"]
-            shim.runtime = OciRuntime(command, shim.bundle / "runtime",
-                                      shim.bundle / "runtime.log", reaper)
+            shim.runtime = OciRuntime(command, shim.bundle, reaper)
             shim.runtime.in_process, shim.runtime.fork_create = in_process, fork_create
         shim.io = {e: ProcessIO.restore(record, fds) for e, record in state["io"].items()}
         for exec_id, status, pid, exit_status, exited_at in state["processes"]:

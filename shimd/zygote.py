@@ -165,9 +165,8 @@ def _why_not(request: dict, exc: BaseException) -> str:
     where = "the shim zygote's log"
     if "bundle" in request:
         log = Path(request["bundle"]) / "shim.log"
-        with contextlib.suppress(OSError):
-            if os.path.samestat(os.fstat(2), log.stat()):
-                where = str(log)
+        if getattr(sys.stderr, "path", None) == log.resolve():  # (`server.BundleLog`)
+            where = str(log)
     return f"{type(exc).__name__}: {exc} (see {where})"
 
 

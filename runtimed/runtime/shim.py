@@ -27,6 +27,7 @@ from runtimed.http2 import RpcError
 from runtimed.runtime import h2client
 from runtimed.runtime.h2client import Channel
 from runtimed.snapshots import mount as mounts
+from shimd.outbox import RECORD
 
 log = logging.getLogger("runtimed.runtime")
 
@@ -411,8 +412,8 @@ class ShimManager:
         """After a dead (or never started) shim: make the runtime forget the container
         (killing what is left of it), unmount its rootfs, remove the bundle."""
         _remove_spare_socket(bundle, self.spares_dir)
-        runtime_root = bundle / "runtime"
-        if runtime_root.is_dir():
+        runtime_root = _runtime_root(bundle)
+        if runtime_root is not None:
             from shimd.runtime import command_for
 
             argv = [*command_for(info.runtime), "--root", str(runtime_root), "delete",
@@ -429,6 +430,17 @@ class ShimManager:
             except OSError as exc:
                 log.warning("%s/%s: runtime delete: %s", info.namespace, info.id, exc)
         await asyncio.to_thread(remove_bundle, bundle)
+
+
+def _runtime_root(bundle: Path) -> Path | None:
+    """The OCI runtime's --root for a container of this bundle: `runtime/` (runc, or the
+    built-in runtime's command line), or the bundle itself, where the built-in runtime
+    keeps the state of an init the shim forked; None when the runtime has none."""
+    if (bundle / "runtime").is_dir():
+        return bundle / "runtime"
+    if (bundle / "state.json").exists():
+        return bundle
+    return None
 
 
 def remove_stale_sockets(directory: Path) -> None:
@@ -598,7 +610,7 @@ def remove_bundle(bundle: Path) -> None:
 
 def read_info(bundle: Path) -> BundleInfo | None:
     try:
-        data = json.loads((bundle / "runtimed.json").read_text())
+        data = json.loads((bundle / RECORD).read_text())
     except (FileNotFoundError, ValueError):
         return None
     return BundleInfo(data["namespace"], data["id"], data.get("runtime", ""),

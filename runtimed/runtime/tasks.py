@@ -3,11 +3,11 @@
 `TaskManager` writes bundles, mounts root filesystems, starts shims, forwards what the
 API asks to the right shim and relays each shim's events into the exchange. Shim events
 are published in order and exactly once: runtimed records the last published sequence
-number in the bundle (`published`) and resumes from there after a restart, so exits that
+number in its record of the bundle (`runtimed.json`) and resumes from there after a restart, so exits that
 happened while runtimed was down are published once. The relay holds nothing open to the
 shim: it follows the shim's outbox file with inotify (runtimed/runtime/outboxes.py) and
 learns that the shim died from a pidfd, so an idle shim has no call or connection from
-runtimed to serve. The shim trims its outbox itself, from `published`.
+runtimed to serve. The shim trims its outbox itself, from that record.
 
 Delete unmounts the rootfs and moves the bundle out of `<state>/tasks` (a rename into
 `<state>/trash`) before it answers; the shim's shutdown and the removal of the moved
@@ -59,7 +59,7 @@ from runtimed.runtime.shim import (
     shim_running,
 )
 from runtimed.snapshots import mount as mounts
-from shimd.outbox import read_after
+from shimd.outbox import RECORD, read_after
 
 log = logging.getLogger("runtimed.tasks")
 
@@ -70,7 +70,6 @@ PUBLISH_WAIT = 5.0
 POLL = 1.0  # seconds between looks at a shim when inotify or a pidfd cannot be had
 SHIM_EXIT_TIMEOUT = 10.0  # after Shutdown; then the shim of a deleted task is killed
 STOPPED = 3  # containerd.v1.types.Status
-PUBLISHED_SIZE = 64  # bytes of the `published` record; longer records are written whole
 
 
 @dataclass(frozen=True)
@@ -108,12 +107,13 @@ class Task:
     info: BundleInfo
     published: int = 0
     init_exit_published: bool = False
-    # init's pid, from its /tasks/create once published (kept in `published`, for a
+    # init's pid, from its /tasks/create once published (kept in the record, for a
     # /tasks/exit runtimed reports itself after the shim died)
     init_pid: int = 0
     forwarder: asyncio.Task | None = None  # the relay (`TaskManager._relay`)
     outbox: OutboxReader | None = None  # the relay's reader of the shim's outbox
-    published_fd: int = -1  # `published`, open while the relay runs (`_record_published`)
+    record_fd: int = -1  # `runtimed.json`, open while the relay runs (`_record_published`)
+    record_size: int = 0  # its length: a rewrite is padded to it (`_record_published`)
     shim_exiting: bool = False  # its Delete told the shim to exit: no Shutdown call
     dying: bool = False  # the relay found the shim dead and is cleaning up after it
     removing: bool = False  # deleted: the relay leaves the cleanup to `_remove`
@@ -211,7 +211,7 @@ class TaskManager:
                 with contextlib.suppress(Exception):  # (its failure is not this create's)
                     await asyncio.shield(pending)
             made = True
-            await asyncio.to_thread(self._write_bundle, bundle, info, spec, rootfs)
+            record_size = await asyncio.to_thread(self._write_bundle, bundle, info, spec, rootfs)
             shim = await self.shims.start(namespace, id, bundle)
             response = await shim.call("Create", shim_pb2.CreateRequest(
                 id=id, bundle=str(bundle), runtime=binary,
@@ -229,7 +229,8 @@ class TaskManager:
             raise
         finally:
             self._creating.discard(key)
-        task = Task(namespace, id, bundle, shim, info, created_io=stdio, rootfs=list(rootfs))
+        task = Task(namespace, id, bundle, shim, info, record_size=record_size,
+                    created_io=stdio, rootfs=list(rootfs))
         self.tasks[key] = task
         task.forwarder = asyncio.ensure_future(self._relay(task))
         return response.pid
@@ -243,7 +244,8 @@ class TaskManager:
             await self.shims.cleanup(info, bundle)
 
     def _write_bundle(self, bundle: Path, info: BundleInfo, spec: dict,
-                      rootfs: list[mounts.Mount]) -> None:
+                      rootfs: list[mounts.Mount]) -> int:
+        """Make the bundle; the length of runtimed's record in it (a rewrite pads to it)."""
         if bundle.exists():
             remove_bundle(bundle)  # a leftover no shim claims (the task table has no entry)
         for attempt in range(3):
@@ -257,7 +259,8 @@ class TaskManager:
         # a fresh directory nobody reads yet: plain writes, no temp + rename (each rename is
         # a journal transaction, 0.2-2.5 ms on this disk); a crash before the shim serves
         # leaves a bundle that `load` removes (incomplete runtimed.json, or no shim)
-        _write_new(bundle / "runtimed.json", json.dumps(info.__dict__).encode())
+        record = _record(info, 0, False, 0)
+        _write_new(bundle / RECORD, record)
         if rootfs:
             (bundle / "rootfs").mkdir(mode=0o755)
             spec.setdefault("root", {})["path"] = "rootfs"
@@ -268,6 +271,7 @@ class TaskManager:
                     raise
                 raise InvalidArgument(f"rootfs cannot be mounted: {exc.strerror}") from exc
         _write_new(bundle / "config.json", json.dumps(spec).encode())
+        return len(record)
 
     async def delete(self, namespace: str, id: str) -> ExitStatus:
         task = self.get(namespace, id)
@@ -535,7 +539,7 @@ class TaskManager:
         try:
             reader = task.outbox = OutboxReader(task.bundle)
             with contextlib.suppress(OSError):  # (else each record opens it)
-                task.published_fd = _open_published(task.bundle)
+                task.record_fd = _open_record(task.bundle)
             try:
                 self.outboxes.watch(task.bundle, changed.set)
             except OSError as exc:  # (no inotify fd or watch left: its outbox is polled)
@@ -578,9 +582,9 @@ class TaskManager:
             if reader is not None:
                 task.outbox = None
                 reader.close()
-            if task.published_fd >= 0:
-                os.close(task.published_fd)
-                task.published_fd = -1
+            if task.record_fd >= 0:
+                os.close(task.record_fd)
+                task.record_fd = -1
         if task.removing:
             return
         task.dying = True
@@ -657,7 +661,7 @@ class TaskManager:
                 log.warning("%s: not a complete bundle; removing", bundle)
                 await asyncio.to_thread(remove_bundle, bundle)
                 continue
-            published, init_exit, init_pid = _read_published(bundle)
+            published, init_exit, init_pid, size = _read_published(bundle)
             try:
                 address = (bundle / "address").read_text().strip()
             except FileNotFoundError:
@@ -665,7 +669,7 @@ class TaskManager:
             if not address or shim_running(bundle) is False:  # (cannot tell: connect)
                 log.warning("%s/%s: shim is gone", namespace, id)
                 task = Task(namespace, id, bundle, ShimClient(id, "unix:///dev/null", bundle),
-                            info, published, init_exit, init_pid)
+                            info, published, init_exit, init_pid, record_size=size)
                 await self._shim_died(task)
                 continue
             try:
@@ -675,7 +679,8 @@ class TaskManager:
                 shim = ShimClient(id, address, bundle)
                 pid = shim_pid_file(bundle)  # the one working in it, to wait for
                 shim.pid = pid if shim_running(bundle, pid) is not False else 0
-            task = Task(namespace, id, bundle, shim, info, published, init_exit, init_pid)
+            task = Task(namespace, id, bundle, shim, info, published, init_exit, init_pid,
+                        record_size=size)
             try:
                 await shim.call("State", shim_pb2.StateRequest(id=id), CONNECT_TIMEOUT)
             except NotFound:
@@ -755,22 +760,30 @@ def _record_to_event(record: dict) -> shim_pb2.Event:
     return event
 
 
+def _record(info: BundleInfo, published: int, init_exit: bool, init_pid: int) -> bytes:
+    """runtimed's record of a bundle (`runtimed.json`): what it needs to clean up without
+    the shim, and what it has published (the shim trims its outbox by `seq`). One file:
+    until session 13 the published part was a file of its own, `published`."""
+    return json.dumps({**info.__dict__, "seq": published, "init_exit": init_exit,
+                       "pid": init_pid}).encode()
+
+
 def _record_published(task: Task) -> None:
-    """Rewrite `published` in place: one pwrite of a fixed-size record (JSON padded with
-    spaces), which a reader sees whole, where temp + rename cost a journal transaction per
-    event; through one fd while the relay runs (the same file after Delete moved the
-    bundle to the trash). The file only grows from empty (a crash right after creating it
-    reads as 0). A write that fails (out of fds, say) is logged and loses nothing: the
-    event is published, the worst case is that a restart publishes it again, and the shim,
-    which trims its outbox by this record, only trims later."""
-    data = json.dumps({"seq": task.published, "init_exit": task.init_exit_published,
-                       "pid": task.init_pid}).encode()
+    """Rewrite the record in place: one pwrite, padded with spaces to the longest record
+    written before (JSON allows them), which a reader sees whole, where temp + rename cost
+    a journal transaction per event; through one fd while the relay runs (the same file
+    after Delete moved the bundle to the trash). A write that fails (out of fds, say) is
+    logged and loses nothing: the event is published, the worst case is that a restart
+    publishes it again, and the shim, which trims its outbox by this record, only trims
+    later."""
+    data = _record(task.info, task.published, task.init_exit_published, task.init_pid)
+    task.record_size = max(task.record_size, len(data))
     try:
-        fd = task.published_fd if task.published_fd >= 0 else _open_published(task.bundle)
+        fd = task.record_fd if task.record_fd >= 0 else _open_record(task.bundle)
         try:
-            os.pwrite(fd, data.ljust(PUBLISHED_SIZE), 0)
+            os.pwrite(fd, data.ljust(task.record_size), 0)
         finally:
-            if fd != task.published_fd:
+            if fd != task.record_fd:
                 os.close(fd)
     except FileNotFoundError:  # the bundle is gone
         pass
@@ -779,8 +792,8 @@ def _record_published(task: Task) -> None:
                     task.published, exc)
 
 
-def _open_published(bundle: Path) -> int:
-    return os.open(bundle / "published", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _open_record(bundle: Path) -> int:
+    return os.open(bundle / RECORD, os.O_WRONLY | os.O_CLOEXEC)
 
 
 def _write_new(path: Path, data: bytes) -> None:
@@ -791,13 +804,19 @@ def _write_new(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def _read_published(bundle: Path) -> tuple[int, bool, int]:
-    """(seq, init's exit published, init's pid) of runtimed's record `published`."""
-    try:
-        data = json.loads((bundle / "published").read_text())
-        return int(data["seq"]), bool(data.get("init_exit")), int(data.get("pid") or 0)
-    except (FileNotFoundError, ValueError, KeyError):
-        return 0, False, 0
+def _read_published(bundle: Path) -> tuple[int, bool, int, int]:
+    """(seq, init's exit published, init's pid, the record's length) of runtimed's record;
+    a bundle from before session 13 keeps the published part in a file of its own."""
+    for name in (RECORD, "published"):
+        try:
+            text = (bundle / name).read_text()
+            data = json.loads(text)
+            if "seq" in data:
+                return (int(data["seq"]), bool(data.get("init_exit")), int(data.get("pid") or 0),
+                        len(text) if name == RECORD else 0)
+        except (FileNotFoundError, ValueError, TypeError):
+            pass
+    return 0, False, 0, 0
 
 
 def _init_pid(task: Task) -> int:

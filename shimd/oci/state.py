@@ -47,10 +47,11 @@ def validate_id(container_id: str) -> None:
 
 class Store:
     """Containers' states under --root: `<root>/<id>/` each, as runc keeps them; or, for a
-    `single` root, the root itself is its one container's directory (a shim's in-process
-    runtime, whose root is in the bundle: one directory fewer per container). Without
-    `single` said, a root that holds a `state.json` itself is taken for a single one (the
-    command line on a shim's root)."""
+    `single` root, the root itself is its one container's directory, made and removed by
+    whoever owns it: the bundle of a shim whose in-process runtime forked the init (no
+    directory of the runtime's own: since session 13, one directory fewer per container).
+    Without `single` said, a root that holds a `state.json` itself is taken for a single
+    one (the command line on a shim's bundle)."""
 
     def __init__(self, root: str, single: bool | None = None) -> None:
         self.root = root
@@ -66,18 +67,23 @@ class Store:
 
     def reserve(self, container_id: str) -> str:
         d = self.dir(container_id)
-        if not self.single:
-            os.makedirs(self.root, 0o711, exist_ok=True)
-        try:  # a single root is the runtime's root too: private, as the shim made it before
-            os.mkdir(d, 0o700 if self.single else 0o711)
+        if self.single:
+            if any(os.path.lexists(os.path.join(d, name)) for name in ("state.json", "exec.fifo")):
+                raise AlreadyExists(f"container with id {container_id!r} already exists")
+            return d
+        os.makedirs(self.root, 0o711, exist_ok=True)
+        try:
+            os.mkdir(d, 0o711)
         except FileExistsError:
             raise AlreadyExists(f"container with id {container_id!r} already exists") from None
         return d
 
     def save(self, state: State) -> None:
+        """state.json (0600: it holds the spec), by temp + rename: readers see it whole."""
         path = os.path.join(self.dir(state.id), "state.json")
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(fd, "w") as f:
             f.write(json.dumps(state.to_dict()))  # one write; no fsync: --root is per boot (a tmpfs or the shim's state dir)
         os.rename(tmp, path)
 
@@ -110,6 +116,8 @@ class Store:
                 os.unlink(os.path.join(d, name))
             except FileNotFoundError:
                 pass
+        if self.single:  # (its owner removes it)
+            return
         try:
             os.rmdir(d)
         except FileNotFoundError:

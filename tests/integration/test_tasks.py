@@ -305,10 +305,10 @@ def test_restart_recovers_tasks_and_exit_statuses(client, daemon):
     # the exit that happened while runtimed was down has been published, once
     bundle = daemon.state / "tasks" / "tt" / "quick"
     for _ in range(50):
-        if json.loads((bundle / "published").read_text()).get("init_exit"):
+        if json.loads((bundle / "runtimed.json").read_text()).get("init_exit"):
             break
         time.sleep(0.1)
-    assert json.loads((bundle / "published").read_text())["init_exit"] is True
+    assert json.loads((bundle / "runtimed.json").read_text())["init_exit"] is True
     # exec into the survivor works
     request = tasks_pb2.ExecProcessRequest(container_id="keep", exec_id="after")
     request.spec.type_url = PROCESS_URL
@@ -838,26 +838,31 @@ def test_restart_finishes_the_removals_a_crash_interrupted(client, daemon):
 
 
 def test_what_is_published_is_recorded_for_the_shim_to_trim(client, daemon):
-    """runtimed sends no Acks: it records the last event it published in `published`,
-    from which the shim trims its outbox (so the outbox does not keep every event)."""
+    """runtimed sends no Acks: it records the last event it published in its record of
+    the bundle, from which the shim trims its outbox (so the outbox does not keep every
+    event). One file: the published part had one of its own until session 13."""
     pid = client.run("acked", ["sleep", "1000"])
-    published = daemon.state / "tasks" / "tt" / "acked" / "published"
+    record = daemon.state / "tasks" / "tt" / "acked" / "runtimed.json"
     for _ in range(100):
-        if published.exists() and json.loads(published.read_text())["seq"] >= 2:
+        if json.loads(record.read_text())["seq"] >= 2:
             break
         time.sleep(0.05)
     # /tasks/create, /tasks/start; and the init's pid, for an exit runtimed reports itself
-    assert json.loads(published.read_text()) == {"seq": 2, "init_exit": False, "pid": pid}
+    data = json.loads(record.read_text())
+    assert (data["namespace"], data["id"]) == ("tt", "acked")  # what cleans up without the shim
+    assert {k: data[k] for k in ("seq", "init_exit", "pid")} == {
+        "seq": 2, "init_exit": False, "pid": pid}
+    assert not record.with_name("published").exists()
     # written through one fd while the relay runs, closed once the task is gone
-    assert open_fds_on(daemon.proc.pid, "/acked/published") == 1
+    assert open_fds_on(daemon.proc.pid, "/acked/runtimed.json") == 1
     client.tasks.Kill(tasks_pb2.KillRequest(container_id="acked", signal=9), metadata=MD)
     client.tasks.Wait(tasks_pb2.WaitRequest(container_id="acked"), metadata=MD, timeout=30)
     client.tasks.Delete(tasks_pb2.DeleteTaskRequest(container_id="acked"), metadata=MD)
     for _ in range(200):
-        if not open_fds_on(daemon.proc.pid, "/published"):
+        if not open_fds_on(daemon.proc.pid, "/runtimed.json"):
             break
         time.sleep(0.05)
-    assert open_fds_on(daemon.proc.pid, "/published") == 0
+    assert open_fds_on(daemon.proc.pid, "/runtimed.json") == 0
 
 
 def open_fds_on(pid: int, path: str) -> int:

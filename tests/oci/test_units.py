@@ -92,23 +92,26 @@ def test_store_roundtrip_and_errors(tmp_path):
 
 
 def test_a_single_root_is_its_one_containers_directory(tmp_path):
-    """A shim's in-process runtime keeps its container's state in the root itself; the
-    command line on that root (runtimed's `delete --force` after a dead shim) finds it."""
-    root = tmp_path / "runtime"
+    """A shim's in-process runtime keeps its container's state in the bundle itself (made
+    and removed by the shim's owner, not the store); the command line on that root
+    (runtimed's `delete --force` after a dead shim) finds it."""
+    root = tmp_path / "bundle"
+    root.mkdir()
+    (root / "config.json").write_text("{}")
     store = Store(str(root), single=True)
     assert store.reserve("c1") == str(root)
-    assert root.stat().st_mode & 0o777 == 0o700  # its state.json holds the spec (env too)
+    store.save(State(id="c1", bundle="/b", rootfs="/b/rootfs", pid=42))
+    assert sorted(os.listdir(root)) == ["config.json", "state.json"]  # no <root>/c1/
+    assert (root / "state.json").stat().st_mode & 0o777 == 0o600  # it holds the spec (env too)
     with pytest.raises(AlreadyExists):
         Store(str(root), single=True).reserve("c1")
-    store.save(State(id="c1", bundle="/b", rootfs="/b/rootfs", pid=42))
-    assert sorted(os.listdir(root)) == ["state.json"]  # no <root>/c1/
     found = Store(str(root))  # as the command line opens it
     assert found.single and found.ids() == ["c1"] and found.load("c1").pid == 42
     with pytest.raises(NotFound):
         found.load("c2")  # another container is not in it
     found.remove("c1")
-    assert not root.exists()
-    assert not Store(str(root)).single and Store(str(root)).ids() == []
+    assert sorted(os.listdir(root)) == ["config.json"]  # the bundle stays, its owner's
+    assert not Store(str(root)).single
 
 
 def test_seccomp_cache_key_and_untrusted_entries(tmp_path, monkeypatch):

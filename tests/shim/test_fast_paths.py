@@ -92,7 +92,10 @@ def test_create_and_exec_fork_from_the_single_threaded_shim(shims):
     assert ppid(pid) == shim.worker()
     assert nspid(pid) == [str(pid), "1"]  # pid 1 of its own pid namespace
     assert not (shim.bundle / "init.pid").exists()  # its pid is Create's answer, no file
-    assert json.loads((shim.bundle / "runtime" / "state.json").read_text())["pid"] == pid
+    # the runtime's state is in the bundle itself: no directory of its own
+    assert json.loads((shim.bundle / "state.json").read_text())["pid"] == pid
+    assert (shim.bundle / "state.json").stat().st_mode & 0o777 == 0o600  # (it holds the spec)
+    assert not (shim.bundle / "runtime").exists()
     init_ns = namespaces(pid)
     assert all(init_ns[n] != own[n] for n in ("pid", "mnt", "uts", "ipc", "net"))
     assert namespaces(shim.worker()) == own  # the shim's next children are its own again
@@ -137,7 +140,8 @@ def test_a_failed_create_in_the_shim_is_typed_and_leaves_nothing(shims):
     assert (shim.bundle / "events.jsonl").read_bytes() == b""
     assert not (shim.bundle / "init.pid").exists()  # none: the shim forked the init itself
     assert "executable file not found" in info.value.details(), info.value.details()
-    assert not (shim.bundle / "runtime").exists()  # state gone (cgroup: cgroup_check)
+    assert not (shim.bundle / "state.json").exists()  # state gone (cgroup: cgroup_check)
+    assert not (shim.bundle / "exec.fifo").exists()
     deadline = time.monotonic() + 5
     while children(shim.worker()) and time.monotonic() < deadline:  # killed, then reaped
         time.sleep(0.01)
@@ -201,7 +205,7 @@ def test_errors_of_in_process_commands_are_typed_and_logged_like_the_command_lin
     shim = shims(["sleep", "1000"])
     shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
     shim.stub.Start(pb.StartRequest(id=shim.id))
-    state = shim.bundle / "runtime" / "state.json"
+    state = shim.bundle / "state.json"
     state.rename(state.with_suffix(".hidden"))
     try:
         with pytest.raises(grpc.RpcError) as info:
@@ -278,7 +282,7 @@ def test_deleting_a_stopped_init_takes_no_thread(shims):
             (cgroup / "cgroup.procs").write_text(str(pid))
         (cgroup / "pids.max").write_text("2")  # the shim itself, no room for a thread
         shim.stub.Delete(pb.DeleteRequest(id=shim.id), timeout=20)
-        assert not (shim.bundle / "runtime").exists()  # the runtime's state gone
+        assert not (shim.bundle / "state.json").exists()  # the runtime's state gone
     finally:
         for pid in shim_processes:
             with contextlib.suppress(ProcessLookupError):
@@ -355,7 +359,7 @@ def test_exec_installs_the_filter_compiled_at_create(shims, workdir, monkeypatch
 
     shim = shims(["sleep", "1000"], spec_edit=deny_mkdir)
     shim.stub.Create(pb.CreateRequest(id=shim.id, bundle=str(shim.bundle)), timeout=30)
-    kept = shim.bundle / "runtime" / "seccomp.bpf"
+    kept = shim.bundle / "seccomp.bpf"
     assert kept.exists() != cache
     program = next(cache_dir.iterdir()) if cache else kept
     assert program.stat().st_size > 0 and program.stat().st_size % 8 == 0  # sock_filter[]

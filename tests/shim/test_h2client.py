@@ -77,7 +77,7 @@ def test_calls_errors_and_events(shims):
             await client.close()
             # the container outlived its shim: the runtime removes it (and its cgroup)
             subprocess.run([sys.executable, "-m", "shimd.oci", "--root",
-                            str(shim.bundle / "runtime"), "delete", "--force", shim.id],
+                            str(shim.bundle), "delete", "--force", shim.id],
                            cwd=REPO, capture_output=True, timeout=30)
         with pytest.raises(Unavailable):  # a closed client
             await client.call("State", pb.StateRequest(id=shim.id), 5)

@@ -280,7 +280,7 @@ def test_the_worker_dies_with_its_keeper(shims):
 
 def remove_container(shim) -> None:
     """What runtimed does after a dead shim: the runtime removes the container."""
-    subprocess.run([*BUILTIN, "--root", str(shim.bundle / "runtime"), "delete", "--force",
+    subprocess.run([*BUILTIN, "--root", str(shim.bundle), "delete", "--force",
                     shim.id], check=True, cwd=REPO, timeout=30)
 
 

@@ -113,7 +113,7 @@ def test_outbox_trims_by_published_read_until_two_reads_agree(tmp_path, monkeypa
             await box.append("/tasks/oom")
 
     asyncio.run(fill())
-    published = tmp_path / "published"
+    published = tmp_path / "runtimed.json"
     torn, whole = (b'{"seq": %d, "init_exit": false}'.ljust(64) % seq for seq in (29, 20))
     reads = iter([torn, whole, whole])
     read_bytes = Path.read_bytes

@@ -1,6 +1,6 @@
 """The relay (runtimed/runtime/tasks.py `_relay`) driven in-process on a bundle whose shim
-is a plain process working in it: a `published` record that cannot be written loses no
-event, and without pidfds or inotify (out of fds) the relay polls, never takes "cannot
+is a plain process working in it: a record of what was published that cannot be written
+loses no event, a rewrite of it reads whole, and without pidfds or inotify (out of fds) the relay polls, never takes "cannot
 tell" for dead, and takes a shim pid some other process got for gone
 (runtimed/runtime/shim.py `shim_running`)."""
 
@@ -56,6 +56,27 @@ def _task(bundle) -> Task:
                 BundleInfo("tt", "t", "", False))
 
 
+def test_the_record_rewritten_shorter_still_reads_whole(shim):
+    """runtimed's record is rewritten in place (one pwrite): a shorter record is padded to
+    the longest written before, so nothing of the old one is left after its end."""
+    bundle, _ = shim
+    task = _task(bundle)
+    task.published, task.init_pid = 3, 123456789
+    tasks._record_published(task)
+    task.published, task.init_exit_published, task.init_pid = 4, True, 7
+    tasks._record_published(task)
+    assert tasks._read_published(bundle)[:3] == (4, True, 7)
+    assert tasks.read_info(bundle) == task.info
+
+
+def test_a_bundle_from_before_has_its_published_part_in_a_file_of_its_own(shim):
+    """Until session 13 what runtimed had published was a file of its own, `published`:
+    a runtimed restarted over such a bundle resumes from there."""
+    bundle, _ = shim
+    (bundle / "published").write_text('{"seq": 5, "init_exit": true, "pid": 9}'.ljust(64))
+    assert tasks._read_published(bundle) == (5, True, 9, 0)
+
+
 @contextmanager
 def _out_of_fds():
     """This process's fds all taken (soft limit lowered to what is open, plus a few that
@@ -77,11 +98,12 @@ def _out_of_fds():
 
 
 def test_a_published_record_that_cannot_be_written_loses_no_event(shim):
-    """`published` a directory (EISDIR, as EMFILE would): every event is still published
-    in order and a Wait on the relayed exit returns (the write failure dropped the rest
-    of the read batch and never notified)."""
+    """runtimed's record a directory (EISDIR, as EMFILE would): every event is still
+    published in order and a Wait on the relayed exit returns (the write failure dropped
+    the rest of the read batch and never notified)."""
     bundle, _ = shim
-    (bundle / "published").mkdir()
+    (bundle / "runtimed.json").unlink()
+    (bundle / "runtimed.json").mkdir()
     (bundle / "events.jsonl").write_bytes(
         _line(1, "/tasks/create", pid=7) + _line(2, "/tasks/start", pid=7)
         + _line(3, "/tasks/exit", pid=7, exit_status=3))

@@ -32,7 +32,7 @@ def test_appends_and_trims_are_followed_once_in_order(tmp_path):
 
         await outbox.append("/tasks/start", pid=1)
         assert await next_events() == [2]
-        (bundle / "published").write_text("{}")  # other files of the bundle wake nobody
+        (bundle / "runtimed.json").write_text("{}")  # other files of the bundle wake nobody
         await asyncio.sleep(0.05)
         assert not woken.is_set()
         await outbox.append("/tasks/exec-added", exec_id="e")

@@ -200,8 +200,10 @@ def test_a_spare_exits_when_its_runtimed_dies(state, rootfs_template, cgroup_che
 
 def shims_in(bundle: Path) -> list[int]:
     """Shims working in `bundle` (a shim's cwd is its bundle), by their keeper's pid: a
-    worker (comm `shimw-…`, shimd/keeper.py) counts as the shim whose child it is."""
-    found = set()
+    process whose parent works there too is that shim's (a worker, shimd/keeper.py, or an
+    init it forked, before its pivot_root), whatever it is named yet (a worker just forked
+    still has its keeper's name)."""
+    parents = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -210,8 +212,8 @@ def shims_in(bundle: Path) -> list[int]:
                 stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            found.add(int(stat[1]) if comm(int(entry)).startswith("shimw-") else int(entry))
-    return sorted(found)
+            parents[int(entry)] = int(stat[1])
+    return sorted(pid for pid, parent in parents.items() if parent not in parents)
 
 
 async def ready_spare(manager: ShimManager, rootfs_template: Path) -> int:

@@ -132,16 +132,17 @@ def test_fork_failures_in_the_zygote_are_clean(state, rootfs_template, cgroup_ch
 
 
 @contextlib.asynccontextmanager
-async def blocked_on_its_log(manager: ShimManager, rootfs_template: Path, id: str):
-    """The start of a shim that blocks opening its log (a FIFO nobody reads yet); on the
-    way out the log is read, and the shim must start and run its container to the end."""
+async def blocked_on_its_address(manager: ShimManager, rootfs_template: Path, id: str):
+    """The start of a shim that blocks writing its address (its temp file a FIFO nobody
+    reads yet; until session 13 its log, which is now made at its first line); on the way
+    out the FIFO is opened, and the shim must start and run its container to the end."""
     bundle = bundle_for(manager, rootfs_template, id, ["true"])
-    os.mkfifo(bundle / "shim.log")
+    os.mkfifo(bundle / ".address.tmp")
     start = asyncio.ensure_future(manager.start("sp", id, bundle))
     try:
         yield start
     finally:
-        reader = os.open(bundle / "shim.log", os.O_RDONLY | os.O_NONBLOCK)
+        reader = os.open(bundle / ".address.tmp", os.O_RDONLY | os.O_NONBLOCK)
         try:
             client = await asyncio.wait_for(start, 20)
             assert await run_true(client, id, bundle) == 0
@@ -151,7 +152,7 @@ async def blocked_on_its_log(manager: ShimManager, rootfs_template: Path, id: st
 
 def test_a_shim_slow_to_start_does_not_hold_up_the_next(state, rootfs_template, cgroup_check):
     """The zygote forks the next shim while one it forked is still getting ready: here the
-    first blocks opening its log (a FIFO nobody reads yet) until the second has started
+    first blocks writing its address (a FIFO nobody reads yet) until the second has started
     and run a container. The zygote used to wait for each shim's "ready" in turn (up to
     its 30 s timeout), one create behind another."""
     async def scenario() -> None:
@@ -159,7 +160,9 @@ def test_a_shim_slow_to_start_does_not_hold_up_the_next(state, rootfs_template, 
         manager.use_spare = False
         warm = bundle_for(manager, rootfs_template, "warm", ["true"])  # the zygote runs
         assert await run_true(await manager.start("sp", "warm", warm), "warm", warm) == 0
-        async with blocked_on_its_log(manager, rootfs_template, "slow") as slow_start:
+        # a shim that logged nothing has no log file: it is made at the first line
+        assert not (warm / "shim.log").exists()
+        async with blocked_on_its_address(manager, rootfs_template, "slow") as slow_start:
             quick = bundle_for(manager, rootfs_template, "quick", ["true"])
             client = await asyncio.wait_for(manager.start("sp", "quick", quick), 20)
             # forked while the slow one starts: none of the zygote's pipes and sockets
@@ -167,7 +170,7 @@ def test_a_shim_slow_to_start_does_not_hold_up_the_next(state, rootfs_template, 
             quick_shim = int((quick / "shim.pid").read_text())
             shared = _pipes_and_sockets(_oldest_zygote(state)) & _pipes_and_sockets(quick_shim)
             assert await run_true(client, "quick", quick) == 0
-            assert not slow_start.done()  # still waiting for a reader of its log
+            assert not slow_start.done()  # still waiting for a reader of its address
         assert not shared, shared  # once both shims are gone
 
     asyncio.run(scenario())
@@ -264,7 +267,7 @@ def test_an_exiting_zygote_refuses_new_callers_and_its_shims_still_start(
         warm = bundle_for(manager, rootfs_template, "warm", ["true"])  # the zygote runs
         assert await run_true(await manager.start("sp", "warm", warm), "warm", warm) == 0
         zygote = zygote_pid(state)
-        async with blocked_on_its_log(manager, rootfs_template, "slow") as slow_start:
+        async with blocked_on_its_address(manager, rootfs_template, "slow") as slow_start:
             while not Path(f"/proc/{zygote}/task/{zygote}/children").read_text().split():
                 await asyncio.sleep(0.01)  # the slow one's intermediate is forked
             await manager.stop_zygote()
@@ -353,11 +356,11 @@ def test_a_shim_that_cannot_start_tells_its_caller_why(state, cgroup_check):
 
 def test_a_shim_that_hangs_before_it_serves_is_killed_not_left_beside_another(
         state, rootfs_template, cgroup_check, monkeypatch):
-    """A shim that has not served within LAUNCH_TIMEOUT (its log a FIFO nobody reads) is
+    """A shim that has not served within LAUNCH_TIMEOUT (its address a FIFO nobody reads) is
     killed: the zygote's (it says its pid first), then the one the direct launch tries
     next (killed with its launcher's process group, which it leaves only once it serves).
     The create fails, and no shim is left to wake up later and serve the bundle beside
-    whatever serves it then; both used to stay, blocked on the log."""
+    whatever serves it then; both used to stay, blocked on the FIFO."""
     monkeypatch.setattr("runtimed.runtime.shim.LAUNCH_TIMEOUT", 1.0)
 
     def hung_shims(zygote: int, bundle: Path) -> list[int]:
@@ -375,14 +378,14 @@ def test_a_shim_that_hangs_before_it_serves_is_killed_not_left_beside_another(
         zygote = zygote_pid(state)
         wait_until(lambda: not hung_shims(zygote, warm))  # the warm shim has ended
         bundle = bundle_for(manager, rootfs_template, "hung", ["true"])
-        os.mkfifo(bundle / "shim.log")
+        os.mkfifo(bundle / ".address.tmp")
         try:
             with pytest.raises(Unavailable) as info:
                 await manager.start("sp", "hung", bundle)
             assert "did not start in 1.0s" in str(info.value)
             wait_until(lambda: not hung_shims(zygote, bundle), timeout=5)
         finally:  # on the old code: let the hung shims go on, to their end
-            reader = os.open(bundle / "shim.log", os.O_RDONLY | os.O_NONBLOCK)
+            reader = os.open(bundle / ".address.tmp", os.O_RDONLY | os.O_NONBLOCK)
             wait_until(lambda: not hung_shims(zygote, bundle), timeout=15)
             os.close(reader)
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -353,6 +354,13 @@ def test_dead_shim_is_cleaned_up_with_exit_255(client, daemon):
             break
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{init_pid}")  # the container went with it
+    # and its cgroup
+    left = lambda: [p for p in Path("/sys/fs/cgroup").glob("*/tt/victim") if p.exists()]  # noqa: E731
+    for _ in range(100):
+        if not left():
+            break
+        time.sleep(0.05)
+    assert not left()
     events.close()
 
 

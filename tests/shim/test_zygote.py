@@ -135,7 +135,9 @@ def test_fork_failures_in_the_zygote_are_clean(state, rootfs_template, cgroup_ch
 async def blocked_on_its_address(manager: ShimManager, rootfs_template: Path, id: str):
     """The start of a shim that blocks writing its address (its temp file a FIFO nobody
     reads yet; until session 13 its log, which is now made at its first line); on the way
-    out the FIFO is opened, and the shim must start and run its container to the end."""
+    out the FIFO is opened, and the shim must start and run its container to the end.
+    The shim renames the FIFO to `address`, which is made a file again (the shim reads it
+    when it exits)."""
     bundle = bundle_for(manager, rootfs_template, id, ["true"])
     os.mkfifo(bundle / ".address.tmp")
     start = asyncio.ensure_future(manager.start("sp", id, bundle))
@@ -145,9 +147,11 @@ async def blocked_on_its_address(manager: ShimManager, rootfs_template: Path, id
         reader = os.open(bundle / ".address.tmp", os.O_RDONLY | os.O_NONBLOCK)
         try:
             client = await asyncio.wait_for(start, 20)
-            assert await run_true(client, id, bundle) == 0
         finally:
             os.close(reader)
+        (bundle / "address").unlink()
+        (bundle / "address").write_text(client.address)
+        assert await run_true(client, id, bundle) == 0
 
 
 def test_a_shim_slow_to_start_does_not_hold_up_the_next(state, rootfs_template, cgroup_check):

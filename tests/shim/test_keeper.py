@@ -297,6 +297,16 @@ def test_a_counter_watch_wakes_the_keeper_only_once_its_counter_moves(tmp_path):
 
     events = tmp_path / "memory.events"
     events.write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n")
+
+    def rewrite(text: str) -> None:
+        """In place, one pwrite of the same length (the values stay one digit): the keeper
+        never reads the file truncated or half written, as the kernel's file never is
+        (a torn `oom_kill ` read as "unreadable", and a worker was forked for it)."""
+        fd = os.open(events, os.O_WRONLY)
+        try:
+            os.pwrite(fd, text.encode(), 0)
+        finally:
+            os.close(fd)
     news_r, news_w = os.pipe()  # each worker writes what it saw: "retired", or the kills
     keeper = os.fork()
     if keeper == 0:
@@ -326,11 +336,11 @@ def test_a_counter_watch_wakes_the_keeper_only_once_its_counter_moves(tmp_path):
     try:
         assert read_some(news_r) == b"retired\n"
         for high in range(1, 6):  # reclaim at the limit: the counters beside oom_kill move
-            events.write_text(f"low 0\nhigh {high}\nmax {high}\noom 0\noom_kill 0\n")
+            rewrite(f"low 0\nhigh {high}\nmax {high}\noom 0\noom_kill 0\n")
             time.sleep(0.05)
         ready, _, _ = select.select([news_r], [], [], 1.0)
         assert not ready, os.read(news_r, 100)  # no worker for those
-        events.write_text("low 0\nhigh 6\nmax 6\noom 1\noom_kill 1\n")
+        rewrite("low 0\nhigh 6\nmax 6\noom 1\noom_kill 1\n")
         assert read_some(news_r) == b"kills 1\n"
         _, status = os.waitpid(keeper, 0)
         assert os.waitstatus_to_exitcode(status) == 0  # the worker said the shim ends

@@ -6,9 +6,9 @@ benchmark never touches a system containerd. runtimed runs from this checkout.
 `BENCH_STATE_TMPFS=1` puts each daemon's state dir on a tmpfs of its own, as a real
 machine's /run is (both daemons' default state dirs are there). On this VM /run and /tmp
 are on the root ext4, which has no journal: every new inode there costs a scan of the
-inodes freed in the last 30 s (docs/benchmarks.md), so the default run keeps that cost in,
-for both daemons alike. (containerd's runc keeps its own state in /run/containerd/runc
-either way: a system path, left alone.)
+inodes freed in the last 60 s (up to 360 s, docs/benchmarks.md), so the default run keeps
+that cost in, for both daemons alike. (containerd's runc keeps its own state in
+/run/containerd/runc either way: a system path, left alone.)
 """
 
 from __future__ import annotations

@@ -94,47 +94,50 @@ def _redirect_stdio(bundle: Path) -> None:
     os.close(logfd)
 
 
-class BundleLog:
-    """A shim's stdout and stderr: `<bundle>/shim.log`, made at its first line. Most shims
-    never write one, and each file made is an inode made and freed per container (on this
-    VM's disk each costs a scan of the inodes freed lately, docs/benchmarks.md). Writes
-    at the fd level (2) go to where the shim was forked from: the zygote's log."""
+class ShimLog:
+    """`sys.stdout` and `sys.stderr` of the zygote and of every shim it forks: one object,
+    made before the forks (a shim making its own kept ~0.1 MB more private memory, ~20
+    pages of allocations; measured). A shim's lines go to `shim.log` in its bundle, its cwd
+    once `_become` made it the shim of one, opened at the first line: most shims never
+    write one, and each file made is an inode made and freed per container (docs/shim.md).
+    Elsewhere (the zygote, a fork before `_become`), and for writes at the fd level, to
+    the process's fd 2: the zygote's log, or the `shimd` command's shim.log."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.file = None
+    file = None  # the bundle's log, once this process (or the one it was forked from) wrote
 
-    def _open(self):
+    def _target(self):
+        if not _in_bundle:
+            return sys.__stderr__
         if self.file is None:
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                self.file = open(fd, "w", buffering=1, errors="backslashreplace")
-            except OSError:  # the bundle is gone: the zygote's log
-                self.file = sys.__stderr__
+            try:  # relative: the cwd follows the bundle into the trash
+                fd = os.open("shim.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                return sys.__stderr__
+            self.file = open(fd, "w", buffering=1, errors="backslashreplace")
         return self.file
 
     def write(self, text: str) -> int:
-        return self._open().write(text)
+        return self._target().write(text)
 
     def flush(self) -> None:
-        if self.file is not None:
-            self.file.flush()
+        (self.file or sys.__stderr__).flush()
 
     def fileno(self) -> int:
-        return self._open().fileno()
+        return self._target().fileno()
 
     def isatty(self) -> bool:
         return False
 
 
+_in_bundle = False  # this process is the shim of one bundle, its cwd (`_become`)
+
+
 def _become(id: str, bundle: Path, worker: bool = False) -> None:
     """What makes this process the shim of one container: its cwd, log and name (a bundle
     that is gone leaves its log where it was: the zygote's)."""
+    global _in_bundle
     os.chdir(bundle)
-    log = sys.stdout = sys.stderr = BundleLog(bundle / "shim.log")
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler):
-            handler.setStream(log)
+    _in_bundle = True  # (`ShimLog`: one page written, no object made)
     set_name(id, worker)
 
 
@@ -143,9 +146,11 @@ def configure_logging() -> None:
     `shimd` command's child): a worker only names its container (`log_as`). Setting
     logging up in each worker took ~0.4 ms of its CPU, in copies of pages the zygote
     shares; a keeper, which logs only what goes wrong, writes nothing for it."""
+    sys.stdout = sys.stderr = ShimLog()
     logging.basicConfig(
         level=os.environ.get("SHIMD_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s shimd[%(process)d] %(shim)s: %(message)s",
+        stream=sys.stderr,
         force=True,
     )
     for handler in logging.getLogger().handlers:

@@ -161,12 +161,12 @@ def _be_the_shim(request: dict, conn: socket.socket) -> int:
 def _why_not(request: dict, exc: BaseException) -> str:
     """A shim's error before it served, for its caller: the error itself, and the log its
     traceback goes to (the bundle's once the shim took it as its stderr, else the
-    zygote's: a bundle that is gone has no log)."""
+    zygote's: a bundle that is gone has no log; `server.ShimLog`)."""
+    from shimd import server
+
     where = "the shim zygote's log"
-    if "bundle" in request:
-        log = Path(request["bundle"]) / "shim.log"
-        if getattr(sys.stderr, "path", None) == log.resolve():  # (`server.BundleLog`)
-            where = str(log)
+    if "bundle" in request and server._in_bundle:
+        where = str(Path(request["bundle"]) / "shim.log")
     return f"{type(exc).__name__}: {exc} (see {where})"
 
 

@@ -96,8 +96,8 @@ def _redirect_stdio(bundle: Path) -> None:
 
 class ShimLog:
     """`sys.stdout` and `sys.stderr` of the zygote and of every shim it forks: one object,
-    made before the forks (a shim making its own kept ~0.1 MB more private memory, ~20
-    pages of allocations; measured). A shim's lines go to `shim.log` in its bundle, its cwd
+    made before the forks (a keeper making its own kept ~0.1 MB more private memory; the
+    smaps of idle keepers). A shim's lines go to `shim.log` in its bundle, its cwd
     once `_become` made it the shim of one, opened at the first line: most shims never
     write one, and each file made is an inode made and freed per container (docs/shim.md).
     Elsewhere (the zygote, a fork before `_become`), and for writes at the fd level, to
@@ -109,8 +109,9 @@ class ShimLog:
         if not _in_bundle:
             return sys.__stderr__
         if self.file is None:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
             try:  # relative: the cwd follows the bundle into the trash
-                fd = os.open("shim.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fd = os.open("shim.log", flags, 0o600)
             except OSError:
                 return sys.__stderr__
             self.file = open(fd, "w", buffering=1, errors="backslashreplace")
@@ -130,6 +131,11 @@ class ShimLog:
 
 
 _in_bundle = False  # this process is the shim of one bundle, its cwd (`_become`)
+
+
+def logs_to_bundle() -> bool:
+    """Whether this process's log lines go to its bundle's `shim.log` (`ShimLog`)."""
+    return _in_bundle
 
 
 def _become(id: str, bundle: Path, worker: bool = False) -> None:

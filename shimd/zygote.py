@@ -33,7 +33,7 @@ import socket
 import sys
 from pathlib import Path
 
-from shimd.server import run, run_spare
+from shimd.server import logs_to_bundle, run, run_spare
 
 REQUEST_TIMEOUT = 5.0
 REQUEST_MAX = 1 << 16
@@ -162,10 +162,8 @@ def _why_not(request: dict, exc: BaseException) -> str:
     """A shim's error before it served, for its caller: the error itself, and the log its
     traceback goes to (the bundle's once the shim took it as its stderr, else the
     zygote's: a bundle that is gone has no log; `server.ShimLog`)."""
-    from shimd import server
-
     where = "the shim zygote's log"
-    if "bundle" in request and server._in_bundle:
+    if "bundle" in request and logs_to_bundle():
         where = str(Path(request["bundle"]) / "shim.log")
     return f"{type(exc).__name__}: {exc} (see {where})"
 

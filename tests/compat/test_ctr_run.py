@@ -192,7 +192,8 @@ def test_kill9_runtimed_with_containers_running(rd):
     expected = {f"k{i}": "RUNNING" for i in range(7)} | {f"x{i}": "STOPPED" for i in range(3)}
     assert {id: row[2] for id, row in rows.items()} == expected
     for i in range(3):  # each exit published exactly once (runtimed's own record)
-        record = json.loads((rd.state / "tasks" / "default" / f"x{i}" / "runtimed.json").read_text())
+        bundle = rd.state / "tasks" / "default" / f"x{i}"
+        record = json.loads((bundle / "runtimed.json").read_text())
         assert record["init_exit"] is True
     with rd.channel() as channel:
         tasks = tasks_pb2_grpc.TasksStub(channel)

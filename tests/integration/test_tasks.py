@@ -355,7 +355,9 @@ def test_dead_shim_is_cleaned_up_with_exit_255(client, daemon):
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{init_pid}")  # the container went with it
     # and its cgroup
-    left = lambda: [p for p in Path("/sys/fs/cgroup").glob("*/tt/victim") if p.exists()]  # noqa: E731
+    def left() -> list[Path]:
+        return [p for p in Path("/sys/fs/cgroup").glob("*/tt/victim") if p.exists()]
+
     for _ in range(100):
         if not left():
             break

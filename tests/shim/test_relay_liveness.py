@@ -1,8 +1,8 @@
 """The relay (runtimed/runtime/tasks.py `_relay`) driven in-process on a bundle whose shim
 is a plain process working in it: a record of what was published that cannot be written
-loses no event, a rewrite of it reads whole, and without pidfds or inotify (out of fds) the relay polls, never takes "cannot
-tell" for dead, and takes a shim pid some other process got for gone
-(runtimed/runtime/shim.py `shim_running`)."""
+loses no event, a rewrite of it reads whole, and without pidfds or inotify (out of fds)
+the relay polls, never takes "cannot tell" for dead, and takes a shim pid some other
+process got for gone (runtimed/runtime/shim.py `shim_running`)."""
 
 from __future__ import annotations
 

@@ -329,8 +329,18 @@ def test_restart_recovers_tasks_and_exit_statuses(client, daemon):
     events.close()
 
 
-def test_dead_shim_is_cleaned_up_with_exit_255(client, daemon):
-    init_pid = client.run("victim", ["sleep", "1000"])
+@pytest.mark.parametrize("binary", ["runc", ""], ids=["runc", "builtin"])
+def test_dead_shim_is_cleaned_up_with_exit_255(client, daemon, binary):
+    """The shim killed: a 255 exit, the task and bundle gone, and the container too, its
+    cgroup included: the runtime's `delete --force` on the root the shim's runtime used
+    (runc's `runtime/`; the bundle itself for an init the built-in runtime's shim forked)."""
+    client.container("victim", ["sleep", "1000"], binary=binary)
+    init_pid = client.create_task("victim")
+    client.tasks.Start(tasks_pb2.StartRequest(container_id="victim"), metadata=MD)
+    cgroup = Path("/sys/fs/cgroup/pids") / next(
+        line.split(":", 2)[2].strip("/\n") for line in open(f"/proc/{init_pid}/cgroup")
+        if line.split(":")[1] == "pids")
+    assert cgroup.is_dir()
     events = Collector(client)
     bundle = daemon.state / "tasks" / "tt" / "victim"
     shim_pid = int((bundle / "shim.pid").read_text())
@@ -340,7 +350,7 @@ def test_dead_shim_is_cleaned_up_with_exit_255(client, daemon):
     message = task_events.TaskExit()
     message.ParseFromString(exit_event.event.value)
     assert message.exit_status == 255
-    assert message.pid == init_pid  # as its /tasks/create said (kept in `published`)
+    assert message.pid == init_pid  # as its /tasks/create said (kept in runtimed's record)
     for _ in range(100):
         if not bundle.exists():
             break
@@ -350,19 +360,11 @@ def test_dead_shim_is_cleaned_up_with_exit_255(client, daemon):
         client.tasks.Get(tasks_pb2.GetRequest(container_id="victim"), metadata=MD)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     for _ in range(100):
-        if not os.path.exists(f"/proc/{init_pid}"):
+        if not os.path.exists(f"/proc/{init_pid}") and not cgroup.exists():
             break
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{init_pid}")  # the container went with it
-    # and its cgroup
-    def left() -> list[Path]:
-        return [p for p in Path("/sys/fs/cgroup").glob("*/tt/victim") if p.exists()]
-
-    for _ in range(100):
-        if not left():
-            break
-        time.sleep(0.05)
-    assert not left()
+    assert not cgroup.exists()
     events.close()
 
 

@@ -143,8 +143,9 @@ class OciRuntime:
                      stdio: tuple[int, int, int]) -> int:
         """The init's pid. A runtime's command line tells it in `pid_file`; the init forked
         here needs none (one file fewer per container)."""
-        if self.fork_create:
+        if self.fork_create:  # its state in the bundle itself (`_store`)
             return await self._fork_create(id, bundle, console_socket, stdio)
+        self.root.mkdir(mode=0o700, exist_ok=True)  # private: the state there holds the spec
         args = ["create", "--bundle", bundle, "--pid-file", pid_file]
         if console_socket:
             args += ["--console-socket", console_socket]

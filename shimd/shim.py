@@ -71,8 +71,6 @@ class Shim:
         self._cgroup_path = spec.get("linux", {}).get("cgroupsPath", "")
         self.runtime = OciRuntime(command_for(runtime), self.bundle, self.reaper)
         self.runtime.use_library(spec)
-        if not self.runtime.fork_create:  # (forked here, the init's state makes it itself)
-            self.runtime.root.mkdir(mode=0o700, exist_ok=True)
         io = ProcessIO(stdio)
         during_setup = asyncio.get_running_loop().call_soon(self._during_setup)
         try:

@@ -4,10 +4,11 @@
 API asks to the right shim and relays each shim's events into the exchange. Shim events
 are published in order and exactly once: runtimed records the last published sequence
 number in its record of the bundle (`runtimed.json`) and resumes from there after a
-restart, so exits that happened while runtimed was down are published once. The relay holds nothing open to the
-shim: it follows the shim's outbox file with inotify (runtimed/runtime/outboxes.py) and
-learns that the shim died from a pidfd, so an idle shim has no call or connection from
-runtimed to serve. The shim trims its outbox itself, from that record.
+restart, so exits that happened while runtimed was down are published once. The relay
+holds nothing open to the shim: it follows the shim's outbox file with inotify
+(runtimed/runtime/outboxes.py) and learns that the shim died from a pidfd, so an idle
+shim has no call or connection from runtimed to serve. The shim trims its outbox itself,
+from that record.
 
 Delete unmounts the rootfs and moves the bundle out of `<state>/tasks` (a rename into
 `<state>/trash`) before it answers; the shim's shutdown and the removal of the moved
